@@ -1,0 +1,52 @@
+"""Self-descriptions for ``ofactl info``: the environment, a checkpoint, or a feature store."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+from ofactl import __version__
+from ofactl.errors import OfactlError
+
+
+def environment() -> dict[str, Any]:
+    """Version, torch build, CUDA devices and bf16 support."""
+    import torch
+
+    doc: dict[str, Any] = {
+        "ofactl": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        doc["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        doc["cuda_bf16"] = bool(torch.cuda.is_bf16_supported())
+    # CPU bf16 autocast always runs; it is only fast with native bf16 (AVX512-BF16 / AMX).
+    doc["cpu_bf16_native"] = _cpu_has_native_bf16()
+    return doc
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def describe_path(path: Path) -> dict[str, Any]:
+    """Describe a student checkpoint (file) or a feature store (folder)."""
+    p = Path(path)
+    if not p.exists():
+        raise OfactlError(f"{p}: no such file or folder")
+    if p.is_dir() or p.suffix in (".zarr", ".h5", ".hdf5"):
+        from ofactl.storage import describe_store
+
+        return describe_store(p)
+    from ofactl.checkpoint import describe_checkpoint
+
+    return describe_checkpoint(p)

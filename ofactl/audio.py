@@ -1,0 +1,406 @@
+"""Audio decoding, resampling to 16 kHz, and corpus readers.
+
+Every corpus reader yields :class:`Utterance` records whose lengths are known before any
+decoding (``soundfile.info``), so stores can preallocate offsets and batches can be sorted.
+
+Corpus specifications accepted by :func:`read_corpus`:
+
+- ``DIR``: every audio file below DIR (recursive); ``DIR::{label}_{speaker}_{take}`` also
+  parses label columns from each file's stem;
+- a LibriSpeech-style tree (``*.trans.txt`` next to ``*.flac``), with ``text``, ``speaker``
+  and ``split`` columns;
+- ``FILE.tsv``: a manifest with a header row; ``id`` and ``path`` required, any other column
+  becomes a label (``speaker``, ``label``, ``text``, ``phones``, ``split`` ...);
+- ``FILE`` (any other suffix) or ``-`` (stdin): one audio path per line (``#`` comments and
+  blank lines skipped); stdin may also carry a TSV manifest with an ``id``/``path`` header.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import re
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, TextIO
+
+import numpy as np
+import soundfile as sf
+
+from ofactl.errors import AudioError, CorpusError
+
+if TYPE_CHECKING:
+    import torch
+
+SAMPLE_RATE = 16000
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+_MAX_LISTED = 20
+
+
+# --------------------------------------------------------------------------- single files
+@dataclass(frozen=True)
+class AudioInfo:
+    n_samples: int
+    sample_rate: int
+    channels: int
+
+
+def audio_info(path: str | Path) -> AudioInfo:
+    """Length, rate and channels of an audio file from its header only (no decoding)."""
+    p = Path(path)
+    if not p.exists():
+        raise AudioError(f"{p}: file not found")
+    if p.is_dir():
+        raise AudioError(f"{p}: is a directory, expected an audio file")
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise AudioError(f"{p}: cannot read ({e.strerror})") from None
+    if size == 0:
+        raise AudioError(f"{p}: empty file (0 bytes), expected WAV/FLAC/OGG audio")
+    try:
+        info = sf.info(str(p))
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError subclasses
+        raise AudioError(f"{p}: not a readable audio file ({_sf_reason(e)})") from None
+    if info.frames <= 0:
+        raise AudioError(f"{p}: holds no audio samples")
+    return AudioInfo(int(info.frames), int(info.samplerate), int(info.channels))
+
+
+def _sf_reason(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return msg.split(": ", 1)[-1] if msg.startswith("Error opening") else msg
+
+
+def resampled_length(n_samples: int, orig_rate: int, new_rate: int = SAMPLE_RATE) -> int:
+    """Number of samples after resampling (matches ``torchaudio.functional.resample``)."""
+    if orig_rate == new_rate:
+        return int(n_samples)
+    g = math.gcd(int(orig_rate), int(new_rate))
+    return int(math.ceil(new_rate // g * n_samples / (orig_rate // g)))
+
+
+def resample(wav: "torch.Tensor", orig_rate: int, new_rate: int = SAMPLE_RATE) -> "torch.Tensor":
+    """Band-limited resampling of (..., time) float audio."""
+    if orig_rate == new_rate:
+        return wav
+    import torchaudio.functional as AF
+
+    return AF.resample(wav, int(orig_rate), int(new_rate))
+
+
+def read_samples(path: str | Path) -> tuple[np.ndarray, int]:
+    """Decode a file to float32 (time, channels) at its own rate; checks length and values."""
+    p = Path(path)
+    info = audio_info(p)
+    try:
+        data, sr = sf.read(str(p), dtype="float32", always_2d=True)
+    except Exception as e:
+        raise AudioError(f"{p}: cannot decode audio ({_sf_reason(e)})") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"{p}: holds no audio samples")
+    # A truncated FLAC/OGG decodes short of what its header promises.
+    if data.shape[0] < info.n_samples:
+        raise AudioError(
+            f"{p}: truncated or corrupt: header says {info.n_samples} samples, decoded {data.shape[0]}"
+        )
+    if not np.isfinite(data).all():
+        raise AudioError(f"{p}: contains NaN or Inf samples")
+    return data, int(sr)
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> "torch.Tensor":
+    """Decode, mix down to mono and resample: returns float32 (samples,) at ``sample_rate``."""
+    import torch
+
+    data, sr = read_samples(path)
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    wav = torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
+    return resample(wav, sr, sample_rate)
+
+
+# --------------------------------------------------------------------------- corpora
+@dataclass(frozen=True)
+class Utterance:
+    """One input file. ``n_samples`` and ``sample_rate`` are the file's own (before resampling)."""
+
+    id: str
+    path: Path
+    n_samples: int
+    sample_rate: int
+    labels: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def n_samples_16k(self) -> int:
+        return resampled_length(self.n_samples, self.sample_rate, SAMPLE_RATE)
+
+    @property
+    def seconds(self) -> float:
+        return self.n_samples / self.sample_rate
+
+    def label(self, column: str) -> str:
+        try:
+            return self.labels[column]
+        except KeyError:
+            raise CorpusError(f"utterance {self.id} has no '{column}' column") from None
+
+
+@dataclass
+class Corpus:
+    """A validated list of utterances plus the inputs that were rejected (id -> reason)."""
+
+    source: str
+    utterances: list[Utterance]
+    problems: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def __iter__(self) -> Iterator[Utterance]:
+        return iter(self.utterances)
+
+    def __getitem__(self, i: int) -> Utterance:
+        return self.utterances[i]
+
+    @property
+    def columns(self) -> list[str]:
+        cols: dict[str, None] = {}
+        for u in self.utterances:
+            cols.update(dict.fromkeys(u.labels))
+        return list(cols)
+
+    @property
+    def seconds(self) -> float:
+        return sum(u.seconds for u in self.utterances)
+
+    def fingerprint(self) -> str:
+        """sha256 over (id, n_samples, sample_rate) of every utterance, in order."""
+        h = hashlib.sha256()
+        for u in self.utterances:
+            h.update(f"{u.id}\t{u.n_samples}\t{u.sample_rate}\n".encode())
+        return h.hexdigest()
+
+    def subset(self, keep: Iterable[str]) -> "Corpus":
+        ids = set(keep)
+        return Corpus(self.source, [u for u in self.utterances if u.id in ids], dict(self.problems))
+
+
+@dataclass
+class _Entry:
+    id: str | None
+    path: Path
+    labels: dict[str, str]
+
+
+def read_corpus(
+    spec: str | Path,
+    *,
+    stdin: TextIO | None = None,
+    on_error: Literal["fail", "skip"] = "fail",
+) -> Corpus:
+    """Read and validate a corpus (see module docstring for the forms of ``spec``).
+
+    Duplicate ids, missing files and unreadable files are all reported in one
+    :class:`CorpusError` before any long work; with ``on_error="skip"`` missing and unreadable
+    files are left out and listed in ``Corpus.problems`` instead (duplicates always fail).
+    """
+    spec_s = str(spec)
+    pattern = None
+    if "::" in spec_s:
+        spec_s, pattern = spec_s.split("::", 1)
+    if spec_s == "-":
+        entries = _read_stream(stdin if stdin is not None else sys.stdin, Path.cwd(), "<stdin>")
+    else:
+        p = Path(spec_s)
+        if not p.exists():
+            raise CorpusError(f"corpus not found: {p} (expected a directory, a .tsv manifest, a list file or '-')")
+        if p.is_dir():
+            entries = _read_librispeech(p) if _is_librispeech(p) else _read_dir(p)
+        elif p.suffix.lower() == ".tsv":
+            entries = _read_manifest(p)
+        elif p.suffix.lower() in AUDIO_SUFFIXES:
+            entries = [_Entry(None, p, {})]
+        else:
+            try:
+                text = p.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise CorpusError(f"cannot read corpus list {p}: {e}") from None
+            entries = _read_stream(io.StringIO(text), p.parent, str(p))
+    if pattern:
+        _apply_pattern(entries, pattern)
+    _assign_ids(entries)
+    return _validate(spec_s, entries, on_error)
+
+
+def _read_stream(stream: TextIO, base: Path, name: str) -> list[_Entry]:
+    lines = [ln.rstrip("\r\n") for ln in stream]
+    body = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if body and "\t" in body[0] and {"id", "path"} <= set(body[0].split("\t")):
+        return _parse_tsv(body, base, name)
+    return [_Entry(None, _resolve(base, ln.strip()), {}) for ln in body]
+
+
+def _resolve(base: Path, p: str) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else base / q
+
+
+def _read_manifest(path: Path) -> list[_Entry]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorpusError(f"cannot read manifest {path}: {e}") from None
+    body = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
+    if not body:
+        raise CorpusError(f"manifest {path} is empty (expected a header row with id and path)")
+    return _parse_tsv(body, path.parent, str(path))
+
+
+def _parse_tsv(lines: Sequence[str], base: Path, name: str) -> list[_Entry]:
+    reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(reader)
+    missing = [c for c in ("id", "path") if c not in header]
+    if missing:
+        raise CorpusError(
+            f"manifest {name}: header lacks column(s) {', '.join(missing)} (found: {', '.join(header)})"
+        )
+    if len(set(header)) != len(header):
+        raise CorpusError(f"manifest {name}: duplicate column names in header")
+    out = []
+    for lineno, row in enumerate(reader, start=2):
+        if len(row) > len(header):
+            raise CorpusError(f"manifest {name} line {lineno}: {len(row)} fields, header has {len(header)}")
+        rec = dict(zip(header, row + [""] * (len(header) - len(row))))
+        uid, path = rec.pop("id").strip(), rec.pop("path").strip()
+        if not uid or not path:
+            raise CorpusError(f"manifest {name} line {lineno}: empty id or path")
+        out.append(_Entry(uid, _resolve(base, path), rec))
+    return out
+
+
+def _audio_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+
+
+def _read_dir(root: Path) -> list[_Entry]:
+    files = _audio_files(root)
+    if not files:
+        raise CorpusError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found under {root}")
+    return [_Entry(None, f, {}) for f in files]
+
+
+def _is_librispeech(root: Path) -> bool:
+    return next(root.rglob("*.trans.txt"), None) is not None
+
+
+def _read_librispeech(root: Path) -> list[_Entry]:
+    out = []
+    for trans in sorted(root.rglob("*.trans.txt")):
+        rel = trans.relative_to(root).parts
+        split = _split_name(rel[0]) if len(rel) > 3 else ""
+        for ln in trans.read_text(encoding="utf-8").splitlines():
+            if not ln.strip():
+                continue
+            uid, _, text = ln.partition(" ")
+            path = trans.parent / f"{uid}.flac"
+            labels = {"speaker": uid.split("-")[0], "text": text.strip()}
+            if split:
+                labels["split"] = split
+            out.append(_Entry(uid, path, labels))
+    return out
+
+
+def _split_name(folder: str) -> str:
+    for s in ("train", "dev", "test"):
+        if folder.startswith(s):
+            return s
+    return folder
+
+
+def _apply_pattern(entries: list[_Entry], pattern: str) -> None:
+    """``{label}_{speaker}_{take}`` -> a regex with named groups, matched on each file stem."""
+    names = re.findall(r"{(\w+)}", pattern)
+    if not names:
+        raise CorpusError(f"corpus pattern {pattern!r} has no {{field}} (e.g. '{{label}}_{{speaker}}_{{take}}')")
+    regex = ""
+    for lit, name in re.findall(r"([^{]*)(?:{(\w+)})?", pattern):
+        regex += re.escape(lit) + (f"(?P<{name}>.+?)" if name else "")
+    rx = re.compile("^" + regex + "$")
+    for e in entries:
+        m = rx.match(e.path.stem)
+        if not m:
+            raise CorpusError(f"{e.path.name}: file name does not match pattern {pattern!r}")
+        e.labels.update(m.groupdict())
+
+
+def _assign_ids(entries: list[_Entry]) -> None:
+    """Files without an explicit id get their stem, or their path without suffix if stems clash."""
+    unnamed = [e for e in entries if e.id is None]
+    if not unnamed:
+        return
+    stems = [e.path.stem for e in unnamed]
+    unique = len(set(stems)) == len(stems)
+    for e in unnamed:
+        e.id = e.path.stem if unique else str(e.path.with_suffix("")).lstrip("/")
+
+
+def _validate(spec: str, entries: list[_Entry], on_error: str) -> Corpus:
+    if not entries:
+        raise CorpusError(f"corpus {spec} lists no utterances")
+    seen: dict[str, Path] = {}
+    dups: list[str] = []
+    for e in entries:
+        assert e.id is not None
+        if e.id in seen:
+            dups.append(f"duplicate id {e.id}: {seen[e.id]} and {e.path}")
+        else:
+            seen[e.id] = e.path
+    if dups:
+        raise CorpusError(_listing(f"corpus {spec}", dups))
+    utts: list[Utterance] = []
+    problems: dict[str, str] = {}
+    for e in entries:
+        assert e.id is not None
+        try:
+            info = audio_info(e.path)
+        except AudioError as err:
+            problems[e.id] = str(err)
+            continue
+        utts.append(Utterance(e.id, e.path, info.n_samples, info.sample_rate, e.labels))
+    if problems and on_error == "fail":
+        raise CorpusError(_listing(f"corpus {spec}", list(problems.values())))
+    if not utts:
+        raise CorpusError(_listing(f"corpus {spec}: no readable audio", list(problems.values())))
+    return Corpus(spec, utts, problems)
+
+
+def _listing(head: str, items: list[str]) -> str:
+    shown = items[:_MAX_LISTED]
+    more = f"\n  ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return f"{head}: {len(items)} problem(s):\n  " + "\n  ".join(shown) + more
+
+
+def write_manifest(path: Path, utterances: Sequence[Utterance] | Sequence[dict[str, str]], columns: Sequence[str]) -> None:
+    """Write a TSV manifest (``id``, ``path`` and ``columns``); paths relative to its folder."""
+    path = Path(path)
+    rows = []
+    for u in utterances:
+        if isinstance(u, Utterance):
+            rec = {"id": u.id, "path": str(u.path), **u.labels}
+        else:
+            rec = dict(u)
+        rows.append(rec)
+    header = ["id", "path", *[c for c in columns if c not in ("id", "path")]]
+    tmp = path.with_suffix(".tsv.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write("\t".join(header) + "\n")
+        for rec in rows:
+            vals = [str(rec.get(c, "")) for c in header]
+            if any("\t" in v or "\n" in v for v in vals):
+                raise CorpusError(f"manifest {path}: a value of {rec['id']} contains a tab or newline")
+            f.write("\t".join(vals) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,244 @@
+"""The ``ofactl`` command line: thin typer commands over ``run_*`` library functions.
+
+This is the only module that prints: progress, logs and errors go to stderr (rich), and
+``--json`` prints one JSON document on stdout. torch is imported inside commands only, so
+``ofactl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from ofactl import __version__
+from ofactl.errors import NotAvailableError, OfactlError
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="ofactl",
+    help="Once-for-all sequence compression for self-supervised speech models: one distilled "
+    "student, features at any frame rate.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# soft_wrap: error lines stay one line, whatever the terminal width (grep-able logs).
+err_console = Console(stderr=True, soft_wrap=True)
+
+# ----------------------------------------------------------------------------- shared options
+ConfigOpt = Annotated[
+    Optional[str],
+    typer.Option("--config", "-c", help="Preset name (see presets/) or path to a YAML file.",
+                 rich_help_panel="Config"),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override one config key, e.g. --set optim.lr=2e-4 (repeatable).",
+                 rich_help_panel="Config"),
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print one JSON document with the result on stdout.",
+                       rich_help_panel="Output"),
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress display or notes on stderr.",
+                       rich_help_panel="Output"),
+]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", help="Show the full traceback on errors.", rich_help_panel="Output"),
+]
+
+
+class RichProgress:
+    """:class:`ofactl.progress.Progress` on a rich progress bar (stderr)."""
+
+    def __init__(self, enabled: bool, quiet: bool) -> None:
+        self.enabled = enabled
+        self.quiet = quiet
+        self._bar: Any = None
+        self._task: Any = None
+        self._metrics = ""
+
+    def start(self, stage: str, total: int | None = None) -> None:
+        self.finish()
+        if not self.enabled:
+            if not self.quiet:
+                err_console.print(f"[bold]{stage}[/bold]" + (f" ({total})" if total else ""))
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
+                                   TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+        self._bar = Progress(
+            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+            MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"), console=err_console, transient=False,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(stage, total=total, metrics="")
+
+    def advance(self, n: int = 1, **metrics: Any) -> None:
+        if self._bar is None:
+            return
+        if metrics:
+            self._metrics = "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        self._bar.update(self._task, advance=n, metrics=self._metrics)
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            err_console.print(message, markup=False, highlight=False)
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+            self._metrics = ""
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _progress(quiet: bool, as_json: bool) -> RichProgress:
+    interactive = err_console.is_terminal and not os.environ.get("CI")
+    return RichProgress(enabled=interactive and not quiet and not as_json, quiet=quiet)
+
+
+def _call(debug: bool, fn: Callable[[], T]) -> T:
+    """Run library code: an OfactlError becomes one line on stderr and exit code 1."""
+    try:
+        return fn()
+    except OfactlError as e:
+        if debug:
+            err_console.print_exception()
+        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/yellow]")
+        raise typer.Exit(130) from None
+
+
+def _emit_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _not_yet(name: str) -> None:
+    raise NotAvailableError(f"'ofactl {name}' is not available yet in ofactl {__version__}")
+
+
+# ----------------------------------------------------------------------------- commands
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        typer.echo(f"ofactl {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for WAVs and manifest.tsv.")] = Path("ofactl-data/synth"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Synthesise the built-in labelled speech corpus with espeak-ng.
+
+    Writes 16 kHz WAVs and a TSV manifest (id, path, speaker, label, kind, text, phones,
+    phone_times, accent, split) usable as --corpus by every other command.
+    """
+    from ofactl.config import load_config
+    from ofactl.synth import SynthConfig, run_synth
+
+    def go() -> Any:
+        cfg = load_config(SynthConfig, "synth", config, set_ or [])
+        return run_synth(cfg, out, overwrite=overwrite, progress=_progress(quiet, as_json))
+
+    res = _call(debug, go)
+    if as_json:
+        _emit_json(res.to_json())
+    elif not quiet:
+        verb = "reused" if res.reused else "wrote"
+        err_console.print(
+            f"{verb} {res.n_utterances} utterances from {res.n_speakers} speakers "
+            f"({res.seconds / 60:.1f} min of audio) -> {res.manifest}", highlight=False)
+
+
+@app.command()
+def distill(
+    config: ConfigOpt = None, set_: SetOpt = None, as_json: JsonOpt = False,
+    quiet: QuietOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Distill a once-for-all student from a HuBERT teacher."""
+    _call(debug, lambda: _not_yet("distill"))
+
+
+@app.command()
+def extract(
+    config: ConfigOpt = None, set_: SetOpt = None, as_json: JsonOpt = False,
+    quiet: QuietOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Extract features at one or more rates into a Zarr store."""
+    _call(debug, lambda: _not_yet("extract"))
+
+
+@app.command()
+def sweep(
+    config: ConfigOpt = None, set_: SetOpt = None, as_json: JsonOpt = False,
+    quiet: QuietOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Probe a downstream task over a grid of rates: the performance/efficiency trade-off."""
+    _call(debug, lambda: _not_yet("sweep"))
+
+
+@app.command()
+def adapt(
+    config: ConfigOpt = None, set_: SetOpt = None, as_json: JsonOpt = False,
+    quiet: QuietOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Let a downstream task learn its own compression rate."""
+    _call(debug, lambda: _not_yet("adapt"))
+
+
+@app.command()
+def info(
+    path: Annotated[Optional[Path], typer.Argument(help="A checkpoint or a feature store to describe.")] = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show the version and the compute available (torch, CUDA, bf16), or describe a checkpoint/store."""
+    from ofactl.about import describe_path, environment
+
+    doc = _call(debug, lambda: describe_path(path) if path is not None else environment())
+    if as_json:
+        _emit_json(doc)
+        return
+    out = Console()
+    for k, v in doc.items():
+        if isinstance(v, (dict, list)):
+            v = json.dumps(v, default=str)
+        out.print(f"[bold]{k}[/bold]: {v}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Typed configs, YAML presets and ``--set key=value`` overrides.
+
+A preset is a plain YAML mapping with one section per command (``synth:``, ``distill:`` ...)
+and an optional ``description``. A command reads its own section into a frozen-by-convention
+dataclass; unknown keys and wrong types fail with the key path, the file and the expected type.
+
+    >>> cfg = load_config(SynthConfig, "synth", "synth-tiny", ["seed=3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from ofactl.errors import ConfigError
+
+T = TypeVar("T")
+
+_TOP_LEVEL_EXTRA = {"description"}
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 booleans: only true/false are booleans.
+
+    Under YAML 1.1 rules ``[yes, no, on, off]`` (a keyword list) would load as booleans.
+    No tags beyond the safe ones are resolved, exactly as with ``yaml.safe_load``.
+    """
+
+
+_SafeLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def safe_load(text: str) -> Any:
+    """Parse YAML with the safe loader above (no arbitrary objects, YAML 1.2 booleans)."""
+    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+# --------------------------------------------------------------------------- preset files
+def preset_dirs() -> list[Path]:
+    """Folders searched for presets by name: the checkout's ``presets/`` or the installed copy."""
+    here = Path(__file__).resolve().parent
+    return [d for d in (here.parent / "presets", here / "_presets") if d.is_dir()]
+
+
+def available_presets() -> list[str]:
+    names: set[str] = set()
+    for d in preset_dirs():
+        names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def find_preset(name_or_path: str | Path) -> Path:
+    """Resolve a preset name (``synth-tiny``) or a YAML path to an existing file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists() or len(p.parts) > 1:
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    for d in preset_dirs():
+        cand = d / f"{name_or_path}.yaml"
+        if cand.is_file():
+            return cand
+    raise ConfigError(
+        f"unknown preset '{name_or_path}'; available: {', '.join(available_presets()) or 'none'}"
+    )
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """``yaml.safe_load`` a mapping; syntax errors name the file and line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    try:
+        data = safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"invalid YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------- typed building
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (lists -> tuples etc)."""
+
+    def bad() -> ConfigError:
+        shown = repr(value) if not isinstance(value, dict) else "a mapping"
+        return ConfigError(
+            f"{key} in {source}: expected {_type_name(tp)}, got {type(value).__name__} {shown}"
+        )
+
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, source)
+            except ConfigError:
+                continue
+        raise bad()
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise bad()
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise bad()
+        return _build(tp, value, source, prefix=key + ".")
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise bad()
+            return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise bad()
+        kt, vt = (get_args(tp) + (Any, Any))[:2]
+        return {str(k): _coerce(v, vt, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad()
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise bad()
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type[T], data: Mapping[str, Any], source: str, prefix: str = "") -> T:
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for k in data:
+        if k not in names:
+            raise ConfigError(
+                f"unknown key '{prefix}{k}' in {source}; valid keys: {', '.join(sorted(names))}"
+            )
+    kwargs = {k: _coerce(v, hints[k], prefix + k, source) for k, v in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # a required field without default
+        raise ConfigError(f"{source}: {e}") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return obj
+
+
+def build_config(cls: type[T], data: Mapping[str, Any], source: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping, checking keys and types recursively."""
+    return _build(cls, data, source)
+
+
+# --------------------------------------------------------------------------- overrides
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"optim.lr=2e-4"`` -> (["optim", "lr"], 0.0002). Values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value (e.g. --set optim.lr=2e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads "2e-4" as a string (no dot); numbers like that are what users mean.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(cls: type, data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``--set`` overrides applied; unknown keys fail here."""
+    out: dict[str, Any] = _deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        tp: Any = cls
+        node = out
+        for i, part in enumerate(path):
+            if not (dataclasses.is_dataclass(tp) and part in {f.name for f in dataclasses.fields(tp)}):
+                raise ConfigError(f"unknown key '{'.'.join(path)}' in --set {item}")
+            field_tp = _hints(tp)[part]
+            if i == len(path) - 1:
+                node[part] = value
+            else:
+                child = node.get(part)
+                if not isinstance(child, dict):
+                    child = {}
+                    node[part] = child
+                node = child
+                tp = _unwrap_optional(field_tp)
+    return out
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+# --------------------------------------------------------------------------- entry points
+def load_config(
+    cls: type[T],
+    section: str,
+    preset: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> T:
+    """Defaults <- preset section <- ``--set`` overrides, validated into ``cls``."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if preset is not None:
+        path = find_preset(preset)
+        doc = load_yaml(path)
+        known = _TOP_LEVEL_EXTRA | set(COMMAND_SECTIONS)
+        for k in doc:
+            if k not in known:
+                raise ConfigError(
+                    f"unknown section '{k}' in {path}; valid sections: {', '.join(sorted(known))}"
+                )
+        if section not in doc:
+            present = sorted(k for k in doc if k in COMMAND_SECTIONS)
+            raise ConfigError(
+                f"{path} has no '{section}' section (it has: {', '.join(present) or 'none'})"
+            )
+        sec = doc[section] or {}
+        if not isinstance(sec, dict):
+            raise ConfigError(f"section '{section}' in {path}: expected a mapping")
+        data = sec
+        source = str(path)
+        _build(cls, data, source)  # report preset errors against the file, before overrides
+    if overrides:
+        data = apply_overrides(cls, data, overrides)
+        source = f"{source} with --set {' '.join(overrides)}"
+    return _build(cls, data, source)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A dataclass config as plain YAML/JSON-safe data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return plain(cfg)
+
+
+def save_resolved(cfg: Any, section: str, path: Path) -> Path:
+    """Write the resolved config next to a run's outputs (loadable again with ``-c path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump({section: to_dict(cfg)}, sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# Sections a preset may hold; each command module registers its config class here lazily
+# (by name) so that importing this module stays cheap.
+COMMAND_SECTIONS = ("synth", "distill", "extract", "sweep", "adapt", "quickstart")

@@ -1,0 +1,37 @@
+"""Error hierarchy. Library code raises these; only ``ofactl.cli`` turns them into messages."""
+
+from __future__ import annotations
+
+
+class OfactlError(Exception):
+    """Base class: a problem the user can fix, reported as one line with exit code 1."""
+
+    exit_code: int = 1
+
+
+class ConfigError(OfactlError):
+    """A preset, YAML file or ``--set`` override is invalid."""
+
+
+class AudioError(OfactlError):
+    """An audio file cannot be read or holds unusable samples."""
+
+
+class CorpusError(OfactlError):
+    """A corpus specification or manifest is invalid."""
+
+
+class CheckpointError(OfactlError):
+    """A checkpoint is missing, corrupt, untrusted or does not match what was asked."""
+
+
+class StoreError(OfactlError):
+    """A feature store is missing, locked, corrupt or made by another model."""
+
+
+class ModelError(OfactlError):
+    """Invalid model input or configuration (shapes, rates, layers)."""
+
+
+class NotAvailableError(OfactlError):
+    """A command or option that this version does not provide."""

@@ -1,0 +1,55 @@
+"""Shared fixtures: small synthetic corpora, audio file writers, the FSDD path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
+
+
+@pytest.fixture(scope="session")
+def fsdd_dir() -> Path:
+    if not (FSDD / "recordings").is_dir():
+        pytest.skip("../shared/data/fsdd is not present")
+    return FSDD / "recordings"
+
+
+def tone(seconds: float, sr: int, freq: float = 220.0, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(round(seconds * sr))) / sr
+    x = 0.3 * np.sin(2 * np.pi * freq * t).astype(np.float32)
+    return np.stack([x] * channels, axis=1) if channels > 1 else x
+
+
+@pytest.fixture
+def write_wav(tmp_path: Path):
+    """write_wav(name, seconds=0.5, sr=16000, channels=1, fmt=None) -> Path."""
+
+    def _write(name: str, seconds: float = 0.5, sr: int = 16000, channels: int = 1,
+               freq: float = 220.0, subtype: str | None = None) -> Path:
+        p = tmp_path / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(str(p), tone(seconds, sr, freq, channels), sr, subtype=subtype)
+        return p
+
+    return _write
+
+
+@pytest.fixture(scope="session")
+def small_synth_cfg():
+    from ofactl.synth import SynthConfig
+
+    return SynthConfig(seed=1, n_speakers=6, keyword_takes=1, keywords=("yes", "no", "stop"),
+                       n_sentences=6, sentences_per_speaker=2)
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory, small_synth_cfg) -> Path:
+    """A ~30-utterance synthetic corpus; returns its manifest path."""
+    from ofactl.synth import run_synth
+
+    out = tmp_path_factory.mktemp("synth")
+    return run_synth(small_synth_cfg, out / "corpus").manifest

@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ofactl.audio import (SAMPLE_RATE, audio_info, load_audio, read_corpus, resampled_length,
+                          write_manifest)
+from ofactl.errors import AudioError, CorpusError
+
+
+@pytest.mark.parametrize("name,subtype", [("a.wav", None), ("a.flac", None), ("a.ogg", "VORBIS")])
+def test_decode_formats(write_wav, name, subtype):
+    p = write_wav(name, seconds=0.5, sr=16000, subtype=subtype)
+    wav = load_audio(p)
+    assert wav.dtype.__str__() == "torch.float32"
+    assert wav.ndim == 1 and abs(len(wav) - 8000) <= 1
+    assert float(wav.abs().max()) == pytest.approx(0.3, abs=0.05)
+
+
+def test_stereo_is_mixed_down(tmp_path):
+    x = np.stack([np.full(1600, 0.5, np.float32), np.full(1600, -0.1, np.float32)], axis=1)
+    p = tmp_path / "st.wav"
+    sf.write(p, x, 16000, subtype="FLOAT")
+    assert audio_info(p).channels == 2
+    wav = load_audio(p)
+    assert wav.shape == (1600,)
+    assert float(wav.mean()) == pytest.approx(0.2, abs=1e-6)
+
+
+@pytest.mark.parametrize("sr", [8000, 22050, 44100, 48000])
+def test_resampled_length(write_wav, sr):
+    p = write_wav(f"r{sr}.wav", seconds=1.2345, sr=sr)
+    n = audio_info(p).n_samples
+    wav = load_audio(p)
+    expected = n * SAMPLE_RATE / sr
+    assert abs(len(wav) - expected) <= 1
+    assert len(wav) == resampled_length(n, sr)
+
+
+def test_bad_files_named(tmp_path, write_wav):
+    empty = tmp_path / "zero.wav"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.wav"
+    text.write_text("this is not audio\n" * 20)
+    nan = tmp_path / "nan.wav"
+    x = np.zeros(800, np.float32)
+    x[100] = np.nan
+    sf.write(nan, x, 16000, subtype="FLOAT")
+    flac = write_wav("long.flac", seconds=3.0, sr=16000)
+    data = flac.read_bytes()
+    trunc = tmp_path / "trunc.flac"
+    trunc.write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(AudioError, match=r"zero\.wav: empty file"):
+        load_audio(empty)
+    with pytest.raises(AudioError, match=r"notes\.wav: not a readable audio file"):
+        load_audio(text)
+    with pytest.raises(AudioError, match=r"nan\.wav: contains NaN or Inf"):
+        load_audio(nan)
+    with pytest.raises(AudioError, match=r"trunc\.flac: .*(truncated|decode)"):
+        load_audio(trunc)
+    with pytest.raises(AudioError, match=r"missing\.wav: file not found"):
+        load_audio(tmp_path / "missing.wav")
+
+
+def test_directory_corpus_and_pattern(write_wav, tmp_path):
+    write_wav("d/3_anna_0.wav")
+    write_wav("d/sub/5_bob_1.flac", sr=8000)
+    c = read_corpus(tmp_path / "d")
+    assert sorted(u.id for u in c) == ["3_anna_0", "5_bob_1"]
+    u = {u.id: u for u in c}["5_bob_1"]
+    assert u.sample_rate == 8000 and u.n_samples == 4000 and u.n_samples_16k == 8000
+    c2 = read_corpus(f"{tmp_path / 'd'}::{{label}}_{{speaker}}_{{take}}")
+    assert {u.id: (u.labels["label"], u.labels["speaker"]) for u in c2} == {
+        "3_anna_0": ("3", "anna"), "5_bob_1": ("5", "bob")}
+    with pytest.raises(CorpusError, match="does not match pattern"):
+        read_corpus(f"{tmp_path / 'd'}::{{label}}-{{speaker}}")
+
+
+def test_stem_clash_falls_back_to_paths(write_wav, tmp_path):
+    write_wav("c/a/x.wav")
+    write_wav("c/b/x.wav")
+    ids = sorted(u.id for u in read_corpus(tmp_path / "c"))
+    assert len(ids) == 2 and ids[0] != ids[1] and all(i.endswith("x") for i in ids)
+
+
+def test_librispeech_layout(write_wav, tmp_path):
+    root = tmp_path / "LibriSpeech"
+    for uid in ("84-121123-0000", "84-121123-0001"):
+        write_wav(f"LibriSpeech/dev-clean/84/121123/{uid}.flac", seconds=0.3)
+    (root / "dev-clean/84/121123/84-121123.trans.txt").write_text(
+        "84-121123-0000 GO DO YOU HEAR\n84-121123-0001 BUT IN LESS THAN FIVE MINUTES\n")
+    c = read_corpus(root)
+    assert [u.id for u in c] == ["84-121123-0000", "84-121123-0001"]
+    assert c[1].labels == {"speaker": "84", "text": "BUT IN LESS THAN FIVE MINUTES", "split": "dev"}
+
+
+def test_manifest_and_errors_reported_together(write_wav, tmp_path):
+    write_wav("m/a.wav")
+    (tmp_path / "m/bad.wav").write_text("nope")
+    man = tmp_path / "m/manifest.tsv"
+    man.write_text("id\tpath\tspeaker\tlabel\na\ta.wav\ts1\tyes\nb\tgone.wav\ts2\tno\nc\tbad.wav\ts1\tno\n")
+    with pytest.raises(CorpusError) as e:
+        read_corpus(man)
+    msg = str(e.value)
+    assert "2 problem(s)" in msg and "gone.wav: file not found" in msg and "bad.wav" in msg
+    c = read_corpus(man, on_error="skip")
+    assert [u.id for u in c] == ["a"] and set(c.problems) == {"b", "c"}
+    assert c[0].labels == {"speaker": "s1", "label": "yes"}
+
+
+def test_manifest_header_and_duplicates(write_wav, tmp_path):
+    write_wav("n/a.wav")
+    p = tmp_path / "n/no_id.tsv"
+    p.write_text("name\tpath\na\ta.wav\n")
+    with pytest.raises(CorpusError, match="header lacks column"):
+        read_corpus(p)
+    d = tmp_path / "n/dup.tsv"
+    d.write_text("id\tpath\na\ta.wav\na\ta.wav\n")
+    with pytest.raises(CorpusError, match="duplicate id a"):
+        read_corpus(d)
+
+
+def test_list_file_and_stdin(write_wav, tmp_path):
+    a = write_wav("l/a.wav")
+    b = write_wav("l/b.flac")
+    lst = tmp_path / "l/files.txt"
+    lst.write_text(f"# inputs\n{a}\n\nb.flac\n")
+    assert [u.id for u in read_corpus(lst)] == ["a", "b"]
+    c = read_corpus("-", stdin=io.StringIO(f"{a}\n{b}\n"))
+    assert [u.path for u in c] == [a, b]
+    c2 = read_corpus("-", stdin=io.StringIO(f"id\tpath\tlabel\nx\t{a}\tyes\n"))
+    assert c2[0].id == "x" and c2[0].labels == {"label": "yes"}
+
+
+def test_missing_corpus_is_clear(tmp_path):
+    with pytest.raises(CorpusError, match="corpus not found"):
+        read_corpus(tmp_path / "nothing")
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(CorpusError, match="no audio files"):
+        read_corpus(tmp_path / "emptydir")
+
+
+def test_write_manifest_round_trip(write_wav, tmp_path):
+    write_wav("w/a.wav")
+    rows = [{"id": "a", "path": "a.wav", "label": "yes", "text": "hello world"}]
+    write_manifest(tmp_path / "w/m.tsv", rows, ["label", "text"])
+    c = read_corpus(tmp_path / "w/m.tsv")
+    assert c[0].labels == {"label": "yes", "text": "hello world"}
+    assert c.fingerprint() == read_corpus(tmp_path / "w/m.tsv").fingerprint()
+
+
+def test_fsdd_as_directory_corpus(fsdd_dir):
+    c = read_corpus(f"{fsdd_dir}::{{label}}_{{speaker}}_{{take}}")
+    assert len(c) == 3000
+    assert {u.sample_rate for u in c} == {8000}
+    assert len({u.labels["speaker"] for u in c}) == 6
+    assert sorted({u.labels["label"] for u in c}) == [str(d) for d in range(10)]
+    wav = load_audio(c[0].path)
+    assert len(wav) == c[0].n_samples_16k

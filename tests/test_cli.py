@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from ofactl import __version__
+from ofactl.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0
+    for cmd in ("distill", "extract", "sweep", "adapt", "synth", "info"):
+        assert cmd in r.stdout
+    assert runner.invoke(app, ["synth", "-h"]).exit_code == 0
+
+
+def test_version_and_no_args():
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and __version__ in r.stdout
+    r = runner.invoke(app, [])
+    assert r.exit_code in (0, 2) and "Usage" in r.output
+
+
+def test_usage_error_exit_2():
+    r = runner.invoke(app, ["synth", "--no-such-flag"])
+    assert r.exit_code == 2
+
+
+def test_runtime_error_exit_1_one_line(tmp_path):
+    r = runner.invoke(app, ["synth", "-c", "no-such-preset", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1
+    assert "unknown preset 'no-such-preset'" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = runner.invoke(app, ["synth", "--set", "seed=abc", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "seed in defaults with --set seed=abc: expected int" in r.stderr
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = runner.invoke(app, ["synth", "--debug", "--set", "nope=1", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "Traceback" in r.stderr
+
+
+def test_synth_json_on_stdout(tmp_path):
+    out = tmp_path / "c"
+    args = ["synth", "--out", str(out), "--json", "--set", "n_speakers=3", "--set", "keyword_takes=1",
+            "--set", "keywords=[yes]", "--set", "sentences_per_speaker=1", "--set", "n_sentences=3"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["utterances"] == 6 and doc["speakers"] == 3 and not doc["reused"]
+    assert (out / "manifest.tsv").is_file() and (out / "synth.yaml").is_file()
+    doc2 = json.loads(runner.invoke(app, args).stdout)
+    assert doc2["reused"] is True
+
+
+def test_not_built_commands_exit_1():
+    for cmd in ("sweep", "adapt"):
+        r = runner.invoke(app, [cmd])
+        assert r.exit_code == 1 and "not available yet" in r.stderr
+
+
+def test_info_json():
+    r = runner.invoke(app, ["info", "--json"])
+    assert r.exit_code == 0
+    doc = json.loads(r.stdout)
+    assert doc["ofactl"] == __version__ and "cuda_available" in doc and "torch" in doc
+
+
+def test_info_missing_path(tmp_path):
+    r = runner.invoke(app, ["info", str(tmp_path / "nothing.pt")])
+    assert r.exit_code == 1 and "no such file" in r.stderr
+
+
+def test_cli_import_does_not_import_torch():
+    code = "import sys, ofactl.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_python_dash_m():
+    out = subprocess.run([sys.executable, "-m", "ofactl", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and __version__ in out.stdout

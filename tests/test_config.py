@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from ofactl.config import (apply_overrides, available_presets, build_config, find_preset,
+                           load_config, load_yaml, parse_override, save_resolved)
+from ofactl.errors import ConfigError
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+
+
+@dataclass
+class Demo:
+    name: str = "x"
+    steps: int = 10
+    use_amp: bool = False
+    rates: tuple[float, ...] = (1.0, 0.5)
+    mode: str = "a"
+    optim: Optim = field(default_factory=Optim)
+    note: str | None = None
+
+
+def write(tmp_path: Path, text: str, name: str = "p.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_builtin_presets_are_found_and_valid():
+    from ofactl.synth import SynthConfig
+
+    assert {"synth-tiny", "synth-small"} <= set(available_presets())
+    cfg = load_config(SynthConfig, "synth", "synth-tiny")
+    assert cfg.n_speakers == 24
+    assert find_preset("synth-small").name == "synth-small.yaml"
+
+
+def test_preset_section_and_overrides(tmp_path):
+    p = write(tmp_path, "distill:\n  steps: 5\n  optim: {lr: 0.01}\n")
+    cfg = load_config(Demo, "distill", p, ["optim.lr=2e-4", "rates=[1, 0.25]", "use_amp=true"])
+    assert cfg.steps == 5
+    assert cfg.optim.lr == pytest.approx(2e-4)
+    assert cfg.rates == (1.0, 0.25)
+    assert cfg.use_amp is True
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "distill:\n  optim: {lrr: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.lrr' in .*p\.yaml"):
+        load_config(Demo, "distill", p)
+
+
+def test_wrong_type_names_expected_type(tmp_path):
+    p = write(tmp_path, "distill:\n  steps: ten\n")
+    with pytest.raises(ConfigError, match=r"steps in .*p\.yaml: expected int, got str 'ten'"):
+        load_config(Demo, "distill", p)
+    with pytest.raises(ConfigError, match=r"use_amp .*expected bool"):
+        build_config(Demo, {"use_amp": "yes"})
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match="unknown key 'optim.lrr' in --set optim.lrr=1"):
+        apply_overrides(Demo, {}, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("steps")
+    with pytest.raises(ConfigError, match="steps in defaults with --set steps=abc: expected int"):
+        load_config(Demo, "distill", None, ["steps=abc"])
+
+
+def test_unknown_and_missing_sections(tmp_path):
+    p = write(tmp_path, "distil:\n  steps: 1\n")
+    with pytest.raises(ConfigError, match="unknown section 'distil'"):
+        load_config(Demo, "distill", p)
+    p2 = write(tmp_path, "synth:\n  seed: 1\n", "q.yaml")
+    with pytest.raises(ConfigError, match="has no 'distill' section"):
+        load_config(Demo, "distill", p2)
+
+
+def test_yaml_errors_and_missing_files(tmp_path):
+    p = write(tmp_path, "distill:\n  steps: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML in .*p\.yaml line"):
+        load_yaml(p)
+    with pytest.raises(ConfigError, match="config file not found"):
+        find_preset(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; available:"):
+        find_preset("nope")
+
+
+def test_yaml_tags_are_not_executed(tmp_path):
+    p = write(tmp_path, "distill: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_yaml(p)
+
+
+def test_resolved_config_round_trip(tmp_path):
+    cfg = load_config(Demo, "distill", None, ["optim.lr=0.5", "note=hello"])
+    path = save_resolved(cfg, "distill", tmp_path / "run" / "config.yaml")
+    again = load_config(Demo, "distill", path)
+    assert again == cfg

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+
+import pytest
+import soundfile as sf
+
+from ofactl.audio import read_corpus
+from ofactl.errors import ConfigError, OfactlError
+from ofactl.synth import MANIFEST_COLUMNS, SynthConfig, make_sentences, plan, run_synth
+
+
+def digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(folder).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes(tmp_path, small_synth_cfg, synth_corpus):
+    again = run_synth(small_synth_cfg, tmp_path / "again")
+    assert digest(again.out_dir) == digest(synth_corpus.parent)
+    other = run_synth(replace(small_synth_cfg, seed=2), tmp_path / "other")
+    assert digest(other.out_dir) != digest(synth_corpus.parent)
+
+
+def test_manifest_columns_and_labels(synth_corpus, small_synth_cfg):
+    c = read_corpus(synth_corpus)
+    assert set(MANIFEST_COLUMNS) <= set(c.columns)
+    assert len(c) == len(plan(small_synth_cfg))
+    kinds = {u.labels["kind"] for u in c}
+    assert kinds == {"keyword", "sentence"}
+    kws = [u for u in c if u.labels["kind"] == "keyword"]
+    assert {u.labels["label"] for u in kws} == set(small_synth_cfg.keywords)
+    assert all(u.sample_rate == 16000 for u in c)
+
+
+def test_phone_times_increasing_and_inside_audio(synth_corpus):
+    for u in read_corpus(synth_corpus):
+        phones = u.labels["phones"].split()
+        times = [float(t) for t in u.labels["phone_times"].split()]
+        assert len(phones) == len(times) > 0
+        assert all(b > a for a, b in zip(times, times[1:]))
+        assert 0 <= times[0] and times[-1] < 1000 * u.seconds
+
+
+def test_splits_are_speaker_and_text_disjoint(synth_corpus):
+    c = read_corpus(synth_corpus)
+    split_of_speaker: dict[str, set[str]] = {}
+    texts: dict[str, set[str]] = {"train": set(), "dev": set(), "test": set()}
+    for u in c:
+        split_of_speaker.setdefault(u.labels["speaker"], set()).add(u.labels["split"])
+        if u.labels["kind"] == "sentence":
+            texts[u.labels["split"]].add(u.labels["text"])
+    assert all(len(s) == 1 for s in split_of_speaker.values())
+    assert {next(iter(s)) for s in split_of_speaker.values()} == {"train", "dev", "test"}
+    assert not texts["train"] & texts["test"] and not texts["train"] & texts["dev"]
+
+
+def test_rerun_reuses_and_refuses_other_content(tmp_path, small_synth_cfg, synth_corpus):
+    res = run_synth(small_synth_cfg, synth_corpus.parent)
+    assert res.reused
+    with pytest.raises(OfactlError, match="not empty"):
+        run_synth(replace(small_synth_cfg, seed=9), synth_corpus.parent)
+
+
+def test_wavs_are_16k_pcm16(synth_corpus):
+    c = read_corpus(synth_corpus)
+    info = sf.info(str(c[0].path))
+    assert info.samplerate == 16000 and info.subtype == "PCM_16"
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="exceeds"):
+        SynthConfig(n_speakers=10_000).validate()
+    with pytest.raises(ValueError, match="dev_fraction"):
+        SynthConfig(dev_fraction=0.6, test_fraction=0.5).validate()
+    assert len(set(make_sentences(50, 0))) == 50
+    assert make_sentences(10, 3) == make_sentences(10, 3)
+
+
+def test_unknown_voice_is_clear(tmp_path, small_synth_cfg):
+    with pytest.raises(ConfigError, match="no voice 'xx-none"):
+        run_synth(replace(small_synth_cfg, accents=("xx-none",), n_speakers=3), tmp_path / "v")
