@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ofactl import __version__
-from ofactl.errors import OfactlError
+from ofactl.errors import NotAvailableError, OfactlError
 
 
 def environment() -> dict[str, Any]:
@@ -44,9 +44,18 @@ def describe_path(path: Path) -> dict[str, Any]:
     if not p.exists():
         raise OfactlError(f"{p}: no such file or folder")
     if p.is_dir() or p.suffix in (".zarr", ".h5", ".hdf5"):
-        from ofactl.storage import describe_store
-
-        return describe_store(p)
+        raise NotAvailableError(f"{p}: describing feature stores is not available yet in ofactl {__version__}")
     from ofactl.checkpoint import describe_checkpoint
 
     return describe_checkpoint(p)
+
+
+def describe_teacher(spec: str, trust: bool = False) -> dict[str, Any]:
+    """Load a teacher the way ``distill`` would and report its format and architecture."""
+    from ofactl.model.teacher import load_teacher
+
+    t = load_teacher(spec, trust=trust)
+    doc = {"kind": "teacher", **t.describe()}
+    doc["hidden_states"] = t.num_hidden
+    doc["parameters"] = sum(p.numel() for p in t.parameters())
+    return doc

@@ -218,14 +218,22 @@ def adapt(
 
 @app.command()
 def info(
-    path: Annotated[Optional[Path], typer.Argument(help="A checkpoint or a feature store to describe.")] = None,
+    path: Annotated[Optional[Path], typer.Argument(help="A student checkpoint or a feature store to describe.")] = None,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="Describe a teacher instead: a HuBERT file/folder or random:tiny|base.")] = None,
+    trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow loading pickle-based (fairseq) checkpoints.")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Show the version and the compute available (torch, CUDA, bf16), or describe a checkpoint/store."""
-    from ofactl.about import describe_path, environment
+    """Show the version and the compute available (torch, CUDA, bf16), or describe a checkpoint,
+    a teacher or a store."""
+    from ofactl.about import describe_path, describe_teacher, environment
 
-    doc = _call(debug, lambda: describe_path(path) if path is not None else environment())
+    def go() -> dict[str, Any]:
+        if teacher is not None:
+            return describe_teacher(teacher, trust_checkpoint)
+        return describe_path(path) if path is not None else environment()
+
+    doc = _call(debug, go)
     if as_json:
         _emit_json(doc)
         return

@@ -86,3 +86,22 @@ def test_cli_import_does_not_import_torch():
 def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "ofactl", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_info_describes_checkpoint_and_teacher(tmp_path):
+    import torch
+
+    from ofactl.checkpoint import save_student
+    from ofactl.model.student import Student, student_config
+
+    p = save_student(tmp_path / "s.pt", Student(student_config("tiny")), step=3)
+    r = runner.invoke(app, ["info", str(p), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["step"] == 3
+    r = runner.invoke(app, ["info", "--teacher", "random:tiny", "--json"])
+    doc = json.loads(r.stdout)
+    assert doc["format"] == "random" and doc["hidden_states"] == 5
+    bad = tmp_path / "bad.pt"
+    torch.save({"x": torch.zeros(1)}, bad)
+    r = runner.invoke(app, ["info", "--teacher", str(bad)])
+    assert r.exit_code == 1 and "accepted:" in r.stderr

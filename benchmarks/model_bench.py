@@ -1,0 +1,93 @@
+"""Core model figures: CIF overhead, student vs teacher throughput, rate scaling, bf16 on CPU.
+
+    python benchmarks/model_bench.py [--batch 8] [--seconds 10] [--repeats 3]
+
+All figures are ratios measured within this one run (the machine may be noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torchaudio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import emit, timeit  # noqa: E402
+
+from ofactl.model.blocks import HubertArch  # noqa: E402
+from ofactl.model.teacher import Teacher  # noqa: E402
+from ofactl.model.student import Student, student_config  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    B, N = args.batch, int(args.seconds * 16000)
+    wav = torch.randn(B, N) * 0.1
+    L = torch.full((B,), N)
+    student = Student(student_config("base")).eval()
+    teacher = torchaudio.models.hubert_base().eval()
+    ours_teacher = Teacher(HubertArch())
+    ours_teacher.model.load_state_dict(teacher.state_dict())
+    ours_teacher.freeze()
+    out: dict = {"batch": B, "seconds_per_utterance": args.seconds, "device": "cpu", "dtype": "float32"}
+
+    with torch.inference_mode():
+        feats, n = student.cnn_features(wav, L)
+        T = int(n[0])
+        out["frames_per_utterance"] = T
+        comp = student.compressor
+        t_comp = timeit(lambda: comp(feats, n, rate=0.5), args.repeats)
+        t_student_05 = timeit(lambda: student(wav, L, rate=0.5, with_heads=False), args.repeats)
+        t_student_1 = timeit(lambda: student(wav, L, rate=1.0, with_heads=False), args.repeats)
+        t_teacher = timeit(lambda: teacher.extract_features(wav), args.repeats)
+        t_teacher_ours = timeit(lambda: ours_teacher(wav, L), args.repeats)
+        t_cnn = timeit(lambda: student.cnn_features(wav, L), args.repeats)
+        rates = {}
+        for r in (1.0, 0.5, 0.25):
+            t_enc = timeit(lambda: student.encode(feats, n, rate=r), args.repeats)
+            rates[str(r)] = {"encode_s": round(t_enc, 4)}
+        base = rates["1.0"]["encode_s"]
+        for r in rates:
+            rates[r]["encode_rel_to_rate1"] = round(rates[r]["encode_s"] / base, 3)
+            rates[r]["forward_rel_to_rate1"] = round((t_cnn + rates[r]["encode_s"]) / (t_cnn + base), 3)
+
+        ref = student(wav, L, rate=0.5, with_heads=False).hidden.states[:, :, -1].float()
+
+        def bf16() -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return student(wav, L, rate=0.5, with_heads=False).hidden.states[:, :, -1]
+
+        t_bf16 = timeit(bf16, args.repeats)
+        cos = torch.nn.functional.cosine_similarity(bf16().float().flatten(0, 1), ref.flatten(0, 1), dim=-1)
+
+    out["cif_overhead"] = {
+        "compressor_s": round(t_comp, 4), "student_forward_rate0.5_s": round(t_student_05, 4),
+        "ratio": round(t_comp / t_student_05, 4), "target": "<= 0.03",
+    }
+    out["student_vs_teacher"] = {
+        "student_rate1_s": round(t_student_1, 4), "teacher_hubert_base_s": round(t_teacher, 4),
+        "student_speedup": round(t_teacher / t_student_1, 3),
+        "teacher_via_ofactl_s": round(t_teacher_ours, 4),
+        "student_speedup_vs_ofactl_teacher": round(t_teacher_ours / t_student_1, 3),
+        "student_audio_s_per_s": round(B * args.seconds / t_student_1, 2), "target": ">= 2.0",
+    }
+    out["rate_scaling"] = {"cnn_s": round(t_cnn, 4), "rates": rates}
+    out["cpu_bf16"] = {
+        "fp32_s": round(t_student_05, 4), "bf16_s": round(t_bf16, 4),
+        "speedup": round(t_student_05 / t_bf16, 3),
+        "cosine_last_layer_mean": round(float(cos.mean()), 5), "cosine_last_layer_min": round(float(cos.min()), 5),
+        "target": "cosine >= 0.99",
+    }
+    emit(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Self-describing, atomic student checkpoints.
+
+A checkpoint is a ``torch.save`` of tensors and plain containers only, so it loads with
+``weights_only=True``::
+
+    {"format": "ofactl-student", "format_version": 1, "ofactl_version": "0.1.0",
+     "student": {...StudentConfig...}, "state_dict": {...}, "alpha_mean": 0.31,
+     "step": 1200, "teacher": {...}, "train_state": {...optimizer, scheduler, RNG...}}
+
+Writes go to a temporary file in the same folder, are fsynced, then renamed over the target,
+so a crash never leaves a half-written checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ofactl import __version__
+from ofactl.config import build_config, to_dict
+from ofactl.errors import CheckpointError, ConfigError
+
+FORMAT = "ofactl-student"
+FORMAT_VERSION = 1
+
+
+def atomic_torch_save(obj: Any, path: Path) -> Path:
+    """torch.save to ``path`` via a same-folder temp file + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    return path
+
+
+def save_student(path: Path, student: Any, *, step: int = 0, teacher: dict[str, Any] | None = None,
+                 train_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "ofactl_version": __version__,
+        "student": to_dict(student.cfg),
+        "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+        "alpha_mean": student.alpha_mean,
+        "step": int(step),
+        "teacher": teacher or {},
+        "train_state": train_state or {},
+        "extra": extra or {},
+    }
+    return atomic_torch_save(payload, path)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and check a student checkpoint's payload (weights_only=True)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p}: empty file, not a checkpoint")
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{p}: not an ofactl student checkpoint (it holds pickled objects)") from None
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{p}: corrupt or truncated checkpoint ({msg})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        keys = ", ".join(sorted(map(str, obj))[:6]) if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{p}: not an ofactl student checkpoint (found: {keys}); "
+                              "teachers go to --teacher, students come from 'ofactl distill'")
+    ver = obj.get("format_version")
+    if ver != FORMAT_VERSION:
+        raise CheckpointError(f"{p}: checkpoint format version {ver}, this ofactl reads {FORMAT_VERSION}")
+    return obj
+
+
+def load_student(path: Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
+    """Rebuild the student from a checkpoint alone; returns (student in eval mode, payload)."""
+    from ofactl.model.student import Student, StudentConfig
+
+    obj = read_checkpoint(path)
+    try:
+        cfg = build_config(StudentConfig, obj["student"], source=f"{path} (student config)")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    student = Student(cfg)
+    try:
+        student.load_state_dict(obj["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the stored architecture ({str(e).splitlines()[0]})") from None
+    return student.to(device).eval(), obj
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_checkpoint(path: Path) -> dict[str, Any]:
+    """What ``ofactl info student.pt`` prints."""
+    obj = read_checkpoint(path)
+    cfg = obj["student"]
+    arch = cfg.get("arch", {})
+    n_params = sum(v.numel() for v in obj["state_dict"].values())
+    return {
+        "path": str(path),
+        "kind": "student checkpoint",
+        "ofactl_version": obj.get("ofactl_version"),
+        "format_version": obj.get("format_version"),
+        "sha256": file_sha256(Path(path)),
+        "step": obj.get("step"),
+        "compressor": cfg.get("compressor"),
+        "alpha_mean": round(float(obj.get("alpha_mean", float("nan"))), 4),
+        "layers": arch.get("num_layers"),
+        "dim": arch.get("embed_dim"),
+        "hidden_states": (arch.get("num_layers") or 0) + 1,
+        "parameters": n_params,
+        "pred_layers": cfg.get("pred_layers"),
+        "teacher": {k: v for k, v in obj.get("teacher", {}).items() if k != "arch"},
+    }

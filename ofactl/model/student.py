@@ -1,0 +1,196 @@
+"""DistilHuBERT-shaped once-for-all student.
+
+    wav (B, N) -> HuBERT CNN -> LayerNorm -> compressor(rate) -> projection
+        -> conv positional embedding -> N transformer layers -> prediction heads
+
+The compressor sits on the 512-d CNN output, before the projection, so every transformer
+layer (and every downstream model) runs at the compressed rate. Hidden states are the
+projection output plus each transformer layer: L = N + 1 states of width D.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torchaudio.models.wav2vec2.components import GradMultiply
+
+from ofactl.errors import ModelError
+from ofactl.model.blocks import (HubertArch, Hidden, build_cnn, build_encoder, cnn_forward,
+                                 transformer_states)
+from ofactl.model.compress import Compressed, Compressor, length_mask
+
+TINY_CONV: tuple[tuple[int, int, int], ...] = ((64, 10, 5),) + ((64, 3, 2),) * 4 + ((64, 2, 2),) * 2
+
+
+@dataclass
+class StudentConfig:
+    """Student architecture. ``arch.num_layers`` transformer layers (2 for DistilHuBERT).
+
+    pred_layers: teacher hidden-state indices the heads predict (0 = teacher input to layer 1);
+    teacher_dim: width of those targets; compressor: cif (once-for-all), avgpool (fixed-rate
+    baseline) or none.
+    """
+
+    arch: HubertArch = field(default_factory=lambda: HubertArch(num_layers=2))
+    compressor: str = "cif"
+    alpha_kernel: int = 5
+    pred_layers: tuple[int, ...] = (4, 8, 12)
+    teacher_dim: int = 768
+    feature_grad_mult: float = 0.1
+
+    def validate(self) -> None:
+        self.arch.validate()
+        if self.compressor not in ("cif", "avgpool", "none"):
+            raise ValueError(f"compressor must be cif, avgpool or none, got {self.compressor!r}")
+        if not self.pred_layers:
+            raise ValueError("pred_layers is empty")
+        if self.arch.num_layers < 1:
+            raise ValueError("the student needs at least one transformer layer")
+
+
+def student_config(size: str) -> StudentConfig:
+    """Named sizes: ``base`` (DistilHuBERT: 768-d, 12 heads, FFN 3072, 2 layers, heads for teacher
+    layers 4/8/12) and ``tiny`` (64-d, CPU tests in seconds, predicting a random:tiny teacher)."""
+    if size == "base":
+        return StudentConfig()
+    if size == "tiny":
+        arch = HubertArch(conv_layers=TINY_CONV, embed_dim=64, num_layers=2, num_heads=2, ffn_dim=128,
+                          pos_conv_kernel=16, pos_conv_groups=4)
+        return StudentConfig(arch=arch, pred_layers=(2, 4), teacher_dim=64, alpha_kernel=5)
+    raise ModelError(f"unknown student size '{size}' (expected base or tiny)")
+
+
+class PredictionHeads(nn.Module):
+    """Linear(D, D*H) -> GELU -> H separate Linear(D, Dt): (B, T, D) -> (B, T, H, Dt)."""
+
+    def __init__(self, dim: int, out_dim: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.expand = nn.Linear(dim, dim * n_heads)
+        self.weight = nn.Parameter(torch.empty(n_heads, dim, out_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads, out_dim))
+        for h in range(n_heads):
+            nn.init.kaiming_uniform_(self.weight.data[h].T, a=5**0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        h = nn.functional.gelu(self.expand(x)).view(B, T, self.n_heads, D)
+        return torch.einsum("bthd,hdo->btho", h, self.weight) + self.bias
+
+
+@dataclass
+class StudentOutput:
+    """hidden: (B, T', L, D) with lengths; pred: (B, T', H, Dt) head outputs or None;
+    compressed: the compressor's result (plan, alpha) for losses; cnn_lengths: (B,) frames S."""
+
+    hidden: Hidden
+    pred: Tensor | None
+    compressed: Compressed
+    cnn_lengths: Tensor
+
+
+class Student(nn.Module):
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.cnn = build_cnn(cfg.arch)
+        enc = build_encoder(cfg.arch)
+        self.feature_projection = enc.feature_projection  # layer_norm -> projection -> dropout
+        self.transformer = enc.transformer
+        self.compressor = Compressor(cfg.arch.cnn_dim, cfg.compressor, cfg.alpha_kernel)
+        self.heads = PredictionHeads(cfg.arch.embed_dim, cfg.teacher_dim, len(cfg.pred_layers))
+
+    @property
+    def num_hidden(self) -> int:
+        return self.cfg.arch.num_layers + 1
+
+    @property
+    def alpha_mean(self) -> float:
+        return float(self.compressor.alpha_mean)
+
+    # ------------------------------------------------------------------ stages
+    def cnn_features(self, wav: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, N) samples -> layer-normed CNN features (B, S, C) and frame lengths (B,)."""
+        x, n = cnn_forward(self.cnn, wav, lengths)
+        if self.training and self.cfg.feature_grad_mult != 1.0:
+            x = GradMultiply.apply(x, self.cfg.feature_grad_mult)
+        return self.feature_projection.layer_norm(x), n
+
+    def encode(
+        self,
+        feats: Tensor,
+        lengths: Tensor,
+        rate: Tensor | float | None = 1.0,
+        lam: Tensor | None = None,
+        exact: bool = True,
+    ) -> tuple[Hidden, Compressed]:
+        """Compress CNN features and run the transformer: hidden states (B, T', L, D)."""
+        comp = self.compressor(feats, lengths, rate=rate, lam=lam, exact=exact)
+        x = self.feature_projection.dropout(self.feature_projection.projection(comp.x))
+        x = x * length_mask(comp.lengths, x.shape[1])[..., None].to(x.dtype)
+        states = [x] + transformer_states(self.transformer, x, comp.lengths)[1:]
+        return Hidden(torch.stack(states, dim=2), comp.lengths), comp
+
+    def forward(
+        self,
+        wav: Tensor,
+        lengths: Tensor,
+        rate: Tensor | float | None = 1.0,
+        lam: Tensor | None = None,
+        exact: bool = True,
+        with_heads: bool = True,
+    ) -> StudentOutput:
+        """wav (B, N) float at 16 kHz with sample lengths (B,); ``rate`` float or (B,) per utterance."""
+        feats, n = self.cnn_features(wav, lengths)
+        hidden, comp = self.encode(feats, n, rate=rate, lam=lam, exact=exact)
+        pred = self.heads(hidden.states[:, :, -1]) if with_heads else None
+        return StudentOutput(hidden, pred, comp, n)
+
+    @torch.no_grad()
+    def features(
+        self,
+        wav: Tensor,
+        lengths: Tensor,
+        rates: Sequence[float],
+        exact: bool = True,
+        layers: Sequence[int] | None = None,
+    ) -> dict[float, Hidden]:
+        """Hidden states at several rates; the CNN (most of the compute) runs once."""
+        feats, n = self.cnn_features(wav, lengths)
+        out: dict[float, Hidden] = {}
+        for r in rates:
+            hidden, comp = self.encode(feats, n, rate=float(r), exact=exact)
+            states = hidden.states if layers is None else hidden.states[:, :, list(layers)]
+            out[float(r)] = Hidden(states, hidden.lengths)
+        return out
+
+    # ------------------------------------------------------------------ init
+    def init_from_teacher(self, teacher: nn.Module) -> list[str]:
+        """Copy the teacher's CNN, projection, positional conv and first layers (DistilHuBERT
+        init). Returns the copied parameter names; shapes must match."""
+        src = teacher.model.state_dict()  # torchaudio Wav2Vec2Model keys
+        mapping = {}
+        for k in self.cnn.state_dict():
+            mapping[f"cnn.{k}"] = f"feature_extractor.{k}"
+        for k in self.feature_projection.state_dict():
+            mapping[f"feature_projection.{k}"] = f"encoder.feature_projection.{k}"
+        for k in self.transformer.state_dict():
+            mapping[f"transformer.{k}"] = f"encoder.transformer.{k}"
+        own = self.state_dict()
+        copied = []
+        for dst, s in mapping.items():
+            if s not in src:
+                raise ModelError(f"teacher has no parameter {s} to initialise {dst}")
+            if src[s].shape != own[dst].shape:
+                raise ModelError(
+                    f"cannot initialise the student from this teacher: {dst} is {list(own[dst].shape)}, "
+                    f"the teacher's {s} is {list(src[s].shape)}")
+            own[dst] = src[s].detach().clone()
+            copied.append(dst)
+        self.load_state_dict(own)
+        return copied

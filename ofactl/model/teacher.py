@@ -1,0 +1,390 @@
+"""Frozen HuBERT-family teachers from local files; never downloads.
+
+Accepted ``--teacher`` values:
+
+- ``random:tiny`` / ``random:base``: an untrained model of that shape (only when named);
+- a torchaudio state dict (``hubert_base``-style keys) in a ``.pt``/``.pth``/``.safetensors``
+  file, loaded with ``weights_only=True``; optionally ``{"state_dict": ..., "config": {...}}``;
+- a HuggingFace ``HubertModel``/``Wav2Vec2Model`` folder (``config.json`` and
+  ``model.safetensors`` or ``pytorch_model.bin``, with or without a ``hubert.`` prefix);
+- a fairseq HuBERT / wav2vec 2.0 ``.pt`` checkpoint, read without fairseq installed. It is a
+  pickle, so it loads only with ``trust=True`` (``--trust-checkpoint``); the architecture comes
+  from the checkpoint's own config.
+
+All are converted to torchaudio's ``Wav2Vec2Model`` layout and return every hidden state:
+L + 1 states (the transformer input, then each layer), as HuggingFace's ``output_hidden_states``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import pickle
+import re
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torchaudio.models import Wav2Vec2Model
+
+from ofactl.errors import CheckpointError
+from ofactl.model.blocks import (HubertArch, Hidden, build_cnn, build_encoder, cnn_forward,
+                                 normalize_waveform, transformer_states)
+from ofactl.model.student import TINY_CONV
+
+ACCEPTED = ("random:tiny, random:base, a torchaudio state dict (.pt/.pth/.safetensors), a "
+            "HuggingFace HubertModel/Wav2Vec2Model folder (config.json + weights), or a fairseq "
+            "HuBERT/wav2vec 2.0 .pt checkpoint (with --trust-checkpoint)")
+
+RANDOM_ARCHS = {
+    "tiny": HubertArch(conv_layers=TINY_CONV, embed_dim=64, num_layers=4, num_heads=2, ffn_dim=128,
+                       pos_conv_kernel=16, pos_conv_groups=4),
+    "base": HubertArch(),
+}
+
+
+class Teacher(nn.Module):
+    """A frozen HuBERT-family encoder (torchaudio modules) with a description of its source."""
+
+    def __init__(self, arch: HubertArch, source: str = "", fingerprint: str = "", fmt: str = "") -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = Wav2Vec2Model(build_cnn(arch), build_encoder(arch), aux=None)
+        self.source, self.fingerprint, self.format = source, fingerprint, fmt
+
+    @property
+    def num_hidden(self) -> int:
+        return self.arch.num_layers + 1
+
+    def freeze(self) -> "Teacher":
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    @torch.no_grad()
+    def forward(self, wav: Tensor, lengths: Tensor) -> Hidden:
+        """(B, N) 16 kHz samples with lengths -> hidden states (B, T, L+1, D) with lengths."""
+        if self.arch.normalize_waveform:
+            wav = normalize_waveform(wav, lengths)
+        x, n = cnn_forward(self.model.feature_extractor, wav, lengths)
+        x = self.model.encoder.feature_projection(x)
+        states = transformer_states(self.model.encoder.transformer, x, n)
+        return Hidden(torch.stack(states, dim=2), n)
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "format": self.format, "fingerprint": self.fingerprint,
+                "arch": asdict(self.arch)}
+
+
+# ----------------------------------------------------------------------------- dispatch
+def load_teacher(spec: str | Path, trust: bool = False, seed: int = 0) -> Teacher:
+    """Load a teacher from ``spec`` (see module docstring); frozen, in eval mode."""
+    s = str(spec)
+    if s.startswith("random:"):
+        name = s.split(":", 1)[1]
+        if name not in RANDOM_ARCHS:
+            raise CheckpointError(f"unknown random teacher '{s}'; accepted: {ACCEPTED}")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            t = Teacher(RANDOM_ARCHS[name], s, f"{s}#seed={seed}", "random")
+        return t.freeze()
+    p = Path(s)
+    if not p.exists():
+        raise CheckpointError(f"teacher not found: {p}; accepted: {ACCEPTED}")
+    if p.is_dir():
+        return _load_hf_dir(p).freeze()
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(p))
+        except Exception as e:
+            raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
+        return _from_state_dict(sd, None, p).freeze()
+    obj = _torch_load(p, trust)
+    return _from_object(obj, p).freeze()
+
+
+def file_fingerprint(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- pickle handling
+class _Stub:
+    """Stands in for fairseq / omegaconf classes inside a trusted checkpoint."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._args = args
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["_state"] = state
+
+
+_STUB_ROOTS = ("fairseq", "omegaconf", "hydra")
+
+
+class _TrustedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module.split(".")[0] in _STUB_ROOTS:
+            return type(name, (_Stub,), {"__module__": module})
+        return super().find_class(module, name)
+
+
+_SHIM = types.ModuleType("ofactl_trusted_pickle")
+_SHIM.Unpickler = _TrustedUnpickler  # type: ignore[attr-defined]
+_SHIM.load = pickle.load  # type: ignore[attr-defined]
+_SHIM.__dict__["UnpicklingError"] = pickle.UnpicklingError
+
+
+def _torch_load(p: Path, trust: bool) -> Any:
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust:
+            hint = " (a fairseq checkpoint)" if "fairseq" in str(e) else ""
+            raise CheckpointError(
+                f"{p} is a pickle checkpoint{hint} that may run code when loaded; pass "
+                f"--trust-checkpoint if you trust its source") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{p}: corrupt or truncated checkpoint ({_short(e)}); accepted: {ACCEPTED}") from None
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=False, pickle_module=_SHIM)
+    except Exception as e:
+        raise CheckpointError(f"{p}: cannot read checkpoint ({_short(e)})") from None
+
+
+def _short(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+# ----------------------------------------------------------------------------- formats
+def _from_object(obj: Any, p: Path) -> Teacher:
+    if isinstance(obj, dict) and "model" in obj and ("cfg" in obj or "args" in obj):
+        return _from_fairseq(obj, p)
+    if isinstance(obj, dict) and obj.get("format") == "ofactl-student":
+        raise CheckpointError(f"{p} is an ofactl student checkpoint, not a HuBERT teacher; accepted: {ACCEPTED}")
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        return _from_state_dict(obj["state_dict"], obj.get("config"), p)
+    if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return _from_state_dict(obj, None, p)
+    raise CheckpointError(f"{p}: unrecognised checkpoint contents; accepted: {ACCEPTED}")
+
+
+def _from_state_dict(sd: dict[str, Tensor], config: dict[str, Any] | None, p: Path) -> Teacher:
+    """torchaudio-keyed, or HF-keyed (converted) state dict; architecture inferred from shapes."""
+    if any(k.startswith("encoder.layers.") or k.startswith("hubert.") for k in sd):
+        sd = _hf_to_torchaudio(sd, feat_proj_layer_norm=any("feature_projection.layer_norm" in k for k in sd))
+    if "feature_extractor.conv_layers.0.conv.weight" not in sd:
+        raise CheckpointError(f"{p}: no HuBERT CNN weights (feature_extractor.conv_layers.0.conv.weight); accepted: {ACCEPTED}")
+    arch = _infer_arch(sd, p)
+    if config:
+        try:
+            arch = HubertArch(**{**asdict(arch), **config})
+        except TypeError as e:
+            raise CheckpointError(f"{p}: bad 'config' entry ({e})") from None
+    return _build(arch, sd, p, "torchaudio", file_fingerprint(p))
+
+
+_KERNEL_STRIDE = {10: 5, 3: 2, 2: 2}
+
+
+def _infer_arch(sd: dict[str, Tensor], p: Path) -> HubertArch:
+    convs = []
+    i = 0
+    while f"feature_extractor.conv_layers.{i}.conv.weight" in sd:
+        out_c, _, k = sd[f"feature_extractor.conv_layers.{i}.conv.weight"].shape
+        if k not in _KERNEL_STRIDE:
+            raise CheckpointError(f"{p}: conv layer {i} has kernel {k}; give the strides in a 'config' entry")
+        convs.append((int(out_c), int(k), _KERNEL_STRIDE[int(k)]))
+        i += 1
+    n_layers = 0
+    while f"encoder.transformer.layers.{n_layers}.attention.q_proj.weight" in sd:
+        n_layers += 1
+    if n_layers == 0:
+        raise CheckpointError(f"{p}: no transformer layers found; accepted: {ACCEPTED}")
+    dim = int(sd["encoder.feature_projection.projection.weight"].shape[0])
+    v = sd.get("encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original1")
+    if v is None:
+        raise CheckpointError(f"{p}: no positional convolution weights found")
+    layer_mode = "feature_extractor.conv_layers.1.layer_norm.weight" in sd
+    return HubertArch(
+        conv_layers=tuple(convs), conv_norm="layer_norm" if layer_mode else "group_norm",
+        conv_bias="feature_extractor.conv_layers.0.conv.bias" in sd, embed_dim=dim,
+        num_layers=n_layers, num_heads=max(1, dim // 64),
+        ffn_dim=int(sd["encoder.transformer.layers.0.feed_forward.intermediate_dense.weight"].shape[0]),
+        pos_conv_kernel=int(v.shape[2]), pos_conv_groups=int(dim // v.shape[1]),
+        layer_norm_first=layer_mode,
+    )
+
+
+def _build(arch: HubertArch, sd: dict[str, Tensor], p: Path | str, fmt: str, fp: str) -> Teacher:
+    t = Teacher(arch, str(p), fp, fmt)
+    sd = _legacy_weight_norm(sd)
+    own = t.model.state_dict()
+    missing = [k for k in own if k not in sd]
+    if missing == ["encoder.feature_projection.layer_norm.weight", "encoder.feature_projection.layer_norm.bias"]:
+        # HF HubertModel with feat_proj_layer_norm=False: an identity layer norm is exact only
+        # approximately, so say so rather than pretend.
+        raise CheckpointError(f"{p}: models without a feature-projection layer norm are not supported")
+    if missing:
+        raise CheckpointError(f"{p}: checkpoint lacks {len(missing)} weight(s) the architecture needs, e.g. {missing[0]}")
+    bad = [k for k in own if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(f"{p}: {k} has shape {list(sd[k].shape)}, the architecture expects {list(own[k].shape)}")
+    t.model.load_state_dict({k: sd[k].float() for k in own})
+    return t
+
+
+def _legacy_weight_norm(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """weight_g/weight_v (old weight_norm) -> parametrizations.weight.original0/1."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("pos_conv_embed.conv.weight_g", "pos_conv_embed.conv.parametrizations.weight.original0")
+        k = k.replace("pos_conv_embed.conv.weight_v", "pos_conv_embed.conv.parametrizations.weight.original1")
+        out[k] = v
+    return out
+
+
+def _hf_to_torchaudio(sd: dict[str, Tensor], feat_proj_layer_norm: bool = True) -> dict[str, Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("hubert.", "wav2vec2."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k.startswith("feature_projection."):
+            k = "encoder." + k
+        elif k.startswith("encoder.") and not k.startswith("encoder.transformer."):
+            k = "encoder.transformer." + k[len("encoder."):]
+        elif not k.startswith("feature_extractor."):
+            continue  # masked_spec_embed, lm_head, quantizer ...
+        out[k] = v
+    return out
+
+
+def _load_hf_dir(p: Path) -> Teacher:
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{p}: folder has no config.json, so it is not a HuggingFace model; accepted: {ACCEPTED}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: unreadable ({e})") from None
+    weights = [w for w in (p / "model.safetensors", p / "pytorch_model.bin") if w.is_file()]
+    if not weights:
+        raise CheckpointError(f"{p}: no model.safetensors or pytorch_model.bin next to config.json")
+    w = weights[0]
+    if w.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(w))
+    else:
+        sd = _torch_load(w, trust=False)
+    model_type = cfg.get("model_type", "")
+    if model_type not in ("hubert", "wav2vec2"):
+        raise CheckpointError(f"{cfg_path}: model_type {model_type!r}; accepted HuggingFace types: hubert, wav2vec2")
+    try:
+        arch = HubertArch(
+            conv_layers=tuple((int(c), int(k), int(s)) for c, k, s in zip(cfg["conv_dim"], cfg["conv_kernel"], cfg["conv_stride"])),
+            conv_norm="layer_norm" if cfg.get("feat_extract_norm", "group") == "layer" else "group_norm",
+            conv_bias=bool(cfg.get("conv_bias", False)),
+            embed_dim=int(cfg["hidden_size"]), num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=int(cfg["num_attention_heads"]), ffn_dim=int(cfg["intermediate_size"]),
+            pos_conv_kernel=int(cfg.get("num_conv_pos_embeddings", 128)),
+            pos_conv_groups=int(cfg.get("num_conv_pos_embedding_groups", 16)),
+            layer_norm_first=bool(cfg.get("do_stable_layer_norm", False)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: missing or invalid field {e}") from None
+    sd = _hf_to_torchaudio(sd, cfg.get("feat_proj_layer_norm", True))
+    return _build(arch, sd, p, "huggingface", file_fingerprint(cfg_path, w))
+
+
+def parse_conv_layers(spec: str) -> tuple[tuple[int, int, int], ...]:
+    """fairseq ``conv_feature_layers``: "[(512,10,5)] + [(512,3,2)] * 4" -> tuples (no eval)."""
+    out: list[tuple[int, int, int]] = []
+    for term in spec.split("+"):
+        m = re.fullmatch(r"\s*(\[.*\])\s*(?:\*\s*(\d+))?\s*", term)
+        if not m:
+            raise CheckpointError(f"cannot parse conv_feature_layers {spec!r}")
+        try:
+            items = ast.literal_eval(m.group(1))
+        except (ValueError, SyntaxError):
+            raise CheckpointError(f"cannot parse conv_feature_layers {spec!r}") from None
+        out.extend([tuple(int(v) for v in it) for it in items] * int(m.group(2) or 1))  # type: ignore[misc]
+    return tuple(out)  # type: ignore[return-value]
+
+
+_FAIRSEQ_RULES = [
+    (r"^feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)$", r"feature_extractor.conv_layers.\1.conv.\2"),
+    (r"^feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)$", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
+    (r"^feature_extractor\.conv_layers\.0\.2\.(weight|bias)$", r"feature_extractor.conv_layers.0.layer_norm.\1"),
+    (r"^post_extract_proj\.(weight|bias)$", r"encoder.feature_projection.projection.\1"),
+    (r"^layer_norm\.(weight|bias)$", r"encoder.feature_projection.layer_norm.\1"),
+    (r"^encoder\.pos_conv\.0\.(.+)$", r"encoder.transformer.pos_conv_embed.conv.\1"),
+    (r"^encoder\.layer_norm\.(weight|bias)$", r"encoder.transformer.layer_norm.\1"),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.(q|k|v|out)_proj\.(weight|bias)$", r"encoder.transformer.layers.\1.attention.\2_proj.\3"),
+    (r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)$", r"encoder.transformer.layers.\1.layer_norm.\2"),
+    (r"^encoder\.layers\.(\d+)\.fc1\.(weight|bias)$", r"encoder.transformer.layers.\1.feed_forward.intermediate_dense.\2"),
+    (r"^encoder\.layers\.(\d+)\.fc2\.(weight|bias)$", r"encoder.transformer.layers.\1.feed_forward.output_dense.\2"),
+    (r"^encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)$", r"encoder.transformer.layers.\1.final_layer_norm.\2"),
+]
+
+
+def fairseq_to_torchaudio(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename fairseq HuBERT/wav2vec 2.0 keys; drops mask_emb, label_embs_concat, final_proj,
+    quantizer and other pre-training-only weights."""
+    out = {}
+    for k, v in sd.items():
+        for rx, rep in _FAIRSEQ_RULES:
+            if re.match(rx, k):
+                out[re.sub(rx, rep, k)] = v
+                break
+    return out
+
+
+def _cfg_get(obj: Any, key: str, default: Any = None) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+def _from_fairseq(ckpt: dict[str, Any], p: Path) -> Teacher:
+    cfg = ckpt.get("cfg")
+    model_cfg = _cfg_get(cfg, "model") if cfg is not None else ckpt.get("args")
+    task_cfg = _cfg_get(cfg, "task") if cfg is not None else ckpt.get("args")
+    if model_cfg is None:
+        raise CheckpointError(f"{p}: fairseq checkpoint without a model config (cfg.model or args)")
+    name = str(_cfg_get(model_cfg, "_name", _cfg_get(model_cfg, "arch", "")))
+    if name and not any(t in name for t in ("hubert", "wav2vec")):
+        raise CheckpointError(f"{p}: fairseq model '{name}' is not HuBERT or wav2vec 2.0")
+    g = lambda k, d: _cfg_get(model_cfg, k, d)  # noqa: E731
+    dim = int(g("encoder_embed_dim", 768))
+    arch = HubertArch(
+        conv_layers=parse_conv_layers(str(g("conv_feature_layers", "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"))),
+        conv_norm="layer_norm" if g("extractor_mode", "default") == "layer_norm" else "group_norm",
+        conv_bias=bool(g("conv_bias", False)), embed_dim=dim,
+        num_layers=int(g("encoder_layers", 12)), num_heads=int(g("encoder_attention_heads", 12)),
+        ffn_dim=int(g("encoder_ffn_embed_dim", 3072)), pos_conv_kernel=int(g("conv_pos", 128)),
+        pos_conv_groups=int(g("conv_pos_groups", 16)), layer_norm_first=bool(g("layer_norm_first", False)),
+        normalize_waveform=bool(_cfg_get(task_cfg, "normalize", False)) if task_cfg is not None else False,
+    )
+    sd = ckpt["model"]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{p}: fairseq 'model' entry is not a state dict")
+    return _build(arch, fairseq_to_torchaudio(sd), p, "fairseq", file_fingerprint(p))

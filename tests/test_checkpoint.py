@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ofactl.about import describe_path
+from ofactl.checkpoint import describe_checkpoint, load_student, read_checkpoint, save_student
+from ofactl.errors import CheckpointError
+from ofactl.model.student import Student, student_config
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    s = Student(student_config("tiny"))
+    s.compressor.alpha_mean.fill_(0.31)
+    return save_student(tmp_path / "student.pt", s, step=7, teacher={"source": "random:tiny"}), s
+
+
+def test_round_trip(ckpt):
+    path, s = ckpt
+    loaded, payload = load_student(path)
+    assert payload["step"] == 7 and loaded.alpha_mean == pytest.approx(0.31)
+    for k, v in s.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    wav = torch.randn(1, 8000)
+    L = torch.tensor([8000])
+    s.eval()
+    assert torch.equal(s(wav, L, rate=0.5).hidden.states, loaded(wav, L, rate=0.5).hidden.states)
+    assert not list(path.parent.glob(".*tmp*"))  # the atomic write left no temp file
+
+
+def test_describe(ckpt):
+    path, _ = ckpt
+    d = describe_checkpoint(path)
+    assert d["step"] == 7 and d["hidden_states"] == 3 and d["compressor"] == "cif"
+    assert len(d["sha256"]) == 64 and describe_path(path)["kind"] == "student checkpoint"
+
+
+def test_corrupt_truncated_and_foreign(ckpt, tmp_path):
+    path, _ = ckpt
+    data = path.read_bytes()
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="trunc.pt: corrupt or truncated"):
+        read_checkpoint(trunc)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty file"):
+        read_checkpoint(empty)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {"w": torch.zeros(1)}}, foreign)
+    with pytest.raises(CheckpointError, match="not an ofactl student checkpoint"):
+        read_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="not found"):
+        read_checkpoint(tmp_path / "missing.pt")
+
+
+def test_mismatched_weights(ckpt, tmp_path):
+    path, _ = ckpt
+    obj = read_checkpoint(path)
+    obj["student"]["arch"]["embed_dim"] = 32
+    obj["student"]["arch"]["pos_conv_groups"] = 4
+    bad = tmp_path / "bad.pt"
+    torch.save(obj, bad)
+    with pytest.raises(CheckpointError, match="do not match the stored architecture"):
+        load_student(bad)
+    obj["format_version"] = 99
+    torch.save(obj, bad)
+    with pytest.raises(CheckpointError, match="format version 99"):
+        read_checkpoint(bad)
