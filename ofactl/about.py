@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ofactl import __version__
-from ofactl.errors import NotAvailableError, OfactlError
+from ofactl.errors import OfactlError
 
 
 def environment() -> dict[str, Any]:
@@ -44,7 +44,9 @@ def describe_path(path: Path) -> dict[str, Any]:
     if not p.exists():
         raise OfactlError(f"{p}: no such file or folder")
     if p.is_dir() or p.suffix in (".zarr", ".h5", ".hdf5"):
-        raise NotAvailableError(f"{p}: describing feature stores is not available yet in ofactl {__version__}")
+        from ofactl.storage import describe_store
+
+        return describe_store(p)
     from ofactl.checkpoint import describe_checkpoint
 
     return describe_checkpoint(p)

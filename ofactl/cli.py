@@ -191,11 +191,85 @@ def distill(
 
 @app.command()
 def extract(
-    config: ConfigOpt = None, set_: SetOpt = None, as_json: JsonOpt = False,
-    quiet: QuietOpt = False, debug: DebugOpt = False,
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="Student checkpoint (student.pt from 'ofactl distill').")],
+    corpus: Annotated[str, typer.Option("--corpus", help="Folder, LibriSpeech tree, .tsv manifest, list file, or - for stdin.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Zarr store to create or complete (one group per rate).")] = Path("feats.zarr"),
+    rate: Annotated[Optional[list[float]], typer.Option("--rate", "-r", help="Rate in (0, 1]: output frames per 20 ms frame (repeatable).")] = None,
+    frame_ms: Annotated[Optional[list[float]], typer.Option("--frame-ms", help="Average frame period in ms (>= 20), instead of --rate (repeatable).")] = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="'all' or hidden-state indices, e.g. 0,2.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16 (default) or float32.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda[:N].")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = None,
+    batch_seconds: Annotated[Optional[float], typer.Option("--batch-seconds", help="Padded audio seconds per batch.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Audio decoding worker processes.")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="i/N: this process fills every N-th block, from i.")] = None,
+    on_error: Annotated[Optional[str], typer.Option("--on-error", help="fail (stop at the first bad file) or skip (record it and go on).")] = None,
+    adaptive_length: Annotated[bool, typer.Option("--adaptive-length", help="Content-dependent lengths instead of round(rate*T).")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="zarr, or hdf5 (kept in OUT.zarr while running, exported to OUT).")] = "zarr",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace groups made by another checkpoint, layer set or corpus.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
-    """Extract features at one or more rates into a Zarr store."""
-    _call(debug, lambda: _not_yet("extract"))
+    """Extract features at one or more rates into a Zarr store (CNN once per batch for all rates).
+
+    Reruns skip utterances already extracted; a killed run resumes where it stopped.
+    """
+    from ofactl.config import load_config
+    from ofactl.extract import ExtractConfig, parse_shard, run_extract
+
+    def go() -> Any:
+        overrides = list(set_ or [])
+        rates = list(rate or [])
+        if frame_ms:
+            from ofactl.model.compress import rate_from_frame_ms
+
+            rates += [rate_from_frame_ms(ms) for ms in frame_ms]
+        if rates:
+            overrides.append("rates=[" + ",".join(repr(float(r)) for r in rates) + "]")
+        for key, val in (("layers", layers), ("dtype", dtype), ("device", device), ("precision", precision),
+                         ("batch_seconds", batch_seconds), ("num_workers", workers), ("on_error", on_error)):
+            if val is not None:
+                overrides.append(f"{key}={val}")
+        if adaptive_length:
+            overrides.append("adaptive_length=true")
+        if fmt not in ("zarr", "hdf5"):
+            raise OfactlError(f"--format {fmt!r}: expected zarr or hdf5")
+        cfg = load_config(ExtractConfig, "extract", config, overrides)
+        store = out if fmt == "zarr" else Path(str(out) + ".zarr")
+        res = run_extract(cfg, ckpt, corpus, store, shard=parse_shard(shard), overwrite=overwrite,
+                          progress=_progress(quiet, as_json))
+        if fmt == "hdf5" and all(g.complete for g in res.groups):
+            from ofactl.storage.hdf5_export import export_hdf5
+
+            export_hdf5(store, out, [g.rate for g in res.groups])
+        return res
+
+    res = _call(debug, go)
+    if as_json:
+        _emit_json(res.to_json())
+    elif not quiet:
+        _print_extract(res)
+    if res.warnings and not quiet:
+        err_console.print(f"[yellow]warning:[/yellow] {res.warnings} input(s) skipped; see 'ofactl info {out}'")
+
+
+def _print_extract(res: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{res.store}", title_justify="left")
+    for col in ("group", "utts", "new", "reused", "skipped", "frames", "rate", "ms", "complete"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for g in res.groups:
+        t.add_row(g.group, str(g.utterances), str(g.written), str(g.reused), str(g.skipped), str(g.frames),
+                  f"{g.achieved_rate:.4f}" if g.achieved_rate else "-",
+                  f"{g.frame_period_ms:.1f}" if g.frame_period_ms else "-", "yes" if g.complete else "no")
+    err_console.print(t)
+    if res.wall_seconds:
+        err_console.print(f"{res.audio_seconds:.1f} s of audio in {res.wall_seconds:.1f} s "
+                          f"({res.audio_seconds / res.wall_seconds:.1f}x real time)", highlight=False)
 
 
 @app.command()
@@ -237,8 +311,25 @@ def info(
     if as_json:
         _emit_json(doc)
         return
-    out = Console()
+    out = Console(soft_wrap=True)
     for k, v in doc.items():
+        if k == "groups" and isinstance(v, list) and v:
+            from rich.table import Table
+
+            t = Table()
+            short = {"group": "group", "utterances": "utts", "done": "done", "frames": "frames",
+                     "achieved_rate": "rate", "frame_period_ms": "ms", "size_mb": "MB",
+                     "skipped_inputs": "skipped", "complete": "complete"}
+            cols = [c for c in short if c in v[0]]
+            for c in cols:
+                t.add_column(short[c], justify="right", no_wrap=True)
+            for g in v:
+                t.add_row(*[f"{g[c]:.4g}" if isinstance(g[c], float) else str(g[c]) for c in cols])
+            out.print(t)
+            extra = {c: v[0][c] for c in ("mode", "layers", "dim", "dtype", "student_sha256") if c in v[0]}
+            for c, val in extra.items():
+                out.print(f"[bold]{c}[/bold]: {val}", highlight=False)
+            continue
         if isinstance(v, (dict, list)):
             v = json.dumps(v, default=str)
         out.print(f"[bold]{k}[/bold]: {v}", highlight=False)

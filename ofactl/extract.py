@@ -1,0 +1,632 @@
+"""``ofactl extract``: features at one or more rates into a Zarr store, resumable and shardable.
+
+Pipeline: corpus -> length-sorted batches under a seconds budget -> audio decoded in DataLoader
+workers -> student CNN once per batch -> the rest of the student once per requested rate ->
+a writer thread that fills each rate's group in chunk-aligned blocks, marking an utterance done
+only after its frames are written.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+
+from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
+from ofactl.errors import AudioError, ConfigError, OfactlError, StoreError
+from ofactl.progress import NullProgress, Progress
+
+SR = 16000
+
+
+@dataclass
+class ExtractConfig:
+    """What to extract and how. ``rates`` are output frames per 20 ms frame (frame period
+    20/rate ms); ``layers`` is "all" or comma-separated hidden-state indices."""
+
+    rates: tuple[float, ...] = (1.0,)
+    layers: str = "all"
+    dtype: str = "float16"
+    device: str = "auto"
+    precision: str = "auto"
+    batch_seconds: float = 64.0
+    num_workers: int = 2
+    adaptive_length: bool = False
+    on_error: str = "fail"
+    block_utts: int = 256
+    chunk_frames: int = 1024
+    compress: str = "none"
+
+    def validate(self) -> None:
+        if not self.rates:
+            raise ValueError("give at least one rate")
+        for r in self.rates:
+            if not 0 < r <= 1:
+                raise ValueError(f"rate {r} is outside (0, 1] (use --frame-ms >= 20 for frame periods)")
+        if len({f"{r:.3f}" for r in self.rates}) != len(self.rates):
+            raise ValueError(f"rates {list(self.rates)} collide at 3 decimals (groups are named rate=0.500)")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.batch_seconds <= 0:
+            raise ValueError("batch_seconds must be > 0")
+        if self.on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be fail or skip, got {self.on_error!r}")
+        if self.compress not in ("none", "zstd"):
+            raise ValueError(f"compress must be none or zstd, got {self.compress!r}")
+        if self.block_utts < 1 or self.chunk_frames < 1 or self.num_workers < 0:
+            raise ValueError("block_utts and chunk_frames must be >= 1, num_workers >= 0")
+
+
+def parse_layers(spec: str, n_hidden: int) -> list[int]:
+    if spec.strip() == "all":
+        return list(range(n_hidden))
+    try:
+        layers = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--layers {spec!r}: expected 'all' or comma-separated integers like 0,2") from None
+    bad = [x for x in layers if not 0 <= x < n_hidden]
+    if bad or not layers or len(set(layers)) != len(layers):
+        raise ConfigError(f"--layers {spec!r}: the student has hidden states 0..{n_hidden - 1} (no repeats)")
+    return layers
+
+
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    if spec is None:
+        return None
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {spec!r}: expected i/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ConfigError(f"--shard {spec!r}: need 0 <= i < N")
+    return i, n
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+# ----------------------------------------------------------------------------- data loading
+@dataclass
+class Batch:
+    idx: list[int]  # store indices
+    wav: torch.Tensor  # (B, N) float32
+    lengths: torch.Tensor  # (B,)
+    errors: list[str]  # "" or the decoding error of each utterance
+
+
+class _BatchSource(torch.utils.data.Dataset):
+    """Decodes one planned batch per item (runs in DataLoader workers)."""
+
+    def __init__(self, plan: list[list[int]], utts: list[Utterance]) -> None:
+        self.plan, self.utts = plan, utts
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, k: int) -> Batch:
+        idx = self.plan[k]
+        wavs, errors = [], []
+        for i in idx:
+            u = self.utts[i]
+            try:
+                w = load_audio(u.path)
+                n = u.n_samples_16k  # the length planned from the header: keep them equal
+                w = w[:n] if len(w) >= n else torch.nn.functional.pad(w, (0, n - len(w)))
+                errors.append("")
+            except AudioError as e:
+                w = torch.zeros(0)
+                errors.append(str(e))
+            wavs.append(w)
+        lengths = torch.tensor([len(w) for w in wavs])
+        wav = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True) if wavs else torch.zeros(0, 0)
+        return Batch(idx, wav, lengths, errors)
+
+
+def _pin(b: Batch) -> Batch:
+    b.wav = b.wav.pin_memory()
+    return b
+
+
+def plan_batches(order: Sequence[int], n_samples: Sequence[int], budget_samples: int) -> list[list[int]]:
+    """Consecutive utterances whose padded size (count x longest) fits the budget (>= 1 each)."""
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in order:
+        n = int(n_samples[i])
+        if cur and max(longest, n) * (len(cur) + 1) > budget_samples:
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+# ----------------------------------------------------------------------------- writing
+@dataclass
+class _GroupState:
+    rate: float
+    group: Any  # FeatureGroup
+    reserve: np.ndarray
+    offsets: np.ndarray
+    adaptive: bool
+    block_utts: int
+    needed: set[int] = field(default_factory=set)
+    written: int = 0
+    skipped: int = 0
+    reused: int = 0
+    frames: int = 0
+
+
+class _BlockWriter:
+    """Buffers one group's utterances and writes them in large contiguous runs.
+
+    Exact mode writes each utterance at its preallocated offset; adaptive mode packs a block's
+    utterances from the block's start. Order of writes: frames, then lengths/offsets/errors,
+    then done flags, so a kill at any moment leaves only undone (recomputed) utterances.
+    """
+
+    def __init__(self, st: _GroupState, flush_frames: int) -> None:
+        self.st = st
+        self.flush_frames = flush_frames
+        self.pending: dict[int, tuple[np.ndarray | None, str]] = {}
+        self.pending_frames = 0
+        self.block = -1
+        self.cursor = 0  # adaptive: next free frame in the current block
+
+    def add(self, i: int, feats: np.ndarray | None, error: str) -> None:
+        b = i // self.st.block_utts
+        if b != self.block:
+            self.flush()
+            self.block = b
+            self.cursor = int(self.st.offsets[b * self.st.block_utts])
+        self.pending[i] = (feats, error)
+        self.pending_frames += 0 if feats is None else len(feats)
+        if self.pending_frames >= self.flush_frames:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        st, g = self.st, self.st.group
+        idx = sorted(self.pending)
+        offs = {}
+        for i in idx:
+            feats, _ = self.pending[i]
+            n = 0 if feats is None else len(feats)
+            if st.adaptive:
+                offs[i] = self.cursor
+                self.cursor += n
+            else:
+                offs[i] = int(st.offsets[i])
+                if n > st.reserve[i]:
+                    raise StoreError(f"internal: utterance {i} gave {n} frames, {st.reserve[i]} reserved")
+        # frames: merge utterances that are adjacent on disk into one write
+        run_start, run = None, []
+        for i in idx + [None]:  # type: ignore[list-item]
+            feats = None if i is None else self.pending[i][0]
+            if i is not None and feats is not None and len(feats) and run and offs[i] == run_start + sum(len(x) for x in run):
+                run.append(feats)
+                continue
+            if run:
+                g.write_frames(run_start, np.concatenate(run) if len(run) > 1 else run[0])
+            run, run_start = ([feats], offs[i]) if (i is not None and feats is not None and len(feats)) else ([], None)
+        # per-utterance arrays, one block range at a time (each block has a single owner)
+        lo, hi = idx[0], idx[-1] + 1
+        cur_len = np.asarray(g._g["lengths"][lo:hi])
+        cur_done = np.asarray(g._g["done"][lo:hi])
+        cur_err = [str(x) for x in g._g["error"][lo:hi]]
+        cur_off = np.asarray(g._g["offsets"][lo:hi]) if st.adaptive else None
+        for i in idx:
+            feats, err = self.pending[i]
+            n = 0 if feats is None else len(feats)
+            cur_len[i - lo] = n
+            cur_done[i - lo] = True
+            cur_err[i - lo] = err
+            if cur_off is not None:
+                cur_off[i - lo] = offs[i]
+            if err:
+                st.skipped += 1
+            else:
+                st.written += 1
+                st.frames += n
+        g.write_utt_arrays(lo, hi, lengths=cur_len, offsets=cur_off, error=cur_err, done=cur_done)
+        self.pending.clear()
+        self.pending_frames = 0
+
+
+class _Writer(threading.Thread):
+    """Consumes (rate, index, feats, error) items; disk I/O overlaps compute."""
+
+    def __init__(self, states: dict[float, _GroupState], flush_frames: int) -> None:
+        super().__init__(daemon=True, name="ofactl-writer")
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=8)
+        self.writers = {r: _BlockWriter(st, flush_frames) for r, st in states.items()}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            try:
+                if item is None:
+                    if self.error is None:
+                        for w in self.writers.values():
+                            w.flush()
+                elif self.error is None:
+                    for rate, i, feats, err in item:
+                        self.writers[rate].add(i, feats, err)
+            except BaseException as e:  # noqa: BLE001 - reported to the main thread
+                self.error = e
+            finally:
+                self.q.task_done()
+            if item is None:
+                return
+
+    def put(self, items: list[tuple[float, int, np.ndarray | None, str]]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(items)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+# ----------------------------------------------------------------------------- result
+@dataclass
+class GroupResult:
+    rate: float
+    group: str
+    utterances: int
+    written: int
+    reused: int
+    skipped: int
+    frames: int
+    complete: bool
+    achieved_rate: float | None
+    frame_period_ms: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ExtractResult:
+    store: Path
+    groups: list[GroupResult]
+    audio_seconds: float
+    wall_seconds: float
+    model_seconds: float
+    corpus_problems: dict[str, str]
+    shard: tuple[int, int] | None
+
+    @property
+    def warnings(self) -> int:
+        return sum(g.skipped for g in self.groups) + len(self.corpus_problems)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "store": str(self.store), "shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None,
+            "groups": [g.to_json() for g in self.groups], "audio_seconds": round(self.audio_seconds, 3),
+            "wall_seconds": round(self.wall_seconds, 3), "model_seconds": round(self.model_seconds, 3),
+            "realtime_factor": round(self.audio_seconds / self.wall_seconds, 2) if self.wall_seconds else None,
+            "skipped_inputs": len(self.corpus_problems) + sum(g.skipped for g in self.groups),
+        }
+
+
+# ----------------------------------------------------------------------------- main
+def run_extract(
+    cfg: ExtractConfig,
+    ckpt: Path,
+    corpus: str | Path | Corpus,
+    out: Path,
+    *,
+    shard: tuple[int, int] | None = None,
+    overwrite: bool = False,
+    stdin: TextIO | None = None,
+    progress: Progress | None = None,
+) -> ExtractResult:
+    """Extract features from a student checkpoint (see :func:`extract_with_student`)."""
+    from ofactl.checkpoint import file_sha256, load_student
+
+    student, _ = load_student(Path(ckpt))
+    return extract_with_student(cfg, student, file_sha256(Path(ckpt)), corpus, out, shard=shard,
+                                overwrite=overwrite, stdin=stdin, progress=progress, ckpt_path=str(ckpt))
+
+
+def extract_with_student(
+    cfg: ExtractConfig,
+    student: torch.nn.Module,
+    student_id: str,
+    corpus: str | Path | Corpus,
+    out: Path | None,
+    *,
+    shard: tuple[int, int] | None = None,
+    overwrite: bool = False,
+    stdin: TextIO | None = None,
+    progress: Progress | None = None,
+    ckpt_path: str = "",
+) -> ExtractResult:
+    """Extract with a student in memory; ``out=None`` runs the model and discards the features
+    (used to measure store overhead)."""
+    from ofactl.storage.lock import GroupLock
+    from ofactl.storage.zarr_store import FeatureStore, disk_free, make_layout, rate_key
+
+    progress = progress or NullProgress()
+    t_start = time.perf_counter()
+    if shard is not None and overwrite:
+        raise ConfigError("--overwrite cannot be combined with --shard: reset the store once without --shard")
+    if shard is not None and out is None:
+        raise ConfigError("--shard needs a store")
+    cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus, stdin=stdin, on_error=cfg.on_error)  # type: ignore[arg-type]
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
+    student = student.to(device).eval()
+    layers = parse_layers(cfg.layers, student.num_hidden)
+    arch = student.cfg.arch
+    hop = arch.hop
+
+    # Store order: sorted by length (ties by id) so batches and writes are sequential.
+    utts = sorted(cps.utterances, key=lambda u: (u.n_samples_16k, u.id))
+    n16 = np.array([u.n_samples_16k for u in utts], dtype=np.int64)
+    from ofactl.model.blocks import cnn_lengths
+
+    t_in = cnn_lengths(arch, torch.from_numpy(n16)).numpy()
+    too_short = [u for u, t in zip(utts, t_in) if t <= 0]
+    if too_short and cfg.on_error == "fail":
+        u = too_short[0]
+        raise AudioError(f"{u.path}: too short ({u.n_samples_16k} samples at 16 kHz; the CNN needs at least 400)")
+
+    states: dict[float, _GroupState] = {}
+    locks: list[Any] = []
+    store = None
+    try:
+        if out is not None:
+            store = FeatureStore(out, mode="a")
+            for rate in cfg.rates:
+                reserve = t_in if cfg.adaptive_length else _exact_lengths(t_in, rate)
+                layout = make_layout([u.id for u in utts], reserve, cfg.block_utts, cfg.chunk_frames)
+                attrs = _group_attrs(cfg, rate, layers, student, student_id, ckpt_path, cps, hop, t_in)
+                lock = GroupLock(Path(out), rate_key(rate), shard, progress)
+                lock.__enter__()
+                locks.append(lock)
+                grp = _open_or_create(store, rate, layout, attrs, cfg, shard, overwrite, len(layers),
+                                      arch.embed_dim, progress)
+                st = _GroupState(rate, grp, np.asarray(layout.reserve), np.asarray(layout.offsets),
+                                 cfg.adaptive_length, cfg.block_utts)
+                states[rate] = st
+
+        # What needs computing: owned blocks, utterances not done in some group. Batches are
+        # planned over each whole block, done or not, so a resumed or sharded run forms exactly
+        # the batches of a clean run (bitwise-identical features); fully done batches are skipped.
+        n_blocks = (len(utts) + cfg.block_utts - 1) // cfg.block_utts
+        owned = [b for b in range(n_blocks) if shard is None or b % shard[1] == shard[0]]
+        budget = int(cfg.batch_seconds * SR)
+        plan: list[list[int]] = []
+        for b in owned:
+            lo, hi = b * cfg.block_utts, min(len(utts), (b + 1) * cfg.block_utts)
+            for st in states.values():
+                done = st.group.done[lo:hi]
+                if st.adaptive and not done.all() and done.any():
+                    # Adaptive blocks are packed from their start: redo a partial block, clearing
+                    # its done flags first so a kill during the redo leaves nothing stale.
+                    done = np.zeros_like(done)
+                    st.group.write_utt_arrays(lo, hi, done=done)
+                st.needed.update(int(x) for x in lo + np.flatnonzero(~done))
+                st.reused += int(done.sum())
+            for batch in plan_batches(range(lo, hi), n16, budget):
+                if out is None or any(i in st.needed for st in states.values() for i in batch):
+                    plan.append(batch)
+        todo = [i for batch in plan for i in batch]
+        if out is not None:
+            _check_disk(out, states, cfg, disk_free(Path(out)))
+        for st in states.values():
+            if st.reused:
+                progress.log(f"{rate_key(st.rate)}: reusing {st.reused} utterance(s) already in the store")
+
+        audio_s = float(n16[todo].sum()) / SR if todo else 0.0
+        model_s = _run_batches(plan, utts, t_in, states, cfg, student, device, amp, layers, progress,
+                               discard=out is None)
+    finally:
+        for lock in reversed(locks):
+            lock.__exit__(None, None, None)
+
+    results = []
+    for rate, st in states.items():
+        results.append(_finalize(st, utts, t_in, cps.problems))
+    return ExtractResult(Path(out) if out else Path(), results, audio_s, time.perf_counter() - t_start,
+                         model_s, dict(cps.problems), shard)
+
+
+def _exact_lengths(t_in: np.ndarray, rate: float) -> np.ndarray:
+    n = np.floor(t_in.astype(np.float64) * rate + 0.5).astype(np.int64)
+    return np.where(t_in > 0, np.clip(n, 1, None), 0)
+
+
+def _group_attrs(cfg: ExtractConfig, rate: float, layers: list[int], student: Any, student_id: str,
+                 ckpt_path: str, cps: Corpus, hop: int, t_in: np.ndarray) -> dict[str, Any]:
+    return {
+        "requested_rate": float(rate), "frame_period_ms": round(1000 * hop / SR / rate, 4),
+        "stride_samples": hop / rate, "sample_rate": SR, "input_frame_ms": 1000 * hop / SR,
+        "mode": "adaptive" if cfg.adaptive_length else "exact", "layers": layers,
+        "n_layers": len(layers), "dim": int(student.cfg.arch.embed_dim), "dtype": cfg.dtype,
+        "student_sha256": student_id, "student_path": ckpt_path, "alpha_mean": student.alpha_mean,
+        "corpus_fingerprint": cps.fingerprint(), "corpus": cps.source, "n_utts": len(cps),
+        "input_frames": int(t_in.sum()), "corpus_errors": dict(cps.problems),
+    }
+
+
+_MUST_MATCH = ("student_sha256", "layers", "dtype", "mode", "corpus_fingerprint", "block_utts", "chunk_frames")
+
+
+def _open_or_create(store: Any, rate: float, layout: Any, attrs: dict[str, Any], cfg: ExtractConfig,
+                    shard: tuple[int, int] | None, overwrite: bool, n_layers: int, dim: int,
+                    progress: Progress) -> Any:
+    from ofactl.storage.zarr_store import rate_key
+
+    name = rate_key(rate)
+    if store.has(rate):
+        grp = store.group(rate)
+        a = grp.attrs
+        want = {**attrs, "block_utts": cfg.block_utts, "chunk_frames": cfg.chunk_frames}
+        diff = [k for k in _MUST_MATCH if a.get(k) != want.get(k)]
+        if diff and not overwrite:
+            what = {"student_sha256": "another checkpoint", "layers": "another layer set",
+                    "corpus_fingerprint": "another corpus"}.get(diff[0], f"another {diff[0]}")
+            raise StoreError(f"{store.path}/{name} was made with {what} ({diff[0]}: {a.get(diff[0])!r} vs "
+                             f"{want.get(diff[0])!r}); pass --overwrite to replace it or use another --out")
+        if not diff:
+            return grp
+        progress.log(f"replacing {name} in {store.path} (--overwrite)")
+        store.delete_group(rate)
+    elif shard is not None and shard[0] != 0:
+        return _wait_for_group(store, rate, progress)
+    return store.create_group(rate, layout, n_layers, dim, cfg.dtype, attrs, cfg.compress)
+
+
+def _wait_for_group(store: Any, rate: float, progress: Progress, timeout: float = 600.0) -> Any:
+    """Shards other than 0 wait for shard 0 to create the group's arrays and attributes."""
+    from ofactl.storage.zarr_store import rate_key
+
+    progress.log(f"waiting for shard 0 to create {rate_key(rate)}")
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if store.has(rate):
+            grp = store.group(rate)
+            if "student_sha256" in grp.attrs:
+                return grp
+        time.sleep(0.5)
+    raise StoreError(f"{store.path}: shard 0 did not create {rate_key(rate)} within {timeout:.0f} s; start shard 0")
+
+
+def _check_disk(out: Path, states: dict[float, _GroupState], cfg: ExtractConfig, free: int) -> None:
+    itemsize = 2 if cfg.dtype == "float16" else 4
+    need = 0
+    for st in states.values():
+        per_frame = st.group.attrs["n_layers"] * st.group.attrs["dim"] * itemsize
+        need += int(st.reserve[list(st.needed)].sum()) * per_frame if st.needed else 0
+    if need > free:
+        raise StoreError(f"{out}: needs about {need / 1e9:.2f} GB for these features, only "
+                         f"{free / 1e9:.2f} GB free on that disk")
+
+
+def _run_batches(plan: list[list[int]], utts: list[Utterance], t_in: np.ndarray,
+                 states: dict[float, _GroupState], cfg: ExtractConfig, student: Any, device: torch.device,
+                 amp: torch.dtype | None, layers: list[int], progress: Progress, discard: bool) -> float:
+    if not plan:
+        return 0.0
+    rates = list(cfg.rates)
+    store_dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    torch_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+    loader = torch.utils.data.DataLoader(
+        _BatchSource(plan, utts), batch_size=None, shuffle=False, num_workers=cfg.num_workers,
+        pin_memory=False, prefetch_factor=4 if cfg.num_workers else None,
+        persistent_workers=False,
+    )
+    flush_frames = 16 * cfg.chunk_frames
+    writer = None if discard else _Writer(states, flush_frames)
+    if writer:
+        writer.start()
+    model_s = 0.0
+    total = sum(len(b) for b in plan)
+    progress.start("extracting features", total)
+    fail: OfactlError | None = None
+    try:
+        for batch in loader:
+            bad = [k for k, e in enumerate(batch.errors) if e]
+            if bad and cfg.on_error == "fail":
+                # Write the good part of this batch before stopping: nothing done is lost.
+                fail = AudioError(batch.errors[bad[0]])
+            good = [k for k in range(len(batch.idx)) if not batch.errors[k] and t_in[batch.idx[k]] > 0]
+            items: list[tuple[float, int, np.ndarray | None, str]] = []
+            if good:
+                wav = batch.wav[good]
+                if device.type == "cuda":
+                    wav = wav.pin_memory().to(device, non_blocking=True)
+                lengths = batch.lengths[good].to(device)
+                t0 = time.perf_counter()
+                need_rates = rates if discard else [r for r in rates if any(batch.idx[k] in states[r].needed for k in good)]
+                with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    feats = student.features(wav, lengths, need_rates, exact=not cfg.adaptive_length, layers=layers)
+                host = {r: (h.states.to(torch_dtype).cpu().numpy(), h.lengths.cpu().numpy()) for r, h in feats.items()}
+                model_s += time.perf_counter() - t0
+                for r, (arr, lens) in host.items():
+                    for j, k in enumerate(good):
+                        i = batch.idx[k]
+                        if discard or i not in states[r].needed:
+                            continue
+                        items.append((r, i, np.ascontiguousarray(arr[j, : lens[j]], dtype=store_dtype), ""))
+            for k in range(len(batch.idx)):
+                i = batch.idx[k]
+                msg = batch.errors[k] or ("" if t_in[i] > 0 else
+                                          f"{utts[i].path}: too short ({utts[i].n_samples_16k} samples at 16 kHz; the CNN needs at least 400)")
+                if msg and cfg.on_error == "skip" and not discard:
+                    items.extend((r, i, None, msg) for r in rates if i in states[r].needed)
+            if writer and items:
+                writer.put(items)
+            progress.advance(len(batch.idx))
+            if fail is not None:
+                break
+    except KeyboardInterrupt:
+        if writer:
+            writer.close()
+            writer = None
+        raise
+    finally:
+        progress.finish()
+        if writer:
+            try:
+                writer.close()
+            except OSError as e:
+                raise StoreError(f"writing the store failed ({e.strerror or e}); what was written is kept: "
+                                 "free space and rerun the same command to resume") from None
+    if fail is not None:
+        raise fail
+    return model_s
+
+
+def _finalize(st: _GroupState, utts: list[Utterance], t_in: np.ndarray, problems: dict[str, str]) -> GroupResult:
+    g = st.group
+    g.refresh()
+    done = g.done
+    lengths = g.lengths
+    errors = g.errors
+    complete = bool(done.all())
+    ok = done & (lengths > 0)
+    frames = int(lengths[ok].sum())
+    inp = int(t_in[ok].sum())
+    achieved = frames / inp if inp else None
+    if complete and not g.complete:
+        g.update_attrs(complete=True, achieved_rate=achieved, frames=frames,
+                       achieved_frame_period_ms=(g.attrs["input_frame_ms"] / achieved) if achieved else None,
+                       errors={**g.attrs.get("corpus_errors", {}), **errors})
+    return GroupResult(st.rate, g.name, len(done), st.written, st.reused, st.skipped, frames, complete,
+                       round(achieved, 5) if achieved else None,
+                       round(g.attrs["input_frame_ms"] / achieved, 3) if achieved else None)

@@ -1,0 +1,105 @@
+"""Export a Zarr feature store to one HDF5 file with the same layout (the only h5py import).
+
+``/rate=0.500/{feats, offsets, lengths, utt_id, done, error}`` with the group attributes;
+attribute values that HDF5 cannot hold natively (dicts, lists of strings) are stored as JSON
+strings and listed in the ``json_attrs`` attribute.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ofactl.errors import StoreError
+from ofactl.storage.zarr_store import open_store
+
+try:
+    import h5py
+except ImportError:  # pragma: no cover - a declared dependency
+    raise StoreError("h5py is not installed: pip install h5py") from None
+
+
+def _put_attrs(obj: Any, attrs: dict[str, Any]) -> None:
+    as_json = []
+    for k, v in attrs.items():
+        if isinstance(v, (dict, list, tuple)) and not (isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) for x in v)):
+            obj.attrs[k] = json.dumps(v)
+            as_json.append(k)
+        elif v is None:
+            obj.attrs[k] = json.dumps(None)
+            as_json.append(k)
+        else:
+            obj.attrs[k] = v
+    obj.attrs["json_attrs"] = json.dumps(as_json)
+
+
+def _get_attrs(obj: Any) -> dict[str, Any]:
+    as_json = set(json.loads(obj.attrs.get("json_attrs", "[]")))
+    out = {}
+    for k, v in obj.attrs.items():
+        if k == "json_attrs":
+            continue
+        out[k] = json.loads(v) if k in as_json else (v.tolist() if isinstance(v, np.ndarray) else v)
+    return out
+
+
+def export_hdf5(store_path: Path, h5_path: Path, rates: list[float] | None = None) -> Path:
+    """Copy complete rate groups of a Zarr store into ``h5_path`` (written to a temp name first)."""
+    store = open_store(store_path)
+    names = store.group_names() if rates is None else [f"rate={r:.3f}" for r in rates]
+    tmp = Path(str(h5_path) + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            _put_attrs(f, dict(store._root.attrs.asdict()))
+            for name in names:
+                g = store.group(name)
+                if not g.complete:
+                    raise StoreError(f"{store_path}/{name} is not complete; finish the extraction before exporting")
+                hg = f.create_group(name)
+                src = g._g
+                feats = src["feats"]
+                d = hg.create_dataset("feats", shape=feats.shape, dtype=feats.dtype,
+                                      chunks=tuple(min(c, s) for c, s in zip(feats.chunks, feats.shape)))
+                step = feats.chunks[0] * 16
+                for lo in range(0, feats.shape[0], step):
+                    d[lo : lo + step] = np.asarray(feats[lo : lo + step])
+                d.attrs["dimension_names"] = json.dumps(["frame", "layer", "dim"])
+                for arr in ("offsets", "lengths", "done"):
+                    hg.create_dataset(arr, data=np.asarray(src[arr][:]))
+                str_dt = h5py.string_dtype("utf-8")
+                for arr in ("utt_id", "error"):
+                    hg.create_dataset(arr, data=np.asarray([str(x) for x in src[arr][:]], dtype=object), dtype=str_dt)
+                _put_attrs(hg, g.attrs)
+        tmp.replace(h5_path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {h5_path}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Path(h5_path)
+
+
+def read_hdf5_group(h5_path: Path, rate: float) -> dict[str, Any]:
+    """Arrays and attributes of one group of an exported file (for tests and quick looks)."""
+    with h5py.File(h5_path, "r") as f:
+        g = f[f"rate={rate:.3f}"]
+        out = {k: g[k][()] for k in ("feats", "offsets", "lengths", "done")}
+        out["utt_id"] = [x.decode() if isinstance(x, bytes) else str(x) for x in g["utt_id"][()]]
+        out["attrs"] = _get_attrs(g)
+        return out
+
+
+def describe_hdf5(path: Path) -> dict[str, Any]:
+    with h5py.File(path, "r") as f:
+        groups = []
+        for name in sorted(k for k in f if k.startswith("rate=")):
+            a = _get_attrs(f[name])
+            groups.append({"group": name, "utterances": int(f[name]["utt_id"].shape[0]),
+                           "frames": int(np.asarray(f[name]["lengths"]).sum()),
+                           "achieved_rate": a.get("achieved_rate"), "layers": a.get("layers")})
+    return {"path": str(path), "kind": "hdf5 feature export", "size_mb": round(Path(path).stat().st_size / 1e6, 2),
+            "groups": groups}

@@ -1,0 +1,327 @@
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ofactl.audio import load_audio, read_corpus
+from ofactl.checkpoint import save_student
+from ofactl.cli import app
+from ofactl.errors import AudioError, StoreError
+from ofactl.extract import ExtractConfig, extract_with_student, run_extract
+from ofactl.model.student import Student, StudentConfig, student_config
+from ofactl.storage import open_store
+
+CFG = ExtractConfig(rates=(1.0, 0.5), num_workers=0, block_utts=4, chunk_frames=16, batch_seconds=3.0,
+                    dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def student_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    s = Student(student_config("tiny")).eval()
+    p = save_student(tmp_path_factory.mktemp("ckpt") / "student.pt", s)
+    return p, s
+
+
+def extract(tmp, corpus, cfg=CFG, name="f.zarr", ckpt=None, **kw):
+    return run_extract(cfg, ckpt, corpus, tmp / name, **kw)
+
+
+def all_feats(path, rate):
+    return open_store(path).group(rate).load_all()
+
+
+def test_round_trip_equals_student_output(tmp_path, synth_corpus, student_ckpt):
+    ckpt, s = student_ckpt
+    res = extract(tmp_path, synth_corpus, ckpt=ckpt)
+    assert all(g.complete and g.written == g.utterances for g in res.groups)
+    g = open_store(tmp_path / "f.zarr").group(0.5)
+    corpus = read_corpus(synth_corpus)
+    for u in list(corpus)[:5]:
+        wav = load_audio(u.path)[None]
+        ref = s(wav, torch.tensor([wav.shape[1]]), rate=0.5, with_heads=False).hidden.states[0].detach()
+        got = g[u.id]
+        assert got.shape == tuple(ref.shape)
+        assert np.allclose(got, ref.numpy(), atol=1e-4)
+    a = g.attrs
+    assert a["mode"] == "exact" and a["layers"] == [0, 1, 2] and a["complete"]
+    assert abs(a["achieved_rate"] - 0.5) < 0.05 and a["frame_period_ms"] == 40.0
+
+
+def test_multi_rate_pass_equals_single_rate_runs(tmp_path, synth_corpus, student_ckpt):
+    ckpt, _ = student_ckpt
+    extract(tmp_path, synth_corpus, ckpt=ckpt, name="multi.zarr")
+    extract(tmp_path, synth_corpus, cfg=replace(CFG, rates=(0.5,)), ckpt=ckpt, name="single.zarr")
+    a, b = all_feats(tmp_path / "multi.zarr", 0.5), all_feats(tmp_path / "single.zarr", 0.5)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_cache_hit_does_no_model_work(tmp_path, synth_corpus, student_ckpt, monkeypatch):
+    ckpt, _ = student_ckpt
+    extract(tmp_path, synth_corpus, ckpt=ckpt)
+    calls = []
+    orig = Student.features
+    monkeypatch.setattr(Student, "features", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    res = extract(tmp_path, synth_corpus, ckpt=ckpt)
+    assert calls == [] and all(g.reused == g.utterances and g.written == 0 for g in res.groups)
+
+
+def test_mismatch_is_refused_unless_overwrite(tmp_path, synth_corpus, student_ckpt):
+    ckpt, _ = student_ckpt
+    extract(tmp_path, synth_corpus, ckpt=ckpt)
+    torch.manual_seed(5)
+    other = save_student(tmp_path / "other.pt", Student(student_config("tiny")))
+    with pytest.raises(StoreError, match="another checkpoint.*--overwrite"):
+        extract(tmp_path, synth_corpus, ckpt=other)
+    with pytest.raises(StoreError, match="another layer set"):
+        extract(tmp_path, synth_corpus, cfg=replace(CFG, layers="0,2"), ckpt=ckpt)
+    res = extract(tmp_path, synth_corpus, cfg=replace(CFG, layers="0,2"), ckpt=ckpt, overwrite=True)
+    assert open_store(tmp_path / "f.zarr").group(0.5).attrs["layers"] == [0, 2]
+    assert all(g.written == g.utterances for g in res.groups)
+
+
+def test_lock_refusal_and_stale_takeover(tmp_path, synth_corpus, student_ckpt):
+    ckpt, _ = student_ckpt
+    locks = Path(str(tmp_path / "f.zarr") + ".locks")
+    locks.mkdir()
+    live = locks / "rate=1.000.lock"
+    live.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    with pytest.raises(StoreError, match=f"being written by process {os.getpid()}"):
+        extract(tmp_path, synth_corpus, ckpt=ckpt)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    from ofactl.progress import NullProgress
+
+    p = NullProgress()
+    res = extract(tmp_path, synth_corpus, ckpt=ckpt, progress=p)
+    assert all(g.complete for g in res.groups)
+    assert any("stale lock" in m for m in p.messages)
+    assert not live.exists()
+
+
+def test_shards_equal_one_process(tmp_path, synth_corpus, student_ckpt):
+    ckpt, _ = student_ckpt
+    extract(tmp_path, synth_corpus, ckpt=ckpt, name="one.zarr")
+    r0 = extract(tmp_path, synth_corpus, ckpt=ckpt, name="sh.zarr", shard=(0, 2))
+    assert not any(g.complete for g in r0.groups)
+    r1 = extract(tmp_path, synth_corpus, ckpt=ckpt, name="sh.zarr", shard=(1, 2))
+    assert all(g.complete for g in r1.groups)
+    for rate in (1.0, 0.5):
+        a, b = all_feats(tmp_path / "one.zarr", rate), all_feats(tmp_path / "sh.zarr", rate)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+        assert open_store(tmp_path / "sh.zarr").group(rate).attrs["complete"]
+
+
+def test_adaptive_length_mode(tmp_path, synth_corpus, student_ckpt):
+    ckpt, s = student_ckpt
+    res = extract(tmp_path, synth_corpus, cfg=replace(CFG, rates=(0.5,), adaptive_length=True), ckpt=ckpt)
+    g = open_store(tmp_path / "f.zarr").group(0.5)
+    assert g.attrs["mode"] == "adaptive" and res.groups[0].complete
+    u = read_corpus(synth_corpus)[3]
+    wav = load_audio(u.path)[None]
+    ref = s(wav, torch.tensor([wav.shape[1]]), rate=0.5, exact=False, with_heads=False).hidden.states[0].detach()
+    assert np.allclose(g[u.id], ref.numpy(), atol=1e-4)
+    # packed: each block's utterances are contiguous from the block start
+    offs, lens = g.offsets, g.lengths
+    assert all(offs[i + 1] == offs[i] + lens[i] for i in range(3))
+
+
+@pytest.fixture
+def bad_corpus(tmp_path, synth_corpus):
+    rows = synth_corpus.read_text().splitlines()
+    base = synth_corpus.parent
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "zero.wav").write_bytes(b"")
+    (bad / "text.wav").write_text("not audio " * 100)
+    good = [r.split("\t") for r in rows[1:8]]
+    lines = ["id\tpath"] + [f"{g[0]}\t{base / g[1]}" for g in good]
+    lines.insert(4, f"zero\t{bad / 'zero.wav'}")
+    lines.insert(6, f"text\t{bad / 'text.wav'}")
+    man = tmp_path / "bad.tsv"
+    man.write_text("\n".join(lines) + "\n")
+    return man
+
+
+def test_skip_records_errors_and_completes(tmp_path, bad_corpus, student_ckpt):
+    ckpt, _ = student_ckpt
+    res = extract(tmp_path, bad_corpus, cfg=replace(CFG, on_error="skip"), ckpt=ckpt)
+    assert set(res.corpus_problems) == {"zero", "text"} and res.warnings >= 2
+    g = open_store(tmp_path / "f.zarr").group(0.5)
+    assert len(g) == 7 and g.attrs["complete"]
+    assert set(g.attrs["errors"]) == {"zero", "text"} and "empty file" in g.attrs["errors"]["zero"]
+
+
+def test_fail_stops_naming_the_file(tmp_path, bad_corpus, student_ckpt):
+    from ofactl.errors import CorpusError
+
+    ckpt, _ = student_ckpt
+    with pytest.raises(CorpusError, match="zero.wav: empty file"):
+        extract(tmp_path, bad_corpus, ckpt=ckpt)
+
+
+def test_decode_failure_mid_run_keeps_written_work(tmp_path, synth_corpus, student_ckpt, monkeypatch):
+    """A file that breaks only at decode time: fail stops there, written work survives, rerun resumes."""
+    ckpt, _ = student_ckpt
+    corpus = read_corpus(synth_corpus)
+    victim = sorted(corpus, key=lambda u: (u.n_samples_16k, u.id))[9].id
+    import ofactl.extract as ex
+
+    real = ex.load_audio
+
+    def flaky(path):
+        if Path(path).stem == victim:
+            raise AudioError(f"{path}: truncated or corrupt")
+        return real(path)
+
+    monkeypatch.setattr(ex, "load_audio", flaky)
+    with pytest.raises(AudioError, match=f"{victim}.wav: truncated"):
+        extract(tmp_path, synth_corpus, cfg=replace(CFG, rates=(0.5,)), ckpt=ckpt)
+    g = open_store(tmp_path / "f.zarr").group(0.5)
+    assert 0 < int(g.done.sum()) < len(g)
+    monkeypatch.setattr(ex, "load_audio", real)
+    res = extract(tmp_path, synth_corpus, cfg=replace(CFG, rates=(0.5,)), ckpt=ckpt)
+    assert res.groups[0].complete and res.groups[0].reused > 0
+
+
+def test_disk_full_is_refused_up_front(tmp_path, synth_corpus, student_ckpt, monkeypatch):
+    ckpt, _ = student_ckpt
+    import ofactl.storage.zarr_store as zs
+
+    monkeypatch.setattr(zs, "disk_free", lambda p: 1000)
+    with pytest.raises(StoreError, match="GB free"):
+        extract(tmp_path, synth_corpus, ckpt=ckpt)
+
+
+def test_write_error_stops_cleanly_and_resumes(tmp_path, synth_corpus, student_ckpt, monkeypatch):
+    ckpt, _ = student_ckpt
+    from ofactl.storage.zarr_store import FeatureGroup
+
+    real = FeatureGroup.write_frames
+    n = {"calls": 0}
+
+    def full(self, start, data):
+        n["calls"] += 1
+        if n["calls"] > 2:
+            raise OSError(28, "No space left on device")
+        return real(self, start, data)
+
+    monkeypatch.setattr(FeatureGroup, "write_frames", full)
+    with pytest.raises(StoreError, match="No space left on device.*rerun"):
+        extract(tmp_path, synth_corpus, cfg=replace(CFG, rates=(0.5,)), ckpt=ckpt)
+    monkeypatch.setattr(FeatureGroup, "write_frames", real)
+    res = extract(tmp_path, synth_corpus, cfg=replace(CFG, rates=(0.5,)), ckpt=ckpt)
+    assert res.groups[0].complete and res.groups[0].reused > 0
+    extract(tmp_path, synth_corpus, cfg=replace(CFG, rates=(0.5,)), ckpt=ckpt, name="clean.zarr")
+    a, b = all_feats(tmp_path / "f.zarr", 0.5), all_feats(tmp_path / "clean.zarr", 0.5)
+    assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_hdf5_export_equals_zarr(tmp_path, synth_corpus, student_ckpt):
+    ckpt, _ = student_ckpt
+    from ofactl.storage.hdf5_export import export_hdf5, read_hdf5_group
+
+    extract(tmp_path, synth_corpus, ckpt=ckpt)
+    h5 = export_hdf5(tmp_path / "f.zarr", tmp_path / "f.h5")
+    g = open_store(tmp_path / "f.zarr").group(0.5)
+    h = read_hdf5_group(h5, 0.5)
+    assert h["utt_id"] == g.utt_ids
+    assert np.array_equal(h["offsets"], g.offsets) and np.array_equal(h["lengths"], g.lengths)
+    assert np.array_equal(h["feats"], np.asarray(g._g["feats"][:]))
+    assert h["attrs"]["layers"] == g.attrs["layers"] and h["attrs"]["errors"] == g.attrs["errors"]
+
+
+def test_xarray_and_zarr_read_the_store(tmp_path, synth_corpus, student_ckpt):
+    xr = pytest.importorskip("xarray")
+    import zarr
+
+    ckpt, _ = student_ckpt
+    extract(tmp_path, synth_corpus, ckpt=ckpt)
+    ds = xr.open_zarr(tmp_path / "f.zarr", group="rate=0.500", consolidated=False)
+    assert ds["feats"].dims == ("frame", "layer", "dim") and ds["utt_id"].dims == ("utt",)
+    z = zarr.open_group(str(tmp_path / "f.zarr"), mode="r")
+    assert z["rate=0.500/feats"].shape[1:] == (3, 64)
+
+
+def test_torch_dataset(tmp_path, synth_corpus, student_ckpt):
+    from ofactl.storage.dataset import FeatureDataset
+
+    ckpt, _ = student_ckpt
+    extract(tmp_path, synth_corpus, ckpt=ckpt)
+    ds = FeatureDataset(tmp_path / "f.zarr", 0.5, layers=[2])
+    uid, x = ds[0]
+    assert x.dtype == torch.float32 and x.shape[1:] == (1, 64)
+    lazy = FeatureDataset(tmp_path / "f.zarr", 0.5, in_memory=False)
+    assert torch.equal(lazy[3][1][:, 2:], ds[3][1])
+
+
+def test_cli_pipeline_from_stdin_json(tmp_path, synth_corpus, student_ckpt):
+    ckpt, _ = student_ckpt
+    paths = "\n".join(str(p) for p in sorted((synth_corpus.parent / "wavs").rglob("*.wav"))[:6])
+    r = CliRunner().invoke(app, ["extract", "--ckpt", str(ckpt), "--corpus", "-", "--out", str(tmp_path / "p.zarr"),
+                                 "--frame-ms", "40", "--json", "--workers", "0"], input=paths + "\n")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["groups"][0]["group"] == "rate=0.500" and doc["groups"][0]["utterances"] == 6
+    r = CliRunner().invoke(app, ["info", str(tmp_path / "p.zarr"), "--json"])
+    assert json.loads(r.stdout)["groups"][0]["complete"] is True
+    r = CliRunner().invoke(app, ["extract", "--ckpt", str(ckpt), "--corpus", str(synth_corpus), "--out",
+                                 str(tmp_path / "p.zarr"), "--rate", "1.5"])
+    assert r.exit_code == 1 and "rate 1.5 is outside (0, 1]" in r.stderr
+
+
+_KILL_SCRIPT = """
+import sys, torch
+from ofactl.extract import ExtractConfig, run_extract
+cfg = ExtractConfig(rates=(1.0, 0.5), num_workers=0, block_utts=4, chunk_frames=16, batch_seconds=1.0, dtype="float32")
+run_extract(cfg, sys.argv[1], sys.argv[2], sys.argv[3])
+"""
+
+
+def test_sigkill_then_resume_equals_clean_run(tmp_path, synth_corpus):
+    # a slower student so the kill lands mid-run
+    torch.manual_seed(0)
+    cfg = student_config("tiny")
+    cfg.arch.conv_layers = tuple((384, k, s) for _, k, s in cfg.arch.conv_layers)
+    ckpt = save_student(tmp_path / "slow.pt", Student(cfg))
+    store = tmp_path / "k.zarr"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(ckpt), str(synth_corpus), str(store)])
+    import zarr
+
+    deadline = time.monotonic() + 120
+    killed = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            done = np.asarray(zarr.open_group(str(store), mode="r")["rate=0.500/done"][:])
+            if done.sum() >= 5:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = True
+                break
+        except Exception:
+            pass
+        time.sleep(0.02)
+    proc.wait()
+    assert killed, "the run finished before it could be killed"
+    assert 0 < int(open_store(store).group(0.5).done.sum()) < len(open_store(store).group(0.5))
+    cfg_e = ExtractConfig(rates=(1.0, 0.5), num_workers=0, block_utts=4, chunk_frames=16, batch_seconds=1.0,
+                          dtype="float32")
+    res = run_extract(cfg_e, ckpt, synth_corpus, store)
+    assert all(g.complete for g in res.groups)
+    run_extract(cfg_e, ckpt, synth_corpus, tmp_path / "clean.zarr")
+    for rate in (1.0, 0.5):
+        a, b = all_feats(store, rate), all_feats(tmp_path / "clean.zarr", rate)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
