@@ -182,11 +182,55 @@ def synth(
 
 @app.command()
 def distill(
-    config: ConfigOpt = None, set_: SetOpt = None, as_json: JsonOpt = False,
-    quiet: QuietOpt = False, debug: DebugOpt = False,
+    corpus: Annotated[str, typer.Option("--corpus", help="Training audio: folder, LibriSpeech tree, .tsv manifest or list.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: config, metrics.jsonl, checkpoints/, student.pt.")] = Path("runs/distill"),
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="HuBERT file/folder, or random:tiny|random:base (untrained).")] = None,
+    trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow pickle-based (fairseq) teacher checkpoints.")] = False,
+    boundaries: Annotated[Optional[str], typer.Option("--boundaries", help="Alpha guidance: auto, none, phone_times, or a TSV file.")] = None,
+    compressor: Annotated[Optional[str], typer.Option("--compressor", help="cif (once-for-all), avgpool (fixed-rate baseline) or none.")] = None,
+    rate: Annotated[Optional[float], typer.Option("--rate", help="Train at this one rate only (fixed-rate baseline).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda[:N].")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 on CUDA), fp32, bf16, fp16 (CUDA).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a non-empty --out.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
-    """Distill a once-for-all student from a HuBERT teacher."""
-    _call(debug, lambda: _not_yet("distill"))
+    """Distill a once-for-all student from a HuBERT teacher, sampling rates while training.
+
+    Multi-GPU/multi-process: launch with torchrun; rank 0 writes checkpoints and logs.
+    """
+    from ofactl.config import load_config
+    from ofactl.distill import DistillConfig, run_distill
+
+    def go() -> Any:
+        overrides = list(set_ or [])
+        for key, val in (("teacher", teacher), ("guidance.boundaries", boundaries), ("steps", steps),
+                         ("device", device), ("precision", precision), ("student.compressor", compressor)):
+            if val is not None:
+                overrides.append(f"{key}={val}")
+        if rate is not None:
+            if compressor == "avgpool":
+                overrides.append(f"compressor_rate={rate}")
+            else:
+                overrides += ["rates.kind=fixed", f"rates.rate={rate}"]
+        cfg = load_config(DistillConfig, "distill", config, overrides)
+        return run_distill(cfg, corpus, out, resume=resume, overwrite=overwrite,
+                           trust_checkpoint=trust_checkpoint, progress=_progress(quiet, as_json))
+
+    res = _call(debug, go)
+    if as_json:
+        _emit_json(res.to_json())
+    elif not quiet:
+        err_console.print(f"student: {res.student} ({res.steps} steps)", highlight=False)
+        for r, after in res.eval_after.items():
+            before = res.eval_before.get(r)
+            b = f"{before:.4f} -> " if before is not None else ""
+            err_console.print(f"  held-out loss at rate {r}: {b}{after:.4f}", highlight=False)
 
 
 @app.command()

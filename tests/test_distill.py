@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ofactl.checkpoint import load_student, read_checkpoint
+from ofactl.config import load_config
+from ofactl.distill import DistillConfig, distill_loss, run_distill, sample_rates, train_step_loss
+from ofactl.errors import CheckpointError, OfactlError
+from ofactl.model.student import Student
+from ofactl.model.teacher import load_teacher
+
+
+def tiny_cfg(**kw) -> DistillConfig:
+    cfg = load_config(DistillConfig, "distill", "distill-tiny")
+    cfg = replace(cfg, steps=4, batch_seconds=6.0, crop_seconds=2.0, num_workers=0, eval_utts=4,
+                  ckpt_every=2, log_every=1, eval_rates=(1.0, 0.5))
+    cfg.guidance = replace(cfg.guidance, boundaries="none", kmeans_utts=12, kmeans_k=6)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_masked_loss_ignores_padding():
+    g = torch.Generator().manual_seed(0)
+    p, t = torch.randn(2, 10, 2, 8, generator=g), torch.randn(2, 10, 2, 8, generator=g)
+    L = torch.tensor([10, 6])
+    a, _ = distill_loss(p, t, L)
+    p2 = torch.cat([p, 100 * torch.randn(2, 5, 2, 8, generator=g)], 1)
+    t2 = torch.cat([t, torch.randn(2, 5, 2, 8, generator=g)], 1)
+    p2[1, 6:] = 99.0
+    b, _ = distill_loss(p2, t2, L)
+    assert torch.allclose(a, b)
+
+
+def test_rate_sampling_covers_range():
+    cfg = tiny_cfg()
+    g = torch.Generator().manual_seed(0)
+    rates = torch.cat([sample_rates(cfg, 64, g, 0.3)[0] for _ in range(20)])
+    periods = 20 / rates
+    assert periods.min() < 22 and periods.max() > 88 and periods.min() >= 20 and periods.max() <= 90
+    cfg.rates = replace(cfg.rates, kind="lambda", lambda_min=0.2, lambda_max=0.8)
+    lam = torch.cat([sample_rates(cfg, 64, g, 0.3)[1] for _ in range(10)])
+    assert 0.2 <= float(lam.min()) < 0.25 and 0.75 < float(lam.max()) <= 0.8
+    cfg.rates = replace(cfg.rates, kind="fixed", rate=0.4)
+    assert set(sample_rates(cfg, 8, g, 0.3)[0].tolist()) == {0.4}
+
+
+def test_one_step_decreases_loss_on_fixed_batch(synth_corpus):
+    from ofactl.audio import load_audio, read_corpus
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    teacher = load_teacher("random:tiny")
+    student = Student(cfg.student).train()
+    wavs = [load_audio(u.path)[:24000] for u in list(read_corpus(synth_corpus))[:4]]
+    batch = {"wav": torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), "lengths": torch.tensor([len(w) for w in wavs])}
+    cfg.rates = replace(cfg.rates, kind="fixed", rate=0.5)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        torch.manual_seed(1)  # the same dropout masks each time
+        o = train_step_loss(student, teacher, batch, cfg, torch.device("cpu"), None, torch.Generator().manual_seed(0))
+        losses.append(o.loss.item())
+        opt.zero_grad()
+        o.loss.backward()
+        opt.step()
+    assert losses[1] < losses[0] and losses[2] < losses[1]
+
+
+@pytest.mark.parametrize("boundaries", ["none", "phone_times", "auto", "file"])
+def test_boundary_modes_run(tmp_path, synth_corpus, boundaries):
+    spec = boundaries
+    if boundaries == "file":
+        spec = str(tmp_path / "b.tsv")
+        from ofactl.audio import read_corpus
+
+        lines = ["id\tms"] + [f"{u.id}\t" + " ".join(str(100 * k) for k in range(1, int(u.seconds * 10))) for u in read_corpus(synth_corpus)]
+        Path(spec).write_text("\n".join(lines) + "\n")
+    cfg = tiny_cfg(steps=2)
+    cfg.guidance = replace(cfg.guidance, boundaries=spec)
+    res = run_distill(cfg, synth_corpus, tmp_path / "run")
+    recs = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert res.steps == 2 and len(recs) == 2
+    if boundaries != "none":
+        assert recs[-1]["alpha_seg"] > 0 and recs[-1]["alpha_frame"] > 0
+    if boundaries == "auto":
+        assert (tmp_path / "run/boundaries.tsv").is_file() and (tmp_path / "run/kmeans.safetensors").is_file()
+
+
+def test_run_dir_outputs_checkpoints_and_refusals(tmp_path, synth_corpus):
+    cfg = tiny_cfg()
+    res = run_distill(cfg, synth_corpus, tmp_path / "run")
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file() and (run / "summary.json").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["step-00000002.pt", "step-00000004.pt"]
+    student, meta = load_student(run / "student.pt")
+    assert meta["step"] == 4 and 0 < student.alpha_mean < 1
+    ck = read_checkpoint(run / "checkpoints/step-00000004.pt")
+    assert {"optimizer", "scheduler", "rng"} <= set(ck["train_state"])
+    assert set(res.eval_after) == {"1", "0.5"} and set(res.achieved_rates) >= {"1", "0.5", "0.25"}
+    assert abs(res.achieved_rates["0.5"]["exact"] - 0.5) < 0.02
+    with pytest.raises(OfactlError, match="not empty; pass --resume"):
+        run_distill(cfg, synth_corpus, run)
+    with pytest.raises(CheckpointError, match="holds no run"):
+        run_distill(cfg, synth_corpus, tmp_path / "fresh", resume=True)
+
+
+def test_corrupt_newest_checkpoint_falls_back_then_fails_clearly(tmp_path, synth_corpus):
+    cfg = tiny_cfg()
+    run = tmp_path / "run"
+    run_distill(cfg, synth_corpus, run)
+    newest = run / "checkpoints/step-00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    res = run_distill(replace(cfg, steps=5), synth_corpus, run, resume=True)
+    assert res.resumed_from == 2 and res.steps == 5
+    for p in (run / "checkpoints").glob("*.pt"):
+        p.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no readable checkpoint.*corrupt or truncated"):
+        run_distill(replace(cfg, steps=8), synth_corpus, run, resume=True)
+
+
+def test_avgpool_baseline(tmp_path, synth_corpus):
+    cfg = tiny_cfg(steps=2, compressor_rate=0.4)
+    cfg.student = replace(cfg.student, compressor="avgpool")
+    res = run_distill(cfg, synth_corpus, tmp_path / "run")
+    s, _ = load_student(res.student)
+    assert s.cfg.compressor == "avgpool" and res.achieved_rates == {}
+
+
+_SCRIPT = """
+import sys
+from dataclasses import replace
+from ofactl.config import load_config
+from ofactl.distill import DistillConfig, run_distill
+cfg = load_config(DistillConfig, "distill", "distill-tiny")
+cfg = replace(cfg, steps=int(sys.argv[3]), batch_seconds=6.0, crop_seconds=2.0, num_workers=0, eval_utts=4,
+              ckpt_every=3, log_every=1, eval_rates=(1.0,))
+cfg.guidance = replace(cfg.guidance, boundaries="phone_times")
+run_distill(cfg, sys.argv[1], sys.argv[2], resume=sys.argv[4] == "1")
+"""
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, synth_corpus):
+    full = tmp_path / "full"
+    subprocess.run([sys.executable, "-c", _SCRIPT, str(synth_corpus), str(full), "12", "0"], check=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, str(synth_corpus), str(killed), "12", "0"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (killed / "checkpoints/step-00000003.pt").exists():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "student.pt").exists()
+    subprocess.run([sys.executable, "-c", _SCRIPT, str(synth_corpus), str(killed), "12", "1"], check=True)
+    a = read_checkpoint(full / "student.pt")["state_dict"]
+    b = read_checkpoint(killed / "student.pt")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, synth_corpus):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "ofactl", "distill", "-c", "distill-tiny", "--corpus", str(synth_corpus), "--out",
+           str(tmp_path / "ddp"), "--steps", "3", "--boundaries", "none", "--device", "cpu", "--quiet",
+           "--set", "batch_seconds=6", "--set", "crop_seconds=2", "--set", "num_workers=0",
+           "--set", "eval_utts=4", "--set", "eval_rates=[1.0]"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "ddp/summary.json").read_text())
+    assert summary["ranks_in_sync"] is True and summary["steps"] == 3
