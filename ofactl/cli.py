@@ -318,11 +318,57 @@ def _print_extract(res: Any) -> None:
 
 @app.command()
 def sweep(
-    config: ConfigOpt = None, set_: SetOpt = None, as_json: JsonOpt = False,
-    quiet: QuietOpt = False, debug: DebugOpt = False,
+    ckpt: Annotated[list[str], typer.Option("--ckpt", help="Student checkpoint, or LABEL=PATH; repeat to compare checkpoints.")],
+    corpus: Annotated[str, typer.Option("--corpus", help="Labelled corpus (a .tsv manifest, or a folder with ::pattern).")],
+    task: Annotated[Optional[str], typer.Option("--task", help="ks, cls, sid, pr or asr.")] = None,
+    rates: Annotated[Optional[str], typer.Option("--rates", help="Comma-separated rates, e.g. 1,0.75,0.5,0.33,0.25.")] = None,
+    store: Annotated[Optional[Path], typer.Option("--store", help="Feature store to reuse/extend (one checkpoint).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: sweep.csv, sweep.json, tradeoff.png, rows/.")] = Path("sweep"),
+    label_column: Annotated[Optional[str], typer.Option("--label-column", help="Label column for --task cls.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute finished rows (and replace mismatched groups).")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
-    """Probe a downstream task over a grid of rates: the performance/efficiency trade-off."""
-    _call(debug, lambda: _not_yet("sweep"))
+    """Probe a downstream task over a grid of rates: the performance/efficiency trade-off.
+
+    Extracts missing rates (reusing cached groups), trains the probe per rate, and writes a
+    table, sweep.csv, sweep.json and tradeoff.png.
+    """
+    from ofactl.config import load_config
+    from ofactl.sweep import SweepConfig, parse_ckpts, run_sweep
+
+    def go() -> Any:
+        overrides = list(set_ or [])
+        if task is not None:
+            overrides.append(f"task={task}")
+        if rates is not None:
+            overrides.append(f"rates=[{rates}]")
+        if label_column is not None:
+            overrides.append(f"label_column={label_column}")
+        cfg = load_config(SweepConfig, "sweep", config, overrides)
+        return run_sweep(cfg, parse_ckpts(ckpt), corpus, out, store, overwrite=overwrite,
+                         progress=_progress(quiet, as_json))
+
+    res = _call(debug, go)
+    if as_json:
+        _emit_json([r.to_json() for r in res.rows])
+        return
+    if quiet:
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{res.rows[0].task if res.rows else ''} sweep ({res.reused} row(s) reused)", title_justify="left")
+    for col in ("label", "rate", "achieved", "ms", res.rows[0].metric if res.rows else "metric", "GMAC/s", "s/audio-s", "MB", "infeasible"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for r in res.rows:
+        t.add_row(r.label, f"{r.requested_rate:g}", f"{r.achieved_rate:.3f}", f"{r.frame_period_ms:.1f}", f"{r.test:.4f}",
+                  f"{r.upstream_gmacs_per_s:.2f}", f"{r.extract_s_per_audio_s:.4f}", f"{r.store_mb:.1f}",
+                  "-" if r.infeasible_test is None else str(r.infeasible_test))
+    err_console.print(t)
+    err_console.print(f"wrote {res.csv}, {res.json}" + (f", {res.png}" if res.png else ""), highlight=False)
 
 
 @app.command()

@@ -1,0 +1,6 @@
+"""Downstream probes: tasks and splits (``tasks``), heads and training (``train``), metrics."""
+
+from ofactl.probe.tasks import TASKS, TaskData, build_task
+from ofactl.probe.train import ProbeConfig, ProbeResult, train_probe
+
+__all__ = ["TASKS", "TaskData", "build_task", "ProbeConfig", "ProbeResult", "train_probe"]

@@ -1,0 +1,110 @@
+"""Downstream tasks: labels and train/dev/test splits from a corpus manifest.
+
+| task | labels | head | metric |
+|---|---|---|---|
+| ks  | ``label`` (keyword rows only when a ``kind`` column exists) | utterance | accuracy |
+| cls | any label column (``--label-column``, default ``label``) | utterance | accuracy |
+| sid | ``speaker`` | utterance | accuracy |
+| pr  | ``phones`` (space-separated) | CTC | PER |
+| asr | ``text`` (characters A-Z ' and word separator \\|) | CTC | WER (and CER) |
+
+Splits: the manifest's ``split`` column when it has train, dev and test; otherwise a seeded
+80/10/10 split that keeps each speaker in one split (speaker-independent tasks). ``sid`` always
+splits each speaker's utterances 80/10/10, since it must see every speaker in training.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+from ofactl.audio import Corpus
+from ofactl.errors import ConfigError
+
+TASKS = ("ks", "cls", "sid", "pr", "asr")
+
+
+@dataclass
+class TaskData:
+    task: str
+    kind: str  # "cls" or "ctc"
+    metric: str  # accuracy | per | wer
+    higher_better: bool
+    splits: dict[str, list[str]]
+    labels: dict[str, list[int]]  # cls: [class]; ctc: token ids (1-based, 0 = blank)
+    vocab: list[str]
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.vocab) + (1 if self.kind == "ctc" else 0)
+
+    @property
+    def ids(self) -> list[str]:
+        return [u for s in ("train", "dev", "test") for u in self.splits[s]]
+
+
+def _asr_tokens(text: str) -> list[str]:
+    t = re.sub(r"[^A-Z' ]", "", text.upper())
+    return list("|".join(t.split()))
+
+
+def build_task(task: str, corpus: Corpus, label_column: str | None = None, seed: int = 0) -> TaskData:
+    if task not in TASKS:
+        raise ConfigError(f"unknown task '{task}' (expected one of {', '.join(TASKS)})")
+    utts = list(corpus)
+    if task == "ks" and "kind" in corpus.columns:
+        utts = [u for u in utts if u.labels.get("kind") == "keyword"]
+    col = {"ks": "label", "cls": label_column or "label", "sid": "speaker", "pr": "phones", "asr": "text"}[task]
+    missing = [u.id for u in utts if not u.labels.get(col, "").strip()]
+    if missing:
+        if len(missing) == len(utts):
+            raise ConfigError(f"task {task} needs a '{col}' column; corpus {corpus.source} has: "
+                              f"{', '.join(corpus.columns) or 'no label columns'}")
+        utts = [u for u in utts if u.labels.get(col, "").strip()]
+    if task in ("pr", "asr"):
+        seqs = {u.id: (u.labels[col].split() if task == "pr" else _asr_tokens(u.labels[col])) for u in utts}
+        vocab = sorted({t for s in seqs.values() for t in s})
+        index = {t: i + 1 for i, t in enumerate(vocab)}
+        labels = {u: [index[t] for t in s] for u, s in seqs.items()}
+        kind, metric, higher = "ctc", "per" if task == "pr" else "wer", False
+    else:
+        vals = {u.id: u.labels[col] for u in utts}
+        vocab = sorted(set(vals.values()))
+        index = {v: i for i, v in enumerate(vocab)}
+        labels = {u: [index[v]] for u, v in vals.items()}
+        kind, metric, higher = "cls", "accuracy", True
+    splits = _splits(task, utts, seed)
+    return TaskData(task, kind, metric, higher, splits, labels, vocab, {"label_column": col})
+
+
+def _splits(task: str, utts: list, seed: int) -> dict[str, list[str]]:
+    given = {u.labels.get("split", "") for u in utts}
+    if task != "sid" and {"train", "dev", "test"} <= given:
+        return {s: [u.id for u in utts if u.labels.get("split") == s] for s in ("train", "dev", "test")}
+    rng = random.Random(seed)
+    out: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
+    speakers = sorted({u.labels.get("speaker", "") for u in utts})
+    if task != "sid" and len(speakers) >= 3 and speakers != [""]:
+        # speaker-independent: whole speakers go to one split
+        rng.shuffle(speakers)
+        n = len(speakers)
+        n_test, n_dev = max(1, round(0.1 * n)), max(1, round(0.1 * n))
+        where = {s: "test" if i < n_test else "dev" if i < n_test + n_dev else "train" for i, s in enumerate(speakers)}
+        for u in utts:
+            out[where[u.labels.get("speaker", "")]].append(u.id)
+        return out
+    groups: dict[str, list[str]] = {}
+    for u in utts:
+        groups.setdefault(u.labels.get("speaker", ""), []).append(u.id)
+    for spk in sorted(groups):
+        ids = sorted(groups[spk])
+        rng.shuffle(ids)
+        n = len(ids)
+        n_test = max(1, round(0.1 * n)) if n >= 3 else 0
+        n_dev = max(1, round(0.1 * n)) if n >= 3 else 0
+        out["test"] += ids[:n_test]
+        out["dev"] += ids[n_test : n_test + n_dev]
+        out["train"] += ids[n_test + n_dev :]
+    return out

@@ -1,0 +1,203 @@
+"""Probe heads and their training: a learnable softmax-weighted sum over stored layers, then
+a small head (SUPERB-style). Deterministic on CPU for a given seed; dev-set early stopping.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ofactl.model.compress import length_mask
+from ofactl.probe.metrics import accuracy, ctc_greedy, error_rate, words
+from ofactl.probe.tasks import TaskData
+
+
+@dataclass
+class ProbeConfig:
+    epochs: int = 40
+    patience: int = 8
+    batch_size: int = 32
+    lr: float = 1e-3  # utterance-level heads
+    ctc_lr: float = 1e-2  # CTC heads (SUPERB trains its linear phoneme probe at 1e-2)
+    seed: int = 0
+    ctc_head: str = "linear"  # linear | lstm
+    lstm_hidden: int = 128
+    layer_norm: bool = True
+    upsample_ctc: bool = False  # repeat frames back to the 20 ms grid before the CTC head
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.ctc_head not in ("linear", "lstm"):
+            raise ValueError(f"ctc_head must be linear or lstm, got {self.ctc_head!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.ctc_lr <= 0:
+            raise ValueError("epochs, batch_size and lr must be positive")
+
+
+class WeightedSum(nn.Module):
+    """Softmax-weighted sum over layers of (B, T, L, D), each layer optionally layer-normed."""
+
+    def __init__(self, n_layers: int, layer_norm: bool = True) -> None:
+        super().__init__()
+        self.weights = nn.Parameter(torch.zeros(n_layers))
+        self.layer_norm = layer_norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.layer_norm:
+            x = F.layer_norm(x, x.shape[-1:])
+        return torch.einsum("btld,l->btd", x, torch.softmax(self.weights, 0))
+
+
+class Probe(nn.Module):
+    def __init__(self, n_layers: int, dim: int, n_out: int, kind: str, cfg: ProbeConfig) -> None:
+        super().__init__()
+        self.kind = kind
+        self.featurizer = WeightedSum(n_layers, cfg.layer_norm)
+        if kind == "cls":
+            self.proj = nn.Linear(dim, 256)
+            self.out = nn.Linear(256, n_out)
+        elif cfg.ctc_head == "lstm":
+            self.lstm = nn.LSTM(dim, cfg.lstm_hidden, num_layers=2, bidirectional=True, batch_first=True)
+            self.out = nn.Linear(2 * cfg.lstm_hidden, n_out)
+        else:
+            self.out = nn.Linear(dim, n_out)
+        self.ctc_head = cfg.ctc_head
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        h = self.featurizer(x)
+        mask = length_mask(lengths, h.shape[1])[..., None].to(h.dtype)
+        if self.kind == "cls":
+            h = self.proj(h)
+            pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1)
+            return self.out(pooled)
+        if self.ctc_head == "lstm":
+            packed = nn.utils.rnn.pack_padded_sequence(h, lengths.cpu().clamp(min=1), batch_first=True, enforce_sorted=False)
+            h, _ = self.lstm(packed)
+            h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=x.shape[1])
+        return self.out(h)
+
+
+@dataclass
+class ProbeResult:
+    test: dict[str, float]
+    dev: dict[str, float]
+    metric: str
+    layer_weights: list[float]
+    epochs: int
+    train_seconds: float
+    params: int
+    infeasible: dict[str, int] = field(default_factory=dict)
+
+
+def _batches(ids: list[str], bs: int, gen: torch.Generator | None) -> list[list[str]]:
+    order = ids if gen is None else [ids[i] for i in torch.randperm(len(ids), generator=gen).tolist()]
+    return [order[i : i + bs] for i in range(0, len(order), bs)]
+
+
+def _collate(ids: list[str], feats: dict[str, np.ndarray], upsample: dict[str, int] | None) -> tuple[Tensor, Tensor]:
+    xs = []
+    for u in ids:
+        x = torch.from_numpy(np.asarray(feats[u], dtype=np.float32))
+        if upsample is not None and upsample.get(u, 0) > len(x) > 0:
+            idx = torch.div(torch.arange(upsample[u]) * len(x), upsample[u], rounding_mode="floor")
+            x = x[idx]  # nearest-frame repetition back to the 20 ms grid
+        xs.append(x)
+    lengths = torch.tensor([len(x) for x in xs])
+    return nn.utils.rnn.pad_sequence(xs, batch_first=True), lengths
+
+
+def infeasible_count(ids: list[str], labels: dict[str, list[int]], frames: dict[str, int]) -> int:
+    """Utterances whose CTC label needs more frames than available (label + repeats)."""
+    n = 0
+    for u in ids:
+        lab = labels[u]
+        need = len(lab) + sum(1 for a, b in zip(lab, lab[1:]) if a == b)
+        n += int(frames[u] < need)
+    return n
+
+
+def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
+                input_frames: dict[str, int] | None = None) -> ProbeResult:
+    """Train on train, early-stop on dev, report dev and test metrics."""
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(cfg.device)
+    splits = {s: [u for u in task.splits[s] if u in feats and len(feats[u])] for s in ("train", "dev", "test")}
+    if not splits["train"] or not splits["test"]:
+        raise ValueError(f"task {task.task}: no features for the train or test split")
+    sample = feats[splits["train"][0]]
+    n_layers, dim = sample.shape[1], sample.shape[2]
+    model = Probe(n_layers, dim, task.n_outputs, task.kind, cfg).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.ctc_lr if task.kind == "ctc" else cfg.lr)
+    up = input_frames if (cfg.upsample_ctc and task.kind == "ctc") else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best, best_state, best_epoch, waited = None, None, 0, 0
+    t0 = time.perf_counter()
+    epoch = 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        for ids in _batches(splits["train"], cfg.batch_size, gen):
+            x, lengths = _collate(ids, feats, up)
+            loss = _loss(model, task, ids, x.to(dev), lengths.to(dev))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        score = evaluate_probe(model, task, splits["dev"] or splits["train"], feats, cfg, up)[task.metric]
+        better = best is None or (score > best if task.higher_better else score < best)
+        if better:
+            best, best_epoch, waited = score, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                break
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    res_test = evaluate_probe(model, task, splits["test"], feats, cfg, up)
+    res_dev = evaluate_probe(model, task, splits["dev"] or splits["train"], feats, cfg, up)
+    infeasible = {}
+    if task.kind == "ctc":
+        frames = {u: (up[u] if up and u in up else len(feats[u])) for u in feats}
+        infeasible = {s: infeasible_count(splits[s], task.labels, frames) for s in ("train", "test")}
+    weights = torch.softmax(model.featurizer.weights.detach(), 0).tolist()
+    return ProbeResult(res_test, res_dev, task.metric, [round(w, 4) for w in weights], best_epoch,
+                       time.perf_counter() - t0, sum(p.numel() for p in model.parameters()), infeasible)
+
+
+def _loss(model: Probe, task: TaskData, ids: list[str], x: Tensor, lengths: Tensor) -> Tensor:
+    out = model(x, lengths)
+    if task.kind == "cls":
+        y = torch.tensor([task.labels[u][0] for u in ids], device=x.device)
+        return F.cross_entropy(out, y)
+    targets = [torch.tensor(task.labels[u]) for u in ids]
+    tl = torch.tensor([len(t) for t in targets])
+    logp = out.log_softmax(-1).transpose(0, 1)  # (T, B, V)
+    return F.ctc_loss(logp, torch.cat(targets).to(x.device), lengths, tl, blank=0, zero_infinity=True)
+
+
+@torch.no_grad()
+def evaluate_probe(model: Probe, task: TaskData, ids: list[str], feats: dict[str, np.ndarray],
+                   cfg: ProbeConfig, up: dict[str, int] | None = None) -> dict[str, float]:
+    model.eval()
+    preds: list[Any] = []
+    for batch in _batches(ids, cfg.batch_size, None):
+        x, lengths = _collate(batch, feats, up)
+        out = model(x.to(cfg.device), lengths.to(cfg.device))
+        if task.kind == "cls":
+            preds += out.argmax(-1).tolist()
+        else:
+            preds += ctc_greedy(out, lengths)
+    model.train()
+    if task.kind == "cls":
+        return {"accuracy": accuracy(preds, [task.labels[u][0] for u in ids])}
+    hyp = [[task.vocab[t - 1] for t in p] for p in preds]
+    ref = [[task.vocab[t - 1] for t in task.labels[u]] for u in ids]
+    if task.task == "asr":
+        return {"wer": error_rate([words(h) for h in hyp], [words(r) for r in ref]),
+                "cer": error_rate([[c for c in h if c != "|"] for h in hyp], [[c for c in r if c != "|"] for r in ref])}
+    return {"per": error_rate(hyp, ref)}

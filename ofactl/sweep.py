@@ -1,0 +1,236 @@
+"""``ofactl sweep``: one task probed over a grid of rates -> the performance/efficiency trade-off.
+
+For each checkpoint and rate: extract the group if the store lacks it (cached groups are
+reused), train and evaluate the probe, and measure compute. Rows are cached in
+``OUT/rows/`` so a rerun reuses finished rows; outputs are ``sweep.csv``, ``sweep.json`` and
+``tradeoff.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ofactl import __version__
+from ofactl.audio import Corpus, load_audio, read_corpus
+from ofactl.config import save_resolved, to_dict
+from ofactl.errors import ConfigError
+from ofactl.extract import ExtractConfig, extract_with_student
+from ofactl.probe import ProbeConfig, build_task, train_probe
+from ofactl.progress import NullProgress, Progress
+
+
+@dataclass
+class SweepConfig:
+    task: str = "ks"
+    rates: tuple[float, ...] = (1.0, 0.75, 0.5, 0.33, 0.25)
+    label_column: str = ""
+    layers: str = "all"
+    seed: int = 0
+    timing_utts: int = 16
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    extract: ExtractConfig = field(default_factory=lambda: ExtractConfig(dtype="float16"))
+
+    def validate(self) -> None:
+        for r in self.rates:
+            if not 0 < r <= 1:
+                raise ValueError(f"rate {r} is outside (0, 1]")
+        self.probe.validate()
+
+
+@dataclass
+class SweepRow:
+    label: str
+    checkpoint_sha256: str
+    store_group: str
+    task: str
+    requested_rate: float
+    achieved_rate: float
+    frame_period_ms: float
+    metric: str
+    test: float
+    dev: float
+    extra_metrics: dict[str, float]
+    upstream_gmacs_per_s: float
+    upstream_cnn_gmacs_per_s: float
+    extract_s_per_audio_s: float
+    probe_train_s: float
+    probe_params: int
+    probe_mmacs_per_s: float
+    store_mb: float
+    infeasible_test: int | None
+    layer_weights: list[float]
+    seed: int
+    ofactl_version: str = __version__
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SweepResult:
+    out_dir: Path
+    rows: list[SweepRow]
+    reused: int
+    csv: Path
+    json: Path
+    png: Path | None
+    wall_seconds: float
+
+
+def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Path | Corpus, out_dir: Path,
+              store: Path | None = None, *, overwrite: bool = False,
+              progress: Progress | None = None) -> SweepResult:
+    """``ckpts``: (label, path) pairs. One store per checkpoint (``store`` for a single one)."""
+    from ofactl.checkpoint import file_sha256, load_student
+    from ofactl.model.macs import student_gmacs_per_second
+    from ofactl.storage import open_store
+    from ofactl.storage.zarr_store import rate_key
+
+    progress = progress or NullProgress()
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    (out_dir / "rows").mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, "sweep", out_dir / "config.yaml")
+    cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus, on_error=cfg.extract.on_error)
+    task = build_task(cfg.task, cps, cfg.label_column or None, cfg.seed)
+    task_ids = set(task.ids)
+    sub = cps.subset(task_ids)
+    from ofactl.model.blocks import cnn_lengths
+
+    rows, reused = [], 0
+    labels = [lab for lab, _ in ckpts]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"checkpoint labels must differ, got {labels}")
+    for label, ckpt in ckpts:
+        sha = file_sha256(Path(ckpt))
+        student, _ = load_student(Path(ckpt))
+        arch = student.cfg.arch
+        in_frames = dict(zip([u.id for u in sub], cnn_lengths(arch, torch.tensor([u.n_samples_16k for u in sub])).tolist()))
+        st_path = Path(store) if (store is not None and len(ckpts) == 1) else out_dir / f"feats-{label}.zarr"
+        rates = list(cfg.rates) if student.cfg.compressor == "cif" else [r for r in cfg.rates if _supported(student, r)]
+        for r in rates:
+            key = f"{label}__{rate_key(r)}__{cfg.task}"
+            cache = out_dir / "rows" / f"{key}.json"
+            if cache.is_file() and not overwrite:
+                doc = json.loads(cache.read_text())
+                if doc.get("checkpoint_sha256") == sha and doc.get("seed") == cfg.seed:
+                    rows.append(SweepRow(**doc))
+                    reused += 1
+                    progress.log(f"{label} {rate_key(r)}: reusing the finished row")
+                    continue
+            ecfg = replace(cfg.extract, rates=(r,), layers=cfg.layers)
+            extract_with_student(ecfg, student, sha, sub, st_path, progress=progress, ckpt_path=str(ckpt),
+                                 overwrite=overwrite)
+            g = open_store(st_path).group(r)
+            feats = {u: x for u, x in g if u in task_ids}
+            progress.log(f"{label} {rate_key(r)}: training the {cfg.task} probe on {len(task.splits['train'])} utterances")
+            res = train_probe(task, feats, cfg.probe, in_frames)
+            mac = student_gmacs_per_second(arch, r if student.cfg.compressor != "none" else 1.0, student.cfg.compressor)
+            achieved = float(g.attrs.get("achieved_rate") or r)
+            row = SweepRow(
+                label=label, checkpoint_sha256=sha, store_group=f"{st_path}/{rate_key(r)}", task=cfg.task,
+                requested_rate=r, achieved_rate=round(achieved, 5),
+                frame_period_ms=round(g.attrs["input_frame_ms"] / achieved, 3), metric=res.metric,
+                test=round(res.test[res.metric], 5), dev=round(res.dev[res.metric], 5),
+                extra_metrics={k: round(v, 5) for k, v in res.test.items() if k != res.metric},
+                upstream_gmacs_per_s=round(mac["total"], 4), upstream_cnn_gmacs_per_s=round(mac["cnn"], 4),
+                extract_s_per_audio_s=round(_time_extract(student, sub, r, cfg.timing_utts), 5),
+                probe_train_s=round(res.train_seconds, 2), probe_params=res.params,
+                probe_mmacs_per_s=round(_probe_macs(res.params, achieved, arch.hop) / 1e6, 3),
+                store_mb=round(open_store(st_path).size_bytes(r) / 1e6, 2),
+                infeasible_test=res.infeasible.get("test") if res.infeasible else None,
+                layer_weights=res.layer_weights, seed=cfg.seed)
+            cache.write_text(json.dumps(row.to_json(), indent=2))
+            rows.append(row)
+    rows.sort(key=lambda x: (labels.index(x.label), -x.requested_rate))
+    csv_path, json_path = out_dir / "sweep.csv", out_dir / "sweep.json"
+    _write_csv(csv_path, rows)
+    json_path.write_text(json.dumps({"task": cfg.task, "config": to_dict(cfg), "rows": [r.to_json() for r in rows]}, indent=2))
+    png = plot_tradeoff(rows, out_dir / "tradeoff.png")
+    return SweepResult(out_dir, rows, reused, csv_path, json_path, png, time.perf_counter() - t0)
+
+
+def _supported(student: Any, r: float) -> bool:
+    return student.cfg.compressor != "none" or r == 1.0
+
+
+def _probe_macs(params: int, rate: float, hop: int) -> float:
+    """Rough probe MACs per audio second: one multiply per parameter per output frame."""
+    return params * rate * 16000 / hop
+
+
+@torch.no_grad()
+def _time_extract(student: Any, corpus: Corpus, rate: float, n: int) -> float:
+    """Measured student forward seconds per audio second on the first ``n`` utterances."""
+    utts = list(corpus)[:n]
+    wavs = [load_audio(u.path) for u in utts]
+    lengths = torch.tensor([len(w) for w in wavs])
+    wav = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)
+    student.features(wav, lengths, [rate])  # warm-up
+    t0 = time.perf_counter()
+    student.features(wav, lengths, [rate])
+    return (time.perf_counter() - t0) / max(1e-9, float(lengths.sum()) / 16000)
+
+
+COLUMNS = ("label", "task", "requested_rate", "achieved_rate", "frame_period_ms", "metric", "test", "dev",
+           "upstream_gmacs_per_s", "upstream_cnn_gmacs_per_s", "extract_s_per_audio_s", "probe_train_s",
+           "probe_params", "probe_mmacs_per_s", "store_mb", "infeasible_test", "store_group", "checkpoint_sha256", "seed")
+
+
+def _write_csv(path: Path, rows: list[SweepRow]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in rows:
+            d = r.to_json()
+            w.writerow(["" if d[c] is None else d[c] for c in COLUMNS])
+
+
+def plot_tradeoff(rows: list[SweepRow], path: Path) -> Path | None:
+    """Metric vs upstream GMAC/s and vs frame period, one line per checkpoint."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    metric = rows[0].metric
+    for label in dict.fromkeys(r.label for r in rows):
+        rs = sorted((r for r in rows if r.label == label), key=lambda r: r.frame_period_ms)
+        axes[0].plot([r.upstream_gmacs_per_s for r in rs], [r.test for r in rs], "o-", label=label)
+        axes[1].plot([r.frame_period_ms for r in rs], [r.test for r in rs], "o-", label=label)
+    axes[0].set_xlabel("upstream GMAC per audio second")
+    axes[1].set_xlabel("frame period (ms)")
+    for ax in axes:
+        ax.set_ylabel(f"{rows[0].task} test {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{rows[0].task}: performance vs compression")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def parse_ckpts(values: list[str]) -> list[tuple[str, Path]]:
+    """``--ckpt PATH`` or ``--ckpt LABEL=PATH`` (repeatable)."""
+    out = []
+    for v in values:
+        label, _, path = v.rpartition("=") if "=" in v else ("", "", v)
+        p = Path(path)
+        out.append((label or p.parent.name or p.stem, p))
+    return out
+
+
+def load_rows(path: Path) -> list[SweepRow]:
+    doc = json.loads(Path(path).read_text())
+    return [SweepRow(**r) for r in doc["rows"]]

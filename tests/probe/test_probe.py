@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ofactl.audio import Corpus, Utterance
+from ofactl.probe import ProbeConfig, build_task, train_probe
+from ofactl.probe.metrics import ctc_greedy, error_rate, words
+from ofactl.probe.tasks import TaskData
+from ofactl.probe.train import infeasible_count
+
+
+def test_error_rates_hand_computed():
+    assert error_rate([["a", "b", "c"]], [["a", "x", "c", "d"]]) == pytest.approx(2 / 4)
+    assert error_rate([list("AB|CD")], [list("AB|CE")]) == pytest.approx(1 / 5)
+    assert words(list("THE|CAT|")) == ["THE", "CAT"]
+    assert error_rate([words(list("THE|BAT"))], [words(list("THE|CAT|SAT"))]) == pytest.approx(2 / 3)
+    logits = torch.full((1, 6, 4), -5.0)
+    for t, k in enumerate([1, 1, 0, 2, 2, 1]):
+        logits[0, t, k] = 5.0
+    assert ctc_greedy(logits, torch.tensor([6])) == [[1, 2, 1]]
+    assert ctc_greedy(logits, torch.tensor([2])) == [[1]]
+
+
+def test_infeasible_counting():
+    labels = {"a": [1, 2, 3], "b": [1, 1], "c": [2]}
+    frames = {"a": 3, "b": 2, "c": 1}  # b needs 3 frames (a blank between the repeats)
+    assert infeasible_count(["a", "b", "c"], labels, frames) == 1
+
+
+def _cls_task(n_per=40, n_cls=4, seed=0):
+    rng = np.random.default_rng(seed)
+    feats, labels, ids = {}, {}, []
+    for c in range(n_cls):
+        center = rng.normal(size=8) * 2
+        for k in range(n_per):
+            u = f"c{c}_{k}"
+            T = int(rng.integers(5, 12))
+            informative = center + 0.5 * rng.normal(size=(T, 8))
+            noise = rng.normal(size=(T, 8)) * 2
+            feats[u] = np.stack([noise, informative], axis=1).astype(np.float32)  # layer 1 informative
+            labels[u] = [c]
+            ids.append(u)
+    rng.shuffle(ids)
+    n = len(ids)
+    splits = {"train": ids[: int(0.7 * n)], "dev": ids[int(0.7 * n) : int(0.85 * n)], "test": ids[int(0.85 * n) :]}
+    return TaskData("cls", "cls", "accuracy", True, splits, labels, [str(c) for c in range(n_cls)]), feats
+
+
+def test_classification_beats_chance_and_prefers_informative_layer():
+    task, feats = _cls_task()
+    res = train_probe(task, feats, ProbeConfig(epochs=30, lr=3e-3, layer_norm=False))
+    assert res.test["accuracy"] > 0.8  # chance is 0.25
+    assert res.layer_weights[1] > res.layer_weights[0]
+    again = train_probe(task, feats, ProbeConfig(epochs=30, lr=3e-3, layer_norm=False))
+    assert again.test == res.test  # deterministic on CPU
+
+
+def test_ctc_beats_blank_only_output():
+    rng = np.random.default_rng(0)
+    V = 5
+    protos = rng.normal(size=(V + 1, 12)) * 2
+    feats, labels, ids = {}, {}, []
+    for k in range(150):
+        u = f"u{k}"
+        seq = [int(x) for x in rng.integers(1, V + 1, size=int(rng.integers(2, 6)))]
+        frames = []
+        for t in seq:
+            frames += [protos[t]] * 3 + [protos[0]]
+        x = np.asarray(frames) + 0.3 * rng.normal(size=(len(frames), 12))
+        feats[u] = x[:, None, :].astype(np.float32)
+        labels[u] = seq
+        ids.append(u)
+    splits = {"train": ids[:110], "dev": ids[110:130], "test": ids[130:]}
+    task = TaskData("pr", "ctc", "per", False, splits, labels, [f"p{i}" for i in range(1, V + 1)])
+    res = train_probe(task, feats, ProbeConfig(epochs=60, ctc_lr=2e-2, batch_size=16, patience=15))
+    assert res.test["per"] < 0.3  # a blank-only output has PER 1.0
+    assert res.infeasible == {"train": 0, "test": 0}
+
+
+def _corpus(tmp_path, with_split=False):
+    utts = []
+    for s in range(10):
+        for k in range(6):
+            labels = {"speaker": f"s{s}", "label": f"w{k % 3}", "phones": "a b", "text": "hi there"}
+            if with_split:
+                labels["split"] = "train" if s < 6 else "dev" if s < 8 else "test"
+            utts.append(Utterance(f"s{s}_{k}", tmp_path / "x.wav", 16000, 16000, labels))
+    return Corpus("mem", utts)
+
+
+def test_splits_keep_speakers_apart_except_sid(tmp_path):
+    c = _corpus(tmp_path)
+    spk = {u.id: u.labels["speaker"] for u in c}
+    for task in ("ks", "cls", "pr", "asr"):
+        t = build_task(task, c, seed=3)
+        sets = {s: {spk[u] for u in ids} for s, ids in t.splits.items()}
+        assert not sets["train"] & sets["test"] and not sets["train"] & sets["dev"] and not sets["dev"] & sets["test"]
+        assert sum(len(v) for v in t.splits.values()) == 60
+    sid = build_task("sid", _corpus(tmp_path, with_split=True))
+    assert {spk[u] for u in sid.splits["test"]} == {spk[u] for u in sid.splits["train"]} == {f"s{i}" for i in range(10)}
+    given = build_task("ks", _corpus(tmp_path, with_split=True))
+    assert len(given.splits["train"]) == 36 and len(given.splits["test"]) == 12
+    asr = build_task("asr", c)
+    assert "".join(asr.vocab[i - 1] for i in asr.labels["s0_0"]) == "HI|THERE"
+
+
+def test_missing_label_column_is_clear(tmp_path):
+    from ofactl.errors import ConfigError
+
+    c = Corpus("mem", [Utterance("a", tmp_path / "a.wav", 10, 16000, {"speaker": "x"})])
+    with pytest.raises(ConfigError, match="task pr needs a 'phones' column"):
+        build_task("pr", c)
+    with pytest.raises(ConfigError, match="unknown task"):
+        build_task("xx", c)

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import csv
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from ofactl.checkpoint import save_student
+from ofactl.cli import app
+from ofactl.model.student import Student, student_config
+
+
+def test_sweep_outputs_and_resume(tmp_path, synth_corpus):
+    torch.manual_seed(0)
+    ckpt = save_student(tmp_path / "s.pt", Student(student_config("tiny")))
+    args = ["sweep", "--ckpt", f"ofa={ckpt}", "--corpus", str(synth_corpus), "--task", "ks", "--rates", "1,0.5",
+            "--out", str(tmp_path / "sw"), "--set", "probe.epochs=3", "--set", "extract.num_workers=0", "--json"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [x["requested_rate"] for x in rows] == [1.0, 0.5]
+    assert rows[1]["upstream_gmacs_per_s"] < rows[0]["upstream_gmacs_per_s"]
+    assert abs(rows[1]["frame_period_ms"] - 40) < 4 and rows[0]["metric"] == "accuracy"
+    out = tmp_path / "sw"
+    with open(out / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    png = (out / "tradeoff.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.pyplot as plt
+
+    assert plt.imread(out / "tradeoff.png").shape[2] in (3, 4)
+    # rerun: finished rows are reused, no probe is trained
+    r2 = CliRunner().invoke(app, args[:-1])
+    assert r2.exit_code == 0 and "2 row(s) reused" in r2.stderr
+
+
+def test_sweep_compares_checkpoints_and_pr_counts_infeasible(tmp_path, synth_corpus):
+    from ofactl.probe import ProbeConfig
+    from ofactl.sweep import SweepConfig, run_sweep
+
+    torch.manual_seed(0)
+    a = save_student(tmp_path / "a.pt", Student(student_config("tiny")))
+    cfg_b = student_config("tiny")
+    cfg_b.compressor = "avgpool"
+    b = save_student(tmp_path / "b.pt", Student(cfg_b))
+    cfg = SweepConfig(task="pr", rates=(1.0, 0.1), probe=ProbeConfig(epochs=2))
+    cfg.extract.num_workers = 0
+    res = run_sweep(cfg, [("ofa", a), ("avg", b)], synth_corpus, tmp_path / "sw")
+    assert {r.label for r in res.rows} == {"ofa", "avg"} and len(res.rows) == 4
+    low = [r for r in res.rows if r.requested_rate == 0.1]
+    assert all(r.infeasible_test is not None and r.infeasible_test > 0 for r in low)
