@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
+from ofactl.config import to_dict
 from ofactl.errors import AudioError, ConfigError, OfactlError, StoreError
 from ofactl.progress import NullProgress, Progress
 
@@ -480,6 +481,7 @@ def _group_attrs(cfg: ExtractConfig, rate: float, layers: list[int], student: An
         "student_sha256": student_id, "student_path": ckpt_path, "alpha_mean": student.alpha_mean,
         "corpus_fingerprint": cps.fingerprint(), "corpus": cps.source, "n_utts": len(cps),
         "input_frames": int(t_in.sum()), "corpus_errors": dict(cps.problems),
+        "extract_config": to_dict(cfg),  # the resolved config of the run that created the group
     }
 
 

@@ -325,3 +325,18 @@ def test_sigkill_then_resume_equals_clean_run(tmp_path, synth_corpus):
     for rate in (1.0, 0.5):
         a, b = all_feats(store, rate), all_feats(tmp_path / "clean.zarr", rate)
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_cli_hdf5_format_and_recorded_config(tmp_path, synth_corpus, student_ckpt):
+    ckpt, _ = student_ckpt
+    out = tmp_path / "f.h5"
+    r = CliRunner().invoke(app, ["extract", "--ckpt", str(ckpt), "--corpus", str(synth_corpus), "--out", str(out),
+                                 "--rate", "0.5", "--format", "hdf5", "--workers", "0", "--quiet"])
+    assert r.exit_code == 0, r.output
+    from ofactl.storage.hdf5_export import read_hdf5_group
+
+    h = read_hdf5_group(out, 0.5)
+    g = open_store(str(out) + ".zarr").group(0.5)
+    assert h["utt_id"] == g.utt_ids and h["attrs"]["extract_config"]["rates"] == [0.5]
+    r = CliRunner().invoke(app, ["info", str(out), "--json"])
+    assert json.loads(r.stdout)["groups"][0]["utterances"] == len(g)
