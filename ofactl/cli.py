@@ -373,11 +373,47 @@ def sweep(
 
 @app.command()
 def adapt(
-    config: ConfigOpt = None, set_: SetOpt = None, as_json: JsonOpt = False,
-    quiet: QuietOpt = False, debug: DebugOpt = False,
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="Once-for-all (cif) student checkpoint.")],
+    corpus: Annotated[str, typer.Option("--corpus", help="Labelled corpus (.tsv manifest or folder::pattern).")],
+    task: Annotated[Optional[str], typer.Option("--task", help="asr, pr, ks, sid or cls.")] = None,
+    cost: Annotated[Optional[float], typer.Option("--cost", help="gamma: task loss traded per halving of the frame rate.")] = None,
+    target_rate: Annotated[Optional[float], typer.Option("--target-rate", help="Penalise the distance to this rate instead.")] = None,
+    init_rate: Annotated[Optional[float], typer.Option("--init-rate", help="Starting rate.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: summary.json, trajectory.jsonl/.png, rate.yaml.")] = Path("adapt"),
+    compare_sweep: Annotated[Optional[Path], typer.Option("--compare-sweep", help="A sweep folder of the same task to compare with.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
-    """Let a downstream task learn its own compression rate."""
-    _call(debug, lambda: _not_yet("adapt"))
+    """Let a downstream task learn its own compression rate (lambda trained with the probe).
+
+    Writes rate.yaml, so 'ofactl extract -c OUT/rate.yaml' extracts at the learned rate.
+    """
+    from ofactl.adapt import AdaptConfig, run_adapt
+    from ofactl.config import load_config
+
+    def go() -> Any:
+        overrides = list(set_ or [])
+        for key, val in (("task", task), ("cost", cost), ("target_rate", target_rate), ("init_rate", init_rate)):
+            if val is not None:
+                overrides.append(f"{key}={val}")
+        cfg = load_config(AdaptConfig, "adapt", config, overrides)
+        return run_adapt(cfg, ckpt, corpus, out, compare_sweep, progress=_progress(quiet, as_json))
+
+    res = _call(debug, go)
+    if as_json:
+        _emit_json(res.to_json())
+    elif not quiet:
+        err_console.print(f"{res.task}: learned rate {res.learned_rate:.3f} ({res.frame_period_ms:.1f} ms frames, "
+                          f"lambda {res.learned_lambda:.3f}); test {res.metric} {res.test:.4f}", highlight=False)
+        if res.comparison:
+            c = res.comparison
+            err_console.print(f"sweep at that rate: {c['sweep_at_learned_rate']:.4f}; near-flat region "
+                              f"{c['near_flat_region']}; adapt {c['adapt_seconds']:.0f} s vs "
+                              f"{c['sweep_probe_trainings']} sweep probe trainings", highlight=False)
+        err_console.print(f"extract at this rate: ofactl extract -c {res.out_dir / 'rate.yaml'} ...", highlight=False)
 
 
 @app.command()
