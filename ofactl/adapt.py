@@ -182,9 +182,9 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
             step += 1
             achieved = float(hidden.lengths.sum() / n.sum())
             rec = {"step": step, "epoch": epoch + 1, "lambda": round(float(lm.detach()), 5),
-                   "expected_ratio": round(float(mean_ratio), 5), "achieved_rate": round(achieved, 5),
-                   "frame_period_ms": round(20.0 / max(achieved, 1e-6), 2), "task_loss": round(float(loss), 5),
-                   "cost": round(float(cost), 5)}
+                   "expected_ratio": round(float(mean_ratio.detach()), 5), "achieved_rate": round(achieved, 5),
+                   "frame_period_ms": round(20.0 / max(achieved, 1e-6), 2), "task_loss": round(float(loss.detach()), 5),
+                   "cost": round(float(cost.detach()), 5)}
             traj.append(rec)
             progress.advance(1, lam=rec["lambda"], rate=rec["achieved_rate"], loss=rec["task_loss"])
     progress.finish()

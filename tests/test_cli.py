@@ -59,10 +59,10 @@ def test_synth_json_on_stdout(tmp_path):
     assert doc2["reused"] is True
 
 
-def test_not_built_commands_exit_1():
-    for cmd in ("sweep", "adapt"):
+def test_missing_required_options_exit_2():
+    for cmd in ("distill", "extract", "sweep", "adapt"):
         r = runner.invoke(app, [cmd])
-        assert r.exit_code == 1 and "not available yet" in r.stderr
+        assert r.exit_code == 2 and "Missing option" in r.output
 
 
 def test_info_json():
