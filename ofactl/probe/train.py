@@ -23,6 +23,7 @@ from ofactl.probe.tasks import TaskData
 class ProbeConfig:
     epochs: int = 40
     patience: int = 8
+    min_epochs: int = 10  # no early stop before this: CTC spends its first epochs emitting blanks
     batch_size: int = 32
     lr: float = 1e-3  # utterance-level heads
     ctc_lr: float = 1e-2  # CTC heads (SUPERB trains its linear phoneme probe at 1e-2)
@@ -154,7 +155,7 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             waited += 1
-            if waited >= cfg.patience:
+            if waited >= cfg.patience and epoch >= cfg.min_epochs:
                 break
     assert best_state is not None
     model.load_state_dict(best_state)
