@@ -61,6 +61,20 @@ DebugOpt = Annotated[
 ]
 
 
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda[:N].", rich_help_panel="Compute")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(
+    "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA).", rich_help_panel="Compute")]
+
+
+def _with_flags(set_: Optional[list[str]], **flags: Any) -> list[str]:
+    """--set overrides plus one key=value per command-line flag that was given (dots as __)."""
+    out = list(set_ or [])
+    for key, val in flags.items():
+        if val is not None:
+            out.append(f"{key.replace('__', '.')}={val}")
+    return out
+
+
 class RichProgress:
     """:class:`ofactl.progress.Progress` on a rich progress bar (stderr)."""
 
@@ -190,8 +204,8 @@ def distill(
     compressor: Annotated[Optional[str], typer.Option("--compressor", help="cif (once-for-all), avgpool (fixed-rate baseline) or none.")] = None,
     rate: Annotated[Optional[float], typer.Option("--rate", help="Train at this one rate only (fixed-rate baseline).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda[:N].")] = None,
-    precision: Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 on CUDA), fp32, bf16, fp16 (CUDA).")] = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a non-empty --out.")] = False,
     config: ConfigOpt = None,
@@ -208,11 +222,8 @@ def distill(
     from ofactl.distill import DistillConfig, run_distill
 
     def go() -> Any:
-        overrides = list(set_ or [])
-        for key, val in (("teacher", teacher), ("guidance.boundaries", boundaries), ("steps", steps),
-                         ("device", device), ("precision", precision), ("student.compressor", compressor)):
-            if val is not None:
-                overrides.append(f"{key}={val}")
+        overrides = _with_flags(set_, teacher=teacher, guidance__boundaries=boundaries, steps=steps,
+                                device=device, precision=precision, student__compressor=compressor)
         if rate is not None:
             if compressor == "avgpool":
                 overrides.append(f"compressor_rate={rate}")
@@ -242,8 +253,8 @@ def extract(
     frame_ms: Annotated[Optional[list[float]], typer.Option("--frame-ms", help="Average frame period in ms (>= 20), instead of --rate (repeatable).")] = None,
     layers: Annotated[Optional[str], typer.Option("--layers", help="'all' or hidden-state indices, e.g. 0,2.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16 (default) or float32.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda[:N].")] = None,
-    precision: Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     batch_seconds: Annotated[Optional[float], typer.Option("--batch-seconds", help="Padded audio seconds per batch.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Audio decoding worker processes.")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="i/N: this process fills every N-th block, from i.")] = None,
@@ -273,10 +284,8 @@ def extract(
             rates += [rate_from_frame_ms(ms) for ms in frame_ms]
         if rates:
             overrides.append("rates=[" + ",".join(repr(float(r)) for r in rates) + "]")
-        for key, val in (("layers", layers), ("dtype", dtype), ("device", device), ("precision", precision),
-                         ("batch_seconds", batch_seconds), ("num_workers", workers), ("on_error", on_error)):
-            if val is not None:
-                overrides.append(f"{key}={val}")
+        overrides += _with_flags(None, layers=layers, dtype=dtype, device=device, precision=precision,
+                                 batch_seconds=batch_seconds, num_workers=workers, on_error=on_error)
         if adaptive_length:
             overrides.append("adaptive_length=true")
         if fmt not in ("zarr", "hdf5"):
@@ -341,13 +350,8 @@ def sweep(
     from ofactl.sweep import SweepConfig, parse_ckpts, run_sweep
 
     def go() -> Any:
-        overrides = list(set_ or [])
-        if task is not None:
-            overrides.append(f"task={task}")
-        if rates is not None:
-            overrides.append(f"rates=[{rates}]")
-        if label_column is not None:
-            overrides.append(f"label_column={label_column}")
+        overrides = _with_flags(set_, task=task, rates=None if rates is None else f"[{rates}]",
+                                label_column=label_column)
         cfg = load_config(SweepConfig, "sweep", config, overrides)
         return run_sweep(cfg, parse_ckpts(ckpt), corpus, out, store, overwrite=overwrite,
                          progress=_progress(quiet, as_json))
@@ -395,10 +399,7 @@ def adapt(
     from ofactl.config import load_config
 
     def go() -> Any:
-        overrides = list(set_ or [])
-        for key, val in (("task", task), ("cost", cost), ("target_rate", target_rate), ("init_rate", init_rate)):
-            if val is not None:
-                overrides.append(f"{key}={val}")
+        overrides = _with_flags(set_, task=task, cost=cost, target_rate=target_rate, init_rate=init_rate)
         cfg = load_config(AdaptConfig, "adapt", config, overrides)
         return run_adapt(cfg, ckpt, corpus, out, compare_sweep, progress=_progress(quiet, as_json))
 
