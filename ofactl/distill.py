@@ -30,10 +30,10 @@ from torch import Tensor
 from ofactl import __version__
 from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
 from ofactl.config import save_resolved, to_dict
-from ofactl.errors import CheckpointError, ConfigError, OfactlError
+from ofactl.errors import CheckpointError, ConfigError, InterruptedRun, OfactlError
 from ofactl.model.compress import length_mask, rate_to_lambda
 from ofactl.model.student import Student, StudentConfig, student_config
-from ofactl.progress import NullProgress, Progress
+from ofactl.progress import NullProgress, Progress, ignore_sigint_in_worker
 
 SR = 16000
 
@@ -404,7 +404,8 @@ def run_distill(
         prefetch_factor=2 if cfg.num_workers else None,
         # its own generator: creating the iterator must not draw from the global RNG, or a
         # resumed run's dropout would diverge from an uninterrupted one
-        generator=torch.Generator().manual_seed(cfg.seed + start))
+        generator=torch.Generator().manual_seed(cfg.seed + start),
+        worker_init_fn=ignore_sigint_in_worker if cfg.num_workers else None)
     metrics = open(run_dir / "metrics.jsonl", "a") if main_rank else None
     teacher_desc = {k: v for k, v in teacher.describe().items()}
     t0 = time.perf_counter()
@@ -474,7 +475,7 @@ def run_distill(
         progress.finish()
         if main_rank and step > start:
             save(step)
-            raise OfactlError(f"interrupted at step {step}; checkpoint saved, continue with --resume") from None
+            raise InterruptedRun(f"interrupted at step {step}; checkpoint saved, continue with --resume") from None
         raise
     finally:
         progress.finish()

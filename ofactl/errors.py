@@ -35,3 +35,9 @@ class ModelError(OfactlError):
 
 class NotAvailableError(OfactlError):
     """A command or option that this version does not provide."""
+
+
+class InterruptedRun(OfactlError):
+    """Ctrl-C: the work done so far was saved; exit code 130 like other interrupted commands."""
+
+    exit_code = 130

@@ -22,7 +22,7 @@ import torch
 from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
 from ofactl.config import to_dict
 from ofactl.errors import AudioError, ConfigError, OfactlError, StoreError
-from ofactl.progress import NullProgress, Progress
+from ofactl.progress import NullProgress, Progress, ignore_sigint_in_worker
 
 SR = 16000
 
@@ -550,7 +550,7 @@ def _run_batches(plan: list[list[int]], utts: list[Utterance], t_in: np.ndarray,
     loader = torch.utils.data.DataLoader(
         _BatchSource(plan, utts), batch_size=None, shuffle=False, num_workers=cfg.num_workers,
         pin_memory=False, prefetch_factor=4 if cfg.num_workers else None,
-        persistent_workers=False,
+        persistent_workers=False, worker_init_fn=ignore_sigint_in_worker if cfg.num_workers else None,
     )
     flush_frames = 16 * cfg.chunk_frames
     writer = None if discard else _Writer(states, flush_frames)

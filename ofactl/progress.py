@@ -39,3 +39,11 @@ class NullProgress:
 
     def finish(self) -> None:
         pass
+
+
+def ignore_sigint_in_worker(_: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C is handled by the main process alone (it saves the
+    work done), so workers ignore SIGINT instead of printing their own tracebacks."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

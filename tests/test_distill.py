@@ -180,3 +180,21 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, synth_corpus):
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "ddp/summary.json").read_text())
     assert summary["ranks_in_sync"] is True and summary["steps"] == 3
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, synth_corpus):
+    out = tmp_path / "int"
+    cmd = [sys.executable, "-m", "ofactl", "distill", "-c", "distill-tiny", "--corpus", str(synth_corpus),
+           "--out", str(out), "--steps", "500", "--boundaries", "none", "--set", "batch_seconds=6",
+           "--set", "crop_seconds=2", "--set", "num_workers=1", "--set", "eval_utts=4", "--set", "eval_rates=[1.0]",
+           "--set", "ckpt_every=1000", "--set", "log_every=1"]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    metrics = out / "metrics.jsonl"
+    while time.monotonic() < deadline and p.poll() is None and not (metrics.exists() and metrics.stat().st_size > 300):
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130, err[-2000:]
+    assert "checkpoint saved, continue with --resume" in err and "Traceback" not in err
+    assert list((out / "checkpoints").glob("step-*.pt"))
