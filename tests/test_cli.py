@@ -105,3 +105,14 @@ def test_info_describes_checkpoint_and_teacher(tmp_path):
     torch.save({"x": torch.zeros(1)}, bad)
     r = runner.invoke(app, ["info", "--teacher", str(bad)])
     assert r.exit_code == 1 and "accepted:" in r.stderr
+
+
+def test_docs_cli_md_is_current():
+    from pathlib import Path
+
+    from ofactl.cli import cli_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    assert doc.read_text() == cli_markdown(), "docs/cli.md is stale: run python -m ofactl.cli_docs"
+    for cmd in ("synth", "distill", "extract", "sweep", "adapt", "info"):
+        assert f"## `ofactl {cmd}`" in doc.read_text()
