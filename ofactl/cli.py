@@ -163,6 +163,55 @@ def _root(
 
 
 @app.command()
+def quickstart(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for every stage's output.")] = Path("ofactl-quickstart"),
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """The whole pipeline on the built-in default, no data or weights needed: synth, distill,
+    extract at several rates, sweep keyword spotting and speaker ID, adapt, summary.
+
+    Reruns reuse finished stages.
+    """
+    from ofactl.config import load_config
+    from ofactl.quickstart import QuickstartConfig, run_quickstart
+
+    def go() -> Any:
+        cfg = load_config(QuickstartConfig, "quickstart", config, _with_flags(set_, device=device))
+        return run_quickstart(cfg, out, progress=_progress(quiet, as_json))
+
+    res = _call(debug, go)
+    if as_json:
+        _emit_json(res.to_json())
+        return
+    if quiet:
+        return
+    from rich.table import Table
+
+    tasks = list(dict.fromkeys(r["task"] for r in res.rows))
+    t = Table(title="once-for-all trade-off (test metrics per rate)", title_justify="left")
+    for col in ["rate", "frame ms", "GMAC/s", *[f"{k} {next(r['metric'] for r in res.rows if r['task'] == k)}" for k in tasks]]:
+        t.add_column(col, justify="right", no_wrap=True)
+    for rate in sorted({r["requested_rate"] for r in res.rows}, reverse=True):
+        by = {r["task"]: r for r in res.rows if r["requested_rate"] == rate}
+        first = next(iter(by.values()))
+        t.add_row(f"{rate:g}", f"{first['frame_period_ms']:.1f}", f"{first['upstream_gmacs_per_s']:.3f}",
+                  *[f"{by[k]['test']:.3f}" if k in by else "-" for k in tasks])
+    err_console.print(t)
+    a = res.adapt
+    err_console.print(f"adapt --task {a['task']}: learned rate {a['learned_rate']:.3f} ({a['frame_period_ms']:.1f} ms), "
+                      f"test {a['metric']} {a['test']:.3f}", highlight=False)
+    for k, v in res.paths.items():
+        err_console.print(f"  {k}: {v}", highlight=False)
+    err_console.print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in res.stage_seconds.items()), highlight=False)
+    err_console.print(f"[yellow]note:[/yellow] {res.note}", highlight=False)
+
+
+@app.command()
 def synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for WAVs and manifest.tsv.")] = Path("ofactl-data/synth"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,

@@ -21,7 +21,7 @@ from ofactl import __version__
 from ofactl.audio import Corpus, load_audio, read_corpus
 from ofactl.config import save_resolved, to_dict
 from ofactl.errors import ConfigError
-from ofactl.extract import ExtractConfig, extract_with_student
+from ofactl.extract import ExtractConfig, extract_with_student, parse_layers
 from ofactl.probe import ProbeConfig, build_task, train_probe
 from ofactl.progress import NullProgress, Progress
 
@@ -125,9 +125,13 @@ def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pat
                     reused += 1
                     progress.log(f"{label} {rate_key(r)}: reusing the finished row")
                     continue
-            ecfg = replace(cfg.extract, rates=(r,), layers=cfg.layers)
-            extract_with_student(ecfg, student, sha, sub, st_path, progress=progress, ckpt_path=str(ckpt),
-                                 overwrite=overwrite)
+            if not _group_covers(st_path, r, sha, parse_layers(cfg.layers, student.num_hidden), task_ids):
+                # the whole corpus, so one store serves every task
+                ecfg = replace(cfg.extract, rates=(r,), layers=cfg.layers)
+                extract_with_student(ecfg, student, sha, cps, st_path, progress=progress, ckpt_path=str(ckpt),
+                                     overwrite=overwrite)
+            else:
+                progress.log(f"{label} {rate_key(r)}: using the cached group in {st_path}")
             g = open_store(st_path).group(r)
             feats = {u: x for u, x in g if u in task_ids}
             progress.log(f"{label} {rate_key(r)}: training the {cfg.task} probe on {len(task.splits['train'])} utterances")
@@ -155,6 +159,24 @@ def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pat
     json_path.write_text(json.dumps({"task": cfg.task, "config": to_dict(cfg), "rows": [r.to_json() for r in rows]}, indent=2))
     png = plot_tradeoff(rows, out_dir / "tradeoff.png")
     return SweepResult(out_dir, rows, reused, csv_path, json_path, png, time.perf_counter() - t0)
+
+
+def _group_covers(store: Path, rate: float, sha: str, layers: list[int], ids: set[str]) -> bool:
+    """True when ``store`` already holds every utterance in ``ids`` at ``rate`` from this student."""
+    from ofactl.errors import StoreError
+    from ofactl.storage import open_store
+
+    if not (Path(store) / "zarr.json").is_file():
+        return False
+    try:
+        g = open_store(store).group(rate)
+    except StoreError:
+        return False
+    a = g.attrs
+    if a.get("student_sha256") != sha or a.get("layers") != layers:
+        return False
+    done = {u for u, d in zip(g.utt_ids, g.done) if d}
+    return ids <= done
 
 
 def _supported(student: Any, r: float) -> bool:

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from ofactl.cli import app
+from ofactl.config import find_preset, load_yaml
+
+
+def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
+    synth = tmp_path / "synth.yaml"
+    synth.write_text(yaml.safe_dump({"synth": {"seed": 1, "n_speakers": 6, "keyword_takes": 2,
+                                               "keywords": ["yes", "no", "stop"], "n_sentences": 6,
+                                               "sentences_per_speaker": 2}}))
+    d = load_yaml(find_preset("distill-tiny"))
+    d["distill"].update({"steps": 3, "batch_seconds": 6.0, "crop_seconds": 2.0, "num_workers": 0, "eval_utts": 4,
+                         "eval_rates": [1.0], "guidance": {"boundaries": "phone_times"}})
+    distill = tmp_path / "distill.yaml"
+    distill.write_text(yaml.safe_dump(d))
+    qs = tmp_path / "qs.yaml"
+    qs.write_text(yaml.safe_dump({"quickstart": {"synth_preset": str(synth), "distill_preset": str(distill),
+                                                 "rates": [1.0, 0.5], "tasks": ["ks", "sid"], "adapt_task": "sid",
+                                                 "adapt_epochs": 1, "probe_epochs": 2}}))
+    args = ["quickstart", "--out", str(tmp_path / "qs"), "-c", str(qs), "--device", "cpu", "--json"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert {(x["task"], x["requested_rate"]) for x in doc["rows"]} == {("ks", 1.0), ("ks", 0.5), ("sid", 1.0), ("sid", 0.5)}
+    assert 0 < doc["adapt"]["learned_rate"] <= 1 and "UNTRAINED" in doc["note"]
+    for key in ("student", "store", "ks_plot", "sid_csv", "adapt_rate_config"):
+        assert Path(doc["paths"][key]).exists()
+    t0 = time.perf_counter()
+    r2 = CliRunner().invoke(app, args)
+    assert r2.exit_code == 0
+    assert json.loads(r2.stdout)["rows"] == doc["rows"]
+    assert time.perf_counter() - t0 < 30  # every stage reused
