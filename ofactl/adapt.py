@@ -51,6 +51,8 @@ class AdaptConfig:
     lambda_lr: float = 0.05
     lambda_warmup: float = 0.3  # share of the steps training the probe alone: a random probe's
     # loss says nothing about the rate, so lambda starts learning once the probe does
+    lambda_data: str = "dev"  # dev: lambda follows the dev-split loss (first-order DARTS); train: the same loss as the probe
+    min_rate: float = 0.2  # lowest rate lambda may reach (100 ms; OFA students are distilled on 20-90 ms)
     seed: int = 0
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
@@ -61,6 +63,10 @@ class AdaptConfig:
             raise ValueError("cost (gamma) must be >= 0")
         if not 0 <= self.target_rate <= 1:
             raise ValueError("target_rate must be in [0, 1] (0: off)")
+        if self.lambda_data not in ("dev", "train"):
+            raise ValueError(f"lambda_data must be dev or train, got {self.lambda_data!r}")
+        if not 0 < self.min_rate < 1 or self.min_rate > self.init_rate:
+            raise ValueError("min_rate must be in (0, 1) and at most init_rate")
         if not 0 <= self.lambda_warmup < 1:
             raise ValueError("lambda_warmup must be in [0, 1)")
         if self.epochs < 1 or self.batch_size < 1 or self.lambda_lr <= 0:
@@ -68,15 +74,16 @@ class AdaptConfig:
 
 
 class LearnableLambda(torch.nn.Module):
-    """lambda = LAMBDA_MAX * sigmoid(theta): stays in range whatever the optimiser does."""
+    """lambda = top * sigmoid(theta), top <= LAMBDA_MAX: stays in [0, top) whatever the optimiser does."""
 
-    def __init__(self, init: float) -> None:
+    def __init__(self, init: float, top: float = LAMBDA_MAX) -> None:
         super().__init__()
-        p = min(max(init / LAMBDA_MAX, 1e-4), 1 - 1e-4)
+        self.top = min(float(top), LAMBDA_MAX)
+        p = min(max(init / self.top, 1e-4), 1 - 1e-4)
         self.theta = torch.nn.Parameter(torch.tensor(float(np.log(p / (1 - p)))))
 
     def forward(self) -> Tensor:
-        return LAMBDA_MAX * torch.sigmoid(self.theta)
+        return self.top * torch.sigmoid(self.theta)
 
 
 @dataclass
@@ -148,12 +155,15 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
     cache = _cnn_cache(student, utts, device)
     progress.finish()
     alpha_mean = student.alpha_mean
-    lam = LearnableLambda(float(rate_to_lambda(cfg.init_rate, alpha_mean))).to(device)
+    lam = LearnableLambda(float(rate_to_lambda(cfg.init_rate, alpha_mean)),
+                          float(rate_to_lambda(cfg.min_rate, alpha_mean))).to(device)
     probe = Probe(student.num_hidden, student.cfg.arch.embed_dim, task.n_outputs, task.kind, cfg.probe).to(device)
-    opt = torch.optim.Adam([{"params": probe.parameters(), "lr": cfg.probe.ctc_lr if task.kind == "ctc" else cfg.probe.lr},
-                            {"params": lam.parameters(), "lr": cfg.lambda_lr}])
+    opt = torch.optim.Adam(probe.parameters(), lr=cfg.probe.ctc_lr if task.kind == "ctc" else cfg.probe.lr)
+    opt_lam = torch.optim.Adam(lam.parameters(), lr=cfg.lambda_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     train = task.splits["train"]
+    dev = task.splits["dev"] if (cfg.lambda_data == "dev" and task.splits["dev"]) else []
+    dev_pos = 0
     traj = []
     steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     warm = int(cfg.lambda_warmup * cfg.epochs * steps_per_epoch)
@@ -164,27 +174,41 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
         for k in range(0, len(order), cfg.batch_size):
             ids = order[k : k + cfg.batch_size]
             x, n = _batch(ids, cache, device)
+            learn_lam = step >= warm
             lm = lam()
-            hidden, comp = student.encode(x, n, rate=None, lam=lm.expand(len(ids)), exact=False)
+            # dev mode: the probe learns on train at the current lambda, lambda on a dev batch
+            hidden, comp = student.encode(x, n, rate=None, lam=(lm.detach() if dev else lm).expand(len(ids)), exact=False)
             loss = _task_loss(probe, task, ids, hidden.states, hidden.lengths)
-            valid = length_mask(n, x.shape[1]).float()
-            ratio = (comp.plan.alpha * valid).sum(1) / n.float()  # expected frames / input frames
-            mean_ratio = ratio.mean()
-            if cfg.target_rate > 0:
-                cost = cfg.cost * (mean_ratio - cfg.target_rate).abs()
-            else:
-                cost = cfg.cost * torch.log2(mean_ratio.clamp(min=1e-4))
+            mean_ratio, cost = _cost(cfg, comp, n, x.shape[1])
             opt.zero_grad()
-            (loss + cost).backward()
-            if step < warm:
-                lam.theta.grad = None  # warm-up: the probe learns first
+            opt_lam.zero_grad()
+            (loss if dev else loss + cost).backward()
             opt.step()
+            dev_loss = None
+            if learn_lam and dev:
+                d_ids = [dev[(dev_pos + i) % len(dev)] for i in range(cfg.batch_size)]
+                dev_pos += cfg.batch_size
+                xd, nd = _batch(d_ids, cache, device)
+                hd, cd = student.encode(xd, nd, rate=None, lam=lm.expand(len(d_ids)), exact=False)
+                norm = getattr(probe, "pool_norm", None)
+                if norm is not None:
+                    norm.eval()  # dev batch statistics stay out of the probe (an RNN must stay in train mode)
+                dev_loss = _task_loss(probe, task, d_ids, hd.states, hd.lengths)
+                if norm is not None:
+                    norm.train()
+                mean_ratio, cost = _cost(cfg, cd, nd, xd.shape[1])
+                opt.zero_grad()
+                (dev_loss + cost).backward()
+            if learn_lam:
+                opt_lam.step()
             step += 1
             achieved = float(hidden.lengths.sum() / n.sum())
             rec = {"step": step, "epoch": epoch + 1, "lambda": round(float(lm.detach()), 5),
                    "expected_ratio": round(float(mean_ratio.detach()), 5), "achieved_rate": round(achieved, 5),
                    "frame_period_ms": round(20.0 / max(achieved, 1e-6), 2), "task_loss": round(float(loss.detach()), 5),
                    "cost": round(float(cost.detach()), 5)}
+            if dev_loss is not None:
+                rec["dev_loss"] = round(float(dev_loss.detach()), 5)
             traj.append(rec)
             progress.advance(1, lam=rec["lambda"], rate=rec["achieved_rate"], loss=rec["task_loss"])
     progress.finish()
@@ -206,6 +230,15 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
                       time.perf_counter() - t0, comparison)
     (out_dir / "summary.json").write_text(json.dumps(res.to_json(), indent=2))
     return res
+
+
+def _cost(cfg: AdaptConfig, comp: Any, n: Tensor, S: int) -> tuple[Tensor, Tensor]:
+    """Mean expected frame ratio (differentiable in lambda) and the compute cost term."""
+    valid = length_mask(n, S).float()
+    mean_ratio = ((comp.plan.alpha * valid).sum(1) / n.float()).mean()  # expected frames / input frames
+    if cfg.target_rate > 0:
+        return mean_ratio, cfg.cost * (mean_ratio - cfg.target_rate).abs()
+    return mean_ratio, cfg.cost * torch.log2(mean_ratio.clamp(min=1e-4))
 
 
 @torch.no_grad()

@@ -1,13 +1,19 @@
-"""Write docs/cli.md from the typer app: ``python -m ofactl.cli_docs [PATH]``."""
+"""Regenerate the docs that come from code: ``python -m ofactl.cli_docs``.
+
+docs/cli.md from the typer app, and the key reference in docs/presets.md from the config
+dataclasses; tests check both are current.
+"""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from ofactl.cli import cli_markdown
+from ofactl.config import with_keys
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "docs" / "cli.md"
-    out.write_text(cli_markdown())
-    print(f"wrote {out}")
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    (docs / "cli.md").write_text(cli_markdown())
+    presets = docs / "presets.md"
+    presets.write_text(with_keys(presets.read_text()))
+    print(f"wrote {docs / 'cli.md'} and {presets}")

@@ -99,6 +99,7 @@ class DistillConfig:
     batch_seconds: float = 120.0
     crop_seconds: float = 15.6
     alignment: str = "compress"
+    spectral_weight: float = 1.0  # weight of the log-mel head (student.spectral_bins > 0)
     rates: RateConfig = field(default_factory=RateConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -222,6 +223,48 @@ def distill_loss(pred: Tensor, target: Tensor, lengths: Tensor) -> tuple[Tensor,
     return per_head.sum(), per_head.detach()
 
 
+@torch.no_grad()
+def prediction_targets(student: Student, teacher: Any, wav: Tensor, lengths: Tensor) -> tuple[list[Tensor], Tensor]:
+    """What the heads predict, on the 20 ms grid: teacher states (B, T, H, D) at ``pred_layers``,
+    then log-mel frames (B, T, 1, bins) when the student has a spectral head. Returns them with
+    the frame lengths (B,)."""
+    th = teacher(wav, lengths)
+    out = [th.states[:, :, list(student.cfg.pred_layers)]]
+    if student.spectral_head is not None:
+        from ofactl.model.fbank import log_mel
+
+        mel, n = log_mel(wav, lengths, student.cfg.spectral_bins)
+        if not torch.equal(n, th.lengths):
+            raise ConfigError("the spectral target needs the standard 400-sample/320-hop CNN grid")
+        out.append(F.pad(mel, (0, 0, 0, th.states.shape[1] - mel.shape[1]))[:, :, None])
+    return out, th.lengths
+
+
+def head_losses(out: Any, targets: list[Tensor], t_lengths: Tensor, alignment: str,
+                spectral_weight: float) -> tuple[Tensor, Tensor]:
+    """Loss of every head against its aligned target: (total, per-head (H [+ 1],)).
+
+    ``compress`` compresses the 20 ms targets with the student's detached CIF plan; ``upsample``
+    upsamples the student's outputs back to 20 ms. The spectral head (last) is weighted.
+    """
+    plan = out.compressed.plan
+    preds = [out.pred] + ([out.spectral] if out.spectral is not None else [])
+    total, per = torch.zeros((), device=out.pred.device), []
+    for i, (pred, tgt) in enumerate(zip(preds, targets)):
+        if alignment == "compress":
+            Bt, T, H, D = tgt.shape
+            tgt = plan.detach().apply(tgt.reshape(Bt, T, H * D)).reshape(Bt, -1, H, D)
+            loss, ph = distill_loss(pred, tgt, out.hidden.lengths)
+        else:
+            Bp, Tp, H, D = pred.shape
+            up = plan.upsample(pred.float().reshape(Bp, Tp, H * D)).reshape(Bp, -1, H, D)
+            loss, ph = distill_loss(up, tgt, t_lengths)
+        w = spectral_weight if i == 1 else 1.0
+        total = total + w * loss
+        per.append(ph)
+    return total, torch.cat(per)
+
+
 @dataclass
 class StepOut:
     loss: Tensor
@@ -239,23 +282,13 @@ def train_step_loss(student: Any, teacher: Any, batch: dict[str, Any], cfg: Dist
     core = student.module if hasattr(student, "module") else student
     wav, lengths = batch["wav"].to(device, non_blocking=True), batch["lengths"].to(device)
     B = wav.shape[0]
-    with torch.no_grad():
-        th = teacher(wav, lengths)
-    targets = th.states[:, :, list(core.cfg.pred_layers)]  # (B, T, H, D)
+    targets, t_lengths = prediction_targets(core, teacher, wav, lengths)
     rates, lam, exact = sample_rates(cfg, B, gen, core.alpha_mean)
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         out = student(wav, lengths, rate=rates.to(device), lam=None if lam is None else lam.to(device), exact=exact)
-    if not torch.equal(out.cnn_lengths, th.lengths):
+    if not torch.equal(out.cnn_lengths, t_lengths):
         raise ConfigError("teacher and student CNNs give different frame counts; they need the same conv layers")
-    plan = out.compressed.plan
-    if cfg.alignment == "compress":
-        Bt, T, H, D = targets.shape
-        tgt = plan.detach().apply(targets.reshape(Bt, T, H * D)).reshape(Bt, -1, H, D)
-        loss, per_head = distill_loss(out.pred, tgt, out.hidden.lengths)
-    else:
-        Bp, Tp, H, D = out.pred.shape
-        up = plan.upsample(out.pred.float().reshape(Bp, Tp, H * D)).reshape(Bp, -1, H, D)
-        loss, per_head = distill_loss(up, targets, th.lengths)
+    loss, per_head = head_losses(out, targets, t_lengths, cfg.alignment, cfg.spectral_weight)
     seg = frame = torch.zeros((), device=device)
     a_pred = out.compressed.alpha_pred
     g = cfg.guidance
@@ -594,17 +627,14 @@ def evaluate(student: Student, teacher: Any, held: list[Utterance], cfg: Distill
     batches = _held_batches(held, int(cfg.crop_seconds * SR))
     for wav, lengths in batches:
         wav, lengths = wav.to(device), lengths.to(device)
-        th = teacher(wav, lengths)
-        targets = th.states[:, :, list(student.cfg.pred_layers)]
-        B, T, H, D = targets.shape
+        targets, t_lengths = prediction_targets(student, teacher, wav, lengths)
         for r in cfg.eval_rates:
             if student.cfg.compressor == "none" and r != 1.0:
                 continue
             rr = cfg.compressor_rate if student.cfg.compressor == "avgpool" else r
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 out = student(wav, lengths, rate=rr)
-            tgt = out.compressed.plan.apply(targets.reshape(B, T, H * D)).reshape(B, -1, H, D)
-            loss, _ = distill_loss(out.pred, tgt, out.hidden.lengths)
+            loss, _ = head_losses(out, targets, t_lengths, "compress", cfg.spectral_weight)
             res.setdefault(f"{r:g}", []).append(float(loss))
     student.train(was)
     return {k: round(sum(v) / len(v), 5) for k, v in res.items()}

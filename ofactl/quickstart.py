@@ -110,7 +110,11 @@ def run_quickstart(cfg: QuickstartConfig, out_dir: Path, progress: Progress | No
         adapt = run_adapt(acfg, student, corpus, ad_dir, progress=progress).to_json()
     secs["adapt"] = time.perf_counter() - t
 
-    paths = {"corpus": str(corpus), "student": str(student), "store": str(store),
+    from ofactl.sweep import plot_tradeoff
+
+    png = plot_tradeoff([r for res in sweeps.values() for r in res.rows], out / "tradeoff.png",
+                        "quickstart: tiny OFA student (untrained teacher + log-mel head), synthetic speech")
+    paths = {"corpus": str(corpus), "student": str(student), "store": str(store), "tradeoff_plot": str(png),
              "adapt_rate_config": str(ad_dir / "rate.yaml")}
     for task, res in sweeps.items():
         paths[f"{task}_plot"] = str(res.png)

@@ -215,8 +215,9 @@ def _write_csv(path: Path, rows: list[SweepRow]) -> None:
             w.writerow(["" if d[c] is None else d[c] for c in COLUMNS])
 
 
-def plot_tradeoff(rows: list[SweepRow], path: Path) -> Path | None:
-    """Metric vs upstream GMAC/s and vs frame period, one line per checkpoint."""
+def plot_tradeoff(rows: list[SweepRow], path: Path, title: str | None = None) -> Path | None:
+    """Metric vs upstream GMAC/s and vs frame period, one line per checkpoint (and per task when
+    the rows hold several tasks)."""
     if not rows:
         return None
     import matplotlib
@@ -225,18 +226,22 @@ def plot_tradeoff(rows: list[SweepRow], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    metric = rows[0].metric
-    for label in dict.fromkeys(r.label for r in rows):
-        rs = sorted((r for r in rows if r.label == label), key=lambda r: r.frame_period_ms)
-        axes[0].plot([r.upstream_gmacs_per_s for r in rs], [r.test for r in rs], "o-", label=label)
-        axes[1].plot([r.frame_period_ms for r in rs], [r.test for r in rs], "o-", label=label)
+    tasks = list(dict.fromkeys(r.task for r in rows))
+
+    def line(r: SweepRow) -> str:
+        return r.label if len(tasks) == 1 else f"{r.label}: {r.task} {r.metric}"
+
+    for name in dict.fromkeys(line(r) for r in rows):
+        rs = sorted((r for r in rows if line(r) == name), key=lambda r: r.frame_period_ms)
+        axes[0].plot([r.upstream_gmacs_per_s for r in rs], [r.test for r in rs], "o-", label=name)
+        axes[1].plot([r.frame_period_ms for r in rs], [r.test for r in rs], "o-", label=name)
     axes[0].set_xlabel("upstream GMAC per audio second")
     axes[1].set_xlabel("frame period (ms)")
     for ax in axes:
-        ax.set_ylabel(f"{rows[0].task} test {metric}")
+        ax.set_ylabel(f"{tasks[0]} test {rows[0].metric}" if len(tasks) == 1 else "test metric")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{rows[0].task}: performance vs compression")
+    fig.suptitle(title or f"{', '.join(tasks)}: performance vs compression")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -10,7 +10,7 @@ from ofactl.adapt import AdaptConfig, LearnableLambda, run_adapt
 from ofactl.cli import app
 from ofactl.config import load_config
 from ofactl.extract import ExtractConfig
-from ofactl.model.compress import LAMBDA_MAX
+from ofactl.model.compress import LAMBDA_MAX, rate_to_lambda
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,21 @@ def test_lambda_stays_in_range():
     for v in (-1e4, 0.0, 1e4):
         lam.theta.data.fill_(v)
         assert 0.0 <= float(lam().detach()) <= LAMBDA_MAX
+    floor = LearnableLambda(0.5, top=1.2)  # the lambda of min_rate
+    floor.theta.data.fill_(1e4)
+    assert float(floor().detach()) == pytest.approx(1.2)
+
+
+def test_dev_mode_learns_lambda_on_dev_and_respects_the_rate_floor(tmp_path, distilled, medium_corpus):
+    cfg = AdaptConfig(task="sid", cost=1.0, init_rate=0.5, min_rate=0.3, epochs=6, batch_size=8)
+    res = run_adapt(cfg, distilled, medium_corpus, tmp_path / "dev")
+    traj = [json.loads(x) for x in (tmp_path / "dev" / "trajectory.jsonl").read_text().splitlines()]
+    assert any("dev_loss" in r for r in traj) and "dev_loss" not in traj[0]  # not during warm-up
+    assert traj[-1]["lambda"] > traj[0]["lambda"]  # a large cost compresses
+    from ofactl.checkpoint import load_student
+
+    top = float(rate_to_lambda(0.3, load_student(distilled)[0].alpha_mean))
+    assert max(r["lambda"] for r in traj) <= top + 1e-5  # never past the lambda of min_rate
 
 
 def test_pr_and_sid_move_lambda_in_opposite_directions(tmp_path, distilled, medium_corpus):
@@ -50,6 +65,7 @@ def test_pr_and_sid_move_lambda_in_opposite_directions(tmp_path, distilled, medi
     ends = {}
     for task in ("pr", "sid"):
         cfg = AdaptConfig(task=task, cost=0.1, init_rate=0.5, epochs=12, batch_size=8)
+        assert cfg.lambda_data == "dev"
         res = run_adapt(cfg, distilled, synth_corpus, tmp_path / task)
         traj = [json.loads(x) for x in (tmp_path / task / "trajectory.jsonl").read_text().splitlines()]
         start[task], ends[task] = traj[0]["lambda"], res.learned_lambda
@@ -60,7 +76,7 @@ def test_pr_and_sid_move_lambda_in_opposite_directions(tmp_path, distilled, medi
 
 def test_zero_cost_never_compresses_a_task_that_needs_frames(tmp_path, distilled, medium_corpus):
     synth_corpus = medium_corpus
-    cfg = AdaptConfig(task="pr", cost=0.0, init_rate=0.5, epochs=12, batch_size=8)
+    cfg = AdaptConfig(task="pr", cost=0.0, init_rate=0.3, epochs=12, batch_size=8)  # labels barely fit at 0.3
     res = run_adapt(cfg, distilled, synth_corpus, tmp_path / "pr0")
     traj = [json.loads(x) for x in (tmp_path / "pr0" / "trajectory.jsonl").read_text().splitlines()]
     assert res.learned_lambda <= traj[0]["lambda"] + 1e-6

@@ -116,3 +116,14 @@ def test_docs_cli_md_is_current():
     assert doc.read_text() == cli_markdown(), "docs/cli.md is stale: run python -m ofactl.cli_docs"
     for cmd in ("synth", "distill", "extract", "sweep", "adapt", "info"):
         assert f"## `ofactl {cmd}`" in doc.read_text()
+
+
+def test_docs_presets_key_reference_is_current():
+    from pathlib import Path
+
+    from ofactl.config import with_keys
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "presets.md").read_text()
+    assert doc == with_keys(doc), "docs/presets.md keys are stale: run python -m ofactl.cli_docs"
+    for key in ("`student.spectral_bins`", "`probe.ctc_head`", "`cost`", "`rates`", "`adapt_task`"):
+        assert key in doc

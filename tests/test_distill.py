@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import json
 import os
 import signal
@@ -198,3 +199,25 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, synth_corpus):
     assert p.returncode == 130, err[-2000:]
     assert "checkpoint saved, continue with --resume" in err and "Traceback" not in err
     assert list((out / "checkpoints").glob("step-*.pt"))
+
+
+def test_spectral_head_adds_a_weighted_loss(synth_corpus):
+    from ofactl.audio import load_audio, read_corpus
+
+    cfg = tiny_cfg()
+    assert cfg.student.spectral_bins == 64  # distill-tiny predicts log-mel frames too
+    cfg.rates = replace(cfg.rates, kind="fixed", rate=0.5)
+    torch.manual_seed(0)
+    teacher = load_teacher("random:tiny")
+    student = Student(cfg.student).eval()
+    wavs = [load_audio(u.path)[:24000] for u in list(read_corpus(synth_corpus))[:3]]
+    batch = {"wav": torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), "lengths": torch.tensor([len(w) for w in wavs])}
+
+    def step(weight: float):
+        c = replace(cfg, spectral_weight=weight)
+        return train_step_loss(student, teacher, batch, c, torch.device("cpu"), None, torch.Generator().manual_seed(0))
+
+    a, b = step(0.0), step(2.0)
+    assert a.per_head.shape == (3,)  # two teacher layers, then the spectral head
+    assert torch.allclose(a.per_head, b.per_head)
+    assert math.isclose(b.loss.item() - a.loss.item(), 2.0 * a.per_head[2].item(), rel_tol=1e-4)

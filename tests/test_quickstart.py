@@ -31,8 +31,9 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
     doc = json.loads(r.stdout)
     assert {(x["task"], x["requested_rate"]) for x in doc["rows"]} == {("ks", 1.0), ("ks", 0.5), ("sid", 1.0), ("sid", 0.5)}
     assert 0 < doc["adapt"]["learned_rate"] <= 1 and "UNTRAINED" in doc["note"]
-    for key in ("student", "store", "ks_plot", "sid_csv", "adapt_rate_config"):
+    for key in ("student", "store", "ks_plot", "sid_csv", "adapt_rate_config", "tradeoff_plot"):
         assert Path(doc["paths"][key]).exists()
+    assert Path(doc["paths"]["tradeoff_plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     t0 = time.perf_counter()
     r2 = CliRunner().invoke(app, args)
     assert r2.exit_code == 0

@@ -32,7 +32,8 @@ class StudentConfig:
 
     pred_layers: teacher hidden-state indices the heads predict (0 = teacher input to layer 1);
     teacher_dim: width of those targets; compressor: cif (once-for-all), avgpool (fixed-rate
-    baseline) or none.
+    baseline) or none; spectral_bins: when > 0, one more head predicts that many log-mel bins
+    (``ofactl.model.fbank``), an acoustic target beside the teacher's.
     """
 
     arch: HubertArch = field(default_factory=lambda: HubertArch(num_layers=2))
@@ -41,9 +42,12 @@ class StudentConfig:
     pred_layers: tuple[int, ...] = (4, 8, 12)
     teacher_dim: int = 768
     feature_grad_mult: float = 0.1
+    spectral_bins: int = 0
 
     def validate(self) -> None:
         self.arch.validate()
+        if self.spectral_bins < 0:
+            raise ValueError(f"spectral_bins must be >= 0, got {self.spectral_bins}")
         if self.compressor not in ("cif", "avgpool", "none"):
             raise ValueError(f"compressor must be cif, avgpool or none, got {self.compressor!r}")
         if not self.pred_layers:
@@ -85,12 +89,14 @@ class PredictionHeads(nn.Module):
 @dataclass
 class StudentOutput:
     """hidden: (B, T', L, D) with lengths; pred: (B, T', H, Dt) head outputs or None;
-    compressed: the compressor's result (plan, alpha) for losses; cnn_lengths: (B,) frames S."""
+    compressed: the compressor's result (plan, alpha) for losses; cnn_lengths: (B,) frames S;
+    spectral: (B, T', 1, spectral_bins) log-mel predictions, or None."""
 
     hidden: Hidden
     pred: Tensor | None
     compressed: Compressed
     cnn_lengths: Tensor
+    spectral: Tensor | None = None
 
 
 class Student(nn.Module):
@@ -104,6 +110,8 @@ class Student(nn.Module):
         self.transformer = enc.transformer
         self.compressor = Compressor(cfg.arch.cnn_dim, cfg.compressor, cfg.alpha_kernel)
         self.heads = PredictionHeads(cfg.arch.embed_dim, cfg.teacher_dim, len(cfg.pred_layers))
+        self.spectral_head = (PredictionHeads(cfg.arch.embed_dim, cfg.spectral_bins, 1)
+                              if cfg.spectral_bins > 0 else None)
 
     @property
     def num_hidden(self) -> int:
@@ -148,8 +156,10 @@ class Student(nn.Module):
         """wav (B, N) float at 16 kHz with sample lengths (B,); ``rate`` float or (B,) per utterance."""
         feats, n = self.cnn_features(wav, lengths)
         hidden, comp = self.encode(feats, n, rate=rate, lam=lam, exact=exact)
-        pred = self.heads(hidden.states[:, :, -1]) if with_heads else None
-        return StudentOutput(hidden, pred, comp, n)
+        last = hidden.states[:, :, -1]
+        pred = self.heads(last) if with_heads else None
+        spectral = self.spectral_head(last) if (with_heads and self.spectral_head is not None) else None
+        return StudentOutput(hidden, pred, comp, n, spectral)
 
     @torch.no_grad()
     def features(

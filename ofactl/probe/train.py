@@ -28,8 +28,9 @@ class ProbeConfig:
     lr: float = 1e-3  # utterance-level heads
     ctc_lr: float = 1e-2  # CTC heads (SUPERB trains its linear phoneme probe at 1e-2)
     seed: int = 0
-    ctc_head: str = "linear"  # linear | lstm
+    ctc_head: str = "lstm"  # lstm (one BiLSTM layer, the default) | linear (SUPERB PR)
     lstm_hidden: int = 128
+    lstm_layers: int = 1
     layer_norm: bool = True
     upsample_ctc: bool = False  # repeat frames back to the 20 ms grid before the CTC head
     device: str = "cpu"
@@ -37,6 +38,8 @@ class ProbeConfig:
     def validate(self) -> None:
         if self.ctc_head not in ("linear", "lstm"):
             raise ValueError(f"ctc_head must be linear or lstm, got {self.ctc_head!r}")
+        if self.lstm_layers < 1 or self.lstm_hidden < 1:
+            raise ValueError("lstm_layers and lstm_hidden must be >= 1")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.ctc_lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
 
@@ -62,9 +65,12 @@ class Probe(nn.Module):
         self.featurizer = WeightedSum(n_layers, cfg.layer_norm)
         if kind == "cls":
             self.proj = nn.Linear(dim, 256)
+            # pooled vectors of different utterances differ far less than frames do; without
+            # standardising them the linear classifier barely moves in its step budget
+            self.pool_norm = nn.BatchNorm1d(256)
             self.out = nn.Linear(256, n_out)
         elif cfg.ctc_head == "lstm":
-            self.lstm = nn.LSTM(dim, cfg.lstm_hidden, num_layers=2, bidirectional=True, batch_first=True)
+            self.lstm = nn.LSTM(dim, cfg.lstm_hidden, num_layers=cfg.lstm_layers, bidirectional=True, batch_first=True)
             self.out = nn.Linear(2 * cfg.lstm_hidden, n_out)
         else:
             self.out = nn.Linear(dim, n_out)
@@ -76,7 +82,10 @@ class Probe(nn.Module):
         if self.kind == "cls":
             h = self.proj(h)
             pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1)
-            return self.out(pooled)
+            if self.training and pooled.shape[0] == 1:  # batch statistics need two rows
+                n = self.pool_norm
+                return self.out(F.batch_norm(pooled, n.running_mean, n.running_var, n.weight, n.bias, False))
+            return self.out(self.pool_norm(pooled))
         if self.ctc_head == "lstm":
             packed = nn.utils.rnn.pack_padded_sequence(h, lengths.cpu().clamp(min=1), batch_first=True, enforce_sorted=False)
             h, _ = self.lstm(packed)
