@@ -16,8 +16,9 @@ from typing import Any
 from ofactl.config import load_config, save_resolved
 from ofactl.progress import NullProgress, Progress
 
-UNTRAINED_NOTE = ("the teacher is random:tiny, an UNTRAINED HuBERT-shaped model: the pipeline is real, "
-                  "the features are not. For real features distill from a HuBERT checkpoint, e.g. "
+UNTRAINED_NOTE = ("the teacher is random:tiny, an UNTRAINED HuBERT-shaped model; the student also learns "
+                  "log-mel frames, so its features carry acoustic structure, not HuBERT's. For real "
+                  "features distill from a HuBERT checkpoint, e.g. "
                   "'ofactl distill -c distilhubert-ofa --teacher /path/hubert_base_ls960.pt --trust-checkpoint ...'")
 
 
