@@ -68,6 +68,7 @@ class SweepRow:
     layer_weights: list[float]
     seed: int
     ofactl_version: str = __version__
+    probe_config_sha: str = ""  # the probe settings the row was trained with (reuse needs a match)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +106,7 @@ def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pat
     from ofactl.model.blocks import cnn_lengths
 
     rows, reused = [], 0
+    probe_sha = _probe_sha(cfg)
     labels = [lab for lab, _ in ckpts]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"checkpoint labels must differ, got {labels}")
@@ -120,7 +122,8 @@ def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pat
             cache = out_dir / "rows" / f"{key}.json"
             if cache.is_file() and not overwrite:
                 doc = json.loads(cache.read_text())
-                if doc.get("checkpoint_sha256") == sha and doc.get("seed") == cfg.seed:
+                if (doc.get("checkpoint_sha256") == sha and doc.get("seed") == cfg.seed
+                        and doc.get("probe_config_sha") == probe_sha):
                     rows.append(SweepRow(**doc))
                     reused += 1
                     progress.log(f"{label} {rate_key(r)}: reusing the finished row")
@@ -150,7 +153,7 @@ def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pat
                 probe_mmacs_per_s=round(_probe_macs(res.params, achieved, arch.hop) / 1e6, 3),
                 store_mb=round(open_store(st_path).size_bytes(r) / 1e6, 2),
                 infeasible_test=res.infeasible.get("test") if res.infeasible else None,
-                layer_weights=res.layer_weights, seed=cfg.seed)
+                layer_weights=res.layer_weights, seed=cfg.seed, probe_config_sha=probe_sha)
             cache.write_text(json.dumps(row.to_json(), indent=2))
             rows.append(row)
     rows.sort(key=lambda x: (labels.index(x.label), -x.requested_rate))
@@ -159,6 +162,15 @@ def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pat
     json_path.write_text(json.dumps({"task": cfg.task, "config": to_dict(cfg), "rows": [r.to_json() for r in rows]}, indent=2))
     png = plot_tradeoff(rows, out_dir / "tradeoff.png")
     return SweepResult(out_dir, rows, reused, csv_path, json_path, png, time.perf_counter() - t0)
+
+
+def _probe_sha(cfg: SweepConfig) -> str:
+    """Hash of everything that shapes a probe result besides the checkpoint and the seed."""
+    import hashlib
+
+    probe = {k: v for k, v in to_dict(cfg.probe).items() if k != "device"}
+    doc = {"probe": probe, "task": cfg.task, "label_column": cfg.label_column, "layers": cfg.layers}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _group_covers(store: Path, rate: float, sha: str, layers: list[int], ids: set[str]) -> bool:

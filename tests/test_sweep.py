@@ -33,6 +33,9 @@ def test_sweep_outputs_and_resume(tmp_path, synth_corpus):
     # rerun: finished rows are reused, no probe is trained
     r2 = CliRunner().invoke(app, args[:-1])
     assert r2.exit_code == 0 and "2 row(s) reused" in r2.stderr
+    # other probe settings are another experiment: the rows are trained again
+    r3 = CliRunner().invoke(app, args[:-1] + ["--set", "probe.lr=0.003"])
+    assert r3.exit_code == 0 and "(0 row(s) reused)" in r3.stderr
 
 
 def test_sweep_compares_checkpoints_and_pr_counts_infeasible(tmp_path, synth_corpus):

@@ -22,8 +22,9 @@ from ofactl.probe.tasks import TaskData
 @dataclass
 class ProbeConfig:
     epochs: int = 40
-    patience: int = 8
-    min_epochs: int = 10  # no early stop before this: CTC spends its first epochs emitting blanks
+    patience: int = 10
+    min_epochs: int = 25  # no early stop before this: CTC spends its first epochs emitting blanks,
+    # and a dev split of one or two speakers makes early epochs noisy
     batch_size: int = 32
     lr: float = 1e-3  # utterance-level heads
     ctc_lr: float = 1e-2  # CTC heads (SUPERB trains its linear phoneme probe at 1e-2)
