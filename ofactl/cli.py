@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from ofactl import __version__
-from ofactl.errors import NotAvailableError, OfactlError
+from ofactl.errors import OfactlError
 
 T = TypeVar("T")
 
@@ -146,10 +146,6 @@ def _call(debug: bool, fn: Callable[[], T]) -> T:
 def _emit_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
     sys.stdout.flush()
-
-
-def _not_yet(name: str) -> None:
-    raise NotAvailableError(f"'ofactl {name}' is not available yet in ofactl {__version__}")
 
 
 # ----------------------------------------------------------------------------- commands

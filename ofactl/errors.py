@@ -33,10 +33,6 @@ class ModelError(OfactlError):
     """Invalid model input or configuration (shapes, rates, layers)."""
 
 
-class NotAvailableError(OfactlError):
-    """A command or option that this version does not provide."""
-
-
 class InterruptedRun(OfactlError):
     """Ctrl-C: the work done so far was saved; exit code 130 like other interrupted commands."""
 
