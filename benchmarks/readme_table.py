@@ -57,10 +57,9 @@ def table(doc: dict[str, Any]) -> str:
 
 
 def with_table(readme: str, doc: dict[str, Any]) -> str:
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit("README.md lacks the figures markers")
-    head, rest = readme.split(BEGIN, 1)
-    return head + table(doc) + rest.split(END, 1)[1]
+    from ofactl.cli_docs import replace_block
+
+    return replace_block(readme, BEGIN, END, table(doc), "README.md")
 
 
 if __name__ == "__main__":

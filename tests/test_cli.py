@@ -121,9 +121,21 @@ def test_docs_cli_md_is_current():
 def test_docs_presets_key_reference_is_current():
     from pathlib import Path
 
-    from ofactl.config import with_keys
+    from ofactl.cli_docs import with_keys
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "presets.md").read_text()
     assert doc == with_keys(doc), "docs/presets.md keys are stale: run python -m ofactl.cli_docs"
     for key in ("`student.spectral_bins`", "`probe.ctc_head`", "`cost`", "`rates`", "`adapt_task`"):
         assert key in doc
+
+
+def test_generated_block_replacement_and_missing_markers():
+    import pytest
+
+    from ofactl.cli_docs import replace_block
+
+    doc = "intro\n<!-- a -->\nold\n<!-- b -->\nrest\n"
+    assert replace_block(doc, "<!-- a -->", "<!-- b -->", "<!-- a -->\nnew\n<!-- b -->", "x.md") == \
+        "intro\n<!-- a -->\nnew\n<!-- b -->\nrest\n"
+    with pytest.raises(ValueError, match="x.md lacks the generated-block markers"):
+        replace_block("no markers", "<!-- a -->", "<!-- b -->", "", "x.md")
