@@ -445,14 +445,14 @@ def extract_with_student(
             for batch in plan_batches(range(lo, hi), n16, budget):
                 if out is None or any(i in st.needed for st in states.values() for i in batch):
                     plan.append(batch)
-        todo = [i for batch in plan for i in batch]
+        pending = [i for batch in plan for i in batch]
         if out is not None:
             _check_disk(out, states, cfg, disk_free(Path(out)))
         for st in states.values():
             if st.reused:
                 progress.log(f"{rate_key(st.rate)}: reusing {st.reused} utterance(s) already in the store")
 
-        audio_s = float(n16[todo].sum()) / SR if todo else 0.0
+        audio_s = float(n16[pending].sum()) / SR if pending else 0.0
         model_s = _run_batches(plan, utts, t_in, states, cfg, student, device, amp, layers, progress,
                                discard=out is None)
     finally:
