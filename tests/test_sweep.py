@@ -15,7 +15,7 @@ def test_sweep_outputs_and_resume(tmp_path, synth_corpus):
     torch.manual_seed(0)
     ckpt = save_student(tmp_path / "s.pt", Student(student_config("tiny")))
     args = ["sweep", "--ckpt", f"ofa={ckpt}", "--corpus", str(synth_corpus), "--task", "ks", "--rates", "1,0.5",
-            "--out", str(tmp_path / "sw"), "--set", "probe.epochs=3", "--set", "extract.num_workers=0", "--json"]
+            "--out", str(tmp_path / "sw"), "--set", "probe.cls_epochs=3", "--set", "extract.num_workers=0", "--json"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)

@@ -21,12 +21,14 @@ from ofactl.probe.tasks import TaskData
 
 @dataclass
 class ProbeConfig:
-    epochs: int = 40
+    epochs: int = 40  # CTC heads
+    cls_epochs: int = 100  # utterance heads: they train in seconds and keep improving past 40
     patience: int = 10
     min_epochs: int = 25  # no early stop before this: CTC spends its first epochs emitting blanks,
     # and a dev split of one or two speakers makes early epochs noisy
-    batch_size: int = 32
-    lr: float = 1e-3  # utterance-level heads
+    batch_size: int = 32  # CTC heads
+    cls_batch_size: int = 128  # utterance heads: larger batches steady the pooled-vector BatchNorm
+    lr: float = 1e-2  # utterance-level heads
     ctc_lr: float = 1e-2  # CTC heads (SUPERB trains its linear phoneme probe at 1e-2)
     seed: int = 0
     ctc_head: str = "lstm"  # lstm (one BiLSTM layer, the default) | linear (SUPERB PR)
@@ -41,7 +43,7 @@ class ProbeConfig:
             raise ValueError(f"ctc_head must be linear or lstm, got {self.ctc_head!r}")
         if self.lstm_layers < 1 or self.lstm_hidden < 1:
             raise ValueError("lstm_layers and lstm_hidden must be >= 1")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.ctc_lr <= 0:
+        if min(self.epochs, self.cls_epochs, self.batch_size, self.cls_batch_size) < 1 or self.lr <= 0 or self.ctc_lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
 
 
@@ -65,11 +67,11 @@ class Probe(nn.Module):
         self.kind = kind
         self.featurizer = WeightedSum(n_layers, cfg.layer_norm)
         if kind == "cls":
-            self.proj = nn.Linear(dim, 256)
-            # pooled vectors of different utterances differ far less than frames do; without
-            # standardising them the linear classifier barely moves in its step budget
-            self.pool_norm = nn.BatchNorm1d(256)
-            self.out = nn.Linear(256, n_out)
+            # statistics pooling (mean and std over frames, as in x-vectors): speaker and word
+            # identity live in both. Pooled vectors of different utterances differ far less than
+            # frames do; without standardising them the linear classifier barely moves.
+            self.pool_norm = nn.BatchNorm1d(2 * dim)
+            self.out = nn.Linear(2 * dim, n_out)
         elif cfg.ctc_head == "lstm":
             self.lstm = nn.LSTM(dim, cfg.lstm_hidden, num_layers=cfg.lstm_layers, bidirectional=True, batch_first=True)
             self.out = nn.Linear(2 * cfg.lstm_hidden, n_out)
@@ -81,8 +83,10 @@ class Probe(nn.Module):
         h = self.featurizer(x)
         mask = length_mask(lengths, h.shape[1])[..., None].to(h.dtype)
         if self.kind == "cls":
-            h = self.proj(h)
-            pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1)
+            count = mask.sum(1).clamp(min=1)
+            mean = (h * mask).sum(1) / count
+            std = (((h - mean[:, None]) ** 2 * mask).sum(1) / count).clamp(min=1e-6).sqrt()
+            pooled = torch.cat([mean, std], dim=-1)
             if self.training and pooled.shape[0] == 1:  # batch statistics need two rows
                 n = self.pool_norm
                 return self.out(F.batch_norm(pooled, n.running_mean, n.running_var, n.weight, n.bias, False))
@@ -123,14 +127,14 @@ def _collate(ids: list[str], feats: dict[str, np.ndarray], upsample: dict[str, i
     return nn.utils.rnn.pad_sequence(xs, batch_first=True), lengths
 
 
+def ctc_min_frames(label: list[int]) -> int:
+    """Fewest frames CTC needs for ``label``: its length plus one blank between repeated tokens."""
+    return len(label) + sum(1 for a, b in zip(label, label[1:]) if a == b)
+
+
 def infeasible_count(ids: list[str], labels: dict[str, list[int]], frames: dict[str, int]) -> int:
     """Utterances whose CTC label needs more frames than available (label + repeats)."""
-    n = 0
-    for u in ids:
-        lab = labels[u]
-        need = len(lab) + sum(1 for a, b in zip(lab, lab[1:]) if a == b)
-        n += int(frames[u] < need)
-    return n
+    return sum(int(frames[u] < ctc_min_frames(labels[u])) for u in ids)
 
 
 def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
@@ -150,9 +154,10 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
     best, best_state, best_epoch, waited = None, None, 0, 0
     t0 = time.perf_counter()
     epoch = 0
-    for epoch in range(1, cfg.epochs + 1):
+    epochs, batch_size = (cfg.cls_epochs, cfg.cls_batch_size) if task.kind == "cls" else (cfg.epochs, cfg.batch_size)
+    for epoch in range(1, epochs + 1):
         model.train()
-        for ids in _batches(splits["train"], cfg.batch_size, gen):
+        for ids in _batches(splits["train"], batch_size, gen):
             x, lengths = _collate(ids, feats, up)
             loss = _loss(model, task, ids, x.to(dev), lengths.to(dev))
             opt.zero_grad()

@@ -50,10 +50,10 @@ def _cls_task(n_per=40, n_cls=4, seed=0):
 
 def test_classification_beats_chance_and_prefers_informative_layer():
     task, feats = _cls_task()
-    res = train_probe(task, feats, ProbeConfig(epochs=30, lr=3e-3, layer_norm=False))
+    res = train_probe(task, feats, ProbeConfig(cls_epochs=30, cls_batch_size=32, lr=3e-3, layer_norm=False))
     assert res.test["accuracy"] > 0.8  # chance is 0.25
     assert res.layer_weights[1] > res.layer_weights[0]
-    again = train_probe(task, feats, ProbeConfig(epochs=30, lr=3e-3, layer_norm=False))
+    again = train_probe(task, feats, ProbeConfig(cls_epochs=30, cls_batch_size=32, lr=3e-3, layer_norm=False))
     assert again.test == res.test  # deterministic on CPU
 
 
@@ -73,7 +73,7 @@ def test_classifier_learns_small_between_utterance_differences():
     rng.shuffle(ids)
     splits = {"train": ids[:121], "dev": ids[121:150], "test": ids[150:]}
     task = TaskData("sid", "cls", "accuracy", True, splits, labels, [str(c) for c in range(6)])
-    res = train_probe(task, feats, ProbeConfig(epochs=30, batch_size=8))
+    res = train_probe(task, feats, ProbeConfig(cls_epochs=30, cls_batch_size=8))
     assert res.test["accuracy"] > 0.6  # chance is 0.17
 
 
