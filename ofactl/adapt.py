@@ -1,18 +1,27 @@
 """``ofactl adapt``: a downstream task learns its own compression rate.
 
-The student is frozen. lambda = 2 * sigmoid(theta) (always in [0, 2)) is a learnable parameter
-trained jointly with the probe on
+The student is frozen. lambda = top * sigmoid(theta), with top the lambda of ``min_rate``, is a
+learnable parameter trained alongside the probe on
 
-    task loss + gamma * log2(expected frame ratio)
+    task term + gamma * log2(expected frame ratio)
 
-where the expected frame ratio is mean(sum(alpha_mix) / T), differentiable in lambda. gamma is
-the task loss one accepts to pay for halving the frame rate (and so the transformer and
-downstream compute): with gamma = 0 only the task decides; larger gamma compresses more.
+where the expected frame ratio is mean(sum(alpha_mix) / T), differentiable in lambda through the
+CIF weights. The task term is the probe's expected error on dev batches (``lambda_loss: error``:
+1 - p(label), for CTC 1 - the per-token geometric mean of p(label)), a fraction like accuracy or
+PER, so gamma reads in metric points: 0.05 accepts 5 points of error per halving of the frame
+rate (and of the transformer and downstream compute). gamma = 0: only the task decides.
 
-How the gradient reaches lambda: the number of output frames and the fire positions are
-piecewise constant, so they give no gradient. lambda moves the mixed alpha, which moves the
-interpolation weights of every frame that straddles a boundary and the normalisation of every
-output frame; the task loss sees those changes through the transformer and the probe.
+How the gradient reaches lambda. lambda moves the mixed alpha; alpha moves the CIF weights of
+every frame that straddles a boundary, the normalisation of every output frame, and the number of
+output frames. The count is piecewise constant in lambda, so autograd (``lambda_grad: pathwise``)
+sees only the weights. On short utterances the frames that appear and vanish dominate, and the
+pathwise slope was measured to disagree in sign with the loss curve. The default
+(``difference``) evaluates the task term at lambda +- h and uses the central difference as the
+slope, which covers the weights and the count; the cost term is always differentiated through
+the CIF weights. The probe trains at per-utterance lambdas within ``probe_band`` of the current
+one, so its error does not favour the exact rate it sits at (a probe trained at one rate is
+worst just below it, which pulls lambda back towards less compression). The last ``refine``
+share of the epochs freezes lambda and trains the probe at the learned rate.
 """
 
 from __future__ import annotations
@@ -31,11 +40,11 @@ from torch import Tensor
 from ofactl.audio import Corpus, load_audio, read_corpus
 from ofactl.config import save_resolved
 from ofactl.errors import ConfigError
-from ofactl.model.compress import LAMBDA_MAX, length_mask, rate_to_lambda
+from ofactl.model.compress import LAMBDA_MAX, length_mask, mix_alpha, rate_to_lambda
 from ofactl.probe import ProbeConfig, build_task
 from ofactl.probe.metrics import accuracy, ctc_greedy, error_rate, words
 from ofactl.probe.tasks import TaskData
-from ofactl.probe.train import Probe
+from ofactl.probe.train import Probe, ctc_min_frames
 from ofactl.progress import NullProgress, Progress
 
 
@@ -44,7 +53,8 @@ class AdaptConfig:
     task: str = "pr"
     label_column: str = ""
     init_rate: float = 0.5
-    cost: float = 0.1  # gamma: task loss traded per halving of the frame rate
+    cost: float = 0.05  # gamma: expected error (a fraction: 0.05 = 5 points of accuracy or error rate)
+    # accepted per halving of the frame rate
     target_rate: float = 0.0  # > 0: penalise |ratio - target| * cost instead
     epochs: int = 15
     batch_size: int = 16
@@ -52,7 +62,15 @@ class AdaptConfig:
     lambda_warmup: float = 0.3  # share of the steps training the probe alone: a random probe's
     # loss says nothing about the rate, so lambda starts learning once the probe does
     lambda_data: str = "dev"  # dev: lambda follows the dev-split loss (first-order DARTS); train: the same loss as the probe
-    min_rate: float = 0.2  # lowest rate lambda may reach (100 ms; OFA students are distilled on 20-90 ms)
+    lambda_grad: str = "difference"  # difference: central difference of the task loss over +-difference_step
+    # (sees the frame count change); pathwise: autograd through the CIF weights only
+    lambda_loss: str = "error"  # error: lambda weighs the expected error rate (metric units); loss: the training loss
+    difference_step: float = 0.1  # lambda half-step of the central difference (0.1 ~ 0.09 of rate)
+    probe_band: float = 0.3  # the probe trains at per-utterance lambdas within +-band of the current one,
+    # so its loss does not favour the rate it happens to sit at
+    refine: float = 0.2  # share of the epochs at the end: lambda frozen, the probe trains at the learned rate
+    min_rate: float = 0.25  # lowest rate lambda may reach (80 ms; OFA students are distilled on 20-90 ms,
+    # and the edge of that range is the least trained)
     seed: int = 0
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
@@ -65,6 +83,14 @@ class AdaptConfig:
             raise ValueError("target_rate must be in [0, 1] (0: off)")
         if self.lambda_data not in ("dev", "train"):
             raise ValueError(f"lambda_data must be dev or train, got {self.lambda_data!r}")
+        if self.lambda_loss not in ("error", "loss"):
+            raise ValueError(f"lambda_loss must be error or loss, got {self.lambda_loss!r}")
+        if self.lambda_grad not in ("difference", "pathwise"):
+            raise ValueError(f"lambda_grad must be difference or pathwise, got {self.lambda_grad!r}")
+        if not 0 < self.difference_step <= 0.5 or not 0 <= self.probe_band <= 1:
+            raise ValueError("difference_step must be in (0, 0.5] and probe_band in [0, 1]")
+        if not 0 <= self.refine < 1 or self.lambda_warmup + self.refine >= 1:
+            raise ValueError("refine must be in [0, 1) and lambda_warmup + refine below 1")
         if not 0 < self.min_rate < 1 or self.min_rate > self.init_rate:
             raise ValueError("min_rate must be in (0, 1) and at most init_rate")
         if not 0 <= self.lambda_warmup < 1:
@@ -79,7 +105,9 @@ class LearnableLambda(torch.nn.Module):
     def __init__(self, init: float, top: float = LAMBDA_MAX) -> None:
         super().__init__()
         self.top = min(float(top), LAMBDA_MAX)
-        p = min(max(init / self.top, 1e-4), 1 - 1e-4)
+        # off the sigmoid's flat ends: Adam moves theta by about lr per step, so a start at
+        # rate 1 (lambda 0) would otherwise need hundreds of steps before lambda moves
+        p = min(max(init / self.top, 0.02), 0.98)
         self.theta = torch.nn.Parameter(torch.tensor(float(np.log(p / (1 - p)))))
 
     def forward(self) -> Tensor:
@@ -121,14 +149,28 @@ def _batch(ids: list[str], cache: dict[str, Tensor], device: torch.device) -> tu
     return torch.nn.utils.rnn.pad_sequence(xs, batch_first=True).to(device), lengths
 
 
-def _task_loss(probe: Probe, task: TaskData, ids: list[str], h: Tensor, lengths: Tensor) -> Tensor:
+def _task_loss(probe: Probe, task: TaskData, ids: list[str], h: Tensor, lengths: Tensor,
+               soft_error: bool = False) -> Tensor:
+    """Mean training loss (cross-entropy, or CTC per label token); ``soft_error``: the expected
+    error rate instead, 1 - p(label) (CTC: 1 - the per-token geometric mean of p(label)), which is
+    in metric units (a fraction, like accuracy or PER) and flat where the metric is flat."""
     out = probe(h, lengths)
     if task.kind == "cls":
-        return F.cross_entropy(out, torch.tensor([task.labels[u][0] for u in ids], device=h.device))
+        y = torch.tensor([task.labels[u][0] for u in ids], device=h.device)
+        if soft_error:
+            return 1.0 - out.softmax(-1).gather(1, y[:, None]).mean()
+        return F.cross_entropy(out, y)
     targets = [torch.tensor(task.labels[u]) for u in ids]
+    tl = torch.tensor([len(t) for t in targets])
     logp = out.log_softmax(-1).transpose(0, 1)
-    return F.ctc_loss(logp, torch.cat(targets).to(h.device), lengths, torch.tensor([len(t) for t in targets]),
-                      blank=0, zero_infinity=True)
+    per = F.ctc_loss(logp, torch.cat(targets).to(h.device), lengths, tl, blank=0, reduction="none",
+                     zero_infinity=True) / tl.clamp(min=1).to(h.device)
+    # An utterance with fewer frames than its label needs cannot be transcribed: charge it the
+    # per-token loss of a uniform guess, log(V), instead of dropping it (zero_infinity would
+    # make too-short sequences look free and pull the rate down).
+    feasible = lengths.cpu() >= torch.tensor([ctc_min_frames(task.labels[u]) for u in ids])
+    per = torch.where(feasible.to(h.device), per, per.new_tensor(float(np.log(out.shape[-1]))))
+    return (1.0 - torch.exp(-per)).mean() if soft_error else per.mean()
 
 
 def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir: Path,
@@ -167,38 +209,47 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
     traj = []
     steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     warm = int(cfg.lambda_warmup * cfg.epochs * steps_per_epoch)
+    refine_from = cfg.epochs - int(round(cfg.refine * cfg.epochs))
     progress.start("adapting the rate", cfg.epochs * steps_per_epoch)
     step = 0
     for epoch in range(cfg.epochs):
+        refining = epoch >= refine_from
         order = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
         for k in range(0, len(order), cfg.batch_size):
             ids = order[k : k + cfg.batch_size]
             x, n = _batch(ids, cache, device)
-            learn_lam = step >= warm
+            learn_lam = step >= warm and not refining
             lm = lam()
-            # dev mode: the probe learns on train at the current lambda, lambda on a dev batch
-            hidden, comp = student.encode(x, n, rate=None, lam=(lm.detach() if dev else lm).expand(len(ids)), exact=False)
+            joint = learn_lam and not dev and cfg.lambda_grad == "pathwise"  # one loss trains both
+            lam_b = (lm if joint else lm.detach()).expand(len(ids))
+            if cfg.probe_band > 0 and not refining:
+                jitter = (torch.rand(len(ids), generator=gen) * 2 - 1).to(device) * cfg.probe_band
+                lam_b = (lam_b + jitter).clamp(0.0, lam.top)
+            hidden, comp = student.encode(x, n, rate=None, lam=lam_b, exact=False)
             loss = _task_loss(probe, task, ids, hidden.states, hidden.lengths)
-            mean_ratio, cost = _cost(cfg, comp, n, x.shape[1])
             opt.zero_grad()
             opt_lam.zero_grad()
-            (loss if dev else loss + cost).backward()
+            rec_extra: dict[str, float] = {}
+            if joint:
+                mean_ratio, cost = _cost(cfg, comp.alpha_pred, lam_b, n)
+                (loss + cost).backward()
+            else:
+                loss.backward()
             opt.step()
-            dev_loss = None
-            if learn_lam and dev:
-                d_ids = [dev[(dev_pos + i) % len(dev)] for i in range(cfg.batch_size)]
-                dev_pos += cfg.batch_size
-                xd, nd = _batch(d_ids, cache, device)
-                hd, cd = student.encode(xd, nd, rate=None, lam=lm.expand(len(d_ids)), exact=False)
-                norm = getattr(probe, "pool_norm", None)
-                if norm is not None:
-                    norm.eval()  # dev batch statistics stay out of the probe (an RNN must stay in train mode)
-                dev_loss = _task_loss(probe, task, d_ids, hd.states, hd.lengths)
-                if norm is not None:
-                    norm.train()
-                mean_ratio, cost = _cost(cfg, cd, nd, xd.shape[1])
-                opt.zero_grad()
-                (dev_loss + cost).backward()
+            if learn_lam and not joint:
+                if dev:
+                    d_ids = [dev[(dev_pos + i) % len(dev)] for i in range(cfg.batch_size)]
+                    dev_pos += cfg.batch_size
+                    xd, nd = _batch(d_ids, cache, device)
+                else:
+                    d_ids, xd, nd = ids, x, n
+                lam_loss, mean_ratio, cost = _lambda_objective(cfg, student, probe, task, d_ids, xd, nd, lm, lam.top)
+                opt_lam.zero_grad()
+                (lam_loss + cost).backward()
+                rec_extra["lambda_loss"] = round(float(lam_loss.detach()), 5)
+            elif not joint:
+                with torch.no_grad():  # for the log: the cost at the current lambda, not the probe's band
+                    mean_ratio, cost = _cost(cfg, comp.alpha_pred, lm.detach().expand(len(ids)), n)
             if learn_lam:
                 opt_lam.step()
             step += 1
@@ -206,9 +257,8 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
             rec = {"step": step, "epoch": epoch + 1, "lambda": round(float(lm.detach()), 5),
                    "expected_ratio": round(float(mean_ratio.detach()), 5), "achieved_rate": round(achieved, 5),
                    "frame_period_ms": round(20.0 / max(achieved, 1e-6), 2), "task_loss": round(float(loss.detach()), 5),
-                   "cost": round(float(cost.detach()), 5)}
-            if dev_loss is not None:
-                rec["dev_loss"] = round(float(dev_loss.detach()), 5)
+                   "cost": round(float(cost.detach()), 5), "phase": "refine" if refining else ("joint" if learn_lam else "warmup")}
+            rec.update(rec_extra)
             traj.append(rec)
             progress.advance(1, lam=rec["lambda"], rate=rec["achieved_rate"], loss=rec["task_loss"])
     progress.finish()
@@ -232,10 +282,48 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
     return res
 
 
-def _cost(cfg: AdaptConfig, comp: Any, n: Tensor, S: int) -> tuple[Tensor, Tensor]:
-    """Mean expected frame ratio (differentiable in lambda) and the compute cost term."""
-    valid = length_mask(n, S).float()
-    mean_ratio = ((comp.plan.alpha * valid).sum(1) / n.float()).mean()  # expected frames / input frames
+def _lambda_objective(cfg: AdaptConfig, student: Any, probe: Probe, task: TaskData, ids: list[str], x: Tensor,
+                      n: Tensor, lm: Tensor, top: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The task-loss term whose gradient moves lambda, the mean expected ratio and the cost.
+
+    difference: the task loss at lambda +- h (no autograd), turned into a surrogate whose
+    gradient in lambda is the central-difference slope. It sees the frames that appear and vanish
+    between the two points, which the pathwise gradient cannot. pathwise: autograd through the
+    CIF weights at lambda. The cost term is always differentiated through the CIF weights.
+    """
+    soft = cfg.lambda_loss == "error"
+    norm = getattr(probe, "pool_norm", None)
+    if norm is not None:
+        norm.eval()  # these batches' statistics stay out of the probe (an RNN must stay in train mode)
+    try:
+        if cfg.lambda_grad == "pathwise":
+            hidden, comp = student.encode(x, n, rate=None, lam=lm.expand(len(ids)), exact=False)
+            mean_ratio, cost = _cost(cfg, comp.alpha_pred, lm.expand(len(ids)), n)
+            return _task_loss(probe, task, ids, hidden.states, hidden.lengths, soft), mean_ratio, cost
+        with torch.no_grad():
+            hi = (lm.detach() + cfg.difference_step).clamp(max=top)
+            lo = (lm.detach() - cfg.difference_step).clamp(min=0.0)
+            losses = []
+            for point in (hi, lo):
+                hidden, comp = student.encode(x, n, rate=None, lam=point.expand(len(ids)), exact=False)
+                losses.append(_task_loss(probe, task, ids, hidden.states, hidden.lengths, soft))
+            slope = (losses[0] - losses[1]) / (hi - lo).clamp(min=1e-6)
+        mean_ratio, cost = _cost(cfg, comp.alpha_pred, lm.expand(len(ids)), n)
+        return (losses[0] + losses[1]) / 2 + slope * (lm - lm.detach()), mean_ratio, cost
+    finally:
+        if norm is not None:
+            norm.train()
+
+
+def _cost(cfg: AdaptConfig, alpha_pred: Tensor, lam: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean expected frame ratio (differentiable in lambda) and the compute cost term.
+
+    ``alpha_pred`` (B, S) is the predictor's unmixed alpha, which does not depend on lambda, so
+    any encode of the batch provides it; mixed with ``lam`` (B,) it is the CIF plan's alpha.
+    """
+    valid = length_mask(n, alpha_pred.shape[1]).float()
+    alpha = mix_alpha(alpha_pred, lam)
+    mean_ratio = ((alpha * valid).sum(1) / n.float()).mean()  # expected frames / input frames
     if cfg.target_rate > 0:
         return mean_ratio, cfg.cost * (mean_ratio - cfg.target_rate).abs()
     return mean_ratio, cfg.cost * torch.log2(mean_ratio.clamp(min=1e-4))
@@ -266,7 +354,13 @@ def _evaluate(student: Any, probe: Probe, task: TaskData, ids: list[str], cache:
 
 
 def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, adapt_s: float) -> dict[str, Any]:
-    """Where the learned rate falls on a sweep of the same task, and what each cost."""
+    """Where the learned rate falls on a sweep of the same task, and what each cost.
+
+    The near-flat region is where the sweep curve (linearly interpolated between its rates) is
+    within ``tolerance`` of its best value: 2 points, or two binomial standard errors of the best
+    value on this test set (utterances for accuracy, reference tokens for error rates), whichever
+    is larger, so that test-set noise alone does not shrink the region to one point.
+    """
     from ofactl.sweep import load_rows
 
     p = Path(path)
@@ -278,13 +372,23 @@ def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, a
     xs = [r.achieved_rate for r in rows]
     ys = [r.test for r in rows]
     best = max(ys) if task.higher_better else min(ys)
-    tol = 0.02 if task.higher_better else 0.02  # 2 points of accuracy / error rate
-    flat = [r.achieved_rate for r in rows if abs(r.test - best) <= tol]
+    test_ids = task.splits["test"]
+    n = len(test_ids) if task.kind == "cls" else sum(len(task.labels[u]) for u in test_ids)
+    tol = max(0.02, 2.0 * float(np.sqrt(max(best * (1 - best), 0.0) / max(n, 1))))
+
+    def near(y: float) -> bool:
+        return (best - y if task.higher_better else y - best) <= tol + 1e-12
+
+    # the flat region on a fine grid of the interpolated curve, within the swept range
+    grid = np.linspace(xs[0], xs[-1], 401)
+    flat = [float(g) for g in grid if near(float(np.interp(g, xs, ys)))]
+    at_rate = float(np.interp(rate, xs, ys))
+    in_range = xs[0] - 0.01 <= rate <= xs[-1] + 0.01  # the sweep's achieved rates round a little
     return {
-        "sweep_rates": xs, "sweep_metric": ys, "sweep_at_learned_rate": round(float(np.interp(rate, xs, ys)), 5),
-        "adapt_metric": metric, "best_sweep_metric": best,
-        "near_flat_region": [min(flat), max(flat)] if flat else None,
-        "learned_rate_in_flat_region": bool(flat) and min(flat) - 1e-9 <= rate <= max(flat) + 1e-9,
+        "sweep_rates": xs, "sweep_metric": ys, "sweep_at_learned_rate": round(at_rate, 5),
+        "adapt_metric": metric, "best_sweep_metric": best, "tolerance": round(tol, 4),
+        "near_flat_region": [round(min(flat), 4), round(max(flat), 4)] if flat else None,
+        "learned_rate_in_flat_region": bool(in_range and near(at_rate)),
         "sweep_probe_trainings": len(rows), "adapt_probe_trainings": 1,
         "sweep_probe_seconds": round(sum(r.probe_train_s for r in rows), 2),
         "adapt_seconds": round(adapt_s, 2),

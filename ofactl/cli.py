@@ -425,7 +425,7 @@ def adapt(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="Once-for-all (cif) student checkpoint.")],
     corpus: Annotated[str, typer.Option("--corpus", help="Labelled corpus (.tsv manifest or folder::pattern).")],
     task: Annotated[Optional[str], typer.Option("--task", help="asr, pr, ks, sid or cls.")] = None,
-    cost: Annotated[Optional[float], typer.Option("--cost", help="gamma: task loss traded per halving of the frame rate.")] = None,
+    cost: Annotated[Optional[float], typer.Option("--cost", help="gamma: expected error (0.05 = 5 points) accepted per halving of the frame rate.")] = None,
     target_rate: Annotated[Optional[float], typer.Option("--target-rate", help="Penalise the distance to this rate instead.")] = None,
     init_rate: Annotated[Optional[float], typer.Option("--init-rate", help="Starting rate.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: summary.json, trajectory.jsonl/.png, rate.yaml.")] = Path("adapt"),

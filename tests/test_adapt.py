@@ -37,6 +37,13 @@ def distilled(tmp_path_factory, medium_corpus):
     return run_distill(cfg, synth_corpus, tmp_path_factory.mktemp("d") / "run").student
 
 
+def test_lambda_starts_off_the_flat_ends_of_the_sigmoid():
+    lam = LearnableLambda(0.0, top=1.0)  # init rate 1
+    assert float(lam().detach()) == pytest.approx(0.02)
+    lam().backward()
+    assert float(lam.theta.grad) > 0.01  # a start at rate 1 can still move
+
+
 def test_lambda_stays_in_range():
     lam = LearnableLambda(1.0)
     for v in (-1e4, 0.0, 1e4):
@@ -51,7 +58,8 @@ def test_dev_mode_learns_lambda_on_dev_and_respects_the_rate_floor(tmp_path, dis
     cfg = AdaptConfig(task="sid", cost=1.0, init_rate=0.5, min_rate=0.3, epochs=6, batch_size=8)
     res = run_adapt(cfg, distilled, medium_corpus, tmp_path / "dev")
     traj = [json.loads(x) for x in (tmp_path / "dev" / "trajectory.jsonl").read_text().splitlines()]
-    assert any("dev_loss" in r for r in traj) and "dev_loss" not in traj[0]  # not during warm-up
+    assert any("lambda_loss" in r for r in traj) and "lambda_loss" not in traj[0]  # not during warm-up
+    assert traj[-1]["phase"] == "refine" and "lambda_loss" not in traj[-1]  # lambda frozen at the end
     assert traj[-1]["lambda"] > traj[0]["lambda"]  # a large cost compresses
     from ofactl.checkpoint import load_student
 
@@ -64,8 +72,8 @@ def test_pr_and_sid_move_lambda_in_opposite_directions(tmp_path, distilled, medi
     start = {}
     ends = {}
     for task in ("pr", "sid"):
-        cfg = AdaptConfig(task=task, cost=0.1, init_rate=0.5, epochs=12, batch_size=8)
-        assert cfg.lambda_data == "dev"
+        cfg = AdaptConfig(task=task, init_rate=0.3, epochs=12, batch_size=8)  # pr labels barely fit at 0.3
+        assert cfg.lambda_data == "dev" and cfg.lambda_grad == "difference" and cfg.lambda_loss == "error"
         res = run_adapt(cfg, distilled, synth_corpus, tmp_path / task)
         traj = [json.loads(x) for x in (tmp_path / task / "trajectory.jsonl").read_text().splitlines()]
         start[task], ends[task] = traj[0]["lambda"], res.learned_lambda
@@ -95,3 +103,119 @@ def test_cli_outputs_and_rate_config_loads(tmp_path, distilled, synth_corpus):
     r = CliRunner().invoke(app, ["adapt", "--ckpt", str(distilled), "--corpus", str(synth_corpus), "--task", "sid",
                                  "--cost", "-1", "--out", str(out)])
     assert r.exit_code == 1 and "cost (gamma) must be >= 0" in r.stderr
+
+
+def _tiny_probe_setup(kind):
+    from ofactl.probe import ProbeConfig
+    from ofactl.probe.tasks import TaskData
+    from ofactl.probe.train import Probe
+
+    torch.manual_seed(0)
+    probe = Probe(2, 8, 5, kind, ProbeConfig(lstm_hidden=4))
+    labels = {"a": [1, 2, 2, 3], "b": [4]}
+    task = TaskData("pr" if kind == "ctc" else "ks", kind, "per" if kind == "ctc" else "accuracy", kind == "cls",
+                    {"train": ["a", "b"], "dev": [], "test": []}, labels, ["p", "q", "r", "s"])
+    return probe, task
+
+
+def test_soft_error_charges_ctc_utterances_too_short_for_their_labels():
+    import numpy as np
+
+    from ofactl.adapt import _task_loss
+    from ofactl.probe.train import ctc_min_frames
+
+    assert [ctc_min_frames([1, 2, 2, 3]), ctc_min_frames([4])] == [5, 1]
+    probe, task = _tiny_probe_setup("ctc")
+    h = torch.randn(2, 6, 2, 8)
+    ok = _task_loss(probe, task, ["a", "b"], h, torch.tensor([6, 6]))
+    short = _task_loss(probe, task, ["a", "b"], h, torch.tensor([4, 6]))  # "a" needs 5 frames
+    alone_b = _task_loss(probe, task, ["b"], h[1:], torch.tensor([6])).detach()
+    assert float(short) == pytest.approx((np.log(5) + float(alone_b)) / 2, rel=1e-5)  # log(V) per token, not 0
+    err = _task_loss(probe, task, ["a", "b"], h, torch.tensor([4, 6]), soft_error=True)
+    alone_err = _task_loss(probe, task, ["b"], h[1:], torch.tensor([6]), soft_error=True)
+    assert float(err) == pytest.approx((1 - 1 / 5 + float(alone_err)) / 2, rel=1e-5)  # 1 - exp(-log V)
+    assert 0 < float(ok) and 0 <= float(err) <= 1
+
+
+def test_soft_error_of_a_classifier_is_one_minus_the_label_probability():
+    from ofactl.adapt import _task_loss
+
+    probe, task = _tiny_probe_setup("cls")
+    probe.eval()
+    task.labels.update({"a": [1], "b": [3]})
+    h = torch.randn(2, 7, 2, 8)
+    n = torch.tensor([7, 5])
+    p = probe(h, n).softmax(-1)
+    want = 1 - (p[0, 1] + p[1, 3]) / 2
+    assert float(_task_loss(probe, task, ["a", "b"], h, n, soft_error=True)) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_difference_gradient_is_the_central_difference_of_the_loss(distilled, medium_corpus):
+    from ofactl.adapt import _batch, _cnn_cache, _lambda_objective, _task_loss
+    from ofactl.audio import read_corpus
+    from ofactl.checkpoint import load_student
+    from ofactl.probe import build_task
+    from ofactl.probe.train import Probe
+
+    student, _ = load_student(distilled)
+    corpus = read_corpus(medium_corpus)
+    task = build_task("sid", corpus)
+    ids = task.splits["train"][:6]
+    cache = _cnn_cache(student, [u for u in corpus if u.id in set(ids)], torch.device("cpu"))
+    x, n = _batch(ids, cache, torch.device("cpu"))
+    cfg = AdaptConfig(task="sid", difference_step=0.1)
+    probe = Probe(student.num_hidden, student.cfg.arch.embed_dim, task.n_outputs, "cls", cfg.probe)
+    lam = torch.tensor(0.4, requires_grad=True)
+    student.eval()
+    obj, _, cost = _lambda_objective(cfg, student, probe, task, ids, x, n, lam, 1.0)
+    obj.backward()
+
+    def at(v):
+        probe.eval()
+        with torch.no_grad():
+            h, _ = student.encode(x, n, rate=None, lam=torch.full((len(ids),), v), exact=False)
+            out = _task_loss(probe, task, ids, h.states, h.lengths, soft_error=True)
+        probe.train()
+        return float(out)
+
+    assert float(lam.grad) == pytest.approx((at(0.5) - at(0.3)) / 0.2, rel=1e-4, abs=1e-6)
+    assert float(cost) < 0  # gamma * log2(ratio) with ratio < 1
+
+
+def test_compare_with_sweep_uses_the_interpolated_curve_and_test_set_noise(tmp_path):
+    from ofactl.adapt import compare_with_sweep
+    from ofactl.probe.tasks import TaskData
+    from ofactl.sweep import SweepRow
+
+    def row(rate, test):
+        return SweepRow(label="s", checkpoint_sha256="x", store_group="g", task="sid", requested_rate=rate,
+                        achieved_rate=rate, frame_period_ms=20 / rate, metric="accuracy", test=test, dev=test,
+                        extra_metrics={}, upstream_gmacs_per_s=0.0, upstream_cnn_gmacs_per_s=0.0,
+                        extract_s_per_audio_s=0.0, probe_train_s=1.0, probe_params=1, probe_mmacs_per_s=0.0,
+                        store_mb=0.0, infeasible_test=None, layer_weights=[1.0], seed=0, ofactl_version="0",
+                        probe_config_sha="0")
+
+    rows = [row(1.0, 0.40), row(0.5, 0.36), row(0.25, 0.20)]
+    (tmp_path / "sweep.json").write_text(json.dumps({"rows": [r.to_json() for r in rows]}))
+    ids = [f"u{i}" for i in range(100)]
+    task = TaskData("sid", "cls", "accuracy", True, {"train": [], "dev": [], "test": ids}, {u: [0] for u in ids}, ["a"])
+    c = compare_with_sweep(tmp_path, task, 0.45, 0.3, 5.0)
+    assert c["tolerance"] == pytest.approx(2 * (0.4 * 0.6 / 100) ** 0.5, abs=1e-4)  # ~0.098 > 2 points
+    lo, hi = c["near_flat_region"]
+    assert hi == 1.0 and 0.40 < lo < 0.42  # 0.302 is reached at 0.409 on the line from 0.5 to 0.25
+    assert c["learned_rate_in_flat_region"] and c["sweep_at_learned_rate"] == pytest.approx(0.328, abs=1e-3)
+    assert not compare_with_sweep(tmp_path, task, 0.3, 0.3, 5.0)["learned_rate_in_flat_region"]
+    assert not compare_with_sweep(tmp_path, task, 0.2, 0.3, 5.0)["learned_rate_in_flat_region"]  # below the sweep
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lambda_grad", "exact", "lambda_grad must be difference or pathwise, got 'exact'"),
+    ("lambda_loss", "ce", "lambda_loss must be error or loss, got 'ce'"),
+    ("refine", "0.8", "lambda_warmup + refine below 1"),
+    ("probe_band", "2", "probe_band in [0, 1]"),
+])
+def test_bad_adapt_settings_name_the_key(tmp_path, synth_corpus, key, value, message):
+    r = CliRunner().invoke(app, ["adapt", "--ckpt", str(tmp_path / "missing.pt"), "--corpus", str(synth_corpus),
+                                 "--set", f"{key}={value}", "--out", str(tmp_path / "ad")])
+    assert r.exit_code == 1 and f"--set {key}={value}" in r.stderr and message in r.stderr
+    assert not (tmp_path / "ad").exists()  # rejected before any work
