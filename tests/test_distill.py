@@ -189,7 +189,10 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, synth_corpus):
            "--out", str(out), "--steps", "500", "--boundaries", "none", "--set", "batch_seconds=6",
            "--set", "crop_seconds=2", "--set", "num_workers=1", "--set", "eval_utts=4", "--set", "eval_rates=[1.0]",
            "--set", "ckpt_every=1000", "--set", "log_every=1"]
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # like a terminal's Ctrl-C: a job started in the background by a non-interactive shell (a CI
+    # script's '&', nohup) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     metrics = out / "metrics.jsonl"
     while time.monotonic() < deadline and p.poll() is None and not (metrics.exists() and metrics.stat().st_size > 300):
