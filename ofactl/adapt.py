@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ofactl.audio import Corpus, load_audio, read_corpus
@@ -42,9 +41,9 @@ from ofactl.config import save_resolved
 from ofactl.errors import ConfigError
 from ofactl.model.compress import LAMBDA_MAX, length_mask, mix_alpha, rate_to_lambda
 from ofactl.probe import ProbeConfig, build_task
-from ofactl.probe.metrics import accuracy, ctc_greedy, error_rate, words
+from ofactl.probe.metrics import ctc_greedy
 from ofactl.probe.tasks import TaskData
-from ofactl.probe.train import Probe, ctc_min_frames
+from ofactl.probe.train import Probe, score, task_loss
 from ofactl.progress import NullProgress, Progress
 
 
@@ -149,30 +148,6 @@ def _batch(ids: list[str], cache: dict[str, Tensor], device: torch.device) -> tu
     return torch.nn.utils.rnn.pad_sequence(xs, batch_first=True).to(device), lengths
 
 
-def _task_loss(probe: Probe, task: TaskData, ids: list[str], h: Tensor, lengths: Tensor,
-               soft_error: bool = False) -> Tensor:
-    """Mean training loss (cross-entropy, or CTC per label token); ``soft_error``: the expected
-    error rate instead, 1 - p(label) (CTC: 1 - the per-token geometric mean of p(label)), which is
-    in metric units (a fraction, like accuracy or PER) and flat where the metric is flat."""
-    out = probe(h, lengths)
-    if task.kind == "cls":
-        y = torch.tensor([task.labels[u][0] for u in ids], device=h.device)
-        if soft_error:
-            return 1.0 - out.softmax(-1).gather(1, y[:, None]).mean()
-        return F.cross_entropy(out, y)
-    targets = [torch.tensor(task.labels[u]) for u in ids]
-    tl = torch.tensor([len(t) for t in targets])
-    logp = out.log_softmax(-1).transpose(0, 1)
-    per = F.ctc_loss(logp, torch.cat(targets).to(h.device), lengths, tl, blank=0, reduction="none",
-                     zero_infinity=True) / tl.clamp(min=1).to(h.device)
-    # An utterance with fewer frames than its label needs cannot be transcribed: charge it the
-    # per-token loss of a uniform guess, log(V), instead of dropping it (zero_infinity would
-    # make too-short sequences look free and pull the rate down).
-    feasible = lengths.cpu() >= torch.tensor([ctc_min_frames(task.labels[u]) for u in ids])
-    per = torch.where(feasible.to(h.device), per, per.new_tensor(float(np.log(out.shape[-1]))))
-    return (1.0 - torch.exp(-per)).mean() if soft_error else per.mean()
-
-
 def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir: Path,
               compare_sweep: Path | None = None, progress: Progress | None = None) -> AdaptResult:
     from ofactl.checkpoint import load_student
@@ -184,7 +159,7 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, "adapt", out_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.probe.device if cfg.probe.device != "cpu" else "cpu")
+    device = resolve_device(cfg.probe.device)
     student, _ = load_student(Path(ckpt), device)
     if student.cfg.compressor != "cif":
         raise ConfigError(f"{ckpt}: adapt needs a once-for-all (cif) student, this one is {student.cfg.compressor}")
@@ -226,7 +201,7 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
                 jitter = (torch.rand(len(ids), generator=gen) * 2 - 1).to(device) * cfg.probe_band
                 lam_b = (lam_b + jitter).clamp(0.0, lam.top)
             hidden, comp = student.encode(x, n, rate=None, lam=lam_b, exact=False)
-            loss = _task_loss(probe, task, ids, hidden.states, hidden.lengths)
+            loss = task_loss(probe, task, ids, hidden.states, hidden.lengths, charge_infeasible=True)
             opt.zero_grad()
             opt_lam.zero_grad()
             rec_extra: dict[str, float] = {}
@@ -299,14 +274,16 @@ def _lambda_objective(cfg: AdaptConfig, student: Any, probe: Probe, task: TaskDa
         if cfg.lambda_grad == "pathwise":
             hidden, comp = student.encode(x, n, rate=None, lam=lm.expand(len(ids)), exact=False)
             mean_ratio, cost = _cost(cfg, comp.alpha_pred, lm.expand(len(ids)), n)
-            return _task_loss(probe, task, ids, hidden.states, hidden.lengths, soft), mean_ratio, cost
+            return task_loss(probe, task, ids, hidden.states, hidden.lengths, charge_infeasible=True,
+                             soft_error=soft), mean_ratio, cost
         with torch.no_grad():
             hi = (lm.detach() + cfg.difference_step).clamp(max=top)
             lo = (lm.detach() - cfg.difference_step).clamp(min=0.0)
             losses = []
             for point in (hi, lo):
                 hidden, comp = student.encode(x, n, rate=None, lam=point.expand(len(ids)), exact=False)
-                losses.append(_task_loss(probe, task, ids, hidden.states, hidden.lengths, soft))
+                losses.append(task_loss(probe, task, ids, hidden.states, hidden.lengths, charge_infeasible=True,
+                                        soft_error=soft))
             slope = (losses[0] - losses[1]) / (hi - lo).clamp(min=1e-6)
         mean_ratio, cost = _cost(cfg, comp.alpha_pred, lm.expand(len(ids)), n)
         return (losses[0] + losses[1]) / 2 + slope * (lm - lm.detach()), mean_ratio, cost
@@ -344,13 +321,7 @@ def _evaluate(student: Any, probe: Probe, task: TaskData, ids: list[str], cache:
         inputs += int(n.sum())
         preds += out.argmax(-1).tolist() if task.kind == "cls" else ctc_greedy(out, hidden.lengths)
     probe.train()
-    if task.kind == "cls":
-        return {"accuracy": accuracy(preds, [task.labels[u][0] for u in ids])}, frames / inputs
-    hyp = [[task.vocab[t - 1] for t in p] for p in preds]
-    ref = [[task.vocab[t - 1] for t in task.labels[u]] for u in ids]
-    if task.task == "asr":
-        return {"wer": error_rate([words(h) for h in hyp], [words(r) for r in ref])}, frames / inputs
-    return {"per": error_rate(hyp, ref)}, frames / inputs
+    return score(task, ids, preds), frames / inputs
 
 
 def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, adapt_s: float) -> dict[str, Any]:

@@ -56,7 +56,7 @@ def test_lambda_stays_in_range():
 
 def test_dev_mode_learns_lambda_on_dev_and_respects_the_rate_floor(tmp_path, distilled, medium_corpus):
     cfg = AdaptConfig(task="sid", cost=1.0, init_rate=0.5, min_rate=0.3, epochs=6, batch_size=8)
-    res = run_adapt(cfg, distilled, medium_corpus, tmp_path / "dev")
+    run_adapt(cfg, distilled, medium_corpus, tmp_path / "dev")
     traj = [json.loads(x) for x in (tmp_path / "dev" / "trajectory.jsonl").read_text().splitlines()]
     assert any("lambda_loss" in r for r in traj) and "lambda_loss" not in traj[0]  # not during warm-up
     assert traj[-1]["phase"] == "refine" and "lambda_loss" not in traj[-1]  # lambda frozen at the end
@@ -121,25 +121,27 @@ def _tiny_probe_setup(kind):
 def test_soft_error_charges_ctc_utterances_too_short_for_their_labels():
     import numpy as np
 
-    from ofactl.adapt import _task_loss
-    from ofactl.probe.train import ctc_min_frames
+    from ofactl.probe.train import ctc_min_frames, task_loss
 
     assert [ctc_min_frames([1, 2, 2, 3]), ctc_min_frames([4])] == [5, 1]
     probe, task = _tiny_probe_setup("ctc")
     h = torch.randn(2, 6, 2, 8)
+    charged = dict(charge_infeasible=True)  # as adapt scores it
     with torch.no_grad():
-        ok = _task_loss(probe, task, ["a", "b"], h, torch.tensor([6, 6]))
-        short = _task_loss(probe, task, ["a", "b"], h, torch.tensor([4, 6]))  # "a" needs 5 frames
-        alone_b = _task_loss(probe, task, ["b"], h[1:], torch.tensor([6]))
-        err = _task_loss(probe, task, ["a", "b"], h, torch.tensor([4, 6]), soft_error=True)
-        alone_err = _task_loss(probe, task, ["b"], h[1:], torch.tensor([6]), soft_error=True)
+        ok = task_loss(probe, task, ["a", "b"], h, torch.tensor([6, 6]), **charged)
+        short = task_loss(probe, task, ["a", "b"], h, torch.tensor([4, 6]), **charged)  # "a" needs 5 frames
+        alone_b = task_loss(probe, task, ["b"], h[1:], torch.tensor([6]), **charged)
+        err = task_loss(probe, task, ["a", "b"], h, torch.tensor([4, 6]), soft_error=True, **charged)
+        alone_err = task_loss(probe, task, ["b"], h[1:], torch.tensor([6]), soft_error=True, **charged)
+        dropped = task_loss(probe, task, ["a", "b"], h, torch.tensor([4, 6]))  # as the probe trains
     assert float(short) == pytest.approx((np.log(5) + float(alone_b)) / 2, rel=1e-5)  # log(V) per token, not 0
     assert float(err) == pytest.approx((1 - 1 / 5 + float(alone_err)) / 2, rel=1e-5)  # 1 - exp(-log V)
     assert 0 < float(ok) and 0 <= float(err) <= 1
+    assert float(dropped) == pytest.approx(float(alone_b) / 2, rel=1e-5)  # zero_infinity: "a" costs 0
 
 
 def test_soft_error_of_a_classifier_is_one_minus_the_label_probability():
-    from ofactl.adapt import _task_loss
+    from ofactl.probe.train import task_loss
 
     probe, task = _tiny_probe_setup("cls")
     probe.eval()
@@ -148,17 +150,17 @@ def test_soft_error_of_a_classifier_is_one_minus_the_label_probability():
     n = torch.tensor([7, 5])
     with torch.no_grad():
         p = probe(h, n).softmax(-1)
-        got = _task_loss(probe, task, ["a", "b"], h, n, soft_error=True)
+        got = task_loss(probe, task, ["a", "b"], h, n, soft_error=True, charge_infeasible=True)
     want = 1 - (p[0, 1] + p[1, 3]) / 2
     assert float(got) == pytest.approx(float(want), rel=1e-5)
 
 
 def test_difference_gradient_is_the_central_difference_of_the_loss(distilled, medium_corpus):
-    from ofactl.adapt import _batch, _cnn_cache, _lambda_objective, _task_loss
+    from ofactl.adapt import _batch, _cnn_cache, _lambda_objective
     from ofactl.audio import read_corpus
     from ofactl.checkpoint import load_student
     from ofactl.probe import build_task
-    from ofactl.probe.train import Probe
+    from ofactl.probe.train import Probe, task_loss
 
     student, _ = load_student(distilled)
     corpus = read_corpus(medium_corpus)
@@ -177,7 +179,7 @@ def test_difference_gradient_is_the_central_difference_of_the_loss(distilled, me
         probe.eval()
         with torch.no_grad():
             h, _ = student.encode(x, n, rate=None, lam=torch.full((len(ids),), v), exact=False)
-            out = _task_loss(probe, task, ids, h.states, h.lengths, soft_error=True)
+            out = task_loss(probe, task, ids, h.states, h.lengths, soft_error=True, charge_infeasible=True)
         probe.train()
         return float(out)
 

@@ -159,7 +159,7 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
         model.train()
         for ids in _batches(splits["train"], batch_size, gen):
             x, lengths = _collate(ids, feats, up)
-            loss = _loss(model, task, ids, x.to(dev), lengths.to(dev))
+            loss = task_loss(model, task, ids, x.to(dev), lengths.to(dev))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -185,15 +185,32 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
                        time.perf_counter() - t0, sum(p.numel() for p in model.parameters()), infeasible)
 
 
-def _loss(model: Probe, task: TaskData, ids: list[str], x: Tensor, lengths: Tensor) -> Tensor:
+def task_loss(model: Probe, task: TaskData, ids: list[str], x: Tensor, lengths: Tensor, *,
+              charge_infeasible: bool = False, soft_error: bool = False) -> Tensor:
+    """Mean loss of a batch: cross-entropy, or CTC per label token.
+
+    A CTC utterance with fewer frames than its label needs (``ctc_min_frames``) costs 0 (dropped
+    by ``zero_infinity``: nothing to learn from it) unless ``charge_infeasible``, which charges it
+    the per-token loss of a uniform guess, log(V) (adapt: dropping it would make very low rates
+    look free). ``soft_error``: the expected error instead, 1 - p(label) (CTC: 1 - the per-token
+    geometric mean of p(label)), a fraction like accuracy or PER, flat where the metric is flat.
+    """
     out = model(x, lengths)
     if task.kind == "cls":
         y = torch.tensor([task.labels[u][0] for u in ids], device=x.device)
+        if soft_error:
+            return 1.0 - out.softmax(-1).gather(1, y[:, None]).mean()
         return F.cross_entropy(out, y)
     targets = [torch.tensor(task.labels[u]) for u in ids]
     tl = torch.tensor([len(t) for t in targets])
     logp = out.log_softmax(-1).transpose(0, 1)  # (T, B, V)
-    return F.ctc_loss(logp, torch.cat(targets).to(x.device), lengths, tl, blank=0, zero_infinity=True)
+    # per token, as reduction="mean" does (bit for bit), so each utterance can be charged apart
+    per = F.ctc_loss(logp, torch.cat(targets).to(x.device), lengths, tl, blank=0, reduction="none",
+                     zero_infinity=True) / tl.clamp(min=1).to(x.device)
+    if charge_infeasible:
+        feasible = lengths.cpu() >= torch.tensor([ctc_min_frames(task.labels[u]) for u in ids])
+        per = torch.where(feasible.to(x.device), per, per.new_tensor(float(np.log(out.shape[-1]))))
+    return (1.0 - torch.exp(-per)).mean() if soft_error else per.mean()
 
 
 @torch.no_grad()
@@ -209,6 +226,12 @@ def evaluate_probe(model: Probe, task: TaskData, ids: list[str], feats: dict[str
         else:
             preds += ctc_greedy(out, lengths)
     model.train()
+    return score(task, ids, preds)
+
+
+def score(task: TaskData, ids: list[str], preds: list[Any]) -> dict[str, float]:
+    """The task's metrics for ``preds`` of ``ids``: class indices (accuracy), or CTC token ids
+    (PER; WER and CER for asr)."""
     if task.kind == "cls":
         return {"accuracy": accuracy(preds, [task.labels[u][0] for u in ids])}
     hyp = [[task.vocab[t - 1] for t in p] for p in preds]

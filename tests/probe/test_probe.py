@@ -48,6 +48,23 @@ def _cls_task(n_per=40, n_cls=4, seed=0):
     return TaskData("cls", "cls", "accuracy", True, splits, labels, [str(c) for c in range(n_cls)]), feats
 
 
+def test_ctc_task_loss_is_the_mean_per_token_ctc_loss():
+    from ofactl.probe.train import Probe, task_loss
+
+    torch.manual_seed(0)
+    labels = {"a": [1, 2, 2, 3], "b": [4], "c": [2, 3]}
+    task = TaskData("pr", "ctc", "per", False, {"train": list(labels), "dev": [], "test": []}, labels,
+                    ["p", "q", "r", "s"])
+    probe = Probe(2, 8, task.n_outputs, "ctc", ProbeConfig(ctc_head="linear"))
+    h, n = torch.randn(3, 9, 2, 8), torch.tensor([4, 4, 7])  # "a" needs 5 frames: dropped, costs 0
+    with torch.no_grad():
+        logp = probe(h, n).log_softmax(-1).transpose(0, 1)
+        want = torch.nn.functional.ctc_loss(logp, torch.tensor([1, 2, 2, 3, 4, 2, 3]), n, torch.tensor([4, 1, 2]),
+                                            blank=0, zero_infinity=True)
+        assert float(task_loss(probe, task, list(labels), h, n)) == float(want)  # bit for bit
+        assert float(want) > 0
+
+
 def test_classification_beats_chance_and_prefers_informative_layer():
     task, feats = _cls_task()
     res = train_probe(task, feats, ProbeConfig(cls_epochs=30, cls_batch_size=32, lr=3e-3, layer_norm=False))
