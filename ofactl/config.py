@@ -357,26 +357,25 @@ def section_class(section: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def _leaf_keys(cls: type, defaults: dict[str, Any], prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, type name, default) of every leaf field of ``cls``, in field order (nested sections inline)."""
+    hints, out = _hints(cls), []
+    for f in dataclasses.fields(cls):
+        sub = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(sub):
+            out += _leaf_keys(sub, defaults[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", _type_name(hints[f.name]), defaults[f.name]))
+    return out
+
+
 def keys_markdown() -> str:
     """Every key of every section with its type and built-in default (docs/presets.md)."""
     out = [KEYS_BEGIN, ""]
     for section in COMMAND_SECTIONS:
         cls = section_class(section)
         out += [f"### `{section}`", "", "| key | type | default |", "|---|---|---|"]
-        defaults = to_dict(cls())
-        hints = {}
-
-        def walk(c: type, prefix: str, d: dict[str, Any]) -> None:
-            for f in dataclasses.fields(c):
-                tp = _hints(c)[f.name]
-                sub = _unwrap_optional(tp)
-                if dataclasses.is_dataclass(sub):
-                    walk(sub, f"{prefix}{f.name}.", d[f.name])
-                    continue
-                hints[f"{prefix}{f.name}"] = (_type_name(tp), d[f.name])
-
-        walk(cls, "", defaults)
-        for k, (t, v) in hints.items():
+        for k, t, v in _leaf_keys(cls, to_dict(cls())):
             shown = json.dumps(v) if not isinstance(v, str) else (f"`{v}`" if v else '""')
             out.append(f"| `{k}` | {t.replace('Ellipsis', '...')} | {shown} |")
         out.append("")
