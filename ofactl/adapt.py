@@ -45,6 +45,7 @@ from ofactl.probe.metrics import ctc_greedy
 from ofactl.probe.tasks import TaskData
 from ofactl.probe.train import Probe, score, task_loss
 from ofactl.progress import NullProgress, Progress
+from ofactl.runtime import check_device_name, resolve_device
 
 
 @dataclass
@@ -71,9 +72,11 @@ class AdaptConfig:
     min_rate: float = 0.25  # lowest rate lambda may reach (80 ms; OFA students are distilled on 20-90 ms,
     # and the edge of that range is the least trained)
     seed: int = 0
+    device: str = "auto"  # the student, lambda and the probe (unless probe.device says otherwise)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self) -> None:
+        check_device_name(self.device)
         if not 0 < self.init_rate <= 1:
             raise ValueError("init_rate must be in (0, 1]")
         if self.cost < 0:
@@ -151,15 +154,14 @@ def _batch(ids: list[str], cache: dict[str, Tensor], device: torch.device) -> tu
 def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir: Path,
               compare_sweep: Path | None = None, progress: Progress | None = None) -> AdaptResult:
     from ofactl.checkpoint import load_student
-    from ofactl.extract import resolve_device
 
     progress = progress or NullProgress()
     t0 = time.perf_counter()
+    device = resolve_device(cfg.device if cfg.probe.device == "auto" else cfg.probe.device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, "adapt", out_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.probe.device)
     student, _ = load_student(Path(ckpt), device)
     if student.cfg.compressor != "cif":
         raise ConfigError(f"{ckpt}: adapt needs a once-for-all (cif) student, this one is {student.cfg.compressor}")

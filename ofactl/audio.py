@@ -378,6 +378,13 @@ def _validate(spec: str, entries: list[_Entry], on_error: str) -> Corpus:
     return Corpus(spec, utts, problems)
 
 
+def _relative_to(p: Path, base: Path) -> str:
+    """``p`` relative to ``base`` (with ``..`` where needed), POSIX separators."""
+    import os
+
+    return Path(os.path.relpath(p, base)).as_posix()
+
+
 def _listing(head: str, items: list[str]) -> str:
     shown = items[:_MAX_LISTED]
     more = f"\n  ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
@@ -385,14 +392,23 @@ def _listing(head: str, items: list[str]) -> str:
 
 
 def write_manifest(path: Path, utterances: Sequence[Utterance] | Sequence[dict[str, str]], columns: Sequence[str]) -> None:
-    """Write a TSV manifest (``id``, ``path`` and ``columns``); paths relative to its folder."""
+    """Write a TSV manifest (``id``, ``path`` and ``columns``) with paths relative to its folder,
+    which is how :func:`read_corpus` reads them back.
+
+    An :class:`Utterance`'s path (absolute, or relative to the working directory) is rewritten
+    relative to the manifest's folder; a record's ``path`` is taken as already relative to it
+    unless it is absolute.
+    """
     path = Path(path)
+    base = path.parent.resolve()
     rows = []
     for u in utterances:
         if isinstance(u, Utterance):
-            rec = {"id": u.id, "path": str(u.path), **u.labels}
+            rec = {"id": u.id, "path": _relative_to(u.path.resolve(), base), **u.labels}
         else:
             rec = dict(u)
+            if "path" in rec and Path(rec["path"]).is_absolute():
+                rec["path"] = _relative_to(Path(rec["path"]), base)
         rows.append(rec)
     header = ["id", "path", *[c for c in columns if c not in ("id", "path")]]
     tmp = path.with_suffix(".tsv.tmp")

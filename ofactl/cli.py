@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -129,18 +129,32 @@ def _progress(quiet: bool, as_json: bool) -> RichProgress:
     return RichProgress(enabled=interactive and not quiet and not as_json, quiet=quiet)
 
 
-def _call(debug: bool, fn: Callable[[], T]) -> T:
-    """Run library code: an OfactlError becomes one line on stderr and exit code 1."""
+def _call(debug: bool, fn: Callable[[], T], as_json: bool = False) -> T:
+    """Run library code: an OfactlError becomes one line on stderr and its exit code (1, or 130
+    when interrupted); under ``--json`` stdout also gets one JSON error document, so a pipeline
+    (``... --json | jq``) sees the failure."""
     try:
         return fn()
     except OfactlError as e:
         if debug:
             err_console.print_exception()
-        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
-        raise typer.Exit(e.exit_code) from None
+        _fail(str(e), e.exit_code, type(e).__name__, as_json)
     except KeyboardInterrupt:
+        _fail("interrupted", 130, "KeyboardInterrupt", as_json)
+    except Exception as e:  # a bug: the traceback is the honest report, the JSON says it failed
+        if as_json:
+            _emit_json({"error": f"internal error: {type(e).__name__}: {e}", "exit_code": 1, "kind": "internal"})
+        raise
+
+
+def _fail(message: str, code: int, kind: str, as_json: bool) -> NoReturn:
+    if code == 130 and message == "interrupted":
         err_console.print("[yellow]interrupted[/yellow]")
-        raise typer.Exit(130) from None
+    else:
+        err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    if as_json:
+        _emit_json({"error": message, "exit_code": code, "kind": kind})
+    raise typer.Exit(code)
 
 
 def _emit_json(doc: Any) -> None:
@@ -180,7 +194,7 @@ def quickstart(
         cfg = load_config(QuickstartConfig, "quickstart", config, _with_flags(set_, device=device))
         return run_quickstart(cfg, out, progress=_progress(quiet, as_json))
 
-    res = _call(debug, go)
+    res = _call(debug, go, as_json)
     if as_json:
         _emit_json(res.to_json())
         return
@@ -229,7 +243,7 @@ def synth(
         cfg = load_config(SynthConfig, "synth", config, set_ or [])
         return run_synth(cfg, out, overwrite=overwrite, progress=_progress(quiet, as_json))
 
-    res = _call(debug, go)
+    res = _call(debug, go, as_json)
     if as_json:
         _emit_json(res.to_json())
     elif not quiet:
@@ -264,21 +278,18 @@ def distill(
     Multi-GPU/multi-process: launch with torchrun; rank 0 writes checkpoints and logs.
     """
     from ofactl.config import load_config
-    from ofactl.distill import DistillConfig, run_distill
+    from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
 
     def go() -> Any:
         overrides = _with_flags(set_, teacher=teacher, guidance__boundaries=boundaries, steps=steps,
                                 device=device, precision=precision, student__compressor=compressor)
-        if rate is not None:
-            if compressor == "avgpool":
-                overrides.append(f"compressor_rate={rate}")
-            else:
-                overrides += ["rates.kind=fixed", f"rates.rate={rate}"]
         cfg = load_config(DistillConfig, "distill", config, overrides)
+        if rate is not None:  # what --rate sets depends on the resolved student's compressor
+            cfg = with_fixed_rate(cfg, rate)
         return run_distill(cfg, corpus, out, resume=resume, overwrite=overwrite,
                            trust_checkpoint=trust_checkpoint, progress=_progress(quiet, as_json))
 
-    res = _call(debug, go)
+    res = _call(debug, go, as_json)
     if as_json:
         _emit_json(res.to_json())
     elif not quiet:
@@ -345,7 +356,7 @@ def extract(
             export_hdf5(store, out, [g.rate for g in res.groups])
         return res
 
-    res = _call(debug, go)
+    res = _call(debug, go, as_json)
     if as_json:
         _emit_json(res.to_json())
     elif not quiet:
@@ -380,6 +391,7 @@ def sweep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: sweep.csv, sweep.json, tradeoff.png, rows/.")] = Path("sweep"),
     label_column: Annotated[Optional[str], typer.Option("--label-column", help="Label column for --task cls.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute finished rows (and replace mismatched groups).")] = False,
+    device: DeviceOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
@@ -396,26 +408,27 @@ def sweep(
 
     def go() -> Any:
         overrides = _with_flags(set_, task=task, rates=None if rates is None else f"[{rates}]",
-                                label_column=label_column)
+                                label_column=label_column, device=device)
         cfg = load_config(SweepConfig, "sweep", config, overrides)
         return run_sweep(cfg, parse_ckpts(ckpt), corpus, out, store, overwrite=overwrite,
                          progress=_progress(quiet, as_json))
 
-    res = _call(debug, go)
+    res = _call(debug, go, as_json)
     if as_json:
-        _emit_json([r.to_json() for r in res.rows])
+        _emit_json(res.to_json())
         return
     if quiet:
         return
     from rich.table import Table
 
     t = Table(title=f"{res.rows[0].task if res.rows else ''} sweep ({res.reused} row(s) reused)", title_justify="left")
-    for col in ("label", "rate", "achieved", "ms", res.rows[0].metric if res.rows else "metric", "GMAC/s", "s/audio-s", "MB", "infeasible"):
+    for col in ("label", "rate", "achieved", "ms", res.rows[0].metric if res.rows else "metric", "GMAC/s", "s/audio-s",
+                "probe s", "MB", "infeasible"):
         t.add_column(col, justify="right", no_wrap=True)
     for r in res.rows:
         t.add_row(r.label, f"{r.requested_rate:g}", f"{r.achieved_rate:.3f}", f"{r.frame_period_ms:.1f}", f"{r.test:.4f}",
-                  f"{r.upstream_gmacs_per_s:.2f}", f"{r.extract_s_per_audio_s:.4f}", f"{r.store_mb:.1f}",
-                  "-" if r.infeasible_test is None else str(r.infeasible_test))
+                  f"{r.upstream_gmacs_per_s:.2f}", f"{r.extract_s_per_audio_s:.4f}", f"{r.probe_train_s:.1f}",
+                  f"{r.store_mb:.1f}", "-" if r.infeasible_test is None else str(r.infeasible_test))
     err_console.print(t)
     err_console.print(f"wrote {res.csv}, {res.json}" + (f", {res.png}" if res.png else ""), highlight=False)
 
@@ -430,6 +443,7 @@ def adapt(
     init_rate: Annotated[Optional[float], typer.Option("--init-rate", help="Starting rate.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: summary.json, trajectory.jsonl/.png, rate.yaml.")] = Path("adapt"),
     compare_sweep: Annotated[Optional[Path], typer.Option("--compare-sweep", help="A sweep folder of the same task to compare with.")] = None,
+    device: DeviceOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
@@ -444,11 +458,11 @@ def adapt(
     from ofactl.config import load_config
 
     def go() -> Any:
-        overrides = _with_flags(set_, task=task, cost=cost, target_rate=target_rate, init_rate=init_rate)
+        overrides = _with_flags(set_, task=task, cost=cost, target_rate=target_rate, init_rate=init_rate, device=device)
         cfg = load_config(AdaptConfig, "adapt", config, overrides)
         return run_adapt(cfg, ckpt, corpus, out, compare_sweep, progress=_progress(quiet, as_json))
 
-    res = _call(debug, go)
+    res = _call(debug, go, as_json)
     if as_json:
         _emit_json(res.to_json())
     elif not quiet:
@@ -479,7 +493,7 @@ def info(
             return describe_teacher(teacher, trust_checkpoint)
         return describe_path(path) if path is not None else environment()
 
-    doc = _call(debug, go)
+    doc = _call(debug, go, as_json)
     if as_json:
         _emit_json(doc)
         return
@@ -520,8 +534,40 @@ def cli_markdown() -> str:
     return note + docs.strip() + "\n"
 
 
-def main() -> None:
-    app()
+def _one_line_warnings() -> None:
+    """Library warnings (torch's included) as one line on stderr, like every other note, instead
+    of a multi-line block with a source line in front of an error message."""
+    import warnings
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        first = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+        err_console.print(f"[yellow]warning:[/yellow] {first}", highlight=False, markup=True)
+
+    warnings.showwarning = show
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script. Usage errors (a missing or unknown option) are click's; under
+    ``--json`` they also print a JSON error document on stdout, like every other failure."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" not in args:
+        _one_line_warnings()
+    try:
+        rv = typer.main.get_command(app).main(args=args, prog_name="ofactl", standalone_mode=False)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/yellow]")
+        sys.exit(130)
+    except Exception as e:
+        # click's usage errors (typer may ship its own copy of click, so matched by interface)
+        if not (hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int)):
+            raise
+        if "--json" in args:
+            msg = e.format_message() if hasattr(e, "format_message") else str(e)
+            _emit_json({"error": msg or "usage error", "exit_code": e.exit_code, "kind": "usage"})
+        e.show()
+        sys.exit(e.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

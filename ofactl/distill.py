@@ -33,7 +33,8 @@ from ofactl.config import save_resolved, to_dict
 from ofactl.errors import CheckpointError, ConfigError, InterruptedRun, OfactlError
 from ofactl.model.compress import length_mask, rate_to_lambda
 from ofactl.model.student import Student, StudentConfig, student_config
-from ofactl.progress import NullProgress, Progress, ignore_sigint_in_worker
+from ofactl.progress import NullProgress, Progress, deferred_sigint, ignore_sigint_in_worker
+from ofactl.runtime import autocast
 
 SR = 16000
 
@@ -116,6 +117,9 @@ class DistillConfig:
     alpha_momentum: float = 0.98
 
     def validate(self) -> None:
+        from ofactl.runtime import check_device_name
+
+        check_device_name(self.device)
         self.student.validate()
         self.rates.validate()
         if self.alignment not in ("compress", "upsample"):
@@ -284,7 +288,7 @@ def train_step_loss(student: Any, teacher: Any, batch: dict[str, Any], cfg: Dist
     B = wav.shape[0]
     targets, t_lengths = prediction_targets(core, teacher, wav, lengths)
     rates, lam, exact = sample_rates(cfg, B, gen, core.alpha_mean)
-    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    with autocast(device, amp):
         out = student(wav, lengths, rate=rates.to(device), lam=None if lam is None else lam.to(device), exact=exact)
     if not torch.equal(out.cnn_lengths, t_lengths):
         raise ConfigError("teacher and student CNNs give different frame counts; they need the same conv layers")
@@ -366,7 +370,7 @@ def run_distill(
     progress: Progress | None = None,
 ) -> DistillResult:
     from ofactl.checkpoint import atomic_torch_save, save_student
-    from ofactl.extract import autocast_dtype, resolve_device
+    from ofactl.runtime import autocast_dtype, resolve_device
     from ofactl.model.teacher import load_teacher
 
     progress = progress or NullProgress()
@@ -374,9 +378,9 @@ def run_distill(
     run_dir = Path(run_dir)
     main_rank = rank == 0
     ckpt_dir = run_dir / "checkpoints"
+    device = resolve_device(cfg.device)  # before touching the run folder: a bad --device changes nothing
     if main_rank:
         _prepare_run_dir(run_dir, resume, overwrite)
-    device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
@@ -386,8 +390,6 @@ def run_distill(
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     amp = autocast_dtype(cfg.precision, device)
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs CUDA (use bf16 on CPU)")
 
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
     train, held = _split(cps, cfg)
@@ -439,6 +441,8 @@ def run_distill(
         # resumed run's dropout would diverge from an uninterrupted one
         generator=torch.Generator().manual_seed(cfg.seed + start),
         worker_init_fn=ignore_sigint_in_worker if cfg.num_workers else None)
+    if main_rank and start:
+        truncate_metrics(run_dir / "metrics.jsonl", start)
     metrics = open(run_dir / "metrics.jsonl", "a") if main_rank else None
     teacher_desc = {k: v for k, v in teacher.describe().items()}
     t0 = time.perf_counter()
@@ -463,57 +467,60 @@ def run_distill(
         for p in old:
             p.unlink(missing_ok=True)
 
-    try:
-        for batch in loader:
-            micro = batch["step"]
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro + 17)
-            o = train_step_loss(model, teacher, batch, cfg, device, amp, gen)
-            scaler.scale(o.loss / cfg.optim.accum).backward()
-            acc.append(o)
-            audio_s += float(batch["lengths"].sum()) / SR
-            if len(acc) < cfg.optim.accum:
-                continue
-            scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            with torch.no_grad():
-                m = cfg.alpha_momentum
-                am = sum(a.alpha_mean for a in acc) / len(acc)
-                student.compressor.alpha_mean.mul_(m).add_((1 - m) * am)
-            if main_rank and (step % cfg.log_every == 0 or step == cfg.steps):
-                rec = {"step": step, "loss": _mean(a.loss.item() for a in acc),
-                       "per_head": [round(float(x), 5) for x in torch.stack([a.per_head for a in acc]).mean(0)],
-                       "alpha_seg": _mean(float(a.seg) for a in acc), "alpha_frame": _mean(float(a.frame) for a in acc),
-                       "achieved_rate": _mean(a.achieved for a in acc), "alpha_mean": round(student.alpha_mean, 5),
-                       "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
-                       "audio_s_per_s": round(audio_s / (time.perf_counter() - t0), 2),
-                       "elapsed_s": round(time.perf_counter() - t0, 2)}
-                assert metrics is not None
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
-            progress.advance(1, loss=o.loss.item(), rate=round(o.achieved, 3),
-                             h_per_s=round(audio_s / 3600 / max(time.perf_counter() - t0, 1e-9), 4))
-            acc = []
-            if cfg.eval_every and step % cfg.eval_every == 0 and main_rank and step < cfg.steps:
-                ev = evaluate(student, teacher, held, cfg, device, amp)
-                student.train()
-                _log_eval(metrics, step, ev)
-            if step % cfg.ckpt_every == 0 and step < cfg.steps:
+    with deferred_sigint() as stop:
+        try:
+            for batch in loader:
+                micro = batch["step"]
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro + 17)
+                o = train_step_loss(model, teacher, batch, cfg, device, amp, gen)
+                scaler.scale(o.loss / cfg.optim.accum).backward()
+                acc.append(o)
+                audio_s += float(batch["lengths"].sum()) / SR
+                if len(acc) < cfg.optim.accum:
+                    continue
+                scaler.unscale_(opt)
+                gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                step += 1
+                with torch.no_grad():
+                    m = cfg.alpha_momentum
+                    am = sum(a.alpha_mean for a in acc) / len(acc)
+                    student.compressor.alpha_mean.mul_(m).add_((1 - m) * am)
+                if main_rank and (step % cfg.log_every == 0 or step == cfg.steps):
+                    rec = {"step": step, "loss": _mean(a.loss.item() for a in acc),
+                           "per_head": [round(float(x), 5) for x in torch.stack([a.per_head for a in acc]).mean(0)],
+                           "alpha_seg": _mean(float(a.seg) for a in acc), "alpha_frame": _mean(float(a.frame) for a in acc),
+                           "achieved_rate": _mean(a.achieved for a in acc), "alpha_mean": round(student.alpha_mean, 5),
+                           "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
+                           "audio_s_per_s": round(audio_s / (time.perf_counter() - t0), 2),
+                           "elapsed_s": round(time.perf_counter() - t0, 2)}
+                    assert metrics is not None
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                progress.advance(1, loss=o.loss.item(), rate=round(o.achieved, 3),
+                                 h_per_s=round(audio_s / 3600 / max(time.perf_counter() - t0, 1e-9), 4))
+                acc = []
+                if cfg.eval_every and step % cfg.eval_every == 0 and main_rank and step < cfg.steps:
+                    ev = evaluate(student, teacher, held, cfg, device, amp)
+                    student.train()
+                    _log_eval(metrics, step, ev)
+                if step % cfg.ckpt_every == 0 and step < cfg.steps:
+                    save(step)
+                if _stop_agreed(stop.requested, world, device):
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            progress.finish()
+            if main_rank and step > start:
                 save(step)
-    except KeyboardInterrupt:
-        progress.finish()
-        if main_rank and step > start:
-            save(step)
-            raise InterruptedRun(f"interrupted at step {step}; checkpoint saved, continue with --resume") from None
-        raise
-    finally:
-        progress.finish()
-        if metrics is not None:
-            metrics.close()
+                raise InterruptedRun(f"interrupted at step {step}; checkpoint saved, continue with --resume") from None
+            raise InterruptedRun(f"interrupted at step {step}, before any new step; nothing new to save") from None
+        finally:
+            progress.finish()
+            if metrics is not None:
+                metrics.close()
 
     in_sync = _ranks_in_sync(student) if world > 1 else None
     student.eval()
@@ -534,6 +541,47 @@ def run_distill(
         dist.destroy_process_group()
     return DistillResult(run_dir, result_path, step, start, eval_before, ev_after, achieved, audio_s,
                          time.perf_counter() - t0, in_sync)
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the records of ``path`` (metrics.jsonl) logged after ``step``, the step a resumed
+    run continues from, so its log has each step once. Returns the number of records dropped.
+    A torn last line (a kill mid-write) is dropped too."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if int(rec.get("step", 0)) <= step:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, path)
+    return dropped
+
+
+def with_fixed_rate(cfg: DistillConfig, rate: float) -> DistillConfig:
+    """``distill --rate R``: train at one rate, whatever the resolved student's compressor is
+    (avgpool: its pooling rate; cif: rates.kind=fixed; none: rate 1 only)."""
+    from dataclasses import replace
+
+    if not 0 < rate <= 1:
+        raise ConfigError(f"--rate {rate}: expected a rate in (0, 1]")
+    kind = cfg.student.compressor
+    if kind == "avgpool":
+        return replace(cfg, compressor_rate=rate)
+    if kind == "none" and rate != 1.0:
+        raise ConfigError(f"--rate {rate}: a student without compressor runs at rate 1 only")
+    out = replace(cfg, rates=replace(cfg.rates, kind="fixed", rate=rate))
+    out.validate()
+    return out
 
 
 def _mean(xs: Any) -> float:
@@ -632,7 +680,7 @@ def evaluate(student: Student, teacher: Any, held: list[Utterance], cfg: Distill
             if student.cfg.compressor == "none" and r != 1.0:
                 continue
             rr = cfg.compressor_rate if student.cfg.compressor == "avgpool" else r
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with autocast(device, amp):
                 out = student(wav, lengths, rate=rr)
             loss, _ = head_losses(out, targets, t_lengths, "compress", cfg.spectral_weight)
             res.setdefault(f"{r:g}", []).append(float(loss))
@@ -667,6 +715,17 @@ def _log_eval(metrics: Any, step: int, ev: dict[str, float]) -> None:
     if metrics is not None:
         metrics.write(json.dumps({"step": step, "eval_loss": ev}) + "\n")
         metrics.flush()
+
+
+def _stop_agreed(requested: bool, world: int, device: torch.device) -> bool:
+    """True when any rank was asked to stop (Ctrl-C), so every rank stops after the same step."""
+    if world == 1:
+        return requested
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if requested else 0.0], device=device)
+    dist.all_reduce(flag)
+    return bool(flag.item() > 0)
 
 
 def _ranks_in_sync(student: Student) -> bool:

@@ -23,6 +23,7 @@ from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
 from ofactl.config import to_dict
 from ofactl.errors import AudioError, ConfigError, OfactlError, StoreError
 from ofactl.progress import NullProgress, Progress, ignore_sigint_in_worker
+from ofactl.runtime import autocast, autocast_dtype, check_device_name, resolve_device
 
 SR = 16000
 
@@ -55,8 +56,7 @@ class ExtractConfig:
             raise ValueError(f"rates {list(self.rates)} collide at 3 decimals (groups are named rate=0.500)")
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        check_device_name(self.device)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.batch_seconds <= 0:
@@ -92,21 +92,6 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
     if not (n >= 1 and 0 <= i < n):
         raise ConfigError(f"--shard {spec!r}: need 0 <= i < N")
     return i, n
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
-    return dev
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 # ----------------------------------------------------------------------------- data loading
@@ -467,8 +452,10 @@ def extract_with_student(
 
 
 def _exact_lengths(t_in: np.ndarray, rate: float) -> np.ndarray:
-    n = np.floor(t_in.astype(np.float64) * rate + 0.5).astype(np.int64)
-    return np.where(t_in > 0, np.clip(n, 1, None), 0)
+    """The frames each utterance gets in exact mode: the model's own rule (halves round up)."""
+    from ofactl.model.compress import target_lengths
+
+    return target_lengths(torch.from_numpy(t_in.astype(np.int64)), rate).numpy()
 
 
 def _group_attrs(cfg: ExtractConfig, rate: float, layers: list[int], student: Any, student_id: str,
@@ -575,7 +562,7 @@ def _run_batches(plan: list[list[int]], utts: list[Utterance], t_in: np.ndarray,
                 lengths = batch.lengths[good].to(device)
                 t0 = time.perf_counter()
                 need_rates = rates if discard else [r for r in rates if any(batch.idx[k] in states[r].needed for k in good)]
-                with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                with torch.inference_mode(), autocast(device, amp):
                     feats = student.features(wav, lengths, need_rates, exact=not cfg.adaptive_length, layers=layers)
                 host = {r: (h.states.to(torch_dtype).cpu().numpy(), h.lengths.cpu().numpy()) for r, h in feats.items()}
                 model_s += time.perf_counter() - t0

@@ -5,6 +5,8 @@ The CLI passes a rich-backed implementation; library callers get :class:`NullPro
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 
@@ -47,3 +49,44 @@ def ignore_sigint_in_worker(_: int = 0) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopRequest:
+    """Set by Ctrl-C inside :func:`deferred_sigint`; long loops check it between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@contextlib.contextmanager
+def deferred_sigint() -> Iterator[StopRequest]:
+    """Turn the first Ctrl-C into a request that the loop honours at its next step boundary.
+
+    A KeyboardInterrupt raised at an arbitrary bytecode can land while the main process is
+    receiving a batch from a DataLoader worker, and multiprocessing's helper threads then print
+    their own tracebacks. With the handler below the signal only sets a flag; a second Ctrl-C
+    stops at once. A SIGINT that was ignored when the process started (a background job of a
+    non-interactive shell) stays ignored, and off the main thread nothing changes.
+    """
+    import signal
+    import threading
+
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        yield stop
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)

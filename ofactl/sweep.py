@@ -24,6 +24,7 @@ from ofactl.errors import ConfigError
 from ofactl.extract import ExtractConfig, extract_with_student, parse_layers
 from ofactl.probe import ProbeConfig, build_task, train_probe
 from ofactl.progress import NullProgress, Progress
+from ofactl.runtime import autocast, autocast_dtype, check_device_name, module_device, resolve_device, synchronize
 
 
 @dataclass
@@ -34,6 +35,7 @@ class SweepConfig:
     layers: str = "all"
     seed: int = 0
     timing_utts: int = 16
+    device: str = "auto"  # extraction, timing and probes (unless probe.device / extract.device say otherwise)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     extract: ExtractConfig = field(default_factory=lambda: ExtractConfig(dtype="float16"))
 
@@ -41,7 +43,15 @@ class SweepConfig:
         for r in self.rates:
             if not 0 < r <= 1:
                 raise ValueError(f"rate {r} is outside (0, 1]")
+        check_device_name(self.device)
         self.probe.validate()
+
+    def on_device(self) -> "SweepConfig":
+        """The extract and probe settings with ``auto`` devices following ``device``."""
+        ext = self.extract if self.extract.device != "auto" else replace(self.extract, device=self.device)
+        dev = str(resolve_device(ext.device))
+        probe = self.probe if self.probe.device != "auto" else replace(self.probe, device=dev)
+        return replace(self, extract=ext, probe=probe)
 
 
 @dataclass
@@ -84,6 +94,12 @@ class SweepResult:
     png: Path | None
     wall_seconds: float
 
+    def to_json(self) -> dict[str, Any]:
+        """What ``sweep --json`` prints: an object, like every other command."""
+        return {"out_dir": str(self.out_dir), "rows": [r.to_json() for r in self.rows], "reused": self.reused,
+                "csv": str(self.csv), "json": str(self.json), "png": None if self.png is None else str(self.png),
+                "wall_seconds": round(self.wall_seconds, 3)}
+
 
 def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Path | Corpus, out_dir: Path,
               store: Path | None = None, *, overwrite: bool = False,
@@ -96,6 +112,8 @@ def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pat
 
     progress = progress or NullProgress()
     t0 = time.perf_counter()
+    cfg = cfg.on_device()
+    device = resolve_device(cfg.extract.device)
     out_dir = Path(out_dir)
     (out_dir / "rows").mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, "sweep", out_dir / "config.yaml")
@@ -112,7 +130,8 @@ def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pat
         raise ConfigError(f"checkpoint labels must differ, got {labels}")
     for label, ckpt in ckpts:
         sha = file_sha256(Path(ckpt))
-        student, _ = load_student(Path(ckpt))
+        # on the extraction device from the start: timing runs there too, cached group or not
+        student, _ = load_student(Path(ckpt), device)
         arch = student.cfg.arch
         in_frames = dict(zip([u.id for u in sub], cnn_lengths(arch, torch.tensor([u.n_samples_16k for u in sub])).tolist()))
         st_path = Path(store) if (store is not None and len(ckpts) == 1) else out_dir / f"feats-{label}.zarr"
@@ -148,7 +167,7 @@ def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pat
                 test=round(res.test[res.metric], 5), dev=round(res.dev[res.metric], 5),
                 extra_metrics={k: round(v, 5) for k, v in res.test.items() if k != res.metric},
                 upstream_gmacs_per_s=round(mac["total"], 4), upstream_cnn_gmacs_per_s=round(mac["cnn"], 4),
-                extract_s_per_audio_s=round(_time_extract(student, sub, r, cfg.timing_utts), 5),
+                extract_s_per_audio_s=round(_time_extract(student, sub, r, cfg.timing_utts, cfg.extract.precision), 5),
                 probe_train_s=round(res.train_seconds, 2), probe_params=res.params,
                 probe_mmacs_per_s=round(_probe_macs(res.params, achieved, arch.hop) / 1e6, 3),
                 store_mb=round(open_store(st_path).size_bytes(r) / 1e6, 2),
@@ -201,16 +220,27 @@ def _probe_macs(params: int, rate: float, hop: int) -> float:
 
 
 @torch.no_grad()
-def _time_extract(student: Any, corpus: Corpus, rate: float, n: int) -> float:
-    """Measured student forward seconds per audio second on the first ``n`` utterances."""
+def _time_extract(student: Any, corpus: Corpus, rate: float, n: int, precision: str = "auto") -> float:
+    """Measured student forward seconds per audio second on the first ``n`` utterances, on the
+    student's own device and with the autocast precision extraction uses there."""
+    device = module_device(student)
+    amp = autocast_dtype(precision, device)
     utts = list(corpus)[:n]
     wavs = [load_audio(u.path) for u in utts]
-    lengths = torch.tensor([len(w) for w in wavs])
-    wav = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)
-    student.features(wav, lengths, [rate])  # warm-up
+    audio_s = sum(len(w) for w in wavs) / 16000
+    wav = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True).to(device)
+    lengths = torch.tensor([len(w) for w in wavs], device=device)
+
+    def forward() -> None:
+        with autocast(device, amp):
+            student.features(wav, lengths, [rate])
+
+    forward()  # warm-up
+    synchronize(device)
     t0 = time.perf_counter()
-    student.features(wav, lengths, [rate])
-    return (time.perf_counter() - t0) / max(1e-9, float(lengths.sum()) / 16000)
+    forward()
+    synchronize(device)
+    return (time.perf_counter() - t0) / max(1e-9, audio_s)
 
 
 COLUMNS = ("label", "task", "requested_rate", "achieved_rate", "frame_period_ms", "metric", "test", "dev",

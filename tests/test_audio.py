@@ -162,3 +162,22 @@ def test_fsdd_as_directory_corpus(fsdd_dir):
     assert sorted({u.labels["label"] for u in c}) == [str(d) for d in range(10)]
     wav = load_audio(c[0].path)
     assert len(wav) == c[0].n_samples_16k
+
+
+def test_write_manifest_of_utterances_elsewhere_reads_back_the_same_files(write_wav, tmp_path, monkeypatch):
+    write_wav("audio/a.wav")
+    write_wav("audio/sub/b.wav", seconds=0.7)
+    monkeypatch.chdir(tmp_path)
+    src = read_corpus("audio")  # paths relative to the working directory
+    assert not src[0].path.is_absolute()
+    out = tmp_path / "lists/deep/m.tsv"
+    out.parent.mkdir(parents=True)
+    write_manifest(out, list(src), [])
+    text = out.read_text()
+    assert "../../audio/sub/b.wav" in text  # relative to the manifest's folder, as promised
+    back = read_corpus(out)
+    assert [u.path.resolve() for u in back] == [u.path.resolve() for u in src]
+    assert [u.n_samples for u in back] == [u.n_samples for u in src]
+    # an absolute record path is made relative too
+    write_manifest(out, [{"id": "a", "path": str((tmp_path / "audio/a.wav").resolve())}], [])
+    assert read_corpus(out)[0].path.resolve() == (tmp_path / "audio/a.wav").resolve()

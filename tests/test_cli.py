@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from typer.testing import CliRunner
 
 from ofactl import __version__
@@ -139,3 +141,52 @@ def test_generated_block_replacement_and_missing_markers():
         "intro\n<!-- a -->\nnew\n<!-- b -->\nrest\n"
     with pytest.raises(ValueError, match="x.md lacks the generated-block markers"):
         replace_block("no markers", "<!-- a -->", "<!-- b -->", "", "x.md")
+
+
+@pytest.mark.parametrize("cmd", [
+    ["distill", "-c", "distill-tiny", "--corpus", "x"],
+    ["sweep", "--ckpt", "x.pt", "--corpus", "x"],
+    ["adapt", "--ckpt", "x.pt", "--corpus", "x"],
+    ["quickstart"],
+])
+@pytest.mark.parametrize("device", ["gpu", "cuda:7"])
+def test_bad_device_is_one_line_on_every_command(cmd, device, tmp_path):
+    r = runner.invoke(app, cmd + ["--device", device, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1, r.output
+    assert r.stderr.count("\n") == 1 and f"--device {device}" in r.stderr.replace("'", "")
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_json_failure_prints_an_error_document(tmp_path):
+    r = runner.invoke(app, ["extract", "--ckpt", str(tmp_path / "none.pt"), "--corpus", "x", "--json"])
+    assert r.exit_code == 1
+    doc = json.loads(r.stdout)
+    assert doc["exit_code"] == 1 and "checkpoint not found" in doc["error"] and doc["kind"] == "CheckpointError"
+    assert "checkpoint not found" in r.stderr  # the message stays on stderr too
+
+
+def test_json_usage_error_prints_an_error_document(capsys):
+    from ofactl.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["extract", "--json"])
+    assert e.value.code == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == {"error": "Missing option '--ckpt'.", "exit_code": 2, "kind": "usage"}
+
+
+def test_library_warnings_print_one_line(capsys):
+    import warnings
+
+    from ofactl.cli import _one_line_warnings
+
+    saved = warnings.showwarning
+    try:
+        _one_line_warnings()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("first line of a torch warning\n  second line\n  third", UserWarning)
+    finally:
+        warnings.showwarning = saved
+    err = capsys.readouterr().err
+    assert err == "warning: first line of a torch warning\n"

@@ -16,7 +16,7 @@ import torch
 from ofactl.checkpoint import load_student, read_checkpoint
 from ofactl.config import load_config
 from ofactl.distill import DistillConfig, distill_loss, run_distill, sample_rates, train_step_loss
-from ofactl.errors import CheckpointError, OfactlError
+from ofactl.errors import CheckpointError, ConfigError, OfactlError
 from ofactl.model.student import Student
 from ofactl.model.teacher import load_teacher
 
@@ -169,6 +169,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, synth_corpus):
     a = read_checkpoint(full / "student.pt")["state_dict"]
     b = read_checkpoint(killed / "student.pt")["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the log of the resumed run holds each step once, as the uninterrupted run's does
+    steps = [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
 
 
 def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, synth_corpus):
@@ -183,25 +186,73 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, synth_corpus):
     assert summary["ranks_in_sync"] is True and summary["steps"] == 3
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, synth_corpus):
-    out = tmp_path / "int"
-    cmd = [sys.executable, "-m", "ofactl", "distill", "-c", "distill-tiny", "--corpus", str(synth_corpus),
-           "--out", str(out), "--steps", "500", "--boundaries", "none", "--set", "batch_seconds=6",
+def _ctrl_c_once(out: Path, corpus: Path) -> str:
+    """Start a distill with a DataLoader worker, wait until it logs steps, Ctrl-C it; its stderr."""
+    cmd = [sys.executable, "-m", "ofactl", "distill", "-c", "distill-tiny", "--corpus", str(corpus),
+           "--out", str(out), "--steps", "5000", "--boundaries", "none", "--set", "batch_seconds=6",
            "--set", "crop_seconds=2", "--set", "num_workers=1", "--set", "eval_utts=4", "--set", "eval_rates=[1.0]",
-           "--set", "ckpt_every=1000", "--set", "log_every=1"]
+           "--set", "ckpt_every=100000", "--set", "log_every=1"]
     # like a terminal's Ctrl-C: a job started in the background by a non-interactive shell (a CI
     # script's '&', nohup) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
     metrics = out / "metrics.jsonl"
-    while time.monotonic() < deadline and p.poll() is None and not (metrics.exists() and metrics.stat().st_size > 300):
-        time.sleep(0.1)
+    deadline = time.monotonic() + 180
+    while p.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        if time.monotonic() > deadline:
+            p.kill()
+            pytest.fail("distill logged no steps within 180 s: " + p.communicate()[1][-2000:])
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before Ctrl-C: " + p.communicate()[1][-2000:]
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 130, err[-2000:]
-    assert "checkpoint saved, continue with --resume" in err and "Traceback" not in err
+    return err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, synth_corpus):
+    out = tmp_path / "int"
+    err = _ctrl_c_once(out, synth_corpus)
+    assert "checkpoint saved, continue with --resume" in err and "Traceback" not in err, err[-2000:]
     assert list((out / "checkpoints").glob("step-*.pt"))
+
+
+def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
+    from ofactl.distill import truncate_metrics
+
+    p = tmp_path / "metrics.jsonl"
+    recs = [{"step": s, "loss": 1.0 / s} for s in range(1, 8)] + [{"step": 4, "eval_loss": {"1": 0.5}}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"step": 8, "lo')  # torn last line
+    assert truncate_metrics(p, 5) == 3  # steps 6, 7 and the torn line go; the eval record at 4 stays
+    kept = [json.loads(ln) for ln in p.read_text().splitlines()]
+    assert [r["step"] for r in kept] == [1, 2, 3, 4, 5, 4]
+    assert truncate_metrics(p, 5) == 0 and truncate_metrics(tmp_path / "none.jsonl", 3) == 0
+
+
+def test_rate_flag_follows_the_resolved_compressor(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import ofactl.distill as distill_mod
+    from ofactl.cli import app
+    from ofactl.distill import with_fixed_rate
+
+    seen = {}
+
+    def fake_run(cfg, *args, **kwargs):
+        seen["cfg"] = cfg
+        raise OfactlError("stopped before training")
+
+    monkeypatch.setattr(distill_mod, "run_distill", fake_run)
+    preset = tmp_path / "pool.yaml"
+    preset.write_text("distill:\n  student:\n    compressor: avgpool\n")
+    # the compressor comes from the preset, not from a --compressor flag
+    CliRunner().invoke(app, ["distill", "-c", str(preset), "--corpus", "x", "--rate", "0.4"])
+    assert seen["cfg"].student.compressor == "avgpool" and seen["cfg"].compressor_rate == 0.4
+    seen.clear()
+    CliRunner().invoke(app, ["distill", "-c", "distill-tiny", "--corpus", "x", "--rate", "0.4"])
+    assert seen["cfg"].rates.kind == "fixed" and seen["cfg"].rates.rate == 0.4
+    with pytest.raises(ConfigError, match=r"--rate 1.5: expected a rate in \(0, 1\]"):
+        with_fixed_rate(seen["cfg"], 1.5)
 
 
 def test_spectral_head_adds_a_weighted_loss(synth_corpus):

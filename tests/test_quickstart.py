@@ -39,3 +39,17 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
     assert r2.exit_code == 0
     assert json.loads(r2.stdout)["rows"] == doc["rows"]
     assert time.perf_counter() - t0 < 30  # every stage reused
+    assert set(json.loads(r2.stdout)["reused"]) == {"distill", "extract", "sweep-ks", "sweep-sid", "adapt"}
+    # another adapt setting: adapt runs again, everything before it is reused
+    r3 = CliRunner().invoke(app, args + ["--set", "adapt_epochs=2"])
+    assert r3.exit_code == 0, r3.output
+    assert "made with other adapt settings" in r3.stderr
+    assert set(json.loads(r3.stdout)["reused"]) == {"distill", "extract", "sweep-ks", "sweep-sid"}
+    # another distill preset: the student is trained again and the store's groups are replaced
+    d["distill"]["steps"] = 4
+    distill.write_text(yaml.safe_dump(d))
+    r4 = CliRunner().invoke(app, args + ["--set", "adapt_epochs=2"])
+    assert r4.exit_code == 0, r4.output
+    assert "made with other distill settings; distilling again" in r4.stderr
+    doc4 = json.loads(r4.stdout)
+    assert doc4["reused"] == [] and json.loads((tmp_path / "qs/distill/summary.json").read_text())["steps"] == 4

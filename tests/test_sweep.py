@@ -18,8 +18,11 @@ def test_sweep_outputs_and_resume(tmp_path, synth_corpus):
             "--out", str(tmp_path / "sw"), "--set", "probe.cls_epochs=3", "--set", "extract.num_workers=0", "--json"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
-    rows = json.loads(r.stdout)
+    doc = json.loads(r.stdout)
+    assert isinstance(doc, dict) and doc["csv"].endswith("sweep.csv")  # an object, like every command's
+    rows = doc["rows"]
     assert [x["requested_rate"] for x in rows] == [1.0, 0.5]
+    assert all(x["probe_train_s"] > 0 for x in rows)
     assert rows[1]["upstream_gmacs_per_s"] < rows[0]["upstream_gmacs_per_s"]
     assert abs(rows[1]["frame_period_ms"] - 40) < 4 and rows[0]["metric"] == "accuracy"
     out = tmp_path / "sw"
@@ -32,7 +35,7 @@ def test_sweep_outputs_and_resume(tmp_path, synth_corpus):
     assert plt.imread(out / "tradeoff.png").shape[2] in (3, 4)
     # rerun: finished rows are reused, no probe is trained
     r2 = CliRunner().invoke(app, args[:-1])
-    assert r2.exit_code == 0 and "2 row(s) reused" in r2.stderr
+    assert r2.exit_code == 0 and "2 row(s) reused" in r2.stderr and "probe" in r2.stderr  # the probe-seconds column
     # other probe settings are another experiment: the rows are trained again
     r3 = CliRunner().invoke(app, args[:-1] + ["--set", "probe.lr=0.003"])
     assert r3.exit_code == 0 and "(0 row(s) reused)" in r3.stderr
@@ -53,3 +56,41 @@ def test_sweep_compares_checkpoints_and_pr_counts_infeasible(tmp_path, synth_cor
     assert {r.label for r in res.rows} == {"ofa", "avg"} and len(res.rows) == 4
     low = [r for r in res.rows if r.requested_rate == 0.1]
     assert all(r.infeasible_test is not None and r.infeasible_test > 0 for r in low)
+
+
+class _DeviceStrictStudent(torch.nn.Module):
+    """Stands in for a student on another device than the caller's tensors: every input must
+    already be on the device of its parameters (as on a GPU, where a mismatch is an error)."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1, device=device))
+        self.calls = 0
+
+    def features(self, wav, lengths, rates, **kw):
+        assert wav.device == self.w.device and lengths.device == self.w.device, (wav.device, lengths.device)
+        self.calls += 1
+        return {}
+
+
+def test_timing_runs_on_the_students_device(synth_corpus):
+    from ofactl.audio import read_corpus
+    from ofactl.sweep import _time_extract
+
+    student = _DeviceStrictStudent("meta")  # CPU tensors would trip the assertion
+    s = _time_extract(student, read_corpus(synth_corpus), 0.5, 3)
+    assert student.calls == 2 and s >= 0  # warm-up + timed pass, both on the student's device
+
+
+def test_probe_and_extract_follow_the_commands_device():
+    from dataclasses import replace
+
+    from ofactl.sweep import SweepConfig
+
+    cfg = SweepConfig(device="cpu").on_device()
+    assert cfg.extract.device == "cpu" and cfg.probe.device == "cpu"
+    explicit = SweepConfig(device="cpu")
+    explicit.probe = replace(explicit.probe, device="cpu")
+    explicit.extract = replace(explicit.extract, device="auto")
+    assert explicit.on_device().probe.device == "cpu"
+    assert SweepConfig().on_device().probe.device == ("cuda" if torch.cuda.is_available() else "cpu")

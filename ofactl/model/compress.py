@@ -7,7 +7,8 @@ Vocabulary (see docs/method.md):
 - ``lambda`` in [0, 2): mixes the predicted alpha with all-ones (lambda=0: no compression,
   lambda=1: the predicted segmentation, lambda>1: fewer frames than that).
 - ``rate`` in (0, 1]: output frames per input frame. Exact mode rescales the mixed alpha so an
-  utterance of T frames gives ``max(1, round(rate * T))`` frames; adaptive mode keeps the
+  utterance of T frames gives ``max(1, round(rate * T))`` frames, where round is half-up
+  (``floor(x + 0.5)``: T = 49 at 0.5 gives 25); adaptive mode keeps the
   content-dependent count that lambda alone gives.
 
 A :class:`CifPlan` holds where each input frame's weight goes; it is computed once from alpha and
@@ -78,7 +79,8 @@ def rate_to_lambda(rate: Tensor | float, alpha_mean: float) -> Tensor:
 
 
 def target_lengths(lengths: Tensor, rate: Tensor | float) -> Tensor:
-    """Exact-mode output lengths: ``max(1, round(rate * T))`` (0 for empty inputs)."""
+    """Exact-mode output lengths: ``max(1, floor(rate * T + 0.5))``, at most T (0 for empty
+    inputs). Halves round up, unlike Python's ``round``: T = 49 at rate 0.5 gives 25."""
     r = torch.as_tensor(rate, dtype=torch.float64, device=lengths.device)
     n = torch.floor(lengths.to(torch.float64) * r + 0.5).long().clamp(min=1)
     return torch.where(lengths > 0, torch.minimum(n, lengths), torch.zeros_like(n))

@@ -98,17 +98,42 @@ def load_teacher(spec: str | Path, trust: bool = False, seed: int = 0) -> Teache
     if not p.exists():
         raise CheckpointError(f"teacher not found: {p}; accepted: {ACCEPTED}")
     if p.is_dir():
-        return _load_hf_dir(p).freeze()
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            sd = load_file(str(p))
-        except Exception as e:
-            raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
-        return _from_state_dict(sd, None, p).freeze()
+        return _load_hf_dir(p, trust).freeze()
+    if sniff_format(p) == "safetensors" or p.suffix == ".safetensors":
+        return _from_state_dict(_load_safetensors(p), None, p).freeze()
     obj = _torch_load(p, trust)
     return _from_object(obj, p).freeze()
+
+
+def sniff_format(path: Path) -> str:
+    """What a weights file is, from its first bytes: ``zip`` (torch.save's archive), ``pickle``
+    (a bare pickle or torch's legacy format), ``safetensors``, ``empty`` or ``unknown``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        size = Path(path).stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not head:
+        return "empty"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 9:
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    return "unknown"
+
+
+def _load_safetensors(p: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(p))
+    except Exception as e:  # SafetensorError, OSError, ...: one line whatever the cause
+        raise CheckpointError(f"{p}: not a readable safetensors file ({_short(e)})") from None
 
 
 def file_fingerprint(*paths: Path) -> str:
@@ -151,14 +176,22 @@ _SHIM.__dict__["UnpicklingError"] = pickle.UnpicklingError
 
 
 def _torch_load(p: Path, trust: bool) -> Any:
+    """A torch.save file: tensors only without ``trust``; a real pickle with objects in it only
+    with ``trust``. Files that are no checkpoint at all are named as such, never as pickles."""
+    kind = sniff_format(p)
+    if kind == "empty":
+        raise CheckpointError(f"{p}: empty file (0 bytes), not a checkpoint; accepted: {ACCEPTED}")
+    if kind == "unknown":
+        raise CheckpointError(f"{p}: not a checkpoint (neither a torch.save archive, a pickle nor "
+                              f"safetensors, judging by its first bytes); accepted: {ACCEPTED}")
     try:
         return torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not trust:
             hint = " (a fairseq checkpoint)" if "fairseq" in str(e) else ""
             raise CheckpointError(
-                f"{p} is a pickle checkpoint{hint} that may run code when loaded; pass "
-                f"--trust-checkpoint if you trust its source") from None
+                f"{p} is a pickle checkpoint{hint} holding Python objects, which may run code when "
+                f"loaded; pass --trust-checkpoint if you trust its source") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{p}: corrupt or truncated checkpoint ({_short(e)}); accepted: {ACCEPTED}") from None
     try:
@@ -277,7 +310,7 @@ def _hf_to_torchaudio(sd: dict[str, Tensor], feat_proj_layer_norm: bool = True) 
     return out
 
 
-def _load_hf_dir(p: Path) -> Teacher:
+def _load_hf_dir(p: Path, trust: bool = False) -> Teacher:
     cfg_path = p / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{p}: folder has no config.json, so it is not a HuggingFace model; accepted: {ACCEPTED}")
@@ -289,12 +322,9 @@ def _load_hf_dir(p: Path) -> Teacher:
     if not weights:
         raise CheckpointError(f"{p}: no model.safetensors or pytorch_model.bin next to config.json")
     w = weights[0]
-    if w.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(w))
-    else:
-        sd = _torch_load(w, trust=False)
+    # pytorch_model.bin is a torch.save archive: tensors load as they are, and one that holds
+    # other objects loads with --trust-checkpoint like any pickle
+    sd = _load_safetensors(w) if w.suffix == ".safetensors" else _torch_load(w, trust)
     model_type = cfg.get("model_type", "")
     if model_type not in ("hubert", "wav2vec2"):
         raise CheckpointError(f"{cfg_path}: model_type {model_type!r}; accepted HuggingFace types: hubert, wav2vec2")

@@ -76,7 +76,27 @@ def build_task(task: str, corpus: Corpus, label_column: str | None = None, seed:
         labels = {u: [index[v]] for u, v in vals.items()}
         kind, metric, higher = "cls", "accuracy", True
     splits = _splits(task, utts, seed)
+    _check_splits(task, splits, utts, corpus.source)
     return TaskData(task, kind, metric, higher, splits, labels, vocab, {"label_column": col})
+
+
+def _check_splits(task: str, splits: dict[str, list[str]], utts: list, source: str) -> None:
+    """Train and test must hold utterances, or the probe has nothing to learn or score (an empty
+    dev split falls back to train for early stopping)."""
+    empty = [s for s in ("train", "test") if not splits[s]]
+    if not empty:
+        return
+    if task == "sid":
+        counts: dict[str, int] = {}
+        for u in utts:
+            counts[u.labels.get("speaker", "")] = counts.get(u.labels.get("speaker", ""), 0) + 1
+        few = sorted(s for s, n in counts.items() if n < 3)
+        raise ConfigError(f"task sid on {source}: the {'/'.join(empty)} split is empty; sid splits each "
+                          f"speaker's utterances 80/10/10 and needs at least 3 per speaker "
+                          f"({len(few)} of {len(counts)} speakers have fewer, e.g. {', '.join(few[:5])})")
+    raise ConfigError(f"task {task} on {source}: the {'/'.join(empty)} split is empty ({len(utts)} labelled "
+                      f"utterances); give the manifest a split column with train, dev and test rows, "
+                      f"or more speakers")
 
 
 def _splits(task: str, utts: list, seed: int) -> dict[str, list[str]]:

@@ -14,9 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ofactl.errors import ConfigError
 from ofactl.model.compress import length_mask
 from ofactl.probe.metrics import accuracy, ctc_greedy, error_rate, words
 from ofactl.probe.tasks import TaskData
+from ofactl.runtime import check_device_name, module_device, resolve_device
 
 
 @dataclass
@@ -36,9 +38,10 @@ class ProbeConfig:
     lstm_layers: int = 1
     layer_norm: bool = True
     upsample_ctc: bool = False  # repeat frames back to the 20 ms grid before the CTC head
-    device: str = "cpu"
+    device: str = "auto"  # auto: the command's device (sweep, adapt), else cuda when available
 
     def validate(self) -> None:
+        check_device_name(self.device, "probe.device")
         if self.ctc_head not in ("linear", "lstm"):
             raise ValueError(f"ctc_head must be linear or lstm, got {self.ctc_head!r}")
         if self.lstm_layers < 1 or self.lstm_hidden < 1:
@@ -141,10 +144,11 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
                 input_frames: dict[str, int] | None = None) -> ProbeResult:
     """Train on train, early-stop on dev, report dev and test metrics."""
     torch.manual_seed(cfg.seed)
-    dev = torch.device(cfg.device)
+    dev = resolve_device(cfg.device, "probe.device")
     splits = {s: [u for u in task.splits[s] if u in feats and len(feats[u])] for s in ("train", "dev", "test")}
     if not splits["train"] or not splits["test"]:
-        raise ValueError(f"task {task.task}: no features for the train or test split")
+        raise ConfigError(f"task {task.task}: no features for the train or test split "
+                          f"({len(splits['train'])} train, {len(splits['test'])} test utterances with frames)")
     sample = feats[splits["train"][0]]
     n_layers, dim = sample.shape[1], sample.shape[2]
     model = Probe(n_layers, dim, task.n_outputs, task.kind, cfg).to(dev)
@@ -217,10 +221,11 @@ def task_loss(model: Probe, task: TaskData, ids: list[str], x: Tensor, lengths: 
 def evaluate_probe(model: Probe, task: TaskData, ids: list[str], feats: dict[str, np.ndarray],
                    cfg: ProbeConfig, up: dict[str, int] | None = None) -> dict[str, float]:
     model.eval()
+    device = module_device(model)
     preds: list[Any] = []
     for batch in _batches(ids, cfg.batch_size, None):
         x, lengths = _collate(batch, feats, up)
-        out = model(x.to(cfg.device), lengths.to(cfg.device))
+        out = model(x.to(device), lengths.to(device))
         if task.kind == "cls":
             preds += out.argmax(-1).tolist()
         else:

@@ -208,3 +208,17 @@ def test_frame_ms_and_keys():
     assert rate_key(0.5) == "rate=0.500" and rate_key(1 / 3) == "rate=0.333"
     with pytest.raises(ModelError, match="frame-ms"):
         rate_from_frame_ms(10)
+
+
+def test_exact_lengths_round_halves_up_in_the_model_and_the_store():
+    import numpy as np
+
+    from ofactl.extract import _exact_lengths
+    from ofactl.model.compress import target_lengths
+
+    t = torch.tensor([49, 3, 1, 0, 5])
+    want = [25, 2, 1, 0, 3]  # 24.5 -> 25 and 1.5 -> 2 and 2.5 -> 3 (Python's round gives 24, 2, 2)
+    assert target_lengths(t, 0.5).tolist() == want
+    assert _exact_lengths(t.numpy(), 0.5).tolist() == want
+    assert round(24.5) == 24  # why the docs say "halves round up", not round()
+    assert _exact_lengths(np.array([10]), 1.0).tolist() == [10]

@@ -209,3 +209,66 @@ def test_random_teachers_are_seeded():
     L = torch.tensor([3000])
     assert torch.equal(a(x, L).states, b(x, L).states)
     assert a.num_hidden == 5
+
+
+def test_file_formats_are_sniffed_before_advice(tmp_path):
+    from ofactl.model.teacher import sniff_format
+
+    rnd = tmp_path / "random.pt"
+    rnd.write_bytes(bytes(range(256)) * 16)  # 4 KB of noise
+    assert sniff_format(rnd) == "unknown"
+    with pytest.raises(CheckpointError, match="not a checkpoint") as e:
+        load_teacher(rnd)
+    assert "pass --trust-checkpoint" not in str(e.value) and "may run code" not in str(e.value)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_teacher(rnd, trust=True)  # trust does not make noise loadable
+    torch.save({"a": torch.zeros(2)}, tmp_path / "z.pt")
+    assert sniff_format(tmp_path / "z.pt") == "zip"
+    import pickle
+
+    (tmp_path / "p.pkl").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    assert sniff_format(tmp_path / "p.pkl") == "pickle"
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "w.bin"))
+    assert sniff_format(tmp_path / "w.bin") == "safetensors"
+    (tmp_path / "e.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty file"):
+        load_teacher(tmp_path / "e.pt")
+
+
+class _Custom:  # a class a plain torch.load(weights_only=True) refuses
+    def __init__(self) -> None:
+        self.note = "objects beside the tensors"
+
+
+def _hf_dir(tmp_path, name):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.HubertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=64, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
+                                    num_conv_pos_embedding_groups=4)
+    torch.manual_seed(0)
+    m = transformers.HubertModel(cfg).eval()
+    m.save_pretrained(tmp_path / name)
+    return tmp_path / name, m
+
+
+def test_huggingface_corrupt_safetensors_is_one_line(tmp_path):
+    d, _ = _hf_dir(tmp_path, "hf")
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:200])  # truncated
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file") as e:
+        load_teacher(d)
+    assert "\n" not in str(e.value)
+
+
+def test_huggingface_bin_honours_trust(tmp_path):
+    d, m = _hf_dir(tmp_path, "hfbin")
+    (d / "model.safetensors").unlink()
+    torch.save({**m.state_dict(), "extra": _Custom()}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin is a pickle checkpoint.*--trust-checkpoint"):
+        load_teacher(d)
+    t = load_teacher(d, trust=True)  # the flag is honoured for HuggingFace .bin files too
+    assert t.format == "huggingface" and t.arch.embed_dim == 32
+    torch.save(m.state_dict(), d / "pytorch_model.bin")  # tensors only: no trust needed
+    assert load_teacher(d).arch.num_layers == 1

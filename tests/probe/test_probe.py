@@ -151,3 +151,23 @@ def test_missing_label_column_is_clear(tmp_path):
         build_task("pr", c)
     with pytest.raises(ConfigError, match="unknown task"):
         build_task("xx", c)
+
+
+def test_sid_with_too_few_utterances_per_speaker_is_one_clear_error(tmp_path):
+    from ofactl.errors import ConfigError
+
+    utts = [Utterance(f"{s}_{k}", tmp_path / f"{s}_{k}.wav", 16000, 16000, {"speaker": s})
+            for s in ("ann", "bob", "cy") for k in range(2)]
+    with pytest.raises(ConfigError, match=r"task sid on mem: the test split is empty.*at least 3 per speaker "
+                                          r"\(3 of 3 speakers have fewer, e.g. ann, bob, cy\)"):
+        build_task("sid", Corpus("mem", utts))
+
+
+def test_train_probe_without_test_features_is_an_ofactl_error():
+    from ofactl.errors import ConfigError
+    from ofactl.probe.tasks import TaskData
+
+    task = TaskData("ks", "cls", "accuracy", True, {"train": ["a"], "dev": [], "test": ["b"]},
+                    {"a": [0], "b": [1]}, ["x", "y"])
+    with pytest.raises(ConfigError, match="no features for the train or test split"):
+        train_probe(task, {"a": np.zeros((3, 1, 4), np.float32)}, ProbeConfig(device="cpu"))
