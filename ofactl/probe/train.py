@@ -38,6 +38,9 @@ class ProbeConfig:
     lstm_layers: int = 1
     layer_norm: bool = True
     upsample_ctc: bool = False  # repeat frames back to the 20 ms grid before the CTC head
+    max_frames: int = 2_000_000  # CTC heads: training stops once the head has seen this many frames
+    # (epochs x training frames; its cost is about proportional). 0: no budget. 2M frames is 40 epochs
+    # of 14 minutes of speech at rate 1: a 4-rate sweep of 25 minutes stays within minutes on a CPU
     device: str = "auto"  # auto: the command's device (sweep, adapt), else cuda when available
 
     def validate(self) -> None:
@@ -48,6 +51,8 @@ class ProbeConfig:
             raise ValueError("lstm_layers and lstm_hidden must be >= 1")
         if min(self.epochs, self.cls_epochs, self.batch_size, self.cls_batch_size) < 1 or self.lr <= 0 or self.ctc_lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
+        if self.max_frames < 0:
+            raise ValueError("max_frames must be >= 0 (0: no budget)")
 
 
 class WeightedSum(nn.Module):
@@ -111,6 +116,7 @@ class ProbeResult:
     train_seconds: float
     params: int
     infeasible: dict[str, int] = field(default_factory=dict)
+    epochs_run: int = 0  # epochs trained (early stop or the frame budget may end before cfg.epochs)
 
 
 def _batches(ids: list[str], bs: int, gen: torch.Generator | None) -> list[list[str]]:
@@ -159,6 +165,9 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
     t0 = time.perf_counter()
     epoch = 0
     epochs, batch_size = (cfg.cls_epochs, cfg.cls_batch_size) if task.kind == "cls" else (cfg.epochs, cfg.batch_size)
+    if task.kind == "ctc" and cfg.max_frames:
+        per_epoch = sum(len(feats[u]) if up is None else max(len(feats[u]), up.get(u, 0)) for u in splits["train"])
+        epochs = max(1, min(epochs, cfg.max_frames // max(1, per_epoch)))
     for epoch in range(1, epochs + 1):
         model.train()
         for ids in _batches(splits["train"], batch_size, gen):
@@ -186,7 +195,7 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
         infeasible = {s: infeasible_count(splits[s], task.labels, frames) for s in ("train", "test")}
     weights = torch.softmax(model.featurizer.weights.detach(), 0).tolist()
     return ProbeResult(res_test, res_dev, task.metric, [round(w, 4) for w in weights], best_epoch,
-                       time.perf_counter() - t0, sum(p.numel() for p in model.parameters()), infeasible)
+                       time.perf_counter() - t0, sum(p.numel() for p in model.parameters()), infeasible, epoch)
 
 
 def task_loss(model: Probe, task: TaskData, ids: list[str], x: Tensor, lengths: Tensor, *,

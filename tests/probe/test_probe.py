@@ -171,3 +171,18 @@ def test_train_probe_without_test_features_is_an_ofactl_error():
                     {"a": [0], "b": [1]}, ["x", "y"])
     with pytest.raises(ConfigError, match="no features for the train or test split"):
         train_probe(task, {"a": np.zeros((3, 1, 4), np.float32)}, ProbeConfig(device="cpu"))
+
+
+def test_ctc_frame_budget_caps_the_epochs():
+    rng = np.random.default_rng(0)
+    feats = {f"u{k}": rng.normal(size=(10, 1, 4)).astype(np.float32) for k in range(20)}
+    labels = {u: [1, 2] for u in feats}
+    ids = sorted(feats)
+    task = TaskData("pr", "ctc", "per", False, {"train": ids[:12], "dev": ids[12:16], "test": ids[16:]}, labels,
+                    ["a", "b"])
+    per_epoch = 12 * 10  # training frames
+    res = train_probe(task, feats, ProbeConfig(epochs=30, max_frames=3 * per_epoch + 5, device="cpu"))
+    assert res.epochs_run == 3  # the budget, not the 30 epochs, ended training
+    assert train_probe(task, feats, ProbeConfig(epochs=4, max_frames=0, device="cpu")).epochs_run == 4
+    with pytest.raises(ValueError, match="max_frames"):
+        ProbeConfig(max_frames=-1).validate()
