@@ -38,15 +38,20 @@ def _cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def describe_path(path: Path) -> dict[str, Any]:
-    """Describe a student checkpoint (file) or a feature store (folder)."""
+def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
+    """Describe a student checkpoint (file) or a feature store (folder); ``verify`` checks a
+    store's checksums (see :func:`ofactl.storage.describe_store`)."""
     p = Path(path)
     if not p.exists():
         raise OfactlError(f"{p}: no such file or folder")
     if p.is_dir() or p.suffix in (".zarr", ".h5", ".hdf5"):
         from ofactl.storage import describe_store
 
-        return describe_store(p)
+        return describe_store(p, verify)
+    if verify:
+        from ofactl.errors import ConfigError
+
+        raise ConfigError(f"--verify checks a feature store; {p} is not one")
     from ofactl.checkpoint import describe_checkpoint
 
     return describe_checkpoint(p)

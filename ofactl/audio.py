@@ -201,12 +201,14 @@ def read_corpus(
     *,
     stdin: TextIO | None = None,
     on_error: Literal["fail", "skip"] = "fail",
+    min_samples_16k: int = 0,
 ) -> Corpus:
     """Read and validate a corpus (see module docstring for the forms of ``spec``).
 
-    Duplicate ids, missing files and unreadable files are all reported in one
-    :class:`CorpusError` before any long work; with ``on_error="skip"`` missing and unreadable
-    files are left out and listed in ``Corpus.problems`` instead (duplicates always fail).
+    Duplicate ids, missing, empty and unreadable files, and files shorter than
+    ``min_samples_16k`` samples at 16 kHz are all reported in one :class:`CorpusError` before
+    any long work; with ``on_error="skip"`` the files are left out and listed in
+    ``Corpus.problems`` instead (duplicates always fail).
     """
     spec_s = str(spec)
     pattern = None
@@ -233,7 +235,7 @@ def read_corpus(
     if pattern:
         _apply_pattern(entries, pattern)
     _assign_ids(entries)
-    return _validate(spec_s, entries, on_error)
+    return _validate(spec_s, entries, on_error, min_samples_16k)
 
 
 def _read_stream(stream: TextIO, base: Path, name: str) -> list[_Entry]:
@@ -348,7 +350,7 @@ def _assign_ids(entries: list[_Entry]) -> None:
         e.id = e.path.stem if unique else str(e.path.with_suffix("")).lstrip("/")
 
 
-def _validate(spec: str, entries: list[_Entry], on_error: str) -> Corpus:
+def _validate(spec: str, entries: list[_Entry], on_error: str, min_samples_16k: int = 0) -> Corpus:
     if not entries:
         raise CorpusError(f"corpus {spec} lists no utterances")
     seen: dict[str, Path] = {}
@@ -359,18 +361,25 @@ def _validate(spec: str, entries: list[_Entry], on_error: str) -> Corpus:
             dups.append(f"duplicate id {e.id}: {seen[e.id]} and {e.path}")
         else:
             seen[e.id] = e.path
-    if dups:
-        raise CorpusError(_listing(f"corpus {spec}", dups))
     utts: list[Utterance] = []
     problems: dict[str, str] = {}
     for e in entries:
         assert e.id is not None
+        if e.id in problems:
+            continue
         try:
             info = audio_info(e.path)
         except AudioError as err:
             problems[e.id] = str(err)
             continue
-        utts.append(Utterance(e.id, e.path, info.n_samples, info.sample_rate, e.labels))
+        u = Utterance(e.id, e.path, info.n_samples, info.sample_rate, e.labels)
+        if u.n_samples_16k < min_samples_16k:
+            problems[e.id] = (f"{e.path}: too short ({u.n_samples_16k} samples at 16 kHz; the model needs "
+                              f"at least {min_samples_16k})")
+            continue
+        utts.append(u)
+    if dups:  # never skippable, but named together with every other problem
+        raise CorpusError(_listing(f"corpus {spec}", dups + list(problems.values())))
     if problems and on_error == "fail":
         raise CorpusError(_listing(f"corpus {spec}", list(problems.values())))
     if not utts:

@@ -313,7 +313,7 @@ def extract(
     precision: PrecisionOpt = None,
     batch_seconds: Annotated[Optional[float], typer.Option("--batch-seconds", help="Padded audio seconds per batch.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Audio decoding worker processes.")] = None,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="i/N: this process fills every N-th block, from i.")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="i/N: this process fills every N-th block, from i; auto (the default under torchrun or a SLURM array): from the launcher's RANK/WORLD_SIZE or SLURM_ARRAY_TASK_ID/COUNT.")] = None,
     on_error: Annotated[Optional[str], typer.Option("--on-error", help="fail (stop at the first bad file) or skip (record it and go on).")] = None,
     adaptive_length: Annotated[bool, typer.Option("--adaptive-length", help="Content-dependent lengths instead of round(rate*T).")] = False,
     fmt: Annotated[str, typer.Option("--format", help="zarr, or hdf5 (kept in OUT.zarr while running, exported to OUT).")] = "zarr",
@@ -481,21 +481,25 @@ def info(
     path: Annotated[Optional[Path], typer.Argument(help="A student checkpoint or a feature store to describe.")] = None,
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="Describe a teacher instead: a HuBERT file/folder or random:tiny|base.")] = None,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow loading pickle-based (fairseq) checkpoints.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Check every extracted utterance of a store against its checksum; damaged ones are listed and marked for the next extract (exit code 1).")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Show the version and the compute available (torch, CUDA, bf16), or describe a checkpoint,
-    a teacher or a store."""
+    a teacher or a store (with the inputs it skipped, and --verify)."""
     from ofactl.about import describe_path, describe_teacher, environment
 
     def go() -> dict[str, Any]:
         if teacher is not None:
             return describe_teacher(teacher, trust_checkpoint)
-        return describe_path(path) if path is not None else environment()
+        return describe_path(path, verify) if path is not None else environment()
 
     doc = _call(debug, go, as_json)
+    damaged = sum(len(g.get("damaged", [])) for g in doc.get("groups", []) or [])
     if as_json:
         _emit_json(doc)
+        if damaged:
+            raise typer.Exit(1)
         return
     out = Console(soft_wrap=True)
     for k, v in doc.items():
@@ -506,19 +510,42 @@ def info(
             short = {"group": "group", "utterances": "utts", "done": "done", "frames": "frames",
                      "achieved_rate": "rate", "frame_period_ms": "ms", "size_mb": "MB",
                      "skipped_inputs": "skipped", "complete": "complete"}
-            cols = [c for c in short if c in v[0]]
+            cols = [c for c in short if any(c in g for g in v)]
             for c in cols:
                 t.add_column(short[c], justify="right", no_wrap=True)
             for g in v:
-                t.add_row(*[f"{g[c]:.4g}" if isinstance(g[c], float) else str(g[c]) for c in cols])
+                t.add_row(*[f"{g[c]:.4g}" if isinstance(g.get(c), float) else str(g.get(c, "-")) for c in cols])
             out.print(t)
-            extra = {c: v[0][c] for c in ("mode", "layers", "dim", "dtype", "student_sha256") if c in v[0]}
+            first = next((g for g in v if "dim" in g), v[0])
+            extra = {c: first[c] for c in ("mode", "layers", "dim", "dtype", "student_sha256") if c in first}
             for c, val in extra.items():
                 out.print(f"[bold]{c}[/bold]: {val}", highlight=False)
+            _print_group_notes(out, v)
             continue
         if isinstance(v, (dict, list)):
             v = json.dumps(v, default=str)
         out.print(f"[bold]{k}[/bold]: {v}", highlight=False)
+
+
+def _print_group_notes(out: Console, groups: list[dict[str, Any]]) -> None:
+    """Per group: its state when not intact, the inputs it skipped and, after --verify, the
+    damaged utterances."""
+    for g in groups:
+        if "state" in g:
+            out.print(f"[yellow]{g['group']}[/yellow]: {g['state']}", highlight=False)
+        for uid, why in (g.get("skipped") or {}).items():
+            out.print(f"{g['group']}: skipped {uid}: {why}", highlight=False)
+        if "damaged" in g:
+            if g["damaged"]:
+                for d in g["damaged"]:
+                    out.print(f"[red]{g['group']}: damaged {d['id']}[/red] ({d['reason']})", highlight=False)
+            else:
+                out.print(f"{g['group']}: verified, every extracted utterance matches its checksum", highlight=False)
+    n = sum(len(g.get("damaged", [])) for g in groups)
+    if n:
+        err_console.print(f"[bold red]error:[/bold red] {n} damaged utterance(s), now marked not done; rerun "
+                          "the same 'ofactl extract' to rewrite exactly those", highlight=False)
+        raise typer.Exit(1)
 
 
 def cli_markdown() -> str:

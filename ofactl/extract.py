@@ -8,13 +8,12 @@ only after its frames are written.
 
 from __future__ import annotations
 
-import queue
-import threading
+import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 import torch
@@ -26,6 +25,9 @@ from ofactl.progress import NullProgress, Progress, ignore_sigint_in_worker
 from ofactl.runtime import autocast, autocast_dtype, check_device_name, resolve_device
 
 SR = 16000
+
+if TYPE_CHECKING:
+    from ofactl.storage.writer import GroupState
 
 
 @dataclass
@@ -45,6 +47,8 @@ class ExtractConfig:
     block_utts: int = 256
     chunk_frames: int = 1024
     compress: str = "none"
+    long_window_s: float = 60.0  # longer utterances run in windows of this much audio (bounded memory)
+    long_context_s: float = 8.0  # attention context on each side of a window
 
     def validate(self) -> None:
         if not self.rates:
@@ -67,6 +71,8 @@ class ExtractConfig:
             raise ValueError(f"compress must be none or zstd, got {self.compress!r}")
         if self.block_utts < 1 or self.chunk_frames < 1 or self.num_workers < 0:
             raise ValueError("block_utts and chunk_frames must be >= 1, num_workers >= 0")
+        if self.long_window_s < 1 or self.long_context_s < 0:
+            raise ValueError("long_window_s must be >= 1 and long_context_s >= 0 (seconds)")
 
 
 def parse_layers(spec: str, n_hidden: int) -> list[int]:
@@ -82,9 +88,17 @@ def parse_layers(spec: str, n_hidden: int) -> list[int]:
     return layers
 
 
-def parse_shard(spec: str | None) -> tuple[int, int] | None:
-    if spec is None:
-        return None
+def parse_shard(spec: str | None, env: dict[str, str] | None = None) -> tuple[int, int] | None:
+    """``--shard i/N``; ``auto`` (the default when a launcher set its variables): this process's
+    place among torchrun ranks or SLURM array tasks; None (unset, no launcher): one process."""
+    from ofactl.runtime import launcher_shard
+
+    if spec is None or spec == "auto":
+        found = launcher_shard(env)
+        if found is None and spec == "auto":
+            raise ConfigError("--shard auto: no launcher found (RANK/WORLD_SIZE from torchrun, or "
+                              "SLURM_ARRAY_TASK_ID/COUNT from a SLURM array); give --shard i/N")
+        return None if found is None else found[:2]
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
@@ -151,138 +165,6 @@ def plan_batches(order: Sequence[int], n_samples: Sequence[int], budget_samples:
     if cur:
         batches.append(cur)
     return batches
-
-
-# ----------------------------------------------------------------------------- writing
-@dataclass
-class _GroupState:
-    rate: float
-    group: Any  # FeatureGroup
-    reserve: np.ndarray
-    offsets: np.ndarray
-    adaptive: bool
-    block_utts: int
-    needed: set[int] = field(default_factory=set)
-    written: int = 0
-    skipped: int = 0
-    reused: int = 0
-    frames: int = 0
-
-
-class _BlockWriter:
-    """Buffers one group's utterances and writes them in large contiguous runs.
-
-    Exact mode writes each utterance at its preallocated offset; adaptive mode packs a block's
-    utterances from the block's start. Order of writes: frames, then lengths/offsets/errors,
-    then done flags, so a kill at any moment leaves only undone (recomputed) utterances.
-    """
-
-    def __init__(self, st: _GroupState, flush_frames: int) -> None:
-        self.st = st
-        self.flush_frames = flush_frames
-        self.pending: dict[int, tuple[np.ndarray | None, str]] = {}
-        self.pending_frames = 0
-        self.block = -1
-        self.cursor = 0  # adaptive: next free frame in the current block
-
-    def add(self, i: int, feats: np.ndarray | None, error: str) -> None:
-        b = i // self.st.block_utts
-        if b != self.block:
-            self.flush()
-            self.block = b
-            self.cursor = int(self.st.offsets[b * self.st.block_utts])
-        self.pending[i] = (feats, error)
-        self.pending_frames += 0 if feats is None else len(feats)
-        if self.pending_frames >= self.flush_frames:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        st, g = self.st, self.st.group
-        idx = sorted(self.pending)
-        offs = {}
-        for i in idx:
-            feats, _ = self.pending[i]
-            n = 0 if feats is None else len(feats)
-            if st.adaptive:
-                offs[i] = self.cursor
-                self.cursor += n
-            else:
-                offs[i] = int(st.offsets[i])
-                if n > st.reserve[i]:
-                    raise StoreError(f"internal: utterance {i} gave {n} frames, {st.reserve[i]} reserved")
-        # frames: merge utterances that are adjacent on disk into one write
-        run_start, run = None, []
-        for i in idx + [None]:  # type: ignore[list-item]
-            feats = None if i is None else self.pending[i][0]
-            if i is not None and feats is not None and len(feats) and run and offs[i] == run_start + sum(len(x) for x in run):
-                run.append(feats)
-                continue
-            if run:
-                g.write_frames(run_start, np.concatenate(run) if len(run) > 1 else run[0])
-            run, run_start = ([feats], offs[i]) if (i is not None and feats is not None and len(feats)) else ([], None)
-        # per-utterance arrays, one block range at a time (each block has a single owner)
-        lo, hi = idx[0], idx[-1] + 1
-        cur_len = np.asarray(g._g["lengths"][lo:hi])
-        cur_done = np.asarray(g._g["done"][lo:hi])
-        cur_err = [str(x) for x in g._g["error"][lo:hi]]
-        cur_off = np.asarray(g._g["offsets"][lo:hi]) if st.adaptive else None
-        for i in idx:
-            feats, err = self.pending[i]
-            n = 0 if feats is None else len(feats)
-            cur_len[i - lo] = n
-            cur_done[i - lo] = True
-            cur_err[i - lo] = err
-            if cur_off is not None:
-                cur_off[i - lo] = offs[i]
-            if err:
-                st.skipped += 1
-            else:
-                st.written += 1
-                st.frames += n
-        g.write_utt_arrays(lo, hi, lengths=cur_len, offsets=cur_off, error=cur_err, done=cur_done)
-        self.pending.clear()
-        self.pending_frames = 0
-
-
-class _Writer(threading.Thread):
-    """Consumes (rate, index, feats, error) items; disk I/O overlaps compute."""
-
-    def __init__(self, states: dict[float, _GroupState], flush_frames: int) -> None:
-        super().__init__(daemon=True, name="ofactl-writer")
-        self.q: queue.Queue[Any] = queue.Queue(maxsize=8)
-        self.writers = {r: _BlockWriter(st, flush_frames) for r, st in states.items()}
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        while True:
-            item = self.q.get()
-            try:
-                if item is None:
-                    if self.error is None:
-                        for w in self.writers.values():
-                            w.flush()
-                elif self.error is None:
-                    for rate, i, feats, err in item:
-                        self.writers[rate].add(i, feats, err)
-            except BaseException as e:  # noqa: BLE001 - reported to the main thread
-                self.error = e
-            finally:
-                self.q.task_done()
-            if item is None:
-                return
-
-    def put(self, items: list[tuple[float, int, np.ndarray | None, str]]) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put(items)
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
 
 
 # ----------------------------------------------------------------------------- result
@@ -361,94 +243,138 @@ def extract_with_student(
     ckpt_path: str = "",
 ) -> ExtractResult:
     """Extract with a student in memory; ``out=None`` runs the model and discards the features
-    (used to measure store overhead)."""
-    from ofactl.storage.lock import GroupLock
-    from ofactl.storage.zarr_store import FeatureStore, disk_free, make_layout, rate_key
-
+    (used to measure store overhead). Steps: read and check the inputs, lock and plan every
+    rate group (nothing is created before the disk check passes), run the batches, finalise."""
     progress = progress or NullProgress()
     t_start = time.perf_counter()
     if shard is not None and overwrite:
         raise ConfigError("--overwrite cannot be combined with --shard: reset the store once without --shard")
     if shard is not None and out is None:
         raise ConfigError("--shard needs a store")
-    cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus, stdin=stdin, on_error=cfg.on_error)  # type: ignore[arg-type]
-    device = resolve_device(cfg.device)
+    from ofactl.runtime import local_device
+
+    device = resolve_device(local_device(cfg.device))  # torchrun: each rank its own GPU
     amp = autocast_dtype(cfg.precision, device)
+    arch = student.cfg.arch
+    cps, utts, n16, t_in = _inputs(corpus, stdin, cfg, arch)
     student = student.to(device).eval()
     layers = parse_layers(cfg.layers, student.num_hidden)
-    arch = student.cfg.arch
-    hop = arch.hop
-
-    # Store order: sorted by length (ties by id) so batches and writes are sequential.
-    utts = sorted(cps.utterances, key=lambda u: (u.n_samples_16k, u.id))
-    n16 = np.array([u.n_samples_16k for u in utts], dtype=np.int64)
-    from ofactl.model.blocks import cnn_lengths
-
-    t_in = cnn_lengths(arch, torch.from_numpy(n16)).numpy()
-    too_short = [u for u, t in zip(utts, t_in) if t <= 0]
-    if too_short and cfg.on_error == "fail":
-        u = too_short[0]
-        raise AudioError(f"{u.path}: too short ({u.n_samples_16k} samples at 16 kHz; the CNN needs at least 400)")
-
-    states: dict[float, _GroupState] = {}
-    locks: list[Any] = []
-    store = None
-    try:
-        if out is not None:
-            store = FeatureStore(out, mode="a")
-            for rate in cfg.rates:
-                reserve = t_in if cfg.adaptive_length else _exact_lengths(t_in, rate)
-                layout = make_layout([u.id for u in utts], reserve, cfg.block_utts, cfg.chunk_frames)
-                attrs = _group_attrs(cfg, rate, layers, student, student_id, ckpt_path, cps, hop, t_in)
-                lock = GroupLock(Path(out), rate_key(rate), shard, progress)
-                lock.__enter__()
-                locks.append(lock)
-                grp = _open_or_create(store, rate, layout, attrs, cfg, shard, overwrite, len(layers),
-                                      arch.embed_dim, progress)
-                st = _GroupState(rate, grp, np.asarray(layout.reserve), np.asarray(layout.offsets),
-                                 cfg.adaptive_length, cfg.block_utts)
-                states[rate] = st
-
-        # What needs computing: owned blocks, utterances not done in some group. Batches are
-        # planned over each whole block, done or not, so a resumed or sharded run forms exactly
-        # the batches of a clean run (bitwise-identical features); fully done batches are skipped.
-        n_blocks = (len(utts) + cfg.block_utts - 1) // cfg.block_utts
-        owned = [b for b in range(n_blocks) if shard is None or b % shard[1] == shard[0]]
-        budget = int(cfg.batch_seconds * SR)
-        plan: list[list[int]] = []
-        for b in owned:
-            lo, hi = b * cfg.block_utts, min(len(utts), (b + 1) * cfg.block_utts)
-            for st in states.values():
-                done = st.group.done[lo:hi]
-                if st.adaptive and not done.all() and done.any():
-                    # Adaptive blocks are packed from their start: redo a partial block, clearing
-                    # its done flags first so a kill during the redo leaves nothing stale.
-                    done = np.zeros_like(done)
-                    st.group.write_utt_arrays(lo, hi, done=done)
-                st.needed.update(int(x) for x in lo + np.flatnonzero(~done))
-                st.reused += int(done.sum())
-            for batch in plan_batches(range(lo, hi), n16, budget):
-                if out is None or any(i in st.needed for st in states.values() for i in batch):
-                    plan.append(batch)
+    with contextlib.ExitStack() as stack:
+        states = {} if out is None else _open_groups(
+            stack, Path(out), cfg, utts, t_in, layers, student, student_id, ckpt_path, cps, shard, overwrite,
+            progress)
+        plan = _plan(utts, n16, states, cfg, shard, discard=out is None, progress=progress)
         pending = [i for batch in plan for i in batch]
-        if out is not None:
-            _check_disk(out, states, cfg, disk_free(Path(out)))
-        for st in states.values():
-            if st.reused:
-                progress.log(f"{rate_key(st.rate)}: reusing {st.reused} utterance(s) already in the store")
-
         audio_s = float(n16[pending].sum()) / SR if pending else 0.0
         model_s = _run_batches(plan, utts, t_in, states, cfg, student, device, amp, layers, progress,
                                discard=out is None)
-    finally:
-        for lock in reversed(locks):
-            lock.__exit__(None, None, None)
-
-    results = []
-    for rate, st in states.items():
-        results.append(_finalize(st, utts, t_in, cps.problems))
+    results = [_finalize(st, utts, t_in, cps.problems) for st in states.values()]
     return ExtractResult(Path(out) if out else Path(), results, audio_s, time.perf_counter() - t_start,
                          model_s, dict(cps.problems), shard)
+
+
+def _too_short(u: Utterance) -> str:
+    return f"{u.path}: too short ({u.n_samples_16k} samples at 16 kHz; the CNN needs at least 400)"
+
+
+def _inputs(corpus: str | Path | Corpus, stdin: TextIO | None, cfg: ExtractConfig,
+            arch: Any) -> tuple[Corpus, list[Utterance], np.ndarray, np.ndarray]:
+    """The corpus in store order (sorted by length, ties by id), sample and frame counts.
+
+    Every bad input knowable from the headers (missing, empty, unreadable, too short for one
+    frame) is reported in one error with ``on_error=fail``; with ``skip`` they are recorded.
+    """
+    from ofactl.model.blocks import cnn_lengths
+    from ofactl.model.windowed import receptive_field
+
+    if isinstance(corpus, Corpus):
+        cps = corpus
+    else:
+        # header checks, the CNN's minimum length included, all reported in one error
+        min_samples = receptive_field(arch.conv_layers)[1]
+        cps = read_corpus(corpus, stdin=stdin, on_error=cfg.on_error, min_samples_16k=min_samples)  # type: ignore[arg-type]
+    utts = sorted(cps.utterances, key=lambda u: (u.n_samples_16k, u.id))
+    n16 = np.array([u.n_samples_16k for u in utts], dtype=np.int64)
+    t_in = cnn_lengths(arch, torch.from_numpy(n16)).numpy()
+    short = [u for u, t in zip(utts, t_in) if t <= 0]
+    if short and cfg.on_error == "fail":  # a Corpus built by the caller
+        raise AudioError(_too_short(short[0]))
+    return cps, utts, n16, t_in
+
+
+@dataclass
+class _GroupPlan:
+    """What happens to one rate group: ``reuse`` it, ``create`` it, ``replace`` it (another
+    checkpoint, with --overwrite), ``rebuild`` it (half-created), or ``wait`` for shard 0."""
+
+    rate: float
+    layout: Any
+    attrs: dict[str, Any]
+    action: str
+    group: Any = None
+
+
+def _open_groups(stack: contextlib.ExitStack, out: Path, cfg: ExtractConfig, utts: list[Utterance],
+                 t_in: np.ndarray, layers: list[int], student: Any, student_id: str, ckpt_path: str,
+                 cps: Corpus, shard: tuple[int, int] | None, overwrite: bool,
+                 progress: Progress) -> dict[float, "GroupState"]:
+    """Lock every group first (two writers of a new store meet at the lock), decide what each
+    group needs, check the disk, and only then create or replace groups."""
+    from ofactl.storage.lock import GroupLock
+    from ofactl.storage.writer import GroupState
+    from ofactl.storage.zarr_store import FeatureStore, disk_free, make_layout, rate_key
+
+    for rate in cfg.rates:
+        stack.enter_context(GroupLock(out, rate_key(rate), shard, progress))
+    existing = FeatureStore(out, mode="r") if (out / "zarr.json").is_file() else None
+    plans = []
+    for rate in cfg.rates:
+        reserve = t_in if cfg.adaptive_length else _exact_lengths(t_in, rate)
+        layout = make_layout([u.id for u in utts], reserve, cfg.block_utts, cfg.chunk_frames)
+        attrs = _group_attrs(cfg, rate, layers, student, student_id, ckpt_path, cps, student.cfg.arch.hop, t_in)
+        plans.append(_plan_group(existing, rate, layout, attrs, cfg, shard, overwrite))
+    _check_disk(out, plans, cfg, shard, len(layers), int(student.cfg.arch.embed_dim), disk_free(out))
+    store = FeatureStore(out, mode="a")
+    states = {}
+    for p in plans:
+        grp = _apply(store, p, cfg, len(layers), int(student.cfg.arch.embed_dim), progress)
+        states[p.rate] = GroupState(p.rate, grp, list(p.layout.utt_ids), np.asarray(p.layout.reserve),
+                                    np.asarray(p.layout.offsets), cfg.adaptive_length, cfg.block_utts)
+    return states
+
+
+def _plan(utts: list[Utterance], n16: np.ndarray, states: dict[float, "GroupState"], cfg: ExtractConfig,
+          shard: tuple[int, int] | None, discard: bool, progress: Progress) -> list[list[int]]:
+    """Batches to run: owned blocks with utterances not done in some group.
+
+    Batches are planned over each whole block, done or not, so a resumed or sharded run forms
+    exactly the batches of a clean run (bitwise-identical features); fully done batches are
+    skipped.
+    """
+    from ofactl.storage.zarr_store import rate_key
+
+    n_blocks = (len(utts) + cfg.block_utts - 1) // cfg.block_utts
+    owned = [b for b in range(n_blocks) if shard is None or b % shard[1] == shard[0]]
+    budget = int(cfg.batch_seconds * SR)
+    plan: list[list[int]] = []
+    for b in owned:
+        lo, hi = b * cfg.block_utts, min(len(utts), (b + 1) * cfg.block_utts)
+        for st in states.values():
+            done = st.group.done[lo:hi]
+            if st.adaptive and not done.all() and done.any():
+                # Adaptive blocks are packed from their start: redo a partial block, clearing
+                # its done flags first so a kill during the redo leaves nothing stale.
+                done = np.zeros_like(done)
+                st.group.write_utt_arrays(lo, hi, done=done)
+            st.needed.update(int(x) for x in lo + np.flatnonzero(~done))
+            st.reused += int(done.sum())
+        for batch in plan_batches(range(lo, hi), n16, budget):
+            if discard or any(i in st.needed for st in states.values() for i in batch):
+                plan.append(batch)
+    for st in states.values():
+        if st.reused:
+            progress.log(f"{rate_key(st.rate)}: reusing {st.reused} utterance(s) already in the store")
+    return plan
 
 
 def _exact_lengths(t_in: np.ndarray, rate: float) -> np.ndarray:
@@ -469,65 +395,93 @@ def _group_attrs(cfg: ExtractConfig, rate: float, layers: list[int], student: An
         "corpus_fingerprint": cps.fingerprint(), "corpus": cps.source, "n_utts": len(cps),
         "input_frames": int(t_in.sum()), "corpus_errors": dict(cps.problems),
         "extract_config": to_dict(cfg),  # the resolved config of the run that created the group
+        "long_window_s": cfg.long_window_s, "long_context_s": cfg.long_context_s,
     }
 
 
-_MUST_MATCH = ("student_sha256", "layers", "dtype", "mode", "corpus_fingerprint", "block_utts", "chunk_frames")
+_MUST_MATCH = ("student_sha256", "layers", "dtype", "mode", "corpus_fingerprint", "block_utts", "chunk_frames",
+               "long_window_s", "long_context_s")
+_NEWER = ("long_window_s", "long_context_s")  # absent in groups made before these settings existed
 
 
-def _open_or_create(store: Any, rate: float, layout: Any, attrs: dict[str, Any], cfg: ExtractConfig,
-                    shard: tuple[int, int] | None, overwrite: bool, n_layers: int, dim: int,
-                    progress: Progress) -> Any:
+def _plan_group(existing: Any, rate: float, layout: Any, attrs: dict[str, Any], cfg: ExtractConfig,
+                shard: tuple[int, int] | None, overwrite: bool) -> _GroupPlan:
     from ofactl.storage.zarr_store import rate_key
 
     name = rate_key(rate)
-    if store.has(rate):
-        grp = store.group(rate)
-        a = grp.attrs
-        want = {**attrs, "block_utts": cfg.block_utts, "chunk_frames": cfg.chunk_frames}
-        diff = [k for k in _MUST_MATCH if a.get(k) != want.get(k)]
-        if diff and not overwrite:
-            what = {"student_sha256": "another checkpoint", "layers": "another layer set",
-                    "corpus_fingerprint": "another corpus"}.get(diff[0], f"another {diff[0]}")
-            raise StoreError(f"{store.path}/{name} was made with {what} ({diff[0]}: {a.get(diff[0])!r} vs "
-                             f"{want.get(diff[0])!r}); pass --overwrite to replace it or use another --out")
-        if not diff:
-            return grp
+    creator = shard is None or shard[0] == 0
+    if existing is None or name not in existing.group_names():
+        return _GroupPlan(rate, layout, attrs, "create" if creator else "wait")
+    if not existing.is_complete_group(name):
+        return _GroupPlan(rate, layout, attrs, "rebuild" if creator else "wait")
+    grp = existing.group(rate)
+    a = grp.attrs
+    want = {**attrs, "block_utts": cfg.block_utts, "chunk_frames": cfg.chunk_frames}
+    diff = [k for k in _MUST_MATCH if a.get(k, want[k] if k in _NEWER else None) != want.get(k)]
+    if not diff:
+        return _GroupPlan(rate, layout, attrs, "reuse", grp)
+    if not overwrite:
+        what = {"student_sha256": "another checkpoint", "layers": "another layer set",
+                "corpus_fingerprint": "another corpus"}.get(diff[0], f"another {diff[0]}")
+        raise StoreError(f"{existing.path}/{name} was made with {what} ({diff[0]}: {a.get(diff[0])!r} vs "
+                         f"{want.get(diff[0])!r}); pass --overwrite to replace it or use another --out")
+    return _GroupPlan(rate, layout, attrs, "replace")
+
+
+def _apply(store: Any, p: _GroupPlan, cfg: ExtractConfig, n_layers: int, dim: int, progress: Progress) -> Any:
+    """Carry out one group's plan on the store opened for writing; returns the group."""
+    from ofactl.storage.zarr_store import rate_key
+
+    name = rate_key(p.rate)
+    if p.action == "reuse":
+        return store.group(p.rate)
+    if p.action == "wait":
+        return _wait_for_group(store, p.rate, progress)
+    if p.action == "replace":
         progress.log(f"replacing {name} in {store.path} (--overwrite)")
-        store.delete_group(rate)
-    elif shard is not None and shard[0] != 0:
-        return _wait_for_group(store, rate, progress)
-    return store.create_group(rate, layout, n_layers, dim, cfg.dtype, attrs, cfg.compress)
+        store.delete_group(p.rate)
+    if p.action == "rebuild":
+        progress.log(f"note: {store.path}/{name} was left half-created by a killed run (no features yet); "
+                     "rebuilding it")
+        store.delete_group(p.rate)
+    return store.create_group(p.rate, p.layout, n_layers, dim, cfg.dtype, p.attrs, cfg.compress)
 
 
 def _wait_for_group(store: Any, rate: float, progress: Progress, timeout: float = 600.0) -> Any:
-    """Shards other than 0 wait for shard 0 to create the group's arrays and attributes."""
+    """Shards other than 0 wait for shard 0 to create the group (it appears whole, see
+    ``FeatureStore.create_group``)."""
     from ofactl.storage.zarr_store import rate_key
 
     progress.log(f"waiting for shard 0 to create {rate_key(rate)}")
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        if store.has(rate):
-            grp = store.group(rate)
-            if "student_sha256" in grp.attrs:
-                return grp
+        if store.has(rate) and store.is_complete_group(rate_key(rate)):
+            return store.group(rate)
         time.sleep(0.5)
     raise StoreError(f"{store.path}: shard 0 did not create {rate_key(rate)} within {timeout:.0f} s; start shard 0")
 
 
-def _check_disk(out: Path, states: dict[float, _GroupState], cfg: ExtractConfig, free: int) -> None:
-    itemsize = 2 if cfg.dtype == "float16" else 4
+def _check_disk(out: Path, plans: list[_GroupPlan], cfg: ExtractConfig, shard: tuple[int, int] | None,
+                n_layers: int, dim: int, free: int) -> None:
+    """Refuse, before anything is created, when the features still to write (this process's
+    blocks of every group) do not fit on the store's disk."""
+    per_frame = n_layers * dim * (2 if cfg.dtype == "float16" else 4)
     need = 0
-    for st in states.values():
-        per_frame = st.group.attrs["n_layers"] * st.group.attrs["dim"] * itemsize
-        need += int(st.reserve[list(st.needed)].sum()) * per_frame if st.needed else 0
+    for p in plans:
+        todo = np.ones(p.layout.n_utts, dtype=bool)
+        if p.action == "reuse":
+            todo = ~p.group.done
+        if shard is not None:
+            block = np.arange(p.layout.n_utts) // cfg.block_utts
+            todo &= block % shard[1] == shard[0]
+        need += int(p.layout.reserve[todo].sum()) * per_frame
     if need > free:
-        raise StoreError(f"{out}: needs about {need / 1e9:.2f} GB for these features, only "
-                         f"{free / 1e9:.2f} GB free on that disk")
+        raise StoreError(f"{out}: these features need about {need / 1e6:,.2f} MB, but only {free / 1e6:,.2f} MB "
+                         "are free on that disk; nothing was written (free space or choose another --out)")
 
 
 def _run_batches(plan: list[list[int]], utts: list[Utterance], t_in: np.ndarray,
-                 states: dict[float, _GroupState], cfg: ExtractConfig, student: Any, device: torch.device,
+                 states: dict[float, GroupState], cfg: ExtractConfig, student: Any, device: torch.device,
                  amp: torch.dtype | None, layers: list[int], progress: Progress, discard: bool) -> float:
     if not plan:
         return 0.0
@@ -539,8 +493,10 @@ def _run_batches(plan: list[list[int]], utts: list[Utterance], t_in: np.ndarray,
         pin_memory=False, prefetch_factor=4 if cfg.num_workers else None,
         persistent_workers=False, worker_init_fn=ignore_sigint_in_worker if cfg.num_workers else None,
     )
+    from ofactl.storage.writer import WriterThread
+
     flush_frames = 16 * cfg.chunk_frames
-    writer = None if discard else _Writer(states, flush_frames)
+    writer = None if discard else WriterThread(states, flush_frames)
     if writer:
         writer.start()
     model_s = 0.0
@@ -554,7 +510,7 @@ def _run_batches(plan: list[list[int]], utts: list[Utterance], t_in: np.ndarray,
                 # Write the good part of this batch before stopping: nothing done is lost.
                 fail = AudioError(batch.errors[bad[0]])
             good = [k for k in range(len(batch.idx)) if not batch.errors[k] and t_in[batch.idx[k]] > 0]
-            items: list[tuple[float, int, np.ndarray | None, str]] = []
+            items: list[tuple[float, int, np.ndarray | None, str]] = []  # writer Items
             if good:
                 wav = batch.wav[good]
                 if device.type == "cuda":
@@ -563,15 +519,14 @@ def _run_batches(plan: list[list[int]], utts: list[Utterance], t_in: np.ndarray,
                 t0 = time.perf_counter()
                 need_rates = rates if discard else [r for r in rates if any(batch.idx[k] in states[r].needed for k in good)]
                 with torch.inference_mode(), autocast(device, amp):
-                    feats = student.features(wav, lengths, need_rates, exact=not cfg.adaptive_length, layers=layers)
-                host = {r: (h.states.to(torch_dtype).cpu().numpy(), h.lengths.cpu().numpy()) for r, h in feats.items()}
+                    host = _forward(student, wav, lengths, need_rates, cfg, layers, torch_dtype)
                 model_s += time.perf_counter() - t0
-                for r, (arr, lens) in host.items():
+                for r, per_utt in host.items():
                     for j, k in enumerate(good):
                         i = batch.idx[k]
                         if discard or i not in states[r].needed:
                             continue
-                        items.append((r, i, np.ascontiguousarray(arr[j, : lens[j]], dtype=store_dtype), ""))
+                        items.append((r, i, np.ascontiguousarray(per_utt[j], dtype=store_dtype), ""))
             for k in range(len(batch.idx)):
                 i = batch.idx[k]
                 msg = batch.errors[k] or ("" if t_in[i] > 0 else
@@ -601,7 +556,36 @@ def _run_batches(plan: list[list[int]], utts: list[Utterance], t_in: np.ndarray,
     return model_s
 
 
-def _finalize(st: _GroupState, utts: list[Utterance], t_in: np.ndarray, problems: dict[str, str]) -> GroupResult:
+def _forward(student: Any, wav: torch.Tensor, lengths: torch.Tensor, rates: list[float], cfg: ExtractConfig,
+             layers: list[int], dtype: torch.dtype) -> dict[float, list[np.ndarray]]:
+    """Features per rate, one (frames, layers, dim) host array per utterance of the batch.
+    Utterances longer than ``long_window_s`` run alone in windows (bounded memory); the rest
+    run as one padded batch."""
+    from ofactl.model.windowed import features_windowed
+
+    hop = student.cfg.arch.hop
+    long = [j for j in range(len(lengths)) if int(lengths[j]) > cfg.long_window_s * SR]
+    short = [j for j in range(len(lengths)) if j not in long]
+    out: dict[float, list[Any]] = {r: [None] * len(lengths) for r in rates}
+    exact = not cfg.adaptive_length
+    if short:
+        sel = torch.tensor(short, device=wav.device)
+        n_max = int(lengths[sel].max())
+        feats = student.features(wav[sel, :n_max], lengths[sel], rates, exact=exact, layers=layers)
+        for r, h in feats.items():
+            arr, lens = h.states.to(dtype).cpu().numpy(), h.lengths.cpu().numpy()
+            for k, j in enumerate(short):
+                out[r][j] = arr[k, : lens[k]]
+    win, ctx = int(cfg.long_window_s * SR / hop), int(cfg.long_context_s * SR / hop)
+    for j in long:
+        feats = features_windowed(student, wav[j, : int(lengths[j])], rates, exact=exact, layers=layers,
+                                  window=win, context=ctx)
+        for r, h in feats.items():
+            out[r][j] = h.states[0, : int(h.lengths[0])].to(dtype).cpu().numpy()
+    return out
+
+
+def _finalize(st: GroupState, utts: list[Utterance], t_in: np.ndarray, problems: dict[str, str]) -> GroupResult:
     g = st.group
     g.refresh()
     done = g.done

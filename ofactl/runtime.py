@@ -88,3 +88,37 @@ def autocast(device: "torch.device", dtype: "torch.dtype | None") -> Any:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def launcher_shard(env: "dict[str, str] | None" = None) -> "tuple[int, int, str] | None":
+    """(index, count, launcher) of this process among its peers, from the launcher's
+    environment: torchrun (RANK, WORLD_SIZE) or a SLURM job array (SLURM_ARRAY_TASK_ID, with
+    SLURM_ARRAY_TASK_MIN and SLURM_ARRAY_TASK_COUNT). None when started alone."""
+    import os
+
+    e = os.environ if env is None else env
+    try:
+        if int(e.get("WORLD_SIZE", "1")) > 1:
+            return int(e["RANK"]), int(e["WORLD_SIZE"]), "torchrun"
+        if "SLURM_ARRAY_TASK_ID" in e and int(e.get("SLURM_ARRAY_TASK_COUNT", "1")) > 1:
+            first = int(e.get("SLURM_ARRAY_TASK_MIN", "0"))
+            return int(e["SLURM_ARRAY_TASK_ID"]) - first, int(e["SLURM_ARRAY_TASK_COUNT"]), "SLURM array"
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"launcher environment is inconsistent ({err}): set RANK/WORLD_SIZE or "
+                          "SLURM_ARRAY_TASK_ID/COUNT, or give --shard i/N") from None
+    return None
+
+
+def local_device(name: str, env: "dict[str, str] | None" = None) -> str:
+    """``auto`` on a multi-process node: the GPU of this process's LOCAL_RANK (torchrun), so
+    ranks do not share one card. Other names pass through."""
+    import os
+
+    e = os.environ if env is None else env
+    if name != "auto" or "LOCAL_RANK" not in e:
+        return name
+    import torch
+
+    if not torch.cuda.is_available():
+        return name
+    return f"cuda:{int(e['LOCAL_RANK']) % max(1, torch.cuda.device_count())}"

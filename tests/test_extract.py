@@ -203,8 +203,9 @@ def test_disk_full_is_refused_up_front(tmp_path, synth_corpus, student_ckpt, mon
     import ofactl.storage.zarr_store as zs
 
     monkeypatch.setattr(zs, "disk_free", lambda p: 1000)
-    with pytest.raises(StoreError, match="GB free"):
+    with pytest.raises(StoreError, match=r"f.zarr: these features need about [\d.]+ MB, but only 0.00 MB are free"):
         extract(tmp_path, synth_corpus, ckpt=ckpt)
+    assert not (tmp_path / "f.zarr").exists() and not (tmp_path / "f.zarr.locks").exists()  # nothing created
 
 
 def test_write_error_stops_cleanly_and_resumes(tmp_path, synth_corpus, student_ckpt, monkeypatch):
@@ -340,3 +341,137 @@ def test_cli_hdf5_format_and_recorded_config(tmp_path, synth_corpus, student_ckp
     assert h["utt_id"] == g.utt_ids and h["attrs"]["extract_config"]["rates"] == [0.5]
     r = CliRunner().invoke(app, ["info", str(out), "--json"])
     assert json.loads(r.stdout)["groups"][0]["utterances"] == len(g)
+
+
+# ----------------------------------------------------------------------------- crash safety and integrity
+def _store_bytes_equal(a, b, rates=(1.0, 0.5)):
+    for rate in rates:
+        x, y = all_feats(a, rate), all_feats(b, rate)
+        assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x), rate
+
+
+def test_group_appears_only_when_complete(tmp_path, synth_corpus, student_ckpt, monkeypatch):
+    ckpt, _ = student_ckpt
+    import ofactl.storage.zarr_store as zs
+
+    def die(*a, **k):
+        raise KeyboardInterrupt  # the process dies after building the group, before it is renamed in
+
+    monkeypatch.setattr(zs.os, "rename", die)
+    with pytest.raises(KeyboardInterrupt):
+        extract(tmp_path, synth_corpus, ckpt=ckpt)
+    monkeypatch.undo()
+    store = tmp_path / "f.zarr"
+    assert open_store(store).group_names() == []  # the half-built group is invisible
+    assert list(store.glob(".creating-rate=*"))
+    r = CliRunner().invoke(app, ["info", str(store)])
+    assert r.exit_code == 0, r.output
+    extract(tmp_path, synth_corpus, ckpt=ckpt)
+    assert not list(store.glob(".creating-*"))  # the staging folder was cleared
+    extract(tmp_path, synth_corpus, ckpt=ckpt, name="clean.zarr")
+    _store_bytes_equal(store, tmp_path / "clean.zarr")
+
+
+def test_half_created_group_is_rebuilt_with_a_note(tmp_path, synth_corpus, student_ckpt):
+    ckpt, _ = student_ckpt
+    import zarr
+
+    store = tmp_path / "f.zarr"
+    root = zarr.open_group(str(store), mode="a")
+    root.attrs.update({"format": "ofactl-features", "format_version": 1})
+    root.create_group("rate=0.500")  # what an older ofactl left when killed mid-creation
+    r = CliRunner().invoke(app, ["info", str(store), "--json"])
+    assert r.exit_code == 0, r.output
+    assert "half-created" in json.loads(r.stdout)["groups"][0]["state"]
+    from ofactl.progress import NullProgress
+
+    prog = NullProgress()
+    res = extract(tmp_path, synth_corpus, ckpt=ckpt, progress=prog)
+    assert all(g.complete for g in res.groups)
+    assert any("half-created" in m and "rebuilding" in m for m in prog.messages)
+    extract(tmp_path, synth_corpus, ckpt=ckpt, name="clean.zarr")
+    _store_bytes_equal(store, tmp_path / "clean.zarr")
+
+
+def _chunk_files(store, rate_key, array):
+    return sorted(p for p in (store / rate_key / array / "c").rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("array,damage", [("feats", "delete"), ("feats", "truncate"), ("lengths", "delete"),
+                                          ("checksum", "delete"), ("utt_id", "delete")])
+def test_damage_is_detected_named_and_repaired_bitwise(tmp_path, synth_corpus, student_ckpt, array, damage):
+    ckpt, _ = student_ckpt
+    store = tmp_path / "f.zarr"
+    extract(tmp_path, synth_corpus, ckpt=ckpt)
+    extract(tmp_path, synth_corpus, ckpt=ckpt, name="clean.zarr")
+    chunk = _chunk_files(store, "rate=0.500", array)[1]
+    if damage == "delete":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(chunk.read_bytes()[:5])
+    g = open_store(store).group(0.5)
+    with pytest.raises(StoreError, match=r"rate=0.500: utterance .* is damaged|per-utterance arrays are damaged"):
+        g.load_all()  # never zeros or empty arrays where data was lost
+    r = CliRunner().invoke(app, ["info", str(store), "--verify", "--json"])
+    assert r.exit_code == 1
+    doc = json.loads(r.stdout)
+    damaged = {d["id"] for gr in doc["groups"] for d in gr["damaged"]}
+    assert damaged and all(gr["damaged"] == [] for gr in doc["groups"] if gr["group"] == "rate=1.000")
+    g = open_store(store).group(0.5)
+    assert not g.complete and int((~g.done).sum()) == len(damaged)  # exactly those are redone
+    res = extract(tmp_path, synth_corpus, ckpt=ckpt)
+    assert {r.rate: r.written for r in res.groups} == {1.0: 0, 0.5: len(damaged)}
+    _store_bytes_equal(store, tmp_path / "clean.zarr")
+    r = CliRunner().invoke(app, ["info", str(store), "--verify"])
+    assert r.exit_code == 0 and "verified" in r.stdout
+
+
+def test_info_lists_skipped_inputs_with_reasons(tmp_path, synth_corpus, student_ckpt, write_wav):
+    ckpt, _ = student_ckpt
+    lst = tmp_path / "list.txt"
+    good = [u.path for u in read_corpus(synth_corpus)][:3]
+    short = write_wav("tiny.wav", seconds=0.01)
+    lst.write_text("\n".join(map(str, good + [short, tmp_path / "gone.wav"])) + "\n")
+    with pytest.raises(Exception) as e:  # default: every knowable problem in one error
+        run_extract(CFG, ckpt, lst, tmp_path / "a.zarr")
+    assert "tiny.wav: too short" in str(e.value) and "gone.wav: file not found" in str(e.value)
+    run_extract(replace(CFG, on_error="skip"), ckpt, lst, tmp_path / "f.zarr")
+    r = CliRunner().invoke(app, ["info", str(tmp_path / "f.zarr"), "--json"])
+    skipped = json.loads(r.stdout)["groups"][0]["skipped"]
+    assert set(skipped) == {"tiny", "gone"} and "too short" in skipped["tiny"]
+    r = CliRunner().invoke(app, ["info", str(tmp_path / "f.zarr")])
+    assert "skipped tiny:" in r.stdout and "skipped gone:" in r.stdout
+
+
+def test_long_utterances_run_in_windows(tmp_path, synth_corpus, student_ckpt):
+    ckpt, student = student_ckpt
+    cfg = replace(CFG, long_window_s=1.0, long_context_s=0.3)
+    extract(tmp_path, synth_corpus, cfg=cfg, ckpt=ckpt)
+    extract(tmp_path, synth_corpus, ckpt=ckpt, name="whole.zarr")
+    g = open_store(tmp_path / "f.zarr").group(0.5)
+    assert g.attrs["long_window_s"] == 1.0 and g.attrs["long_context_s"] == 0.3
+    long = [u.id for u in read_corpus(synth_corpus) if u.n_samples_16k > 16000]
+    assert long
+    w, h = all_feats(tmp_path / "f.zarr", 0.5), all_feats(tmp_path / "whole.zarr", 0.5)
+    for u in long:
+        assert w[u].shape == h[u].shape  # lengths stay round(r * T)
+        assert np.allclose(w[u][:, 0], h[u][:, 0], atol=1e-5)  # before attention: the same
+        rel = np.linalg.norm(w[u][:, -1] - h[u][:, -1]) / np.linalg.norm(h[u][:, -1])
+        assert rel < 0.1, (u, rel)  # attention sees window + context only: close, not equal
+
+
+def test_shard_and_device_from_the_launcher():
+    from ofactl.extract import parse_shard
+    from ofactl.runtime import local_device
+
+    assert parse_shard(None, {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}) == (2, 4)
+    assert parse_shard("auto", {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5",
+                                "SLURM_ARRAY_TASK_COUNT": "3"}) == (2, 3)
+    assert parse_shard(None, {}) is None and parse_shard("1/3", {"RANK": "0", "WORLD_SIZE": "2"}) == (1, 3)
+    with pytest.raises(Exception, match="--shard auto: no launcher found"):
+        parse_shard("auto", {})
+    with pytest.raises(Exception, match="launcher environment is inconsistent"):
+        parse_shard(None, {"WORLD_SIZE": "2"})
+    want = "cuda:1" if torch.cuda.device_count() > 1 else ("cuda:0" if torch.cuda.is_available() else "auto")
+    assert local_device("auto", {"LOCAL_RANK": "1"}) == want
+    assert local_device("cpu", {"LOCAL_RANK": "1"}) == "cpu"

@@ -139,10 +139,15 @@ class Student(nn.Module):
     ) -> tuple[Hidden, Compressed]:
         """Compress CNN features and run the transformer: hidden states (B, T', L, D)."""
         comp = self.compressor(feats, lengths, rate=rate, lam=lam, exact=exact)
-        x = self.feature_projection.dropout(self.feature_projection.projection(comp.x))
-        x = x * length_mask(comp.lengths, x.shape[1])[..., None].to(x.dtype)
-        states = [x] + transformer_states(self.transformer, x, comp.lengths)[1:]
-        return Hidden(torch.stack(states, dim=2), comp.lengths), comp
+        return self.transform(comp.x, comp.lengths), comp
+
+    def transform(self, x: Tensor, lengths: Tensor) -> Hidden:
+        """Compressed CNN features (B, T', C) -> hidden states (B, T', L, D): the projection,
+        then every transformer layer."""
+        x = self.feature_projection.dropout(self.feature_projection.projection(x))
+        x = x * length_mask(lengths, x.shape[1])[..., None].to(x.dtype)
+        states = [x] + transformer_states(self.transformer, x, lengths)[1:]
+        return Hidden(torch.stack(states, dim=2), lengths)
 
     def forward(
         self,

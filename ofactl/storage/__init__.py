@@ -16,28 +16,57 @@ from ofactl.storage.zarr_store import FeatureGroup, FeatureStore, open_store, ra
 __all__ = ["FeatureGroup", "FeatureStore", "open_store", "rate_key", "describe_store"]
 
 
-def describe_store(path: Path) -> dict[str, Any]:
-    """What ``ofactl info feats.zarr`` prints: one entry per rate group."""
+def describe_store(path: Path, verify: bool = False) -> dict[str, Any]:
+    """What ``ofactl info feats.zarr`` prints: one entry per rate group, with the skipped inputs
+    and their reasons. ``verify``: check every done utterance against its checksum and mark the
+    damaged ones not done (under the group's writer lock), listed in ``damaged``."""
     p = Path(path)
     if p.suffix in (".h5", ".hdf5"):
         from ofactl.storage.hdf5_export import describe_hdf5
 
         return describe_hdf5(p)
     store = open_store(p)
-    groups = []
-    for name in store.group_names():
-        g = store.group(name)
-        a = g.attrs
-        done = g.done
-        groups.append({
-            "group": name, "requested_rate": a.get("requested_rate"), "mode": a.get("mode"),
-            "utterances": len(g), "done": int(done.sum()), "complete": bool(a.get("complete")),
-            "frames": g.frames, "achieved_rate": a.get("achieved_rate"),
-            "frame_period_ms": a.get("achieved_frame_period_ms") or a.get("frame_period_ms"),
-            "layers": a.get("layers"), "dim": a.get("dim"), "dtype": a.get("dtype"),
-            "size_mb": round(store.size_bytes(g.rate) / 1e6, 2),
-            "student_sha256": a.get("student_sha256"),
-            "skipped_inputs": len(a.get("errors", {})) if a.get("complete") else len(g.errors) + len(a.get("corpus_errors", {})),
-        })
-    return {"path": str(p), "kind": "feature store", "format_version": store._root.attrs.get("format_version"),
+    if verify:
+        store = FeatureStore(p, mode="a")  # repair writes done flags
+    groups = [_describe_group(store, name, verify) for name in store.group_names()]
+    return {"path": str(p), "kind": "feature store", "format_version": store.attrs.get("format_version"),
             "size_mb": round(store.size_bytes() / 1e6, 2), "groups": groups}
+
+
+def _describe_group(store: FeatureStore, name: str, verify: bool) -> dict[str, Any]:
+    from ofactl.errors import StoreError
+
+    if not store.is_complete_group(name):
+        return {"group": name, "state": "half-created (no features; the next extract rebuilds it)"}
+    g = store.group(name)
+    a = g.attrs
+    doc: dict[str, Any] = {"group": name, "requested_rate": a.get("requested_rate"), "mode": a.get("mode"),
+                           "utterances": len(g)}
+    if verify:
+        doc["damaged"] = _verify(store, g)
+        a = g.attrs
+    try:
+        done = g.done
+        skipped = {**a.get("corpus_errors", {}), **g.errors}
+        frames = g.frames
+    except StoreError as e:
+        return {**doc, "state": f"damaged ({e}); run 'ofactl info {store.path} --verify'"}
+    doc.update({
+        "done": int(done.sum()), "complete": bool(a.get("complete")), "frames": frames,
+        "achieved_rate": a.get("achieved_rate"),
+        "frame_period_ms": a.get("achieved_frame_period_ms") or a.get("frame_period_ms"),
+        "layers": a.get("layers"), "dim": a.get("dim"), "dtype": a.get("dtype"),
+        "size_mb": round(store.size_bytes(g.rate) / 1e6, 2), "student_sha256": a.get("student_sha256"),
+        "skipped_inputs": len(skipped), "skipped": skipped, "checksums": bool(a.get("checksum")),
+    })
+    return doc
+
+
+def _verify(store: FeatureStore, g: FeatureGroup) -> list[dict[str, str]]:
+    from ofactl.progress import NullProgress
+    from ofactl.storage.lock import GroupLock
+
+    with GroupLock(store.path, g.name, None, NullProgress()):
+        damaged = g.verify()
+        g.repair(damaged)
+    return [{"id": d.utt_id, "reason": d.reason} for d in damaged]

@@ -1,8 +1,14 @@
 """Writer locks for store groups: one exclusive writer, or one process per ``--shard i/N``.
 
-Lock files live beside the store (``feats.zarr.locks/rate=0.500.lock``) so that the Zarr
-hierarchy holds nothing but Zarr. Each records pid, host and start time; a lock left by a dead
-process on this host is taken over with a warning.
+Lock files live beside the store (``feats.zarr.locks/rate=0.500.lock`` for a plain writer,
+``rate=0.500.shard-1-of-4.lock`` for a shard) so that the Zarr hierarchy holds nothing but Zarr.
+
+The protocol, the same for both kinds: create your own lock file exclusively (``O_EXCL``), then
+look for locks of the other kind, and back off (removing your own) if a live one is there. Two
+writers that start together both create before they look, so at least one of them sees the
+other: never do two get through (both may back off, and the user reruns). A lock records pid
+and host; one left by a dead process on this host is taken over, by renaming it aside first so
+that two takers cannot both remove a fresh lock.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from ofactl.errors import StoreError
 from ofactl.progress import Progress
@@ -26,7 +33,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"pid": -1, "host": "?"}  # being written right now, or garbage: treat as held
+
+
 class GroupLock:
+    """Context manager holding one group's lock for the duration of a write."""
+
     def __init__(self, store: Path, group: str, shard: tuple[int, int] | None, progress: Progress) -> None:
         self.dir = Path(str(store) + ".locks")
         self.group = group
@@ -36,48 +54,67 @@ class GroupLock:
         self.path = self.dir / name
         self.held = False
 
-    def _holder(self, path: Path) -> dict | None:
-        """The live holder of ``path``, or None (removing a stale lock of a dead local process)."""
-        try:
-            info = json.loads(path.read_text())
-        except FileNotFoundError:
+    # ------------------------------------------------------------------ helpers
+    def _live(self, path: Path) -> dict[str, Any] | None:
+        """The live holder of ``path``, or None (taking over a dead local holder's lock)."""
+        info = _read(path)
+        if info is None:
             return None
-        except (OSError, ValueError):
-            info = {"pid": -1, "host": "?"}
-        if info.get("host") == socket.gethostname() and not _alive(int(info.get("pid", -1))):
-            self.progress.log(f"warning: taking over a stale lock {path} left by dead process {info.get('pid')}")
-            path.unlink(missing_ok=True)
+        if info.get("host") == socket.gethostname() and int(info.get("pid", -1)) > 0 \
+                and not _alive(int(info["pid"])):
+            self._take_over(path, info)
             return None
         return info
 
-    def _refuse(self, path: Path, info: dict) -> StoreError:
+    def _take_over(self, path: Path, info: dict[str, Any]) -> None:
+        aside = path.with_name(f"{path.name}.stale-{os.getpid()}")
+        try:
+            os.rename(path, aside)  # atomic: one taker gets the file
+        except FileNotFoundError:
+            return
+        if _read(aside) == info:
+            self.progress.log(f"warning: taking over a stale lock {path} left by dead process {info.get('pid')}")
+            aside.unlink(missing_ok=True)
+        else:  # a live writer's fresh lock slipped in between: put it back
+            os.replace(aside, path)
+
+    def _others(self) -> list[Path]:
+        if self.shard is not None:
+            return [self.dir / f"{self.group}.lock"]
+        return sorted(self.dir.glob(f"{self.group}.shard-*.lock"))
+
+    def _refuse(self, path: Path, info: dict[str, Any]) -> StoreError:
         return StoreError(
             f"{self.group} is being written by process {info.get('pid')} on {info.get('host')} "
             f"(lock {path}); use --shard i/N for parallel writers, or remove the lock if that process is gone")
 
-    def __enter__(self) -> "GroupLock":
-        self.dir.mkdir(parents=True, exist_ok=True)
-        exclusive = self.dir / f"{self.group}.lock"
-        others = [exclusive] if self.shard is not None else sorted(self.dir.glob(f"{self.group}.shard-*.lock"))
-        for other in others:
-            info = self._holder(other)
-            if info is not None:
-                raise self._refuse(other, info)
-        for _ in range(2):
+    def _create(self) -> None:
+        for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                info = self._holder(self.path)
+                info = self._live(self.path)
                 if info is not None:
                     raise self._refuse(self.path, info) from None
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
             self.held = True
-            return self
+            return
         raise StoreError(f"cannot take lock {self.path}")
 
-    def __exit__(self, *exc: object) -> None:
+    # ------------------------------------------------------------------ protocol
+    def __enter__(self) -> "GroupLock":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._create()  # first our own lock ...
+        for other in self._others():  # ... then theirs: of two simultaneous writers one sees the other
+            info = self._live(other)
+            if info is not None:
+                self.release()
+                raise self._refuse(other, info)
+        return self
+
+    def release(self) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
@@ -85,3 +122,6 @@ class GroupLock:
                 self.dir.rmdir()  # only when empty
             except OSError:
                 pass
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -37,6 +37,31 @@ except ImportError:  # pragma: no cover - a declared dependency
 
 FORMAT = "ofactl-features"
 FORMAT_VERSION = 1
+CHECKSUM = "crc32(id, error, length, feature bytes)"  # group attr "checksum"; absent in older groups
+_UTT_ARRAYS = ("offsets", "lengths", "done", "utt_id", "error", "checksum")
+_STAGING = ".creating-"  # prefix of a group being created; renamed into place when complete
+
+
+def utt_checksum(utt_id: str, error: str, feats: np.ndarray | None) -> int:
+    """CRC-32 of one utterance's record: its id, error message, frame count and the feature
+    bytes as stored. A lost or altered chunk of any of them changes it."""
+    import struct
+    import zlib
+
+    n = 0 if feats is None else len(feats)
+    crc = zlib.crc32(utt_id.encode() + b"\0" + error.encode() + b"\0" + struct.pack("<q", n))
+    if feats is not None and n:
+        crc = zlib.crc32(np.ascontiguousarray(feats).view(np.uint8), crc)
+    return crc
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One utterance whose stored record does not match its checksum."""
+
+    index: int
+    utt_id: str
+    reason: str
 
 
 def rate_key(rate: float) -> str:
@@ -122,7 +147,9 @@ class FeatureGroup:
 
     @property
     def utt_ids(self) -> list[str]:
-        return [str(x) for x in self._arr("utt_id")]
+        if "_ids" not in self._cache:
+            self._cache["_ids"] = [str(x) for x in self._arr("utt_id")]  # type: ignore[assignment]
+        return self._cache["_ids"]  # type: ignore[return-value]
 
     @property
     def offsets(self) -> np.ndarray:
@@ -157,29 +184,72 @@ class FeatureGroup:
             raise StoreError(f"{self.path}: no utterance '{utt_id}' in {self.name}") from None
 
     # ---------------------------------------------------------------- reading
+    @property
+    def has_checksums(self) -> bool:
+        return "checksum" in self.attrs
+
+    def _damaged(self, i: int, reason: str) -> StoreError:
+        uid = self.utt_ids[i] if self.utt_ids[i] else f"#{i}"
+        return StoreError(f"{self.path}/{self.name}: utterance {uid} is damaged ({reason}); run "
+                          f"'ofactl info {self.path} --verify', then rerun extract to restore it")
+
+    def _check(self, i: int, x: np.ndarray) -> np.ndarray:
+        if self.has_checksums:
+            err = str(self._arr("error")[i])
+            if utt_checksum(self.utt_ids[i], err, x) != int(self._arr("checksum")[i]):
+                raise self._damaged(i, "checksum mismatch")
+        return x
+
+    def _read_frames(self, i: int, o: int, n: int) -> np.ndarray:
+        try:
+            return np.asarray(self._g["feats"][o : o + n])
+        except Exception as e:  # a chunk the codec cannot decode (truncated, overwritten)
+            raise self._damaged(i, f"unreadable chunk: {type(e).__name__}") from None
+
+    def _utt_arrays_or_damage(self) -> None:
+        try:
+            for name in ("utt_id", "offsets", "lengths", "done") + (("error", "checksum") if self.has_checksums else ()):
+                self._arr(name)
+        except StoreError:
+            raise
+        except Exception as e:
+            raise StoreError(f"{self.path}/{self.name}: per-utterance arrays are damaged ({type(e).__name__}); "
+                             f"run 'ofactl info {self.path} --verify', then rerun extract") from None
+
     def __getitem__(self, key: str | int) -> np.ndarray:
-        """Features of one utterance: (frames, layers, dim)."""
+        """Features of one utterance: (frames, layers, dim), checked against its checksum."""
+        self._utt_arrays_or_damage()
         i = self.index_of(key) if isinstance(key, str) else int(key)
         if not self.done[i]:
             raise StoreError(f"{self.path}: utterance {self.utt_ids[i]} in {self.name} is not extracted yet")
         o, n = int(self.offsets[i]), int(self.lengths[i])
-        return np.asarray(self._g["feats"][o : o + n])
+        return self._check(i, self._read_frames(i, o, n))
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(utt_id, features) for every extracted utterance, in store order, read chunk-wise."""
+        """(utt_id, features) for every extracted utterance, in store order, read chunk-wise and
+        checked against the checksums; a damaged utterance raises :class:`StoreError`."""
+        self._utt_arrays_or_damage()
         feats = self._g["feats"]
         ids, offs, lens, done = self.utt_ids, self.offsets, self.lengths, self.done
         step = 4096 * 16
         lo = 0
         buf = np.zeros((0,) + feats.shape[1:], dtype=feats.dtype)
         for i in range(len(ids)):
-            if not done[i] or lens[i] == 0:
+            if not done[i]:
+                continue
+            if lens[i] == 0:  # a skipped input, or a lost length: the checksum tells them apart
+                self._check(i, np.zeros((0,) + feats.shape[1:], dtype=feats.dtype))
                 continue
             o, n = int(offs[i]), int(lens[i])
             if not (lo <= o and o + n <= lo + len(buf)):
                 lo = o
-                buf = np.asarray(feats[o : o + max(n, step)])
-            yield ids[i], buf[o - lo : o - lo + n]
+                try:
+                    buf = np.asarray(feats[o : o + max(n, step)])
+                except Exception:  # one bad chunk: read this utterance alone to name it
+                    buf = np.zeros((0,) + feats.shape[1:], dtype=feats.dtype)
+                    yield ids[i], self._check(i, self._read_frames(i, o, n))
+                    continue
+            yield ids[i], self._check(i, buf[o - lo : o - lo + n])
 
     def load_all(self) -> dict[str, np.ndarray]:
         return dict(iter(self))
@@ -192,19 +262,99 @@ class FeatureGroup:
     def write_frames(self, start: int, data: np.ndarray) -> None:
         self._g["feats"][start : start + len(data)] = data
 
+    def read_utt_arrays(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Per-utterance entries [lo, hi) as stored (the writer updates a block's range)."""
+        names = _UTT_ARRAYS if "checksum" in self._g.array_keys() else _UTT_ARRAYS[:-1]
+        return {k: np.asarray(self._g[k][lo:hi]) for k in names}
+
     def write_utt_arrays(self, lo: int, hi: int, *, done: np.ndarray | None = None,
                          lengths: np.ndarray | None = None, offsets: np.ndarray | None = None,
-                         error: Sequence[str] | None = None) -> None:
+                         error: Sequence[str] | None = None, utt_id: Sequence[str] | None = None,
+                         checksum: np.ndarray | None = None) -> None:
         """Write per-utterance entries [lo, hi) (one block's range: a single owner)."""
+        if utt_id is not None:
+            self._g["utt_id"][lo:hi] = np.asarray(list(utt_id), dtype=object)
         if offsets is not None:
             self._g["offsets"][lo:hi] = offsets
         if lengths is not None:
             self._g["lengths"][lo:hi] = lengths
         if error is not None:
             self._g["error"][lo:hi] = np.asarray(list(error), dtype=object)
+        if checksum is not None:
+            self._g["checksum"][lo:hi] = checksum
         if done is not None:  # last: an utterance is done only after its data is written
             self._g["done"][lo:hi] = done
         self._cache.clear()
+        self._index = None
+
+    # ---------------------------------------------------------------- verification
+    def verify(self) -> list[Damage]:
+        """Check every done utterance against its checksum, reading the whole group once.
+
+        Returns the damaged utterances. Use :meth:`repair` to mark them not done so that the
+        next extract rewrites exactly those.
+        """
+        if not self.has_checksums:
+            raise StoreError(f"{self.path}/{self.name} has no checksums (made by an older ofactl); "
+                             "re-extract it with --overwrite to get them")
+        bu = int(self.attrs["block_utts"])
+        n = len(self)
+        damaged: list[Damage] = []
+        for lo in range(0, n, bu):
+            hi = min(n, lo + bu)
+            try:
+                arr = self.read_utt_arrays(lo, hi)
+            except Exception as e:
+                damaged += [Damage(i, f"#{i}", f"per-utterance arrays unreadable ({type(e).__name__})")
+                            for i in range(lo, hi)]
+                continue
+            for j, i in enumerate(range(lo, hi)):
+                if not arr["done"][j]:
+                    continue
+                uid, err = str(arr["utt_id"][j]), str(arr["error"][j])
+                o, m = int(arr["offsets"][j]), int(arr["lengths"][j])
+                try:
+                    x = np.asarray(self._g["feats"][o : o + m]) if m else None
+                except Exception as e:
+                    damaged.append(Damage(i, uid or f"#{i}", f"unreadable chunk ({type(e).__name__})"))
+                    continue
+                if utt_checksum(uid, err, x) != int(arr["checksum"][j]):
+                    damaged.append(Damage(i, uid or f"#{i}", "checksum mismatch"))
+        return damaged
+
+    def repair(self, damaged: Sequence[Damage]) -> None:
+        """Mark ``damaged`` utterances not done (and the group incomplete); chunks that no longer
+        decode are reset so they can be rewritten. Intact utterances are left as they are."""
+        if not damaged:
+            return
+        bu, cf = int(self.attrs["block_utts"]), int(self.attrs["chunk_frames"])
+        bad = {d.index for d in damaged}
+        feats = self._g["feats"]
+        # reset undecodable frame chunks (a partial write would have to decode them first)
+        for c in range(0, feats.shape[0], cf):
+            try:
+                feats[c : c + 1]  # decodes the whole chunk
+            except Exception:
+                feats[c : min(c + cf, feats.shape[0])] = 0
+        for lo in range(0, len(self), bu):
+            hi = min(len(self), lo + bu)
+            idx = [i for i in range(lo, hi) if i in bad]
+            if not idx:
+                continue
+            try:
+                done = np.asarray(self._g["done"][lo:hi])
+            except Exception:
+                done = np.zeros(hi - lo, dtype=bool)
+            done[[i - lo for i in idx]] = False
+            for name in ("utt_id", "offsets", "lengths", "error", "checksum"):
+                try:
+                    self._g[name][lo:hi]
+                except Exception:  # undecodable: reset the block's chunk; extract rewrites it
+                    self._g[name][lo:hi] = self._g[name].fill_value
+            self._g["done"][lo:hi] = done
+        self.update_attrs(complete=False)
+        self._cache.clear()
+        self._index = None
 
     def update_attrs(self, **kw: Any) -> None:
         self._g.attrs.update({**kw, "updated": now()})
@@ -217,16 +367,27 @@ class FeatureStore:
         self.path = Path(path)
         if mode == "r" and not (self.path / "zarr.json").is_file():
             raise StoreError(f"{self.path}: not a feature store (no zarr.json); create one with 'ofactl extract'")
-        try:
-            self._root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
-        except Exception as e:
-            raise StoreError(f"{self.path}: cannot open store ({e})") from None
+        self._root = self._open(mode)
         if mode != "r" and "format" not in self._root.attrs:
             self._root.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
         fmt = self._root.attrs.get("format")
         if fmt not in (None, FORMAT) or self._root.attrs.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
             raise StoreError(f"{self.path}: store format {fmt} v{self._root.attrs.get('format_version')}, "
                              f"this ofactl reads {FORMAT} v{FORMAT_VERSION}")
+
+    def _open(self, mode: str) -> Any:
+        import time
+
+        for attempt in range(20):
+            try:
+                return zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
+            except Exception as e:
+                # two writers creating a new store at once: the loser finds the root just made
+                if mode != "r" and "exists" in str(e) and attempt < 19:
+                    time.sleep(0.05)
+                    continue
+                raise StoreError(f"{self.path}: cannot open store ({e})") from None
+        raise AssertionError("unreachable")
 
     def group_names(self) -> list[str]:
         with warnings.catch_warnings():
@@ -240,35 +401,64 @@ class FeatureStore:
     def has(self, rate: float) -> bool:
         return rate_key(rate) in self.group_names()
 
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self._root.attrs.asdict())
+
     def group(self, rate: float | str) -> FeatureGroup:
         name = rate if isinstance(rate, str) else rate_key(rate)
         if name not in self.group_names():
             have = ", ".join(self.group_names()) or "none"
             raise StoreError(f"{self.path}: no group {name} (groups: {have})")
+        if not self.is_complete_group(name):
+            raise StoreError(f"{self.path}/{name} was never fully created (its process died while creating "
+                             "it; it holds no features); the next 'ofactl extract' rebuilds it")
         return FeatureGroup(self._root[name], self.path)
 
+    def is_complete_group(self, name: str) -> bool:
+        """False for a group whose creation never finished (attributes or arrays missing), as
+        an ofactl before atomic creation could leave behind."""
+        try:
+            g = self._root[name]
+            keys = set(g.array_keys())
+            return "student_sha256" in g.attrs and {"feats", "offsets", "lengths", "done", "utt_id", "error"} <= keys
+        except Exception:
+            return False
+
     def delete_group(self, rate: float) -> None:
+        """Remove a group: renamed aside first, so a kill midway leaves no half-deleted group."""
         name = rate_key(rate)
         if name in self.group_names():
-            shutil.rmtree(self.path / name)
+            trash = self.path / f"{_STAGING}{name}-deleting-{os.getpid()}"
+            os.rename(self.path / name, trash)
+            shutil.rmtree(trash)
 
     def create_group(self, rate: float, layout: Layout, n_layers: int, dim: int, dtype: str,
                      attrs: dict[str, Any], compress: str = "none") -> FeatureGroup:
-        """Create a rate group with preallocated arrays (the creating process only)."""
+        """Create a rate group with preallocated arrays (the creating process only).
+
+        The group is built under a hidden staging name and renamed into place once its arrays
+        and attributes are complete, so a reader (a rerun, a ``--shard`` peer, ``info``) never
+        sees a half-created group; a staging folder left by a killed process is removed here.
+        """
         name = rate_key(rate)
         if name in self.group_names():
             raise StoreError(f"{self.path}: group {name} exists")
+        for old in self.path.glob(f"{_STAGING}{name}-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        staging = f"{_STAGING}{name}-{os.getpid()}"
         compressors: Any = None
         if compress == "zstd":
             from zarr.codecs import ZstdCodec
 
             compressors = ZstdCodec(level=1)
-        g = self._root.create_group(name)
+        g = self._root.create_group(staging)
         n, bu = layout.n_utts, layout.block_utts
         g.create_array("feats", shape=(max(layout.total_frames, 1), n_layers, dim),
                        chunks=(layout.chunk_frames, n_layers, dim), dtype=dtype, fill_value=0,
                        compressors=compressors, dimension_names=("frame", "layer", "dim"))
-        for arr, dt, fill in (("offsets", "int64", 0), ("lengths", "int32", 0), ("done", "bool", False)):
+        for arr, dt, fill in (("offsets", "int64", 0), ("lengths", "int32", 0), ("done", "bool", False),
+                              ("checksum", "uint32", 0)):
             g.create_array(arr, shape=(n,), chunks=(bu,), dtype=dt, fill_value=fill, dimension_names=("utt",))
         for arr in ("utt_id", "error"):
             g.create_array(arr, shape=(n,), chunks=(bu,), dtype=str, fill_value="", dimension_names=("utt",))
@@ -278,9 +468,10 @@ class FeatureStore:
             "format": FORMAT, "format_version": FORMAT_VERSION, "ofactl_version": __version__,
             "rate": float(rate), "block_utts": bu, "chunk_frames": layout.chunk_frames,
             "reserved": [int(x) for x in layout.reserve], "created": now(), "updated": now(),
-            "complete": False, **attrs,
+            "complete": False, "checksum": CHECKSUM, **attrs,
         })
-        return FeatureGroup(g, self.path)
+        os.rename(self.path / staging, self.path / name)  # atomic: the group appears whole
+        return FeatureGroup(self._root[name], self.path)
 
     def size_bytes(self, rate: float | None = None) -> int:
         root = self.path if rate is None else self.path / rate_key(rate)

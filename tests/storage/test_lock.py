@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+
+from ofactl.errors import StoreError
+from ofactl.progress import NullProgress
+from ofactl.storage.lock import GroupLock
+
+
+def _jitter(monkeypatch_target, name):
+    """Random sleeps before a file-system call, so the writers' steps interleave in every order."""
+    import random
+
+    real = getattr(monkeypatch_target, name)
+
+    def slow(*a, **kw):
+        time.sleep(random.random() * 0.004)
+        return real(*a, **kw)
+
+    setattr(monkeypatch_target, name, slow)
+
+
+def _writer(store, shard, barrier, results, k):
+    import pathlib
+    import random
+
+    random.seed(k * 2 + (shard is None))
+    _jitter(os, "open")
+    _jitter(pathlib.Path, "read_text")
+    _jitter(pathlib.Path, "glob")
+    barrier.wait()
+    try:
+        with GroupLock(store, "rate=0.500", shard, NullProgress()):
+            results.put((k, "in", time.monotonic()))
+            time.sleep(0.02)
+            results.put((k, "out", time.monotonic()))
+    except StoreError:
+        results.put((k, "refused", time.monotonic()))
+
+
+def test_plain_and_shard_writers_never_both_get_through(tmp_path):
+    ctx = mp.get_context("fork")
+    through_both = 0
+    for k in range(50):
+        store = tmp_path / f"s{k}.zarr"
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_writer, args=(store, shard, barrier, results, k)) for shard in (None, (1, 4))]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        got = [results.get(timeout=5) for _ in range(4) if not results.empty()]
+        ins = [e for e in got if e[1] == "in"]
+        through_both += len(ins) == 2
+    assert through_both == 0
+
+
+def test_shards_share_and_plain_writers_exclude(tmp_path):
+    store = tmp_path / "f.zarr"
+    with GroupLock(store, "rate=0.500", (0, 2), NullProgress()), GroupLock(store, "rate=0.500", (1, 2), NullProgress()):
+        with pytest.raises(StoreError, match="being written by process"):
+            GroupLock(store, "rate=0.500", None, NullProgress()).__enter__()
+    with GroupLock(store, "rate=0.500", None, NullProgress()):
+        with pytest.raises(StoreError, match="being written by process"):
+            GroupLock(store, "rate=0.500", None, NullProgress()).__enter__()
+        with pytest.raises(StoreError, match="use --shard"):
+            GroupLock(store, "rate=0.500", (0, 2), NullProgress()).__enter__()
+    assert not (tmp_path / "f.zarr.locks").exists()  # released and tidied
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    store = tmp_path / "f.zarr"
+    locks = tmp_path / "f.zarr.locks"
+    locks.mkdir()
+    p = mp.get_context("fork").Process(target=os._exit, args=(0,))
+    p.start()
+    p.join()
+    import socket
+
+    (locks / "rate=0.500.lock").write_text(json.dumps({"pid": p.pid, "host": socket.gethostname()}))
+    prog = NullProgress()
+    with GroupLock(store, "rate=0.500", None, prog):
+        assert json.loads((locks / "rate=0.500.lock").read_text())["pid"] == os.getpid()
+    assert any("stale lock" in m for m in prog.messages)
