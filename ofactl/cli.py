@@ -301,6 +301,50 @@ def distill(
 
 
 @app.command()
+def pretrain(
+    corpus: Annotated[str, typer.Option("--corpus", help="Training audio: folder, LibriSpeech tree, .tsv manifest or list.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: kmeans.safetensors, checkpoints/, metrics.jsonl, teacher.safetensors.")] = Path("runs/pretrain"),
+    targets: Annotated[Optional[str], typer.Option("--targets", help="Unit targets: mfcc (iteration 1) or layer:N of --from (iteration 2).")] = None,
+    from_ckpt: Annotated[Optional[str], typer.Option("--from", help="The earlier model for --targets layer:N (a teacher file or a pretrain run folder).")] = None,
+    trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow a pickle-based --from checkpoint.")] = False,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.")] = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a non-empty --out.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Pretrain a HuBERT-architecture teacher from scratch by masked unit prediction.
+
+    Writes teacher.safetensors, which --teacher accepts (distill, info). Several GPUs or
+    processes: launch with torchrun.
+    """
+    from ofactl.config import load_config
+    from ofactl.pretrain import PretrainConfig, run_pretrain
+
+    def go() -> Any:
+        overrides = _with_flags(set_, targets=targets, steps=steps, device=device, precision=precision)
+        cfg = load_config(PretrainConfig, "pretrain", config, overrides)
+        if from_ckpt is not None:
+            from dataclasses import replace
+
+            cfg = replace(cfg, from_ckpt=from_ckpt)
+        return run_pretrain(cfg, corpus, out, resume=resume, overwrite=overwrite, trust_checkpoint=trust_checkpoint,
+                            progress=_progress(quiet, as_json))
+
+    res = _call(debug, go, as_json)
+    if as_json:
+        _emit_json(res.to_json())
+    elif not quiet:
+        ev = ", ".join(f"{k} {v:.4f}" for k, v in res.eval.items())
+        err_console.print(f"teacher: {res.teacher} ({res.steps} steps); held-out {ev}", highlight=False)
+
+
+@app.command()
 def extract(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="Student checkpoint (student.pt from 'ofactl distill').")],
     corpus: Annotated[str, typer.Option("--corpus", help="Folder, LibriSpeech tree, .tsv manifest, list file, or - for stdin.")],

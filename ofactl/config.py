@@ -342,6 +342,7 @@ def save_resolved(cfg: Any, section: str, path: Path) -> Path:
 SECTION_CLASSES = {
     "synth": "ofactl.synth:SynthConfig",
     "distill": "ofactl.distill:DistillConfig",
+    "pretrain": "ofactl.pretrain:PretrainConfig",
     "extract": "ofactl.extract:ExtractConfig",
     "sweep": "ofactl.sweep:SweepConfig",
     "adapt": "ofactl.adapt:AdaptConfig",

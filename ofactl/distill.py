@@ -14,10 +14,6 @@ scaler and global RNG state, so ``--resume`` continues exactly as an uninterrupt
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,28 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ofactl import __version__
 from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
 from ofactl.config import save_resolved, to_dict
-from ofactl.errors import CheckpointError, ConfigError, InterruptedRun, OfactlError
+from ofactl.errors import ConfigError, OfactlError
 from ofactl.model.compress import length_mask, rate_to_lambda
 from ofactl.model.student import Student, StudentConfig, student_config
-from ofactl.progress import NullProgress, Progress, deferred_sigint, ignore_sigint_in_worker
+from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import autocast
+from ofactl.training import OptimConfig, held_batches, split_held_out
 
 SR = 16000
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    weight_decay: float = 1e-6
-    warmup: float = 0.07  # fraction of steps
-    final_lr_ratio: float = 0.0  # linear decay to lr * this
-    grad_clip: float = 5.0
-    accum: int = 1
 
 
 @dataclass
@@ -132,83 +116,6 @@ class DistillConfig:
             raise ValueError("optim.accum must be >= 1")
         if self.student.compressor == "none" and (self.rates.kind != "fixed" or self.rates.rate != 1.0):
             raise ValueError("a student without compressor trains at rate 1: set rates.kind=fixed, rates.rate=1")
-
-
-# ----------------------------------------------------------------------------- data
-class _Batches(torch.utils.data.Dataset):
-    """Item k = the k-th batch of a planned schedule: cropped, padded audio + segment ids."""
-
-    def __init__(self, schedule: list[tuple[int, list[int]]], utts: list[Utterance], crop: int,
-                 seed: int, segids: dict[str, np.ndarray] | None, hop: int) -> None:
-        self.schedule, self.utts, self.crop, self.seed, self.segids, self.hop = schedule, utts, crop, seed, segids, hop
-
-    def __len__(self) -> int:
-        return len(self.schedule)
-
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        step, idx = self.schedule[k]
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        wavs, segs = [], []
-        for i in idx:
-            u = self.utts[i]
-            w = load_audio(u.path)
-            start = 0
-            if len(w) > self.crop:
-                # crop on the frame grid so boundaries shift by whole frames
-                n_starts = (len(w) - self.crop) // self.hop + 1
-                start = int(torch.randint(n_starts, (1,), generator=g)) * self.hop
-                w = w[start : start + self.crop]
-            wavs.append(w)
-            if self.segids is not None:
-                s = self.segids[u.id]
-                f0 = start // self.hop
-                segs.append(torch.from_numpy(s[f0 : f0 + len(w) // self.hop + 1].copy()))
-        lengths = torch.tensor([len(w) for w in wavs])
-        out = {"step": step, "idx": idx, "wav": torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True),
-               "lengths": lengths}
-        if segs:
-            out["segids"] = torch.nn.utils.rnn.pad_sequence(segs, batch_first=True, padding_value=-1)
-        return out
-
-
-def make_epoch(utts: list[Utterance], budget: int, crop: int, seed: int, epoch: int) -> list[list[int]]:
-    """Length-bucketed batches under the audio budget, in a seeded random order."""
-    lens = [min(u.n_samples_16k, crop) for u in utts]
-    order = sorted(range(len(utts)), key=lambda i: (lens[i], utts[i].id))
-    batches, cur, longest = [], [], 0
-    for i in order:
-        if cur and max(longest, lens[i]) * (len(cur) + 1) > budget:
-            batches.append(cur)
-            cur, longest = [], 0
-        cur.append(i)
-        longest = max(longest, lens[i])
-    if cur:
-        batches.append(cur)
-    perm = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-    return [batches[p] for p in perm]
-
-
-def schedule_from(utts: list[Utterance], cfg: DistillConfig, start_step: int, world: int, rank: int) -> list[tuple[int, list[int]]]:
-    """(step, utterance indices) for this rank from ``start_step`` to the end of training.
-
-    Each optimizer step consumes ``accum * world`` batches; rank r takes every world-th.
-    """
-    budget = int(cfg.batch_seconds * SR)
-    crop = int(cfg.crop_seconds * SR)
-    per_step = cfg.optim.accum * world
-    out: list[tuple[int, list[int]]] = []
-    need = cfg.steps * per_step
-    pos, epoch = 0, 0
-    while pos < need:
-        for b in make_epoch(utts, budget, crop, cfg.seed, epoch):
-            if pos >= need:
-                break
-            micro_step = pos // world  # one per (step, accum slot)
-            if pos % world == rank and micro_step // cfg.optim.accum >= start_step:
-                out.append((micro_step, b))
-            pos += 1
-        epoch += 1
-    return out
 
 
 # ----------------------------------------------------------------------------- losses
@@ -352,13 +259,6 @@ class DistillResult:
         return d
 
 
-def _dist() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return world, rank, local
-
-
 def run_distill(
     cfg: DistillConfig,
     corpus: str | Path | Corpus,
@@ -369,34 +269,40 @@ def run_distill(
     trust_checkpoint: bool = False,
     progress: Progress | None = None,
 ) -> DistillResult:
-    from ofactl.checkpoint import atomic_torch_save, save_student
-    from ofactl.runtime import autocast_dtype, resolve_device
-    from ofactl.model.teacher import load_teacher
+    """Distill a once-for-all student: set up, build teacher and student, train on the shared
+    scaffold (:mod:`ofactl.training`), then save, evaluate and summarise."""
+    from ofactl.training import make_loader, make_optimisation, resume_from, schedule_from, setup_run, train
 
     progress = progress or NullProgress()
-    world, rank, local = _dist()
-    run_dir = Path(run_dir)
-    main_rank = rank == 0
-    ckpt_dir = run_dir / "checkpoints"
-    device = resolve_device(cfg.device)  # before touching the run folder: a bad --device changes nothing
-    if main_rank:
-        _prepare_run_dir(run_dir, resume, overwrite)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    amp = autocast_dtype(cfg.precision, device)
-
+    su = setup_run(cfg, Path(run_dir), resume, overwrite)
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
-    train, held = _split(cps, cfg)
+    trn, held = split_held_out(list(cps), cfg.eval_utts, cfg.seed)
     torch.manual_seed(cfg.seed)
-    teacher = load_teacher(cfg.teacher, trust=trust_checkpoint, seed=cfg.seed).to(device)
-    scfg = cfg.student
-    student = Student(scfg)
+    teacher, student = _build(cfg, trust_checkpoint, su.device, progress)
+    optim = make_optimisation(student.parameters(), cfg, su.amp)
+    job = _distill_job(cfg, student, teacher, held, su)
+    start = 0
+    if resume:
+        start = resume_from(su.ckpt_dir, job, optim)
+        progress.log(f"resuming from step {start}")
+    segids = _boundaries(cfg, cps, teacher, su.device, su.run_dir, su.main, progress) \
+        if cfg.student.compressor == "cif" else None
+    if su.main:
+        save_resolved(cfg, "distill", su.run_dir / "config.yaml")
+    job.model = _ddp(student, su)
+    eval_before = evaluate(student, teacher, held, cfg, su.device, su.amp) if start == 0 and su.main else {}
+    loader = make_loader(schedule_from(trn, cfg, start, su.world, su.rank), trn, cfg, su, segids,
+                         cfg.student.arch.hop, start)
+    loop = train(job, cfg, su, optim, loader, start, progress)
+    return _finish(cfg, su, student, teacher, held, loop, eval_before)
+
+
+def _build(cfg: DistillConfig, trust: bool, device: torch.device, progress: Progress) -> tuple[Any, Student]:
+    """The frozen teacher and the student (initialised from the teacher where shapes allow)."""
+    from ofactl.model.teacher import load_teacher
+
+    teacher = load_teacher(cfg.teacher, trust=trust, seed=cfg.seed).to(device)
+    student = Student(cfg.student)
     if cfg.init_from_teacher:
         try:
             student.init_from_teacher(teacher)
@@ -404,167 +310,81 @@ def run_distill(
             progress.log(f"note: not initialising from the teacher ({e})")
     student.to(device)
     n_hidden = teacher.num_hidden
-    bad = [l for l in scfg.pred_layers if not 0 <= l < n_hidden]
+    bad = [layer for layer in cfg.student.pred_layers if not 0 <= layer < n_hidden]
     if bad:
-        raise ConfigError(f"student.pred_layers {list(scfg.pred_layers)}: the teacher has hidden states 0..{n_hidden - 1}")
-    if scfg.teacher_dim != teacher.arch.embed_dim:
-        raise ConfigError(f"student.teacher_dim={scfg.teacher_dim} but the teacher is {teacher.arch.embed_dim}-d")
+        raise ConfigError(f"student.pred_layers {list(cfg.student.pred_layers)}: the teacher has hidden states "
+                          f"0..{n_hidden - 1}")
+    if cfg.student.teacher_dim != teacher.arch.embed_dim:
+        raise ConfigError(f"student.teacher_dim={cfg.student.teacher_dim} but the teacher is {teacher.arch.embed_dim}-d")
+    return teacher, student
 
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
 
-    start = 0
-    if resume:
-        start = _load_latest(ckpt_dir, student, opt, sched, scaler)
-        progress.log(f"resuming from step {start}")
-    segids = _boundaries(cfg, cps, teacher, device, run_dir, main_rank, progress) if scfg.compressor == "cif" else None
-    if main_rank:
-        save_resolved(cfg, "distill", run_dir / "config.yaml")
-    model: Any = student
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+def _ddp(model: torch.nn.Module, su: Any) -> torch.nn.Module:
+    if su.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
+    return DDP(model, device_ids=[su.device.index] if su.device.type == "cuda" else None)
 
-    eval_before = {}
-    if start == 0 and main_rank:
-        eval_before = evaluate(student, teacher, held, cfg, device, amp)
-    schedule = schedule_from(train, cfg, start, world, rank)
-    hop = scfg.arch.hop
-    loader = torch.utils.data.DataLoader(
-        _Batches(schedule, train, int(cfg.crop_seconds * SR), cfg.seed, segids, hop), batch_size=None,
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-        prefetch_factor=2 if cfg.num_workers else None,
-        # its own generator: creating the iterator must not draw from the global RNG, or a
-        # resumed run's dropout would diverge from an uninterrupted one
-        generator=torch.Generator().manual_seed(cfg.seed + start),
-        worker_init_fn=ignore_sigint_in_worker if cfg.num_workers else None)
-    if main_rank and start:
-        truncate_metrics(run_dir / "metrics.jsonl", start)
-    metrics = open(run_dir / "metrics.jsonl", "a") if main_rank else None
-    teacher_desc = {k: v for k, v in teacher.describe().items()}
-    t0 = time.perf_counter()
-    audio_s = 0.0
-    step = start
-    acc: list[StepOut] = []
-    progress.start("distilling", cfg.steps)
-    if start:
-        progress.advance(start)
-    student.train()
 
-    def save(at: int, final: bool = False) -> None:
-        if not main_rank:
-            return
-        state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": torch.get_rng_state(), "seed": cfg.seed}
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        extra = {"config": to_dict(cfg)}
-        save_student(ckpt_dir / f"step-{at:08d}.pt", student, step=at, teacher=teacher_desc, train_state=state, extra=extra)
-        old = sorted(ckpt_dir.glob("step-*.pt"))[: -max(1, cfg.keep_checkpoints)]
-        for p in old:
-            p.unlink(missing_ok=True)
+def _distill_job(cfg: DistillConfig, student: Student, teacher: Any, held: list[Utterance], su: Any) -> Any:
+    """The distillation job for the training scaffold: loss, EMA of alpha, checkpoints, eval."""
+    from ofactl.checkpoint import read_checkpoint, save_student
+    from ofactl.training import Job
 
-    with deferred_sigint() as stop:
-        try:
-            for batch in loader:
-                micro = batch["step"]
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro + 17)
-                o = train_step_loss(model, teacher, batch, cfg, device, amp, gen)
-                scaler.scale(o.loss / cfg.optim.accum).backward()
-                acc.append(o)
-                audio_s += float(batch["lengths"].sum()) / SR
-                if len(acc) < cfg.optim.accum:
-                    continue
-                scaler.unscale_(opt)
-                gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                step += 1
-                with torch.no_grad():
-                    m = cfg.alpha_momentum
-                    am = sum(a.alpha_mean for a in acc) / len(acc)
-                    student.compressor.alpha_mean.mul_(m).add_((1 - m) * am)
-                if main_rank and (step % cfg.log_every == 0 or step == cfg.steps):
-                    rec = {"step": step, "loss": _mean(a.loss.item() for a in acc),
-                           "per_head": [round(float(x), 5) for x in torch.stack([a.per_head for a in acc]).mean(0)],
-                           "alpha_seg": _mean(float(a.seg) for a in acc), "alpha_frame": _mean(float(a.frame) for a in acc),
-                           "achieved_rate": _mean(a.achieved for a in acc), "alpha_mean": round(student.alpha_mean, 5),
-                           "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
-                           "audio_s_per_s": round(audio_s / (time.perf_counter() - t0), 2),
-                           "elapsed_s": round(time.perf_counter() - t0, 2)}
-                    assert metrics is not None
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
-                progress.advance(1, loss=o.loss.item(), rate=round(o.achieved, 3),
-                                 h_per_s=round(audio_s / 3600 / max(time.perf_counter() - t0, 1e-9), 4))
-                acc = []
-                if cfg.eval_every and step % cfg.eval_every == 0 and main_rank and step < cfg.steps:
-                    ev = evaluate(student, teacher, held, cfg, device, amp)
-                    student.train()
-                    _log_eval(metrics, step, ev)
-                if step % cfg.ckpt_every == 0 and step < cfg.steps:
-                    save(step)
-                if _stop_agreed(stop.requested, world, device):
-                    raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            progress.finish()
-            if main_rank and step > start:
-                save(step)
-                raise InterruptedRun(f"interrupted at step {step}; checkpoint saved, continue with --resume") from None
-            raise InterruptedRun(f"interrupted at step {step}, before any new step; nothing new to save") from None
-        finally:
-            progress.finish()
-            if metrics is not None:
-                metrics.close()
+    teacher_desc = teacher.describe()
+    job: Job
 
-    in_sync = _ranks_in_sync(student) if world > 1 else None
+    def step_loss(batch: dict[str, Any], gen: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
+        if "aligned" in batch:
+            batch = {**batch, "segids": batch["aligned"]}
+        o = train_step_loss(job.model, teacher, batch, cfg, su.device, su.amp, gen)
+        return o.loss, {"per_head": [float(x) for x in o.per_head], "alpha_seg": float(o.seg),
+                        "alpha_frame": float(o.frame), "achieved_rate": o.achieved, "alpha_mean_step": o.alpha_mean}
+
+    def after_step(acc: list[dict[str, Any]]) -> dict[str, float]:
+        with torch.no_grad():
+            m = cfg.alpha_momentum
+            am = sum(a["alpha_mean_step"] for a in acc) / len(acc)
+            student.compressor.alpha_mean.mul_(m).add_((1 - m) * am)
+        return {"alpha_mean": round(student.alpha_mean, 5)}
+
+    def save(path: Path, step: int, train_state: dict[str, Any]) -> None:
+        save_student(path, student, step=step, teacher=teacher_desc, train_state=train_state,
+                     extra={"config": to_dict(cfg)})
+
+    def load(obj: dict[str, Any]) -> dict[str, Any]:
+        student.load_state_dict(obj["state_dict"])
+        return dict(obj["train_state"])
+
+    job = Job("distilling", student, student.parameters(), step_loss, save, read_checkpoint, load,
+              evaluate=lambda: evaluate(student, teacher, held, cfg, su.device, su.amp), after_step=after_step,
+              progress_keys=("loss", "achieved_rate"))
+    job.params = list(student.parameters())
+    return job
+
+
+def _finish(cfg: DistillConfig, su: Any, student: Student, teacher: Any, held: list[Utterance], loop: Any,
+            eval_before: dict[str, float]) -> DistillResult:
+    """student.pt, held-out losses and achieved rates, summary.json (rank 0)."""
+    from ofactl.checkpoint import save_student
+    from ofactl.training import finish_distributed, ranks_in_sync
+
+    in_sync = ranks_in_sync(student) if su.world > 1 else None
     student.eval()
-    result_path = run_dir / "student.pt"
-    ev_after, achieved = {}, {}
-    if main_rank:
-        save(step)
-        save_student(result_path, student, step=step, teacher=teacher_desc, extra={"config": to_dict(cfg)})
-        ev_after = evaluate(student, teacher, held, cfg, device, amp)
-        achieved = achieved_rates(student, held, device)
-        summary = DistillResult(run_dir, result_path, step, start, eval_before, ev_after, achieved, audio_s,
-                                time.perf_counter() - t0, in_sync)
-        (run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-    return DistillResult(run_dir, result_path, step, start, eval_before, ev_after, achieved, audio_s,
-                         time.perf_counter() - t0, in_sync)
-
-
-def truncate_metrics(path: Path, step: int) -> int:
-    """Drop the records of ``path`` (metrics.jsonl) logged after ``step``, the step a resumed
-    run continues from, so its log has each step once. Returns the number of records dropped.
-    A torn last line (a kill mid-write) is dropped too."""
-    if not path.is_file():
-        return 0
-    keep, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            dropped += 1
-            continue
-        if int(rec.get("step", 0)) <= step:
-            keep.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, path)
-    return dropped
+    result_path = su.run_dir / "student.pt"
+    ev_after: dict[str, float] = {}
+    achieved: dict[str, dict[str, float]] = {}
+    if su.main:
+        save_student(result_path, student, step=loop.step, teacher=teacher.describe(), extra={"config": to_dict(cfg)})
+        ev_after = evaluate(student, teacher, held, cfg, su.device, su.amp)
+        achieved = achieved_rates(student, held, su.device)
+    res = DistillResult(su.run_dir, result_path, loop.step, loop.start, eval_before, ev_after, achieved,
+                        loop.audio_seconds, loop.wall_seconds, in_sync)
+    if su.main:
+        (su.run_dir / "summary.json").write_text(json.dumps(res.to_json(), indent=2))
+    finish_distributed(su.world)
+    return res
 
 
 def with_fixed_rate(cfg: DistillConfig, rate: float) -> DistillConfig:
@@ -584,87 +404,6 @@ def with_fixed_rate(cfg: DistillConfig, rate: float) -> DistillConfig:
     return out
 
 
-def _mean(xs: Any) -> float:
-    xs = list(xs)
-    return round(sum(xs) / max(1, len(xs)), 6)
-
-
-def lr_factor(step: int, cfg: DistillConfig) -> float:
-    """Linear warm-up over ``warmup`` of the steps, then linear decay to ``final_lr_ratio``."""
-    warm = max(1, int(cfg.optim.warmup * cfg.steps))
-    if step < warm:
-        return (step + 1) / warm
-    frac = (step - warm) / max(1, cfg.steps - warm)
-    return 1.0 - (1.0 - cfg.optim.final_lr_ratio) * min(1.0, frac)
-
-
-def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if resume:
-            if not any((run_dir / "checkpoints").glob("step-*.pt")):
-                raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-            return
-        if not overwrite:
-            raise OfactlError(f"{run_dir} is not empty; pass --resume to continue it or --overwrite to start over")
-        shutil.rmtree(run_dir)
-    elif resume:
-        raise CheckpointError(f"--resume: {run_dir} holds no run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _load_latest(ckpt_dir: Path, student: Student, opt: Any, sched: Any, scaler: Any) -> int:
-    from ofactl.checkpoint import read_checkpoint
-
-    errors = []
-    for p in sorted(ckpt_dir.glob("step-*.pt"), reverse=True):
-        try:
-            obj = read_checkpoint(p)
-        except CheckpointError as e:
-            errors.append(str(e))
-            continue  # a corrupt newest checkpoint: fall back to the previous one
-        try:
-            student.load_state_dict(obj["state_dict"])
-        except RuntimeError as e:
-            raise CheckpointError(f"{p}: does not match this run's student ({str(e).splitlines()[0]})") from None
-        ts = obj["train_state"]
-        opt.load_state_dict(ts["optimizer"])
-        sched.load_state_dict(ts["scheduler"])
-        scaler.load_state_dict(ts["scaler"])
-        torch.set_rng_state(ts["rng"])
-        if "cuda_rng" in ts and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ts["cuda_rng"])
-        return int(obj["step"])
-    raise CheckpointError("--resume: no readable checkpoint (" + "; ".join(errors) + ")")
-
-
-def _split(cps: Corpus, cfg: DistillConfig) -> tuple[list[Utterance], list[Utterance]]:
-    """Held-out utterances for evaluation: the manifest's dev split, else a seeded sample."""
-    utts = list(cps)
-    dev = [u for u in utts if u.labels.get("split") == "dev"]
-    rest = [u for u in utts if u.labels.get("split") in ("train", None, "")]
-    if dev and rest:
-        g = torch.Generator().manual_seed(cfg.seed)
-        pick = torch.randperm(len(dev), generator=g)[: cfg.eval_utts].tolist()
-        return rest, [dev[i] for i in sorted(pick)]
-    g = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(len(utts), generator=g).tolist()
-    n = min(cfg.eval_utts, max(1, len(utts) // 10))
-    held = set(perm[:n])
-    return [u for i, u in enumerate(utts) if i not in held], [utts[i] for i in sorted(held)]
-
-
-def _held_batches(held: list[Utterance], crop: int, budget: int = 60 * SR) -> list[tuple[Tensor, Tensor]]:
-    out, cur = [], []
-    for u in held:
-        cur.append(load_audio(u.path)[:crop])
-        if sum(len(w) for w in cur) >= budget:
-            out.append(cur)
-            cur = []
-    if cur:
-        out.append(cur)
-    return [(torch.nn.utils.rnn.pad_sequence(b, batch_first=True), torch.tensor([len(w) for w in b])) for b in out]
-
-
 @torch.no_grad()
 def evaluate(student: Student, teacher: Any, held: list[Utterance], cfg: DistillConfig,
              device: torch.device, amp: torch.dtype | None) -> dict[str, float]:
@@ -672,7 +411,7 @@ def evaluate(student: Student, teacher: Any, held: list[Utterance], cfg: Distill
     was = student.training
     student.eval()
     res: dict[str, list[float]] = {}
-    batches = _held_batches(held, int(cfg.crop_seconds * SR))
+    batches = held_batches(held, int(cfg.crop_seconds * SR))
     for wav, lengths in batches:
         wav, lengths = wav.to(device), lengths.to(device)
         targets, t_lengths = prediction_targets(student, teacher, wav, lengths)
@@ -695,7 +434,7 @@ def achieved_rates(student: Student, held: list[Utterance], device: torch.device
     if student.cfg.compressor != "cif":
         return {}
     out: dict[str, dict[str, float]] = {}
-    for wav, lengths in _held_batches(held, 30 * SR):
+    for wav, lengths in held_batches(held, 30 * SR):
         wav, lengths = wav.to(device), lengths.to(device)
         feats, n = student.cnn_features(wav, lengths)
         for r in rates:
@@ -709,33 +448,6 @@ def achieved_rates(student: Student, held: list[Utterance], device: torch.device
                     d["input_frames"] += float(n.sum())
     return {r: {"exact": round(d["exact_frames"] / d["input_frames"], 4),
                 "adaptive": round(d["adaptive_frames"] / d["input_frames"], 4)} for r, d in out.items()}
-
-
-def _log_eval(metrics: Any, step: int, ev: dict[str, float]) -> None:
-    if metrics is not None:
-        metrics.write(json.dumps({"step": step, "eval_loss": ev}) + "\n")
-        metrics.flush()
-
-
-def _stop_agreed(requested: bool, world: int, device: torch.device) -> bool:
-    """True when any rank was asked to stop (Ctrl-C), so every rank stops after the same step."""
-    if world == 1:
-        return requested
-    import torch.distributed as dist
-
-    flag = torch.tensor([1.0 if requested else 0.0], device=device)
-    dist.all_reduce(flag)
-    return bool(flag.item() > 0)
-
-
-def _ranks_in_sync(student: Student) -> bool:
-    import torch.distributed as dist
-
-    vec = torch.cat([p.detach().float().flatten() for p in student.parameters()])
-    s = torch.stack([vec.sum(), (vec * torch.arange(len(vec), dtype=vec.dtype, device=vec.device) % 1000).sum()])
-    gathered = [torch.zeros_like(s) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, s)
-    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 def _boundaries(cfg: DistillConfig, cps: Corpus, teacher: Any, device: torch.device, run_dir: Path,

@@ -75,6 +75,8 @@ class SynthConfig:
     test_fraction: float = 0.15
     take_jitter: float = 0.08
     sample_rate: int = 16000
+    exclude_test_voices_of: str = ""  # a synth preset whose test-split voices this corpus leaves out
+    # (pretraining data that keeps a probe's test speakers unseen)
 
     def validate(self) -> None:
         if self.n_speakers < 3:
@@ -237,6 +239,12 @@ def make_speakers(cfg: SynthConfig) -> list[Speaker]:
     rng = random.Random(cfg.seed)
     combos = list(itertools.product(cfg.accents, cfg.variants, cfg.pitches, cfg.speeds))
     rng.shuffle(combos)
+    if cfg.exclude_test_voices_of:
+        held = excluded_voices(cfg.exclude_test_voices_of)
+        combos = [c for c in combos if c not in held]
+        if len(combos) < cfg.n_speakers:
+            raise ConfigError(f"n_speakers={cfg.n_speakers}: only {len(combos)} voices remain once the test voices "
+                              f"of {cfg.exclude_test_voices_of} are left out")
     chosen = combos[: cfg.n_speakers]
     n_test = max(1, round(cfg.n_speakers * cfg.test_fraction)) if cfg.test_fraction > 0 else 0
     n_dev = max(1, round(cfg.n_speakers * cfg.dev_fraction)) if cfg.dev_fraction > 0 else 0
@@ -245,6 +253,14 @@ def make_speakers(cfg: SynthConfig) -> list[Speaker]:
         split = "test" if i < n_test else "dev" if i < n_test + n_dev else "train"
         out.append(Speaker(f"spk{i:03d}", acc, var, pitch, speed, split))
     return out
+
+
+def excluded_voices(preset: str) -> set[tuple[str, str, int, int]]:
+    """(accent, variant, pitch, speed) of every test-split speaker of a synth preset."""
+    from ofactl.config import load_config
+
+    other = load_config(SynthConfig, "synth", preset)
+    return {(s.accent, s.variant, s.pitch, s.speed) for s in make_speakers(other) if s.split == "test"}
 
 
 def make_sentences(n: int, seed: int) -> list[str]:

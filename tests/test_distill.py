@@ -218,7 +218,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, synth_corpus):
 
 
 def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
-    from ofactl.distill import truncate_metrics
+    from ofactl.training import truncate_metrics
 
     p = tmp_path / "metrics.jsonl"
     recs = [{"step": s, "loss": 1.0 / s} for s in range(1, 8)] + [{"step": 4, "eval_loss": {"1": 0.5}}]

@@ -85,3 +85,14 @@ def test_config_validation():
 def test_unknown_voice_is_clear(tmp_path, small_synth_cfg):
     with pytest.raises(ConfigError, match="no voice 'xx-none"):
         run_synth(replace(small_synth_cfg, accents=("xx-none",), n_speakers=3), tmp_path / "v")
+
+
+def test_pretraining_voices_leave_out_another_presets_test_voices():
+    from ofactl.config import load_config
+    from ofactl.synth import SynthConfig, excluded_voices, make_speakers
+
+    cfg = load_config(SynthConfig, "synth", "synth-pretrain")
+    held = excluded_voices("synth-tiny")
+    assert len(held) == 4  # synth-tiny's test speakers
+    voices = {(s.accent, s.variant, s.pitch, s.speed) for s in make_speakers(cfg)}
+    assert len(voices) == cfg.n_speakers and not voices & held

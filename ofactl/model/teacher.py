@@ -100,7 +100,7 @@ def load_teacher(spec: str | Path, trust: bool = False, seed: int = 0) -> Teache
     if p.is_dir():
         return _load_hf_dir(p, trust).freeze()
     if sniff_format(p) == "safetensors" or p.suffix == ".safetensors":
-        return _from_state_dict(_load_safetensors(p), None, p).freeze()
+        return _from_state_dict(_load_safetensors(p), _safetensors_arch(p), p).freeze()
     obj = _torch_load(p, trust)
     return _from_object(obj, p).freeze()
 
@@ -125,6 +125,26 @@ def sniff_format(path: Path) -> str:
         if 0 < n <= size - 8 and head[8:9] == b"{":
             return "safetensors"
     return "unknown"
+
+
+def _safetensors_arch(p: Path) -> dict[str, Any] | None:
+    """The architecture an ofactl teacher file records in its metadata (``ofactl pretrain``)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        return None  # reported by _load_safetensors
+    raw = meta.get("ofactl_teacher_arch")
+    if raw is None:
+        return None
+    try:
+        arch = json.loads(raw)
+        arch["conv_layers"] = tuple(tuple(int(v) for v in c) for c in arch["conv_layers"])
+        return dict(arch)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{p}: unreadable architecture in its metadata ({e})") from None
 
 
 def _load_safetensors(p: Path) -> dict[str, Tensor]:

@@ -1,0 +1,474 @@
+"""The training scaffold shared by ``distill`` and ``pretrain``.
+
+A job (distillation, masked prediction) brings its model, its loss on one batch, what a
+checkpoint holds, and an evaluation; the scaffold owns everything around them:
+
+- the run folder (``--resume`` / ``--overwrite``), devices, autocast and torchrun DDP;
+- length-bucketed batches of random crops on the 20 ms frame grid, with per-utterance frame
+  arrays (segment ids, unit targets) cropped alongside, decoded in DataLoader workers;
+- AdamW with linear warm-up and decay, gradient accumulation and clipping, fp16 scaling;
+- ``metrics.jsonl`` (cut back to the checkpoint's step on resume), evaluation every
+  ``eval_every`` steps, atomic checkpoints every ``ckpt_every`` steps (the last
+  ``keep_checkpoints`` kept), and Ctrl-C: saved at the next step boundary, exit code 130.
+
+Runs are reproducible: every random draw of a step comes from a generator seeded by
+(seed, step), and checkpoints hold optimizer, scheduler, scaler and global RNG state, so a
+resumed run continues exactly as an uninterrupted one (CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ofactl.audio import Utterance, load_audio
+from ofactl.errors import CheckpointError, InterruptedRun, OfactlError
+from ofactl.progress import Progress, deferred_sigint, ignore_sigint_in_worker
+
+SR = 16000
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 1e-6
+    warmup: float = 0.07  # fraction of steps
+    final_lr_ratio: float = 0.0  # linear decay to lr * this
+    grad_clip: float = 5.0
+    accum: int = 1
+
+
+class TrainConfig(Protocol):
+    """The settings the scaffold reads (``DistillConfig`` and ``PretrainConfig`` have them)."""
+
+    steps: int
+    batch_seconds: float
+    crop_seconds: float
+    optim: OptimConfig
+    device: str
+    precision: str
+    num_workers: int
+    seed: int
+    ckpt_every: int
+    keep_checkpoints: int
+    log_every: int
+    eval_every: int
+
+
+# ----------------------------------------------------------------------------- setup
+@dataclass
+class Setup:
+    """Where a run executes: its folder, device, autocast dtype and place among DDP ranks."""
+
+    run_dir: Path
+    device: torch.device
+    amp: torch.dtype | None
+    world: int
+    rank: int
+    local: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def setup_run(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool) -> Setup:
+    """Resolve the device (before touching the folder: a bad --device changes nothing), prepare
+    the run folder on rank 0 and join the torchrun process group."""
+    from ofactl.runtime import autocast_dtype, resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(cfg.device)
+    run_dir = Path(run_dir)
+    if rank == 0:
+        prepare_run_dir(run_dir, resume, overwrite)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Setup(run_dir, device, autocast_dtype(cfg.precision, device), world, rank, local)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if resume:
+            if not any((run_dir / "checkpoints").glob("step-*.pt")):
+                raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+            return
+        if not overwrite:
+            raise OfactlError(f"{run_dir} is not empty; pass --resume to continue it or --overwrite to start over")
+        shutil.rmtree(run_dir)
+    elif resume:
+        raise CheckpointError(f"--resume: {run_dir} holds no run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def finish_distributed(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- data
+class CropBatches(torch.utils.data.Dataset):
+    """Item k = the k-th batch of a planned schedule: cropped, padded audio, and each
+    per-utterance frame array of ``aligned`` (segment ids, unit targets) cropped to the same
+    frames and padded with -1 (key ``aligned``)."""
+
+    def __init__(self, schedule: list[tuple[int, list[int]]], utts: list[Utterance], crop: int, seed: int,
+                 aligned: dict[str, np.ndarray] | None, hop: int) -> None:
+        self.schedule, self.utts, self.crop, self.seed, self.aligned, self.hop = schedule, utts, crop, seed, aligned, hop
+
+    def __len__(self) -> int:
+        return len(self.schedule)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        step, idx = self.schedule[k]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        wavs, arrs = [], []
+        for i in idx:
+            u = self.utts[i]
+            w = load_audio(u.path)
+            start = 0
+            if len(w) > self.crop:
+                # crop on the frame grid so frame-level arrays shift by whole frames
+                n_starts = (len(w) - self.crop) // self.hop + 1
+                start = int(torch.randint(n_starts, (1,), generator=g)) * self.hop
+                w = w[start : start + self.crop]
+            wavs.append(w)
+            if self.aligned is not None:
+                a = self.aligned[u.id]
+                f0 = start // self.hop
+                arrs.append(torch.from_numpy(a[f0 : f0 + len(w) // self.hop + 1].astype(np.int64)))
+        out = {"step": step, "idx": idx, "wav": torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True),
+               "lengths": torch.tensor([len(w) for w in wavs])}
+        if arrs:
+            out["aligned"] = torch.nn.utils.rnn.pad_sequence(arrs, batch_first=True, padding_value=-1)
+        return out
+
+
+def make_epoch(utts: list[Utterance], budget: int, crop: int, seed: int, epoch: int) -> list[list[int]]:
+    """Length-bucketed batches under the audio budget, in a seeded random order."""
+    from ofactl.extract import plan_batches
+
+    lens = [min(u.n_samples_16k, crop) for u in utts]
+    order = sorted(range(len(utts)), key=lambda i: (lens[i], utts[i].id))
+    batches = plan_batches(order, lens, budget)
+    perm = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    return [batches[p] for p in perm]
+
+
+def schedule_from(utts: list[Utterance], cfg: TrainConfig, start_step: int, world: int,
+                  rank: int) -> list[tuple[int, list[int]]]:
+    """(micro-step, utterance indices) for this rank from ``start_step`` to the end of training.
+
+    Each optimizer step consumes ``accum * world`` batches; rank r takes every world-th.
+    """
+    budget = int(cfg.batch_seconds * SR)
+    crop = int(cfg.crop_seconds * SR)
+    per_step = cfg.optim.accum * world
+    out: list[tuple[int, list[int]]] = []
+    need = cfg.steps * per_step
+    pos, epoch = 0, 0
+    while pos < need:
+        for b in make_epoch(utts, budget, crop, cfg.seed, epoch):
+            if pos >= need:
+                break
+            micro_step = pos // world  # one per (step, accum slot)
+            if pos % world == rank and micro_step // cfg.optim.accum >= start_step:
+                out.append((micro_step, b))
+            pos += 1
+        epoch += 1
+    return out
+
+
+def held_batches(held: list[Utterance], crop: int, budget: int = 60 * SR) -> list[tuple[Tensor, Tensor]]:
+    """Held-out utterances (cropped to ``crop`` samples) in padded batches of about ``budget``."""
+    out, cur = [], []
+    for u in held:
+        cur.append(load_audio(u.path)[:crop])
+        if sum(len(w) for w in cur) >= budget:
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
+    return [(torch.nn.utils.rnn.pad_sequence(b, batch_first=True), torch.tensor([len(w) for w in b])) for b in out]
+
+
+def split_held_out(utts: list[Utterance], n_eval: int, seed: int) -> tuple[list[Utterance], list[Utterance]]:
+    """(train, held-out): the manifest's dev split when it has one, else a seeded sample."""
+    dev = [u for u in utts if u.labels.get("split") == "dev"]
+    rest = [u for u in utts if u.labels.get("split") in ("train", None, "")]
+    if dev and rest:
+        g = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(dev), generator=g)[:n_eval].tolist()
+        return rest, [dev[i] for i in sorted(pick)]
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(utts), generator=g).tolist()
+    n = min(n_eval, max(1, len(utts) // 10))
+    held = set(perm[:n])
+    return [u for i, u in enumerate(utts) if i not in held], [utts[i] for i in sorted(held)]
+
+
+# ----------------------------------------------------------------------------- optimisation
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup`` of the steps, then linear decay to ``final_lr_ratio``."""
+    warm = max(1, int(cfg.optim.warmup * cfg.steps))
+    if step < warm:
+        return (step + 1) / warm
+    frac = (step - warm) / max(1, cfg.steps - warm)
+    return 1.0 - (1.0 - cfg.optim.final_lr_ratio) * min(1.0, frac)
+
+
+@dataclass
+class Optimisation:
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: Any
+
+    def state(self, seed: int) -> dict[str, Any]:
+        """What a checkpoint needs to continue exactly: optimizer, schedule, scaler, RNG."""
+        st = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+              "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(), "seed": seed}
+        if torch.cuda.is_available():
+            st["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return st
+
+    def load(self, ts: dict[str, Any]) -> None:
+        self.opt.load_state_dict(ts["optimizer"])
+        self.sched.load_state_dict(ts["scheduler"])
+        self.scaler.load_state_dict(ts["scaler"])
+        torch.set_rng_state(ts["rng"])
+        if "cuda_rng" in ts and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ts["cuda_rng"])
+
+
+def make_optimisation(params: Any, cfg: TrainConfig, amp: torch.dtype | None) -> Optimisation:
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    return Optimisation(opt, sched, scaler)
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the records of ``path`` (metrics.jsonl) logged after ``step``, the step a resumed
+    run continues from, so its log has each step once. Returns the number of records dropped.
+    A torn last line (a kill mid-write) is dropped too."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if int(rec.get("step", 0)) <= step:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, path)
+    return dropped
+
+
+# ----------------------------------------------------------------------------- the loop
+@dataclass
+class Job:
+    """What a training job brings to :func:`train`.
+
+    ``step_loss(batch, generator)`` returns (loss tensor, float metrics) for one micro-batch;
+    ``after_step(metrics of the step's micro-batches)`` runs after each optimizer step (e.g. an
+    EMA); ``save(path, step, train_state)`` writes a checkpoint atomically; ``load(payload)``
+    restores the model from one and returns its train state; ``read(path)`` reads a checkpoint
+    file; ``evaluate()`` returns held-out figures, logged as ``eval``.
+    """
+
+    name: str
+    model: torch.nn.Module  # the module whose parameters train (DDP-wrapped by the caller if needed)
+    params: Any
+    step_loss: Callable[[dict[str, Any], torch.Generator], tuple[Tensor, dict[str, float]]]
+    save: Callable[[Path, int, dict[str, Any]], None]
+    read: Callable[[Path], dict[str, Any]]
+    load: Callable[[dict[str, Any]], dict[str, Any]]
+    evaluate: Callable[[], dict[str, Any]] | None = None
+    after_step: Callable[[list[dict[str, float]]], dict[str, float]] | None = None
+    progress_keys: tuple[str, ...] = ("loss",)
+
+
+@dataclass
+class LoopResult:
+    step: int
+    start: int
+    audio_seconds: float
+    wall_seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resume_from(ckpt_dir: Path, job: Job, optim: Optimisation) -> int:
+    """Load the newest readable checkpoint (a corrupt newest one falls back to the previous);
+    returns its step."""
+    errors = []
+    for p in sorted(ckpt_dir.glob("step-*.pt"), reverse=True):
+        try:
+            obj = job.read(p)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        try:
+            ts = job.load(obj)
+        except RuntimeError as e:
+            raise CheckpointError(f"{p}: does not match this run's model ({str(e).splitlines()[0]})") from None
+        optim.load(ts)
+        return int(obj["step"])
+    raise CheckpointError("--resume: no readable checkpoint (" + "; ".join(errors) + ")")
+
+
+def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader: Any, start: int,
+          progress: Progress) -> LoopResult:
+    """The optimisation loop: micro-batches, accumulation, clipping, logging, evaluation,
+    checkpoints, and Ctrl-C saved at the next step boundary (raised as InterruptedRun)."""
+    if setup.main and start:
+        truncate_metrics(setup.run_dir / "metrics.jsonl", start)
+    metrics = open(setup.run_dir / "metrics.jsonl", "a") if setup.main else None
+    t0 = time.perf_counter()
+    audio_s = 0.0
+    step = start
+    acc: list[dict[str, float]] = []
+    progress.start(job.name, cfg.steps)
+    if start:
+        progress.advance(start)
+    job.model.train()
+
+    def save(at: int) -> None:
+        if not setup.main:
+            return
+        job.save(setup.ckpt_dir / f"step-{at:08d}.pt", at, optim.state(cfg.seed))
+        for p in sorted(setup.ckpt_dir.glob("step-*.pt"))[: -max(1, cfg.keep_checkpoints)]:
+            p.unlink(missing_ok=True)
+
+    with deferred_sigint() as stop:
+        try:
+            for batch in loader:
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + batch["step"] + 17)
+                loss, m = job.step_loss(batch, gen)
+                optim.scaler.scale(loss / cfg.optim.accum).backward()
+                acc.append({"loss": float(loss.detach()), **m})
+                audio_s += float(batch["lengths"].sum()) / SR
+                if len(acc) < cfg.optim.accum:
+                    continue
+                optim.scaler.unscale_(optim.opt)
+                gnorm = torch.nn.utils.clip_grad_norm_(job.params, cfg.optim.grad_clip)
+                optim.scaler.step(optim.opt)
+                optim.scaler.update()
+                optim.opt.zero_grad(set_to_none=True)
+                optim.sched.step()
+                step += 1
+                extra = job.after_step(acc) if job.after_step else {}
+                elapsed = time.perf_counter() - t0
+                if setup.main and (step % cfg.log_every == 0 or step == cfg.steps):
+                    rec = {"step": step, **_mean_metrics(acc), **extra, "lr": optim.sched.get_last_lr()[0],
+                           "grad_norm": float(gnorm), "audio_s_per_s": round(audio_s / elapsed, 2),
+                           "elapsed_s": round(elapsed, 2)}
+                    _write(metrics, rec)
+                shown = {k: v for k, v in _mean_metrics(acc).items() if k in job.progress_keys}
+                progress.advance(1, **shown, h_per_s=round(audio_s / 3600 / max(elapsed, 1e-9), 4))
+                acc = []
+                if job.evaluate and cfg.eval_every and step % cfg.eval_every == 0 and setup.main and step < cfg.steps:
+                    ev = job.evaluate()
+                    job.model.train()
+                    _write(metrics, {"step": step, "eval": ev})
+                if step % cfg.ckpt_every == 0 and step < cfg.steps:
+                    save(step)
+                if _stop_agreed(stop.requested, setup):
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            progress.finish()
+            if setup.main and step > start:
+                save(step)
+                raise InterruptedRun(f"interrupted at step {step}; checkpoint saved, continue with --resume") from None
+            raise InterruptedRun(f"interrupted at step {step}, before any new step; nothing new to save") from None
+        finally:
+            progress.finish()
+            if metrics is not None:
+                metrics.close()
+    save(step)
+    return LoopResult(step, start, audio_s, time.perf_counter() - t0)
+
+
+def _mean_metrics(acc: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k in acc[0]:
+        vals = [a[k] for a in acc]
+        if isinstance(vals[0], list):
+            out[k] = [round(float(x), 5) for x in np.mean(np.asarray(vals, dtype=np.float64), axis=0)]
+        else:
+            out[k] = round(sum(float(v) for v in vals) / len(vals), 6)
+    return out
+
+
+def _write(metrics: Any, rec: dict[str, Any]) -> None:
+    if metrics is not None:
+        metrics.write(json.dumps(rec) + "\n")
+        metrics.flush()
+
+
+def _stop_agreed(requested: bool, setup: Setup) -> bool:
+    """True when any rank was asked to stop (Ctrl-C), so every rank stops after the same step."""
+    if setup.world == 1:
+        return requested
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if requested else 0.0], device=setup.device)
+    dist.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+def ranks_in_sync(model: torch.nn.Module) -> bool:
+    """Whether every DDP rank holds the same parameters (a checksum gathered from each)."""
+    import torch.distributed as dist
+
+    vec = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    s = torch.stack([vec.sum(), (vec * torch.arange(len(vec), dtype=vec.dtype, device=vec.device) % 1000).sum()])
+    gathered = [torch.zeros_like(s) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, s)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def make_loader(schedule: list[tuple[int, list[int]]], utts: list[Utterance], cfg: TrainConfig, setup: Setup,
+                aligned: dict[str, np.ndarray] | None, hop: int, start: int) -> Any:
+    return torch.utils.data.DataLoader(
+        CropBatches(schedule, utts, int(cfg.crop_seconds * SR), cfg.seed, aligned, hop), batch_size=None,
+        num_workers=cfg.num_workers, pin_memory=setup.device.type == "cuda",
+        prefetch_factor=2 if cfg.num_workers else None,
+        # its own generator: creating the iterator must not draw from the global RNG, or a
+        # resumed run's dropout would diverge from an uninterrupted one
+        generator=torch.Generator().manual_seed(cfg.seed + start),
+        worker_init_fn=ignore_sigint_in_worker if cfg.num_workers else None)

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from ofactl.audio import read_corpus
+from ofactl.errors import ConfigError
+from ofactl.model.blocks import HubertArch
+from ofactl.model.student import TINY_CONV
+from ofactl.pretrain import (FeatureSource, PretrainConfig, expected_masked_fraction, fit_units, mfcc_features,
+                             run_pretrain, span_mask)
+from ofactl.progress import NullProgress
+
+ARCH = HubertArch(conv_layers=TINY_CONV, embed_dim=32, num_layers=2, num_heads=2, ffn_dim=64, pos_conv_kernel=16,
+                  pos_conv_groups=4)
+
+
+def tiny_cfg(**kw):
+    base = PretrainConfig(arch=ARCH, n_units=12, kmeans_utts=20, final_dim=16, steps=30, batch_seconds=8.0,
+                          crop_seconds=2.0, num_workers=0, eval_utts=4, ckpt_every=10, log_every=1, eval_every=0,
+                          device="cpu")
+    base.optim = replace(base.optim, lr=3e-3, warmup=0.1)
+    return replace(base, **kw)
+
+
+def test_mfcc_and_units_are_deterministic(synth_corpus):
+    utts = list(read_corpus(synth_corpus))
+    cfg = tiny_cfg()
+    src = FeatureSource(cfg, torch.device("cpu"))
+    x = src(utts[0])
+    from ofactl.model.blocks import cnn_lengths
+
+    assert x.shape == (int(cnn_lengths(ARCH, torch.tensor([utts[0].n_samples_16k]))[0]), 39)
+    assert torch.equal(x, src(utts[0]))
+    a, b = fit_units(cfg, utts, src, NullProgress()), fit_units(cfg, utts, src, NullProgress())
+    assert a.centroids.shape == (12, 39) and torch.equal(a.centroids, b.centroids)
+    c = fit_units(replace(cfg, seed=1), utts, src, NullProgress())
+    assert not torch.equal(a.centroids, c.centroids)
+    assert mfcc_features(torch.zeros(100), 0).shape == (0, 39)
+
+
+def test_span_mask_matches_its_settings():
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([2000] * 16)
+    m = span_mask(lengths, 0.08, 10, gen)
+    frac = float(m.float().mean())
+    assert abs(frac - expected_masked_fraction(0.08, 10)) < 0.03  # 1 - 0.92^10 = 0.566
+    sparse = span_mask(torch.tensor([5000]), 0.002, 7, gen)[0].int().tolist()
+    runs, cur = [], 0
+    for v in sparse + [0]:
+        if v:
+            cur += 1
+        elif cur:
+            runs.append(cur)
+            cur = 0
+    assert runs and all(r % 7 == 0 for r in runs) and runs.count(7) >= len(runs) - 1  # spans of exactly 7
+    assert not span_mask(torch.tensor([5]), 0.5, 10, gen).any()  # too short for one span
+
+
+def test_loss_falls_and_the_teacher_serves_distill(tmp_path, synth_corpus):
+    res = run_pretrain(tiny_cfg(), synth_corpus, tmp_path / "pt")
+    recs = [json.loads(x) for x in (tmp_path / "pt/metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
+    assert {"acc_masked", "acc_unmasked", "masked_fraction"} <= set(recs[-1])
+    assert set(res.eval) == {"loss", "acc_masked", "acc_unmasked"}
+    assert (tmp_path / "pt/kmeans.safetensors").is_file()
+    from ofactl.model.teacher import load_teacher
+
+    t = load_teacher(res.teacher)
+    assert t.arch.embed_dim == 32 and t.arch.num_layers == 2 and t.arch.num_heads == 2
+    from ofactl.config import load_config
+    from ofactl.distill import DistillConfig, run_distill
+
+    d = load_config(DistillConfig, "distill", "distill-tiny")
+    d = replace(d, teacher=str(res.teacher), steps=2, batch_seconds=6.0, crop_seconds=2.0, num_workers=0, eval_utts=4,
+                eval_rates=(1.0,), init_from_teacher=False)
+    d.student = replace(d.student, teacher_dim=32, pred_layers=(1, 2), spectral_bins=0)
+    d.guidance = replace(d.guidance, boundaries="none")
+    out = run_distill(d, synth_corpus, tmp_path / "d")
+    assert out.steps == 2 and (tmp_path / "d/student.pt").is_file()
+    from typer.testing import CliRunner
+
+    from ofactl.cli import app
+
+    r = CliRunner().invoke(app, ["info", "--teacher", str(res.teacher), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["hidden_states"] == 3
+
+
+_SCRIPT = """
+import sys
+from dataclasses import replace
+sys.path.insert(0, sys.argv[4])
+from test_pretrain import tiny_cfg
+from ofactl.pretrain import run_pretrain
+run_pretrain(tiny_cfg(steps=12, ckpt_every=3), sys.argv[1], sys.argv[2], resume=sys.argv[3] == "1")
+"""
+
+
+def test_resume_after_kill_is_bitwise_equal(tmp_path, synth_corpus):
+    here = os.path.dirname(__file__)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run([sys.executable, "-c", _SCRIPT, str(synth_corpus), str(full), "0", here], check=True)
+    proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, str(synth_corpus), str(killed), "0", here])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (killed / "checkpoints/step-00000003.pt").exists():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    subprocess.run([sys.executable, "-c", _SCRIPT, str(synth_corpus), str(killed), "1", here], check=True)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(full / "teacher.safetensors")), load_file(str(killed / "teacher.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_bad_settings_are_one_clear_error(tmp_path, synth_corpus):
+    with pytest.raises(ConfigError, match=r"n_units=5000 is more than the \d+ frames sampled"):
+        run_pretrain(tiny_cfg(n_units=5000, kmeans_utts=2), synth_corpus, tmp_path / "a")
+    with pytest.raises(ConfigError, match="--targets layer:1 needs --from"):
+        run_pretrain(tiny_cfg(targets="layer:1"), synth_corpus, tmp_path / "b")
+    with pytest.raises(ConfigError, match="--targets 'frames': expected mfcc or layer:N"):
+        tiny_cfg(targets="frames").validate()
+    first = run_pretrain(tiny_cfg(steps=2), synth_corpus, tmp_path / "it1")
+    with pytest.raises(ConfigError, match=r"--targets layer:7: .* has hidden states 0..2"):
+        run_pretrain(tiny_cfg(targets="layer:7", from_ckpt=str(first.teacher)), synth_corpus, tmp_path / "c")
+    other = replace(ARCH, embed_dim=48, num_heads=3, pos_conv_groups=4)
+    with pytest.raises(ConfigError, match="--from .*another architecture"):
+        run_pretrain(tiny_cfg(arch=other, targets="layer:1", from_ckpt=str(tmp_path / "it1")), synth_corpus,
+                     tmp_path / "d")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()  # refused before any folder
+    second = run_pretrain(tiny_cfg(steps=2, targets="layer:1", from_ckpt=str(tmp_path / "it1")), synth_corpus,
+                          tmp_path / "it2")
+    assert second.steps == 2
