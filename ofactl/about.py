@@ -65,4 +65,6 @@ def describe_teacher(spec: str, trust: bool = False) -> dict[str, Any]:
     doc = {"kind": "teacher", **t.describe()}
     doc["hidden_states"] = t.num_hidden
     doc["parameters"] = sum(p.numel() for p in t.parameters())
+    if spec.startswith("builtin:"):
+        doc["model_card"] = "docs/models.md"
     return doc

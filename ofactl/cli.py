@@ -183,7 +183,7 @@ def quickstart(
     debug: DebugOpt = False,
 ) -> None:
     """The whole pipeline on the built-in default, no data or weights needed: synth, distill,
-    extract at several rates, sweep keyword spotting and speaker ID, adapt, summary.
+    extract at several rates, sweep keyword spotting, speaker ID and phonemes, adapt, summary.
 
     Reruns reuse finished stages.
     """
@@ -212,9 +212,9 @@ def quickstart(
         t.add_row(f"{rate:g}", f"{first['frame_period_ms']:.1f}", f"{first['upstream_gmacs_per_s']:.3f}",
                   *[f"{by[k]['test']:.3f}" if k in by else "-" for k in tasks])
     err_console.print(t)
-    a = res.adapt
-    err_console.print(f"adapt --task {a['task']}: learned rate {a['learned_rate']:.3f} ({a['frame_period_ms']:.1f} ms), "
-                      f"test {a['metric']} {a['test']:.3f}", highlight=False)
+    for a in res.adapt.values():
+        err_console.print(f"adapt --task {a['task']}: learned rate {a['learned_rate']:.3f} ({a['frame_period_ms']:.1f} ms), "
+                          f"test {a['metric']} {a['test']:.3f}", highlight=False)
     for k, v in res.paths.items():
         err_console.print(f"  {k}: {v}", highlight=False)
     err_console.print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in res.stage_seconds.items()), highlight=False)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
 from ofactl.config import save_resolved, to_dict
-from ofactl.errors import ConfigError, OfactlError
+from ofactl.errors import ConfigError
 from ofactl.model.compress import length_mask, rate_to_lambda
 from ofactl.model.student import Student, StudentConfig, student_config
 from ofactl.progress import NullProgress, Progress
@@ -304,10 +304,13 @@ def _build(cfg: DistillConfig, trust: bool, device: torch.device, progress: Prog
     teacher = load_teacher(cfg.teacher, trust=trust, seed=cfg.seed).to(device)
     student = Student(cfg.student)
     if cfg.init_from_teacher:
-        try:
-            student.init_from_teacher(teacher)
-        except OfactlError as e:
-            progress.log(f"note: not initialising from the teacher ({e})")
+        copied = student.init_from_teacher(teacher, partial=True)
+        total = len(student.cnn.state_dict()) + len(student.feature_projection.state_dict()) + \
+            len(student.transformer.state_dict())
+        if len(copied) < total:
+            parts = sorted({name.split(".")[0] for name in copied}) or ["nothing"]
+            progress.log(f"note: the teacher's shapes match only part of the student; copied {', '.join(parts)} "
+                         f"({len(copied)} of {total} tensors)")
     student.to(device)
     n_hidden = teacher.num_hidden
     bad = [layer for layer in cfg.student.pred_layers if not 0 <= layer < n_hidden]

@@ -21,6 +21,19 @@ UNTRAINED_NOTE = ("the teacher is random:tiny, an UNTRAINED HuBERT-shaped model;
                   "log-mel frames, so its features carry acoustic structure, not HuBERT's. For real "
                   "features distill from a HuBERT checkpoint, e.g. "
                   "'ofactl distill -c distilhubert-ofa --teacher /path/hubert_base_ls960.pt --trust-checkpoint ...'")
+BUILTIN_NOTE = ("the teacher is builtin:hubert-tiny, a small HuBERT that ofactl pretrained on about 3 hours of "
+                "speech (docs/models.md); it knows far less than HuBERT Base. For research-grade features "
+                "distill from a HuBERT checkpoint, e.g. 'ofactl distill -c distilhubert-ofa --teacher "
+                "/path/hubert_base_ls960.pt --trust-checkpoint ...'")
+
+
+def teacher_note(teacher: str) -> str:
+    """What the summary says about where the student's knowledge comes from."""
+    if teacher.startswith("random:"):
+        return UNTRAINED_NOTE
+    if teacher.startswith("builtin:"):
+        return BUILTIN_NOTE
+    return f"the teacher is {teacher}"
 
 
 @dataclass
@@ -28,8 +41,9 @@ class QuickstartConfig:
     synth_preset: str = "synth-tiny"
     distill_preset: str = "distill-tiny"
     rates: tuple[float, ...] = (1.0, 0.5, 0.33, 0.25)
-    tasks: tuple[str, ...] = ("ks", "sid")
-    adapt_task: str = "pr"
+    tasks: tuple[str, ...] = ("ks", "sid", "pr")
+    pr_head: str = "linear"  # the CTC head of the pr sweep: linear keeps the quickstart fast
+    adapt_tasks: tuple[str, ...] = ("pr", "ks")  # a task that needs frames and a flat one
     adapt_epochs: int = 6
     probe_epochs: int = 60  # utterance heads train in seconds; the sid probe still improves past 40
     device: str = "auto"
@@ -38,13 +52,15 @@ class QuickstartConfig:
         from ofactl.runtime import check_device_name
 
         check_device_name(self.device)
+        if self.pr_head not in ("linear", "lstm"):
+            raise ValueError(f"pr_head must be linear or lstm, got {self.pr_head!r}")
 
 
 @dataclass
 class QuickstartResult:
     out_dir: Path
     rows: list[dict[str, Any]]
-    adapt: dict[str, Any]
+    adapt: dict[str, dict[str, Any]]  # task -> adapt summary
     paths: dict[str, str]
     stage_seconds: dict[str, float]
     note: str
@@ -92,12 +108,8 @@ class StageStamps:
 
 
 def run_quickstart(cfg: QuickstartConfig, out_dir: Path, progress: Progress | None = None) -> QuickstartResult:
-    from ofactl.adapt import AdaptConfig, run_adapt
-    from ofactl.distill import DistillConfig, run_distill
-    from ofactl.extract import ExtractConfig, run_extract
-    from ofactl.sweep import SweepConfig, run_sweep
-    from ofactl.synth import SynthConfig, run_synth
-
+    """synth -> distill -> extract -> sweep -> adapt -> summary; each stage reused when its
+    settings and inputs match an earlier run's (``stages.json``)."""
     from ofactl.runtime import resolve_device
 
     progress = progress or NullProgress()
@@ -105,89 +117,125 @@ def run_quickstart(cfg: QuickstartConfig, out_dir: Path, progress: Progress | No
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, "quickstart", out / "quickstart.yaml")
-    secs: dict[str, float] = {}
-    stamps = StageStamps(out / "stages.json")
-    reused: list[str] = []
+    q = _Quickstart(cfg, out, progress)
+    corpus = q.stage("synth", "1/5 synth: a labelled speech corpus from espeak-ng", q.synth)
+    student, note = q.stage("distill", "2/5 distill: once-for-all tiny student", lambda: q.distill(corpus))
+    store = q.stage("extract", f"3/5 extract: rates {', '.join(f'{r:g}' for r in cfg.rates)} in one pass",
+                    lambda: q.extract(corpus, student))
+    sweeps = q.stage("sweep", f"4/5 sweep: {', '.join(cfg.tasks)} over the rates", lambda: q.sweep(corpus, student, store))
+    adapts = q.stage("adapt", f"5/5 adapt: {', '.join(cfg.adapt_tasks)} learn their own rates",
+                     lambda: q.adapt(corpus, student))
+    return q.summary(corpus, student, store, sweeps, adapts, note)
 
-    def stage(name: str) -> float:
-        progress.log(f"== {name}")
-        return time.perf_counter()
 
-    t = stage("1/5 synth: a labelled speech corpus from espeak-ng")
-    scfg = load_config(SynthConfig, "synth", cfg.synth_preset)
-    corpus = run_synth(scfg, out / "corpus", progress=progress).manifest
-    secs["synth"] = time.perf_counter() - t
+class _Quickstart:
+    """The stages of :func:`run_quickstart`, sharing the output folder, timings and stamps."""
 
-    t = stage("2/5 distill: once-for-all tiny student")
-    progress.log("note: " + UNTRAINED_NOTE)
-    dcfg = load_config(DistillConfig, "distill", cfg.distill_preset, [f"device={cfg.device}"])
-    run_dir = out / "distill"
-    student = run_dir / "student.pt"
-    from ofactl.audio import read_corpus
+    def __init__(self, cfg: QuickstartConfig, out: Path, progress: Progress) -> None:
+        self.cfg, self.out, self.progress = cfg, out, progress
+        self.secs: dict[str, float] = {}
+        self.stamps = StageStamps(out / "stages.json")
+        self.reused: list[str] = []
 
-    sha = settings_sha(dcfg, corpus=read_corpus(corpus).fingerprint())
-    if stamps.matches("distill", sha) and student.is_file() and (run_dir / "summary.json").is_file():
-        progress.log(f"reusing {student} (made with the same distill settings and corpus)")
-        reused.append("distill")
-    else:
-        same = stamps.matches("distill", sha)
+    def stage(self, name: str, title: str, fn: Any) -> Any:
+        self.progress.log(f"== {title}")
+        t = time.perf_counter()
+        res = fn()
+        self.secs[name] = time.perf_counter() - t
+        return res
+
+    def synth(self) -> Path:
+        from ofactl.synth import SynthConfig, run_synth
+
+        scfg = load_config(SynthConfig, "synth", self.cfg.synth_preset)
+        return run_synth(scfg, self.out / "corpus", progress=self.progress).manifest
+
+    def distill(self, corpus: Path) -> tuple[Path, str]:
+        from ofactl.audio import read_corpus
+        from ofactl.distill import DistillConfig, run_distill
+
+        dcfg = load_config(DistillConfig, "distill", self.cfg.distill_preset, [f"device={self.cfg.device}"])
+        note = teacher_note(dcfg.teacher)
+        self.progress.log("note: " + note)
+        run_dir = self.out / "distill"
+        student = run_dir / "student.pt"
+        sha = settings_sha(dcfg, corpus=read_corpus(corpus).fingerprint())
+        if self.stamps.matches("distill", sha) and student.is_file() and (run_dir / "summary.json").is_file():
+            self.progress.log(f"reusing {student} (made with the same distill settings and corpus)")
+            self.reused.append("distill")
+            return student, note
+        same = self.stamps.matches("distill", sha)
         resume = same and run_dir.exists() and any((run_dir / "checkpoints").glob("step-*.pt"))
         if run_dir.exists() and not same:
-            progress.log(f"{run_dir}: made with other distill settings; distilling again")
-        stamps.set("distill", sha)
-        run_distill(dcfg, corpus, run_dir, resume=resume, overwrite=not resume, progress=progress)
-    secs["distill"] = time.perf_counter() - t
+            self.progress.log(f"{run_dir}: made with other distill settings; distilling again")
+        self.stamps.set("distill", sha)
+        run_distill(dcfg, corpus, run_dir, resume=resume, overwrite=not resume, progress=self.progress)
+        return student, note
 
-    t = stage(f"3/5 extract: rates {', '.join(f'{r:g}' for r in cfg.rates)} in one pass")
-    store = out / "feats.zarr"
-    ecfg = ExtractConfig(rates=tuple(cfg.rates), device=cfg.device, num_workers=1)
-    # groups of the current student are completed or reused; groups of an earlier student replaced
-    ext = run_extract(ecfg, student, corpus, store, overwrite=True, progress=progress)
-    if all(g.written == 0 and g.reused for g in ext.groups):
-        reused.append("extract")
-    secs["extract"] = time.perf_counter() - t
+    def extract(self, corpus: Path, student: Path) -> Path:
+        from ofactl.extract import ExtractConfig, run_extract
 
-    t = stage(f"4/5 sweep: {', '.join(cfg.tasks)} over the rates")
-    rows: list[dict[str, Any]] = []
-    sweeps = {}
-    for task in cfg.tasks:
-        sw = SweepConfig(task=task, rates=tuple(cfg.rates), device=cfg.device)
-        sw.probe = replace(sw.probe, epochs=cfg.probe_epochs, cls_epochs=cfg.probe_epochs)
-        sw.extract = replace(sw.extract, num_workers=1)
-        res = run_sweep(sw, [("ofa-tiny", student)], corpus, out / f"sweep-{task}", store, progress=progress)
-        sweeps[task] = res
-        rows += [r.to_json() for r in res.rows]
-    secs["sweep"] = time.perf_counter() - t
+        store = self.out / "feats.zarr"
+        ecfg = ExtractConfig(rates=tuple(self.cfg.rates), device=self.cfg.device, num_workers=1)
+        # groups of the current student are completed or reused; groups of an earlier student replaced
+        ext = run_extract(ecfg, student, corpus, store, overwrite=True, progress=self.progress)
+        if all(g.written == 0 and g.reused for g in ext.groups):
+            self.reused.append("extract")
+        return store
 
-    t = stage(f"5/5 adapt: {cfg.adapt_task} learns its own rate")
-    acfg = AdaptConfig(task=cfg.adapt_task, epochs=cfg.adapt_epochs, device=cfg.device)
-    ad_dir = out / f"adapt-{cfg.adapt_task}"
-    summary = ad_dir / "summary.json"
-    from ofactl.checkpoint import file_sha256
+    def sweep(self, corpus: Path, student: Path, store: Path) -> dict[str, Any]:
+        from ofactl.sweep import SweepConfig, run_sweep
 
-    sha = settings_sha(acfg, student=file_sha256(student))
-    if stamps.matches("adapt", sha) and summary.is_file():
-        adapt = json.loads(summary.read_text())
-        progress.log(f"reusing {summary} (made with the same adapt settings and student)")
-        reused.append("adapt")
-    else:
-        if summary.is_file():
-            progress.log(f"{ad_dir}: made with other adapt settings or another student; adapting again")
-        stamps.set("adapt", sha)
-        adapt = run_adapt(acfg, student, corpus, ad_dir, progress=progress).to_json()
-    secs["adapt"] = time.perf_counter() - t
+        sweeps = {}
+        for task in self.cfg.tasks:
+            sw = SweepConfig(task=task, rates=tuple(self.cfg.rates), device=self.cfg.device)
+            sw.probe = replace(sw.probe, epochs=self.cfg.probe_epochs, cls_epochs=self.cfg.probe_epochs,
+                               ctc_head=self.cfg.pr_head)
+            sw.extract = replace(sw.extract, num_workers=1)
+            res = run_sweep(sw, [("ofa-tiny", student)], corpus, self.out / f"sweep-{task}", store,
+                            progress=self.progress)
+            sweeps[task] = res
+            if res.rows and res.reused == len(res.rows):
+                self.reused.append(f"sweep-{task}")
+        return sweeps
 
-    from ofactl.sweep import plot_tradeoff
+    def adapt(self, corpus: Path, student: Path) -> dict[str, dict[str, Any]]:
+        from ofactl.adapt import AdaptConfig, run_adapt
+        from ofactl.checkpoint import file_sha256
 
-    png = plot_tradeoff([r for res in sweeps.values() for r in res.rows], out / "tradeoff.png",
-                        "quickstart: tiny OFA student (untrained teacher + log-mel head), synthetic speech")
-    paths = {"corpus": str(corpus), "student": str(student), "store": str(store), "tradeoff_plot": str(png),
-             "adapt_rate_config": str(ad_dir / "rate.yaml")}
-    for task, res in sweeps.items():
-        paths[f"{task}_plot"] = str(res.png)
-        paths[f"{task}_csv"] = str(res.csv)
-    reused += [f"sweep-{task}" for task, res in sweeps.items() if res.reused == len(res.rows) and res.rows]
-    result = QuickstartResult(out, rows, adapt, paths, {k: round(v, 1) for k, v in secs.items()}, UNTRAINED_NOTE,
-                              reused)
-    (out / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
-    return result
+        out = {}
+        for task in self.cfg.adapt_tasks:
+            acfg = AdaptConfig(task=task, epochs=self.cfg.adapt_epochs, device=self.cfg.device)
+            acfg.probe = replace(acfg.probe, ctc_head=self.cfg.pr_head)
+            ad_dir = self.out / f"adapt-{task}"
+            summary = ad_dir / "summary.json"
+            sha = settings_sha(acfg, student=file_sha256(student))
+            if self.stamps.matches(f"adapt-{task}", sha) and summary.is_file():
+                out[task] = json.loads(summary.read_text())
+                self.progress.log(f"reusing {summary} (made with the same adapt settings and student)")
+                self.reused.append(f"adapt-{task}")
+                continue
+            if summary.is_file():
+                self.progress.log(f"{ad_dir}: made with other adapt settings or another student; adapting again")
+            self.stamps.set(f"adapt-{task}", sha)
+            out[task] = run_adapt(acfg, student, corpus, ad_dir, progress=self.progress).to_json()
+        return out
+
+    def summary(self, corpus: Path, student: Path, store: Path, sweeps: dict[str, Any],
+                adapts: dict[str, dict[str, Any]], note: str) -> QuickstartResult:
+        from ofactl.sweep import plot_tradeoff
+
+        rows = [r.to_json() for res in sweeps.values() for r in res.rows]
+        teacher = "untrained teacher + log-mel head" if note == UNTRAINED_NOTE else "built-in tiny HuBERT teacher"
+        png = plot_tradeoff([r for res in sweeps.values() for r in res.rows], self.out / "tradeoff.png",
+                            f"quickstart: tiny OFA student ({teacher}), synthetic speech")
+        paths = {"corpus": str(corpus), "student": str(student), "store": str(store), "tradeoff_plot": str(png)}
+        for task in adapts:
+            paths[f"adapt_{task}_rate_config"] = str(self.out / f"adapt-{task}" / "rate.yaml")
+        for task, res in sweeps.items():
+            paths[f"{task}_plot"] = str(res.png)
+            paths[f"{task}_csv"] = str(res.csv)
+        result = QuickstartResult(self.out, rows, adapts, paths, {k: round(v, 1) for k, v in self.secs.items()},
+                                  note, self.reused)
+        (self.out / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
+        return result

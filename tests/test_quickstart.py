@@ -23,15 +23,15 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
     distill.write_text(yaml.safe_dump(d))
     qs = tmp_path / "qs.yaml"
     qs.write_text(yaml.safe_dump({"quickstart": {"synth_preset": str(synth), "distill_preset": str(distill),
-                                                 "rates": [1.0, 0.5], "tasks": ["ks", "sid"], "adapt_task": "sid",
+                                                 "rates": [1.0, 0.5], "tasks": ["ks", "sid"], "adapt_tasks": ["sid"],
                                                  "adapt_epochs": 1, "probe_epochs": 2}}))
     args = ["quickstart", "--out", str(tmp_path / "qs"), "-c", str(qs), "--device", "cpu", "--json"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert {(x["task"], x["requested_rate"]) for x in doc["rows"]} == {("ks", 1.0), ("ks", 0.5), ("sid", 1.0), ("sid", 0.5)}
-    assert 0 < doc["adapt"]["learned_rate"] <= 1 and "UNTRAINED" in doc["note"]
-    for key in ("student", "store", "ks_plot", "sid_csv", "adapt_rate_config", "tradeoff_plot"):
+    assert 0 < doc["adapt"]["sid"]["learned_rate"] <= 1
+    for key in ("student", "store", "ks_plot", "sid_csv", "adapt_sid_rate_config", "tradeoff_plot"):
         assert Path(doc["paths"][key]).exists()
     assert Path(doc["paths"]["tradeoff_plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     t0 = time.perf_counter()
@@ -39,7 +39,7 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
     assert r2.exit_code == 0
     assert json.loads(r2.stdout)["rows"] == doc["rows"]
     assert time.perf_counter() - t0 < 30  # every stage reused
-    assert set(json.loads(r2.stdout)["reused"]) == {"distill", "extract", "sweep-ks", "sweep-sid", "adapt"}
+    assert set(json.loads(r2.stdout)["reused"]) == {"distill", "extract", "sweep-ks", "sweep-sid", "adapt-sid"}
     # another adapt setting: adapt runs again, everything before it is reused
     r3 = CliRunner().invoke(app, args + ["--set", "adapt_epochs=2"])
     assert r3.exit_code == 0, r3.output

@@ -185,9 +185,11 @@ class Student(nn.Module):
         return out
 
     # ------------------------------------------------------------------ init
-    def init_from_teacher(self, teacher: nn.Module) -> list[str]:
+    def init_from_teacher(self, teacher: nn.Module, partial: bool = False) -> list[str]:
         """Copy the teacher's CNN, projection, positional conv and first layers (DistilHuBERT
-        init). Returns the copied parameter names; shapes must match."""
+        init). Returns the copied parameter names. Shapes must match, or with ``partial`` only
+        the parts whose every tensor matches are copied (a teacher with the student's CNN but
+        a wider transformer gives its CNN)."""
         src = teacher.model.state_dict()  # torchaudio Wav2Vec2Model keys
         mapping = {}
         for k in self.cnn.state_dict():
@@ -197,15 +199,32 @@ class Student(nn.Module):
         for k in self.transformer.state_dict():
             mapping[f"transformer.{k}"] = f"encoder.transformer.{k}"
         own = self.state_dict()
+        parts: dict[str, list[str]] = {}
+        for dst in mapping:
+            parts.setdefault(_part(dst), []).append(dst)
         copied = []
-        for dst, s in mapping.items():
-            if s not in src:
-                raise ModelError(f"teacher has no parameter {s} to initialise {dst}")
-            if src[s].shape != own[dst].shape:
+        for names in parts.values():
+            bad = [d for d in names if mapping[d] not in src or src[mapping[d]].shape != own[d].shape]
+            if bad and not partial:
+                d = bad[0]
+                if mapping[d] not in src:
+                    raise ModelError(f"teacher has no parameter {mapping[d]} to initialise {d}")
                 raise ModelError(
-                    f"cannot initialise the student from this teacher: {dst} is {list(own[dst].shape)}, "
-                    f"the teacher's {s} is {list(src[s].shape)}")
-            own[dst] = src[s].detach().clone()
-            copied.append(dst)
+                    f"cannot initialise the student from this teacher: {d} is {list(own[d].shape)}, "
+                    f"the teacher's {mapping[d]} is {list(src[mapping[d]].shape)}")
+            if bad:
+                continue
+            for d in names:
+                own[d] = src[mapping[d]].detach().clone()
+                copied.append(d)
         self.load_state_dict(own)
         return copied
+
+
+def _part(name: str) -> str:
+    """The unit copied whole by ``init_from_teacher``: the CNN, the projection, the positional
+    convolution, the transformer's input norm, or one transformer layer."""
+    bits = name.split(".")
+    if bits[0] == "transformer" and bits[1] == "layers":
+        return ".".join(bits[:3])
+    return ".".join(bits[:2]) if bits[0] == "transformer" else bits[0]

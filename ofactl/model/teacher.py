@@ -2,6 +2,8 @@
 
 Accepted ``--teacher`` values:
 
+- ``builtin:hubert-tiny``: the small HuBERT that ships inside the package, pretrained by
+  ``ofactl pretrain -c pretrain-tiny`` (docs/models.md), checked against its recorded sha256;
 - ``random:tiny`` / ``random:base``: an untrained model of that shape (only when named);
 - a torchaudio state dict (``hubert_base``-style keys) in a ``.pt``/``.pth``/``.safetensors``
   file, loaded with ``weights_only=True``; optionally ``{"state_dict": ..., "config": {...}}``;
@@ -37,7 +39,7 @@ from ofactl.model.blocks import (HubertArch, Hidden, build_cnn, build_encoder, c
                                  normalize_waveform, transformer_states)
 from ofactl.model.student import TINY_CONV
 
-ACCEPTED = ("random:tiny, random:base, a torchaudio state dict (.pt/.pth/.safetensors), a "
+ACCEPTED = ("builtin:hubert-tiny, random:tiny, random:base, a torchaudio state dict (.pt/.pth/.safetensors), a "
             "HuggingFace HubertModel/Wav2Vec2Model folder (config.json + weights), or a fairseq "
             "HuBERT/wav2vec 2.0 .pt checkpoint (with --trust-checkpoint)")
 
@@ -83,9 +85,39 @@ class Teacher(nn.Module):
 
 
 # ----------------------------------------------------------------------------- dispatch
+# Teachers that ship inside the package (``builtin:NAME``): file and checksum, checked at load.
+# The model card (docs/models.md) says how each was made.
+BUILTIN = {
+    "hubert-tiny": {"file": "hubert-tiny.safetensors", "sha256": "0869de4c33d3342be81fe44a6b9eae0a55d0d2837da1bf70472c6c0563c7b4bd"},
+}
+
+
+def builtin_path(name: str) -> Path:
+    """Where a built-in teacher lives in the installed package."""
+    if name not in BUILTIN:
+        raise CheckpointError(f"unknown built-in teacher 'builtin:{name}'; built-in: "
+                              + ", ".join(f"builtin:{n}" for n in BUILTIN))
+    return Path(__file__).resolve().parent.parent / "_teachers" / BUILTIN[name]["file"]
+
+
+def _load_builtin(name: str) -> Teacher:
+    p = builtin_path(name)
+    if not p.is_file():
+        raise CheckpointError(f"builtin:{name} is missing from this installation ({p}); reinstall ofactl")
+    want = BUILTIN[name]["sha256"]
+    got = file_fingerprint(p)
+    if want and got != want:
+        raise CheckpointError(f"builtin:{name}: {p} has sha256 {got[:12]}..., expected {want[:12]}...; reinstall ofactl")
+    t = _from_state_dict(_load_safetensors(p), _safetensors_arch(p), p)
+    t.source, t.format = f"builtin:{name}", "builtin"
+    return t
+
+
 def load_teacher(spec: str | Path, trust: bool = False, seed: int = 0) -> Teacher:
     """Load a teacher from ``spec`` (see module docstring); frozen, in eval mode."""
     s = str(spec)
+    if s.startswith("builtin:"):
+        return _load_builtin(s.split(":", 1)[1]).freeze()
     if s.startswith("random:"):
         name = s.split(":", 1)[1]
         if name not in RANDOM_ARCHS:

@@ -87,3 +87,18 @@ def test_gradients_flow_to_alpha_predictor():
     out.pred.pow(2).mean().backward()
     g = s.compressor.predictor.out.weight.grad
     assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_partial_init_copies_the_parts_that_match():
+    from ofactl.model.blocks import HubertArch
+    from ofactl.model.student import TINY_CONV
+    from ofactl.model.teacher import Teacher
+
+    wide = Teacher(HubertArch(conv_layers=TINY_CONV, embed_dim=96, num_layers=3, num_heads=3, ffn_dim=128,
+                              pos_conv_kernel=16, pos_conv_groups=4))
+    s = Student(student_config("tiny"))
+    names = s.init_from_teacher(wide, partial=True)
+    assert names and all(n.startswith("cnn.") for n in names)  # the 64-channel CNN only
+    assert torch.equal(s.cnn.conv_layers[1].conv.weight, wide.model.feature_extractor.conv_layers[1].conv.weight)
+    with pytest.raises(Exception, match="cannot initialise"):
+        Student(student_config("tiny")).init_from_teacher(wide)

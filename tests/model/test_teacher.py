@@ -272,3 +272,19 @@ def test_huggingface_bin_honours_trust(tmp_path):
     assert t.format == "huggingface" and t.arch.embed_dim == 32
     torch.save(m.state_dict(), d / "pytorch_model.bin")  # tensors only: no trust needed
     assert load_teacher(d).arch.num_layers == 1
+
+
+def test_builtin_teacher_loads_with_its_recorded_checksum_and_architecture():
+    from ofactl.model.teacher import BUILTIN, builtin_path, file_fingerprint
+
+    p = builtin_path("hubert-tiny")
+    assert p.is_file() and p.stat().st_size <= 10 * 2**20  # ships inside the package, at most 10 MB
+    assert file_fingerprint(p) == BUILTIN["hubert-tiny"]["sha256"]
+    t = load_teacher("builtin:hubert-tiny")
+    assert t.source == "builtin:hubert-tiny" and t.format == "builtin"
+    assert (t.arch.embed_dim, t.arch.num_layers, t.arch.num_heads, t.arch.cnn_dim) == (128, 4, 4, 64)
+    x = wav(16000)
+    h = t(x, torch.tensor([16000]))
+    assert h.states.shape == (1, 49, 5, 128) and torch.isfinite(h.states).all()
+    with pytest.raises(CheckpointError, match="unknown built-in teacher"):
+        load_teacher("builtin:hubert-huge")

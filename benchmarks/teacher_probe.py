@@ -1,0 +1,119 @@
+"""How much speech a teacher knows: linear probes on each of its layers against log-mel frames
+and the untrained ``random:tiny``.
+
+    python benchmarks/teacher_probe.py [--teacher builtin:hubert-tiny] [--synth DIR] [--fsdd DIR]
+
+- ``pr``: phoneme recognition (PER, a linear CTC head) on synth-tiny, trained on its train
+  split and tested on its test split, whose voices the bundled teacher never heard
+  (``synth-pretrain`` leaves them out);
+- ``ks``: keyword spotting on FSDD (accuracy, statistics pooling and a linear layer) with a
+  speaker-independent split (test speaker theo, dev lucas: left out of pretraining too).
+
+Prints one JSON document with every layer's figure, the best layer, and the ratios the model
+card reports. Every probe is seeded; features are computed once per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import emit  # noqa: E402
+
+from ofactl.audio import Corpus, load_audio, read_corpus  # noqa: E402
+from ofactl.model.fbank import log_mel  # noqa: E402
+from ofactl.model.teacher import load_teacher  # noqa: E402
+from ofactl.probe import ProbeConfig, build_task, train_probe  # noqa: E402
+
+FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
+
+
+@torch.no_grad()
+def teacher_features(spec: str, corpus: Corpus, ids: set[str]) -> dict[str, np.ndarray]:
+    """Every hidden state of a teacher: (T, L, D) float16 per utterance."""
+    t = load_teacher(spec, seed=0)
+    out = {}
+    for u in corpus:
+        if u.id in ids:
+            w = load_audio(u.path)
+            h = t(w[None], torch.tensor([len(w)]))
+            out[u.id] = h.states[0, : int(h.lengths[0])].half().numpy()
+    return out
+
+
+@torch.no_grad()
+def mel_features(corpus: Corpus, ids: set[str], bins: int = 64) -> dict[str, np.ndarray]:
+    """Log-mel frames on the same 20 ms grid: (T, 1, bins)."""
+    out = {}
+    for u in corpus:
+        if u.id in ids:
+            w = load_audio(u.path)
+            m, n = log_mel(w[None], torch.tensor([len(w)]), bins)
+            out[u.id] = m[0, : int(n[0]), None].half().numpy()
+    return out
+
+
+def per_layer(task, feats: dict[str, np.ndarray], cfg: ProbeConfig) -> list[float]:
+    n_layers = next(iter(feats.values())).shape[1]
+    scores = []
+    for layer in range(n_layers):
+        one = {u: x[:, layer : layer + 1] for u, x in feats.items()}
+        scores.append(round(train_probe(task, one, cfg).test[task.metric], 4))
+    return scores
+
+
+def probe_task(name: str, corpus: Corpus, teacher: str, cfg: ProbeConfig) -> dict:
+    task = build_task(name, corpus, seed=0)
+    ids = set(task.ids)
+    t0 = time.perf_counter()
+    res = {"metric": task.metric, "splits": {k: len(v) for k, v in task.splits.items()}}
+    res["log_mel"] = per_layer(task, mel_features(corpus, ids), cfg)[0]
+    for label, spec in (("random_tiny", "random:tiny"), ("teacher", teacher)):
+        res[label] = per_layer(task, teacher_features(spec, corpus, ids), cfg)
+    pick = min if task.metric == "per" else max
+    res["teacher_best"] = pick(res["teacher"])
+    res["teacher_best_layer"] = res["teacher"].index(res["teacher_best"])
+    res["random_tiny_best"] = pick(res["random_tiny"])
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", default="builtin:hubert-tiny")
+    ap.add_argument("--synth", default=None, help="a synth-tiny folder (made in a temporary folder if absent)")
+    ap.add_argument("--fsdd", default=str(FSDD))
+    ap.add_argument("--epochs", type=int, default=40)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    synth = Path(args.synth) if args.synth else None
+    if synth is None or not (synth / "manifest.tsv").is_file():
+        from ofactl.config import load_config
+        from ofactl.synth import SynthConfig, run_synth
+
+        synth = synth or Path(tempfile.mkdtemp(prefix="ofactl-probe-")) / "synth-tiny"
+        run_synth(load_config(SynthConfig, "synth", "synth-tiny"), synth)
+    out: dict = {"benchmark": "teacher_probe", "teacher": args.teacher}
+    pr_cfg = ProbeConfig(ctc_head="linear", epochs=args.epochs, device="cpu")
+    out["pr_synth_unseen_voices"] = probe_task("pr", read_corpus(synth / "manifest.tsv"), args.teacher, pr_cfg)
+    if Path(args.fsdd).is_dir():
+        ks_cfg = ProbeConfig(cls_epochs=args.epochs, device="cpu")
+        fsdd = read_corpus(f"{args.fsdd}::{{label}}_{{speaker}}_{{take}}")
+        out["ks_fsdd_speaker_independent"] = probe_task("ks", fsdd, args.teacher, ks_cfg)
+    pr = out["pr_synth_unseen_voices"]
+    out["pr_best_over_log_mel"] = round(pr["teacher_best"] / pr["log_mel"], 3)
+    if "ks_fsdd_speaker_independent" in out:
+        ks = out["ks_fsdd_speaker_independent"]
+        out["ks_best_minus_log_mel_points"] = round(100 * (ks["teacher_best"] - ks["log_mel"]), 1)
+    emit(out)
+
+
+if __name__ == "__main__":
+    main()
