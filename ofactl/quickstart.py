@@ -41,9 +41,9 @@ class QuickstartConfig:
     synth_preset: str = "synth-tiny"
     distill_preset: str = "distill-tiny"
     rates: tuple[float, ...] = (1.0, 0.5, 0.33, 0.25)
-    tasks: tuple[str, ...] = ("ks", "sid", "pr")
-    pr_head: str = "linear"  # the CTC head of the pr sweep: linear keeps the quickstart fast
-    adapt_tasks: tuple[str, ...] = ("pr", "ks")  # a task that needs frames and a flat one
+    tasks: tuple[str, ...] = ("ks", "sid")  # add pr for phonemes (with pr_head: linear to stay fast)
+    pr_head: str = "lstm"  # the CTC head of pr sweeps and of adapt's pr probe: lstm (better), linear (faster)
+    adapt_tasks: tuple[str, ...] = ("pr",)  # e.g. ("pr", "ks"): a task that needs frames and a flat one
     adapt_epochs: int = 6
     probe_epochs: int = 60  # utterance heads train in seconds; the sid probe still improves past 40
     device: str = "auto"

@@ -53,3 +53,22 @@ def synth_corpus(tmp_path_factory, small_synth_cfg) -> Path:
 
     out = tmp_path_factory.mktemp("synth")
     return run_synth(small_synth_cfg, out / "corpus").manifest
+
+
+def kill_when_exists(cmd: list[str], marker: Path, timeout: float = 120.0) -> None:
+    """Start ``cmd``, SIGKILL it as soon as ``marker`` exists (a checkpoint, say), and check that
+    it really was killed rather than finished first."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if marker.exists():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import kill_when_exists
 import torch
 
 from ofactl.checkpoint import load_student, read_checkpoint
@@ -155,15 +156,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, synth_corpus):
     full = tmp_path / "full"
     subprocess.run([sys.executable, "-c", _SCRIPT, str(synth_corpus), str(full), "12", "0"], check=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, str(synth_corpus), str(killed), "12", "0"])
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (killed / "checkpoints/step-00000003.pt").exists():
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_when_exists([sys.executable, "-c", _SCRIPT, str(synth_corpus), str(killed), "12", "0"], killed / "checkpoints/step-00000003.pt")
     assert not (killed / "student.pt").exists()
     subprocess.run([sys.executable, "-c", _SCRIPT, str(synth_corpus), str(killed), "12", "1"], check=True)
     a = read_checkpoint(full / "student.pt")["state_dict"]

@@ -397,7 +397,7 @@ def _chunk_files(store, rate_key, array):
     return sorted(p for p in (store / rate_key / array / "c").rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("array,damage", [("feats", "delete"), ("feats", "truncate"), ("lengths", "delete"),
+@pytest.mark.parametrize("array,damage", [("feats", "delete"), ("feats", "truncate"), ("lengths", "delete"), ("lengths", "truncate"),
                                           ("checksum", "delete"), ("utt_id", "delete")])
 def test_damage_is_detected_named_and_repaired_bitwise(tmp_path, synth_corpus, student_ckpt, array, damage):
     ckpt, _ = student_ckpt

@@ -2,14 +2,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import kill_when_exists
 import torch
 
 from ofactl.audio import read_corpus
@@ -110,15 +109,7 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path, synth_corpus):
     here = os.path.dirname(__file__)
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run([sys.executable, "-c", _SCRIPT, str(synth_corpus), str(full), "0", here], check=True)
-    proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, str(synth_corpus), str(killed), "0", here])
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (killed / "checkpoints/step-00000003.pt").exists():
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_when_exists([sys.executable, "-c", _SCRIPT, str(synth_corpus), str(killed), "0", here], killed / "checkpoints/step-00000003.pt")
     subprocess.run([sys.executable, "-c", _SCRIPT, str(synth_corpus), str(killed), "1", here], check=True)
     from safetensors.torch import load_file
 
