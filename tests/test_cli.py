@@ -127,7 +127,7 @@ def test_docs_presets_key_reference_is_current():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "presets.md").read_text()
     assert doc == with_keys(doc), "docs/presets.md keys are stale: run python -m ofactl.cli_docs"
-    for key in ("`student.spectral_bins`", "`probe.ctc_head`", "`cost`", "`rates`", "`adapt_tasks`", "`max_frames`", "`long_window_s`"):
+    for key in ("`student.spectral_bins`", "`probe.ctc_head`", "`cost`", "`rates`", "`adapt_tasks`", "`probe.max_frames`", "`long_window_s`"):
         assert key in doc
 
 
