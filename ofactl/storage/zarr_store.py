@@ -308,19 +308,38 @@ class FeatureGroup:
                 damaged += [Damage(i, f"#{i}", f"per-utterance arrays unreadable ({type(e).__name__})")
                             for i in range(lo, hi)]
                 continue
-            for j, i in enumerate(range(lo, hi)):
-                if not arr["done"][j]:
-                    continue
-                uid, err = str(arr["utt_id"][j]), str(arr["error"][j])
-                o, m = int(arr["offsets"][j]), int(arr["lengths"][j])
-                try:
-                    x = np.asarray(self._g["feats"][o : o + m]) if m else None
-                except Exception as e:
-                    damaged.append(Damage(i, uid or f"#{i}", f"unreadable chunk ({type(e).__name__})"))
-                    continue
-                if utt_checksum(uid, err, x) != int(arr["checksum"][j]):
-                    damaged.append(Damage(i, uid or f"#{i}", "checksum mismatch"))
+            damaged += self._verify_block(lo, hi, arr)
         return damaged
+
+    def _verify_block(self, lo: int, hi: int, arr: dict[str, np.ndarray]) -> list[Damage]:
+        """One block: its frames read in one go (a block is contiguous on disk), each utterance
+        checked; a read that fails falls back to one read per utterance to name the damaged."""
+        feats = self._g["feats"]
+        done = [j for j in range(hi - lo) if arr["done"][j]]
+        spans = [(int(arr["offsets"][j]), int(arr["lengths"][j])) for j in done if arr["lengths"][j] > 0]
+        start = min((o for o, _ in spans), default=0)
+        end = min(feats.shape[0], max((o + n for o, n in spans), default=0))
+        try:
+            buf: np.ndarray | None = np.asarray(feats[start:end]) if end > start else None
+        except Exception:
+            buf = None
+        out = []
+        for j in done:
+            i, uid, err = lo + j, str(arr["utt_id"][j]), str(arr["error"][j])
+            o, m = int(arr["offsets"][j]), int(arr["lengths"][j])
+            if not m:
+                x = None
+            elif buf is not None and start <= o and o + m <= end:
+                x = buf[o - start : o - start + m]
+            else:
+                try:
+                    x = np.asarray(feats[o : o + m])
+                except Exception as e:
+                    out.append(Damage(i, uid or f"#{i}", f"unreadable chunk ({type(e).__name__})"))
+                    continue
+            if utt_checksum(uid, err, x) != int(arr["checksum"][j]):
+                out.append(Damage(i, uid or f"#{i}", "checksum mismatch"))
+        return out
 
     def repair(self, damaged: Sequence[Damage]) -> None:
         """Mark ``damaged`` utterances not done (and the group incomplete); chunks that no longer
