@@ -204,8 +204,8 @@ def train_step_loss(student: Any, teacher: Any, batch: dict[str, Any], cfg: Dist
     a_pred = out.compressed.alpha_pred
     g = cfg.guidance
     if a_pred is not None:
-        if "segids" in batch:
-            segids = batch["segids"].to(device)
+        if "aligned" in batch:  # segment ids on the 20 ms grid (ofactl.training.CropBatches)
+            segids = batch["aligned"].to(device)
             S = a_pred.shape[1]
             segids = F.pad(segids, (0, max(0, S - segids.shape[1])), value=-1)[:, :S]
             seg_end, a_pseudo = guidance_targets(segids, out.cnn_lengths)
@@ -339,8 +339,6 @@ def _distill_job(cfg: DistillConfig, student: Student, teacher: Any, held: list[
     job: Job
 
     def step_loss(batch: dict[str, Any], gen: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
-        if "aligned" in batch:
-            batch = {**batch, "segids": batch["aligned"]}
         o = train_step_loss(job.model, teacher, batch, cfg, su.device, su.amp, gen)
         return o.loss, {"per_head": [float(x) for x in o.per_head], "alpha_seg": float(o.seg),
                         "alpha_frame": float(o.frame), "achieved_rate": o.achieved, "alpha_mean_step": o.alpha_mean}
@@ -360,10 +358,9 @@ def _distill_job(cfg: DistillConfig, student: Student, teacher: Any, held: list[
         student.load_state_dict(obj["state_dict"])
         return dict(obj["train_state"])
 
-    job = Job("distilling", student, student.parameters(), step_loss, save, read_checkpoint, load,
+    job = Job("distilling", student, list(student.parameters()), step_loss, save, read_checkpoint, load,
               evaluate=lambda: evaluate(student, teacher, held, cfg, su.device, su.amp), after_step=after_step,
               progress_keys=("loss", "achieved_rate"))
-    job.params = list(student.parameters())
     return job
 
 

@@ -468,13 +468,11 @@ def _check_disk(out: Path, plans: list[_GroupPlan], cfg: ExtractConfig, shard: t
     per_frame = n_layers * dim * (2 if cfg.dtype == "float16" else 4)
     need = 0
     for p in plans:
-        todo = np.ones(p.layout.n_utts, dtype=bool)
-        if p.action == "reuse":
-            todo = ~p.group.done
+        to_write = ~p.group.done if p.action == "reuse" else np.ones(p.layout.n_utts, dtype=bool)
         if shard is not None:
             block = np.arange(p.layout.n_utts) // cfg.block_utts
-            todo &= block % shard[1] == shard[0]
-        need += int(p.layout.reserve[todo].sum()) * per_frame
+            to_write &= block % shard[1] == shard[0]
+        need += int(p.layout.reserve[to_write].sum()) * per_frame
     if need > free:
         raise StoreError(f"{out}: these features need about {need / 1e6:,.2f} MB, but only {free / 1e6:,.2f} MB "
                          "are free on that disk; nothing was written (free space or choose another --out)")
@@ -564,21 +562,25 @@ def _forward(student: Any, wav: torch.Tensor, lengths: torch.Tensor, rates: list
     from ofactl.model.windowed import features_windowed
 
     hop = student.cfg.arch.hop
-    long = [j for j in range(len(lengths)) if int(lengths[j]) > cfg.long_window_s * SR]
-    short = [j for j in range(len(lengths)) if j not in long]
-    out: dict[float, list[Any]] = {r: [None] * len(lengths) for r in rates}
+    n = lengths.tolist()  # one host copy (a device sync on CUDA), not one per utterance
+    long = [j for j in range(len(n)) if n[j] > cfg.long_window_s * SR]
+    short = [j for j in range(len(n)) if n[j] <= cfg.long_window_s * SR]
+    out: dict[float, list[Any]] = {r: [None] * len(n) for r in rates}
     exact = not cfg.adaptive_length
     if short:
-        sel = torch.tensor(short, device=wav.device)
-        n_max = int(lengths[sel].max())
-        feats = student.features(wav[sel, :n_max], lengths[sel], rates, exact=exact, layers=layers)
+        if long:  # only then does the batch need narrowing to its short utterances
+            sel = torch.tensor(short, device=wav.device)
+            wav_s, len_s = wav[sel, : max(n[j] for j in short)], lengths[sel]
+        else:
+            wav_s, len_s = wav, lengths
+        feats = student.features(wav_s, len_s, rates, exact=exact, layers=layers)
         for r, h in feats.items():
             arr, lens = h.states.to(dtype).cpu().numpy(), h.lengths.cpu().numpy()
             for k, j in enumerate(short):
                 out[r][j] = arr[k, : lens[k]]
     win, ctx = int(cfg.long_window_s * SR / hop), int(cfg.long_context_s * SR / hop)
     for j in long:
-        feats = features_windowed(student, wav[j, : int(lengths[j])], rates, exact=exact, layers=layers,
+        feats = features_windowed(student, wav[j, : n[j]], rates, exact=exact, layers=layers,
                                   window=win, context=ctx)
         for r, h in feats.items():
             out[r][j] = h.states[0, : int(h.lengths[0])].to(dtype).cpu().numpy()

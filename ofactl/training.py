@@ -384,21 +384,16 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
                 audio_s += float(batch["lengths"].sum()) / SR
                 if len(acc) < cfg.optim.accum:
                     continue
-                optim.scaler.unscale_(optim.opt)
-                gnorm = torch.nn.utils.clip_grad_norm_(job.params, cfg.optim.grad_clip)
-                optim.scaler.step(optim.opt)
-                optim.scaler.update()
-                optim.opt.zero_grad(set_to_none=True)
-                optim.sched.step()
+                gnorm = _optimizer_step(job, cfg, optim)
                 step += 1
                 extra = job.after_step(acc) if job.after_step else {}
                 elapsed = time.perf_counter() - t0
+                mean = _mean_metrics(acc)
                 if setup.main and (step % cfg.log_every == 0 or step == cfg.steps):
-                    rec = {"step": step, **_mean_metrics(acc), **extra, "lr": optim.sched.get_last_lr()[0],
-                           "grad_norm": float(gnorm), "audio_s_per_s": round(audio_s / elapsed, 2),
-                           "elapsed_s": round(elapsed, 2)}
-                    _write(metrics, rec)
-                shown = {k: v for k, v in _mean_metrics(acc).items() if k in job.progress_keys}
+                    _write(metrics, {"step": step, **mean, **extra, "lr": optim.sched.get_last_lr()[0],
+                                     "grad_norm": gnorm, "audio_s_per_s": round(audio_s / elapsed, 2),
+                                     "elapsed_s": round(elapsed, 2)})
+                shown = {k: v for k, v in mean.items() if k in job.progress_keys}
                 progress.advance(1, **shown, h_per_s=round(audio_s / 3600 / max(elapsed, 1e-9), 4))
                 acc = []
                 if job.evaluate and cfg.eval_every and step % cfg.eval_every == 0 and setup.main and step < cfg.steps:
@@ -421,6 +416,17 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
                 metrics.close()
     save(step)
     return LoopResult(step, start, audio_s, time.perf_counter() - t0)
+
+
+def _optimizer_step(job: Job, cfg: TrainConfig, optim: Optimisation) -> float:
+    """Unscale, clip, step optimizer, scaler and schedule; returns the gradient norm."""
+    optim.scaler.unscale_(optim.opt)
+    gnorm = torch.nn.utils.clip_grad_norm_(job.params, cfg.optim.grad_clip)
+    optim.scaler.step(optim.opt)
+    optim.scaler.update()
+    optim.opt.zero_grad(set_to_none=True)
+    optim.sched.step()
+    return float(gnorm)
 
 
 def _mean_metrics(acc: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -20,8 +19,8 @@ from ofactl.audio import load_audio, read_corpus
 from ofactl.checkpoint import save_student
 from ofactl.cli import app
 from ofactl.errors import AudioError, StoreError
-from ofactl.extract import ExtractConfig, extract_with_student, run_extract
-from ofactl.model.student import Student, StudentConfig, student_config
+from ofactl.extract import ExtractConfig, run_extract
+from ofactl.model.student import Student, student_config
 from ofactl.storage import open_store
 
 CFG = ExtractConfig(rates=(1.0, 0.5), num_workers=0, block_utts=4, chunk_frames=16, batch_seconds=3.0,

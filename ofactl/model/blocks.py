@@ -139,13 +139,21 @@ def _masked_group_norm(gn: nn.GroupNorm, x: Tensor, lengths: Tensor) -> Tensor:
     n = (mask.sum(-1) * (Ch // G)).clamp(min=1)  # (B, 1) valid elements per group
     s1 = xm.sum(-1).reshape(B, G, Ch // G).sum(-1)  # (B, G)
     s2 = (xm * xm).sum(-1).reshape(B, G, Ch // G).sum(-1)
+    scale, shift = group_norm_affine(gn, s1, s2, n)  # (B, C) each
+    return torch.addcmul(shift[..., None], x, scale[..., None])
+
+
+def group_norm_affine(gn: nn.GroupNorm, s1: Tensor, s2: Tensor, n: Tensor | float) -> tuple[Tensor, Tensor]:
+    """A GroupNorm as per-channel (scale, shift) from per-group sums of x and x^2 over ``n``
+    elements: (..., G) -> (..., C) each, so that the norm is ``x * scale + shift``."""
+    per = gn.num_channels // gn.num_groups
     mean = s1 / n
     var = (s2 / n - mean * mean).clamp(min=0.0)
-    inv = torch.rsqrt(var + gn.eps).repeat_interleave(Ch // G, dim=1)  # (B, C)
-    mean_c = mean.repeat_interleave(Ch // G, dim=1)
-    scale = inv * gn.weight[None] if gn.affine else inv
-    shift = (gn.bias[None] if gn.affine else 0.0) - mean_c * scale
-    return torch.addcmul(shift[..., None], x, scale[..., None])
+    inv = torch.rsqrt(var + gn.eps).repeat_interleave(per, dim=-1)
+    mean_c = mean.repeat_interleave(per, dim=-1)
+    scale = inv * gn.weight if gn.affine else inv
+    shift = (gn.bias if gn.affine else 0.0) - mean_c * scale
+    return scale, shift
 
 
 def build_encoder(arch: HubertArch, num_layers: int | None = None) -> C.Encoder:

@@ -25,7 +25,7 @@ import json
 import pickle
 import re
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 

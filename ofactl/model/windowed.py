@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ofactl.model.blocks import Hidden
+from ofactl.model.blocks import Hidden, group_norm_affine
 
 CNN_WINDOW_FRAMES = 1000  # 20 s of 20 ms frames per CNN window (exact, so only a speed knob)
 
@@ -86,14 +86,8 @@ def _first_layer_stats(layer: nn.Module, wav: Tensor, span: int) -> tuple[Tensor
         y = conv(wav[a * s : (b - 1) * s + k][None, None])[0].double()
         s1 += y.sum(-1)
         s2 += (y * y).sum(-1)
-    per = C // G
-    n = max(1, n0) * per
-    mean = s1.reshape(G, per).sum(-1) / n
-    var = (s2.reshape(G, per).sum(-1) / n - mean * mean).clamp(min=0.0)
-    inv = torch.rsqrt(var + gn.eps).repeat_interleave(per)
-    mean_c = mean.repeat_interleave(per)
-    scale = inv * gn.weight.double() if gn.affine else inv
-    shift = (gn.bias.double() if gn.affine else 0.0) - mean_c * scale
+    sums = (s1.reshape(G, C // G).sum(-1), s2.reshape(G, C // G).sum(-1))
+    scale, shift = group_norm_affine(gn, *sums, max(1, n0) * (C // G))  # float64 statistics
     return scale.to(wav.dtype), shift.to(wav.dtype)
 
 
