@@ -368,11 +368,7 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
     job.model.train()
 
     def save(at: int) -> None:
-        if not setup.main:
-            return
-        job.save(setup.ckpt_dir / f"step-{at:08d}.pt", at, optim.state(cfg.seed))
-        for p in sorted(setup.ckpt_dir.glob("step-*.pt"))[: -max(1, cfg.keep_checkpoints)]:
-            p.unlink(missing_ok=True)
+        _save_checkpoint(job, cfg, setup, optim, at)
 
     with deferred_sigint() as stop:
         try:
@@ -416,6 +412,15 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
                 metrics.close()
     save(step)
     return LoopResult(step, start, audio_s, time.perf_counter() - t0)
+
+
+def _save_checkpoint(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, at: int) -> None:
+    """Rank 0: ``checkpoints/step-N.pt``, keeping the newest ``keep_checkpoints``."""
+    if not setup.main:
+        return
+    job.save(setup.ckpt_dir / f"step-{at:08d}.pt", at, optim.state(cfg.seed))
+    for p in sorted(setup.ckpt_dir.glob("step-*.pt"))[: -max(1, cfg.keep_checkpoints)]:
+        p.unlink(missing_ok=True)
 
 
 def _optimizer_step(job: Job, cfg: TrainConfig, optim: Optimisation) -> float:
