@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ofactl.audio import Corpus, load_audio, read_corpus
+from ofactl.choices import LambdaData, LambdaGrad, LambdaLoss, Task
 from ofactl.config import save_resolved
 from ofactl.errors import ConfigError
 from ofactl.model.compress import LAMBDA_MAX, length_mask, mix_alpha, rate_to_lambda
@@ -50,7 +51,7 @@ from ofactl.runtime import check_device_name, resolve_device
 
 @dataclass
 class AdaptConfig:
-    task: str = "pr"
+    task: Task = "pr"
     label_column: str = ""
     init_rate: float = 0.5
     cost: float = 0.05  # gamma: expected error (a fraction: 0.05 = 5 points of accuracy or error rate)
@@ -61,10 +62,10 @@ class AdaptConfig:
     lambda_lr: float = 0.05
     lambda_warmup: float = 0.3  # share of the steps training the probe alone: a random probe's
     # loss says nothing about the rate, so lambda starts learning once the probe does
-    lambda_data: str = "dev"  # dev: lambda follows the dev-split loss (first-order DARTS); train: the same loss as the probe
-    lambda_grad: str = "difference"  # difference: central difference of the task loss over +-difference_step
+    lambda_data: LambdaData = "dev"  # dev: lambda follows the dev-split loss (first-order DARTS); train: the same loss as the probe
+    lambda_grad: LambdaGrad = "difference"  # difference: central difference of the task loss over +-difference_step
     # (sees the frame count change); pathwise: autograd through the CIF weights only
-    lambda_loss: str = "error"  # error: lambda weighs the expected error rate (metric units); loss: the training loss
+    lambda_loss: LambdaLoss = "error"  # error: lambda weighs the expected error rate (metric units); loss: the training loss
     difference_step: float = 0.1  # lambda half-step of the central difference (0.1 ~ 0.09 of rate)
     probe_band: float = 0.3  # the probe trains at per-utterance lambdas within +-band of the current one,
     # so its loss does not favour the rate it happens to sit at

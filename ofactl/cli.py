@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from ofactl import __version__
+from ofactl.choices import CompressorKind, FeatureDtype, OnError, Precision, StoreFormat, Task
 from ofactl.errors import OfactlError
 
 T = TypeVar("T")
@@ -62,17 +63,8 @@ DebugOpt = Annotated[
 
 
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda[:N].", rich_help_panel="Compute")]
-PrecisionOpt = Annotated[Optional[str], typer.Option(
+PrecisionOpt = Annotated[Optional[Precision], typer.Option(
     "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA).", rich_help_panel="Compute")]
-
-
-def _with_flags(set_: Optional[list[str]], **flags: Any) -> list[str]:
-    """--set overrides plus one key=value per command-line flag that was given (dots as __)."""
-    out = list(set_ or [])
-    for key, val in flags.items():
-        if val is not None:
-            out.append(f"{key.replace('__', '.')}={val}")
-    return out
 
 
 class RichProgress:
@@ -91,8 +83,15 @@ class RichProgress:
             if not self.quiet:
                 err_console.print(f"[bold]{stage}[/bold]" + (f" ({total})" if total else ""))
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
-                                   TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self._bar = Progress(
             SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
@@ -187,11 +186,11 @@ def quickstart(
 
     Reruns reuse finished stages.
     """
-    from ofactl.config import load_config
+    from ofactl.config import Flag, load_config
     from ofactl.quickstart import QuickstartConfig, run_quickstart
 
     def go() -> Any:
-        cfg = load_config(QuickstartConfig, "quickstart", config, _with_flags(set_, device=device))
+        cfg = load_config(QuickstartConfig, "quickstart", config, set_ or [], [Flag("device", "--device", device)])
         return run_quickstart(cfg, out, progress=_progress(quiet, as_json))
 
     res = _call(debug, go, as_json)
@@ -260,7 +259,7 @@ def distill(
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="HuBERT file/folder, or random:tiny|random:base (untrained).")] = None,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow pickle-based (fairseq) teacher checkpoints.")] = False,
     boundaries: Annotated[Optional[str], typer.Option("--boundaries", help="Alpha guidance: auto, none, phone_times, or a TSV file.")] = None,
-    compressor: Annotated[Optional[str], typer.Option("--compressor", help="cif (once-for-all), avgpool (fixed-rate baseline) or none.")] = None,
+    compressor: Annotated[Optional[CompressorKind], typer.Option("--compressor", help="cif (once-for-all), avgpool (fixed-rate baseline) or none.")] = None,
     rate: Annotated[Optional[float], typer.Option("--rate", help="Train at this one rate only (fixed-rate baseline).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.")] = None,
     device: DeviceOpt = None,
@@ -277,13 +276,14 @@ def distill(
 
     Multi-GPU/multi-process: launch with torchrun; rank 0 writes checkpoints and logs.
     """
-    from ofactl.config import load_config
+    from ofactl.config import Flag, load_config
     from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
 
     def go() -> Any:
-        overrides = _with_flags(set_, teacher=teacher, guidance__boundaries=boundaries, steps=steps,
-                                device=device, precision=precision, student__compressor=compressor)
-        cfg = load_config(DistillConfig, "distill", config, overrides)
+        flags = [Flag("teacher", "--teacher", teacher), Flag("guidance.boundaries", "--boundaries", boundaries),
+                 Flag("steps", "--steps", steps), Flag("device", "--device", device),
+                 Flag("precision", "--precision", precision), Flag("student.compressor", "--compressor", compressor)]
+        cfg = load_config(DistillConfig, "distill", config, set_ or [], flags)
         if rate is not None:  # what --rate sets depends on the resolved student's compressor
             cfg = with_fixed_rate(cfg, rate)
         return run_distill(cfg, corpus, out, resume=resume, overwrite=overwrite,
@@ -323,16 +323,14 @@ def pretrain(
     Writes teacher.safetensors, which --teacher accepts (distill, info). Several GPUs or
     processes: launch with torchrun.
     """
-    from ofactl.config import load_config
+    from ofactl.config import Flag, load_config
     from ofactl.pretrain import PretrainConfig, run_pretrain
 
     def go() -> Any:
-        overrides = _with_flags(set_, targets=targets, steps=steps, device=device, precision=precision)
-        cfg = load_config(PretrainConfig, "pretrain", config, overrides)
-        if from_ckpt is not None:
-            from dataclasses import replace
-
-            cfg = replace(cfg, from_ckpt=from_ckpt)
+        flags = [Flag("targets", "--targets", targets), Flag("from_ckpt", "--from", from_ckpt),
+                 Flag("steps", "--steps", steps), Flag("device", "--device", device),
+                 Flag("precision", "--precision", precision)]
+        cfg = load_config(PretrainConfig, "pretrain", config, set_ or [], flags)
         return run_pretrain(cfg, corpus, out, resume=resume, overwrite=overwrite, trust_checkpoint=trust_checkpoint,
                             progress=_progress(quiet, as_json))
 
@@ -352,15 +350,15 @@ def extract(
     rate: Annotated[Optional[list[float]], typer.Option("--rate", "-r", help="Rate in (0, 1]: output frames per 20 ms frame (repeatable).")] = None,
     frame_ms: Annotated[Optional[list[float]], typer.Option("--frame-ms", help="Average frame period in ms (>= 20), instead of --rate (repeatable).")] = None,
     layers: Annotated[Optional[str], typer.Option("--layers", help="'all' or hidden-state indices, e.g. 0,2.")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16 (default) or float32.")] = None,
+    dtype: Annotated[Optional[FeatureDtype], typer.Option("--dtype", help="float16 (default) or float32.")] = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     batch_seconds: Annotated[Optional[float], typer.Option("--batch-seconds", help="Padded audio seconds per batch.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Audio decoding worker processes.")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="i/N: this process fills every N-th block, from i; auto (the default under torchrun or a SLURM array): from the launcher's RANK/WORLD_SIZE or SLURM_ARRAY_TASK_ID/COUNT.")] = None,
-    on_error: Annotated[Optional[str], typer.Option("--on-error", help="fail (stop at the first bad file) or skip (record it and go on).")] = None,
+    on_error: Annotated[Optional[OnError], typer.Option("--on-error", help="fail (stop at the first bad file) or skip (record it and go on).")] = None,
     adaptive_length: Annotated[bool, typer.Option("--adaptive-length", help="Content-dependent lengths instead of round(rate*T).")] = False,
-    fmt: Annotated[str, typer.Option("--format", help="zarr, or hdf5 (kept in OUT.zarr while running, exported to OUT).")] = "zarr",
+    fmt: Annotated[StoreFormat, typer.Option("--format", help="zarr, or hdf5 (kept in OUT.zarr while running, exported to OUT).")] = "zarr",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace groups made by another checkpoint, layer set or corpus.")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -372,33 +370,18 @@ def extract(
 
     Reruns skip utterances already extracted; a killed run resumes where it stopped.
     """
-    from ofactl.config import load_config
-    from ofactl.extract import ExtractConfig, parse_shard, run_extract
+    from ofactl.config import Flag, load_config
+    from ofactl.extract import ExtractConfig, parse_shard, requested_rates, run_extract
 
     def go() -> Any:
-        overrides = list(set_ or [])
-        rates = list(rate or [])
-        if frame_ms:
-            from ofactl.model.compress import rate_from_frame_ms
-
-            rates += [rate_from_frame_ms(ms) for ms in frame_ms]
-        if rates:
-            overrides.append("rates=[" + ",".join(repr(float(r)) for r in rates) + "]")
-        overrides += _with_flags(None, layers=layers, dtype=dtype, device=device, precision=precision,
-                                 batch_seconds=batch_seconds, num_workers=workers, on_error=on_error)
-        if adaptive_length:
-            overrides.append("adaptive_length=true")
-        if fmt not in ("zarr", "hdf5"):
-            raise OfactlError(f"--format {fmt!r}: expected zarr or hdf5")
-        cfg = load_config(ExtractConfig, "extract", config, overrides)
-        store = out if fmt == "zarr" else Path(str(out) + ".zarr")
-        res = run_extract(cfg, ckpt, corpus, store, shard=parse_shard(shard), overwrite=overwrite,
-                          progress=_progress(quiet, as_json))
-        if fmt == "hdf5" and all(g.complete for g in res.groups):
-            from ofactl.storage.hdf5_export import export_hdf5
-
-            export_hdf5(store, out, [g.rate for g in res.groups])
-        return res
+        flags = [Flag("rates", "--rate", requested_rates(rate or (), frame_ms or ())),
+                 Flag("layers", "--layers", layers), Flag("dtype", "--dtype", dtype), Flag("device", "--device", device),
+                 Flag("precision", "--precision", precision), Flag("batch_seconds", "--batch-seconds", batch_seconds),
+                 Flag("num_workers", "--workers", workers), Flag("on_error", "--on-error", on_error),
+                 Flag("adaptive_length", "--adaptive-length", adaptive_length or None)]
+        cfg = load_config(ExtractConfig, "extract", config, set_ or [], flags)
+        return run_extract(cfg, ckpt, corpus, out, shard=parse_shard(shard), overwrite=overwrite, format=fmt,
+                           progress=_progress(quiet, as_json))
 
     res = _call(debug, go, as_json)
     if as_json:
@@ -429,7 +412,7 @@ def _print_extract(res: Any) -> None:
 def sweep(
     ckpt: Annotated[list[str], typer.Option("--ckpt", help="Student checkpoint, or LABEL=PATH; repeat to compare checkpoints.")],
     corpus: Annotated[str, typer.Option("--corpus", help="Labelled corpus (a .tsv manifest, or a folder with ::pattern).")],
-    task: Annotated[Optional[str], typer.Option("--task", help="ks, cls, sid, pr or asr.")] = None,
+    task: Annotated[Optional[Task], typer.Option("--task", help="The downstream task.")] = None,
     rates: Annotated[Optional[str], typer.Option("--rates", help="Comma-separated rates, e.g. 1,0.75,0.5,0.33,0.25.")] = None,
     store: Annotated[Optional[Path], typer.Option("--store", help="Feature store to reuse/extend (one checkpoint).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: sweep.csv, sweep.json, tradeoff.png, rows/.")] = Path("sweep"),
@@ -447,13 +430,13 @@ def sweep(
     Extracts missing rates (reusing cached groups), trains the probe per rate, and writes a
     table, sweep.csv, sweep.json and tradeoff.png.
     """
-    from ofactl.config import load_config
-    from ofactl.sweep import SweepConfig, parse_ckpts, run_sweep
+    from ofactl.config import Flag, load_config
+    from ofactl.sweep import SweepConfig, parse_ckpts, parse_rates, run_sweep
 
     def go() -> Any:
-        overrides = _with_flags(set_, task=task, rates=None if rates is None else f"[{rates}]",
-                                label_column=label_column, device=device)
-        cfg = load_config(SweepConfig, "sweep", config, overrides)
+        flags = [Flag("task", "--task", task), Flag("rates", "--rates", None if rates is None else parse_rates(rates)),
+                 Flag("label_column", "--label-column", label_column), Flag("device", "--device", device)]
+        cfg = load_config(SweepConfig, "sweep", config, set_ or [], flags)
         return run_sweep(cfg, parse_ckpts(ckpt), corpus, out, store, overwrite=overwrite,
                          progress=_progress(quiet, as_json))
 
@@ -481,7 +464,7 @@ def sweep(
 def adapt(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="Once-for-all (cif) student checkpoint.")],
     corpus: Annotated[str, typer.Option("--corpus", help="Labelled corpus (.tsv manifest or folder::pattern).")],
-    task: Annotated[Optional[str], typer.Option("--task", help="asr, pr, ks, sid or cls.")] = None,
+    task: Annotated[Optional[Task], typer.Option("--task", help="The downstream task.")] = None,
     cost: Annotated[Optional[float], typer.Option("--cost", help="gamma: expected error (0.05 = 5 points) accepted per halving of the frame rate.")] = None,
     target_rate: Annotated[Optional[float], typer.Option("--target-rate", help="Penalise the distance to this rate instead.")] = None,
     init_rate: Annotated[Optional[float], typer.Option("--init-rate", help="Starting rate.")] = None,
@@ -499,11 +482,12 @@ def adapt(
     Writes rate.yaml, so 'ofactl extract -c OUT/rate.yaml' extracts at the learned rate.
     """
     from ofactl.adapt import AdaptConfig, run_adapt
-    from ofactl.config import load_config
+    from ofactl.config import Flag, load_config
 
     def go() -> Any:
-        overrides = _with_flags(set_, task=task, cost=cost, target_rate=target_rate, init_rate=init_rate, device=device)
-        cfg = load_config(AdaptConfig, "adapt", config, overrides)
+        flags = [Flag("task", "--task", task), Flag("cost", "--cost", cost), Flag("target_rate", "--target-rate", target_rate),
+                 Flag("init_rate", "--init-rate", init_rate), Flag("device", "--device", device)]
+        cfg = load_config(AdaptConfig, "adapt", config, set_ or [], flags)
         return run_adapt(cfg, ckpt, corpus, out, compare_sweep, progress=_progress(quiet, as_json))
 
     res = _call(debug, go, as_json)

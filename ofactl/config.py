@@ -236,25 +236,74 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(cls: type, data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with ``--set`` overrides applied; unknown keys fail here."""
+    """Return a copy of ``data`` with ``--set`` overrides applied; unknown keys fail here.
+
+    A key whose type is ``str`` takes the text after ``=`` as it is (a path with ``#`` or
+    ``: `` is not YAML), except ``null`` for an optional one.
+    """
     out: dict[str, Any] = _deepcopy(data)
     for item in overrides:
         path, value = parse_override(item)
-        tp: Any = cls
-        node = out
-        for i, part in enumerate(path):
-            if not (dataclasses.is_dataclass(tp) and part in {f.name for f in dataclasses.fields(tp)}):
-                raise ConfigError(f"unknown key '{'.'.join(path)}' in --set {item}")
-            field_tp = _hints(tp)[part]
-            if i == len(path) - 1:
-                node[part] = value
-            else:
-                child = node.get(part)
-                if not isinstance(child, dict):
-                    child = {}
-                    node[part] = child
-                node = child
-                tp = _unwrap_optional(field_tp)
+        field_tp = _field_type(cls, path, f"--set {item}")
+        raw = item.split("=", 1)[1].strip()
+        if _unwrap_optional(field_tp) is str and not (raw == "null" and field_tp is not str):
+            value = raw
+        _set_path(out, path, value)
+    return out
+
+
+def _field_type(cls: type, path: Sequence[str], where: str) -> Any:
+    """The annotation of the dotted field ``path`` of ``cls``; unknown keys fail naming ``where``."""
+    tp: Any = cls
+    field_tp: Any = None
+    for part in path:
+        tp = _unwrap_optional(tp if field_tp is None else field_tp)
+        if not (dataclasses.is_dataclass(tp) and part in {f.name for f in dataclasses.fields(tp)}):
+            raise ConfigError(f"unknown key '{'.'.join(path)}' in {where}")
+        field_tp = _hints(tp)[part]
+    return field_tp
+
+
+def _set_path(data: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    """``data[a][b]... = value`` for ``path`` [a, b, ...], making the inner mappings it needs."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A command-line flag's typed value for one config key, applied after ``--set``.
+
+    ``Flag("rates", "--rate", (1.5,))``: errors name the flag as typed (``--rate 1.5: ...``),
+    and the value never goes through YAML text. ``None`` means the flag was not given.
+    """
+
+    key: str
+    name: str
+    value: Any
+
+    def shown(self) -> str:
+        """The flag as a user would have typed it."""
+        v = self.value
+        if isinstance(v, (list, tuple)):
+            return " ".join(f"{self.name} {x}" for x in v)
+        return f"{self.name} {v}"
+
+
+def _apply_flags(cls: type, data: dict[str, Any], flags: Sequence[Flag]) -> dict[str, Any]:
+    """A copy of ``data`` with each flag's value checked against its key's type and set."""
+    out: dict[str, Any] = _deepcopy(data)
+    for f in flags:
+        path = f.key.split(".")
+        tp = _field_type(cls, path, f.name)
+        value = _coerce(list(f.value) if isinstance(f.value, tuple) else f.value, tp, f.key, f.shown())
+        _set_path(out, path, value)
     return out
 
 
@@ -280,34 +329,44 @@ def load_config(
     section: str,
     preset: str | Path | None = None,
     overrides: Sequence[str] = (),
+    flags: Sequence[Flag] = (),
 ) -> T:
-    """Defaults <- preset section <- ``--set`` overrides, validated into ``cls``."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if preset is not None:
-        path = find_preset(preset)
-        doc = load_yaml(path)
-        known = _TOP_LEVEL_EXTRA | set(COMMAND_SECTIONS)
-        for k in doc:
-            if k not in known:
-                raise ConfigError(
-                    f"unknown section '{k}' in {path}; valid sections: {', '.join(sorted(known))}"
-                )
-        if section not in doc:
-            present = sorted(k for k in doc if k in COMMAND_SECTIONS)
-            raise ConfigError(
-                f"{path} has no '{section}' section (it has: {', '.join(present) or 'none'})"
-            )
-        sec = doc[section] or {}
-        if not isinstance(sec, dict):
-            raise ConfigError(f"section '{section}' in {path}: expected a mapping")
-        data = sec
-        source = str(path)
-        _build(cls, data, source)  # report preset errors against the file, before overrides
+    """Defaults <- preset section <- ``--set`` overrides <- typed flags, validated into ``cls``.
+
+    An error names where the bad value came from: the preset file, the ``--set`` items, or the
+    one flag that makes the config invalid (``--rate 1.5: rate 1.5 is outside (0, 1] ...``).
+    """
+    data, source = _preset_data(cls, section, preset)
     if overrides:
         data = apply_overrides(cls, data, overrides)
         source = f"{source} with --set {' '.join(overrides)}"
-    return _build(cls, data, source)
+    given = [f for f in flags if f.value is not None]
+    if not given:
+        return _build(cls, data, source)
+    _build(cls, data, source)  # preset and --set errors are reported against them, not a flag
+    for f in given:  # a flag that is wrong on its own is named alone
+        _build(cls, _apply_flags(cls, data, [f]), f.shown())
+    return _build(cls, _apply_flags(cls, data, given), " ".join(f.shown() for f in given))
+
+
+def _preset_data(cls: type, section: str, preset: str | Path | None) -> tuple[dict[str, Any], str]:
+    """The preset's section for ``cls`` (checked against the file) and the source to name in errors."""
+    if preset is None:
+        return {}, "defaults"
+    path = find_preset(preset)
+    doc = load_yaml(path)
+    known = _TOP_LEVEL_EXTRA | set(COMMAND_SECTIONS)
+    for k in doc:
+        if k not in known:
+            raise ConfigError(f"unknown section '{k}' in {path}; valid sections: {', '.join(sorted(known))}")
+    if section not in doc:
+        present = sorted(k for k in doc if k in COMMAND_SECTIONS)
+        raise ConfigError(f"{path} has no '{section}' section (it has: {', '.join(present) or 'none'})")
+    sec = doc[section] or {}
+    if not isinstance(sec, dict):
+        raise ConfigError(f"section '{section}' in {path}: expected a mapping")
+    _build(cls, sec, str(path))  # report preset errors against the file, before overrides
+    return sec, str(path)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

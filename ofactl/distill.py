@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
+from ofactl.choices import Alignment, Precision, RateKind
 from ofactl.config import save_resolved, to_dict
 from ofactl.errors import ConfigError
 from ofactl.model.compress import length_mask, rate_to_lambda
@@ -40,7 +41,7 @@ class RateConfig:
     """Per-utterance rate sampling. period: frame period ~ U[min_ms, max_ms]; lambda: lambda ~
     U[lambda_min, lambda_max] (content-adaptive lengths); fixed: always ``rate``."""
 
-    kind: str = "period"
+    kind: RateKind = "period"
     min_ms: float = 20.0
     max_ms: float = 90.0
     lambda_min: float = 0.0
@@ -83,13 +84,13 @@ class DistillConfig:
     steps: int = 1000
     batch_seconds: float = 120.0
     crop_seconds: float = 15.6
-    alignment: str = "compress"
+    alignment: Alignment = "compress"
     spectral_weight: float = 1.0  # weight of the log-mel head (student.spectral_bins > 0)
     rates: RateConfig = field(default_factory=RateConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     device: str = "auto"
-    precision: str = "auto"
+    precision: Precision = "auto"
     num_workers: int = 2
     seed: int = 0
     ckpt_every: int = 200
@@ -271,7 +272,14 @@ def run_distill(
 ) -> DistillResult:
     """Distill a once-for-all student: set up, build teacher and student, train on the shared
     scaffold (:mod:`ofactl.training`), then save, evaluate and summarise."""
-    from ofactl.training import make_loader, make_optimisation, resume_from, schedule_from, setup_run, train
+    from ofactl.training import (
+        make_loader,
+        make_optimisation,
+        resume_from,
+        schedule_from,
+        setup_run,
+        train,
+    )
 
     progress = progress or NullProgress()
     su = setup_run(cfg, Path(run_dir), resume, overwrite)

@@ -13,12 +13,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import numpy as np
 import torch
 
 from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
+from ofactl.choices import FeatureDtype, OnError, Precision, StoreCompression
 from ofactl.config import to_dict
 from ofactl.errors import AudioError, ConfigError, OfactlError, StoreError
 from ofactl.progress import NullProgress, Progress, ignore_sigint_in_worker
@@ -37,16 +38,16 @@ class ExtractConfig:
 
     rates: tuple[float, ...] = (1.0,)
     layers: str = "all"
-    dtype: str = "float16"
+    dtype: FeatureDtype = "float16"
     device: str = "auto"
-    precision: str = "auto"
+    precision: Precision = "auto"
     batch_seconds: float = 64.0
     num_workers: int = 2
     adaptive_length: bool = False
-    on_error: str = "fail"
+    on_error: OnError = "fail"
     block_utts: int = 256
     chunk_frames: int = 1024
-    compress: str = "none"
+    compress: StoreCompression = "none"
     long_window_s: float = 60.0  # longer utterances run in windows of this much audio (bounded memory)
     long_context_s: float = 8.0  # attention context on each side of a window
 
@@ -218,15 +219,37 @@ def run_extract(
     *,
     shard: tuple[int, int] | None = None,
     overwrite: bool = False,
+    format: Literal["zarr", "hdf5"] = "zarr",  # noqa: A002 - the flag's name
     stdin: TextIO | None = None,
     progress: Progress | None = None,
 ) -> ExtractResult:
-    """Extract features from a student checkpoint (see :func:`extract_with_student`)."""
+    """Extract features from a student checkpoint (see :func:`extract_with_student`).
+
+    ``format="hdf5"`` fills the Zarr store ``OUT.zarr`` (resumable) and, once every group is
+    complete, exports it to the HDF5 file ``out``.
+    """
     from ofactl.checkpoint import file_sha256, load_student
 
+    if format not in ("zarr", "hdf5"):
+        raise ConfigError(f"--format {format}: expected zarr or hdf5")
+    store = Path(out) if format == "zarr" else Path(str(out) + ".zarr")
     student, _ = load_student(Path(ckpt))
-    return extract_with_student(cfg, student, file_sha256(Path(ckpt)), corpus, out, shard=shard,
-                                overwrite=overwrite, stdin=stdin, progress=progress, ckpt_path=str(ckpt))
+    res = extract_with_student(cfg, student, file_sha256(Path(ckpt)), corpus, store, shard=shard,
+                               overwrite=overwrite, stdin=stdin, progress=progress, ckpt_path=str(ckpt))
+    if format == "hdf5" and all(g.complete for g in res.groups):
+        from ofactl.storage.hdf5_export import export_hdf5
+
+        export_hdf5(store, Path(out), [g.rate for g in res.groups])
+    return res
+
+
+def requested_rates(rates: Sequence[float] = (), frame_ms: Sequence[float] = ()) -> tuple[float, ...] | None:
+    """The rates ``--rate`` and ``--frame-ms`` ask for (a period of P ms is rate 20/P), in that
+    order; None when neither was given (the config's rates stand)."""
+    from ofactl.model.compress import rate_from_frame_ms
+
+    out = tuple(float(r) for r in rates) + tuple(rate_from_frame_ms(ms) for ms in frame_ms)
+    return out or None
 
 
 def extract_with_student(

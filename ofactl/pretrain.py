@@ -35,9 +35,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
+from ofactl.choices import Precision
 from ofactl.config import save_resolved, to_dict
 from ofactl.errors import CheckpointError, ConfigError
-from ofactl.model.blocks import HubertArch, cnn_forward, cnn_lengths, normalize_waveform, transformer_states
+from ofactl.model.blocks import (
+    HubertArch,
+    cnn_forward,
+    cnn_lengths,
+    normalize_waveform,
+    transformer_states,
+)
 from ofactl.model.compress import length_mask
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import autocast
@@ -73,7 +80,7 @@ class PretrainConfig:
     crop_seconds: float = 6.0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup=0.08, grad_clip=10.0))
     device: str = "auto"
-    precision: str = "auto"
+    precision: Precision = "auto"
     num_workers: int = 1
     seed: int = 0
     ckpt_every: int = 200
@@ -336,7 +343,14 @@ def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path
                  progress: Progress | None = None) -> PretrainResult:
     """Pretrain: set up, targets (k-means fitted once, reused on resume), train on the shared
     scaffold, then export ``teacher.safetensors``."""
-    from ofactl.training import make_loader, make_optimisation, resume_from, schedule_from, setup_run, train
+    from ofactl.training import (
+        make_loader,
+        make_optimisation,
+        resume_from,
+        schedule_from,
+        setup_run,
+        train,
+    )
 
     progress = progress or NullProgress()
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ofactl.choices import CtcHead
 from ofactl.config import load_config, save_resolved, to_dict
 from ofactl.progress import NullProgress, Progress
 
@@ -42,7 +43,7 @@ class QuickstartConfig:
     distill_preset: str = "distill-tiny"
     rates: tuple[float, ...] = (1.0, 0.5, 0.33, 0.25)
     tasks: tuple[str, ...] = ("ks", "sid")  # add pr for phonemes (with pr_head: linear to stay fast)
-    pr_head: str = "lstm"  # the CTC head of pr sweeps and of adapt's pr probe: lstm (better), linear (faster)
+    pr_head: CtcHead = "lstm"  # the CTC head of pr sweeps and of adapt's pr probe: lstm (better), linear (faster)
     adapt_tasks: tuple[str, ...] = ("pr",)  # e.g. ("pr", "ks"): a task that needs frames and a flat one
     adapt_epochs: int = 6
     probe_epochs: int = 60  # utterance heads train in seconds; the sid probe still improves past 40

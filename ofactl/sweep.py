@@ -19,17 +19,25 @@ import torch
 
 from ofactl import __version__
 from ofactl.audio import Corpus, load_audio, read_corpus
+from ofactl.choices import Task
 from ofactl.config import save_resolved, to_dict
 from ofactl.errors import ConfigError
 from ofactl.extract import ExtractConfig, extract_with_student, parse_layers
 from ofactl.probe import ProbeConfig, build_task, train_probe
 from ofactl.progress import NullProgress, Progress
-from ofactl.runtime import autocast, autocast_dtype, check_device_name, module_device, resolve_device, synchronize
+from ofactl.runtime import (
+    autocast,
+    autocast_dtype,
+    check_device_name,
+    module_device,
+    resolve_device,
+    synchronize,
+)
 
 
 @dataclass
 class SweepConfig:
-    task: str = "ks"
+    task: Task = "ks"
     rates: tuple[float, ...] = (1.0, 0.75, 0.5, 0.33, 0.25)
     label_column: str = ""
     layers: str = "all"
@@ -291,13 +299,26 @@ def plot_tradeoff(rows: list[SweepRow], path: Path, title: str | None = None) ->
 
 
 def parse_ckpts(values: list[str]) -> list[tuple[str, Path]]:
-    """``--ckpt PATH`` or ``--ckpt LABEL=PATH`` (repeatable)."""
+    """``--ckpt PATH`` or ``--ckpt LABEL=PATH`` (repeatable) -> (label, path) pairs.
+
+    A label has no ``/``; an existing file whose name holds ``=`` is taken as a path.
+    """
     out = []
     for v in values:
-        label, _, path = v.rpartition("=") if "=" in v else ("", "", v)
+        label, sep, path = v.partition("=")
+        if not sep or not label or "/" in label or Path(v).exists():
+            label, path = "", v
         p = Path(path)
         out.append((label or p.parent.name or p.stem, p))
     return out
+
+
+def parse_rates(text: str) -> tuple[float, ...]:
+    """``--rates 1,0.5,0.25`` -> (1.0, 0.5, 0.25); anything else fails naming the flag."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--rates {text}: expected comma-separated numbers, e.g. 1,0.5,0.25") from None
 
 
 def load_rows(path: Path) -> list[SweepRow]:

@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 from torchaudio.models.wav2vec2 import components as C
 
+from ofactl.choices import ConvNorm
 from ofactl.errors import ModelError
 from ofactl.model.compress import length_mask
 
@@ -31,7 +32,7 @@ class HubertArch:
     """
 
     conv_layers: tuple[tuple[int, int, int], ...] = BASE_CONV
-    conv_norm: str = "group_norm"
+    conv_norm: ConvNorm = "group_norm"
     conv_bias: bool = False
     embed_dim: int = 768
     num_layers: int = 12

@@ -18,9 +18,16 @@ import torch.nn as nn
 from torch import Tensor
 from torchaudio.models.wav2vec2.components import GradMultiply
 
+from ofactl.choices import CompressorKind
 from ofactl.errors import ModelError
-from ofactl.model.blocks import (HubertArch, Hidden, build_cnn, build_encoder, cnn_forward,
-                                 transformer_states)
+from ofactl.model.blocks import (
+    Hidden,
+    HubertArch,
+    build_cnn,
+    build_encoder,
+    cnn_forward,
+    transformer_states,
+)
 from ofactl.model.compress import Compressed, Compressor, length_mask
 
 TINY_CONV: tuple[tuple[int, int, int], ...] = ((64, 10, 5),) + ((64, 3, 2),) * 4 + ((64, 2, 2),) * 2
@@ -37,7 +44,7 @@ class StudentConfig:
     """
 
     arch: HubertArch = field(default_factory=lambda: HubertArch(num_layers=2))
-    compressor: str = "cif"
+    compressor: CompressorKind = "cif"
     alpha_kernel: int = 5
     pred_layers: tuple[int, ...] = (4, 8, 12)
     teacher_dim: int = 768

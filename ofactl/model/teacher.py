@@ -35,8 +35,15 @@ from torch import Tensor
 from torchaudio.models import Wav2Vec2Model
 
 from ofactl.errors import CheckpointError
-from ofactl.model.blocks import (HubertArch, Hidden, build_cnn, build_encoder, cnn_forward,
-                                 normalize_waveform, transformer_states)
+from ofactl.model.blocks import (
+    Hidden,
+    HubertArch,
+    build_cnn,
+    build_encoder,
+    cnn_forward,
+    normalize_waveform,
+    transformer_states,
+)
 from ofactl.model.student import TINY_CONV
 
 ACCEPTED = ("builtin:hubert-tiny, random:tiny, random:base, a torchaudio state dict (.pt/.pth/.safetensors), a "

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ofactl.choices import CtcHead
 from ofactl.errors import ConfigError
 from ofactl.model.compress import length_mask
 from ofactl.probe.metrics import accuracy, ctc_greedy, error_rate, words
@@ -33,7 +34,7 @@ class ProbeConfig:
     lr: float = 1e-2  # utterance-level heads
     ctc_lr: float = 1e-2  # CTC heads (SUPERB trains its linear phoneme probe at 1e-2)
     seed: int = 0
-    ctc_head: str = "lstm"  # lstm (one BiLSTM layer, the default) | linear (SUPERB PR)
+    ctc_head: CtcHead = "lstm"  # lstm (one BiLSTM layer, the default) | linear (SUPERB PR)
     lstm_hidden: int = 128
     lstm_layers: int = 1
     layer_norm: bool = True
