@@ -84,7 +84,7 @@ def resampled_length(n_samples: int, orig_rate: int, new_rate: int = SAMPLE_RATE
     return int(math.ceil(new_rate // g * n_samples / (orig_rate // g)))
 
 
-def resample(wav: "torch.Tensor", orig_rate: int, new_rate: int = SAMPLE_RATE) -> "torch.Tensor":
+def resample(wav: torch.Tensor, orig_rate: int, new_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """Band-limited resampling of (..., time) float audio."""
     if orig_rate == new_rate:
         return wav
@@ -113,7 +113,7 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, int]:
     return data, int(sr)
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> "torch.Tensor":
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """Decode, mix down to mono and resample: returns float32 (samples,) at ``sample_rate``."""
     import torch
 
@@ -184,7 +184,7 @@ class Corpus:
             h.update(f"{u.id}\t{u.n_samples}\t{u.sample_rate}\n".encode())
         return h.hexdigest()
 
-    def subset(self, keep: Iterable[str]) -> "Corpus":
+    def subset(self, keep: Iterable[str]) -> Corpus:
         ids = set(keep)
         return Corpus(self.source, [u for u in self.utterances if u.id in ids], dict(self.problems))
 

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -40,12 +40,12 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 # ----------------------------------------------------------------------------- shared options
 ConfigOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--config", "-c", help="Preset name (see presets/) or path to a YAML file.",
                  rich_help_panel="Config"),
 ]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override one config key, e.g. --set optim.lr=2e-4 (repeatable).",
                  rich_help_panel="Config"),
 ]
@@ -62,8 +62,8 @@ DebugOpt = Annotated[
 ]
 
 
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda[:N].", rich_help_panel="Compute")]
-PrecisionOpt = Annotated[Optional[Precision], typer.Option(
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda[:N].", rich_help_panel="Compute")]
+PrecisionOpt = Annotated[Precision | None, typer.Option(
     "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA).", rich_help_panel="Compute")]
 
 
@@ -256,12 +256,12 @@ def synth(
 def distill(
     corpus: Annotated[str, typer.Option("--corpus", help="Training audio: folder, LibriSpeech tree, .tsv manifest or list.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: config, metrics.jsonl, checkpoints/, student.pt.")] = Path("runs/distill"),
-    teacher: Annotated[Optional[str], typer.Option("--teacher", help="HuBERT file/folder, or random:tiny|random:base (untrained).")] = None,
+    teacher: Annotated[str | None, typer.Option("--teacher", help="HuBERT file/folder, or random:tiny|random:base (untrained).")] = None,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow pickle-based (fairseq) teacher checkpoints.")] = False,
-    boundaries: Annotated[Optional[str], typer.Option("--boundaries", help="Alpha guidance: auto, none, phone_times, or a TSV file.")] = None,
-    compressor: Annotated[Optional[CompressorKind], typer.Option("--compressor", help="cif (once-for-all), avgpool (fixed-rate baseline) or none.")] = None,
-    rate: Annotated[Optional[float], typer.Option("--rate", help="Train at this one rate only (fixed-rate baseline).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.")] = None,
+    boundaries: Annotated[str | None, typer.Option("--boundaries", help="Alpha guidance: auto, none, phone_times, or a TSV file.")] = None,
+    compressor: Annotated[CompressorKind | None, typer.Option("--compressor", help="cif (once-for-all), avgpool (fixed-rate baseline) or none.")] = None,
+    rate: Annotated[float | None, typer.Option("--rate", help="Train at this one rate only (fixed-rate baseline).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
@@ -304,10 +304,10 @@ def distill(
 def pretrain(
     corpus: Annotated[str, typer.Option("--corpus", help="Training audio: folder, LibriSpeech tree, .tsv manifest or list.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: kmeans.safetensors, checkpoints/, metrics.jsonl, teacher.safetensors.")] = Path("runs/pretrain"),
-    targets: Annotated[Optional[str], typer.Option("--targets", help="Unit targets: mfcc (iteration 1) or layer:N of --from (iteration 2).")] = None,
-    from_ckpt: Annotated[Optional[str], typer.Option("--from", help="The earlier model for --targets layer:N (a teacher file or a pretrain run folder).")] = None,
+    targets: Annotated[str | None, typer.Option("--targets", help="Unit targets: mfcc (iteration 1) or layer:N of --from (iteration 2).")] = None,
+    from_ckpt: Annotated[str | None, typer.Option("--from", help="The earlier model for --targets layer:N (a teacher file or a pretrain run folder).")] = None,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow a pickle-based --from checkpoint.")] = False,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
@@ -347,16 +347,16 @@ def extract(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="Student checkpoint (student.pt from 'ofactl distill').")],
     corpus: Annotated[str, typer.Option("--corpus", help="Folder, LibriSpeech tree, .tsv manifest, list file, or - for stdin.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Zarr store to create or complete (one group per rate).")] = Path("feats.zarr"),
-    rate: Annotated[Optional[list[float]], typer.Option("--rate", "-r", help="Rate in (0, 1]: output frames per 20 ms frame (repeatable).")] = None,
-    frame_ms: Annotated[Optional[list[float]], typer.Option("--frame-ms", help="Average frame period in ms (>= 20), instead of --rate (repeatable).")] = None,
-    layers: Annotated[Optional[str], typer.Option("--layers", help="'all' or hidden-state indices, e.g. 0,2.")] = None,
-    dtype: Annotated[Optional[FeatureDtype], typer.Option("--dtype", help="float16 (default) or float32.")] = None,
+    rate: Annotated[list[float] | None, typer.Option("--rate", "-r", help="Rate in (0, 1]: output frames per 20 ms frame (repeatable).")] = None,
+    frame_ms: Annotated[list[float] | None, typer.Option("--frame-ms", help="Average frame period in ms (>= 20), instead of --rate (repeatable).")] = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="'all' or hidden-state indices, e.g. 0,2.")] = None,
+    dtype: Annotated[FeatureDtype | None, typer.Option("--dtype", help="float16 (default) or float32.")] = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
-    batch_seconds: Annotated[Optional[float], typer.Option("--batch-seconds", help="Padded audio seconds per batch.")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Audio decoding worker processes.")] = None,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="i/N: this process fills every N-th block, from i; auto (the default under torchrun or a SLURM array): from the launcher's RANK/WORLD_SIZE or SLURM_ARRAY_TASK_ID/COUNT.")] = None,
-    on_error: Annotated[Optional[OnError], typer.Option("--on-error", help="fail (stop at the first bad file) or skip (record it and go on).")] = None,
+    batch_seconds: Annotated[float | None, typer.Option("--batch-seconds", help="Padded audio seconds per batch.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Audio decoding worker processes.")] = None,
+    shard: Annotated[str | None, typer.Option("--shard", help="i/N: this process fills every N-th block, from i; auto (the default under torchrun or a SLURM array): from the launcher's RANK/WORLD_SIZE or SLURM_ARRAY_TASK_ID/COUNT.")] = None,
+    on_error: Annotated[OnError | None, typer.Option("--on-error", help="fail (stop at the first bad file) or skip (record it and go on).")] = None,
     adaptive_length: Annotated[bool, typer.Option("--adaptive-length", help="Content-dependent lengths instead of round(rate*T).")] = False,
     fmt: Annotated[StoreFormat, typer.Option("--format", help="zarr, or hdf5 (kept in OUT.zarr while running, exported to OUT).")] = "zarr",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace groups made by another checkpoint, layer set or corpus.")] = False,
@@ -412,11 +412,11 @@ def _print_extract(res: Any) -> None:
 def sweep(
     ckpt: Annotated[list[str], typer.Option("--ckpt", help="Student checkpoint, or LABEL=PATH; repeat to compare checkpoints.")],
     corpus: Annotated[str, typer.Option("--corpus", help="Labelled corpus (a .tsv manifest, or a folder with ::pattern).")],
-    task: Annotated[Optional[Task], typer.Option("--task", help="The downstream task.")] = None,
-    rates: Annotated[Optional[str], typer.Option("--rates", help="Comma-separated rates, e.g. 1,0.75,0.5,0.33,0.25.")] = None,
-    store: Annotated[Optional[Path], typer.Option("--store", help="Feature store to reuse/extend (one checkpoint).")] = None,
+    task: Annotated[Task | None, typer.Option("--task", help="The downstream task.")] = None,
+    rates: Annotated[str | None, typer.Option("--rates", help="Comma-separated rates, e.g. 1,0.75,0.5,0.33,0.25.")] = None,
+    store: Annotated[Path | None, typer.Option("--store", help="Feature store to reuse/extend (one checkpoint).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: sweep.csv, sweep.json, tradeoff.png, rows/.")] = Path("sweep"),
-    label_column: Annotated[Optional[str], typer.Option("--label-column", help="Label column for --task cls.")] = None,
+    label_column: Annotated[str | None, typer.Option("--label-column", help="Label column for --task cls.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute finished rows (and replace mismatched groups).")] = False,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
@@ -464,12 +464,12 @@ def sweep(
 def adapt(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="Once-for-all (cif) student checkpoint.")],
     corpus: Annotated[str, typer.Option("--corpus", help="Labelled corpus (.tsv manifest or folder::pattern).")],
-    task: Annotated[Optional[Task], typer.Option("--task", help="The downstream task.")] = None,
-    cost: Annotated[Optional[float], typer.Option("--cost", help="gamma: expected error (0.05 = 5 points) accepted per halving of the frame rate.")] = None,
-    target_rate: Annotated[Optional[float], typer.Option("--target-rate", help="Penalise the distance to this rate instead.")] = None,
-    init_rate: Annotated[Optional[float], typer.Option("--init-rate", help="Starting rate.")] = None,
+    task: Annotated[Task | None, typer.Option("--task", help="The downstream task.")] = None,
+    cost: Annotated[float | None, typer.Option("--cost", help="gamma: expected error (0.05 = 5 points) accepted per halving of the frame rate.")] = None,
+    target_rate: Annotated[float | None, typer.Option("--target-rate", help="Penalise the distance to this rate instead.")] = None,
+    init_rate: Annotated[float | None, typer.Option("--init-rate", help="Starting rate.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: summary.json, trajectory.jsonl/.png, rate.yaml.")] = Path("adapt"),
-    compare_sweep: Annotated[Optional[Path], typer.Option("--compare-sweep", help="A sweep folder of the same task to compare with.")] = None,
+    compare_sweep: Annotated[Path | None, typer.Option("--compare-sweep", help="A sweep folder of the same task to compare with.")] = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -506,8 +506,8 @@ def adapt(
 
 @app.command()
 def info(
-    path: Annotated[Optional[Path], typer.Argument(help="A student checkpoint or a feature store to describe.")] = None,
-    teacher: Annotated[Optional[str], typer.Option("--teacher", help="Describe a teacher instead: a HuBERT file/folder or random:tiny|base.")] = None,
+    path: Annotated[Path | None, typer.Argument(help="A student checkpoint or a feature store to describe.")] = None,
+    teacher: Annotated[str | None, typer.Option("--teacher", help="Describe a teacher instead: a HuBERT file/folder or random:tiny|base.")] = None,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow loading pickle-based (fairseq) checkpoints.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Check every extracted utterance of a store against its checksum; damaged ones are listed and marked for the next extract (exit code 1).")] = False,
     as_json: JsonOpt = False,

@@ -9,6 +9,7 @@ dataclass; unknown keys and wrong types fail with the key path, the file and the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -46,7 +47,7 @@ _SafeLoader.add_implicit_resolver(
 
 def safe_load(text: str) -> Any:
     """Parse YAML with the safe loader above (no arbitrary objects, YAML 1.2 booleans)."""
-    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_SafeLoader)
 
 
 # --------------------------------------------------------------------------- preset files
@@ -157,7 +158,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
             raise bad()
-        kt, vt = (get_args(tp) + (Any, Any))[:2]
+        _, vt = (get_args(tp) + (Any, Any))[:2]
         return {str(k): _coerce(v, vt, f"{key}.{k}", source) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
@@ -227,11 +228,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         value = raw
     # YAML reads "2e-4" as a string (no dot); numbers like that are what users mean.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in "eE.") else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and any(c in value for c in "eE."):
+        with contextlib.suppress(ValueError):
+            value = float(value)
     return key.split("."), value
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
@@ -28,7 +28,7 @@ from ofactl.runtime import autocast, autocast_dtype, check_device_name, resolve_
 SR = 16000
 
 if TYPE_CHECKING:
-    from ofactl.storage.writer import GroupState
+    from ofactl.storage.writer import GroupState, WriterThread
 
 
 @dataclass
@@ -59,17 +59,9 @@ class ExtractConfig:
                 raise ValueError(f"rate {r} is outside (0, 1] (use --frame-ms >= 20 for frame periods)")
         if len({f"{r:.3f}" for r in self.rates}) != len(self.rates):
             raise ValueError(f"rates {list(self.rates)} collide at 3 decimals (groups are named rate=0.500)")
-        if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
         check_device_name(self.device)
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.batch_seconds <= 0:
             raise ValueError("batch_seconds must be > 0")
-        if self.on_error not in ("fail", "skip"):
-            raise ValueError(f"on_error must be fail or skip, got {self.on_error!r}")
-        if self.compress not in ("none", "zstd"):
-            raise ValueError(f"compress must be none or zstd, got {self.compress!r}")
         if self.block_utts < 1 or self.chunk_frames < 1 or self.num_workers < 0:
             raise ValueError("block_utts and chunk_frames must be >= 1, num_workers >= 0")
         if self.long_window_s < 1 or self.long_context_s < 0:
@@ -219,7 +211,7 @@ def run_extract(
     *,
     shard: tuple[int, int] | None = None,
     overwrite: bool = False,
-    format: Literal["zarr", "hdf5"] = "zarr",  # noqa: A002 - the flag's name
+    format: Literal["zarr", "hdf5"] = "zarr",
     stdin: TextIO | None = None,
     progress: Progress | None = None,
 ) -> ExtractResult:
@@ -340,7 +332,7 @@ class _GroupPlan:
 def _open_groups(stack: contextlib.ExitStack, out: Path, cfg: ExtractConfig, utts: list[Utterance],
                  t_in: np.ndarray, layers: list[int], student: Any, student_id: str, ckpt_path: str,
                  cps: Corpus, shard: tuple[int, int] | None, overwrite: bool,
-                 progress: Progress) -> dict[float, "GroupState"]:
+                 progress: Progress) -> dict[float, GroupState]:
     """Lock every group first (two writers of a new store meet at the lock), decide what each
     group needs, check the disk, and only then create or replace groups."""
     from ofactl.storage.lock import GroupLock
@@ -366,7 +358,7 @@ def _open_groups(stack: contextlib.ExitStack, out: Path, cfg: ExtractConfig, utt
     return states
 
 
-def _plan(utts: list[Utterance], n16: np.ndarray, states: dict[float, "GroupState"], cfg: ExtractConfig,
+def _plan(utts: list[Utterance], n16: np.ndarray, states: dict[float, GroupState], cfg: ExtractConfig,
           shard: tuple[int, int] | None, discard: bool, progress: Progress) -> list[list[int]]:
     """Batches to run: owned blocks with utterances not done in some group.
 
@@ -504,77 +496,115 @@ def _check_disk(out: Path, plans: list[_GroupPlan], cfg: ExtractConfig, shard: t
 def _run_batches(plan: list[list[int]], utts: list[Utterance], t_in: np.ndarray,
                  states: dict[float, GroupState], cfg: ExtractConfig, student: Any, device: torch.device,
                  amp: torch.dtype | None, layers: list[int], progress: Progress, discard: bool) -> float:
+    """Decode, forward and hand every planned batch to the writer; returns the model seconds.
+
+    ``discard``: forward only (timing), nothing is written. With ``on_error: fail`` the good
+    utterances of the failing batch are still written before the error is raised.
+    """
     if not plan:
         return 0.0
-    rates = list(cfg.rates)
-    store_dtype = np.float16 if cfg.dtype == "float16" else np.float32
-    torch_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
-    loader = torch.utils.data.DataLoader(
+    step = _BatchStep(utts, t_in, states, cfg, student, device, amp, layers, discard)
+    progress.start("extracting features", sum(len(b) for b in plan))
+    fail: OfactlError | None = None
+    try:
+        with _writer(states, cfg, discard) as writer:
+            for batch in _loader(plan, utts, cfg):
+                bad = [k for k, e in enumerate(batch.errors) if e]
+                if bad and cfg.on_error == "fail":
+                    fail = AudioError(batch.errors[bad[0]])
+                items = step.feature_items(batch) + step.error_items(batch)
+                if writer and items:
+                    writer.put(items)
+                progress.advance(len(batch.idx))
+                if fail is not None:
+                    break
+    finally:
+        progress.finish()
+    if fail is not None:
+        raise fail
+    return step.model_s
+
+
+def _loader(plan: list[list[int]], utts: list[Utterance], cfg: ExtractConfig) -> torch.utils.data.DataLoader:
+    """Planned batches decoded in ``cfg.num_workers`` worker processes (Ctrl-C goes to the parent)."""
+    return torch.utils.data.DataLoader(
         _BatchSource(plan, utts), batch_size=None, shuffle=False, num_workers=cfg.num_workers,
         pin_memory=False, prefetch_factor=4 if cfg.num_workers else None,
         persistent_workers=False, worker_init_fn=ignore_sigint_in_worker if cfg.num_workers else None,
     )
+
+
+@contextlib.contextmanager
+def _writer(states: dict[float, GroupState], cfg: ExtractConfig, discard: bool) -> Iterator[WriterThread | None]:
+    """The store's writer thread for the duration of a run (None when discarding).
+
+    It is drained and closed on the way out, also after Ctrl-C; a write error (a full disk) is
+    one ``StoreError`` that says what was kept.
+    """
     from ofactl.storage.writer import WriterThread
 
-    flush_frames = 16 * cfg.chunk_frames
-    writer = None if discard else WriterThread(states, flush_frames)
-    if writer:
-        writer.start()
-    model_s = 0.0
-    total = sum(len(b) for b in plan)
-    progress.start("extracting features", total)
-    fail: OfactlError | None = None
+    if discard:
+        yield None
+        return
+    writer = WriterThread(states, 16 * cfg.chunk_frames)
+    writer.start()
     try:
-        for batch in loader:
-            bad = [k for k, e in enumerate(batch.errors) if e]
-            if bad and cfg.on_error == "fail":
-                # Write the good part of this batch before stopping: nothing done is lost.
-                fail = AudioError(batch.errors[bad[0]])
-            good = [k for k in range(len(batch.idx)) if not batch.errors[k] and t_in[batch.idx[k]] > 0]
-            items: list[tuple[float, int, np.ndarray | None, str]] = []  # writer Items
-            if good:
-                wav = batch.wav[good]
-                if device.type == "cuda":
-                    wav = wav.pin_memory().to(device, non_blocking=True)
-                lengths = batch.lengths[good].to(device)
-                t0 = time.perf_counter()
-                need_rates = rates if discard else [r for r in rates if any(batch.idx[k] in states[r].needed for k in good)]
-                with torch.inference_mode(), autocast(device, amp):
-                    host = _forward(student, wav, lengths, need_rates, cfg, layers, torch_dtype)
-                model_s += time.perf_counter() - t0
-                for r, per_utt in host.items():
-                    for j, k in enumerate(good):
-                        i = batch.idx[k]
-                        if discard or i not in states[r].needed:
-                            continue
-                        items.append((r, i, np.ascontiguousarray(per_utt[j], dtype=store_dtype), ""))
-            for k in range(len(batch.idx)):
-                i = batch.idx[k]
-                msg = batch.errors[k] or ("" if t_in[i] > 0 else
-                                          f"{utts[i].path}: too short ({utts[i].n_samples_16k} samples at 16 kHz; the CNN needs at least 400)")
-                if msg and cfg.on_error == "skip" and not discard:
-                    items.extend((r, i, None, msg) for r in rates if i in states[r].needed)
-            if writer and items:
-                writer.put(items)
-            progress.advance(len(batch.idx))
-            if fail is not None:
-                break
-    except KeyboardInterrupt:
-        if writer:
-            writer.close()
-            writer = None
-        raise
+        yield writer
     finally:
-        progress.finish()
-        if writer:
-            try:
-                writer.close()
-            except OSError as e:
-                raise StoreError(f"writing the store failed ({e.strerror or e}); what was written is kept: "
-                                 "free space and rerun the same command to resume") from None
-    if fail is not None:
-        raise fail
-    return model_s
+        try:
+            writer.close()
+        except OSError as e:
+            raise StoreError(f"writing the store failed ({e.strerror or e}); what was written is kept: "
+                             "free space and rerun the same command to resume") from None
+
+
+@dataclass
+class _BatchStep:
+    """Turns one decoded batch into writer items: features per needed rate, or recorded errors."""
+
+    utts: list[Utterance]
+    t_in: np.ndarray  # CNN frames per utterance (0: too short)
+    states: dict[float, GroupState]
+    cfg: ExtractConfig
+    student: Any
+    device: torch.device
+    amp: torch.dtype | None
+    layers: list[int]
+    discard: bool
+    model_s: float = 0.0
+
+    def feature_items(self, batch: Batch) -> list[tuple[float, int, np.ndarray | None, str]]:
+        """Run the student on the batch's good utterances, for the rates that still need them."""
+        good = [k for k in range(len(batch.idx)) if not batch.errors[k] and self.t_in[batch.idx[k]] > 0]
+        if not good:
+            return []
+        rates = [r for r in self.cfg.rates if self.discard or any(batch.idx[k] in self.states[r].needed for k in good)]
+        wav = batch.wav[good]
+        if self.device.type == "cuda":
+            wav = wav.pin_memory().to(self.device, non_blocking=True)
+        t0 = time.perf_counter()
+        torch_dtype = torch.float16 if self.cfg.dtype == "float16" else torch.float32
+        with torch.inference_mode(), autocast(self.device, self.amp):
+            host = _forward(self.student, wav, batch.lengths[good].to(self.device), rates, self.cfg, self.layers, torch_dtype)
+        self.model_s += time.perf_counter() - t0
+        if self.discard:
+            return []
+        store_dtype = np.float16 if self.cfg.dtype == "float16" else np.float32
+        return [(r, batch.idx[k], np.ascontiguousarray(per_utt[j], dtype=store_dtype), "")
+                for r, per_utt in host.items() for j, k in enumerate(good) if batch.idx[k] in self.states[r].needed]
+
+    def error_items(self, batch: Batch) -> list[tuple[float, int, np.ndarray | None, str]]:
+        """With ``on_error: skip``: the undecodable or too-short utterances, recorded with why."""
+        if self.cfg.on_error != "skip" or self.discard:
+            return []
+        items: list[tuple[float, int, np.ndarray | None, str]] = []
+        for k, i in enumerate(batch.idx):
+            u = self.utts[i]
+            too_short = f"{u.path}: too short ({u.n_samples_16k} samples at 16 kHz; the CNN needs at least 400)"
+            msg = batch.errors[k] or ("" if self.t_in[i] > 0 else too_short)
+            if msg:
+                items.extend((r, i, None, msg) for r in self.cfg.rates if i in self.states[r].needed)
+        return items
 
 
 def _forward(student: Any, wav: torch.Tensor, lengths: torch.Tensor, rates: list[float], cfg: ExtractConfig,

@@ -275,11 +275,11 @@ class Units:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> "Units":
+    def load(cls, path: Path) -> Units:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            t = {k: f.get_tensor(k) for k in f.keys()}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors file, not a dict
             meta = f.metadata() or {}
         return cls(t["centroids"], t["mean"], t["std"], meta.get("targets", ""))
 

@@ -53,8 +53,6 @@ class QuickstartConfig:
         from ofactl.runtime import check_device_name
 
         check_device_name(self.device)
-        if self.pr_head not in ("linear", "lstm"):
-            raise ValueError(f"pr_head must be linear or lstm, got {self.pr_head!r}")
 
 
 @dataclass

@@ -27,7 +27,7 @@ def check_device_name(name: str, flag: str = "--device") -> None:
         raise ConfigError(f"{flag} {name!r}: expected {DEVICE_CHOICES}")
 
 
-def resolve_device(name: str, flag: str = "--device") -> "torch.device":
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda[:N]`` must exist on this machine."""
     import torch
 
@@ -45,7 +45,7 @@ def resolve_device(name: str, flag: str = "--device") -> "torch.device":
     return dev
 
 
-def autocast_dtype(precision: str, device: "torch.device") -> "torch.dtype | None":
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device`` (None: plain fp32). ``auto`` is bf16 on
     CUDA and fp32 on the CPU; fp16 needs CUDA."""
     import torch
@@ -59,7 +59,7 @@ def autocast_dtype(precision: str, device: "torch.device") -> "torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def module_device(module: Any) -> "torch.device":
+def module_device(module: Any) -> torch.device:
     """The device of a module's first parameter or buffer (cpu for a module without any)."""
     import torch
 
@@ -70,7 +70,7 @@ def module_device(module: Any) -> "torch.device":
     return torch.device("cpu")
 
 
-def synchronize(device: "torch.device") -> None:
+def synchronize(device: torch.device) -> None:
     """Wait for queued kernels on ``device`` (a no-op on the CPU), so wall-clock timings count them."""
     import torch
 
@@ -78,7 +78,7 @@ def synchronize(device: "torch.device") -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast(device: "torch.device", dtype: "torch.dtype | None") -> Any:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     """``torch.autocast`` to ``dtype`` on ``device``, or no context at all for plain fp32 (so a
     device type without autocast support still runs)."""
     import contextlib
@@ -90,7 +90,7 @@ def autocast(device: "torch.device", dtype: "torch.dtype | None") -> Any:
     return torch.autocast(device.type, dtype=dtype)
 
 
-def launcher_shard(env: "dict[str, str] | None" = None) -> "tuple[int, int, str] | None":
+def launcher_shard(env: dict[str, str] | None = None) -> tuple[int, int, str] | None:
     """(index, count, launcher) of this process among its peers, from the launcher's
     environment: torchrun (RANK, WORLD_SIZE) or a SLURM job array (SLURM_ARRAY_TASK_ID, with
     SLURM_ARRAY_TASK_MIN and SLURM_ARRAY_TASK_COUNT). None when started alone."""
@@ -109,7 +109,7 @@ def launcher_shard(env: "dict[str, str] | None" = None) -> "tuple[int, int, str]
     return None
 
 
-def local_device(name: str, env: "dict[str, str] | None" = None) -> str:
+def local_device(name: str, env: dict[str, str] | None = None) -> str:
     """``auto`` on a multi-process node: the GPU of this process's LOCAL_RANK (torchrun), so
     ranks do not share one card. Other names pass through."""
     import os

@@ -54,7 +54,7 @@ class SweepConfig:
         check_device_name(self.device)
         self.probe.validate()
 
-    def on_device(self) -> "SweepConfig":
+    def on_device(self) -> SweepConfig:
         """The extract and probe settings with ``auto`` devices following ``device``."""
         ext = self.extract if self.extract.device != "auto" else replace(self.extract, device=self.device)
         dev = str(resolve_device(ext.device))

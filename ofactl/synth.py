@@ -146,7 +146,7 @@ _PARAM_RATE, _PARAM_PITCH = 1, 3
 class Espeak:
     """Process-wide espeak-ng engine (the C library keeps global state; one per process)."""
 
-    _instance: "Espeak | None" = None
+    _instance: Espeak | None = None
     _lock = threading.Lock()
 
     def __init__(self) -> None:
@@ -175,7 +175,7 @@ class Espeak:
         self.lib.espeak_SetSynthCallback(self._cb)
 
     @classmethod
-    def get(cls) -> "Espeak":
+    def get(cls) -> Espeak:
         with cls._lock:
             if cls._instance is None:
                 cls._instance = Espeak()
@@ -311,7 +311,7 @@ def plan(cfg: SynthConfig) -> list[_Item]:
     for spk in speakers:
         rng = random.Random(f"{cfg.seed}:{spk.id}")
 
-        def jitter(take: int) -> tuple[int, int]:
+        def jitter(take: int, spk: Speaker = spk, rng: random.Random = rng) -> tuple[int, int]:
             if take == 0 or cfg.take_jitter == 0:
                 return spk.speed, spk.pitch
             f = 1.0 + rng.uniform(-cfg.take_jitter, cfg.take_jitter)
@@ -381,7 +381,7 @@ def _map_fresh(groups: list[list[tuple[str, str, int, int, int]]], workers: int)
 
     def launch(group: list[tuple[str, str, int, int, int]]) -> None:
         # Files, not pipes: large outputs never block the child.
-        out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()  # noqa: SIM115 - closed when the child is reaped
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err)
         assert proc.stdin is not None
         proc.stdin.write(pickle.dumps(group))

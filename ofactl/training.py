@@ -357,7 +357,7 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
     checkpoints, and Ctrl-C saved at the next step boundary (raised as InterruptedRun)."""
     if setup.main and start:
         truncate_metrics(setup.run_dir / "metrics.jsonl", start)
-    metrics = open(setup.run_dir / "metrics.jsonl", "a") if setup.main else None
+    metrics = open(setup.run_dir / "metrics.jsonl", "a") if setup.main else None  # noqa: SIM115 - closed in finally
     t0 = time.perf_counter()
     audio_s = 0.0
     step = start

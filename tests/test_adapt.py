@@ -214,8 +214,8 @@ def test_compare_with_sweep_uses_the_interpolated_curve_and_test_set_noise(tmp_p
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("lambda_grad", "exact", "lambda_grad must be difference or pathwise, got 'exact'"),
-    ("lambda_loss", "ce", "lambda_loss must be error or loss, got 'ce'"),
+    ("lambda_grad", "exact", "lambda_grad in defaults with --set lambda_grad=exact: expected 'difference' | 'pathwise'"),
+    ("lambda_loss", "ce", "expected 'error' | 'loss', got str 'ce'"),
     ("refine", "0.8", "lambda_warmup + refine below 1"),
     ("probe_band", "2", "probe_band in [0, 1]"),
 ])

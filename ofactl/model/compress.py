@@ -137,7 +137,7 @@ class CifPlan:
         """Transpose: (B, T, C) -> (B, S, C) on the input grid with the same weights."""
         return cif_upsample(self, y)
 
-    def detach(self) -> "CifPlan":
+    def detach(self) -> CifPlan:
         return CifPlan(self.left, self.right, self.w_left.detach(), self.w_right.detach(),
                        self.norm.detach(), self.alpha.detach(), self.lengths, self.in_lengths)
 
@@ -208,7 +208,7 @@ def cif_upsample(plan: CifPlan, y: Tensor) -> Tensor:
     (weighted) mean is preserved. Inputs whose weight was all dropped copy the last output.
     """
     B, T, C = y.shape
-    if T != plan.max_len:
+    if plan.max_len != T:
         raise ModelError(f"compressed features have {T} frames, the CIF plan {plan.max_len}")
     with torch.autocast(y.device.type, enabled=False):
         yf = torch.cat([y.float(), y.new_zeros(B, 1, C, dtype=torch.float32)], dim=1)

@@ -186,7 +186,7 @@ class Student(nn.Module):
         feats, n = self.cnn_features(wav, lengths)
         out: dict[float, Hidden] = {}
         for r in rates:
-            hidden, comp = self.encode(feats, n, rate=float(r), exact=exact)
+            hidden, _ = self.encode(feats, n, rate=float(r), exact=exact)
             states = hidden.states if layers is None else hidden.states[:, :, list(layers)]
             out[float(r)] = Hidden(states, hidden.lengths)
         return out

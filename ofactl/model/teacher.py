@@ -70,7 +70,7 @@ class Teacher(nn.Module):
     def num_hidden(self) -> int:
         return self.arch.num_layers + 1
 
-    def freeze(self) -> "Teacher":
+    def freeze(self) -> Teacher:
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -95,7 +95,10 @@ class Teacher(nn.Module):
 # Teachers that ship inside the package (``builtin:NAME``): file and checksum, checked at load.
 # The model card (docs/models.md) says how each was made.
 BUILTIN = {
-    "hubert-tiny": {"file": "hubert-tiny.safetensors", "sha256": "0869de4c33d3342be81fe44a6b9eae0a55d0d2837da1bf70472c6c0563c7b4bd"},
+    "hubert-tiny": {
+        "file": "hubert-tiny.safetensors",
+        "sha256": "0869de4c33d3342be81fe44a6b9eae0a55d0d2837da1bf70472c6c0563c7b4bd",
+    },
 }
 
 
@@ -389,7 +392,8 @@ def _load_hf_dir(p: Path, trust: bool = False) -> Teacher:
         raise CheckpointError(f"{cfg_path}: model_type {model_type!r}; accepted HuggingFace types: hubert, wav2vec2")
     try:
         arch = HubertArch(
-            conv_layers=tuple((int(c), int(k), int(s)) for c, k, s in zip(cfg["conv_dim"], cfg["conv_kernel"], cfg["conv_stride"])),
+            conv_layers=tuple((int(c), int(k), int(s))
+                              for c, k, s in zip(cfg["conv_dim"], cfg["conv_kernel"], cfg["conv_stride"])),
             conv_norm="layer_norm" if cfg.get("feat_extract_norm", "group") == "layer" else "group_norm",
             conv_bias=bool(cfg.get("conv_bias", False)),
             embed_dim=int(cfg["hidden_size"]), num_layers=int(cfg["num_hidden_layers"]),
@@ -427,7 +431,8 @@ _FAIRSEQ_RULES = [
     (r"^layer_norm\.(weight|bias)$", r"encoder.feature_projection.layer_norm.\1"),
     (r"^encoder\.pos_conv\.0\.(.+)$", r"encoder.transformer.pos_conv_embed.conv.\1"),
     (r"^encoder\.layer_norm\.(weight|bias)$", r"encoder.transformer.layer_norm.\1"),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.(q|k|v|out)_proj\.(weight|bias)$", r"encoder.transformer.layers.\1.attention.\2_proj.\3"),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.(q|k|v|out)_proj\.(weight|bias)$",
+     r"encoder.transformer.layers.\1.attention.\2_proj.\3"),
     (r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)$", r"encoder.transformer.layers.\1.layer_norm.\2"),
     (r"^encoder\.layers\.(\d+)\.fc1\.(weight|bias)$", r"encoder.transformer.layers.\1.feed_forward.intermediate_dense.\2"),
     (r"^encoder\.layers\.(\d+)\.fc2\.(weight|bias)$", r"encoder.transformer.layers.\1.feed_forward.output_dense.\2"),

@@ -31,7 +31,7 @@ class OfaUpstream(nn.Module):
         self.exact = exact
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, rate: float = 1.0, device: str = "cpu") -> "OfaUpstream":
+    def from_checkpoint(cls, path: str | Path, rate: float = 1.0, device: str = "cpu") -> OfaUpstream:
         from ofactl.checkpoint import load_student
 
         student, _ = load_student(Path(path), device)

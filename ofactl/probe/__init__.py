@@ -3,4 +3,4 @@
 from ofactl.probe.tasks import TASKS, TaskData, build_task
 from ofactl.probe.train import ProbeConfig, ProbeResult, train_probe
 
-__all__ = ["TASKS", "TaskData", "build_task", "ProbeConfig", "ProbeResult", "train_probe"]
+__all__ = ["TASKS", "ProbeConfig", "ProbeResult", "TaskData", "build_task", "train_probe"]

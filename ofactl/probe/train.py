@@ -4,6 +4,7 @@ a small head (SUPERB-style). Deterministic on CPU for a given seed; dev-set earl
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,8 +47,6 @@ class ProbeConfig:
 
     def validate(self) -> None:
         check_device_name(self.device, "probe.device")
-        if self.ctc_head not in ("linear", "lstm"):
-            raise ValueError(f"ctc_head must be linear or lstm, got {self.ctc_head!r}")
         if self.lstm_layers < 1 or self.lstm_hidden < 1:
             raise ValueError("lstm_layers and lstm_hidden must be >= 1")
         if min(self.epochs, self.cls_epochs, self.batch_size, self.cls_batch_size) < 1 or self.lr <= 0 or self.ctc_lr <= 0:
@@ -139,7 +138,7 @@ def _collate(ids: list[str], feats: dict[str, np.ndarray], upsample: dict[str, i
 
 def ctc_min_frames(label: list[int]) -> int:
     """Fewest frames CTC needs for ``label``: its length plus one blank between repeated tokens."""
-    return len(label) + sum(1 for a, b in zip(label, label[1:]) if a == b)
+    return len(label) + sum(1 for a, b in itertools.pairwise(label) if a == b)
 
 
 def infeasible_count(ids: list[str], labels: dict[str, list[int]], frames: dict[str, int]) -> int:

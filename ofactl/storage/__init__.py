@@ -13,7 +13,7 @@ from typing import Any
 
 from ofactl.storage.zarr_store import FeatureGroup, FeatureStore, open_store, rate_key
 
-__all__ = ["FeatureGroup", "FeatureStore", "open_store", "rate_key", "describe_store"]
+__all__ = ["FeatureGroup", "FeatureStore", "describe_store", "open_store", "rate_key"]
 
 
 def describe_store(path: Path, verify: bool = False) -> dict[str, Any]:

@@ -25,7 +25,8 @@ except ImportError:  # pragma: no cover - a declared dependency
 def _put_attrs(obj: Any, attrs: dict[str, Any]) -> None:
     as_json = []
     for k, v in attrs.items():
-        if isinstance(v, (dict, list, tuple)) and not (isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) for x in v)):
+        numbers = isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) for x in v)
+        if isinstance(v, (dict, list, tuple)) and not numbers:
             obj.attrs[k] = json.dumps(v)
             as_json.append(k)
         elif v is None:

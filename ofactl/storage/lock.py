@@ -13,6 +13,7 @@ that two takers cannot both remove a fresh lock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -104,7 +105,7 @@ class GroupLock:
         raise StoreError(f"cannot take lock {self.path}")
 
     # ------------------------------------------------------------------ protocol
-    def __enter__(self) -> "GroupLock":
+    def __enter__(self) -> GroupLock:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._create()  # first our own lock ...
         for other in self._others():  # ... then theirs: of two simultaneous writers one sees the other
@@ -118,10 +119,8 @@ class GroupLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
-            try:
+            with contextlib.suppress(OSError):
                 self.dir.rmdir()  # only when empty
-            except OSError:
-                pass
 
     def __exit__(self, *exc: object) -> None:
         self.release()

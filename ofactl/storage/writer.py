@@ -148,7 +148,7 @@ class WriterThread(threading.Thread):
                 elif self.error is None:
                     for rate, i, feats, err in item:
                         self.writers[rate].add(i, feats, err)
-            except BaseException as e:  # noqa: BLE001 - reported to the main thread
+            except BaseException as e:
                 self.error = e
             finally:
                 self.q.task_done()
