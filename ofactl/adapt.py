@@ -46,7 +46,7 @@ from ofactl.probe.metrics import ctc_greedy
 from ofactl.probe.tasks import TaskData
 from ofactl.probe.train import Probe, score, task_loss
 from ofactl.progress import NullProgress, Progress
-from ofactl.runtime import check_device_name, resolve_device
+from ofactl.runtime import check_device_name, resolve_device, seed_all
 
 
 @dataclass
@@ -157,7 +157,7 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, "adapt", out_dir / "config.yaml")
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed)
     student, _ = load_student(Path(ckpt), device)
     if student.cfg.compressor != "cif":
         raise ConfigError(f"{ckpt}: adapt needs a once-for-all (cif) student, this one is {student.cfg.compressor}")

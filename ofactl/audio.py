@@ -32,11 +32,11 @@ import numpy as np
 import soundfile as sf
 
 from ofactl.errors import AudioError, CorpusError
+from ofactl.runtime import SAMPLE_RATE
 
 if TYPE_CHECKING:
     import torch
 
-SAMPLE_RATE = 16000
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 _MAX_LISTED = 20
 

@@ -107,11 +107,14 @@ def load_student(path: Path, device: str | torch.device = "cpu") -> tuple[Any, d
     return student.to(device).eval(), obj
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(*paths: Path) -> str:
+    """SHA-256 (hex) of the files' bytes, read in 1 MiB blocks, one after the other: the
+    identity of a checkpoint (one file) or of a teacher folder (config and weights)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 

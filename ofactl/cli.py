@@ -615,13 +615,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except Exception as e:
         # click's usage errors (typer may ship its own copy of click, so matched by interface)
-        if not (hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int)):
+        code = getattr(e, "exit_code", None)
+        if not (hasattr(e, "show") and isinstance(code, int)):
             raise
         if "--json" in args:
             msg = e.format_message() if hasattr(e, "format_message") else str(e)
-            _emit_json({"error": msg or "usage error", "exit_code": e.exit_code, "kind": "usage"})
+            _emit_json({"error": msg or "usage error", "exit_code": code, "kind": "usage"})
         e.show()
-        sys.exit(e.exit_code)
+        sys.exit(code)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -141,7 +141,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value in get_args(tp):
             return value
         raise bad()
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise bad()
         return _build(tp, value, source, prefix=key + ".")
@@ -257,7 +257,7 @@ def _field_type(cls: type, path: Sequence[str], where: str) -> Any:
     field_tp: Any = None
     for part in path:
         tp = _unwrap_optional(tp if field_tp is None else field_tp)
-        if not (dataclasses.is_dataclass(tp) and part in {f.name for f in dataclasses.fields(tp)}):
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp) and part in {f.name for f in dataclasses.fields(tp)}):
             raise ConfigError(f"unknown key '{'.'.join(path)}' in {where}")
         field_tp = _hints(tp)[part]
     return field_tp
@@ -421,7 +421,7 @@ def _leaf_keys(cls: type, defaults: dict[str, Any], prefix: str = "") -> list[tu
     hints, out = _hints(cls), []
     for f in dataclasses.fields(cls):
         sub = _unwrap_optional(hints[f.name])
-        if dataclasses.is_dataclass(sub):
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
             out += _leaf_keys(sub, defaults[f.name], f"{prefix}{f.name}.")
         else:
             out.append((f"{prefix}{f.name}", _type_name(hints[f.name]), defaults[f.name]))

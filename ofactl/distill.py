@@ -30,10 +30,9 @@ from ofactl.errors import ConfigError
 from ofactl.model.compress import length_mask, rate_to_lambda
 from ofactl.model.student import Student, StudentConfig, student_config
 from ofactl.progress import NullProgress, Progress
-from ofactl.runtime import autocast
+from ofactl.runtime import SAMPLE_RATE as SR
+from ofactl.runtime import autocast, seed_all
 from ofactl.training import OptimConfig, held_batches, split_held_out
-
-SR = 16000
 
 
 @dataclass
@@ -279,7 +278,7 @@ def run_distill(
     su = setup_run(cfg, Path(run_dir), resume, overwrite)
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
     trn, held = split_held_out(list(cps), cfg.eval_utts, cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed)
     teacher, student = _build(cfg, trust_checkpoint, su.device, progress)
     optim = make_optimisation(student.parameters(), cfg, su.amp)
     job = _distill_job(cfg, student, teacher, held, su)

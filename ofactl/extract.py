@@ -23,11 +23,11 @@ from ofactl.choices import FeatureDtype, OnError, Precision, StoreCompression
 from ofactl.config import to_dict
 from ofactl.errors import AudioError, ConfigError, OfactlError, StoreError
 from ofactl.progress import NullProgress, Progress, ignore_sigint_in_worker
+from ofactl.runtime import SAMPLE_RATE as SR
 from ofactl.runtime import autocast, autocast_dtype, check_device_name, resolve_device
 
-SR = 16000
-
 if TYPE_CHECKING:
+    from ofactl.model.student import Student
     from ofactl.storage.writer import GroupState, WriterThread
 
 
@@ -143,7 +143,7 @@ def _pin(b: Batch) -> Batch:
     return b
 
 
-def plan_batches(order: Sequence[int], n_samples: Sequence[int], budget_samples: int) -> list[list[int]]:
+def plan_batches(order: Sequence[int], n_samples: Sequence[int] | np.ndarray, budget_samples: int) -> list[list[int]]:
     """Consecutive utterances whose padded size (count x longest) fits the budget (>= 1 each)."""
     batches: list[list[int]] = []
     cur: list[int] = []
@@ -246,7 +246,7 @@ def requested_rates(rates: Sequence[float] = (), frame_ms: Sequence[float] = ())
 
 def extract_with_student(
     cfg: ExtractConfig,
-    student: torch.nn.Module,
+    student: Student,
     student_id: str,
     corpus: str | Path | Corpus,
     out: Path | None,
@@ -307,7 +307,7 @@ def _inputs(corpus: str | Path | Corpus, stdin: TextIO | None, cfg: ExtractConfi
     else:
         # header checks, the CNN's minimum length included, all reported in one error
         min_samples = receptive_field(arch.conv_layers)[1]
-        cps = read_corpus(corpus, stdin=stdin, on_error=cfg.on_error, min_samples_16k=min_samples)  # type: ignore[arg-type]
+        cps = read_corpus(corpus, stdin=stdin, on_error=cfg.on_error, min_samples_16k=min_samples)
     utts = sorted(cps.utterances, key=lambda u: (u.n_samples_16k, u.id))
     n16 = np.array([u.n_samples_16k for u in utts], dtype=np.int64)
     t_in = cnn_lengths(arch, torch.from_numpy(n16)).numpy()

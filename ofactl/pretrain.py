@@ -47,7 +47,7 @@ from ofactl.model.blocks import (
 )
 from ofactl.model.compress import length_mask
 from ofactl.progress import NullProgress, Progress
-from ofactl.runtime import autocast
+from ofactl.runtime import SAMPLE_RATE, autocast, seed_all
 from ofactl.training import OptimConfig, held_batches, split_held_out
 
 FORMAT = "ofactl-pretrain"
@@ -135,7 +135,7 @@ class PretrainModel(nn.Module):
 
     def frames(self, wav: Tensor, lengths: Tensor, grad_mult: float = 1.0) -> tuple[Tensor, Tensor]:
         """(B, N) samples -> projected CNN features (B, T, D) and frame lengths (B,)."""
-        from torchaudio.models.wav2vec2.components import GradMultiply
+        from ofactl.model.blocks import GradMultiply
 
         if self.arch.normalize_waveform:
             wav = normalize_waveform(wav, lengths)
@@ -201,7 +201,7 @@ def mfcc_features(wav: Tensor, n_frames: int) -> Tensor:
     if len(wav) < 400:
         return torch.zeros(n_frames, 39)
     m = torchaudio.compliance.kaldi.mfcc(wav[None] * 32768.0, num_ceps=13, frame_length=25.0, frame_shift=10.0,
-                                         sample_frequency=16000.0, dither=0.0)  # (F, 13), F at 100 Hz
+                                         sample_frequency=float(SAMPLE_RATE), dither=0.0)  # (F, 13), F at 100 Hz
     d1 = torchaudio.functional.compute_deltas(m.T)
     d2 = torchaudio.functional.compute_deltas(d1)
     x = torch.cat([m.T, d1, d2]).T[::2]  # frame 2t starts at sample 320 t, like CNN frame t
@@ -360,7 +360,7 @@ def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path
     trn, held = split_held_out(utts, cfg.eval_utts, cfg.seed)
     units = _units(cfg, su.run_dir, trn, source, progress)
     targets = unit_targets(utts, units, source, progress)
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed)
     model = PretrainModel(cfg.arch, cfg.n_units, cfg.final_dim, cfg.logit_temp).to(su.device)
     if su.main:
         save_resolved(cfg, "pretrain", su.run_dir / "config.yaml")
@@ -442,7 +442,7 @@ def evaluate(model: PretrainModel, held: list[Utterance], targets: dict[str, np.
     gen = torch.Generator().manual_seed(cfg.seed + 99)
     sums = {"loss": 0.0, "acc_masked": 0.0, "acc_unmasked": 0.0}
     count = 0
-    crop = int(cfg.crop_seconds * 16000) * 2
+    crop = int(cfg.crop_seconds * SAMPLE_RATE) * 2
     ids = [u.id for u in held]
     k = 0
     for wav, lengths in held_batches(held, crop):

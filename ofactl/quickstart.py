@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ofactl.choices import CtcHead
+from ofactl.choices import CtcHead, Task
 from ofactl.config import load_config, save_resolved, to_dict
 from ofactl.progress import NullProgress, Progress
 
@@ -42,9 +42,9 @@ class QuickstartConfig:
     synth_preset: str = "synth-tiny"
     distill_preset: str = "distill-tiny"
     rates: tuple[float, ...] = (1.0, 0.5, 0.33, 0.25)
-    tasks: tuple[str, ...] = ("ks", "sid")  # add pr for phonemes (with pr_head: linear to stay fast)
+    tasks: tuple[Task, ...] = ("ks", "sid")  # add pr for phonemes (with pr_head: linear to stay fast)
     pr_head: CtcHead = "lstm"  # the CTC head of pr sweeps and of adapt's pr probe: lstm (better), linear (faster)
-    adapt_tasks: tuple[str, ...] = ("pr",)  # e.g. ("pr", "ks"): a task that needs frames and a flat one
+    adapt_tasks: tuple[Task, ...] = ("pr",)  # e.g. ("pr", "ks"): a task that needs frames and a flat one
     adapt_epochs: int = 6
     probe_epochs: int = 60  # utterance heads train in seconds; the sid probe still improves past 40
     device: str = "auto"
@@ -185,7 +185,7 @@ class _Quickstart:
     def sweep(self, corpus: Path, student: Path, store: Path) -> dict[str, Any]:
         from ofactl.sweep import SweepConfig, run_sweep
 
-        sweeps = {}
+        sweeps: dict[str, Any] = {}
         for task in self.cfg.tasks:
             sw = SweepConfig(task=task, rates=tuple(self.cfg.rates), device=self.cfg.device)
             sw.probe = replace(sw.probe, epochs=self.cfg.probe_epochs, cls_epochs=self.cfg.probe_epochs,
@@ -202,7 +202,7 @@ class _Quickstart:
         from ofactl.adapt import AdaptConfig, run_adapt
         from ofactl.checkpoint import file_sha256
 
-        out = {}
+        out: dict[str, dict[str, Any]] = {}
         for task in self.cfg.adapt_tasks:
             acfg = AdaptConfig(task=task, epochs=self.cfg.adapt_epochs, device=self.cfg.device)
             acfg.probe = replace(acfg.probe, ctc_head=self.cfg.pr_head)

@@ -1,5 +1,5 @@
-"""Where and how models run: the device a command names, its autocast precision, and the
-helpers that keep a model and its inputs on the same device.
+"""Where and how models run: the sample rate every model sees, the device a command names, its
+autocast precision, seeding, and the helpers that keep a model and its inputs on the same device.
 
 Every command that runs a model resolves ``--device`` here, so ``auto``, ``cpu``, ``cuda`` and
 ``cuda:N`` mean the same everywhere and a bad value is one clear error naming the flag.
@@ -8,15 +8,17 @@ Every command that runs a model resolves ``--device`` here, so ``auto``, ``cpu``
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
+from ofactl.choices import Precision
 from ofactl.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
+SAMPLE_RATE = 16000  # Hz: every model input; other rates are resampled on load (ofactl.audio)
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 _DEVICE_RX = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -122,3 +124,11 @@ def local_device(name: str, env: dict[str, str] | None = None) -> str:
     if not torch.cuda.is_available():
         return name
     return f"cuda:{int(e['LOCAL_RANK']) % max(1, torch.cuda.device_count())}"
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch's global generator (CPU and every GPU), for initialisations and dropout;
+    data order and crops use their own seeded generators."""
+    import torch
+
+    torch.manual_seed(seed)

@@ -26,6 +26,7 @@ from ofactl.extract import ExtractConfig, extract_with_student, parse_layers
 from ofactl.probe import ProbeConfig, build_task, train_probe
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import (
+    SAMPLE_RATE,
     autocast,
     autocast_dtype,
     check_device_name,
@@ -224,7 +225,7 @@ def _supported(student: Any, r: float) -> bool:
 
 def _probe_macs(params: int, rate: float, hop: int) -> float:
     """Rough probe MACs per audio second: one multiply per parameter per output frame."""
-    return params * rate * 16000 / hop
+    return params * rate * SAMPLE_RATE / hop
 
 
 @torch.no_grad()
@@ -235,7 +236,7 @@ def _time_extract(student: Any, corpus: Corpus, rate: float, n: int, precision: 
     amp = autocast_dtype(precision, device)
     utts = list(corpus)[:n]
     wavs = [load_audio(u.path) for u in utts]
-    audio_s = sum(len(w) for w in wavs) / 16000
+    audio_s = sum(len(w) for w in wavs) / SAMPLE_RATE
     wav = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True).to(device)
     lengths = torch.tensor([len(w) for w in wavs], device=device)
 

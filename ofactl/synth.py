@@ -29,6 +29,7 @@ import numpy as np
 from ofactl.config import load_yaml, save_resolved, to_dict
 from ofactl.errors import ConfigError, OfactlError
 from ofactl.progress import NullProgress, Progress
+from ofactl.runtime import SAMPLE_RATE
 
 MANIFEST_COLUMNS = ("speaker", "label", "kind", "text", "phones", "phone_times", "accent", "split")
 
@@ -74,7 +75,7 @@ class SynthConfig:
     dev_fraction: float = 0.15
     test_fraction: float = 0.15
     take_jitter: float = 0.08
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
     exclude_test_voices_of: str = ""  # a synth preset whose test-split voices this corpus leaves out
     # (pretraining data that keeps a probe's test speakers unseen)
 

@@ -32,10 +32,10 @@ import torch
 from torch import Tensor
 
 from ofactl.audio import Utterance, load_audio
+from ofactl.choices import Precision
 from ofactl.errors import CheckpointError, InterruptedRun, OfactlError
 from ofactl.progress import Progress, deferred_sigint, ignore_sigint_in_worker
-
-SR = 16000
+from ofactl.runtime import SAMPLE_RATE as SR
 
 
 @dataclass
@@ -58,7 +58,7 @@ class TrainConfig(Protocol):
     crop_seconds: float
     optim: OptimConfig
     device: str
-    precision: str
+    precision: Precision
     num_workers: int
     seed: int
     ckpt_every: int

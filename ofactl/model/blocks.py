@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torchaudio.models import Wav2Vec2Model
 from torchaudio.models.wav2vec2 import components as C
 
 from ofactl.choices import ConvNorm
 from ofactl.errors import ModelError
 from ofactl.model.compress import length_mask
+from ofactl.runtime import SAMPLE_RATE
 
 # HuBERT / wav2vec 2.0 CNN: 7 layers, total stride 320 samples = 20 ms at 16 kHz.
 BASE_CONV: tuple[tuple[int, int, int], ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
@@ -79,6 +81,11 @@ def cnn_lengths(arch: HubertArch, n_samples: Tensor) -> Tensor:
     return n
 
 
+# HuBERT's feature_grad_mult: scales the gradient reaching the CNN. Re-exported so that
+# torchaudio's model internals are reached from this module only.
+GradMultiply = C.GradMultiply
+
+
 def build_cnn(arch: HubertArch) -> C.FeatureExtractor:
     arch.validate()
     return C._get_feature_extractor(arch.conv_norm, [tuple(x) for x in arch.conv_layers], arch.conv_bias)
@@ -86,7 +93,7 @@ def build_cnn(arch: HubertArch) -> C.FeatureExtractor:
 
 # Samples per CNN micro-batch. The first conv layers make ~1.6 GB of activations for 80 s of
 # audio; chunks of ~20 s keep them cache- and allocator-friendly (about 1.5x faster on CPU).
-CNN_CHUNK_SAMPLES = 20 * 16000
+CNN_CHUNK_SAMPLES = 20 * SAMPLE_RATE
 
 
 def cnn_forward(cnn: C.FeatureExtractor, wav: Tensor, lengths: Tensor,
@@ -168,6 +175,11 @@ def build_encoder(arch: HubertArch, num_layers: int | None = None) -> C.Encoder:
         ff_interm_features=arch.ffn_dim, ff_interm_dropout=arch.activation_dropout,
         dropout=arch.dropout, layer_norm_first=arch.layer_norm_first, layer_drop=0.0,
     )
+
+
+def build_wav2vec2(arch: HubertArch) -> Wav2Vec2Model:
+    """torchaudio's ``Wav2Vec2Model`` (CNN and encoder, no head) for ``arch``: the teacher's layout."""
+    return Wav2Vec2Model(build_cnn(arch), build_encoder(arch), aux=None)
 
 
 def transformer_states(transformer: C.Transformer, x: Tensor, lengths: Tensor) -> list[Tensor]:

@@ -278,6 +278,8 @@ class Compressor(nn.Module):
     ``alpha_mean`` (a buffer, measured during distillation) maps rates to lambda.
     """
 
+
+    alpha_mean: Tensor  # a buffer: the running mean of alpha (the rate -> lambda map)
     def __init__(self, dim: int, kind: str = "cif", kernel: int = 5, alpha_mean: float = 0.5) -> None:
         super().__init__()
         if kind not in ("cif", "avgpool", "none"):

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from ofactl.model.compress import length_mask
+from ofactl.runtime import SAMPLE_RATE as SR
 
-SR, WIN, HOP = 16000, 400, 320
+WIN, HOP = 400, 320  # 25 ms windows every 20 ms at SR
 
 
 @lru_cache(maxsize=8)

@@ -8,8 +8,7 @@ utterance length). Not counted: norms, activations, the prediction heads.
 from __future__ import annotations
 
 from ofactl.model.blocks import HubertArch
-
-SR = 16000
+from ofactl.runtime import SAMPLE_RATE as SR
 
 
 def cnn_macs_per_second(arch: HubertArch) -> float:

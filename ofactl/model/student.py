@@ -12,15 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torchaudio.models.wav2vec2.components import GradMultiply
 
 from ofactl.choices import CompressorKind
 from ofactl.errors import ModelError
 from ofactl.model.blocks import (
+    GradMultiply,
     Hidden,
     HubertArch,
     build_cnn,
@@ -192,7 +193,7 @@ class Student(nn.Module):
         return out
 
     # ------------------------------------------------------------------ init
-    def init_from_teacher(self, teacher: nn.Module, partial: bool = False) -> list[str]:
+    def init_from_teacher(self, teacher: Any, partial: bool = False) -> list[str]:
         """Copy the teacher's CNN, projection, positional conv and first layers (DistilHuBERT
         init). Returns the copied parameter names. Shapes must match, or with ``partial`` only
         the parts whose every tensor matches are copied (a teacher with the student's CNN but

@@ -20,7 +20,6 @@ L + 1 states (the transformer input, then each layer), as HuggingFace's ``output
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import pickle
 import re
@@ -32,14 +31,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torchaudio.models import Wav2Vec2Model
 
+from ofactl.checkpoint import file_sha256
 from ofactl.errors import CheckpointError
 from ofactl.model.blocks import (
     Hidden,
     HubertArch,
-    build_cnn,
-    build_encoder,
+    build_wav2vec2,
     cnn_forward,
     normalize_waveform,
     transformer_states,
@@ -63,7 +61,7 @@ class Teacher(nn.Module):
     def __init__(self, arch: HubertArch, source: str = "", fingerprint: str = "", fmt: str = "") -> None:
         super().__init__()
         self.arch = arch
-        self.model = Wav2Vec2Model(build_cnn(arch), build_encoder(arch), aux=None)
+        self.model = build_wav2vec2(arch)
         self.source, self.fingerprint, self.format = source, fingerprint, fmt
 
     @property
@@ -115,7 +113,7 @@ def _load_builtin(name: str) -> Teacher:
     if not p.is_file():
         raise CheckpointError(f"builtin:{name} is missing from this installation ({p}); reinstall ofactl")
     want = BUILTIN[name]["sha256"]
-    got = file_fingerprint(p)
+    got = file_sha256(p)
     if want and got != want:
         raise CheckpointError(f"builtin:{name}: {p} has sha256 {got[:12]}..., expected {want[:12]}...; reinstall ofactl")
     t = _from_state_dict(_load_safetensors(p), _safetensors_arch(p), p)
@@ -196,15 +194,6 @@ def _load_safetensors(p: Path) -> dict[str, Tensor]:
         return load_file(str(p))
     except Exception as e:  # SafetensorError, OSError, ...: one line whatever the cause
         raise CheckpointError(f"{p}: not a readable safetensors file ({_short(e)})") from None
-
-
-def file_fingerprint(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- pickle handling
@@ -292,7 +281,7 @@ def _from_state_dict(sd: dict[str, Tensor], config: dict[str, Any] | None, p: Pa
             arch = HubertArch(**{**asdict(arch), **config})
         except TypeError as e:
             raise CheckpointError(f"{p}: bad 'config' entry ({e})") from None
-    return _build(arch, sd, p, "torchaudio", file_fingerprint(p))
+    return _build(arch, sd, p, "torchaudio", file_sha256(p))
 
 
 _KERNEL_STRIDE = {10: 5, 3: 2, 2: 2}
@@ -405,7 +394,7 @@ def _load_hf_dir(p: Path, trust: bool = False) -> Teacher:
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: missing or invalid field {e}") from None
     sd = _hf_to_torchaudio(sd, cfg.get("feat_proj_layer_norm", True))
-    return _build(arch, sd, p, "huggingface", file_fingerprint(cfg_path, w))
+    return _build(arch, sd, p, "huggingface", file_sha256(cfg_path, w))
 
 
 def parse_conv_layers(spec: str) -> tuple[tuple[int, int, int], ...]:
@@ -419,8 +408,8 @@ def parse_conv_layers(spec: str) -> tuple[tuple[int, int, int], ...]:
             items = ast.literal_eval(m.group(1))
         except (ValueError, SyntaxError):
             raise CheckpointError(f"cannot parse conv_feature_layers {spec!r}") from None
-        out.extend([tuple(int(v) for v in it) for it in items] * int(m.group(2) or 1))  # type: ignore[misc]
-    return tuple(out)  # type: ignore[return-value]
+        out.extend([(int(it[0]), int(it[1]), int(it[2])) for it in items] * int(m.group(2) or 1))
+    return tuple(out)
 
 
 _FAIRSEQ_RULES = [
@@ -481,4 +470,4 @@ def _from_fairseq(ckpt: dict[str, Any], p: Path) -> Teacher:
     sd = ckpt["model"]
     if not isinstance(sd, dict):
         raise CheckpointError(f"{p}: fairseq 'model' entry is not a state dict")
-    return _build(arch, fairseq_to_torchaudio(sd), p, "fairseq", file_fingerprint(p))
+    return _build(arch, fairseq_to_torchaudio(sd), p, "fairseq", file_sha256(p))

@@ -17,12 +17,13 @@ from torch import Tensor
 
 from ofactl.errors import ModelError
 from ofactl.model.compress import length_mask
+from ofactl.model.student import Student
 
 
 class OfaUpstream(nn.Module):
     """Wraps a student at ``rate``; exact mode gives round(rate * T) frames per utterance."""
 
-    def __init__(self, student: nn.Module, rate: float = 1.0, exact: bool = True) -> None:
+    def __init__(self, student: Student, rate: float = 1.0, exact: bool = True) -> None:
         super().__init__()
         if not 0 < rate <= 1:
             raise ModelError(f"rate must be in (0, 1], got {rate}")

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ofactl.model.blocks import Hidden, group_norm_affine
+
+if TYPE_CHECKING:
+    from ofactl.model.student import Student
 
 CNN_WINDOW_FRAMES = 1000  # 20 s of 20 ms frames per CNN window (exact, so only a speed knob)
 
@@ -44,7 +48,7 @@ def _frames(n: int, conv_layers: Sequence[tuple[int, int, int]]) -> int:
 
 
 @torch.no_grad()
-def cnn_windowed(cnn: nn.Module, conv_layers: Sequence[tuple[int, int, int]], wav: Tensor,
+def cnn_windowed(cnn: Any, conv_layers: Sequence[tuple[int, int, int]], wav: Tensor,
                  window: int = CNN_WINDOW_FRAMES) -> Tensor:
     """(N,) samples -> (T, C) CNN output, computed ``window`` output frames at a time."""
     hop, rf = receptive_field(conv_layers)
@@ -71,7 +75,7 @@ def cnn_windowed(cnn: nn.Module, conv_layers: Sequence[tuple[int, int, int]], wa
     return torch.cat(outs, 0) if outs else wav.new_zeros(0, conv_layers[-1][0])
 
 
-def _first_layer_stats(layer: nn.Module, wav: Tensor, span: int) -> tuple[Tensor, Tensor]:
+def _first_layer_stats(layer: Any, wav: Tensor, span: int) -> tuple[Tensor, Tensor]:
     """Per-channel (scale, shift) of the first layer's GroupNorm over the whole utterance,
     accumulated in float64 over windows of the first conv's output."""
     conv, gn = layer.conv, layer.layer_norm
@@ -92,7 +96,7 @@ def _first_layer_stats(layer: nn.Module, wav: Tensor, span: int) -> tuple[Tensor
 
 
 @torch.no_grad()
-def features_windowed(student: nn.Module, wav: Tensor, rates: Sequence[float], *, exact: bool = True,
+def features_windowed(student: Student, wav: Tensor, rates: Sequence[float], *, exact: bool = True,
                       layers: Sequence[int] | None = None, window: int, context: int) -> dict[float, Hidden]:
     """One long utterance (N,) -> hidden states (1, T', L, D) per rate, like
     ``student.features`` on it alone, with bounded memory. ``window`` and ``context`` are in

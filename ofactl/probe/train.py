@@ -20,7 +20,7 @@ from ofactl.errors import ConfigError
 from ofactl.model.compress import length_mask
 from ofactl.probe.metrics import accuracy, ctc_greedy, error_rate, words
 from ofactl.probe.tasks import TaskData
-from ofactl.runtime import check_device_name, module_device, resolve_device
+from ofactl.runtime import check_device_name, module_device, resolve_device, seed_all
 
 
 @dataclass
@@ -149,7 +149,7 @@ def infeasible_count(ids: list[str], labels: dict[str, list[int]], frames: dict[
 def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
                 input_frames: dict[str, int] | None = None) -> ProbeResult:
     """Train on train, early-stop on dev, report dev and test metrics."""
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed)
     dev = resolve_device(cfg.device, "probe.device")
     splits = {s: [u for u in task.splits[s] if u in feats and len(feats[u])] for s in ("train", "dev", "test")}
     if not splits["train"] or not splits["test"]:

@@ -51,7 +51,7 @@ def utt_checksum(utt_id: str, error: str, feats: np.ndarray | None) -> int:
     n = 0 if feats is None else len(feats)
     crc = zlib.crc32(utt_id.encode() + b"\0" + error.encode() + b"\0" + struct.pack("<q", n))
     if feats is not None and n:
-        crc = zlib.crc32(np.ascontiguousarray(feats).view(np.uint8), crc)
+        crc = zlib.crc32(np.ascontiguousarray(feats).view(np.uint8), crc)  # type: ignore[arg-type]  # an ndarray is a buffer
     return crc
 
 
@@ -101,7 +101,7 @@ class Layout:
         return int(self.offsets[last] + self.reserve[last])
 
 
-def make_layout(utt_ids: Sequence[str], reserve: Sequence[int], block_utts: int = 256,
+def make_layout(utt_ids: Sequence[str], reserve: Sequence[int] | np.ndarray, block_utts: int = 256,
                 chunk_frames: int = 1024) -> Layout:
     """Offsets with every block starting on a chunk boundary."""
     res = np.asarray(reserve, dtype=np.int64)

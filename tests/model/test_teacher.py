@@ -275,11 +275,12 @@ def test_huggingface_bin_honours_trust(tmp_path):
 
 
 def test_builtin_teacher_loads_with_its_recorded_checksum_and_architecture():
-    from ofactl.model.teacher import BUILTIN, builtin_path, file_fingerprint
+    from ofactl.checkpoint import file_sha256
+    from ofactl.model.teacher import BUILTIN, builtin_path
 
     p = builtin_path("hubert-tiny")
     assert p.is_file() and p.stat().st_size <= 10 * 2**20  # ships inside the package, at most 10 MB
-    assert file_fingerprint(p) == BUILTIN["hubert-tiny"]["sha256"]
+    assert file_sha256(p) == BUILTIN["hubert-tiny"]["sha256"]
     t = load_teacher("builtin:hubert-tiny")
     assert t.source == "builtin:hubert-tiny" and t.format == "builtin"
     assert (t.arch.embed_dim, t.arch.num_layers, t.arch.num_heads, t.arch.cnn_dim) == (128, 4, 4, 64)
