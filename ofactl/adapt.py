@@ -51,17 +51,20 @@ from ofactl.runtime import check_device_name, resolve_device, seed_all
 
 @dataclass
 class AdaptConfig:
-    task: Task = "pr"
-    label_column: str = ""
-    init_rate: float = 0.5
+    """Settings of ``ofactl adapt``: the task, the cost of frames, lambda's optimiser and phases."""
+
+    task: Task = "pr"  # the downstream task whose rate is learned
+    label_column: str = ""  # label column of task cls
+    init_rate: float = 0.5  # rate lambda starts from
     cost: float = 0.05  # gamma: expected error (a fraction: 0.05 = 5 points of accuracy or error rate)
     # accepted per halving of the frame rate
     target_rate: float = 0.0  # > 0: penalise |ratio - target| * cost instead
-    epochs: int = 15
-    batch_size: int = 16
-    lambda_lr: float = 0.05
+    epochs: int = 15  # epochs over the training split
+    batch_size: int = 16  # utterances per batch
+    lambda_lr: float = 0.05  # learning rate of lambda (Adam)
     lambda_warmup: float = 0.3  # share of the steps training the probe alone: a random probe's
     # loss says nothing about the rate, so lambda starts learning once the probe does
+
     # dev: lambda follows the dev-split loss (first-order DARTS); train: the same loss as the probe
     lambda_data: LambdaData = "dev"
     lambda_grad: LambdaGrad = "difference"  # difference: central difference of the task loss over +-difference_step
@@ -73,11 +76,12 @@ class AdaptConfig:
     refine: float = 0.2  # share of the epochs at the end: lambda frozen, the probe trains at the learned rate
     min_rate: float = 0.25  # lowest rate lambda may reach (80 ms; OFA students are distilled on 20-90 ms,
     # and the edge of that range is the least trained)
-    seed: int = 0
+    seed: int = 0  # seeds splits, the probe, batches and the probe band
     device: str = "auto"  # the student, lambda and the probe (unless probe.device says otherwise)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self) -> None:
+        """Raise ValueError for settings that cannot work together."""
         check_device_name(self.device)
         if not 0 < self.init_rate <= 1:
             raise ValueError("init_rate must be in (0, 1]")
@@ -109,11 +113,14 @@ class LearnableLambda(torch.nn.Module):
         self.theta = torch.nn.Parameter(torch.tensor(float(np.log(p / (1 - p)))))
 
     def forward(self) -> Tensor:
+        """The current lambda, a scalar tensor in [0, top)."""
         return self.top * torch.sigmoid(self.theta)
 
 
 @dataclass
 class AdaptResult:
+    """What ``adapt`` learned: the rate and lambda, the test metric there, and the time it took."""
+
     out_dir: Path
     task: str
     metric: str
@@ -127,6 +134,7 @@ class AdaptResult:
     comparison: dict[str, Any] | None
 
     def to_json(self) -> dict[str, Any]:
+        """The result as JSON-safe data (``summary.json``, ``--json``)."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
@@ -149,15 +157,26 @@ def _batch(ids: list[str], cache: dict[str, Tensor], device: torch.device) -> tu
 
 def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir: Path,
               compare_sweep: Path | None = None, progress: Progress | None = None) -> AdaptResult:
-    from ofactl.checkpoint import load_student
-
+    """Train a probe and lambda together on a frozen once-for-all student, then test at the
+    learned rate. Writes config.yaml, trajectory.jsonl/.png, rate.yaml and summary.json to
+    ``out_dir``; ``compare_sweep`` adds where a sweep of the same task puts that rate."""
     progress = progress or NullProgress()
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device if cfg.probe.device == "auto" else cfg.probe.device)
+    device = resolve_device(cfg.device if cfg.probe.device == "auto" else cfg.probe.device)  # before any folder
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, "adapt", out_dir / "config.yaml")
     seed_all(cfg.seed)
+    job = _setup_adapt(cfg, ckpt, corpus, device, progress)
+    job.train(progress)
+    return _finish_adapt(job, out_dir, compare_sweep, t0)
+
+
+def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, device: torch.device,
+                 progress: Progress) -> _AdaptJob:
+    """The frozen cif student, the task, its CNN features (computed once), probe and lambda."""
+    from ofactl.checkpoint import load_student
+
     student, _ = load_student(Path(ckpt), device)
     if student.cfg.compressor != "cif":
         raise ConfigError(f"{ckpt}: adapt needs a once-for-all (cif) student, this one is {student.cfg.compressor}")
@@ -173,75 +192,107 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
     lam = LearnableLambda(float(rate_to_lambda(cfg.init_rate, alpha_mean)),
                           float(rate_to_lambda(cfg.min_rate, alpha_mean))).to(device)
     probe = Probe(student.num_hidden, student.cfg.arch.embed_dim, task.n_outputs, task.kind, cfg.probe).to(device)
-    opt = torch.optim.Adam(probe.parameters(), lr=cfg.probe.ctc_lr if task.kind == "ctc" else cfg.probe.lr)
-    opt_lam = torch.optim.Adam(lam.parameters(), lr=cfg.lambda_lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train = task.splits["train"]
-    dev = task.splits["dev"] if (cfg.lambda_data == "dev" and task.splits["dev"]) else []
-    dev_pos = 0
-    traj = []
-    steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-    warm = int(cfg.lambda_warmup * cfg.epochs * steps_per_epoch)
-    refine_from = cfg.epochs - int(round(cfg.refine * cfg.epochs))
-    progress.start("adapting the rate", cfg.epochs * steps_per_epoch)
-    step = 0
-    for epoch in range(cfg.epochs):
-        refining = epoch >= refine_from
-        order = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
-        for k in range(0, len(order), cfg.batch_size):
-            ids = order[k : k + cfg.batch_size]
-            x, n = _batch(ids, cache, device)
-            learn_lam = step >= warm and not refining
-            lm = lam()
-            joint = learn_lam and not dev and cfg.lambda_grad == "pathwise"  # one loss trains both
-            lam_b = (lm if joint else lm.detach()).expand(len(ids))
-            if cfg.probe_band > 0 and not refining:
-                jitter = (torch.rand(len(ids), generator=gen) * 2 - 1).to(device) * cfg.probe_band
-                lam_b = (lam_b + jitter).clamp(0.0, lam.top)
-            hidden, comp = student.encode(x, n, rate=None, lam=lam_b, exact=False)
-            loss = task_loss(probe, task, ids, hidden.states, hidden.lengths, charge_infeasible=True)
-            opt.zero_grad()
-            opt_lam.zero_grad()
-            rec_extra: dict[str, float] = {}
-            if joint:
-                mean_ratio, cost = _cost(cfg, comp.alpha_pred, lam_b, n)
-                (loss + cost).backward()
-            else:
-                loss.backward()
-            opt.step()
-            if learn_lam and not joint:
-                if dev:
-                    d_ids = [dev[(dev_pos + i) % len(dev)] for i in range(cfg.batch_size)]
-                    dev_pos += cfg.batch_size
-                    xd, nd = _batch(d_ids, cache, device)
-                else:
-                    d_ids, xd, nd = ids, x, n
-                lam_loss, mean_ratio, cost = _lambda_objective(cfg, student, probe, task, d_ids, xd, nd, lm, lam.top)
-                opt_lam.zero_grad()
-                (lam_loss + cost).backward()
-                rec_extra["lambda_loss"] = round(float(lam_loss.detach()), 5)
-            elif not joint:
-                with torch.no_grad():  # for the log: the cost at the current lambda, not the probe's band
-                    mean_ratio, cost = _cost(cfg, comp.alpha_pred, lm.detach().expand(len(ids)), n)
-            if learn_lam:
-                opt_lam.step()
-            step += 1
-            achieved = float(hidden.lengths.sum() / n.sum())
-            rec = {"step": step, "epoch": epoch + 1, "lambda": round(float(lm.detach()), 5),
-                   "expected_ratio": round(float(mean_ratio.detach()), 5), "achieved_rate": round(achieved, 5),
-                   "frame_period_ms": round(20.0 / max(achieved, 1e-6), 2), "task_loss": round(float(loss.detach()), 5),
-                   "cost": round(float(cost.detach()), 5),
-                   "phase": "refine" if refining else ("joint" if learn_lam else "warmup")}
-            rec.update(rec_extra)
-            traj.append(rec)
-            progress.advance(1, lam=rec["lambda"], rate=rec["achieved_rate"], loss=rec["task_loss"])
-    progress.finish()
-    final_lam = float(lam().detach())
-    test_metric, test_rate = _evaluate(student, probe, task, task.splits["test"], cache, final_lam, device, cfg)
+    return _AdaptJob(cfg, student, task, cache, device, probe, lam)
+
+
+@dataclass
+class _AdaptJob:
+    """The adapt loop's state: probe and lambda with their optimisers, data order, trajectory."""
+
+    cfg: AdaptConfig
+    student: Any
+    task: TaskData
+    cache: dict[str, Tensor]
+    device: torch.device
+    probe: Probe
+    lam: LearnableLambda
+    traj: list[dict[str, Any]] = field(default_factory=list)
+    dev_pos: int = 0
+
+    def __post_init__(self) -> None:
+        cfg, kind = self.cfg, self.task.kind
+        self.opt = torch.optim.Adam(self.probe.parameters(), lr=cfg.probe.ctc_lr if kind == "ctc" else cfg.probe.lr)
+        self.opt_lam = torch.optim.Adam(self.lam.parameters(), lr=cfg.lambda_lr)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.dev = self.task.splits["dev"] if (cfg.lambda_data == "dev" and self.task.splits["dev"]) else []
+
+    def train(self, progress: Progress) -> None:
+        """Warm-up (probe only), joint (probe and lambda), refine (probe at the final lambda)."""
+        cfg, train = self.cfg, self.task.splits["train"]
+        steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+        warm = int(cfg.lambda_warmup * cfg.epochs * steps_per_epoch)
+        refine_from = cfg.epochs - int(round(cfg.refine * cfg.epochs))
+        progress.start("adapting the rate", cfg.epochs * steps_per_epoch)
+        step = 0
+        for epoch in range(cfg.epochs):
+            refining = epoch >= refine_from
+            order = [train[i] for i in torch.randperm(len(train), generator=self.gen).tolist()]
+            for k in range(0, len(order), cfg.batch_size):
+                phase = "refine" if refining else ("joint" if step >= warm else "warmup")
+                rec = self.step(order[k : k + cfg.batch_size], phase)
+                step += 1
+                self.traj.append({"step": step, "epoch": epoch + 1, **rec})
+                progress.advance(1, lam=rec["lambda"], rate=rec["achieved_rate"], loss=rec["task_loss"])
+        progress.finish()
+
+    def step(self, ids: list[str], phase: str) -> dict[str, Any]:
+        """One probe step on ``ids`` and, in the joint phase, one lambda step; the log record."""
+        cfg, lam = self.cfg, self.lam
+        x, n = _batch(ids, self.cache, self.device)
+        learn_lam, refining = phase == "joint", phase == "refine"
+        lm = lam()
+        joint = learn_lam and not self.dev and cfg.lambda_grad == "pathwise"  # one loss trains both
+        lam_b = (lm if joint else lm.detach()).expand(len(ids))
+        if cfg.probe_band > 0 and not refining:
+            jitter = (torch.rand(len(ids), generator=self.gen) * 2 - 1).to(self.device) * cfg.probe_band
+            lam_b = (lam_b + jitter).clamp(0.0, lam.top)
+        hidden, comp = self.student.encode(x, n, rate=None, lam=lam_b, exact=False)
+        loss = task_loss(self.probe, self.task, ids, hidden.states, hidden.lengths, charge_infeasible=True)
+        self.opt.zero_grad()
+        self.opt_lam.zero_grad()
+        extra: dict[str, float] = {}
+        if joint:
+            mean_ratio, cost = _cost(cfg, comp.alpha_pred, lam_b, n)
+            (loss + cost).backward()
+        else:
+            loss.backward()
+        self.opt.step()
+        if learn_lam and not joint:
+            lam_loss, mean_ratio, cost = self._lambda_loss(ids, x, n, lm)
+            self.opt_lam.zero_grad()
+            (lam_loss + cost).backward()
+            extra["lambda_loss"] = round(float(lam_loss.detach()), 5)
+        elif not joint:
+            with torch.no_grad():  # for the log: the cost at the current lambda, not the probe's band
+                mean_ratio, cost = _cost(cfg, comp.alpha_pred, lm.detach().expand(len(ids)), n)
+        if learn_lam:
+            self.opt_lam.step()
+        achieved = float(hidden.lengths.sum() / n.sum())
+        return {"lambda": round(float(lm.detach()), 5), "expected_ratio": round(float(mean_ratio.detach()), 5),
+                "achieved_rate": round(achieved, 5), "frame_period_ms": round(20.0 / max(achieved, 1e-6), 2),
+                "task_loss": round(float(loss.detach()), 5), "cost": round(float(cost.detach()), 5),
+                "phase": phase, **extra}
+
+    def _lambda_loss(self, ids: list[str], x: Tensor, n: Tensor, lm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The objective lambda follows: on the next dev batch (lambda_data: dev) or on ``ids``."""
+        cfg = self.cfg
+        if self.dev:
+            ids = [self.dev[(self.dev_pos + i) % len(self.dev)] for i in range(cfg.batch_size)]
+            self.dev_pos += cfg.batch_size
+            x, n = _batch(ids, self.cache, self.device)
+        return _lambda_objective(cfg, self.student, self.probe, self.task, ids, x, n, lm, self.lam.top)
+
+
+def _finish_adapt(job: _AdaptJob, out_dir: Path, compare_sweep: Path | None, t0: float) -> AdaptResult:
+    """Test at the learned lambda; write trajectory.jsonl/.png, rate.yaml and summary.json."""
+    cfg, task = job.cfg, job.task
+    final_lam = float(job.lam().detach())
+    test_metric, test_rate = _evaluate(job.student, job.probe, task, task.splits["test"], job.cache, final_lam,
+                                       job.device, cfg)
     with open(out_dir / "trajectory.jsonl", "w") as f:
-        for rec in traj:
+        for rec in job.traj:
             f.write(json.dumps(rec) + "\n")
-    _plot(traj, out_dir / "trajectory.png", task.task)
+    _plot(job.traj, out_dir / "trajectory.png", task.task)
     learned_rate = round(test_rate, 4)
     (out_dir / "rate.yaml").write_text(
         f"description: rate learned by 'ofactl adapt --task {task.task}' (lambda {final_lam:.4f}, "

@@ -44,6 +44,8 @@ _MAX_LISTED = 20
 # --------------------------------------------------------------------------- single files
 @dataclass(frozen=True)
 class AudioInfo:
+    """A file's header: sample count, sample rate (Hz) and channels."""
+
     n_samples: int
     sample_rate: int
     channels: int
@@ -136,13 +138,16 @@ class Utterance:
 
     @property
     def n_samples_16k(self) -> int:
+        """Samples after resampling to 16 kHz (what the models see)."""
         return resampled_length(self.n_samples, self.sample_rate, SAMPLE_RATE)
 
     @property
     def seconds(self) -> float:
+        """Duration in seconds."""
         return self.n_samples / self.sample_rate
 
     def label(self, column: str) -> str:
+        """The manifest value of ``column`` (speaker, label, phones ...); a clear error when absent."""
         try:
             return self.labels[column]
         except KeyError:
@@ -168,6 +173,7 @@ class Corpus:
 
     @property
     def columns(self) -> list[str]:
+        """The manifest columns every utterance has, besides id and path."""
         cols: dict[str, None] = {}
         for u in self.utterances:
             cols.update(dict.fromkeys(u.labels))
@@ -175,6 +181,7 @@ class Corpus:
 
     @property
     def seconds(self) -> float:
+        """Total duration in seconds."""
         return sum(u.seconds for u in self.utterances)
 
     def fingerprint(self) -> str:
@@ -185,6 +192,7 @@ class Corpus:
         return h.hexdigest()
 
     def subset(self, keep: Iterable[str]) -> Corpus:
+        """The utterances whose ids are in ``keep``, in corpus order."""
         ids = set(keep)
         return Corpus(self.source, [u for u in self.utterances if u.id in ids], dict(self.problems))
 

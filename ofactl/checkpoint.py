@@ -49,6 +49,9 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
 
 def save_student(path: Path, student: Any, *, step: int = 0, teacher: dict[str, Any] | None = None,
                  train_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``student.pt`` atomically: weights, student config, training step, teacher identity
+    and ofactl version (loadable without ``--trust-checkpoint``).
+    """
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -78,6 +78,7 @@ class RichProgress:
         self._metrics = ""
 
     def start(self, stage: str, total: int | None = None) -> None:
+        """Begin a stage: a bar when ``total`` is known, a spinner otherwise."""
         self.finish()
         if not self.enabled:
             if not self.quiet:
@@ -102,6 +103,7 @@ class RichProgress:
         self._task = self._bar.add_task(stage, total=total, metrics="")
 
     def advance(self, n: int = 1, **metrics: Any) -> None:
+        """Move the bar by ``n`` and show the latest metrics."""
         if self._bar is None:
             return
         if metrics:
@@ -109,10 +111,12 @@ class RichProgress:
         self._bar.update(self._task, advance=n, metrics=self._metrics)
 
     def log(self, message: str) -> None:
+        """A note on stderr above the bar."""
         if not self.quiet:
             err_console.print(message, markup=False, highlight=False)
 
     def finish(self) -> None:
+        """End the current stage's display."""
         if self._bar is not None:
             self._bar.stop()
             self._bar = None

@@ -58,6 +58,7 @@ def preset_dirs() -> list[Path]:
 
 
 def available_presets() -> list[str]:
+    """Names of every preset found (without ``.yaml``), sorted."""
     names: set[str] = set()
     for d in preset_dirs():
         names.update(p.stem for p in d.glob("*.yaml"))
@@ -113,74 +114,91 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class _Mismatch(Exception):
+    """A value that does not fit an annotation (turned into a ConfigError by :func:`_coerce`)."""
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted (lists -> tuples etc)."""
+    """Check ``value`` against the annotation ``tp``; return it converted (lists -> tuples etc).
 
-    def bad() -> ConfigError:
+    A mismatch is one ``ConfigError`` naming the key, where the value came from, the expected
+    type and the value.
+    """
+    try:
+        return _convert(value, tp, key, source)
+    except _Mismatch:
         shown = repr(value) if not isinstance(value, dict) else "a mapping"
-        return ConfigError(
+        raise ConfigError(
             f"{key} in {source}: expected {_type_name(tp)}, got {type(value).__name__} {shown}"
-        )
+        ) from None
 
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """:func:`_coerce` by the kind of annotation; raises ``_Mismatch`` (or a nested key's error)."""
     origin = get_origin(tp)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key, source)
-            except ConfigError:
-                continue
-        raise bad()
+        return _convert_union(value, get_args(tp), key, source)
     if origin is Literal:
         if value in get_args(tp):
             return value
-        raise bad()
+        raise _Mismatch
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise bad()
+            raise _Mismatch
         return _build(tp, value, source, prefix=key + ".")
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise bad()
-        args = get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise bad()
-            return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        return tuple(_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value))
+        return _convert_sequence(value, tp, key, source)
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
-            raise bad()
+            raise _Mismatch
         _, vt = (get_args(tp) + (Any, Any))[:2]
         return {str(k): _coerce(v, vt, f"{key}.{k}", source) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad()
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad()
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad()
-    if isinstance(tp, type) and isinstance(value, tp):
+    return _convert_scalar(value, tp)
+
+
+def _convert_union(value: Any, args: tuple[Any, ...], key: str, source: str) -> Any:
+    """The first member of the union that accepts ``value`` (None for an optional)."""
+    if value is None and type(None) in args:
+        return None
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _coerce(value, a, key, source)
+        except ConfigError:
+            continue
+    raise _Mismatch
+
+
+def _convert_sequence(value: Any, tp: Any, key: str, source: str) -> tuple[Any, ...]:
+    """A list or tuple as a tuple, each item checked (fixed-length tuples item by item)."""
+    if not isinstance(value, (list, tuple)):
+        raise _Mismatch
+    args = get_args(tp)
+    if get_origin(tp) is tuple and args and args[-1] is not Ellipsis:
+        if len(args) != len(value):
+            raise _Mismatch
+        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    inner = args[0] if args else Any
+    return tuple(_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value))
+
+
+def _convert_scalar(value: Any, tp: Any) -> Any:
+    """bool, int, float (ints widen), str (numbers become text), or an instance of ``tp``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is bool and isinstance(value, bool):
         return value
-    raise bad()
+    if tp is int and number and isinstance(value, int):
+        return value
+    if tp is float and number:
+        return float(value)
+    if tp is str and (isinstance(value, str) or number):
+        return value if isinstance(value, str) else str(value)
+    if tp not in (bool, int, float, str) and isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise _Mismatch
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -410,21 +428,60 @@ COMMAND_SECTIONS = tuple(SECTION_CLASSES)
 
 
 def section_class(section: str) -> type:
+    """The config class of a preset section (``distill`` -> ``DistillConfig``), imported on demand."""
     import importlib
 
     module, _, name = SECTION_CLASSES[section].partition(":")
     return getattr(importlib.import_module(module), name)
 
 
-def _leaf_keys(cls: type, defaults: dict[str, Any], prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(dotted key, type name, default) of every leaf field of ``cls``, in field order (nested sections inline)."""
-    hints, out = _hints(cls), []
+def field_help(cls: type) -> dict[str, str]:
+    """The meaning of each field of a config dataclass, read from the class's source: the
+    comment on the field's line (and the comment lines right below it, which continue it), or
+    else the comment lines right above the field. A blank line ends a comment."""
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, str] = {}
+    above: list[str] = []
+    current: str | None = None  # the field on the line being read
+    trailing: str | None = None  # the last field with a comment on its line, still continuing
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            if current is not None:
+                out[current], trailing = text, current
+            elif trailing is not None:
+                out[trailing] += " " + text
+            else:
+                above.append(text)
+        elif tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names and current is None:
+            current, trailing = tok.string, None
+            if above:
+                out[current] = " ".join(above)
+        elif tok.type == tokenize.NEWLINE:
+            current, above = None, []
+        elif tok.type == tokenize.NL and not tok.line.strip():
+            above, trailing = [], None
+    return out
+
+
+def _leaf_keys(cls: type, defaults: dict[str, Any], prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type name, default, meaning) of every leaf field of ``cls``, in field order
+    (nested sections inline)."""
+    hints, meaning, out = _hints(cls), field_help(cls), []
     for f in dataclasses.fields(cls):
         sub = _unwrap_optional(hints[f.name])
         if isinstance(sub, type) and dataclasses.is_dataclass(sub):
             out += _leaf_keys(sub, defaults[f.name], f"{prefix}{f.name}.")
         else:
-            out.append((f"{prefix}{f.name}", _type_name(hints[f.name]), defaults[f.name]))
+            out.append((f"{prefix}{f.name}", _type_name(hints[f.name]), defaults[f.name], meaning.get(f.name, "")))
     return out
 
 
@@ -433,10 +490,11 @@ def keys_markdown() -> str:
     out = [KEYS_BEGIN, ""]
     for section in COMMAND_SECTIONS:
         cls = section_class(section)
-        out += [f"### `{section}`", "", "| key | type | default |", "|---|---|---|"]
-        for k, t, v in _leaf_keys(cls, to_dict(cls())):
+        out += [f"### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for k, t, v, meaning in _leaf_keys(cls, to_dict(cls())):
             shown = json.dumps(v) if not isinstance(v, str) else (f"`{v}`" if v else '""')
-            out.append(f"| `{k}` | {t.replace('Ellipsis', '...')} | {shown} |")
+            t = t.replace("Ellipsis", "...").replace("|", "\\|")  # a choice's bar would end the cell
+            out.append(f"| `{k}` | {t} | {shown} | {meaning.replace('|', chr(92) + '|')} |")
         out.append("")
     return "\n".join(out + [KEYS_END])
 

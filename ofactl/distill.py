@@ -40,15 +40,18 @@ class RateConfig:
     """Per-utterance rate sampling. period: frame period ~ U[min_ms, max_ms]; lambda: lambda ~
     U[lambda_min, lambda_max] (content-adaptive lengths); fixed: always ``rate``."""
 
+    # period: frame period ~ U[min_ms, max_ms] per utterance; lambda: lambda ~ U[lambda_min, lambda_max];
+    # fixed: rate
     kind: RateKind = "period"
-    min_ms: float = 20.0
-    max_ms: float = 90.0
-    lambda_min: float = 0.0
-    lambda_max: float = 1.0
-    rate: float = 1.0
+    min_ms: float = 20.0  # shortest frame period drawn (ms, >= 20)
+    max_ms: float = 90.0  # longest frame period drawn (ms)
+    lambda_min: float = 0.0  # smallest lambda drawn (kind: lambda)
+    lambda_max: float = 1.0  # largest lambda drawn (kind: lambda)
+    rate: float = 1.0  # the one rate of kind: fixed
     exact_fraction: float = 0.5  # share of steps in exact-length mode (others: lambda mode)
 
     def validate(self) -> None:
+        """Raise ValueError for a range or rate outside (0, 1] / [20 ms, ...)."""
         if not 20.0 <= self.min_ms <= self.max_ms:
             raise ValueError("rates: need 20 <= min_ms <= max_ms")
         if not 0.0 <= self.lambda_min <= self.lambda_max < 2.0:
@@ -61,44 +64,48 @@ class RateConfig:
 class GuidanceConfig:
     """Alpha guidance. boundaries: auto | none | phone_times | PATH.tsv."""
 
+    # auto (phone_times if the corpus has them, else teacher units), none, phone_times, or a TSV
     boundaries: str = "auto"
-    seg_weight: float = 0.05
-    frame_weight: float = 0.5
-    quantity_weight: float = 0.5
+    seg_weight: float = 0.05  # weight of the segment-count loss on alpha
+    frame_weight: float = 0.5  # weight of the frame-level boundary loss on alpha
+    quantity_weight: float = 0.5  # weight of the quantity loss (sum of alpha against the target count)
     quantity_ratio: float = 0.25  # with boundaries=none: target sum(alpha)/T
-    kmeans_k: int = 50
+    kmeans_k: int = 50  # teacher-unit clusters for boundaries: auto without phone times
     kmeans_layer: int = -1  # teacher hidden state; -1: the middle one
-    kmeans_utts: int = 200
-    seg_penalty: float = 2.0
+    kmeans_utts: int = 200  # utterances sampled to fit those clusters
+    seg_penalty: float = 2.0  # penalty per segment when smoothing unit runs into segments
 
 
 @dataclass
 class DistillConfig:
+    """Settings of ``ofactl distill``: teacher, student, rate sampling, alignment, guidance and training."""
+
     student: StudentConfig = field(default_factory=lambda: student_config("base"))
-    teacher: str = "random:base"
-    init_from_teacher: bool = True
+    teacher: str = "random:base"  # builtin:hubert-tiny, random:tiny|base, or a HuBERT file/folder
+    init_from_teacher: bool = True  # copy the teacher's CNN, projection and first layers where shapes match
     compressor_rate: float = 0.5  # the rate of a fixed-rate avgpool student
-    steps: int = 1000
-    batch_seconds: float = 120.0
-    crop_seconds: float = 15.6
-    alignment: Alignment = "compress"
+    steps: int = 1000  # optimizer steps
+    batch_seconds: float = 120.0  # audio seconds per batch (before padding)
+    crop_seconds: float = 15.6  # longest crop of one utterance (s)
+    alignment: Alignment = "compress"  # compress: loss on compressed frames (teacher alike); upsample: on the 20 ms grid
     spectral_weight: float = 1.0  # weight of the log-mel head (student.spectral_bins > 0)
     rates: RateConfig = field(default_factory=RateConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    device: str = "auto"
-    precision: Precision = "auto"
-    num_workers: int = 2
-    seed: int = 0
-    ckpt_every: int = 200
-    keep_checkpoints: int = 2
-    log_every: int = 10
+    device: str = "auto"  # auto, cpu, cuda or cuda:N (auto under torchrun: this rank's GPU)
+    precision: Precision = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA)
+    num_workers: int = 2  # audio decoding worker processes
+    seed: int = 0  # seeds initialisation, data order, crops and rate draws
+    ckpt_every: int = 200  # steps between checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    log_every: int = 10  # steps between metrics.jsonl records
     eval_every: int = 0  # 0: only before and after training
-    eval_utts: int = 32
-    eval_rates: tuple[float, ...] = (1.0, 0.5, 0.25)
-    alpha_momentum: float = 0.98
+    eval_utts: int = 32  # held-out utterances for the evaluation
+    eval_rates: tuple[float, ...] = (1.0, 0.5, 0.25)  # rates the held-out loss is reported at
+    alpha_momentum: float = 0.98  # momentum of the running mean of alpha (maps rates to lambdas)
 
     def validate(self) -> None:
+        """Raise ValueError for settings that cannot work together (checks the nested sections too)."""
         from ofactl.runtime import check_device_name
 
         check_device_name(self.device)
@@ -172,6 +179,8 @@ def head_losses(out: Any, targets: list[Tensor], t_lengths: Tensor, alignment: s
 
 @dataclass
 class StepOut:
+    """One distillation step's loss and what is logged about it."""
+
     loss: Tensor
     per_head: Tensor
     seg: Tensor
@@ -182,6 +191,9 @@ class StepOut:
 
 def train_step_loss(student: Any, teacher: Any, batch: dict[str, Any], cfg: DistillConfig,
                     device: torch.device, amp: torch.dtype | None, gen: torch.Generator) -> StepOut:
+    """The distillation loss of one batch: sample rates, run teacher and student, align the
+    teacher's targets with the student's frames, add the guidance losses.
+    """
     from ofactl.model.segment import guidance_losses, guidance_targets, quantity_loss
 
     core = student.module if hasattr(student, "module") else student
@@ -236,6 +248,8 @@ def sample_rates(cfg: DistillConfig, B: int, gen: torch.Generator, alpha_mean: f
 # ----------------------------------------------------------------------------- run
 @dataclass
 class DistillResult:
+    """What ``distill`` made: the student checkpoint, its steps, and held-out loss before and after."""
+
     run_dir: Path
     student: Path
     steps: int
@@ -248,6 +262,7 @@ class DistillResult:
     ranks_in_sync: bool | None
 
     def to_json(self) -> dict[str, Any]:
+        """The result as JSON-safe data (``--json``)."""
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
         d["audio_s_per_s"] = round(self.audio_seconds / self.wall_seconds, 2) if self.wall_seconds else None
         return d

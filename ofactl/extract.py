@@ -36,22 +36,23 @@ class ExtractConfig:
     """What to extract and how. ``rates`` are output frames per 20 ms frame (frame period
     20/rate ms); ``layers`` is "all" or comma-separated hidden-state indices."""
 
-    rates: tuple[float, ...] = (1.0,)
-    layers: str = "all"
-    dtype: FeatureDtype = "float16"
-    device: str = "auto"
-    precision: Precision = "auto"
-    batch_seconds: float = 64.0
-    num_workers: int = 2
-    adaptive_length: bool = False
-    on_error: OnError = "fail"
-    block_utts: int = 256
-    chunk_frames: int = 1024
-    compress: StoreCompression = "none"
+    rates: tuple[float, ...] = (1.0,)  # output frames per 20 ms frame, each in (0, 1]: one store group per rate
+    layers: str = "all"  # all, or comma-separated hidden-state indices
+    dtype: FeatureDtype = "float16"  # stored feature type
+    device: str = "auto"  # auto, cpu, cuda or cuda:N (auto under torchrun: this rank's GPU)
+    precision: Precision = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA)
+    batch_seconds: float = 64.0  # padded audio seconds per batch
+    num_workers: int = 2  # audio decoding worker processes
+    adaptive_length: bool = False  # content-dependent frame counts instead of round(rate * T)
+    on_error: OnError = "fail"  # fail: stop at the first bad file (what was written is kept); skip: record it and go on
+    block_utts: int = 256  # utterances per write block (the unit of sharding and resuming)
+    chunk_frames: int = 1024  # frames per Zarr chunk
+    compress: StoreCompression = "none"  # chunk compression of the features
     long_window_s: float = 60.0  # longer utterances run in windows of this much audio (bounded memory)
     long_context_s: float = 8.0  # attention context on each side of a window
 
     def validate(self) -> None:
+        """Raise ValueError for rates outside (0, 1], colliding group names or bad sizes."""
         if not self.rates:
             raise ValueError("give at least one rate")
         for r in self.rates:
@@ -69,6 +70,7 @@ class ExtractConfig:
 
 
 def parse_layers(spec: str, n_hidden: int) -> list[int]:
+    """``all`` or comma-separated hidden-state indices (negative from the end) -> sorted indices."""
     if spec.strip() == "all":
         return list(range(n_hidden))
     try:
@@ -104,6 +106,8 @@ def parse_shard(spec: str | None, env: dict[str, str] | None = None) -> tuple[in
 # ----------------------------------------------------------------------------- data loading
 @dataclass
 class Batch:
+    """One decoded batch: store indices, padded audio (B, N) with lengths, decoding errors."""
+
     idx: list[int]  # store indices
     wav: torch.Tensor  # (B, N) float32
     lengths: torch.Tensor  # (B,)
@@ -163,6 +167,8 @@ def plan_batches(order: Sequence[int], n_samples: Sequence[int] | np.ndarray, bu
 # ----------------------------------------------------------------------------- result
 @dataclass
 class GroupResult:
+    """What one rate group holds after a run: utterances written, reused, skipped; the rate achieved."""
+
     rate: float
     group: str
     utterances: int
@@ -175,11 +181,14 @@ class GroupResult:
     frame_period_ms: float | None
 
     def to_json(self) -> dict[str, Any]:
+        """The group's result as JSON-safe data."""
         return dict(self.__dict__)
 
 
 @dataclass
 class ExtractResult:
+    """What ``extract`` did: the store, each group's result, timings and the inputs it skipped."""
+
     store: Path
     groups: list[GroupResult]
     audio_seconds: float
@@ -190,9 +199,11 @@ class ExtractResult:
 
     @property
     def warnings(self) -> int:
+        """How many inputs were skipped (bad audio, too short), for the one-line warning."""
         return sum(g.skipped for g in self.groups) + len(self.corpus_problems)
 
     def to_json(self) -> dict[str, Any]:
+        """The result as JSON-safe data (``--json``)."""
         return {
             "store": str(self.store), "shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None,
             "groups": [g.to_json() for g in self.groups], "audio_seconds": round(self.audio_seconds, 3),

@@ -62,34 +62,37 @@ def tiny_arch() -> HubertArch:
 
 @dataclass
 class PretrainConfig:
+    """Settings of ``ofactl pretrain``: architecture, unit targets, masking, logits and training."""
+
     arch: HubertArch = field(default_factory=tiny_arch)
     targets: str = "mfcc"  # mfcc | layer:N (with from_ckpt)
     from_ckpt: str = ""  # the earlier model whose layer N gives the units (--from)
-    n_units: int = 100
+    n_units: int = 100  # k-means units (the classes predicted)
     kmeans_utts: int = 300  # utterances sampled to fit k-means
     kmeans_frames: int = 100_000  # at most this many of their frames
-    kmeans_iters: int = 30
+    kmeans_iters: int = 30  # k-means iterations
     mask_prob: float = 0.08  # probability that a frame starts a masked span
-    mask_length: int = 10
-    logit_temp: float = 0.1
-    final_dim: int = 64
-    unmasked_weight: float = 0.0
-    feature_grad_mult: float = 0.1
-    steps: int = 2000
-    batch_seconds: float = 60.0
-    crop_seconds: float = 6.0
+    mask_length: int = 10  # frames per masked span
+    logit_temp: float = 0.1  # temperature of the cosine-similarity logits
+    final_dim: int = 64  # width of the projection compared with unit embeddings
+    unmasked_weight: float = 0.0  # weight of the loss on unmasked frames (HuBERT: 0)
+    feature_grad_mult: float = 0.1  # scale of the gradient reaching the CNN (HuBERT: 0.1 over 400k steps)
+    steps: int = 2000  # optimizer steps
+    batch_seconds: float = 60.0  # audio seconds per batch (before padding)
+    crop_seconds: float = 6.0  # longest crop of one utterance (s)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup=0.08, grad_clip=10.0))
-    device: str = "auto"
-    precision: Precision = "auto"
-    num_workers: int = 1
-    seed: int = 0
-    ckpt_every: int = 200
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    eval_every: int = 200
-    eval_utts: int = 64
+    device: str = "auto"  # auto, cpu, cuda or cuda:N (auto under torchrun: this rank's GPU)
+    precision: Precision = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA)
+    num_workers: int = 1  # audio decoding worker processes
+    seed: int = 0  # seeds k-means, initialisation, masks, data order and crops
+    ckpt_every: int = 200  # steps between checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    log_every: int = 10  # steps between metrics.jsonl records
+    eval_every: int = 200  # steps between held-out evaluations (unit accuracy)
+    eval_utts: int = 64  # held-out utterances for the evaluation
 
     def validate(self) -> None:
+        """Raise ValueError for a bad target spec, mask settings or sizes."""
         from ofactl.runtime import check_device_name
 
         check_device_name(self.device)
@@ -226,6 +229,7 @@ class FeatureSource:
 
     @torch.no_grad()
     def __call__(self, utt: Utterance) -> Tensor:
+        """The features to cluster for one utterance: (T, D) on the model's 20 ms frame grid."""
         wav = load_audio(utt.path)
         n = int(cnn_lengths(self.arch, torch.tensor([len(wav)]))[0])
         if self.layer is None:
@@ -262,11 +266,13 @@ class Units:
     targets: str
 
     def assign(self, x: Tensor) -> np.ndarray:
+        """Standardise x (N, D) and return each row's nearest unit (N,) as int16."""
         from ofactl.model.segment import assign_units
 
         return assign_units((x - self.mean) / self.std, self.centroids).numpy().astype(np.int16)
 
     def save(self, path: Path) -> None:
+        """Write centroids, standardisation and the target spec to a safetensors file."""
         from safetensors.torch import save_file
 
         tmp = path.with_name(path.name + ".tmp")
@@ -276,6 +282,7 @@ class Units:
 
     @classmethod
     def load(cls, path: Path) -> Units:
+        """Read units written by :meth:`save`."""
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
@@ -324,6 +331,8 @@ def unit_targets(utts: list[Utterance], units: Units, source: FeatureSource, pro
 # ----------------------------------------------------------------------------- run
 @dataclass
 class PretrainResult:
+    """What ``pretrain`` made: the teacher file, its steps, held-out unit accuracy and speed."""
+
     run_dir: Path
     teacher: Path
     steps: int
@@ -333,6 +342,7 @@ class PretrainResult:
     wall_seconds: float
 
     def to_json(self) -> dict[str, Any]:
+        """The result as JSON-safe data (``summary.json``, ``--json``)."""
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
         d["audio_s_per_s"] = round(self.audio_seconds / self.wall_seconds, 2) if self.wall_seconds else None
         return d

@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 
 class Progress(Protocol):
+    """What library code reports progress through; the CLI draws it, tests ignore it."""
+
     def start(self, stage: str, total: int | None = None) -> None:
         """Begin a stage of ``total`` units (None: unknown)."""
 
@@ -31,15 +33,19 @@ class NullProgress:
         self.messages: list[str] = []
 
     def start(self, stage: str, total: int | None = None) -> None:
+        """Begin a stage (nothing shown)."""
         pass
 
     def advance(self, n: int = 1, **metrics: Any) -> None:
+        """Advance the stage (nothing shown)."""
         pass
 
     def log(self, message: str) -> None:
+        """A note (dropped)."""
         self.messages.append(message)
 
     def finish(self) -> None:
+        """End the stage (nothing shown)."""
         pass
 
 

@@ -39,17 +39,20 @@ def teacher_note(teacher: str) -> str:
 
 @dataclass
 class QuickstartConfig:
-    synth_preset: str = "synth-tiny"
-    distill_preset: str = "distill-tiny"
-    rates: tuple[float, ...] = (1.0, 0.5, 0.33, 0.25)
+    """Settings of ``ofactl quickstart``: which presets, rates and tasks, and how long to train probes."""
+
+    synth_preset: str = "synth-tiny"  # synth preset of the corpus
+    distill_preset: str = "distill-tiny"  # distill preset of the student
+    rates: tuple[float, ...] = (1.0, 0.5, 0.33, 0.25)  # rates extracted and swept
     tasks: tuple[Task, ...] = ("ks", "sid")  # add pr for phonemes (with pr_head: linear to stay fast)
     pr_head: CtcHead = "lstm"  # the CTC head of pr sweeps and of adapt's pr probe: lstm (better), linear (faster)
     adapt_tasks: tuple[Task, ...] = ("pr",)  # e.g. ("pr", "ks"): a task that needs frames and a flat one
-    adapt_epochs: int = 6
+    adapt_epochs: int = 6  # epochs of each adapt run
     probe_epochs: int = 60  # utterance heads train in seconds; the sid probe still improves past 40
-    device: str = "auto"
+    device: str = "auto"  # auto, cpu, cuda or cuda:N: every stage
 
     def validate(self) -> None:
+        """Raise ValueError for empty rates or tasks, or tasks the synthetic corpus cannot label."""
         from ofactl.runtime import check_device_name
 
         check_device_name(self.device)
@@ -57,6 +60,8 @@ class QuickstartConfig:
 
 @dataclass
 class QuickstartResult:
+    """What the quickstart produced: the folder, each stage's outputs and the stages reused."""
+
     out_dir: Path
     rows: list[dict[str, Any]]
     adapt: dict[str, dict[str, Any]]  # task -> adapt summary
@@ -66,6 +71,7 @@ class QuickstartResult:
     reused: list[str] = field(default_factory=list)  # stages taken from an earlier run with the same settings
 
     def to_json(self) -> dict[str, Any]:
+        """The result as JSON-safe data (``summary.json``, ``--json``)."""
         return {"out_dir": str(self.out_dir), "rows": self.rows, "adapt": self.adapt, "paths": self.paths,
                 "stage_seconds": self.stage_seconds, "reused": self.reused, "note": self.note}
 
@@ -94,12 +100,15 @@ class StageStamps:
             self.data = {}  # unreadable stamps: nothing is reused, every stage runs again
 
     def matches(self, stage: str, sha: str) -> bool:
+        """True when ``stage`` last ran with settings hash ``sha``."""
         return self.data.get(stage) == sha
 
     def known(self, stage: str) -> bool:
+        """True when ``stage`` has run before (with any settings)."""
         return stage in self.data
 
     def set(self, stage: str, sha: str) -> None:
+        """Record that ``stage`` runs with settings hash ``sha`` (written before it starts)."""
         self.data[stage] = sha
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.data, indent=2))

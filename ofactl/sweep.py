@@ -38,17 +38,20 @@ from ofactl.runtime import (
 
 @dataclass
 class SweepConfig:
-    task: Task = "ks"
-    rates: tuple[float, ...] = (1.0, 0.75, 0.5, 0.33, 0.25)
-    label_column: str = ""
-    layers: str = "all"
-    seed: int = 0
-    timing_utts: int = 16
+    """Settings of ``ofactl sweep``: task, rates, layers, and the extract and probe sections."""
+
+    task: Task = "ks"  # the downstream task probed
+    rates: tuple[float, ...] = (1.0, 0.75, 0.5, 0.33, 0.25)  # rates probed, each in (0, 1]
+    label_column: str = ""  # label column of task cls
+    layers: str = "all"  # hidden states given to the probe: all, or comma-separated indices
+    seed: int = 0  # seeds splits and probes
+    timing_utts: int = 16  # utterances timed per rate (student forward seconds per audio second)
     device: str = "auto"  # extraction, timing and probes (unless probe.device / extract.device say otherwise)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     extract: ExtractConfig = field(default_factory=lambda: ExtractConfig(dtype="float16"))
 
     def validate(self) -> None:
+        """Raise ValueError for empty or out-of-range rates, or a bad device."""
         for r in self.rates:
             if not 0 < r <= 1:
                 raise ValueError(f"rate {r} is outside (0, 1]")
@@ -65,6 +68,10 @@ class SweepConfig:
 
 @dataclass
 class SweepRow:
+    """One (checkpoint, rate) measurement: metric, achieved rate and frame period, compute, time and
+    store size; kept in ``rows/`` and reused by reruns.
+    """
+
     label: str
     checkpoint_sha256: str
     store_group: str
@@ -90,11 +97,14 @@ class SweepRow:
     probe_config_sha: str = ""  # the probe settings the row was trained with (reuse needs a match)
 
     def to_json(self) -> dict[str, Any]:
+        """The row as JSON-safe data."""
         return asdict(self)
 
 
 @dataclass
 class SweepResult:
+    """A whole sweep: its rows, how many were reused, and the files written."""
+
     out_dir: Path
     rows: list[SweepRow]
     reused: int
@@ -113,83 +123,134 @@ class SweepResult:
 def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Path | Corpus, out_dir: Path,
               store: Path | None = None, *, overwrite: bool = False,
               progress: Progress | None = None) -> SweepResult:
-    """``ckpts``: (label, path) pairs. One store per checkpoint (``store`` for a single one)."""
-    from ofactl.checkpoint import file_sha256, load_student
-    from ofactl.model.macs import student_gmacs_per_second
-    from ofactl.storage import open_store
-    from ofactl.storage.zarr_store import rate_key
-
-    progress = progress or NullProgress()
+    """Probe ``cfg.task`` at every rate for each (label, checkpoint) pair: extract what is not
+    cached (one store per checkpoint, ``store`` for a single one), train the probe, time the
+    student, and write sweep.csv, sweep.json and tradeoff.png. Finished rows are reused."""
     t0 = time.perf_counter()
+    labels = [lab for lab, _ in ckpts]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"checkpoint labels must differ, got {labels}")
+    sw = _setup_sweep(cfg, corpus, Path(out_dir), overwrite, progress or NullProgress())
+    rows: list[SweepRow] = []
+    for label, ckpt in ckpts:
+        st_path = Path(store) if (store is not None and len(ckpts) == 1) else sw.out_dir / f"feats-{label}.zarr"
+        rows += sw.checkpoint_rows(label, Path(ckpt), st_path)
+    rows.sort(key=lambda x: (labels.index(x.label), -x.requested_rate))
+    return _write_sweep(sw, rows, time.perf_counter() - t0)
+
+
+def _setup_sweep(cfg: SweepConfig, corpus: str | Path | Corpus, out_dir: Path, overwrite: bool,
+                 progress: Progress) -> _Sweep:
+    """Resolve devices, write config.yaml, read the corpus and build the task's splits."""
     cfg = cfg.on_device()
-    device = resolve_device(cfg.extract.device)
-    out_dir = Path(out_dir)
     (out_dir / "rows").mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, "sweep", out_dir / "config.yaml")
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus, on_error=cfg.extract.on_error)
     task = build_task(cfg.task, cps, cfg.label_column or None, cfg.seed)
-    task_ids = set(task.ids)
-    sub = cps.subset(task_ids)
-    from ofactl.model.blocks import cnn_lengths
+    return _Sweep(cfg, cps, task, out_dir, overwrite, progress, resolve_device(cfg.extract.device))
 
-    rows, reused = [], 0
-    probe_sha = _probe_sha(cfg)
-    labels = [lab for lab, _ in ckpts]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"checkpoint labels must differ, got {labels}")
-    for label, ckpt in ckpts:
-        sha = file_sha256(Path(ckpt))
+
+@dataclass
+class _Sweep:
+    """One sweep's settings and inputs; makes the rows of each checkpoint."""
+
+    cfg: SweepConfig
+    corpus: Corpus
+    task: Any
+    out_dir: Path
+    overwrite: bool
+    progress: Progress
+    device: torch.device
+    reused: int = 0
+
+    def __post_init__(self) -> None:
+        self.task_ids = set(self.task.ids)
+        self.sub = self.corpus.subset(self.task_ids)
+        self.probe_sha = _probe_sha(self.cfg)
+
+    def checkpoint_rows(self, label: str, ckpt: Path, st_path: Path) -> list[SweepRow]:
+        """Every rate of one checkpoint (a fixed-rate one only at the rates it supports)."""
+        from ofactl.checkpoint import file_sha256, load_student
+
+        sha = file_sha256(ckpt)
         # on the extraction device from the start: timing runs there too, cached group or not
-        student, _ = load_student(Path(ckpt), device)
-        arch = student.cfg.arch
-        in_frames = dict(zip([u.id for u in sub], cnn_lengths(arch, torch.tensor([u.n_samples_16k for u in sub])).tolist()))
-        st_path = Path(store) if (store is not None and len(ckpts) == 1) else out_dir / f"feats-{label}.zarr"
-        rates = list(cfg.rates) if student.cfg.compressor == "cif" else [r for r in cfg.rates if _supported(student, r)]
-        for r in rates:
-            key = f"{label}__{rate_key(r)}__{cfg.task}"
-            cache = out_dir / "rows" / f"{key}.json"
-            if cache.is_file() and not overwrite:
-                doc = json.loads(cache.read_text())
-                if (doc.get("checkpoint_sha256") == sha and doc.get("seed") == cfg.seed
-                        and doc.get("probe_config_sha") == probe_sha):
-                    rows.append(SweepRow(**doc))
-                    reused += 1
-                    progress.log(f"{label} {rate_key(r)}: reusing the finished row")
-                    continue
-            if not _group_covers(st_path, r, sha, parse_layers(cfg.layers, student.num_hidden), task_ids):
-                # the whole corpus, so one store serves every task
-                ecfg = replace(cfg.extract, rates=(r,), layers=cfg.layers)
-                extract_with_student(ecfg, student, sha, cps, st_path, progress=progress, ckpt_path=str(ckpt),
-                                     overwrite=overwrite)
-            else:
-                progress.log(f"{label} {rate_key(r)}: using the cached group in {st_path}")
-            g = open_store(st_path).group(r)
-            feats = {u: x for u, x in g if u in task_ids}
-            progress.log(f"{label} {rate_key(r)}: training the {cfg.task} probe on {len(task.splits['train'])} utterances")
-            res = train_probe(task, feats, cfg.probe, in_frames)
-            mac = student_gmacs_per_second(arch, r if student.cfg.compressor != "none" else 1.0, student.cfg.compressor)
-            achieved = float(g.attrs.get("achieved_rate") or r)
-            row = SweepRow(
-                label=label, checkpoint_sha256=sha, store_group=f"{st_path}/{rate_key(r)}", task=cfg.task,
-                requested_rate=r, achieved_rate=round(achieved, 5),
-                frame_period_ms=round(g.attrs["input_frame_ms"] / achieved, 3), metric=res.metric,
-                test=round(res.test[res.metric], 5), dev=round(res.dev[res.metric], 5),
-                extra_metrics={k: round(v, 5) for k, v in res.test.items() if k != res.metric},
-                upstream_gmacs_per_s=round(mac["total"], 4), upstream_cnn_gmacs_per_s=round(mac["cnn"], 4),
-                extract_s_per_audio_s=round(_time_extract(student, sub, r, cfg.timing_utts, cfg.extract.precision), 5),
-                probe_train_s=round(res.train_seconds, 2), probe_params=res.params,
-                probe_mmacs_per_s=round(_probe_macs(res.params, achieved, arch.hop) / 1e6, 3),
-                store_mb=round(open_store(st_path).size_bytes(r) / 1e6, 2),
-                infeasible_test=res.infeasible.get("test") if res.infeasible else None,
-                layer_weights=res.layer_weights, seed=cfg.seed, probe_config_sha=probe_sha)
-            cache.write_text(json.dumps(row.to_json(), indent=2))
+        student, _ = load_student(ckpt, self.device)
+        cif = student.cfg.compressor == "cif"
+        rows = []
+        for r in [r for r in self.cfg.rates if cif or _supported(student, r)]:
+            row = self.cached_row(label, r, sha)
+            if row is None:
+                row = self.measure_row(label, ckpt, student, sha, st_path, r)
             rows.append(row)
-    rows.sort(key=lambda x: (labels.index(x.label), -x.requested_rate))
-    csv_path, json_path = out_dir / "sweep.csv", out_dir / "sweep.json"
+        return rows
+
+    def row_file(self, label: str, r: float) -> Path:
+        """Where a finished row is kept (reused by a rerun with the same checkpoint and probe)."""
+        from ofactl.storage.zarr_store import rate_key
+
+        return self.out_dir / "rows" / f"{label}__{rate_key(r)}__{self.cfg.task}.json"
+
+    def cached_row(self, label: str, r: float, sha: str) -> SweepRow | None:
+        """The finished row of this checkpoint, seed and probe settings, unless --overwrite."""
+        cache = self.row_file(label, r)
+        if self.overwrite or not cache.is_file():
+            return None
+        doc = json.loads(cache.read_text())
+        if (doc.get("checkpoint_sha256"), doc.get("seed"), doc.get("probe_config_sha")) != (sha, self.cfg.seed,
+                                                                                          self.probe_sha):
+            return None
+        self.reused += 1
+        self.progress.log(f"{label} rate={r:.3f}: reusing the finished row")
+        return SweepRow(**doc)
+
+    def measure_row(self, label: str, ckpt: Path, student: Any, sha: str, st_path: Path, r: float) -> SweepRow:
+        """Extract the rate if the store lacks it, train the probe, time the student; save the row."""
+        from ofactl.model.blocks import cnn_lengths
+        from ofactl.model.macs import student_gmacs_per_second
+        from ofactl.storage import open_store
+        from ofactl.storage.zarr_store import rate_key
+
+        cfg, task, arch = self.cfg, self.task, student.cfg.arch
+        if not _group_covers(st_path, r, sha, parse_layers(cfg.layers, student.num_hidden), self.task_ids):
+            # the whole corpus, so one store serves every task
+            ecfg = replace(cfg.extract, rates=(r,), layers=cfg.layers)
+            extract_with_student(ecfg, student, sha, self.corpus, st_path, progress=self.progress, ckpt_path=str(ckpt),
+                                 overwrite=self.overwrite)
+        else:
+            self.progress.log(f"{label} rate={r:.3f}: using the cached group in {st_path}")
+        g = open_store(st_path).group(r)
+        feats = {u: x for u, x in g if u in self.task_ids}
+        self.progress.log(f"{label} rate={r:.3f}: training the {cfg.task} probe on {len(task.splits['train'])} utterances")
+        in_frames = dict(zip([u.id for u in self.sub],
+                             cnn_lengths(arch, torch.tensor([u.n_samples_16k for u in self.sub])).tolist()))
+        res = train_probe(task, feats, cfg.probe, in_frames)
+        mac = student_gmacs_per_second(arch, r if student.cfg.compressor != "none" else 1.0, student.cfg.compressor)
+        achieved = float(g.attrs.get("achieved_rate") or r)
+        row = SweepRow(
+            label=label, checkpoint_sha256=sha, store_group=f"{st_path}/{rate_key(r)}", task=cfg.task,
+            requested_rate=r, achieved_rate=round(achieved, 5),
+            frame_period_ms=round(g.attrs["input_frame_ms"] / achieved, 3), metric=res.metric,
+            test=round(res.test[res.metric], 5), dev=round(res.dev[res.metric], 5),
+            extra_metrics={k: round(v, 5) for k, v in res.test.items() if k != res.metric},
+            upstream_gmacs_per_s=round(mac["total"], 4), upstream_cnn_gmacs_per_s=round(mac["cnn"], 4),
+            extract_s_per_audio_s=round(_time_extract(student, self.sub, r, cfg.timing_utts, cfg.extract.precision), 5),
+            probe_train_s=round(res.train_seconds, 2), probe_params=res.params,
+            probe_mmacs_per_s=round(_probe_macs(res.params, achieved, arch.hop) / 1e6, 3),
+            store_mb=round(open_store(st_path).size_bytes(r) / 1e6, 2),
+            infeasible_test=res.infeasible.get("test") if res.infeasible else None,
+            layer_weights=res.layer_weights, seed=cfg.seed, probe_config_sha=self.probe_sha)
+        self.row_file(label, r).write_text(json.dumps(row.to_json(), indent=2))
+        return row
+
+
+def _write_sweep(sw: _Sweep, rows: list[SweepRow], seconds: float) -> SweepResult:
+    """sweep.csv, sweep.json (task, resolved config, rows) and tradeoff.png."""
+    csv_path, json_path = sw.out_dir / "sweep.csv", sw.out_dir / "sweep.json"
     _write_csv(csv_path, rows)
-    json_path.write_text(json.dumps({"task": cfg.task, "config": to_dict(cfg), "rows": [r.to_json() for r in rows]}, indent=2))
-    png = plot_tradeoff(rows, out_dir / "tradeoff.png")
-    return SweepResult(out_dir, rows, reused, csv_path, json_path, png, time.perf_counter() - t0)
+    doc = {"task": sw.cfg.task, "config": to_dict(sw.cfg), "rows": [r.to_json() for r in rows]}
+    json_path.write_text(json.dumps(doc, indent=2))
+    png = plot_tradeoff(rows, sw.out_dir / "tradeoff.png")
+    return SweepResult(sw.out_dir, rows, sw.reused, csv_path, json_path, png, seconds)
 
 
 def _probe_sha(cfg: SweepConfig) -> str:
@@ -323,5 +384,6 @@ def parse_rates(text: str) -> tuple[float, ...]:
 
 
 def load_rows(path: Path) -> list[SweepRow]:
+    """The rows of a ``sweep.json``."""
     doc = json.loads(Path(path).read_text())
     return [SweepRow(**r) for r in doc["rows"]]

@@ -62,24 +62,25 @@ class SynthConfig:
     output differ between runs.
     """
 
-    seed: int = 0
-    n_speakers: int = 24
-    accents: tuple[str, ...] = ("en-us", "en", "en-gb-scotland", "en-029", "en-gb-x-rp")
-    variants: tuple[str, ...] = ("m1", "m3", "f1", "f4", "m7", "m2")
-    pitches: tuple[int, ...] = (35, 55, 75)
-    speeds: tuple[int, ...] = (145, 175)
-    keywords: tuple[str, ...] = KEYWORDS
-    keyword_takes: int = 3
-    n_sentences: int = 120
-    sentences_per_speaker: int = 20
-    dev_fraction: float = 0.15
-    test_fraction: float = 0.15
-    take_jitter: float = 0.08
-    sample_rate: int = SAMPLE_RATE
+    seed: int = 0  # seeds speakers, sentences, splits and take jitter (same seed, same corpus)
+    n_speakers: int = 24  # speakers, dealt accent x variant x pitch x speed combinations
+    accents: tuple[str, ...] = ("en-us", "en", "en-gb-scotland", "en-029", "en-gb-x-rp")  # espeak-ng accents
+    variants: tuple[str, ...] = ("m1", "m3", "f1", "f4", "m7", "m2")  # espeak-ng voice variants (m* male, f* female)
+    pitches: tuple[int, ...] = (35, 55, 75)  # espeak-ng pitch levels (0-99)
+    speeds: tuple[int, ...] = (145, 175)  # speaking rates in words per minute
+    keywords: tuple[str, ...] = KEYWORDS  # words every speaker says keyword_takes times (the ks labels)
+    keyword_takes: int = 3  # takes of each keyword per speaker
+    n_sentences: int = 120  # distinct sentences generated (the pr/asr material)
+    sentences_per_speaker: int = 20  # sentences each speaker reads, drawn from its split's pool
+    dev_fraction: float = 0.15  # share of speakers in the dev split
+    test_fraction: float = 0.15  # share of speakers in the test split (voices unseen in training)
+    take_jitter: float = 0.08  # relative speed change between takes of one speaker (+-)
+    sample_rate: int = SAMPLE_RATE  # Hz of the written WAVs
     exclude_test_voices_of: str = ""  # a synth preset whose test-split voices this corpus leaves out
     # (pretraining data that keeps a probe's test speakers unseen)
 
     def validate(self) -> None:
+        """Raise ValueError for counts, splits or voices that cannot make a corpus."""
         if self.n_speakers < 3:
             raise ValueError("n_speakers must be >= 3 (train, dev and test need one each)")
         combos = len(self.accents) * len(self.variants) * len(self.pitches) * len(self.speeds)
@@ -101,6 +102,8 @@ class SynthConfig:
 
 @dataclass(frozen=True)
 class Speaker:
+    """One synthetic speaker: espeak-ng accent and voice variant, pitch, speed and split."""
+
     id: str
     accent: str
     variant: str
@@ -177,6 +180,7 @@ class Espeak:
 
     @classmethod
     def get(cls) -> Espeak:
+        """The process's one espeak-ng engine (loaded on first use)."""
         with cls._lock:
             if cls._instance is None:
                 cls._instance = Espeak()
@@ -194,11 +198,13 @@ class Espeak:
         return 0
 
     def check_voice(self, voice: str) -> None:
+        """ConfigError when espeak-ng lacks ``voice`` (accent+variant)."""
         with self._lock:
             if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
                 raise ConfigError(f"espeak-ng has no voice '{voice}' (accent+variant)")
 
     def synth(self, text: str, voice: str, pitch: int, speed: int, seed: int = 0) -> Synthesis:
+        """Speak ``text``: samples at the engine's rate, with phonemes and their start times."""
         with self._lock:
             self._libc.srand(ctypes.c_uint(seed & 0xFFFFFFFF))
             if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
@@ -237,6 +243,7 @@ def _clean_phones(events: list[tuple[str, int]], sr: int) -> tuple[list[str], li
 
 # --------------------------------------------------------------------------- corpus plan
 def make_speakers(cfg: SynthConfig) -> list[Speaker]:
+    """The speakers of ``cfg``: accents and variants dealt out deterministically, each with its split."""
     rng = random.Random(cfg.seed)
     combos = list(itertools.product(cfg.accents, cfg.variants, cfg.pitches, cfg.speeds))
     rng.shuffle(combos)
@@ -334,6 +341,8 @@ def plan(cfg: SynthConfig) -> list[_Item]:
 # --------------------------------------------------------------------------- run
 @dataclass(frozen=True)
 class SynthResult:
+    """What ``synth`` made: the manifest, utterance and speaker counts, seconds, reused or not."""
+
     out_dir: Path
     manifest: Path
     n_utterances: int
@@ -342,6 +351,7 @@ class SynthResult:
     reused: bool
 
     def to_json(self) -> dict[str, Any]:
+        """The result as JSON-safe data (``--json``)."""
         return {
             "out_dir": str(self.out_dir), "manifest": str(self.manifest),
             "utterances": self.n_utterances, "speakers": self.n_speakers,
@@ -418,33 +428,53 @@ def run_synth(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False,
     ``workers`` processes synthesise speakers in parallel (default: CPU count, at most 4); the
     output does not depend on it.
     """
-    import soundfile as sf
-    import torch
-
-    from ofactl.audio import read_corpus, resample, write_manifest
+    from ofactl.audio import write_manifest
 
     progress = progress or NullProgress()
-    workers = workers or min(4, os.cpu_count() or 1)
     out_dir = Path(out_dir)
-    manifest = out_dir / "manifest.tsv"
-    cfg_path = out_dir / "synth.yaml"
-    if manifest.is_file() and cfg_path.is_file() and not overwrite:
-        try:
-            same = load_yaml(cfg_path).get("synth") == to_dict(cfg)
-        except ConfigError:
-            same = False
-        if same:
-            corpus = read_corpus(manifest)
-            progress.log(f"reusing the corpus in {out_dir} (same config)")
-            return SynthResult(out_dir, manifest, len(corpus), len({u.labels['speaker'] for u in corpus}),
-                               corpus.seconds, True)
+    manifest, cfg_path = out_dir / "manifest.tsv", out_dir / "synth.yaml"
+    reused = _reuse_corpus(cfg, out_dir, overwrite, progress)
+    if reused is not None:
+        return reused
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise OfactlError(f"{out_dir} is not empty and holds another corpus; pass --overwrite or choose another --out")
-
     items = plan(cfg)
     engine = Espeak.get()  # voices are checked here; synthesis runs in fresh worker processes
     for voice in sorted({f"{it.speaker.accent}+{it.speaker.variant}" for it in items}):
         engine.check_voice(voice)
+    rows, total_s = _synthesise(cfg, items, out_dir, workers or min(4, os.cpu_count() or 1), progress)
+    write_manifest(manifest, rows, MANIFEST_COLUMNS)
+    save_resolved(cfg, "synth", cfg_path)
+    n_spk = len({r["speaker"] for r in rows})
+    return SynthResult(out_dir, manifest, len(rows), n_spk, total_s, False)
+
+
+def _reuse_corpus(cfg: SynthConfig, out_dir: Path, overwrite: bool, progress: Progress) -> SynthResult | None:
+    """The corpus already in ``out_dir`` when it was made with the same config, else None."""
+    from ofactl.audio import read_corpus
+
+    manifest, cfg_path = out_dir / "manifest.tsv", out_dir / "synth.yaml"
+    if overwrite or not (manifest.is_file() and cfg_path.is_file()):
+        return None
+    try:
+        same = load_yaml(cfg_path).get("synth") == to_dict(cfg)
+    except ConfigError:
+        same = False
+    if not same:
+        return None
+    corpus = read_corpus(manifest)
+    progress.log(f"reusing the corpus in {out_dir} (same config)")
+    return SynthResult(out_dir, manifest, len(corpus), len({u.labels["speaker"] for u in corpus}), corpus.seconds, True)
+
+
+def _synthesise(cfg: SynthConfig, items: list[_Item], out_dir: Path, workers: int,
+                progress: Progress) -> tuple[list[dict[str, str]], float]:
+    """Every item as a 16-bit WAV under ``out_dir/wavs/SPEAKER/``; manifest rows and seconds."""
+    import soundfile as sf
+    import torch
+
+    from ofactl.audio import resample
+
     by_speaker: dict[str, list[_Item]] = {}
     for it in items:
         by_speaker.setdefault(it.speaker.id, []).append(it)
@@ -459,9 +489,8 @@ def run_synth(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False,
             if peak > 0.99:  # resampling can overshoot full scale; keep 16-bit PCM unclipped
                 wav = wav * (0.99 / peak)
             rel = Path("wavs") / it.speaker.id / f"{it.id}.wav"
-            path = out_dir / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(str(path), wav, cfg.sample_rate, subtype="PCM_16", format="WAV")
+            (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            sf.write(str(out_dir / rel), wav, cfg.sample_rate, subtype="PCM_16", format="WAV")
             total_s += len(wav) / cfg.sample_rate
             rows.append({
                 "id": it.id, "path": str(rel), "speaker": it.speaker.id, "label": it.label,
@@ -471,7 +500,4 @@ def run_synth(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False,
             })
             progress.advance()
     progress.finish()
-    write_manifest(manifest, rows, MANIFEST_COLUMNS)
-    save_resolved(cfg, "synth", cfg_path)
-    n_spk = len({r["speaker"] for r in rows})
-    return SynthResult(out_dir, manifest, len(rows), n_spk, total_s, False)
+    return rows, total_s

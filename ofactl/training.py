@@ -40,14 +40,16 @@ from ofactl.runtime import SAMPLE_RATE as SR
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    weight_decay: float = 1e-6
+    """AdamW with linear warm-up and linear decay, gradient clipping and accumulation."""
+
+    lr: float = 2e-4  # peak learning rate (AdamW)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
+    eps: float = 1e-6  # AdamW epsilon
+    weight_decay: float = 1e-6  # AdamW weight decay
     warmup: float = 0.07  # fraction of steps
     final_lr_ratio: float = 0.0  # linear decay to lr * this
-    grad_clip: float = 5.0
-    accum: int = 1
+    grad_clip: float = 5.0  # clip the gradient norm to this (0: no clipping)
+    accum: int = 1  # micro-batches per optimizer step
 
 
 class TrainConfig(Protocol):
@@ -81,10 +83,12 @@ class Setup:
 
     @property
     def main(self) -> bool:
+        """True on the process that writes (rank 0)."""
         return self.rank == 0
 
     @property
     def ckpt_dir(self) -> Path:
+        """The run's checkpoint folder."""
         return self.run_dir / "checkpoints"
 
 
@@ -112,6 +116,9 @@ def setup_run(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool) ->
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Make ``run_dir`` ready: keep it for --resume (which needs a checkpoint), clear it for
+    --overwrite, refuse a non-empty one otherwise.
+    """
     if run_dir.exists() and any(run_dir.iterdir()):
         if resume:
             if not any((run_dir / "checkpoints").glob("step-*.pt")):
@@ -126,6 +133,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def finish_distributed(world: int) -> None:
+    """Leave the process group (after the last collective) when running distributed."""
     if world > 1:
         import torch.distributed as dist
 
@@ -246,6 +254,8 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 @dataclass
 class Optimisation:
+    """The optimiser, its schedule and the fp16 gradient scaler, saved and restored together."""
+
     opt: torch.optim.Optimizer
     sched: Any
     scaler: Any
@@ -259,6 +269,7 @@ class Optimisation:
         return st
 
     def load(self, ts: dict[str, Any]) -> None:
+        """Restore what :meth:`state` saved (optimiser, schedule, scaler and RNG)."""
         self.opt.load_state_dict(ts["optimizer"])
         self.sched.load_state_dict(ts["scheduler"])
         self.scaler.load_state_dict(ts["scaler"])
@@ -268,6 +279,9 @@ class Optimisation:
 
 
 def make_optimisation(params: Any, cfg: TrainConfig, amp: torch.dtype | None) -> Optimisation:
+    """AdamW over ``params`` with the warm-up/decay schedule of ``cfg``, and a gradient scaler
+    that is active for fp16 only.
+    """
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                             weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
@@ -325,6 +339,8 @@ class Job:
 
 @dataclass
 class LoopResult:
+    """Where the loop stopped: last step, first step, audio seconds seen and wall time."""
+
     step: int
     start: int
     audio_seconds: float
@@ -366,10 +382,6 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
     if start:
         progress.advance(start)
     job.model.train()
-
-    def save(at: int) -> None:
-        _save_checkpoint(job, cfg, setup, optim, at)
-
     with deferred_sigint() as stop:
         try:
             for batch in loader:
@@ -397,20 +409,20 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
                     job.model.train()
                     _write(metrics, {"step": step, "eval": ev})
                 if step % cfg.ckpt_every == 0 and step < cfg.steps:
-                    save(step)
+                    _save_checkpoint(job, cfg, setup, optim, step)
                 if _stop_agreed(stop.requested, setup):
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             progress.finish()
             if setup.main and step > start:
-                save(step)
+                _save_checkpoint(job, cfg, setup, optim, step)
                 raise InterruptedRun(f"interrupted at step {step}; checkpoint saved, continue with --resume") from None
             raise InterruptedRun(f"interrupted at step {step}, before any new step; nothing new to save") from None
         finally:
             progress.finish()
             if metrics is not None:
                 metrics.close()
-    save(step)
+    _save_checkpoint(job, cfg, setup, optim, step)
     return LoopResult(step, start, audio_s, time.perf_counter() - t0)
 
 
@@ -475,6 +487,9 @@ def ranks_in_sync(model: torch.nn.Module) -> bool:
 
 def make_loader(schedule: list[tuple[int, list[int]]], utts: list[Utterance], cfg: TrainConfig, setup: Setup,
                 aligned: dict[str, np.ndarray] | None, hop: int, start: int) -> Any:
+    """The DataLoader over :class:`CropBatches` from step ``start`` on (seeded, so a resumed run
+    sees the same batches).
+    """
     return torch.utils.data.DataLoader(
         CropBatches(schedule, utts, int(cfg.crop_seconds * SR), cfg.seed, aligned, hop), batch_size=None,
         num_workers=cfg.num_workers, pin_memory=setup.device.type == "cuda",

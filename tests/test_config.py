@@ -104,3 +104,31 @@ def test_resolved_config_round_trip(tmp_path):
     path = save_resolved(cfg, "distill", tmp_path / "run" / "config.yaml")
     again = load_config(Demo, "distill", path)
     assert again == cfg
+
+
+@dataclass
+class _Helped:
+    a: int = 1  # on the line
+
+    # above the field,
+    # two lines
+    b: int = 2
+    c: int = 3  # on the line,
+    # continued below
+
+    d: int = 4
+
+
+def test_field_help_reads_comments_on_above_and_below_a_field():
+    from ofactl.config import field_help
+
+    assert field_help(_Helped) == {"a": "on the line", "b": "above the field, two lines",
+                                   "c": "on the line, continued below"}
+
+
+def test_every_config_key_has_a_meaning():
+    from ofactl.config import COMMAND_SECTIONS, _leaf_keys, section_class, to_dict
+
+    missing = [f"{s}.{key}" for s in COMMAND_SECTIONS
+               for key, _, _, meaning in _leaf_keys(section_class(s), to_dict(section_class(s)())) if not meaning]
+    assert not missing, f"add a comment on these fields' lines: {missing}"

@@ -33,23 +33,26 @@ class HubertArch:
     layer_norm_first: pre-LN transformer (large models, HF ``do_stable_layer_norm``).
     """
 
+    # (channels, kernel, stride) per CNN layer (fairseq conv_feature_layers)
     conv_layers: tuple[tuple[int, int, int], ...] = BASE_CONV
+    # group_norm: first CNN layer only (base models); layer_norm: every layer (large)
     conv_norm: ConvNorm = "group_norm"
-    conv_bias: bool = False
-    embed_dim: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    ffn_dim: int = 3072
-    pos_conv_kernel: int = 128
-    pos_conv_groups: int = 16
-    layer_norm_first: bool = False
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    activation_dropout: float = 0.0
-    feature_dropout: float = 0.0
+    conv_bias: bool = False  # biases in the CNN's convolutions
+    embed_dim: int = 768  # transformer width
+    num_layers: int = 12  # transformer layers
+    num_heads: int = 12  # attention heads
+    ffn_dim: int = 3072  # feed-forward width
+    pos_conv_kernel: int = 128  # kernel of the convolutional positional embedding (frames)
+    pos_conv_groups: int = 16  # groups of the convolutional positional embedding
+    layer_norm_first: bool = False  # pre-LN transformer (large models, HF do_stable_layer_norm)
+    dropout: float = 0.1  # dropout after attention and feed-forward blocks
+    attention_dropout: float = 0.1  # dropout on attention weights
+    activation_dropout: float = 0.0  # dropout inside the feed-forward block
+    feature_dropout: float = 0.0  # dropout on the projected CNN features
     normalize_waveform: bool = False  # fairseq task.normalize (True for large checkpoints)
 
     def validate(self) -> None:
+        """Raise ValueError for an architecture torchaudio cannot build."""
         if self.conv_norm not in ("group_norm", "layer_norm"):
             raise ValueError(f"conv_norm must be group_norm or layer_norm, got {self.conv_norm!r}")
         if self.embed_dim % self.num_heads:
@@ -61,6 +64,7 @@ class HubertArch:
 
     @property
     def cnn_dim(self) -> int:
+        """Channels of the CNN's last layer (the feature projection's input)."""
         return self.conv_layers[-1][0]
 
     @property
@@ -87,6 +91,7 @@ GradMultiply = C.GradMultiply
 
 
 def build_cnn(arch: HubertArch) -> C.FeatureExtractor:
+    """The waveform CNN for ``arch`` (torchaudio's FeatureExtractor): (B, N) samples -> (B, T, C)."""
     arch.validate()
     return C._get_feature_extractor(arch.conv_norm, [tuple(x) for x in arch.conv_layers], arch.conv_bias)
 
@@ -232,4 +237,5 @@ class Hidden:
 
     @property
     def num_layers(self) -> int:
+        """Number of transformer layers (hidden states are one more)."""
         return self.states.shape[2]

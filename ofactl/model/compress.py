@@ -124,6 +124,7 @@ class CifPlan:
 
     @property
     def max_len(self) -> int:
+        """Longest output length T of the batch."""
         return self.norm.shape[1]
 
     def apply(self, x: Tensor) -> Tensor:
@@ -138,6 +139,7 @@ class CifPlan:
         return cif_upsample(self, y)
 
     def detach(self) -> CifPlan:
+        """The same plan with its weights detached (no gradient through alpha)."""
         return CifPlan(self.left, self.right, self.w_left.detach(), self.w_right.detach(),
                        self.norm.detach(), self.alpha.detach(), self.lengths, self.in_lengths)
 
@@ -188,6 +190,9 @@ def cif_plan(alpha: Tensor, lengths: Tensor, max_out: int | None = None,
 
 
 def cif_apply(plan: CifPlan, x: Tensor) -> Tensor:
+    """Apply a CIF plan: x (B, S, C) -> (B, T, C), each output a weighted mean of the inputs it
+    integrated; computed in float32, padded outputs zero.
+    """
     B, S, C = x.shape
     if plan.left.shape != (B, S):
         raise ModelError(f"features {list(x.shape)} do not match the CIF plan {list(plan.left.shape)}")
@@ -253,6 +258,7 @@ class AlphaPredictor(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         # Zero padding before the conv so a padded batch equals per-utterance runs.
+        """(B, S, C) features with lengths -> raw alpha logits (B, S) (padded frames masked later)."""
         x = x * length_mask(lengths, x.shape[1])[..., None].to(x.dtype)
         h = self.conv(x.transpose(1, 2)).transpose(1, 2)
         h = torch.relu(self.norm(h))
@@ -289,6 +295,7 @@ class Compressor(nn.Module):
         self.register_buffer("alpha_mean", torch.tensor(float(alpha_mean)))
 
     def lambdas_for(self, rates: Tensor) -> Tensor:
+        """The lambda that gives each rate in ``rates``, by the running mean of alpha."""
         return rate_to_lambda(rates, float(self.alpha_mean))
 
     def forward(

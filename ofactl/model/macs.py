@@ -12,6 +12,7 @@ from ofactl.runtime import SAMPLE_RATE as SR
 
 
 def cnn_macs_per_second(arch: HubertArch) -> float:
+    """Multiply-accumulates of the CNN per audio second (its frames per second times per-frame MACs)."""
     n, c_in, macs = float(SR), 1, 0.0
     for c_out, k, s in arch.conv_layers:
         n = (n - k) / s + 1

@@ -53,6 +53,7 @@ def kmeans(x: Tensor, k: int, iters: int = 25, seed: int = 0) -> Tensor:
 
 
 def assign_units(x: Tensor, centroids: Tensor) -> Tensor:
+    """Nearest centroid of each row of x (N, D) -> unit ids (N,)."""
     return torch.cdist(x.float(), centroids.float()).argmin(-1)
 
 
@@ -100,6 +101,7 @@ def ends_to_segids(ends: Sequence[int], n_frames: int) -> np.ndarray:
 
 
 def segids_to_ends(seg: np.ndarray) -> list[int]:
+    """Segment ids per frame -> the exclusive end frame of each segment."""
     if len(seg) == 0:
         return []
     change = np.flatnonzero(np.diff(seg) != 0) + 1
@@ -147,6 +149,7 @@ def boundaries_from_phone_times(utts: Sequence, n_frames: dict[str, int]) -> dic
 
 
 def write_boundary_file(path: Path, segids: dict[str, np.ndarray]) -> None:
+    """Write a boundaries TSV (id, segment end frames) atomically, for ``--boundaries FILE``."""
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "w") as f:
         f.write("id\tframes\n")

@@ -45,14 +45,15 @@ class StudentConfig:
     """
 
     arch: HubertArch = field(default_factory=lambda: HubertArch(num_layers=2))
-    compressor: CompressorKind = "cif"
-    alpha_kernel: int = 5
-    pred_layers: tuple[int, ...] = (4, 8, 12)
-    teacher_dim: int = 768
-    feature_grad_mult: float = 0.1
-    spectral_bins: int = 0
+    compressor: CompressorKind = "cif"  # cif (once-for-all), avgpool (fixed-rate baseline) or none
+    alpha_kernel: int = 5  # kernel of the alpha predictor's convolution (frames)
+    pred_layers: tuple[int, ...] = (4, 8, 12)  # teacher hidden states the heads predict (0: the input to layer 1)
+    teacher_dim: int = 768  # width of those teacher states
+    feature_grad_mult: float = 0.1  # scale of the gradient reaching the CNN (HuBERT's feature_grad_mult)
+    spectral_bins: int = 0  # > 0: one more head predicts this many log-mel bins (acoustic target beside the teacher's)
 
     def validate(self) -> None:
+        """Raise ValueError for sizes that do not fit together (heads, layers, prediction layers)."""
         self.arch.validate()
         if self.spectral_bins < 0:
             raise ValueError(f"spectral_bins must be >= 0, got {self.spectral_bins}")
@@ -89,6 +90,7 @@ class PredictionHeads(nn.Module):
             nn.init.kaiming_uniform_(self.weight.data[h].T, a=5**0.5)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, T, D) -> (B, T, H, Dt): one linear head per predicted teacher layer."""
         B, T, D = x.shape
         h = nn.functional.gelu(self.expand(x)).view(B, T, self.n_heads, D)
         return torch.einsum("bthd,hdo->btho", h, self.weight) + self.bias
@@ -108,6 +110,10 @@ class StudentOutput:
 
 
 class Student(nn.Module):
+    """The once-for-all student: teacher-style CNN, a rate-controlled compressor, a short
+    transformer and prediction heads. ``features`` gives hidden states at any rate in (0, 1].
+    """
+
     def __init__(self, cfg: StudentConfig) -> None:
         super().__init__()
         cfg.validate()
@@ -123,10 +129,12 @@ class Student(nn.Module):
 
     @property
     def num_hidden(self) -> int:
+        """Hidden states per frame: the projected input and one per transformer layer."""
         return self.cfg.arch.num_layers + 1
 
     @property
     def alpha_mean(self) -> float:
+        """The running mean of alpha the compressor maps rates to lambdas with."""
         return float(self.compressor.alpha_mean)
 
     # ------------------------------------------------------------------ stages

@@ -66,9 +66,11 @@ class Teacher(nn.Module):
 
     @property
     def num_hidden(self) -> int:
+        """Hidden states per frame: the projected CNN output and one per transformer layer."""
         return self.arch.num_layers + 1
 
     def freeze(self) -> Teacher:
+        """Eval mode, no gradients; returns self."""
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -85,6 +87,7 @@ class Teacher(nn.Module):
         return Hidden(torch.stack(states, dim=2), n)
 
     def describe(self) -> dict[str, Any]:
+        """Source, format, sha256 fingerprint and architecture (``ofactl info --teacher``)."""
         return {"source": self.source, "format": self.format, "fingerprint": self.fingerprint,
                 "arch": asdict(self.arch)}
 

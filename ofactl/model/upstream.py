@@ -33,6 +33,7 @@ class OfaUpstream(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, rate: float = 1.0, device: str = "cpu") -> OfaUpstream:
+        """Load a ``student.pt`` for s3prl-style use at ``rate`` on ``device``."""
         from ofactl.checkpoint import load_student
 
         student, _ = load_student(Path(path), device)
@@ -50,6 +51,9 @@ class OfaUpstream(nn.Module):
         return states, [h.lengths] * len(states)
 
     def forward(self, wavs: list[Tensor]) -> dict[str, object]:
+        """s3prl's upstream call: a list of (N,) 16 kHz waveforms -> ``{'hidden_states': [...]}``,
+        each (B, T', D) at the chosen rate.
+        """
         if not wavs:
             raise ModelError("no waveforms given")
         lengths = torch.tensor([len(w) for w in wavs], device=wavs[0].device)

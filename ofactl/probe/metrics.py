@@ -10,6 +10,7 @@ from torch import Tensor
 
 
 def accuracy(pred: Sequence[int], gold: Sequence[int]) -> float:
+    """Fraction of positions where ``pred`` equals ``gold``."""
     if not gold:
         return 0.0
     return sum(int(p == g) for p, g in zip(pred, gold)) / len(gold)

@@ -27,6 +27,8 @@ TASKS = ("ks", "cls", "sid", "pr", "asr")
 
 @dataclass
 class TaskData:
+    """A downstream task over a corpus: its splits, labels per utterance and label vocabulary."""
+
     task: str
     kind: str  # "cls" or "ctc"
     metric: str  # accuracy | per | wer
@@ -38,10 +40,12 @@ class TaskData:
 
     @property
     def n_outputs(self) -> int:
+        """Classes (cls tasks) or tokens plus the CTC blank (ctc tasks)."""
         return len(self.vocab) + (1 if self.kind == "ctc" else 0)
 
     @property
     def ids(self) -> list[str]:
+        """Every utterance id in any split."""
         return [u for s in ("train", "dev", "test") for u in self.splits[s]]
 
 
@@ -51,6 +55,9 @@ def _asr_tokens(text: str) -> list[str]:
 
 
 def build_task(task: str, corpus: Corpus, label_column: str | None = None, seed: int = 0) -> TaskData:
+    """Build ``task`` (ks, cls, sid, pr, asr) from a labelled corpus: labels from its columns,
+    splits from its ``split`` column or seeded by speaker; errors name the missing column.
+    """
     if task not in TASKS:
         raise ConfigError(f"unknown task '{task}' (expected one of {', '.join(TASKS)})")
     utts = list(corpus)

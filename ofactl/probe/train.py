@@ -25,20 +25,22 @@ from ofactl.runtime import check_device_name, module_device, resolve_device, see
 
 @dataclass
 class ProbeConfig:
+    """Probe settings: layer weighting, head, epochs and learning rates, budget and device."""
+
     epochs: int = 40  # CTC heads
     cls_epochs: int = 100  # utterance heads: they train in seconds and keep improving past 40
-    patience: int = 10
+    patience: int = 10  # epochs without a better dev score before stopping
     min_epochs: int = 25  # no early stop before this: CTC spends its first epochs emitting blanks,
     # and a dev split of one or two speakers makes early epochs noisy
     batch_size: int = 32  # CTC heads
     cls_batch_size: int = 128  # utterance heads: larger batches steady the pooled-vector BatchNorm
     lr: float = 1e-2  # utterance-level heads
     ctc_lr: float = 1e-2  # CTC heads (SUPERB trains its linear phoneme probe at 1e-2)
-    seed: int = 0
+    seed: int = 0  # seeds the probe's initialisation and batches
     ctc_head: CtcHead = "lstm"  # lstm (one BiLSTM layer, the default) | linear (SUPERB PR)
-    lstm_hidden: int = 128
-    lstm_layers: int = 1
-    layer_norm: bool = True
+    lstm_hidden: int = 128  # BiLSTM width per direction (ctc_head: lstm)
+    lstm_layers: int = 1  # BiLSTM layers (ctc_head: lstm)
+    layer_norm: bool = True  # layer-normalise each hidden state before the weighted sum
     upsample_ctc: bool = False  # repeat frames back to the 20 ms grid before the CTC head
     max_frames: int = 2_000_000  # CTC heads: training stops once the head has seen this many frames
     # (epochs x training frames; its cost is about proportional). 0: no budget. 2M frames is 40 epochs
@@ -46,6 +48,7 @@ class ProbeConfig:
     device: str = "auto"  # auto: the command's device (sweep, adapt), else cuda when available
 
     def validate(self) -> None:
+        """Raise ValueError for non-positive sizes or rates."""
         check_device_name(self.device, "probe.device")
         if self.lstm_layers < 1 or self.lstm_hidden < 1:
             raise ValueError("lstm_layers and lstm_hidden must be >= 1")
@@ -64,12 +67,17 @@ class WeightedSum(nn.Module):
         self.layer_norm = layer_norm
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, T, L, D) -> (B, T, D), the softmax-weighted sum over layers."""
         if self.layer_norm:
             x = F.layer_norm(x, x.shape[-1:])
         return torch.einsum("btld,l->btd", x, torch.softmax(self.weights, 0))
 
 
 class Probe(nn.Module):
+    """A downstream head over frozen features: weighted layer sum, then statistics pooling and a
+    linear layer (classification) or a linear/BiLSTM CTC head (sequences).
+    """
+
     def __init__(self, n_layers: int, dim: int, n_out: int, kind: str, cfg: ProbeConfig) -> None:
         super().__init__()
         self.kind = kind
@@ -88,6 +96,7 @@ class Probe(nn.Module):
         self.ctc_head = cfg.ctc_head
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """(B, T, L, D) features with lengths -> class logits (B, K) or CTC log-probs (B, T, K)."""
         h = self.featurizer(x)
         mask = length_mask(lengths, h.shape[1])[..., None].to(h.dtype)
         if self.kind == "cls":
@@ -108,6 +117,8 @@ class Probe(nn.Module):
 
 @dataclass
 class ProbeResult:
+    """A trained probe's dev and test metrics, its layer weights, size and training time."""
+
     test: dict[str, float]
     dev: dict[str, float]
     metric: str
@@ -229,6 +240,7 @@ def task_loss(model: Probe, task: TaskData, ids: list[str], x: Tensor, lengths: 
 @torch.no_grad()
 def evaluate_probe(model: Probe, task: TaskData, ids: list[str], feats: dict[str, np.ndarray],
                    cfg: ProbeConfig, up: dict[str, int] | None = None) -> dict[str, float]:
+    """Run ``model`` over ``ids`` and score it with the task's metric."""
     model.eval()
     device = module_device(model)
     preds: list[Any] = []

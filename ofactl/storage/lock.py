@@ -116,6 +116,7 @@ class GroupLock:
         return self
 
     def release(self) -> None:
+        """Remove our lock file (and the lock folder when it is empty)."""
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False

@@ -52,6 +52,7 @@ class BlockWriter:
         self.cursor = 0  # adaptive: next free frame in the current block
 
     def add(self, i: int, feats: np.ndarray | None, error: str) -> None:
+        """Queue utterance ``i`` (its frames, or None with an error); flush when enough is buffered."""
         b = i // self.st.block_utts
         if b != self.block:
             self.flush()
@@ -63,6 +64,7 @@ class BlockWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Write the buffered utterances: frames by whole chunks, then lengths, checksums and done flags."""
         if not self.pending:
             return
         idx = sorted(self.pending)
@@ -138,6 +140,7 @@ class WriterThread(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        """Thread body: write every item put, until the end marker; keep the first error for close()."""
         while True:
             item = self.q.get()
             try:
@@ -156,11 +159,13 @@ class WriterThread(threading.Thread):
                 return
 
     def put(self, items: list[Item]) -> None:
+        """Hand a list of items to the thread (raises the thread's error, if it failed)."""
         if self.error is not None:
             raise self.error
         self.q.put(items)
 
     def close(self) -> None:
+        """Flush every group, stop the thread and raise any error it met."""
         self.q.put(None)
         self.join()
         if self.error is not None:

@@ -65,10 +65,12 @@ class Damage:
 
 
 def rate_key(rate: float) -> str:
+    """Store group name for a rate: 0.5 -> ``rate=0.500``."""
     return f"rate={rate:.3f}"
 
 
 def now() -> str:
+    """The current UTC time, ISO 8601 (group attributes)."""
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
@@ -84,17 +86,21 @@ class Layout:
 
     @property
     def n_utts(self) -> int:
+        """Number of utterances."""
         return len(self.utt_ids)
 
     @property
     def n_blocks(self) -> int:
+        """Number of write blocks."""
         return (self.n_utts + self.block_utts - 1) // self.block_utts
 
     def block_range(self, b: int) -> tuple[int, int]:
+        """Utterance index range [lo, hi) of block ``b``."""
         return b * self.block_utts, min(self.n_utts, (b + 1) * self.block_utts)
 
     @property
     def total_frames(self) -> int:
+        """Frames reserved for the whole group."""
         if not self.n_utts:
             return 0
         last = self.n_utts - 1
@@ -127,14 +133,17 @@ class FeatureGroup:
     # ---------------------------------------------------------------- metadata
     @property
     def attrs(self) -> dict[str, Any]:
+        """The group's attributes (rate, checkpoint, corpus fingerprint, layers ...)."""
         return dict(self._g.attrs.asdict())
 
     @property
     def rate(self) -> float:
+        """The group's rate."""
         return float(self.attrs["rate"])
 
     @property
     def name(self) -> str:
+        """The group's name, e.g. ``rate=0.500``."""
         return str(self._g.basename)
 
     def _arr(self, name: str) -> np.ndarray:
@@ -143,39 +152,47 @@ class FeatureGroup:
         return self._cache[name]
 
     def refresh(self) -> None:
+        """Forget cached index arrays (after another process wrote)."""
         self._cache.clear()
 
     @property
     def utt_ids(self) -> list[str]:
+        """Utterance ids in store order."""
         if "_ids" not in self._cache:
             self._cache["_ids"] = [str(x) for x in self._arr("utt_id")]  # type: ignore[assignment]
         return self._cache["_ids"]  # type: ignore[return-value]
 
     @property
     def offsets(self) -> np.ndarray:
+        """Start frame of each utterance in ``feats``."""
         return self._arr("offsets")
 
     @property
     def lengths(self) -> np.ndarray:
+        """Frames written for each utterance (0 until done)."""
         return self._arr("lengths")
 
     @property
     def done(self) -> np.ndarray:
+        """Per utterance: 1 once its frames (or its error) are written."""
         return self._arr("done")
 
     @property
     def errors(self) -> dict[str, str]:
+        """Skipped utterances and why, by id."""
         err = self._arr("error")
         return {u: str(e) for u, e in zip(self.utt_ids, err) if e}
 
     @property
     def complete(self) -> bool:
+        """True when every utterance is done."""
         return bool(self.attrs.get("complete", False))
 
     def __len__(self) -> int:
         return int(self._g["utt_id"].shape[0])
 
     def index_of(self, utt_id: str) -> int:
+        """Store index of ``utt_id``; KeyError naming the group when absent."""
         if self._index is None:
             self._index = {u: i for i, u in enumerate(self.utt_ids)}
         try:
@@ -186,6 +203,7 @@ class FeatureGroup:
     # ---------------------------------------------------------------- reading
     @property
     def has_checksums(self) -> bool:
+        """True for groups written with per-utterance checksums."""
         return "checksum" in self.attrs
 
     def _damaged(self, i: int, reason: str) -> StoreError:
@@ -252,14 +270,17 @@ class FeatureGroup:
             yield ids[i], self._check(i, buf[o - lo : o - lo + n])
 
     def load_all(self) -> dict[str, np.ndarray]:
+        """Every extracted utterance's features by id (checked), in memory."""
         return dict(iter(self))
 
     @property
     def frames(self) -> int:
+        """Frames actually written (sum of lengths)."""
         return int(self.lengths[self.done].sum())
 
     # ---------------------------------------------------------------- writing
     def write_frames(self, start: int, data: np.ndarray) -> None:
+        """Write (n, L, D) frames at frame offset ``start``."""
         self._g["feats"][start : start + len(data)] = data
 
     def read_utt_arrays(self, lo: int, hi: int) -> dict[str, np.ndarray]:
@@ -376,6 +397,7 @@ class FeatureGroup:
         self._index = None
 
     def update_attrs(self, **kw: Any) -> None:
+        """Merge ``kw`` into the group's attributes."""
         self._g.attrs.update({**kw, "updated": now()})
 
 
@@ -409,22 +431,27 @@ class FeatureStore:
         raise AssertionError("unreachable")
 
     def group_names(self) -> list[str]:
+        """Names of the complete-looking rate groups, sorted."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return sorted(k for k in self._root.group_keys() if k.startswith("rate="))
 
     @property
     def rates(self) -> list[float]:
+        """The rates of the store's groups."""
         return sorted((float(n.split("=", 1)[1]) for n in self.group_names()), reverse=True)
 
     def has(self, rate: float) -> bool:
+        """True when a group for ``rate`` exists."""
         return rate_key(rate) in self.group_names()
 
     @property
     def attrs(self) -> dict[str, Any]:
+        """The store's root attributes."""
         return dict(self._root.attrs.asdict())
 
     def group(self, rate: float | str) -> FeatureGroup:
+        """The group of ``rate`` (a number, or a name like ``rate=0.500``); KeyError listing the rates."""
         name = rate if isinstance(rate, str) else rate_key(rate)
         if name not in self.group_names():
             have = ", ".join(self.group_names()) or "none"
@@ -493,6 +520,7 @@ class FeatureStore:
         return FeatureGroup(self._root[name], self.path)
 
     def size_bytes(self, rate: float | None = None) -> int:
+        """Bytes on disk of one rate's group, or of the whole store."""
         root = self.path if rate is None else self.path / rate_key(rate)
         return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
@@ -503,6 +531,7 @@ def open_store(path: str | Path) -> FeatureStore:
 
 
 def disk_free(path: Path) -> int:
+    """Free bytes on the file system holding ``path`` (or its nearest existing parent)."""
     p = Path(path)
     while not p.exists():
         p = p.parent
