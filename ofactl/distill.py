@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
-from ofactl.choices import Alignment, Precision, RateKind
+from ofactl.choices import Alignment, Precision, RateDraw, RateKind
 from ofactl.config import save_resolved, to_dict
 from ofactl.errors import ConfigError
-from ofactl.model.compress import length_mask, rate_to_lambda
+from ofactl.model.compress import expected_ratio, length_mask, rate_to_lambda
 from ofactl.model.student import Student, StudentConfig, student_config
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import SAMPLE_RATE as SR
@@ -37,18 +37,20 @@ from ofactl.training import OptimConfig, held_batches, split_held_out
 
 @dataclass
 class RateConfig:
-    """Per-utterance rate sampling. period: frame period ~ U[min_ms, max_ms]; lambda: lambda ~
-    U[lambda_min, lambda_max] (content-adaptive lengths); fixed: always ``rate``."""
+    """Rate sampling while distilling. period: frame period ~ U[min_ms, max_ms]; lambda: lambda ~
+    U[lambda_min, lambda_max]; fixed: always ``rate``. ``draw``: one value per utterance or one
+    per batch. On an ``exact_fraction`` share of steps the student runs in exact-length mode
+    (round(rate * T) frames); on the others in lambda mode (content-dependent lengths)."""
 
-    # period: frame period ~ U[min_ms, max_ms] per utterance; lambda: lambda ~ U[lambda_min, lambda_max];
-    # fixed: rate
+    # period: frame period ~ U[min_ms, max_ms]; lambda: lambda ~ U[lambda_min, lambda_max]; fixed: rate
     kind: RateKind = "period"
+    draw: RateDraw = "utterance"  # utterance: one draw per utterance; batch: one per batch (the reference code's)
     min_ms: float = 20.0  # shortest frame period drawn (ms, >= 20)
     max_ms: float = 90.0  # longest frame period drawn (ms)
     lambda_min: float = 0.0  # smallest lambda drawn (kind: lambda)
     lambda_max: float = 1.0  # largest lambda drawn (kind: lambda)
     rate: float = 1.0  # the one rate of kind: fixed
-    exact_fraction: float = 0.5  # share of steps in exact-length mode (others: lambda mode)
+    exact_fraction: float = 0.5  # share of steps in exact-length mode at the drawn rate (others: lambda mode)
 
     def validate(self) -> None:
         """Raise ValueError for a range or rate outside (0, 1] / [20 ms, ...)."""
@@ -227,22 +229,33 @@ def train_step_loss(student: Any, teacher: Any, batch: dict[str, Any], cfg: Dist
 
 
 def sample_rates(cfg: DistillConfig, B: int, gen: torch.Generator, alpha_mean: float) -> tuple[Tensor, Tensor | None, bool]:
-    """Per-utterance rates for one step; lambda (content-adaptive lengths) on some steps."""
+    """Rates (B,) for one step, and lambdas (B,) when the step runs in lambda mode (lengths
+    follow the content); (rates, None, True) for an exact-length step.
+
+    ``kind: lambda`` draws lambda and, on exact steps, uses the rate that lambda gives on
+    average (by the running mean of alpha); ``period`` and ``fixed`` draw the rate and, on
+    lambda steps, use the lambda that gives it on average.
+    """
     rc = cfg.rates
     if cfg.student.compressor == "avgpool":
         return torch.full((B,), cfg.compressor_rate, dtype=torch.float64), None, True
+    n = B if rc.draw == "utterance" else 1
+    am = min(max(alpha_mean, 1e-3), 1 - 1e-3)
+    lam: Tensor | None = None
     if rc.kind == "fixed":
-        rates = torch.full((B,), rc.rate, dtype=torch.float64)
+        rates = torch.full((n,), rc.rate, dtype=torch.float64)
     elif rc.kind == "period":
-        ms = rc.min_ms + (rc.max_ms - rc.min_ms) * torch.rand(B, generator=gen, dtype=torch.float64)
-        rates = 20.0 / ms
+        rates = 20.0 / (rc.min_ms + (rc.max_ms - rc.min_ms) * torch.rand(n, generator=gen, dtype=torch.float64))
     else:
-        lam = rc.lambda_min + (rc.lambda_max - rc.lambda_min) * torch.rand(B, generator=gen)
-        return torch.ones(B, dtype=torch.float64), lam, False
+        lam = rc.lambda_min + (rc.lambda_max - rc.lambda_min) * torch.rand(n, generator=gen)
+        rates = expected_ratio(lam, am).double().clamp(1e-3, 1.0)
+    rates = rates.expand(B).clone()
     exact = bool(torch.rand((), generator=gen) < rc.exact_fraction)
     if exact or cfg.student.compressor != "cif":
         return rates, None, True
-    return rates, rate_to_lambda(rates.float(), min(max(alpha_mean, 1e-3), 1 - 1e-3)), False
+    if lam is None:
+        lam = rate_to_lambda(rates.float(), am)
+    return rates, lam.expand(B).clone(), False
 
 
 # ----------------------------------------------------------------------------- run

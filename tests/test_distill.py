@@ -50,11 +50,45 @@ def test_rate_sampling_covers_range():
     rates = torch.cat([sample_rates(cfg, 64, g, 0.3)[0] for _ in range(20)])
     periods = 20 / rates
     assert periods.min() < 22 and periods.max() > 88 and periods.min() >= 20 and periods.max() <= 90
-    cfg.rates = replace(cfg.rates, kind="lambda", lambda_min=0.2, lambda_max=0.8)
+    cfg.rates = replace(cfg.rates, kind="lambda", lambda_min=0.2, lambda_max=0.8, exact_fraction=0.0)
     lam = torch.cat([sample_rates(cfg, 64, g, 0.3)[1] for _ in range(10)])
     assert 0.2 <= float(lam.min()) < 0.25 and 0.75 < float(lam.max()) <= 0.8
     cfg.rates = replace(cfg.rates, kind="fixed", rate=0.4)
     assert set(sample_rates(cfg, 8, g, 0.3)[0].tolist()) == {0.4}
+
+
+def test_lambda_per_batch_is_uniform_and_shared_by_the_batch():
+    """The reference recipe: one lambda ~ U(0, 1) per batch, lambda mode on every step."""
+    cfg = tiny_cfg()
+    cfg.rates = replace(cfg.rates, kind="lambda", draw="batch", lambda_min=0.0, lambda_max=1.0, exact_fraction=0.0)
+    g = torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(2000):
+        rates, lam, exact = sample_rates(cfg, 8, g, 2 / 9)
+        assert not exact and lam is not None and torch.all(lam == lam[0])
+        # the rate reported for the batch is what that lambda gives on average: 1 - lambda * (1 - alpha_mean)
+        assert torch.allclose(rates.float(), 1 - lam * (1 - 2 / 9), atol=1e-6)
+        draws.append(float(lam[0]))
+    x = torch.tensor(draws)
+    assert 0.0 <= float(x.min()) < 0.01 and 0.99 < float(x.max()) <= 1.0
+    # uniform: each decile holds about a tenth of the draws (binomial sd about 0.0067)
+    counts = torch.histc(x, bins=10, min=0.0, max=1.0) / len(x)
+    assert torch.all((counts - 0.1).abs() < 0.03), counts
+    assert abs(float(x.mean()) - 0.5) < 0.02
+    again = torch.Generator().manual_seed(0)
+    assert float(sample_rates(cfg, 8, again, 2 / 9)[1][0]) == draws[0]  # seeded
+
+
+def test_exact_share_applies_to_every_kind():
+    cfg = tiny_cfg()
+    g = torch.Generator().manual_seed(1)
+    for kind in ("period", "lambda", "fixed"):
+        cfg.rates = replace(cfg.rates, kind=kind, exact_fraction=0.25, rate=0.5)
+        exact = [sample_rates(cfg, 4, g, 0.3)[2] for _ in range(800)]
+        assert abs(sum(exact) / len(exact) - 0.25) < 0.05, kind
+    cfg.rates = replace(cfg.rates, kind="period", draw="utterance", exact_fraction=1.0)
+    rates = sample_rates(cfg, 64, g, 0.3)[0]
+    assert len(set(rates.tolist())) == 64  # one draw per utterance
 
 
 def test_one_step_decreases_loss_on_fixed_batch(synth_corpus):

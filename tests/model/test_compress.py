@@ -222,3 +222,26 @@ def test_exact_lengths_round_halves_up_in_the_model_and_the_store():
     assert _exact_lengths(t.numpy(), 0.5).tolist() == want
     assert round(24.5) == 24  # why the docs say "halves round up", not round()
     assert _exact_lengths(np.array([10]), 1.0).tolist() == [10]
+
+
+def test_upsample_by_duration_repeats_each_output_over_the_frames_it_fired_from():
+    # alphas that fire on whole frames: outputs span frames [0,1], [2,3,4,5], [6], [7,8]
+    a = torch.tensor([[0.5, 0.5, 0.25, 0.25, 0.25, 0.25, 1.0, 0.5, 0.5]])
+    L = torch.tensor([9])
+    plan = cif_plan(a, L)
+    assert plan.lengths.tolist() == [4]
+    y = torch.arange(4.0).reshape(1, 4, 1) + 10  # outputs 10, 11, 12, 13
+    up = plan.upsample(y)
+    assert up.shape == (1, 9, 1)  # the input length
+    assert up[0, :, 0].tolist() == [10, 10, 11, 11, 11, 11, 12, 13, 13]
+    assert plan.durations()[0].tolist() == pytest.approx([2, 4, 1, 2])
+
+
+def test_upsample_splits_a_frame_shared_by_two_outputs_by_its_weights():
+    # frame 1 gives 0.4 of its 0.6 to output 0 and 0.2 to output 1
+    a = torch.tensor([[0.6, 0.6, 0.8]])
+    plan = cif_plan(a, torch.tensor([3]))
+    assert plan.lengths.tolist() == [2]
+    up = plan.upsample(torch.tensor([[[0.0], [1.0]]]))
+    assert up[0, :, 0].tolist() == pytest.approx([0.0, 1 / 3, 1.0])
+    assert plan.durations()[0].tolist() == pytest.approx([1 + 2 / 3, 1 + 1 / 3])
