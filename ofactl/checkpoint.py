@@ -48,9 +48,11 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
 
 
 def save_student(path: Path, student: Any, *, step: int = 0, teacher: dict[str, Any] | None = None,
-                 train_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``student.pt`` atomically: weights, student config, training step, teacher identity
-    and ofactl version (loadable without ``--trust-checkpoint``).
+                 train_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                 trained_rates: dict[str, Any] | None = None) -> Path:
+    """Write ``student.pt`` atomically: weights, student config, training step, teacher identity,
+    the rates it was trained for (see :func:`rates_trained`) and ofactl version (loadable
+    without ``--trust-checkpoint``).
     """
     payload = {
         "format": FORMAT,
@@ -63,8 +65,37 @@ def save_student(path: Path, student: Any, *, step: int = 0, teacher: dict[str, 
         "teacher": teacher or {},
         "train_state": train_state or {},
         "extra": extra or {},
+        "trained_rates": trained_rates or {},
     }
     return atomic_torch_save(payload, path)
+
+
+def rates_trained(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The rates a checkpoint's student was trained for: ``{"kind": "fixed", "rates": [r]}``
+    (one rate: avgpool, cif at a fixed rate, no compressor) or ``{"kind": "range", "min": a,
+    "max": b}`` (once-for-all). None when the checkpoint does not say (older files); a student
+    without compressor is at rate 1 whatever the file says."""
+    if obj.get("student", {}).get("compressor") == "none":
+        return {"kind": "fixed", "rates": [1.0]}
+    return dict(obj["trained_rates"]) if obj.get("trained_rates") else None
+
+
+def covers(trained: dict[str, Any] | None, rate: float) -> bool:
+    """True when ``rate`` is one the student was trained for (to 3 decimals, the store's names)."""
+    if trained is None:
+        return True
+    if trained["kind"] == "fixed":
+        return any(abs(rate - r) < 5e-4 for r in trained["rates"])
+    return trained["min"] - 5e-4 <= rate <= trained["max"] + 5e-4
+
+
+def describe_rates(trained: dict[str, Any] | None) -> str:
+    """``trained at rate 0.5 only`` / ``trained on rates 0.222-1`` / ``trained rates not recorded``."""
+    if trained is None:
+        return "trained rates not recorded"
+    if trained["kind"] == "fixed":
+        return "trained at rate " + ", ".join(f"{r:g}" for r in trained["rates"]) + " only"
+    return f"trained on rates {trained['min']:.3g}-{trained['max']:.3g}"
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -141,5 +172,6 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
         "hidden_states": (arch.get("num_layers") or 0) + 1,
         "parameters": n_params,
         "pred_layers": cfg.get("pred_layers"),
+        "trained_rates": rates_trained(obj),
         "teacher": {k: v for k, v in obj.get("teacher", {}).items() if k != "arch"},
     }

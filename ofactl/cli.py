@@ -461,6 +461,8 @@ def sweep(
                   f"{r.upstream_gmacs_per_s:.2f}", f"{r.extract_s_per_audio_s:.4f}", f"{r.probe_train_s:.1f}",
                   f"{r.store_mb:.1f}", "-" if r.infeasible_test is None else str(r.infeasible_test))
     err_console.print(t)
+    for n in res.not_scored:
+        err_console.print(f"{n['label']} at rate {n['rate']:g}: not scored ({n['reason']})", highlight=False)
     err_console.print(f"wrote {res.csv}, {res.json}" + (f", {res.png}" if res.png else ""), highlight=False)
 
 

@@ -381,7 +381,7 @@ def _distill_job(cfg: DistillConfig, student: Student, teacher: Any, held: list[
 
     def save(path: Path, step: int, train_state: dict[str, Any]) -> None:
         save_student(path, student, step=step, teacher=teacher_desc, train_state=train_state,
-                     extra={"config": to_dict(cfg)})
+                     extra={"config": to_dict(cfg)}, trained_rates=trained_rates(cfg, student.alpha_mean))
 
     def load(obj: dict[str, Any]) -> dict[str, Any]:
         student.load_state_dict(obj["state_dict"])
@@ -405,7 +405,8 @@ def _finish(cfg: DistillConfig, su: Any, student: Student, teacher: Any, held: l
     ev_after: dict[str, float] = {}
     achieved: dict[str, dict[str, float]] = {}
     if su.main:
-        save_student(result_path, student, step=loop.step, teacher=teacher.describe(), extra={"config": to_dict(cfg)})
+        save_student(result_path, student, step=loop.step, teacher=teacher.describe(), extra={"config": to_dict(cfg)},
+                     trained_rates=trained_rates(cfg, student.alpha_mean))
         ev_after = evaluate(student, teacher, held, cfg, su.device, su.amp)
         achieved = achieved_rates(student, held, su.device)
     res = DistillResult(su.run_dir, result_path, loop.step, loop.start, eval_before, ev_after, achieved,
@@ -414,6 +415,24 @@ def _finish(cfg: DistillConfig, su: Any, student: Student, teacher: Any, held: l
         (su.run_dir / "summary.json").write_text(json.dumps(res.to_json(), indent=2))
     finish_distributed(su.world)
     return res
+
+
+def trained_rates(cfg: DistillConfig, alpha_mean: float) -> dict[str, Any]:
+    """The rates this config trains a student for, as the checkpoint records them: one rate for
+    avgpool, ``kind: fixed`` and no compressor; else the range the sampling covers (for lambda
+    sampling, the mean rates its lambdas give at the current mean alpha)."""
+    rc = cfg.rates
+    if cfg.student.compressor == "avgpool":
+        return {"kind": "fixed", "rates": [cfg.compressor_rate]}
+    if cfg.student.compressor == "none":
+        return {"kind": "fixed", "rates": [1.0]}
+    if rc.kind == "fixed":
+        return {"kind": "fixed", "rates": [rc.rate]}
+    if rc.kind == "period":
+        return {"kind": "range", "min": round(20.0 / rc.max_ms, 4), "max": round(20.0 / rc.min_ms, 4)}
+    am = min(max(alpha_mean, 1e-3), 1 - 1e-3)
+    lo, hi = (float(expected_ratio(x, am)) for x in (rc.lambda_max, rc.lambda_min))
+    return {"kind": "range", "min": round(lo, 4), "max": round(hi, 4)}
 
 
 def with_fixed_rate(cfg: DistillConfig, rate: float) -> DistillConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,8 @@ class SweepRow:
     seed: int
     ofactl_version: str = __version__
     probe_config_sha: str = ""  # the probe settings the row was trained with (reuse needs a match)
+    trained_rates: str = ""  # what the checkpoint was trained for, e.g. "trained at rate 0.5 only"
+    outside_training_range: bool = False  # a once-for-all student asked for a rate it never trained at
 
     def to_json(self) -> dict[str, Any]:
         """The row as JSON-safe data."""
@@ -112,12 +115,13 @@ class SweepResult:
     json: Path
     png: Path | None
     wall_seconds: float
+    not_scored: list[dict[str, Any]] = field(default_factory=list)  # fixed-rate students at other rates
 
     def to_json(self) -> dict[str, Any]:
         """What ``sweep --json`` prints: an object, like every other command."""
         return {"out_dir": str(self.out_dir), "rows": [r.to_json() for r in self.rows], "reused": self.reused,
-                "csv": str(self.csv), "json": str(self.json), "png": None if self.png is None else str(self.png),
-                "wall_seconds": round(self.wall_seconds, 3)}
+                "not_scored": self.not_scored, "csv": str(self.csv), "json": str(self.json),
+                "png": None if self.png is None else str(self.png), "wall_seconds": round(self.wall_seconds, 3)}
 
 
 def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Path | Corpus, out_dir: Path,
@@ -130,13 +134,47 @@ def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pat
     labels = [lab for lab, _ in ckpts]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"checkpoint labels must differ, got {labels}")
+    plans = [rate_plan(label, Path(ckpt), cfg.rates) for label, ckpt in ckpts]  # refusals before any work
     sw = _setup_sweep(cfg, corpus, Path(out_dir), overwrite, progress or NullProgress())
     rows: list[SweepRow] = []
-    for label, ckpt in ckpts:
+    for (label, ckpt), plan in zip(ckpts, plans):
         st_path = Path(store) if (store is not None and len(ckpts) == 1) else sw.out_dir / f"feats-{label}.zarr"
-        rows += sw.checkpoint_rows(label, Path(ckpt), st_path)
+        if plan.not_scored:
+            sw.progress.log(f"{label}: {plan.trained_text}; rates {', '.join(f'{r:g}' for r in plan.not_scored)} "
+                            "are not scored for it")
+        rows += sw.checkpoint_rows(label, Path(ckpt), st_path, plan)
     rows.sort(key=lambda x: (labels.index(x.label), -x.requested_rate))
-    return _write_sweep(sw, rows, time.perf_counter() - t0)
+    not_scored = [{"label": p.label, "rate": r, "reason": p.trained_text} for p in plans for r in p.not_scored]
+    return _write_sweep(sw, rows, time.perf_counter() - t0, not_scored)
+
+
+@dataclass
+class RatePlan:
+    """Which requested rates one checkpoint is scored at: all of them for a once-for-all student
+    (those outside its training range flagged), only its own for a fixed-rate one."""
+
+    label: str
+    scored: list[float]
+    not_scored: list[float]
+    outside: list[float]
+    trained_text: str
+
+
+def rate_plan(label: str, ckpt: Path, rates: Sequence[float]) -> RatePlan:
+    """The :class:`RatePlan` of ``ckpt`` from the rates its file records; a fixed-rate student
+    none of whose rates is requested is refused, naming the rate it was trained for."""
+    from ofactl.checkpoint import covers, describe_rates, rates_trained, read_checkpoint
+
+    trained = rates_trained(read_checkpoint(ckpt))
+    text = describe_rates(trained)
+    if trained is not None and trained["kind"] == "fixed":
+        scored = [r for r in rates if covers(trained, r)]
+        if not scored:
+            own = ", ".join(f"{r:g}" for r in trained["rates"])
+            raise ConfigError(f"--ckpt {label}: a fixed-rate student {text}; --rates asks for "
+                              f"{', '.join(f'{r:g}' for r in rates)}: add {own} to score it")
+        return RatePlan(label, scored, [r for r in rates if r not in scored], [], text)
+    return RatePlan(label, list(rates), [], [r for r in rates if not covers(trained, r)], text)
 
 
 def _setup_sweep(cfg: SweepConfig, corpus: str | Path | Corpus, out_dir: Path, overwrite: bool,
@@ -168,20 +206,17 @@ class _Sweep:
         self.sub = self.corpus.subset(self.task_ids)
         self.probe_sha = _probe_sha(self.cfg)
 
-    def checkpoint_rows(self, label: str, ckpt: Path, st_path: Path) -> list[SweepRow]:
-        """Every rate of one checkpoint (a fixed-rate one only at the rates it supports)."""
+    def checkpoint_rows(self, label: str, ckpt: Path, st_path: Path, plan: RatePlan) -> list[SweepRow]:
+        """The rows of one checkpoint at the rates its plan scores."""
         from ofactl.checkpoint import file_sha256, load_student
 
         sha = file_sha256(ckpt)
         # on the extraction device from the start: timing runs there too, cached group or not
         student, _ = load_student(ckpt, self.device)
-        cif = student.cfg.compressor == "cif"
         rows = []
-        for r in [r for r in self.cfg.rates if cif or _supported(student, r)]:
-            row = self.cached_row(label, r, sha)
-            if row is None:
-                row = self.measure_row(label, ckpt, student, sha, st_path, r)
-            rows.append(row)
+        for r in plan.scored:
+            row = self.cached_row(label, r, sha) or self.measure_row(label, ckpt, student, sha, st_path, r)
+            rows.append(replace(row, trained_rates=plan.trained_text, outside_training_range=r in plan.outside))
         return rows
 
     def row_file(self, label: str, r: float) -> Path:
@@ -243,14 +278,15 @@ class _Sweep:
         return row
 
 
-def _write_sweep(sw: _Sweep, rows: list[SweepRow], seconds: float) -> SweepResult:
-    """sweep.csv, sweep.json (task, resolved config, rows) and tradeoff.png."""
+def _write_sweep(sw: _Sweep, rows: list[SweepRow], seconds: float, not_scored: list[dict[str, Any]]) -> SweepResult:
+    """sweep.csv, sweep.json (task, resolved config, rows, what was not scored) and tradeoff.png."""
     csv_path, json_path = sw.out_dir / "sweep.csv", sw.out_dir / "sweep.json"
     _write_csv(csv_path, rows)
-    doc = {"task": sw.cfg.task, "config": to_dict(sw.cfg), "rows": [r.to_json() for r in rows]}
+    doc = {"task": sw.cfg.task, "config": to_dict(sw.cfg), "rows": [r.to_json() for r in rows],
+           "not_scored": not_scored}
     json_path.write_text(json.dumps(doc, indent=2))
     png = plot_tradeoff(rows, sw.out_dir / "tradeoff.png")
-    return SweepResult(sw.out_dir, rows, sw.reused, csv_path, json_path, png, seconds)
+    return SweepResult(sw.out_dir, rows, sw.reused, csv_path, json_path, png, seconds, not_scored)
 
 
 def _probe_sha(cfg: SweepConfig) -> str:
@@ -278,10 +314,6 @@ def _group_covers(store: Path, rate: float, sha: str, layers: list[int], ids: se
         return False
     done = {u for u, d in zip(g.utt_ids, g.done) if d}
     return ids <= done
-
-
-def _supported(student: Any, r: float) -> bool:
-    return student.cfg.compressor != "none" or r == 1.0
 
 
 def _probe_macs(params: int, rate: float, hop: int) -> float:
@@ -328,8 +360,8 @@ def _write_csv(path: Path, rows: list[SweepRow]) -> None:
 
 
 def plot_tradeoff(rows: list[SweepRow], path: Path, title: str | None = None) -> Path | None:
-    """Metric vs upstream GMAC/s and vs frame period, one line per checkpoint (and per task when
-    the rows hold several tasks)."""
+    """Metric vs upstream GMAC/s and vs frame period, one line per once-for-all checkpoint (and
+    per task when the rows hold several tasks); a fixed-rate checkpoint is a square at its rate."""
     if not rows:
         return None
     import matplotlib
@@ -345,8 +377,11 @@ def plot_tradeoff(rows: list[SweepRow], path: Path, title: str | None = None) ->
 
     for name in dict.fromkeys(line(r) for r in rows):
         rs = sorted((r for r in rows if line(r) == name), key=lambda r: r.frame_period_ms)
-        axes[0].plot([r.upstream_gmacs_per_s for r in rs], [r.test for r in rs], "o-", label=name)
-        axes[1].plot([r.frame_period_ms for r in rs], [r.test for r in rs], "o-", label=name)
+        fixed = rs[0].trained_rates.endswith(" only")
+        style: dict[str, Any] = {"marker": "s" if fixed else "o", "markersize": 9 if fixed else 6,
+                                 "linestyle": "none" if fixed else "-"}
+        axes[0].plot([r.upstream_gmacs_per_s for r in rs], [r.test for r in rs], label=name, **style)
+        axes[1].plot([r.frame_period_ms for r in rs], [r.test for r in rs], label=name, **style)
     axes[0].set_xlabel("upstream GMAC per audio second")
     axes[1].set_xlabel("frame period (ms)")
     for ax in axes:

@@ -69,3 +69,26 @@ def test_mismatched_weights(ckpt, tmp_path):
     torch.save(obj, bad)
     with pytest.raises(CheckpointError, match="format version 99"):
         read_checkpoint(bad)
+
+
+def test_trained_rates_survive_save_and_load(tmp_path):
+    from dataclasses import replace
+
+    from ofactl.checkpoint import covers, describe_checkpoint, rates_trained, read_checkpoint, save_student
+    from ofactl.config import load_config
+    from ofactl.distill import DistillConfig, trained_rates, with_fixed_rate
+    from ofactl.model.student import Student, student_config
+
+    cfg = load_config(DistillConfig, "distill", "distill-tiny")
+    ofa = trained_rates(cfg, 0.3)
+    assert ofa == {"kind": "range", "min": round(20 / cfg.rates.max_ms, 4), "max": round(20 / cfg.rates.min_ms, 4)}
+    assert trained_rates(with_fixed_rate(cfg, 0.25), 0.3) == {"kind": "fixed", "rates": [0.25]}
+    avg = replace(cfg, student=replace(cfg.student, compressor="avgpool"))
+    assert trained_rates(with_fixed_rate(avg, 0.5), 0.3) == {"kind": "fixed", "rates": [0.5]}
+    lam = replace(cfg, rates=replace(cfg.rates, kind="lambda", lambda_min=0.0, lambda_max=1.0))
+    assert trained_rates(lam, 0.25) == {"kind": "range", "min": 0.25, "max": 1.0}
+    p = save_student(tmp_path / "s.pt", Student(student_config("tiny")), trained_rates=ofa)
+    assert rates_trained(read_checkpoint(p)) == ofa
+    assert describe_checkpoint(p)["trained_rates"] == ofa
+    assert covers(ofa, 0.5) and not covers(ofa, 0.2) and covers(None, 0.1)
+    assert covers({"kind": "fixed", "rates": [0.333]}, 0.3333) and not covers({"kind": "fixed", "rates": [0.5]}, 0.25)

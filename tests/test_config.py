@@ -132,3 +132,25 @@ def test_every_config_key_has_a_meaning():
     missing = [f"{s}.{key}" for s in COMMAND_SECTIONS
                for key, _, _, meaning in _leaf_keys(section_class(s), to_dict(section_class(s)())) if not meaning]
     assert not missing, f"add a comment on these fields' lines: {missing}"
+
+
+def test_every_preset_loads_and_validates():
+    from ofactl.config import COMMAND_SECTIONS, load_yaml, section_class
+
+    for name in available_presets():
+        doc = load_yaml(find_preset(name))
+        sections = [s for s in COMMAND_SECTIONS if s in doc]
+        assert sections and isinstance(doc.get("description"), str), name
+        for s in sections:
+            load_config(section_class(s), s, name)
+
+
+def test_baseline_presets_train_at_one_recorded_rate():
+    from ofactl.distill import DistillConfig, trained_rates, with_fixed_rate
+
+    for name in ("distill-tiny-fixed", "distilhubert-fixed"):
+        cfg = load_config(DistillConfig, "distill", name)
+        assert cfg.student.compressor == "avgpool"
+        assert trained_rates(cfg, 0.3) == {"kind": "fixed", "rates": [0.5]}
+        assert trained_rates(with_fixed_rate(cfg, 0.25), 0.3) == {"kind": "fixed", "rates": [0.25]}
+    assert trained_rates(load_config(DistillConfig, "distill", "distilhubert-ofa"), 0.3)["kind"] == "range"

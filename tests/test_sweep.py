@@ -94,3 +94,39 @@ def test_probe_and_extract_follow_the_commands_device():
     explicit.extract = replace(explicit.extract, device="auto")
     assert explicit.on_device().probe.device == "cpu"
     assert SweepConfig().on_device().probe.device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _fixed_student(tmp_path, rate: float = 0.5):
+    cfg = student_config("tiny")
+    cfg.compressor = "avgpool"
+    return save_student(tmp_path / f"fixed{rate}.pt", Student(cfg), trained_rates={"kind": "fixed", "rates": [rate]})
+
+
+def test_a_fixed_rate_checkpoint_refuses_other_rates(tmp_path, synth_corpus):
+    torch.manual_seed(0)
+    ckpt = _fixed_student(tmp_path)
+    r = CliRunner().invoke(app, ["sweep", "--ckpt", f"fixed0.5={ckpt}", "--corpus", str(synth_corpus),
+                                 "--rates", "1,0.25", "--out", str(tmp_path / "sw")])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1
+    assert ("--ckpt fixed0.5: a fixed-rate student trained at rate 0.5 only; --rates asks for 1, 0.25: "
+            "add 0.5 to score it") in r.stderr
+    assert not (tmp_path / "sw").exists()  # refused before any work
+
+
+def test_fixed_rate_checkpoints_are_scored_at_their_own_rate_only(tmp_path, synth_corpus):
+    from ofactl.probe import ProbeConfig
+    from ofactl.sweep import SweepConfig, run_sweep
+
+    torch.manual_seed(0)
+    ofa = save_student(tmp_path / "ofa.pt", Student(student_config("tiny")),
+                       trained_rates={"kind": "range", "min": 0.4, "max": 1.0})
+    fixed = _fixed_student(tmp_path)
+    cfg = SweepConfig(task="ks", rates=(1.0, 0.5, 0.25), probe=ProbeConfig(cls_epochs=2))
+    cfg.extract.num_workers = 0
+    res = run_sweep(cfg, [("ofa", ofa), ("fixed0.5", fixed)], synth_corpus, tmp_path / "sw")
+    got = {(r.label, r.requested_rate): r for r in res.rows}
+    assert sorted(got) == [("fixed0.5", 0.5), ("ofa", 0.25), ("ofa", 0.5), ("ofa", 1.0)]
+    assert res.not_scored == [{"label": "fixed0.5", "rate": 1.0, "reason": "trained at rate 0.5 only"},
+                              {"label": "fixed0.5", "rate": 0.25, "reason": "trained at rate 0.5 only"}]
+    assert got[("ofa", 0.25)].outside_training_range and not got[("ofa", 0.5)].outside_training_range
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["not_scored"] == res.not_scored
