@@ -62,6 +62,11 @@ DebugOpt = Annotated[
 ]
 
 
+TrainCorpusOpt = Annotated[str, typer.Option(
+    "--corpus", help="Training audio: folder, LibriSpeech tree, .tsv manifest or list.")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")]
+OverwriteRunOpt = Annotated[bool, typer.Option("--overwrite", help="Start over in a non-empty --out.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda[:N].", rich_help_panel="Compute")]
 PrecisionOpt = Annotated[Precision | None, typer.Option(
     "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA).", rich_help_panel="Compute")]
@@ -258,18 +263,18 @@ def synth(
 
 @app.command()
 def distill(
-    corpus: Annotated[str, typer.Option("--corpus", help="Training audio: folder, LibriSpeech tree, .tsv manifest or list.")],
+    corpus: TrainCorpusOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: config, metrics.jsonl, checkpoints/, student.pt.")] = Path("runs/distill"),
-    teacher: Annotated[str | None, typer.Option("--teacher", help="HuBERT file/folder, or random:tiny|random:base (untrained).")] = None,
+    teacher: Annotated[str | None, typer.Option("--teacher", help="builtin:hubert-tiny, a HuBERT file/folder, or random:tiny|random:base (untrained).")] = None,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow pickle-based (fairseq) teacher checkpoints.")] = False,
     boundaries: Annotated[str | None, typer.Option("--boundaries", help="Alpha guidance: auto, none, phone_times, or a TSV file.")] = None,
     compressor: Annotated[CompressorKind | None, typer.Option("--compressor", help="cif (once-for-all), avgpool (fixed-rate baseline) or none.")] = None,
     rate: Annotated[float | None, typer.Option("--rate", help="Train at this one rate only (fixed-rate baseline).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
+    steps: StepsOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a non-empty --out.")] = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteRunOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
@@ -306,16 +311,16 @@ def distill(
 
 @app.command()
 def pretrain(
-    corpus: Annotated[str, typer.Option("--corpus", help="Training audio: folder, LibriSpeech tree, .tsv manifest or list.")],
+    corpus: TrainCorpusOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: kmeans.safetensors, checkpoints/, metrics.jsonl, teacher.safetensors.")] = Path("runs/pretrain"),
     targets: Annotated[str | None, typer.Option("--targets", help="Unit targets: mfcc (iteration 1) or layer:N of --from (iteration 2).")] = None,
     from_ckpt: Annotated[str | None, typer.Option("--from", help="The earlier model for --targets layer:N (a teacher file or a pretrain run folder).")] = None,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow a pickle-based --from checkpoint.")] = False,
-    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
+    steps: StepsOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a non-empty --out.")] = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteRunOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,

@@ -293,26 +293,19 @@ def run_distill(
 ) -> DistillResult:
     """Distill a once-for-all student: set up, build teacher and student, train on the shared
     scaffold (:mod:`ofactl.training`), then save, evaluate and summarise."""
-    from ofactl.training import (
-        make_loader,
-        make_optimisation,
-        resume_from,
-        schedule_from,
-        setup_run,
-        train,
-    )
+    from ofactl import training as tr
 
     progress = progress or NullProgress()
-    su = setup_run(cfg, Path(run_dir), resume, overwrite)
+    su = tr.setup_run(cfg, Path(run_dir), resume, overwrite)
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
     trn, held = split_held_out(list(cps), cfg.eval_utts, cfg.seed)
     seed_all(cfg.seed)
     teacher, student = _build(cfg, trust_checkpoint, su.device, progress)
-    optim = make_optimisation(student.parameters(), cfg, su.amp)
+    optim = tr.make_optimisation(student.parameters(), cfg, su.amp)
     job = _distill_job(cfg, student, teacher, held, su)
     start = 0
     if resume:
-        start = resume_from(su.ckpt_dir, job, optim)
+        start = tr.resume_from(su.ckpt_dir, job, optim)
         progress.log(f"resuming from step {start}")
     segids = _boundaries(cfg, cps, teacher, su.device, su.run_dir, su.main, progress) \
         if cfg.student.compressor == "cif" else None
@@ -320,9 +313,9 @@ def run_distill(
         save_resolved(cfg, "distill", su.run_dir / "config.yaml")
     job.model = _ddp(student, su)
     eval_before = evaluate(student, teacher, held, cfg, su.device, su.amp) if start == 0 and su.main else {}
-    loader = make_loader(schedule_from(trn, cfg, start, su.world, su.rank), trn, cfg, su, segids,
+    loader = tr.make_loader(tr.schedule_from(trn, cfg, start, su.world, su.rank), trn, cfg, su, segids,
                          cfg.student.arch.hop, start)
-    loop = train(job, cfg, su, optim, loader, start, progress)
+    loop = tr.train(job, cfg, su, optim, loader, start, progress)
     return _finish(cfg, su, student, teacher, held, loop, eval_before)
 
 

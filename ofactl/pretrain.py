@@ -353,19 +353,12 @@ def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path
                  progress: Progress | None = None) -> PretrainResult:
     """Pretrain: set up, targets (k-means fitted once, reused on resume), train on the shared
     scaffold, then export ``teacher.safetensors``."""
-    from ofactl.training import (
-        make_loader,
-        make_optimisation,
-        resume_from,
-        schedule_from,
-        setup_run,
-        train,
-    )
+    from ofactl import training as tr
 
     progress = progress or NullProgress()
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
     source = FeatureSource(cfg, torch.device("cpu"), trust_checkpoint)  # checks --from before any folder
-    su = setup_run(cfg, Path(run_dir), resume, overwrite)
+    su = tr.setup_run(cfg, Path(run_dir), resume, overwrite)
     utts = list(cps)
     trn, held = split_held_out(utts, cfg.eval_utts, cfg.seed)
     units = _units(cfg, su.run_dir, trn, source, progress)
@@ -374,18 +367,18 @@ def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path
     model = PretrainModel(cfg.arch, cfg.n_units, cfg.final_dim, cfg.logit_temp).to(su.device)
     if su.main:
         save_resolved(cfg, "pretrain", su.run_dir / "config.yaml")
-    optim = make_optimisation(model.parameters(), cfg, su.amp)
+    optim = tr.make_optimisation(model.parameters(), cfg, su.amp)
     job = _pretrain_job(cfg, model, held, targets, su)
-    start = resume_from(su.ckpt_dir, job, optim) if resume else 0
+    start = tr.resume_from(su.ckpt_dir, job, optim) if resume else 0
     if start:
         progress.log(f"resuming from step {start}")
     if su.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         job.model = DDP(model, device_ids=[su.device.index] if su.device.type == "cuda" else None)
-    loader = make_loader(schedule_from(trn, cfg, start, su.world, su.rank), trn, cfg, su, targets,
+    loader = tr.make_loader(tr.schedule_from(trn, cfg, start, su.world, su.rank), trn, cfg, su, targets,
                          cfg.arch.hop, start)
-    loop = train(job, cfg, su, optim, loader, start, progress)
+    loop = tr.train(job, cfg, su, optim, loader, start, progress)
     return _finish(cfg, su, model, held, targets, loop)
 
 
