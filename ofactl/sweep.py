@@ -134,8 +134,10 @@ def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pat
     labels = [lab for lab, _ in ckpts]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"checkpoint labels must differ, got {labels}")
+    cfg = cfg.on_device()
+    device = resolve_device(cfg.extract.device)  # a bad --device is refused first
     plans = [rate_plan(label, Path(ckpt), cfg.rates) for label, ckpt in ckpts]  # refusals before any work
-    sw = _setup_sweep(cfg, corpus, Path(out_dir), overwrite, progress or NullProgress())
+    sw = _setup_sweep(cfg, corpus, Path(out_dir), overwrite, progress or NullProgress(), device)
     rows: list[SweepRow] = []
     for (label, ckpt), plan in zip(ckpts, plans):
         st_path = Path(store) if (store is not None and len(ckpts) == 1) else sw.out_dir / f"feats-{label}.zarr"
@@ -178,14 +180,13 @@ def rate_plan(label: str, ckpt: Path, rates: Sequence[float]) -> RatePlan:
 
 
 def _setup_sweep(cfg: SweepConfig, corpus: str | Path | Corpus, out_dir: Path, overwrite: bool,
-                 progress: Progress) -> _Sweep:
-    """Resolve devices, write config.yaml, read the corpus and build the task's splits."""
-    cfg = cfg.on_device()
+                 progress: Progress, device: torch.device) -> _Sweep:
+    """Write config.yaml, read the corpus and build the task's splits."""
     (out_dir / "rows").mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, "sweep", out_dir / "config.yaml")
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus, on_error=cfg.extract.on_error)
     task = build_task(cfg.task, cps, cfg.label_column or None, cfg.seed)
-    return _Sweep(cfg, cps, task, out_dir, overwrite, progress, resolve_device(cfg.extract.device))
+    return _Sweep(cfg, cps, task, out_dir, overwrite, progress, device)
 
 
 @dataclass
