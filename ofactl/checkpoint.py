@@ -152,6 +152,20 @@ def file_sha256(*paths: Path) -> str:
     return h.hexdigest()
 
 
+def _compute(student_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The front end, and GMAC per audio second with the front end's share at rates 1, 0.5, 0.25."""
+    from ofactl.model.frontend import describe_frontend
+    from ofactl.model.macs import student_gmacs_per_second
+    from ofactl.model.student import StudentConfig
+
+    cfg = build_config(StudentConfig, student_cfg, "the checkpoint's student config")
+    per_rate = {}
+    for r in (1.0, 0.5, 0.25):
+        m = student_gmacs_per_second(cfg, r)
+        per_rate[f"{r:g}"] = {"gmacs_per_s": round(m["total"], 4), "frontend_share": round(m["cnn"] / m["total"], 3)}
+    return {"frontend": describe_frontend(cfg), "compute": per_rate}
+
+
 def describe_checkpoint(path: Path) -> dict[str, Any]:
     """What ``ofactl info student.pt`` prints."""
     obj = read_checkpoint(path)
@@ -173,5 +187,6 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
         "parameters": n_params,
         "pred_layers": cfg.get("pred_layers"),
         "trained_rates": rates_trained(obj),
+        **_compute(cfg),
         "teacher": {k: v for k, v in obj.get("teacher", {}).items() if k != "arch"},
     }

@@ -260,7 +260,7 @@ class _Sweep:
         in_frames = dict(zip([u.id for u in self.sub],
                              cnn_lengths(arch, torch.tensor([u.n_samples_16k for u in self.sub])).tolist()))
         res = train_probe(task, feats, cfg.probe, in_frames)
-        mac = student_gmacs_per_second(arch, r if student.cfg.compressor != "none" else 1.0, student.cfg.compressor)
+        mac = student_gmacs_per_second(student.cfg, r)
         achieved = float(g.attrs.get("achieved_rate") or r)
         row = SweepRow(
             label=label, checkpoint_sha256=sha, store_group=f"{st_path}/{rate_key(r)}", task=cfg.task,

@@ -18,18 +18,17 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ofactl.choices import CompressorKind
+from ofactl.choices import CompressorKind, Frontend
 from ofactl.errors import ModelError
 from ofactl.model.blocks import (
     GradMultiply,
     Hidden,
     HubertArch,
-    build_cnn,
     build_encoder,
-    cnn_forward,
     transformer_states,
 )
 from ofactl.model.compress import Compressed, Compressor, length_mask
+from ofactl.model.frontend import build_frontend, frontend_arch, frontend_forward
 
 TINY_CONV: tuple[tuple[int, int, int], ...] = ((64, 10, 5),) + ((64, 3, 2),) * 4 + ((64, 2, 2),) * 2
 
@@ -45,6 +44,9 @@ class StudentConfig:
     """
 
     arch: HubertArch = field(default_factory=lambda: HubertArch(num_layers=2))
+    frontend: Frontend = "cnn"  # cnn: the teacher's CNN; cnn-thin: its strides, fewer channels; fbank: log-mel + 2 convs
+    frontend_channels: int = 0  # cnn-thin / fbank output channels (0: a quarter of the CNN's / the CNN's)
+    fbank_bins: int = 80  # mel bins of the fbank front end (25 ms windows every 10 ms)
     compressor: CompressorKind = "cif"  # cif (once-for-all), avgpool (fixed-rate baseline) or none
     alpha_kernel: int = 5  # kernel of the alpha predictor's convolution (frames)
     pred_layers: tuple[int, ...] = (4, 8, 12)  # teacher hidden states the heads predict (0: the input to layer 1)
@@ -55,6 +57,8 @@ class StudentConfig:
     def validate(self) -> None:
         """Raise ValueError for sizes that do not fit together (heads, layers, prediction layers)."""
         self.arch.validate()
+        if self.frontend_channels < 0 or self.fbank_bins < 1:
+            raise ValueError("frontend_channels must be >= 0 and fbank_bins >= 1")
         if self.spectral_bins < 0:
             raise ValueError(f"spectral_bins must be >= 0, got {self.spectral_bins}")
         if self.compressor not in ("cif", "avgpool", "none"):
@@ -118,11 +122,12 @@ class Student(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.cnn = build_cnn(cfg.arch)
-        enc = build_encoder(cfg.arch)
+        farch = frontend_arch(cfg)
+        self.cnn = build_frontend(cfg)  # the front end (named cnn: checkpoints keep their keys)
+        enc = build_encoder(farch)
         self.feature_projection = enc.feature_projection  # layer_norm -> projection -> dropout
         self.transformer = enc.transformer
-        self.compressor = Compressor(cfg.arch.cnn_dim, cfg.compressor, cfg.alpha_kernel)
+        self.compressor = Compressor(farch.cnn_dim, cfg.compressor, cfg.alpha_kernel)
         self.heads = PredictionHeads(cfg.arch.embed_dim, cfg.teacher_dim, len(cfg.pred_layers))
         self.spectral_head = (PredictionHeads(cfg.arch.embed_dim, cfg.spectral_bins, 1)
                               if cfg.spectral_bins > 0 else None)
@@ -139,8 +144,8 @@ class Student(nn.Module):
 
     # ------------------------------------------------------------------ stages
     def cnn_features(self, wav: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, N) samples -> layer-normed CNN features (B, S, C) and frame lengths (B,)."""
-        x, n = cnn_forward(self.cnn, wav, lengths)
+        """(B, N) samples -> layer-normed front-end features (B, S, C) and frame lengths (B,)."""
+        x, n = frontend_forward(self.cnn, wav, lengths)
         if self.training and self.cfg.feature_grad_mult != 1.0:
             x = GradMultiply.apply(x, self.cfg.feature_grad_mult)
         return self.feature_projection.layer_norm(x), n
@@ -207,11 +212,15 @@ class Student(nn.Module):
         the parts whose every tensor matches are copied (a teacher with the student's CNN but
         a wider transformer gives its CNN)."""
         src = teacher.model.state_dict()  # torchaudio Wav2Vec2Model keys
+        if self.cfg.frontend != "cnn" and not partial:
+            raise ModelError(f"student.frontend {self.cfg.frontend}: the teacher's CNN cannot initialise it; "
+                             "initialise the transformer only (partial) or use frontend: cnn")
         mapping = {}
-        for k in self.cnn.state_dict():
-            mapping[f"cnn.{k}"] = f"feature_extractor.{k}"
-        for k in self.feature_projection.state_dict():
-            mapping[f"feature_projection.{k}"] = f"encoder.feature_projection.{k}"
+        if self.cfg.frontend == "cnn":  # another front end's projection reads other features: not copied
+            for k in self.cnn.state_dict():
+                mapping[f"cnn.{k}"] = f"feature_extractor.{k}"
+            for k in self.feature_projection.state_dict():
+                mapping[f"feature_projection.{k}"] = f"encoder.feature_projection.{k}"
         for k in self.transformer.state_dict():
             mapping[f"transformer.{k}"] = f"encoder.transformer.{k}"
         own = self.state_dict()

@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ofactl.model.blocks import Hidden, group_norm_affine
+from ofactl.model.frontend import FbankFrontend, frontend_arch
 
 if TYPE_CHECKING:
     from ofactl.model.student import Student
@@ -102,7 +103,10 @@ def features_windowed(student: Student, wav: Tensor, rates: Sequence[float], *, 
     ``student.features`` on it alone, with bounded memory. ``window`` and ``context`` are in
     input (20 ms) frames; the transformer's are scaled by each rate's output/input ratio."""
     cfg = student.cfg
-    feats = cnn_windowed(student.cnn, cfg.arch.conv_layers, wav)
+    if isinstance(student.cnn, FbankFrontend):  # a few MB per minute of audio: run it whole
+        feats = student.cnn(wav[None], torch.tensor([len(wav)], device=wav.device))[0][0]
+    else:
+        feats = cnn_windowed(student.cnn, frontend_arch(cfg).conv_layers, wav)
     feats = student.feature_projection.layer_norm(feats)[None]  # (1, T, C)
     n = torch.tensor([feats.shape[1]], device=wav.device)
     out: dict[float, Hidden] = {}

@@ -1,0 +1,208 @@
+"""The open choices of the method side by side, and OFA against fixed-rate students, in miniature.
+
+    python benchmarks/ablation.py [--teacher builtin:hubert-tiny] [--seeds 0,1] [--out runs/ablation]
+                                  [--variants all] [--tasks pr,ks,sid] [--rates 1,0.5,0.33,0.25]
+
+Every student is distill-tiny-sized and distilled from ``--teacher`` on synth-tiny (made if
+absent). Each variant changes one setting of the default recipe (see VARIANTS); every variant is
+distilled once per seed and swept on every task at every rate (exact lengths), and the default
+recipe also with content-adaptive lengths. ``adapt`` then learns each task's rate with the
+pathwise and the finite-difference lambda gradient. Every unit of work (a student, a sweep, an
+adapt run) is kept under ``--out`` and reused, so a killed run continues where it stopped.
+
+Prints one JSON document: per variant, task and rate the metric of each seed, their mean and
+spread; OFA against the fixed-rate students at their own rates; the smoothness of each curve;
+and adapt's learned rates against the sweep's best rate. Written to ``OUT/ablation.json`` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import emit, machine
+
+from ofactl.adapt import AdaptConfig, run_adapt
+from ofactl.config import Flag, load_config
+from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
+from ofactl.probe import ProbeConfig
+from ofactl.sweep import SweepConfig, run_sweep
+
+# name -> (--set overrides on distill-tiny, fixed rate or None). "ofactl" is the default recipe.
+VARIANTS: dict[str, tuple[list[str], float | None]] = {
+    "ofactl": ([], None),
+    "period-utt-noexact": (["rates.exact_fraction=0"], None),
+    "lambda-batch": (["rates.kind=lambda", "rates.draw=batch", "rates.exact_fraction=0"], None),  # the reference's
+    "lambda-batch-exact": (["rates.kind=lambda", "rates.draw=batch", "rates.exact_fraction=0.5"], None),
+    "upsample": (["alignment=upsample"], None),
+    "avgpool-0.5": (["student.compressor=avgpool"], 0.5),
+    "avgpool-0.25": (["student.compressor=avgpool"], 0.25),
+    "cif-fixed-0.5": ([], 0.5),
+    "cif-fixed-0.25": ([], 0.25),
+}
+
+
+def distill_student(name: str, seed: int, args: argparse.Namespace, corpus: Path) -> Path:
+    """The student of one variant and seed (reused when its run finished)."""
+    run = Path(args.out) / "students" / f"{name}-s{seed}"
+    if (run / "student.pt").is_file():
+        return run / "student.pt"
+    overrides, fixed = VARIANTS[name]
+    flags = [Flag("teacher", "--teacher", args.teacher), Flag("seed", "--seed", seed),
+             Flag("steps", "--steps", args.steps), Flag("device", "--device", args.device)]
+    cfg = load_config(DistillConfig, "distill", args.preset, [*args.set_, *overrides], flags)
+    if fixed is not None:
+        cfg = with_fixed_rate(cfg, fixed)
+    resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step-*.pt"))
+    return run_distill(cfg, corpus, run, resume=resume, overwrite=not resume).student
+
+
+def sweep_student(name: str, seed: int, ckpt: Path, task: str, args: argparse.Namespace, corpus: Path,
+                  adaptive: bool = False) -> list[dict[str, Any]]:
+    """One student's rows for ``task`` (rows are cached by ``run_sweep`` itself)."""
+    cfg = SweepConfig(task=task, rates=tuple(args.rates), seed=seed, device=args.device,
+                      probe=ProbeConfig(ctc_head="linear", epochs=args.probe_epochs, cls_epochs=args.probe_epochs))
+    cfg.extract = replace(cfg.extract, num_workers=0, adaptive_length=adaptive)
+    label = f"{name}-s{seed}" + ("-adaptive" if adaptive else "")
+    res = run_sweep(cfg, [(label, ckpt)], corpus, Path(args.out) / "sweeps" / f"{label}-{task}")
+    return [{"rate": r.requested_rate, "achieved": r.achieved_rate, "test": r.test, "metric": r.metric,
+             "gmacs": r.upstream_gmacs_per_s} for r in res.rows]
+
+
+def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Namespace, corpus: Path,
+                  sweep: Path) -> dict[str, Any]:
+    """Learned rate and test metric of one adapt run, compared with ``sweep`` (reused when done)."""
+    out = Path(args.out) / "adapt" / f"{task}-{grad}-s{seed}"
+    if (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    cfg = AdaptConfig(task=task, lambda_grad=grad, seed=seed, device=args.device)
+    cfg.probe = replace(cfg.probe, ctc_head="linear")
+    return run_adapt(cfg, ckpt, corpus, out, sweep if sweep.is_dir() else None).to_json()
+
+
+LOWER_IS_BETTER = ("per", "wer", "cer")
+
+
+def summarise(curves: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], seeds: list[int]) -> dict[str, Any]:
+    """Mean and spread per variant, task and rate; OFA against fixed students; smoothness."""
+    table: dict[str, Any] = {}
+    for name, by_task in curves.items():
+        for task, by_seed in by_task.items():
+            rows = [row for s in seeds for row in by_seed.get(s, [])]
+            cells = {}
+            for r in sorted({row["rate"] for row in rows}, reverse=True):
+                vals = [row["test"] for row in rows if row["rate"] == r]
+                cells[f"{r:g}"] = {"mean": round(statistics.fmean(vals), 4), "spread": round(max(vals) - min(vals), 4),
+                                   "seeds": vals}
+            table.setdefault(name, {})[task] = {"metric": rows[0]["metric"] if rows else "", "rates": cells}
+    return {"table": table, "ofa_vs_fixed": _ofa_vs_fixed(table), "not_smooth": _bumps(table)}
+
+
+def _ofa_vs_fixed(table: dict[str, Any]) -> dict[str, Any]:
+    """Per task and fixed student: the default OFA's metric at the fixed student's rate minus its own."""
+    out: dict[str, Any] = {}
+    for name, by_task in table.items():
+        if not name.startswith(("avgpool-", "cif-fixed-")) or "ofactl" not in table:
+            continue
+        rate = name.rsplit("-", 1)[1]
+        for task, cur in by_task.items():
+            ofa = table["ofactl"].get(task, {}).get("rates", {}).get(rate)
+            if ofa and rate in cur["rates"]:
+                fixed = cur["rates"][rate]["mean"]
+                out.setdefault(task, {})[name] = {"rate": float(rate), "metric": cur["metric"], "fixed": fixed,
+                                                  "ofa": ofa["mean"], "ofa_minus_fixed": round(ofa["mean"] - fixed, 4)}
+    return out
+
+
+def _bumps(table: dict[str, Any]) -> dict[str, Any]:
+    """Per curve, the rates whose mean is worse than both neighbours' by more than its seed spread."""
+    out: dict[str, Any] = {}
+    for name, by_task in table.items():
+        for task, cur in by_task.items():
+            cells, sign = cur["rates"], (1 if cur["metric"] in LOWER_IS_BETTER else -1)
+            keys = list(cells)
+            bumps = [b for a, b, c in zip(keys, keys[1:], keys[2:])
+                     if sign * (cells[b]["mean"] - cells[a]["mean"]) > cells[b]["spread"]
+                     and sign * (cells[b]["mean"] - cells[c]["mean"]) > cells[b]["spread"]]
+            out.setdefault(name, {})[task] = bumps
+    return out
+
+
+def adapt_results(tasks: list[str], grads: list[str], seeds: list[int], args: argparse.Namespace,
+                  corpus: Path) -> dict[str, Any]:
+    """adapt with each lambda gradient on the default students, beside each sweep's best rate."""
+    out: dict[str, Any] = {}
+    for task in tasks:
+        for grad in grads:
+            runs = []
+            for s in seeds:
+                ckpt = Path(args.out) / "students" / f"ofactl-s{s}" / "student.pt"
+                sweep = Path(args.out) / "sweeps" / f"ofactl-s{s}-{task}"
+                doc = adapt_student(ckpt, task, grad, s, args, corpus, sweep)
+                runs.append({k: doc.get(k) for k in ("learned_rate", "test", "metric", "seconds", "comparison")})
+            out.setdefault(task, {})[grad] = runs
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="builtin:hubert-tiny")
+    ap.add_argument("--preset", default="distill-tiny")
+    ap.add_argument("--set", dest="set_", action="append", default=[], help="distill --set for every variant")
+    ap.add_argument("--corpus", default=None, help="a synth-tiny folder (made under --out if absent)")
+    ap.add_argument("--out", default="runs/ablation")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--variants", default="all")
+    ap.add_argument("--tasks", default="pr,ks,sid")
+    ap.add_argument("--rates", default="1,0.5,0.33,0.25")
+    ap.add_argument("--steps", type=int, default=None, help="distill steps (default: the preset's)")
+    ap.add_argument("--probe-epochs", type=int, default=40)
+    ap.add_argument("--adapt", default="pathwise,difference", help="adapt gradients to compare ('' for none)")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    args.rates = [float(r) for r in args.rates.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    tasks = args.tasks.split(",")
+    t0 = time.perf_counter()
+    corpus = _corpus(args)
+    curves: dict[str, Any] = {}
+    for name in names:
+        for seed in seeds:
+            ckpt = distill_student(name, seed, args, corpus)
+            for task in tasks:
+                curves.setdefault(name, {}).setdefault(task, {})[seed] = sweep_student(name, seed, ckpt, task, args, corpus)
+                if name == "ofactl":
+                    rows = sweep_student(name, seed, ckpt, task, args, corpus, adaptive=True)
+                    curves.setdefault("ofactl-adaptive-length", {}).setdefault(task, {})[seed] = rows
+    out: dict[str, Any] = {"benchmark": "ablation", "teacher": args.teacher, "preset": args.preset, "seeds": seeds,
+                           "rates": args.rates, "variants": {n: VARIANTS[n][0] for n in names}, "machine": machine()}
+    out.update(summarise(curves, seeds))
+    grads = [g for g in args.adapt.split(",") if g] if "ofactl" in names else []
+    out["adapt"] = adapt_results(tasks, grads, seeds, args, corpus)
+    out["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "ablation.json").write_text(json.dumps(out, indent=2))
+    emit(out)
+
+
+def _corpus(args: argparse.Namespace) -> Path:
+    """The manifest of ``--corpus``, or of a synth-tiny made under ``--out``."""
+    if args.corpus:
+        return Path(args.corpus) / "manifest.tsv" if Path(args.corpus).is_dir() else Path(args.corpus)
+    from ofactl.synth import SynthConfig, run_synth
+
+    folder = Path(args.out) / "synth-tiny" if args.out else Path(tempfile.mkdtemp()) / "synth-tiny"
+    return run_synth(load_config(SynthConfig, "synth", "synth-tiny"), folder).manifest
+
+
+if __name__ == "__main__":
+    main()
