@@ -54,6 +54,7 @@ def test_lambda_stays_in_range():
     assert float(floor().detach()) == pytest.approx(1.2)
 
 
+@pytest.mark.slow
 def test_dev_mode_learns_lambda_on_dev_and_respects_the_rate_floor(tmp_path, distilled, medium_corpus):
     cfg = AdaptConfig(task="sid", cost=1.0, init_rate=0.5, min_rate=0.3, epochs=6, batch_size=8)
     run_adapt(cfg, distilled, medium_corpus, tmp_path / "dev")
@@ -67,6 +68,7 @@ def test_dev_mode_learns_lambda_on_dev_and_respects_the_rate_floor(tmp_path, dis
     assert max(r["lambda"] for r in traj) <= top + 1e-5  # never past the lambda of min_rate
 
 
+@pytest.mark.slow
 def test_pr_and_sid_move_lambda_in_opposite_directions(tmp_path, distilled, medium_corpus):
     synth_corpus = medium_corpus
     start = {}
@@ -82,6 +84,7 @@ def test_pr_and_sid_move_lambda_in_opposite_directions(tmp_path, distilled, medi
     assert ends["pr"] < start["pr"] and ends["sid"] > start["sid"]
 
 
+@pytest.mark.slow
 def test_zero_cost_never_compresses_a_task_that_needs_frames(tmp_path, distilled, medium_corpus):
     synth_corpus = medium_corpus
     cfg = AdaptConfig(task="pr", cost=0.0, init_rate=0.3, epochs=12, batch_size=8)  # labels barely fit at 0.3
@@ -90,6 +93,7 @@ def test_zero_cost_never_compresses_a_task_that_needs_frames(tmp_path, distilled
     assert res.learned_lambda <= traj[0]["lambda"] + 1e-6
 
 
+@pytest.mark.slow
 def test_cli_outputs_and_rate_config_loads(tmp_path, distilled, synth_corpus):
     out = tmp_path / "ad"
     r = CliRunner().invoke(app, ["adapt", "--ckpt", str(distilled), "--corpus", str(synth_corpus), "--task", "sid",
@@ -155,6 +159,7 @@ def test_soft_error_of_a_classifier_is_one_minus_the_label_probability():
     assert float(got) == pytest.approx(float(want), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_difference_gradient_is_the_central_difference_of_the_loss(distilled, medium_corpus):
     from ofactl.adapt import _batch, _cnn_cache, _lambda_objective
     from ofactl.audio import read_corpus

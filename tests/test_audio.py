@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from ofactl.audio import (SAMPLE_RATE, audio_info, load_audio, read_corpus, resampled_length,
-                          write_manifest)
+from ofactl.audio import SAMPLE_RATE, audio_info, load_audio, read_corpus, resampled_length, write_manifest
 from ofactl.errors import AudioError, CorpusError
 
 

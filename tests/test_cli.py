@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from typer.testing import CliRunner
 
 from ofactl import __version__
@@ -79,12 +78,14 @@ def test_info_missing_path(tmp_path):
     assert r.exit_code == 1 and "no such file" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_import_does_not_import_torch():
     code = "import sys, ofactl.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "ofactl", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and __version__ in out.stdout

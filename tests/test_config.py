@@ -5,8 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from ofactl.config import (apply_overrides, available_presets, build_config, find_preset,
-                           load_config, load_yaml, parse_override, save_resolved)
+from ofactl.config import (
+    apply_overrides,
+    available_presets,
+    build_config,
+    find_preset,
+    load_config,
+    load_yaml,
+    parse_override,
+    save_resolved,
+)
 from ofactl.errors import ConfigError
 
 

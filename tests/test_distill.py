@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-import math
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,8 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import kill_when_exists
 import torch
+from conftest import kill_when_exists
 
 from ofactl.checkpoint import load_student, read_checkpoint
 from ofactl.config import load_config
@@ -91,6 +91,7 @@ def test_exact_share_applies_to_every_kind():
     assert len(set(rates.tolist())) == 64  # one draw per utterance
 
 
+@pytest.mark.slow
 def test_one_step_decreases_loss_on_fixed_batch(synth_corpus):
     from ofactl.audio import load_audio, read_corpus
 
@@ -113,6 +114,7 @@ def test_one_step_decreases_loss_on_fixed_batch(synth_corpus):
     assert losses[1] < losses[0] and losses[2] < losses[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("boundaries", ["none", "phone_times", "auto", "file"])
 def test_boundary_modes_run(tmp_path, synth_corpus, boundaries):
     spec = boundaries
@@ -133,6 +135,7 @@ def test_boundary_modes_run(tmp_path, synth_corpus, boundaries):
         assert (tmp_path / "run/boundaries.tsv").is_file() and (tmp_path / "run/kmeans.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_run_dir_outputs_checkpoints_and_refusals(tmp_path, synth_corpus):
     cfg = tiny_cfg()
     res = run_distill(cfg, synth_corpus, tmp_path / "run")
@@ -151,6 +154,7 @@ def test_run_dir_outputs_checkpoints_and_refusals(tmp_path, synth_corpus):
         run_distill(cfg, synth_corpus, tmp_path / "fresh", resume=True)
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_then_fails_clearly(tmp_path, synth_corpus):
     cfg = tiny_cfg()
     run = tmp_path / "run"
@@ -165,6 +169,7 @@ def test_corrupt_newest_checkpoint_falls_back_then_fails_clearly(tmp_path, synth
         run_distill(replace(cfg, steps=8), synth_corpus, run, resume=True)
 
 
+@pytest.mark.slow
 def test_avgpool_baseline(tmp_path, synth_corpus):
     cfg = tiny_cfg(steps=2, compressor_rate=0.4)
     cfg.student = replace(cfg.student, compressor="avgpool")
@@ -186,6 +191,7 @@ run_distill(cfg, sys.argv[1], sys.argv[2], resume=sys.argv[4] == "1")
 """
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path, synth_corpus):
     full = tmp_path / "full"
     subprocess.run([sys.executable, "-c", _SCRIPT, str(synth_corpus), str(full), "12", "0"], check=True)
@@ -201,6 +207,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, synth_corpus):
     assert steps == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, synth_corpus):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "ofactl", "distill", "-c", "distill-tiny", "--corpus", str(synth_corpus), "--out",
@@ -237,6 +244,7 @@ def _ctrl_c_once(out: Path, corpus: Path) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, synth_corpus):
     out = tmp_path / "int"
     err = _ctrl_c_once(out, synth_corpus)

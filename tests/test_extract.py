@@ -43,6 +43,7 @@ def all_feats(path, rate):
     return open_store(path).group(rate).load_all()
 
 
+@pytest.mark.slow
 def test_round_trip_equals_student_output(tmp_path, synth_corpus, student_ckpt):
     ckpt, s = student_ckpt
     res = extract(tmp_path, synth_corpus, ckpt=ckpt)
@@ -60,6 +61,7 @@ def test_round_trip_equals_student_output(tmp_path, synth_corpus, student_ckpt):
     assert abs(a["achieved_rate"] - 0.5) < 0.05 and a["frame_period_ms"] == 40.0
 
 
+@pytest.mark.slow
 def test_multi_rate_pass_equals_single_rate_runs(tmp_path, synth_corpus, student_ckpt):
     ckpt, _ = student_ckpt
     extract(tmp_path, synth_corpus, ckpt=ckpt, name="multi.zarr")
@@ -68,6 +70,7 @@ def test_multi_rate_pass_equals_single_rate_runs(tmp_path, synth_corpus, student
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_cache_hit_does_no_model_work(tmp_path, synth_corpus, student_ckpt, monkeypatch):
     ckpt, _ = student_ckpt
     extract(tmp_path, synth_corpus, ckpt=ckpt)
@@ -78,6 +81,7 @@ def test_cache_hit_does_no_model_work(tmp_path, synth_corpus, student_ckpt, monk
     assert calls == [] and all(g.reused == g.utterances and g.written == 0 for g in res.groups)
 
 
+@pytest.mark.slow
 def test_mismatch_is_refused_unless_overwrite(tmp_path, synth_corpus, student_ckpt):
     ckpt, _ = student_ckpt
     extract(tmp_path, synth_corpus, ckpt=ckpt)
@@ -112,6 +116,7 @@ def test_lock_refusal_and_stale_takeover(tmp_path, synth_corpus, student_ckpt):
     assert not live.exists()
 
 
+@pytest.mark.slow
 def test_shards_equal_one_process(tmp_path, synth_corpus, student_ckpt):
     ckpt, _ = student_ckpt
     extract(tmp_path, synth_corpus, ckpt=ckpt, name="one.zarr")
@@ -125,6 +130,7 @@ def test_shards_equal_one_process(tmp_path, synth_corpus, student_ckpt):
         assert open_store(tmp_path / "sh.zarr").group(rate).attrs["complete"]
 
 
+@pytest.mark.slow
 def test_adaptive_length_mode(tmp_path, synth_corpus, student_ckpt):
     ckpt, s = student_ckpt
     res = extract(tmp_path, synth_corpus, cfg=replace(CFG, rates=(0.5,), adaptive_length=True), ckpt=ckpt)
@@ -173,6 +179,7 @@ def test_fail_stops_naming_the_file(tmp_path, bad_corpus, student_ckpt):
         extract(tmp_path, bad_corpus, ckpt=ckpt)
 
 
+@pytest.mark.slow
 def test_decode_failure_mid_run_keeps_written_work(tmp_path, synth_corpus, student_ckpt, monkeypatch):
     """A file that breaks only at decode time: fail stops there, written work survives, rerun resumes."""
     ckpt, _ = student_ckpt
@@ -207,6 +214,7 @@ def test_disk_full_is_refused_up_front(tmp_path, synth_corpus, student_ckpt, mon
     assert not (tmp_path / "f.zarr").exists() and not (tmp_path / "f.zarr.locks").exists()  # nothing created
 
 
+@pytest.mark.slow
 def test_write_error_stops_cleanly_and_resumes(tmp_path, synth_corpus, student_ckpt, monkeypatch):
     ckpt, _ = student_ckpt
     from ofactl.storage.zarr_store import FeatureGroup
@@ -231,6 +239,7 @@ def test_write_error_stops_cleanly_and_resumes(tmp_path, synth_corpus, student_c
     assert all(np.array_equal(a[k], b[k]) for k in b)
 
 
+@pytest.mark.slow
 def test_hdf5_export_equals_zarr(tmp_path, synth_corpus, student_ckpt):
     ckpt, _ = student_ckpt
     from ofactl.storage.hdf5_export import export_hdf5, read_hdf5_group
@@ -245,6 +254,7 @@ def test_hdf5_export_equals_zarr(tmp_path, synth_corpus, student_ckpt):
     assert h["attrs"]["layers"] == g.attrs["layers"] and h["attrs"]["errors"] == g.attrs["errors"]
 
 
+@pytest.mark.slow
 def test_xarray_and_zarr_read_the_store(tmp_path, synth_corpus, student_ckpt):
     xr = pytest.importorskip("xarray")
     import zarr
@@ -292,6 +302,7 @@ run_extract(cfg, sys.argv[1], sys.argv[2], sys.argv[3])
 """
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_clean_run(tmp_path, synth_corpus):
     # a slower student so the kill lands mid-run
     torch.manual_seed(0)
@@ -349,6 +360,7 @@ def _store_bytes_equal(a, b, rates=(1.0, 0.5)):
         assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x), rate
 
 
+@pytest.mark.slow
 def test_group_appears_only_when_complete(tmp_path, synth_corpus, student_ckpt, monkeypatch):
     ckpt, _ = student_ckpt
     import ofactl.storage.zarr_store as zs
@@ -371,6 +383,7 @@ def test_group_appears_only_when_complete(tmp_path, synth_corpus, student_ckpt, 
     _store_bytes_equal(store, tmp_path / "clean.zarr")
 
 
+@pytest.mark.slow
 def test_half_created_group_is_rebuilt_with_a_note(tmp_path, synth_corpus, student_ckpt):
     ckpt, _ = student_ckpt
     import zarr
@@ -398,6 +411,7 @@ def _chunk_files(store, rate_key, array):
 
 @pytest.mark.parametrize("array,damage", [("feats", "delete"), ("feats", "truncate"), ("lengths", "delete"), ("lengths", "truncate"),
                                           ("checksum", "delete"), ("utt_id", "delete")])
+@pytest.mark.slow
 def test_damage_is_detected_named_and_repaired_bitwise(tmp_path, synth_corpus, student_ckpt, array, damage):
     ckpt, _ = student_ckpt
     store = tmp_path / "f.zarr"
@@ -442,6 +456,7 @@ def test_info_lists_skipped_inputs_with_reasons(tmp_path, synth_corpus, student_
     assert "skipped tiny:" in r.stdout and "skipped gone:" in r.stdout
 
 
+@pytest.mark.slow
 def test_long_utterances_run_in_windows(tmp_path, synth_corpus, student_ckpt):
     ckpt, student = student_ckpt
     cfg = replace(CFG, long_window_s=1.0, long_context_s=0.3)

@@ -8,15 +8,22 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import kill_when_exists
 import torch
+from conftest import kill_when_exists
 
 from ofactl.audio import read_corpus
 from ofactl.errors import ConfigError
 from ofactl.model.blocks import HubertArch
 from ofactl.model.student import TINY_CONV
-from ofactl.pretrain import (FeatureSource, PretrainConfig, expected_masked_fraction, fit_units, mfcc_features,
-                             run_pretrain, span_mask)
+from ofactl.pretrain import (
+    FeatureSource,
+    PretrainConfig,
+    expected_masked_fraction,
+    fit_units,
+    mfcc_features,
+    run_pretrain,
+    span_mask,
+)
 from ofactl.progress import NullProgress
 
 ARCH = HubertArch(conv_layers=TINY_CONV, embed_dim=32, num_layers=2, num_heads=2, ffn_dim=64, pos_conv_kernel=16,
@@ -31,6 +38,7 @@ def tiny_cfg(**kw):
     return replace(base, **kw)
 
 
+@pytest.mark.slow
 def test_mfcc_and_units_are_deterministic(synth_corpus):
     utts = list(read_corpus(synth_corpus))
     cfg = tiny_cfg()
@@ -65,6 +73,7 @@ def test_span_mask_matches_its_settings():
     assert not span_mask(torch.tensor([5]), 0.5, 10, gen).any()  # too short for one span
 
 
+@pytest.mark.slow
 def test_loss_falls_and_the_teacher_serves_distill(tmp_path, synth_corpus):
     res = run_pretrain(tiny_cfg(), synth_corpus, tmp_path / "pt")
     recs = [json.loads(x) for x in (tmp_path / "pt/metrics.jsonl").read_text().splitlines()]
@@ -105,6 +114,7 @@ run_pretrain(tiny_cfg(steps=12, ckpt_every=3), sys.argv[1], sys.argv[2], resume=
 """
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_bitwise_equal(tmp_path, synth_corpus):
     here = os.path.dirname(__file__)
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -119,6 +129,7 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path, synth_corpus):
     assert steps == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_bad_settings_are_one_clear_error(tmp_path, synth_corpus):
     with pytest.raises(ConfigError, match=r"n_units=5000 is more than the \d+ frames sampled"):
         run_pretrain(tiny_cfg(n_units=5000, kmeans_utts=2), synth_corpus, tmp_path / "a")

@@ -4,6 +4,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -11,6 +12,7 @@ from ofactl.cli import app
 from ofactl.config import find_preset, load_yaml
 
 
+@pytest.mark.slow
 def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
     synth = tmp_path / "synth.yaml"
     synth.write_text(yaml.safe_dump({"synth": {"seed": 1, "n_speakers": 6, "keyword_takes": 2,

@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -11,6 +12,7 @@ from ofactl.cli import app
 from ofactl.model.student import Student, student_config
 
 
+@pytest.mark.slow
 def test_sweep_outputs_and_resume(tmp_path, synth_corpus):
     torch.manual_seed(0)
     ckpt = save_student(tmp_path / "s.pt", Student(student_config("tiny")))
@@ -41,6 +43,7 @@ def test_sweep_outputs_and_resume(tmp_path, synth_corpus):
     assert r3.exit_code == 0 and "(0 row(s) reused)" in r3.stderr
 
 
+@pytest.mark.slow
 def test_sweep_compares_checkpoints_and_pr_counts_infeasible(tmp_path, synth_corpus):
     from ofactl.probe import ProbeConfig
     from ofactl.sweep import SweepConfig, run_sweep
@@ -113,6 +116,7 @@ def test_a_fixed_rate_checkpoint_refuses_other_rates(tmp_path, synth_corpus):
     assert not (tmp_path / "sw").exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_fixed_rate_checkpoints_are_scored_at_their_own_rate_only(tmp_path, synth_corpus):
     from ofactl.probe import ProbeConfig
     from ofactl.sweep import SweepConfig, run_sweep

@@ -20,6 +20,7 @@ def digest(folder):
     return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes(tmp_path, small_synth_cfg, synth_corpus):
     again = run_synth(small_synth_cfg, tmp_path / "again")
     assert digest(again.out_dir) == digest(synth_corpus.parent)

@@ -4,9 +4,19 @@ import pytest
 import torch
 
 from ofactl.errors import ModelError
-from ofactl.model.compress import (Compressor, cif_plan, expected_ratio, length_mask, mix_alpha,
-                                   rate_from_frame_ms, rate_key, rate_to_lambda, rescale_alpha,
-                                   target_lengths, uniform_alpha)
+from ofactl.model.compress import (
+    Compressor,
+    cif_plan,
+    expected_ratio,
+    length_mask,
+    mix_alpha,
+    rate_from_frame_ms,
+    rate_key,
+    rate_to_lambda,
+    rescale_alpha,
+    target_lengths,
+    uniform_alpha,
+)
 
 torch.manual_seed(0)
 

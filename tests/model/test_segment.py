@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from ofactl.model.segment import (ends_to_segids, guidance_losses, guidance_targets, kmeans,
-                                  quantity_loss, read_boundary_file, segids_to_ends, segment_units)
+from ofactl.model.segment import (
+    ends_to_segids,
+    guidance_losses,
+    guidance_targets,
+    kmeans,
+    quantity_loss,
+    read_boundary_file,
+    segids_to_ends,
+    segment_units,
+)
 
 
 def test_dp_segmentation_merges_flicker_and_keeps_runs():

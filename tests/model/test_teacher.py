@@ -54,6 +54,7 @@ def test_state_dict_with_config_entry(tmp_path):
     assert load_teacher(p).arch.num_heads == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stable", [False, True])
 @pytest.mark.parametrize("kind", ["hubert", "wav2vec2"])
 def test_huggingface_dir_parity(tmp_path, kind, stable):

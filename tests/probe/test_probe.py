@@ -65,6 +65,7 @@ def test_ctc_task_loss_is_the_mean_per_token_ctc_loss():
         assert float(want) > 0
 
 
+@pytest.mark.slow
 def test_classification_beats_chance_and_prefers_informative_layer():
     task, feats = _cls_task()
     res = train_probe(task, feats, ProbeConfig(cls_epochs=30, cls_batch_size=32, lr=3e-3, layer_norm=False))
@@ -94,6 +95,7 @@ def test_classifier_learns_small_between_utterance_differences():
     assert res.test["accuracy"] > 0.6  # chance is 0.17
 
 
+@pytest.mark.slow
 def test_ctc_beats_blank_only_output():
     rng = np.random.default_rng(0)
     V = 5

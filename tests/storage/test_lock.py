@@ -43,6 +43,7 @@ def _writer(store, shard, barrier, results, k):
         results.put((k, "refused", time.monotonic()))
 
 
+@pytest.mark.slow
 def test_plain_and_shard_writers_never_both_get_through(tmp_path):
     ctx = mp.get_context("fork")
     through_both = 0
