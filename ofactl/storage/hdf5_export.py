@@ -54,26 +54,12 @@ def export_hdf5(store_path: Path, h5_path: Path, rates: list[float] | None = Non
     tmp = Path(str(h5_path) + ".tmp")
     try:
         with h5py.File(tmp, "w") as f:
-            _put_attrs(f, dict(store._root.attrs.asdict()))
+            _put_attrs(f, store.attrs)
             for name in names:
                 g = store.group(name)
                 if not g.complete:
                     raise StoreError(f"{store_path}/{name} is not complete; finish the extraction before exporting")
-                hg = f.create_group(name)
-                src = g._g
-                feats = src["feats"]
-                d = hg.create_dataset("feats", shape=feats.shape, dtype=feats.dtype,
-                                      chunks=tuple(min(c, s) for c, s in zip(feats.chunks, feats.shape)))
-                step = feats.chunks[0] * 16
-                for lo in range(0, feats.shape[0], step):
-                    d[lo : lo + step] = np.asarray(feats[lo : lo + step])
-                d.attrs["dimension_names"] = json.dumps(["frame", "layer", "dim"])
-                for arr in ("offsets", "lengths", "done"):
-                    hg.create_dataset(arr, data=np.asarray(src[arr][:]))
-                str_dt = h5py.string_dtype("utf-8")
-                for arr in ("utt_id", "error"):
-                    hg.create_dataset(arr, data=np.asarray([str(x) for x in src[arr][:]], dtype=object), dtype=str_dt)
-                _put_attrs(hg, g.attrs)
+                _copy_group(f.create_group(name), g)
         tmp.replace(h5_path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -82,6 +68,21 @@ def export_hdf5(store_path: Path, h5_path: Path, rates: list[float] | None = Non
         tmp.unlink(missing_ok=True)
         raise
     return Path(h5_path)
+
+
+def _copy_group(hg: Any, g: Any) -> None:
+    """One rate group's arrays and attributes into the HDF5 group ``hg``, frames block by block."""
+    shape, dtype, chunks = g.feats_layout()
+    d = hg.create_dataset("feats", shape=shape, dtype=dtype, chunks=tuple(min(c, s) for c, s in zip(chunks, shape)))
+    for lo, block in g.frame_blocks(chunks[0] * 16):
+        d[lo : lo + len(block)] = block
+    d.attrs["dimension_names"] = json.dumps(["frame", "layer", "dim"])
+    for arr, values in (("offsets", g.offsets), ("lengths", g.lengths), ("done", g.done)):
+        hg.create_dataset(arr, data=np.asarray(values))
+    str_dt = h5py.string_dtype("utf-8")
+    for arr, strings in (("utt_id", g.utt_ids), ("error", g.error_strings())):
+        hg.create_dataset(arr, data=np.asarray(strings, dtype=object), dtype=str_dt)
+    _put_attrs(hg, g.attrs)
 
 
 def read_hdf5_group(h5_path: Path, rate: float) -> dict[str, Any]:

@@ -279,6 +279,22 @@ class FeatureGroup:
         return int(self.lengths[self.done].sum())
 
     # ---------------------------------------------------------------- writing
+    def feats_layout(self) -> tuple[tuple[int, ...], np.dtype, tuple[int, ...]]:
+        """Shape, dtype and chunk shape of the ``feats`` array (frames, layers, dim)."""
+        a = self._g["feats"]
+        return tuple(a.shape), np.dtype(a.dtype), tuple(a.chunks)
+
+    def frame_blocks(self, frames_per_block: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first frame, frames) of the whole ``feats`` array in blocks of ``frames_per_block``
+        (a copy without holding it all in memory; padding frames included)."""
+        a = self._g["feats"]
+        for lo in range(0, a.shape[0], frames_per_block):
+            yield lo, np.asarray(a[lo : lo + frames_per_block])
+
+    def error_strings(self) -> list[str]:
+        """Per utterance in store order: its error message, or "" (not skipped)."""
+        return [str(x) for x in self._arr("error")]
+
     def write_frames(self, start: int, data: np.ndarray) -> None:
         """Write (n, L, D) frames at frame offset ``start``."""
         self._g["feats"][start : start + len(data)] = data
