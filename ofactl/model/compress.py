@@ -350,20 +350,9 @@ class Compressor(nn.Module):
         return Compressed(plan.apply(x), plan.lengths, plan, alpha_pred)
 
 
-def frame_period_ms(rate: float) -> float:
-    """Average frame period of a rate: 20 ms / rate."""
-    if not 0 < rate <= 1:
-        raise ModelError(f"rate must be in (0, 1], got {rate}")
-    return 20.0 / rate
-
-
 def rate_from_frame_ms(ms: float) -> float:
     """``--frame-ms P`` -> rate 20 / P (P >= 20)."""
     if not (ms >= 20.0 and math.isfinite(ms)):
         raise ModelError(f"--frame-ms must be >= 20 (the uncompressed frame period), got {ms}")
     return 20.0 / ms
 
-
-def rate_key(rate: float) -> str:
-    """Store group name for a rate: 0.5 -> 'rate=0.500'."""
-    return f"rate={rate:.3f}"
