@@ -11,7 +11,6 @@ from ofactl.model.compress import (
     length_mask,
     mix_alpha,
     rate_from_frame_ms,
-    rate_key,
     rate_to_lambda,
     rescale_alpha,
     target_lengths,
@@ -215,6 +214,8 @@ def test_zero_length_and_errors():
 
 def test_frame_ms_and_keys():
     assert rate_from_frame_ms(40) == 0.5
+    from ofactl.storage.zarr_store import rate_key
+
     assert rate_key(0.5) == "rate=0.500" and rate_key(1 / 3) == "rate=0.333"
     with pytest.raises(ModelError, match="frame-ms"):
         rate_from_frame_ms(10)
