@@ -489,3 +489,25 @@ def test_shard_and_device_from_the_launcher():
     want = "cuda:1" if torch.cuda.device_count() > 1 else ("cuda:0" if torch.cuda.is_available() else "auto")
     assert local_device("auto", {"LOCAL_RANK": "1"}) == want
     assert local_device("cpu", {"LOCAL_RANK": "1"}) == "cpu"
+
+
+@pytest.mark.parametrize("frontend", ["cnn-thin", "fbank"])
+def test_every_front_end_extracts_in_one_multi_rate_pass_and_in_windows(tmp_path, synth_corpus, frontend):
+    from ofactl.model.windowed import features_windowed
+
+    torch.manual_seed(0)
+    s = Student(replace(student_config("tiny"), frontend=frontend, frontend_channels=16)).eval()
+    ckpt = save_student(tmp_path / "s.pt", s)
+    corpus = read_corpus(synth_corpus)
+    utts = sorted(corpus, key=lambda u: -u.n_samples_16k)[:6]
+    res = extract(tmp_path, corpus.subset({u.id for u in utts}), ckpt=ckpt)
+    assert all(g.complete for g in res.groups)
+    for rate in (1.0, 0.5):
+        g = open_store(tmp_path / "f.zarr").group(rate)
+        for u in utts[:2]:
+            got, wav = g[u.id], load_audio(u.path)
+            with torch.no_grad():
+                ref = s.features(wav[None], torch.tensor([len(wav)]), [rate])[rate].states[0]
+                win = features_windowed(s, wav, [rate], window=20, context=10)[rate].states[0]
+            assert got.shape == tuple(ref.shape) and np.allclose(got, ref.numpy(), atol=1e-4), (frontend, rate)
+            assert win.shape == ref.shape and torch.allclose(win[:, 0], ref[:, 0], atol=1e-4)  # before attention
