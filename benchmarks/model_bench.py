@@ -1,6 +1,7 @@
-"""Core model figures: CIF overhead, student vs teacher throughput, rate scaling, bf16 on CPU.
+"""Core model figures: CIF overhead, student vs teacher throughput, rate scaling, bf16 on CPU,
+and each student front end (cnn, cnn-thin, fbank) at rates 1, 0.5 and 0.25.
 
-    python benchmarks/model_bench.py [--batch 8] [--seconds 10] [--repeats 3]
+    python benchmarks/model_bench.py [--batch 8] [--seconds 10] [--repeats 3] [--frontends cnn,cnn-thin,fbank]
 
 All figures are ratios measured within this one run (the machine may be noisy).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--frontends", default="cnn,cnn-thin,fbank", help="front ends to time ('' for none)")
     args = ap.parse_args()
     torch.manual_seed(0)
     B, N = args.batch, int(args.seconds * 16000)
@@ -86,7 +89,43 @@ def main() -> None:
         "cosine_last_layer_mean": round(float(cos.mean()), 5), "cosine_last_layer_min": round(float(cos.min()), 5),
         "target": "cosine >= 0.99",
     }
+    if args.frontends:
+        out["front_ends"] = front_end_figures(args.frontends.split(","), wav, L, t_teacher, args.repeats)
     emit(out)
+
+
+def front_end_figures(frontends: list[str], wav: torch.Tensor, L: torch.Tensor, t_teacher: float,
+                      repeats: int) -> dict:
+    """Base-size student forward seconds per front end and rate (fp32 and bf16), as ratios to the
+    cnn student at rate 1 and to torchaudio's hubert_base, with the analytic GMAC per second."""
+    from ofactl.model.macs import student_gmacs_per_second
+
+    out: dict = {}
+    ref = None
+    for fe in frontends:
+        cfg = replace(student_config("base"), frontend=fe)
+        s = Student(cfg).eval()
+        row: dict = {}
+        for r in (1.0, 0.5, 0.25):
+            with torch.inference_mode():
+                t32 = timeit(lambda: s(wav, L, rate=r, with_heads=False), repeats)
+
+                def bf16() -> None:
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        s(wav, L, rate=r, with_heads=False)
+
+                t16 = timeit(bf16, repeats)
+            if fe == "cnn" and r == 1.0:
+                ref = t32
+            row[f"{r:g}"] = {"fp32_s": round(t32, 4), "bf16_s": round(t16, 4),
+                             "gmacs_per_s": round(student_gmacs_per_second(cfg, r)["total"], 4)}
+        for r, cell in row.items():
+            if ref:
+                cell["rel_to_cnn_rate1"] = round(cell["fp32_s"] / ref, 3)
+            cell["speedup_vs_hubert_base"] = round(t_teacher / cell["fp32_s"], 2)
+        out[fe] = row
+    out["targets"] = {"rate0.25_rel_to_cnn_rate1": "<= 0.35", "rate1_speedup_vs_hubert_base": ">= 3"}
+    return out
 
 
 if __name__ == "__main__":
