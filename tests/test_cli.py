@@ -272,3 +272,12 @@ def test_pretrain_from_is_a_flag(monkeypatch):
     seen = _capture(monkeypatch, "ofactl.pretrain", "run_pretrain")
     _invoke_captured(["pretrain", "--corpus", "x", "--targets", "layer:2", "--from", ODD])
     assert seen["cfg"].from_ckpt == ODD and seen["cfg"].targets == "layer:2"
+
+
+def test_quickstart_and_synth_flags_are_values(monkeypatch):
+    seen = _capture(monkeypatch, "ofactl.quickstart", "run_quickstart")
+    _invoke_captured(["quickstart", "--out", ODD, "--device", "cpu", "--set", "rates=[1, 0.5]"])
+    assert seen["cfg"].device == "cpu" and seen["cfg"].rates == (1.0, 0.5) and str(seen["args"][0]) == ODD
+    seen = _capture(monkeypatch, "ofactl.synth", "run_synth")
+    _invoke_captured(["synth", "--out", ODD, "-c", "synth-tiny", "--set", "seed=3"])
+    assert seen["cfg"].seed == 3 and str(seen["args"][0]) == ODD
