@@ -256,7 +256,7 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: Sequence[str]) -
     """Return a copy of ``data`` with ``--set`` overrides applied; unknown keys fail here.
 
     A key whose type is ``str`` takes the text after ``=`` as it is (a path with ``#`` or
-    ``: `` is not YAML), except ``null`` for an optional one.
+    ``: `` is not YAML), except ``null`` for an optional one and ``""`` for the empty text.
     """
     out: dict[str, Any] = _deepcopy(data)
     for item in overrides:
@@ -264,7 +264,7 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: Sequence[str]) -
         field_tp = _field_type(cls, path, f"--set {item}")
         raw = item.split("=", 1)[1].strip()
         if _unwrap_optional(field_tp) is str and not (raw == "null" and field_tp is not str):
-            value = raw
+            value = "" if raw in ('""', "''") else raw
         _set_path(out, path, value)
     return out
 

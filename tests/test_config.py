@@ -162,3 +162,12 @@ def test_baseline_presets_train_at_one_recorded_rate():
         assert trained_rates(cfg, 0.3) == {"kind": "fixed", "rates": [0.5]}
         assert trained_rates(with_fixed_rate(cfg, 0.25), 0.3) == {"kind": "fixed", "rates": [0.25]}
     assert trained_rates(load_config(DistillConfig, "distill", "distilhubert-ofa"), 0.3)["kind"] == "range"
+
+
+def test_set_on_a_text_key_keeps_the_text():
+    from ofactl.sweep import SweepConfig
+
+    data = apply_overrides(SweepConfig, {}, ["label_column=a #1: b", "layers=0,2"])
+    assert data == {"label_column": "a #1: b", "layers": "0,2"}
+    assert apply_overrides(SweepConfig, {}, ['label_column=""'])["label_column"] == ""
+    assert apply_overrides(SweepConfig, {}, ["rates=[1, 0.5]"])["rates"] == [1, 0.5]  # other keys stay YAML
