@@ -44,9 +44,9 @@ class QuickstartConfig:
     synth_preset: str = "synth-tiny"  # synth preset of the corpus
     distill_preset: str = "distill-tiny"  # distill preset of the student
     rates: tuple[float, ...] = (1.0, 0.5, 0.33, 0.25)  # rates extracted and swept
-    tasks: tuple[Task, ...] = ("ks", "sid")  # add pr for phonemes (with pr_head: linear to stay fast)
-    pr_head: CtcHead = "lstm"  # the CTC head of pr sweeps and of adapt's pr probe: lstm (better), linear (faster)
-    adapt_tasks: tuple[Task, ...] = ("pr",)  # e.g. ("pr", "ks"): a task that needs frames and a flat one
+    tasks: tuple[Task, ...] = ("ks", "sid", "pr")  # the tasks swept over the rates
+    pr_head: CtcHead = "linear"  # the CTC head of pr sweeps and of adapt's pr probe: linear (fast), lstm (better)
+    adapt_tasks: tuple[Task, ...] = ("pr", "ks")  # tasks that learn their rate: one that needs frames, one flat
     adapt_epochs: int = 6  # epochs of each adapt run
     probe_epochs: int = 60  # utterance heads train in seconds; the sid probe still improves past 40
     device: str = "auto"  # auto, cpu, cuda or cuda:N: every stage

@@ -98,7 +98,7 @@ class Teacher(nn.Module):
 BUILTIN = {
     "hubert-tiny": {
         "file": "hubert-tiny.safetensors",
-        "sha256": "0869de4c33d3342be81fe44a6b9eae0a55d0d2837da1bf70472c6c0563c7b4bd",
+        "sha256": "969a859ceaa213614ba35c6edcb14162ff09ce3eb0503dabc32de73255a1f13f",
     },
 }
 
