@@ -97,7 +97,7 @@ def test_one_step_decreases_loss_on_fixed_batch(synth_corpus):
 
     cfg = tiny_cfg()
     torch.manual_seed(0)
-    teacher = load_teacher("random:tiny")
+    teacher = load_teacher(cfg.teacher)
     student = Student(cfg.student).train()
     wavs = [load_audio(u.path)[:24000] for u in list(read_corpus(synth_corpus))[:4]]
     batch = {"wav": torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), "lengths": torch.tensor([len(w) for w in wavs])}
@@ -297,7 +297,7 @@ def test_spectral_head_adds_a_weighted_loss(synth_corpus):
     assert cfg.student.spectral_bins == 64  # distill-tiny predicts log-mel frames too
     cfg.rates = replace(cfg.rates, kind="fixed", rate=0.5)
     torch.manual_seed(0)
-    teacher = load_teacher("random:tiny")
+    teacher = load_teacher(cfg.teacher)
     student = Student(cfg.student).eval()
     wavs = [load_audio(u.path)[:24000] for u in list(read_corpus(synth_corpus))[:3]]
     batch = {"wav": torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), "lengths": torch.tensor([len(w) for w in wavs])}
