@@ -493,8 +493,9 @@ def keys_markdown() -> str:
         out += [f"### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for k, t, v, meaning in _leaf_keys(cls, to_dict(cls())):
             shown = json.dumps(v) if not isinstance(v, str) else (f"`{v}`" if v else '""')
-            t = t.replace("Ellipsis", "...").replace("|", "\\|")  # a choice's bar would end the cell
-            out.append(f"| `{k}` | {t} | {shown} | {meaning.replace('|', chr(92) + '|')} |")
+            # a bar (choices, "a | b") would end the table cell
+            t, meaning = t.replace("Ellipsis", "...").replace("|", "\\|"), meaning.replace("|", "\\|")
+            out.append(f"| `{k}` | {t} | {shown} | {meaning} |")
         out.append("")
     return "\n".join(out + [KEYS_END])
 

@@ -97,6 +97,7 @@ class SweepRow:
     ofactl_version: str = __version__
     probe_config_sha: str = ""  # the probe settings the row was trained with (reuse needs a match)
     trained_rates: str = ""  # what the checkpoint was trained for, e.g. "trained at rate 0.5 only"
+    fixed_rate: bool = False  # the checkpoint was trained at one rate (scored there only)
     outside_training_range: bool = False  # a once-for-all student asked for a rate it never trained at
 
     def to_json(self) -> dict[str, Any]:
@@ -160,6 +161,7 @@ class RatePlan:
     not_scored: list[float]
     outside: list[float]
     trained_text: str
+    fixed: bool
 
 
 def rate_plan(label: str, ckpt: Path, rates: Sequence[float]) -> RatePlan:
@@ -175,8 +177,8 @@ def rate_plan(label: str, ckpt: Path, rates: Sequence[float]) -> RatePlan:
             own = ", ".join(f"{r:g}" for r in trained["rates"])
             raise ConfigError(f"--ckpt {label}: a fixed-rate student {text}; --rates asks for "
                               f"{', '.join(f'{r:g}' for r in rates)}: add {own} to score it")
-        return RatePlan(label, scored, [r for r in rates if r not in scored], [], text)
-    return RatePlan(label, list(rates), [], [r for r in rates if not covers(trained, r)], text)
+        return RatePlan(label, scored, [r for r in rates if r not in scored], [], text, True)
+    return RatePlan(label, list(rates), [], [r for r in rates if not covers(trained, r)], text, False)
 
 
 def _setup_sweep(cfg: SweepConfig, corpus: str | Path | Corpus, out_dir: Path, overwrite: bool,
@@ -210,14 +212,18 @@ class _Sweep:
     def checkpoint_rows(self, label: str, ckpt: Path, st_path: Path, plan: RatePlan) -> list[SweepRow]:
         """The rows of one checkpoint at the rates its plan scores."""
         from ofactl.checkpoint import file_sha256, load_student
+        from ofactl.model.blocks import cnn_lengths
 
         sha = file_sha256(ckpt)
         # on the extraction device from the start: timing runs there too, cached group or not
         student, _ = load_student(ckpt, self.device)
+        n16 = torch.tensor([u.n_samples_16k for u in self.sub])
+        in_frames = dict(zip([u.id for u in self.sub], cnn_lengths(student.cfg.arch, n16).tolist()))
         rows = []
         for r in plan.scored:
-            row = self.cached_row(label, r, sha) or self.measure_row(label, ckpt, student, sha, st_path, r)
-            rows.append(replace(row, trained_rates=plan.trained_text, outside_training_range=r in plan.outside))
+            row = self.cached_row(label, r, sha) or self.measure_row(label, ckpt, student, sha, st_path, r, in_frames)
+            rows.append(replace(row, trained_rates=plan.trained_text, fixed_rate=plan.fixed,
+                                outside_training_range=r in plan.outside))
         return rows
 
     def row_file(self, label: str, r: float) -> Path:
@@ -239,9 +245,10 @@ class _Sweep:
         self.progress.log(f"{label} rate={r:.3f}: reusing the finished row")
         return SweepRow(**doc)
 
-    def measure_row(self, label: str, ckpt: Path, student: Any, sha: str, st_path: Path, r: float) -> SweepRow:
-        """Extract the rate if the store lacks it, train the probe, time the student; save the row."""
-        from ofactl.model.blocks import cnn_lengths
+    def measure_row(self, label: str, ckpt: Path, student: Any, sha: str, st_path: Path, r: float,
+                    in_frames: dict[str, int]) -> SweepRow:
+        """Extract the rate if the store lacks it, train the probe, time the student; save the row.
+        ``in_frames``: each utterance's 20 ms frame count (the CTC feasibility check)."""
         from ofactl.model.macs import student_gmacs_per_second
         from ofactl.storage import open_store
         from ofactl.storage.zarr_store import rate_key
@@ -257,8 +264,6 @@ class _Sweep:
         g = open_store(st_path).group(r)
         feats = {u: x for u, x in g if u in self.task_ids}
         self.progress.log(f"{label} rate={r:.3f}: training the {cfg.task} probe on {len(task.splits['train'])} utterances")
-        in_frames = dict(zip([u.id for u in self.sub],
-                             cnn_lengths(arch, torch.tensor([u.n_samples_16k for u in self.sub])).tolist()))
         res = train_probe(task, feats, cfg.probe, in_frames)
         mac = student_gmacs_per_second(student.cfg, r)
         achieved = float(g.attrs.get("achieved_rate") or r)
@@ -378,7 +383,7 @@ def plot_tradeoff(rows: list[SweepRow], path: Path, title: str | None = None) ->
 
     for name in dict.fromkeys(line(r) for r in rows):
         rs = sorted((r for r in rows if line(r) == name), key=lambda r: r.frame_period_ms)
-        fixed = rs[0].trained_rates.endswith(" only")
+        fixed = rs[0].fixed_rate
         style: dict[str, Any] = {"marker": "s" if fixed else "o", "markersize": 9 if fixed else 6,
                                  "linestyle": "none" if fixed else "-"}
         axes[0].plot([r.upstream_gmacs_per_s for r in rs], [r.test for r in rs], label=name, **style)

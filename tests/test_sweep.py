@@ -133,4 +133,5 @@ def test_fixed_rate_checkpoints_are_scored_at_their_own_rate_only(tmp_path, synt
     assert res.not_scored == [{"label": "fixed0.5", "rate": 1.0, "reason": "trained at rate 0.5 only"},
                               {"label": "fixed0.5", "rate": 0.25, "reason": "trained at rate 0.5 only"}]
     assert got[("ofa", 0.25)].outside_training_range and not got[("ofa", 0.5)].outside_training_range
+    assert got[("fixed0.5", 0.5)].fixed_rate and not got[("ofa", 0.5)].fixed_rate
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["not_scored"] == res.not_scored
