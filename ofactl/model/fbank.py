@@ -25,11 +25,24 @@ WIN, HOP = 400, 320  # 25 ms windows every 20 ms at SR
 
 
 @lru_cache(maxsize=8)
-def _filters(n_mels: int, device: str) -> tuple[Tensor, Tensor]:
+def mel_filters(n_mels: int) -> Tensor:
+    """(WIN / 2 + 1, n_mels) Slaney mel filters, 20 Hz to SR / 2, for 25 ms windows (CPU)."""
     import torchaudio.functional as AF
 
-    fb = AF.melscale_fbanks(WIN // 2 + 1, 20.0, SR / 2, n_mels, SR, norm="slaney", mel_scale="slaney")
-    return torch.hann_window(WIN, device=device), fb.to(device)
+    return AF.melscale_fbanks(WIN // 2 + 1, 20.0, SR / 2, n_mels, SR, norm="slaney", mel_scale="slaney")
+
+
+@lru_cache(maxsize=8)
+def _filters(n_mels: int, device: str) -> tuple[Tensor, Tensor]:
+    return torch.hann_window(WIN, device=device), mel_filters(n_mels).to(device)
+
+
+def log_mel_frames(wav: Tensor, hop: int, window: Tensor, fb: Tensor) -> Tensor:
+    """(B, N) samples -> (B, T, n_mels) float32 log mel power of Hann windows of WIN samples every
+    ``hop`` samples (no centre padding, no normalisation); N must be at least WIN."""
+    frames = wav.float().unfold(1, WIN, hop) * window  # (B, T, WIN)
+    power = torch.fft.rfft(frames, dim=-1).abs().pow(2)  # (B, T, WIN/2+1)
+    return (power @ fb).clamp(min=1e-10).log()
 
 
 def frame_count(lengths: Tensor) -> Tensor:
@@ -48,9 +61,7 @@ def log_mel(wav: Tensor, lengths: Tensor, n_mels: int) -> tuple[Tensor, Tensor]:
     n = frame_count(lengths)
     if wav.shape[1] < WIN:
         return wav.new_zeros(wav.shape[0], 0, n_mels, dtype=torch.float32), n
-    frames = wav.float().unfold(1, WIN, HOP) * window  # (B, T, WIN)
-    power = torch.fft.rfft(frames, dim=-1).abs().pow(2)  # (B, T, WIN/2+1)
-    x = (power @ fb).clamp(min=1e-10).log()  # (B, T, n_mels)
+    x = log_mel_frames(wav, HOP, window, fb)  # (B, T, n_mels)
     mask = length_mask(n, x.shape[1])[..., None].to(x.dtype)
     cnt = (mask.sum((1, 2), keepdim=True) * n_mels).clamp(min=1)
     mean = (x * mask).sum((1, 2), keepdim=True) / cnt

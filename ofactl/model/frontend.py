@@ -16,7 +16,6 @@ convolution, so they never leak into its last frames).
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,12 +24,13 @@ from torch import Tensor
 
 from ofactl.model.blocks import HubertArch, build_cnn, cnn_forward, cnn_lengths
 from ofactl.model.compress import length_mask
+from ofactl.model.fbank import WIN, log_mel_frames, mel_filters
 from ofactl.runtime import SAMPLE_RATE
 
 if TYPE_CHECKING:
     from ofactl.model.student import StudentConfig
 
-FBANK_WIN, FBANK_HOP = 400, 160  # 25 ms windows every 10 ms
+FBANK_WIN, FBANK_HOP = WIN, 160  # 25 ms windows (the spectral target's) every 10 ms
 
 
 def frontend_channels(cfg: StudentConfig) -> int:
@@ -66,14 +66,6 @@ def frontend_forward(frontend: nn.Module, wav: Tensor, lengths: Tensor) -> tuple
     return cnn_forward(frontend, wav, lengths)
 
 
-@lru_cache(maxsize=8)
-def _mel_filters(bins: int) -> Tensor:
-    import torchaudio.functional as AF
-
-    return AF.melscale_fbanks(FBANK_WIN // 2 + 1, 20.0, SAMPLE_RATE / 2, bins, SAMPLE_RATE, norm="slaney",
-                              mel_scale="slaney")
-
-
 class FbankFrontend(nn.Module):
     """Log-mel (10 ms) -> LayerNorm -> Conv1d(stride 2) -> GELU -> Conv1d -> GELU: (B, T, C)."""
 
@@ -84,7 +76,7 @@ class FbankFrontend(nn.Module):
         super().__init__()
         self.bins, self.channels, self.arch = bins, channels, arch
         self.register_buffer("window", torch.hann_window(FBANK_WIN), persistent=False)
-        self.register_buffer("mel", _mel_filters(bins).clone(), persistent=False)
+        self.register_buffer("mel", mel_filters(bins).clone(), persistent=False)
         self.norm = nn.LayerNorm(bins)
         self.conv1 = nn.Conv1d(bins, channels, 3, stride=2, padding=1)
         self.conv2 = nn.Conv1d(channels, channels, 3, stride=1, padding=1)
@@ -96,10 +88,7 @@ class FbankFrontend(nn.Module):
         if wav.shape[1] < FBANK_WIN:
             return wav.new_zeros(wav.shape[0], 0, self.bins, dtype=torch.float32), nf
         with torch.autocast(wav.device.type, enabled=False):  # FFT and log in float32
-            frames = wav.float().unfold(1, FBANK_WIN, FBANK_HOP) * self.window
-            power = torch.fft.rfft(frames, dim=-1).abs().pow(2)
-            x = (power @ self.mel).clamp(min=1e-10).log()
-        return x, nf
+            return log_mel_frames(wav, FBANK_HOP, self.window, self.mel), nf
 
     def forward(self, wav: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """(B, N) samples with lengths -> (B, T, C) frames on the CNN grid, frame lengths (B,)."""
