@@ -34,7 +34,7 @@ from ofactl.adapt import AdaptConfig, run_adapt
 from ofactl.config import Flag, load_config
 from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
 from ofactl.probe import ProbeConfig
-from ofactl.sweep import SweepConfig, run_sweep
+from ofactl.sweep import SweepConfig, parse_rates, run_sweep
 
 # name -> (--set overrides on distill-tiny, fixed rate or None). "ofactl" is the default recipe.
 VARIANTS: dict[str, tuple[list[str], float | None]] = {
@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--adapt", default="pathwise,difference", help="adapt gradients to compare ('' for none)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
-    args.rates = [float(r) for r in args.rates.split(",")]
+    args.rates = list(parse_rates(args.rates))
     seeds = [int(s) for s in args.seeds.split(",")]
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     tasks = args.tasks.split(",")
