@@ -12,7 +12,9 @@ adapt run) is kept under ``--out`` and reused, so a killed run continues where i
 
 Prints one JSON document: per variant, task and rate the metric of each seed, their mean and
 spread; OFA against the fixed-rate students at their own rates; the smoothness of each curve;
-and adapt's learned rates against the sweep's best rate. Written to ``OUT/ablation.json`` too.
+and adapt's learned rates against the sweep's best rate. Written to ``OUT/ablation.json`` too,
+with the tables as markdown (``OUT/ablation.md``) and metric-vs-compute figures per task
+(``OUT/ofa-vs-fixed-TASK.png``: the paper's comparison; ``OUT/frontends-TASK.png``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ofactl.adapt import AdaptConfig, run_adapt
 from ofactl.config import Flag, load_config
 from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
 from ofactl.probe import ProbeConfig
-from ofactl.sweep import SweepConfig, parse_rates, run_sweep
+from ofactl.sweep import SweepConfig, SweepRow, parse_rates, plot_tradeoff, run_sweep
 
 # name -> (--set overrides on distill-tiny, fixed rate or None). "ofactl" is the default recipe.
 VARIANTS: dict[str, tuple[list[str], float | None]] = {
@@ -47,6 +49,9 @@ VARIANTS: dict[str, tuple[list[str], float | None]] = {
     "avgpool-0.25": (["student.compressor=avgpool"], 0.25),
     "cif-fixed-0.5": ([], 0.5),
     "cif-fixed-0.25": ([], 0.25),
+    # The light front ends (trained from scratch; only the transformer is copied from the teacher).
+    "cnn-thin": (["student.frontend=cnn-thin"], None),
+    "fbank": (["student.frontend=fbank"], None),
 }
 
 
@@ -66,15 +71,13 @@ def distill_student(name: str, seed: int, args: argparse.Namespace, corpus: Path
 
 
 def sweep_student(name: str, seed: int, ckpt: Path, task: str, args: argparse.Namespace, corpus: Path,
-                  adaptive: bool = False) -> list[dict[str, Any]]:
+                  adaptive: bool = False) -> list[SweepRow]:
     """One student's rows for ``task`` (rows are cached by ``run_sweep`` itself)."""
     cfg = SweepConfig(task=task, rates=tuple(args.rates), seed=seed, device=args.device,
                       probe=ProbeConfig(ctc_head="linear", epochs=args.probe_epochs, cls_epochs=args.probe_epochs))
     cfg.extract = replace(cfg.extract, num_workers=0, adaptive_length=adaptive)
     label = f"{name}-s{seed}" + ("-adaptive" if adaptive else "")
-    res = run_sweep(cfg, [(label, ckpt)], corpus, Path(args.out) / "sweeps" / f"{label}-{task}")
-    return [{"rate": r.requested_rate, "achieved": r.achieved_rate, "test": r.test, "metric": r.metric,
-             "gmacs": r.upstream_gmacs_per_s} for r in res.rows]
+    return run_sweep(cfg, [(label, ckpt)], corpus, Path(args.out) / "sweeps" / f"{label}-{task}").rows
 
 
 def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Namespace, corpus: Path,
@@ -91,19 +94,71 @@ def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Na
 LOWER_IS_BETTER = ("per", "wer", "cer")
 
 
-def summarise(curves: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], seeds: list[int]) -> dict[str, Any]:
+Curves = dict[str, dict[str, dict[int, list[SweepRow]]]]  # variant -> task -> seed -> rows
+
+
+def summarise(curves: Curves, seeds: list[int]) -> dict[str, Any]:
     """Mean and spread per variant, task and rate; OFA against fixed students; smoothness."""
     table: dict[str, Any] = {}
     for name, by_task in curves.items():
         for task, by_seed in by_task.items():
             rows = [row for s in seeds for row in by_seed.get(s, [])]
             cells = {}
-            for r in sorted({row["rate"] for row in rows}, reverse=True):
-                vals = [row["test"] for row in rows if row["rate"] == r]
+            for r in sorted({row.requested_rate for row in rows}, reverse=True):
+                same = [row for row in rows if row.requested_rate == r]
+                vals = [row.test for row in same]
                 cells[f"{r:g}"] = {"mean": round(statistics.fmean(vals), 4), "spread": round(max(vals) - min(vals), 4),
-                                   "seeds": vals}
-            table.setdefault(name, {})[task] = {"metric": rows[0]["metric"] if rows else "", "rates": cells}
+                                   "seeds": vals, "achieved": round(statistics.fmean(x.achieved_rate for x in same), 4),
+                                   "gmacs": round(statistics.fmean(x.upstream_gmacs_per_s for x in same), 5)}
+            table.setdefault(name, {})[task] = {"metric": rows[0].metric if rows else "", "rates": cells}
     return {"table": table, "ofa_vs_fixed": _ofa_vs_fixed(table), "not_smooth": _bumps(table)}
+
+
+def mean_rows(curves: Curves, name: str, task: str, seeds: list[int]) -> list[SweepRow]:
+    """One row per rate for ``name`` on ``task``: the seeds' mean metric, compute and period."""
+    rows = [row for s in seeds for row in curves.get(name, {}).get(task, {}).get(s, [])]
+    out = []
+    for r in sorted({row.requested_rate for row in rows}, reverse=True):
+        same = [row for row in rows if row.requested_rate == r]
+        out.append(replace(same[0], label=name, test=statistics.fmean(x.test for x in same),
+                           frame_period_ms=statistics.fmean(x.frame_period_ms for x in same),
+                           upstream_gmacs_per_s=statistics.fmean(x.upstream_gmacs_per_s for x in same)))
+    return out
+
+
+# The figures: OFA against the fixed-rate students (the paper's comparison), and the front ends.
+FIGURES = {"ofa-vs-fixed": ["ofactl", "avgpool-0.5", "avgpool-0.25", "cif-fixed-0.5", "cif-fixed-0.25"],
+           "frontends": ["ofactl", "cnn-thin", "fbank"]}
+
+
+def figures(curves: Curves, tasks: list[str], seeds: list[int], out: Path) -> list[str]:
+    """Metric vs compute per task for each group of FIGURES (seed means); the files written."""
+    written = []
+    for fig, names in FIGURES.items():
+        for task in tasks:
+            rows = [row for n in names for row in mean_rows(curves, n, task, seeds)]
+            path = plot_tradeoff(rows, out / f"{fig}-{task}.png", f"{task}: {fig} (mean of seeds {seeds})")
+            if path is not None and len({r.label for r in rows}) > 1:
+                written.append(str(path))
+    return written
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The table of ``doc`` (summarise's output) per task: variants by rate, mean (seed spread)."""
+    lines = []
+    tasks = list(dict.fromkeys(t for by_task in doc["table"].values() for t in by_task))
+    rates = [f"{r:g}" for r in doc["rates"]]
+    for task in tasks:
+        metric = next(v[task]["metric"] for v in doc["table"].values() if task in v)
+        lines += [f"**{task}** (test {metric}, mean of {len(doc['seeds'])} seeds, spread in brackets)", "",
+                  "| variant | " + " | ".join(f"rate {r}" for r in rates) + " |",
+                  "|---|" + "---|" * len(rates)]
+        for name, by_task in doc["table"].items():
+            cells = by_task.get(task, {}).get("rates", {})
+            lines.append(f"| {name} | " + " | ".join(
+                f"{cells[r]['mean']:.3f} ({cells[r]['spread']:.3f})" if r in cells else "-" for r in rates) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _ofa_vs_fixed(table: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +229,7 @@ def main() -> None:
     tasks = args.tasks.split(",")
     t0 = time.perf_counter()
     corpus = _corpus(args)
-    curves: dict[str, Any] = {}
+    curves: Curves = {}
     for name in names:
         for seed in seeds:
             ckpt = distill_student(name, seed, args, corpus)
@@ -188,9 +243,11 @@ def main() -> None:
     out.update(summarise(curves, seeds))
     grads = [g for g in args.adapt.split(",") if g] if "ofactl" in names else []
     out["adapt"] = adapt_results(tasks, grads, seeds, args, corpus)
-    out["wall_seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    out["figures"] = figures(curves, tasks, seeds, Path(args.out))
+    out["wall_seconds"] = round(time.perf_counter() - t0, 1)
     (Path(args.out) / "ablation.json").write_text(json.dumps(out, indent=2))
+    (Path(args.out) / "ablation.md").write_text(markdown(out))
     emit(out)
 
 
