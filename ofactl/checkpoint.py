@@ -124,11 +124,13 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return obj
 
 
-def load_student(path: Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
-    """Rebuild the student from a checkpoint alone; returns (student in eval mode, payload)."""
+def load_student(path: Path, device: str | torch.device = "cpu",
+                 payload: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Rebuild the student from a checkpoint alone; returns (student in eval mode, payload).
+    ``payload``: the file's payload when the caller already read it (``read_checkpoint``)."""
     from ofactl.model.student import Student, StudentConfig
 
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path) if payload is None else payload
     try:
         cfg = build_config(StudentConfig, obj["student"], source=f"{path} (student config)")
     except ConfigError as e:

@@ -235,12 +235,23 @@ def build_config(cls: type[T], data: Mapping[str, Any], source: str = "config") 
 # --------------------------------------------------------------------------- overrides
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"optim.lr=2e-4"`` -> (["optim", "lr"], 0.0002). Values are parsed as YAML scalars."""
+    path, raw = _split_override(item)
+    return path, _scalar(raw)
+
+
+def _split_override(item: str) -> tuple[list[str], str]:
+    """``"optim.lr=2e-4"`` -> (["optim", "lr"], "2e-4"): the dotted key and the text after ``=``."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value (e.g. --set optim.lr=2e-4)")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {item!r}: empty key")
+    return key.split("."), raw
+
+
+def _scalar(raw: str) -> Any:
+    """The YAML scalar ``raw`` stands for; text that is not YAML stays text."""
     try:
         value = safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -249,7 +260,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if isinstance(value, str) and any(c in value for c in "eE."):
         with contextlib.suppress(ValueError):
             value = float(value)
-    return key.split("."), value
+    return value
 
 
 def apply_overrides(cls: type, data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -260,11 +271,13 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: Sequence[str]) -
     """
     out: dict[str, Any] = _deepcopy(data)
     for item in overrides:
-        path, value = parse_override(item)
+        path, raw = _split_override(item)
         field_tp = _field_type(cls, path, f"--set {item}")
-        raw = item.split("=", 1)[1].strip()
+        text, raw = raw, raw.strip()
         if _unwrap_optional(field_tp) is str and not (raw == "null" and field_tp is not str):
-            value = "" if raw in ('""', "''") else raw
+            value: Any = "" if raw in ('""', "''") else raw
+        else:
+            value = _scalar(text)
         _set_path(out, path, value)
     return out
 
@@ -361,9 +374,12 @@ def load_config(
     if not given:
         return _build(cls, data, source)
     _build(cls, data, source)  # preset and --set errors are reported against them, not a flag
-    for f in given:  # a flag that is wrong on its own is named alone
-        _build(cls, _apply_flags(cls, data, [f]), f.shown())
-    return _build(cls, _apply_flags(cls, data, given), " ".join(f.shown() for f in given))
+    try:
+        return _build(cls, _apply_flags(cls, data, given), " ".join(f.shown() for f in given))
+    except ConfigError:
+        for f in given:  # the flag that is wrong on its own is named alone
+            _build(cls, _apply_flags(cls, data, [f]), f.shown())
+        raise
 
 
 def _preset_data(cls: type, section: str, preset: str | Path | None) -> tuple[dict[str, Any], str]:

@@ -162,6 +162,7 @@ class RatePlan:
     outside: list[float]
     trained_text: str
     fixed: bool
+    payload: dict[str, Any] | None = field(default=None, repr=False)  # the file, read once for the sweep
 
 
 def rate_plan(label: str, ckpt: Path, rates: Sequence[float]) -> RatePlan:
@@ -169,7 +170,8 @@ def rate_plan(label: str, ckpt: Path, rates: Sequence[float]) -> RatePlan:
     none of whose rates is requested is refused, naming the rate it was trained for."""
     from ofactl.checkpoint import covers, describe_rates, rates_trained, read_checkpoint
 
-    trained = rates_trained(read_checkpoint(ckpt))
+    payload = read_checkpoint(ckpt)
+    trained = rates_trained(payload)
     text = describe_rates(trained)
     if trained is not None and trained["kind"] == "fixed":
         scored = [r for r in rates if covers(trained, r)]
@@ -177,8 +179,8 @@ def rate_plan(label: str, ckpt: Path, rates: Sequence[float]) -> RatePlan:
             own = ", ".join(f"{r:g}" for r in trained["rates"])
             raise ConfigError(f"--ckpt {label}: a fixed-rate student {text}; --rates asks for "
                               f"{', '.join(f'{r:g}' for r in rates)}: add {own} to score it")
-        return RatePlan(label, scored, [r for r in rates if r not in scored], [], text, True)
-    return RatePlan(label, list(rates), [], [r for r in rates if not covers(trained, r)], text, False)
+        return RatePlan(label, scored, [r for r in rates if r not in scored], [], text, True, payload)
+    return RatePlan(label, list(rates), [], [r for r in rates if not covers(trained, r)], text, False, payload)
 
 
 def _setup_sweep(cfg: SweepConfig, corpus: str | Path | Corpus, out_dir: Path, overwrite: bool,
@@ -216,7 +218,8 @@ class _Sweep:
 
         sha = file_sha256(ckpt)
         # on the extraction device from the start: timing runs there too, cached group or not
-        student, _ = load_student(ckpt, self.device)
+        student, _ = load_student(ckpt, self.device, payload=plan.payload)
+        plan.payload = None  # the student holds the weights now
         n16 = torch.tensor([u.n_samples_16k for u in self.sub])
         in_frames = dict(zip([u.id for u in self.sub], cnn_lengths(student.cfg.arch, n16).tolist()))
         rows = []
