@@ -1,7 +1,7 @@
 """How much speech a teacher knows: linear probes on each of its layers against log-mel frames
 and the untrained ``random:tiny``.
 
-    python benchmarks/teacher_probe.py [--teacher builtin:hubert-tiny] [--synth DIR] [--fsdd DIR]
+    python benchmarks/teacher_probe.py [--teacher builtin:hubert-tiny] [--synth DIR] [--fsdd DIR] [--periods]
 
 - ``pr``: phoneme recognition (PER, a linear CTC head) on synth-tiny, trained on its train
   split and tested on its test split, whose voices the bundled teacher never heard
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import emit  # noqa: E402
+from _util import emit
 
-from ofactl.audio import Corpus, load_audio, read_corpus  # noqa: E402
-from ofactl.model.fbank import log_mel  # noqa: E402
-from ofactl.model.teacher import load_teacher  # noqa: E402
-from ofactl.probe import ProbeConfig, build_task, train_probe  # noqa: E402
+from ofactl.audio import Corpus, load_audio, read_corpus
+from ofactl.model.fbank import log_mel
+from ofactl.model.teacher import load_teacher
+from ofactl.probe import ProbeConfig, build_task, train_probe
 
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
 
@@ -69,6 +69,26 @@ def per_layer(task, feats: dict[str, np.ndarray], cfg: ProbeConfig) -> list[floa
     return scores
 
 
+def pooled(x: np.ndarray, k: int) -> np.ndarray:
+    """Mean of every ``k`` consecutive frames of (T, L, D) (a 20k ms grid; the tail is dropped)."""
+    t = x.shape[0] // k * k
+    return x[:t].astype(np.float32).reshape(t // k, k, *x.shape[1:]).mean(1).astype(np.float16)
+
+
+def pr_by_period(corpus: Corpus, teacher: str, layer: int, cfg: ProbeConfig) -> dict:
+    """PER of the linear CTC probe on the teacher's ``layer`` and on log-mel frames averaged over
+    1, 2 and 4 frames (20, 40, 80 ms): how much a context-free head gains from wider frames."""
+    task = build_task("pr", corpus, seed=0)
+    ids = set(task.ids)
+    sources = {"teacher": {u: x[:, layer : layer + 1] for u, x in teacher_features(teacher, corpus, ids).items()},
+               "log_mel": mel_features(corpus, ids)}
+    out: dict = {"layer": layer}
+    for name, feats in sources.items():
+        out[name] = {f"{20 * k}ms": round(train_probe(task, {u: pooled(x, k) for u, x in feats.items()}, cfg).test["per"], 4)
+                     for k in (1, 2, 4)}
+    return out
+
+
 def probe_task(name: str, corpus: Corpus, teacher: str, cfg: ProbeConfig) -> dict:
     task = build_task(name, corpus, seed=0)
     ids = set(task.ids)
@@ -91,6 +111,8 @@ def main() -> None:
     ap.add_argument("--synth", default=None, help="a synth-tiny folder (made in a temporary folder if absent)")
     ap.add_argument("--fsdd", default=str(FSDD))
     ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--periods", action="store_true",
+                    help="also probe pr on the best layer and log-mel averaged to 40 and 80 ms frames")
     args = ap.parse_args()
     torch.manual_seed(0)
     synth = Path(args.synth) if args.synth else None
@@ -108,6 +130,9 @@ def main() -> None:
         fsdd = read_corpus(f"{args.fsdd}::{{label}}_{{speaker}}_{{take}}")
         out["ks_fsdd_speaker_independent"] = probe_task("ks", fsdd, args.teacher, ks_cfg)
     pr = out["pr_synth_unseen_voices"]
+    if args.periods:
+        out["pr_linear_head_by_frame_period"] = pr_by_period(read_corpus(synth / "manifest.tsv"), args.teacher,
+                                                             pr["teacher_best_layer"], pr_cfg)
     out["pr_best_over_log_mel"] = round(pr["teacher_best"] / pr["log_mel"], 3)
     if "ks_fsdd_speaker_independent" in out:
         ks = out["ks_fsdd_speaker_independent"]
