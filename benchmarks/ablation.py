@@ -1,13 +1,15 @@
 """The open choices of the method side by side, and OFA against fixed-rate students, in miniature.
 
     python benchmarks/ablation.py [--teacher builtin:hubert-tiny] [--seeds 0,1] [--out runs/ablation]
-                                  [--variants all] [--tasks pr,ks,sid] [--rates 1,0.5,0.33,0.25]
+                                  [--variants all] [--tasks pr,ks,sid,ks-fsdd] [--rates 1,0.5,0.33,0.25]
 
 Every student is distill-tiny-sized and distilled from ``--teacher`` on synth-tiny (made if
-absent). Each variant changes one setting of the default recipe (see VARIANTS); every variant is
-distilled once per seed and swept on every task at every rate (exact lengths), and the default
-recipe also with content-adaptive lengths. ``adapt`` then learns each task's rate with the
-pathwise and the finite-difference lambda gradient. Every unit of work (a student, a sweep, an
+absent). ``pr``, ``ks`` and ``sid`` run on synth-tiny; ``ks-fsdd`` is keyword spotting on real
+recorded digits (FSDD, speaker-independent split), since synth-tiny's keywords are too easy to
+tell variants apart. Each variant changes one setting of the default recipe (see VARIANTS);
+every variant is distilled once per seed and swept on every task at every rate (exact lengths),
+and the default recipe also with content-adaptive lengths. ``adapt`` then learns each task's
+rate with the pathwise and the finite-difference lambda gradient. Every unit of work (a student, a sweep, an
 adapt run) is kept under ``--out`` and reused, so a killed run continues where it stopped.
 
 Prints one JSON document: per variant, task and rate the metric of each seed, their mean and
@@ -70,14 +72,27 @@ def distill_student(name: str, seed: int, args: argparse.Namespace, corpus: Path
     return run_distill(cfg, corpus, run, resume=resume, overwrite=not resume).student
 
 
+FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
+
+
+def task_corpus(task: str, args: argparse.Namespace, corpus: Path) -> tuple[str, str | Path]:
+    """The ofactl task and corpus of an ablation task: ``ks-fsdd`` is keyword spotting on real
+    recorded digits (FSDD, whole speakers held out), the rest run on synth-tiny."""
+    if task == "ks-fsdd":
+        return "ks", f"{args.fsdd}::{{label}}_{{speaker}}_{{take}}"
+    return task, corpus
+
+
 def sweep_student(name: str, seed: int, ckpt: Path, task: str, args: argparse.Namespace, corpus: Path,
                   adaptive: bool = False) -> list[SweepRow]:
     """One student's rows for ``task`` (rows are cached by ``run_sweep`` itself)."""
+    task, corpus_of_task = task_corpus(task, args, corpus)
     cfg = SweepConfig(task=task, rates=tuple(args.rates), seed=seed, device=args.device,
                       probe=ProbeConfig(ctc_head="linear", epochs=args.probe_epochs, cls_epochs=args.probe_epochs))
     cfg.extract = replace(cfg.extract, num_workers=0, adaptive_length=adaptive)
     label = f"{name}-s{seed}" + ("-adaptive" if adaptive else "")
-    return run_sweep(cfg, [(label, ckpt)], corpus, Path(args.out) / "sweeps" / f"{label}-{task}").rows
+    out = Path(args.out) / "sweeps" / f"{label}-{'ks-fsdd' if corpus_of_task != corpus else task}"
+    return run_sweep(cfg, [(label, ckpt)], corpus_of_task, out).rows
 
 
 def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Namespace, corpus: Path,
@@ -86,9 +101,10 @@ def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Na
     out = Path(args.out) / "adapt" / f"{task}-{grad}-s{seed}"
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
-    cfg = AdaptConfig(task=task, lambda_grad=grad, seed=seed, device=args.device)
+    ofactl_task, corpus_of_task = task_corpus(task, args, corpus)
+    cfg = AdaptConfig(task=ofactl_task, lambda_grad=grad, seed=seed, device=args.device)
     cfg.probe = replace(cfg.probe, ctc_head="linear")
-    return run_adapt(cfg, ckpt, corpus, out, sweep if sweep.is_dir() else None).to_json()
+    return run_adapt(cfg, ckpt, corpus_of_task, out, sweep if sweep.is_dir() else None).to_json()
 
 
 LOWER_IS_BETTER = ("per", "wer", "cer")
@@ -216,7 +232,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--variants", default="all")
-    ap.add_argument("--tasks", default="pr,ks,sid")
+    ap.add_argument("--tasks", default="pr,ks,sid,ks-fsdd", help="ks-fsdd: ks on FSDD (skipped without --fsdd)")
+    ap.add_argument("--fsdd", default=str(FSDD), help="the FSDD recordings folder")
     ap.add_argument("--rates", default="1,0.5,0.33,0.25")
     ap.add_argument("--steps", type=int, default=None, help="distill steps (default: the preset's)")
     ap.add_argument("--probe-epochs", type=int, default=40)
@@ -227,6 +244,11 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     tasks = args.tasks.split(",")
+    skipped = []
+    if "ks-fsdd" in tasks and not Path(args.fsdd).is_dir():
+        tasks.remove("ks-fsdd")
+        skipped.append(f"ks-fsdd: no FSDD recordings at {args.fsdd}")
+        print(f"ablation: skipping ks-fsdd, no FSDD recordings at {args.fsdd}", file=sys.stderr)
     t0 = time.perf_counter()
     corpus = _corpus(args)
     curves: Curves = {}
@@ -239,7 +261,8 @@ def main() -> None:
                     rows = sweep_student(name, seed, ckpt, task, args, corpus, adaptive=True)
                     curves.setdefault("ofactl-adaptive-length", {}).setdefault(task, {})[seed] = rows
     out: dict[str, Any] = {"benchmark": "ablation", "teacher": args.teacher, "preset": args.preset, "seeds": seeds,
-                           "rates": args.rates, "variants": {n: VARIANTS[n][0] for n in names}, "machine": machine()}
+                           "rates": args.rates, "variants": {n: VARIANTS[n][0] for n in names}, "skipped": skipped,
+                           "machine": machine()}
     out.update(summarise(curves, seeds))
     grads = [g for g in args.adapt.split(",") if g] if "ofactl" in names else []
     out["adapt"] = adapt_results(tasks, grads, seeds, args, corpus)
