@@ -96,6 +96,7 @@ class SweepRow:
     seed: int
     ofactl_version: str = __version__
     probe_config_sha: str = ""  # the probe settings the row was trained with (reuse needs a match)
+    task_sha: str = ""  # the task's splits and labels the probe saw (reuse needs a match: another corpus is another row)
     trained_rates: str = ""  # what the checkpoint was trained for, e.g. "trained at rate 0.5 only"
     fixed_rate: bool = False  # the checkpoint was trained at one rate (scored there only)
     outside_training_range: bool = False  # a once-for-all student asked for a rate it never trained at
@@ -210,6 +211,7 @@ class _Sweep:
         self.task_ids = set(self.task.ids)
         self.sub = self.corpus.subset(self.task_ids)
         self.probe_sha = _probe_sha(self.cfg)
+        self.task_sha = _task_sha(self.task)
 
     def checkpoint_rows(self, label: str, ckpt: Path, st_path: Path, plan: RatePlan) -> list[SweepRow]:
         """The rows of one checkpoint at the rates its plan scores."""
@@ -241,9 +243,9 @@ class _Sweep:
         if self.overwrite or not cache.is_file():
             return None
         doc = json.loads(cache.read_text())
-        if (doc.get("checkpoint_sha256"), doc.get("seed"), doc.get("probe_config_sha")) != (sha, self.cfg.seed,
-                                                                                          self.probe_sha):
-            return None
+        key = ("checkpoint_sha256", "seed", "probe_config_sha", "task_sha")
+        if tuple(doc.get(k) for k in key) != (sha, self.cfg.seed, self.probe_sha, self.task_sha):
+            return None  # another student, seed, probe or corpus: measured again
         self.reused += 1
         self.progress.log(f"{label} rate={r:.3f}: reusing the finished row")
         return SweepRow(**doc)
@@ -282,7 +284,8 @@ class _Sweep:
             probe_mmacs_per_s=round(_probe_macs(res.params, achieved, arch.hop) / 1e6, 3),
             store_mb=round(open_store(st_path).size_bytes(r) / 1e6, 2),
             infeasible_test=res.infeasible.get("test") if res.infeasible else None,
-            layer_weights=res.layer_weights, seed=cfg.seed, probe_config_sha=self.probe_sha)
+            layer_weights=res.layer_weights, seed=cfg.seed, probe_config_sha=self.probe_sha,
+            task_sha=self.task_sha)
         self.row_file(label, r).write_text(json.dumps(row.to_json(), indent=2))
         return row
 
@@ -304,6 +307,14 @@ def _probe_sha(cfg: SweepConfig) -> str:
 
     probe = {k: v for k, v in to_dict(cfg.probe).items() if k != "device"}
     doc = {"probe": probe, "task": cfg.task, "label_column": cfg.label_column, "layers": cfg.layers}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _task_sha(task: Any) -> str:
+    """Hash of a task's splits, labels and label vocabulary: what the probe trains and is tested on."""
+    import hashlib
+
+    doc = {"splits": task.splits, "labels": task.labels, "vocab": task.vocab}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
