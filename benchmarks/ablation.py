@@ -5,8 +5,8 @@
 
 Every student is distill-tiny-sized and distilled from ``--teacher`` on synth-tiny (made if
 absent). ``pr``, ``ks`` and ``sid`` run on synth-tiny; ``ks-fsdd`` is keyword spotting on real
-recorded digits (FSDD, speaker-independent split), since synth-tiny's keywords are too easy to
-tell variants apart. Each variant changes one setting of the default recipe (see VARIANTS);
+recorded digits (FSDD; one speaker-independent split for every seed, test speaker theo), since
+synth-tiny's keywords are too easy to tell variants apart. Each variant changes one setting of the default recipe (see VARIANTS);
 every variant is distilled once per seed and swept on every task at every rate (exact lengths),
 and the default recipe also with content-adaptive lengths. ``adapt`` then learns each task's
 rate with the pathwise and the finite-difference lambda gradient. Every unit of work (a student, a sweep, an
@@ -79,8 +79,30 @@ def task_corpus(task: str, args: argparse.Namespace, corpus: Path) -> tuple[str,
     """The ofactl task and corpus of an ablation task: ``ks-fsdd`` is keyword spotting on real
     recorded digits (FSDD, whole speakers held out), the rest run on synth-tiny."""
     if task == "ks-fsdd":
-        return "ks", f"{args.fsdd}::{{label}}_{{speaker}}_{{take}}"
+        return "ks", fsdd_manifest(args)
     return task, corpus
+
+
+def fsdd_manifest(args: argparse.Namespace) -> Path:
+    """FSDD as a manifest with one fixed speaker-independent split, the probe's seed-0 split (test
+    speaker theo, dev lucas: both held out of the bundled teacher's pretraining), so that every
+    seed and variant is tested on the same speaker; the seeds vary the student and the probe."""
+    from ofactl.audio import read_corpus
+    from ofactl.probe import build_task
+
+    path = Path(args.out) / "fsdd-ks.tsv"
+    if path.is_file():
+        return path
+    corpus = read_corpus(f"{args.fsdd}::{{label}}_{{speaker}}_{{take}}")
+    split_of = {u: s for s, ids in build_task("ks", corpus, seed=0).splits.items() for u in ids}
+    lines = ["id\tpath\tlabel\tspeaker\tsplit"] + [
+        f"{u.id}\t{Path(u.path).resolve()}\t{u.labels['label']}\t{u.labels['speaker']}\t{split_of[u.id]}"
+        for u in corpus if u.id in split_of]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def sweep_student(name: str, seed: int, ckpt: Path, task: str, args: argparse.Namespace, corpus: Path,
