@@ -240,7 +240,7 @@ def adapt_results(tasks: list[str], grads: list[str], seeds: list[int], args: ar
                 ckpt = Path(args.out) / "students" / f"ofactl-s{s}" / "student.pt"
                 sweep = Path(args.out) / "sweeps" / f"ofactl-s{s}-{task}"
                 doc = adapt_student(ckpt, task, grad, s, args, corpus, sweep)
-                runs.append({k: doc.get(k) for k in ("learned_rate", "test", "metric", "seconds", "comparison")})
+                runs.append({k: doc.get(k) for k in ("learned_rate", "test", "metric", "wall_seconds", "comparison")})
             out.setdefault(task, {})[grad] = runs
     return out
 
