@@ -38,7 +38,7 @@ from ofactl.adapt import AdaptConfig, run_adapt
 from ofactl.config import Flag, load_config
 from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
 from ofactl.probe import ProbeConfig
-from ofactl.sweep import SweepConfig, SweepRow, parse_rates, plot_tradeoff, run_sweep
+from ofactl.sweep import SweepConfig, SweepRow, load_rows, parse_rates, plot_tradeoff, run_sweep
 
 # name -> (--set overrides on distill-tiny, fixed rate or None). "ofactl" is the default recipe.
 VARIANTS: dict[str, tuple[list[str], float | None]] = {
@@ -55,6 +55,7 @@ VARIANTS: dict[str, tuple[list[str], float | None]] = {
     "cnn-thin": (["student.frontend=cnn-thin"], None),
     "fbank": (["student.frontend=fbank"], None),
 }
+FRONT_ENDS = ("cnn-thin", "fbank")
 
 
 def distill_student(name: str, seed: int, args: argparse.Namespace, corpus: Path) -> Path:
@@ -118,11 +119,14 @@ def sweep_student(name: str, seed: int, ckpt: Path, task: str, args: argparse.Na
 
 
 def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Namespace, corpus: Path,
-                  sweep: Path) -> dict[str, Any]:
-    """Learned rate and test metric of one adapt run, compared with ``sweep`` (reused when done)."""
+                  sweep: Path) -> dict[str, Any] | None:
+    """Learned rate and test metric of one adapt run, compared with ``sweep`` (reused when done;
+    None with ``--report`` when it has not run)."""
     out = Path(args.out) / "adapt" / f"{task}-{grad}-s{seed}"
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
+    if args.report:
+        return None
     ofactl_task, corpus_of_task = task_corpus(task, args, corpus)
     cfg = AdaptConfig(task=ofactl_task, lambda_grad=grad, seed=seed, device=args.device)
     cfg.probe = replace(cfg.probe, ctc_head="linear")
@@ -149,7 +153,34 @@ def summarise(curves: Curves, seeds: list[int]) -> dict[str, Any]:
                                    "seeds": vals, "achieved": round(statistics.fmean(x.achieved_rate for x in same), 4),
                                    "gmacs": round(statistics.fmean(x.upstream_gmacs_per_s for x in same), 5)}
             table.setdefault(name, {})[task] = {"metric": rows[0].metric if rows else "", "rates": cells}
-    return {"table": table, "ofa_vs_fixed": _ofa_vs_fixed(table), "not_smooth": _bumps(table)}
+    verdicts = _against_default(table)
+    # the default and every recipe that beats it (a front end is not a recipe: the fixed students use the CNN)
+    ofas = ["ofactl"] + [n for n, v in verdicts.items() if v["wins"] and n not in FRONT_ENDS]
+    return {"table": table, "ofa_vs_fixed": {n: _ofa_vs_fixed(table, n) for n in ofas}, "not_smooth": _bumps(table),
+            "against_default": verdicts}
+
+
+def _against_default(table: dict[str, Any], default: str = "ofactl") -> dict[str, Any]:
+    """Per once-for-all variant and task, the rates where it beats the default recipe (or loses
+    to it) by more than either one's seed spread. A variant *wins* when it beats the default at
+    two or more rates on two or more tasks and loses at none: the rule the defaults follow."""
+    out: dict[str, Any] = {}
+    base = table.get(default, {})
+    for name, by_task in table.items():
+        if name == default or name.startswith(("avgpool-", "cif-fixed-")):
+            continue
+        tasks: dict[str, Any] = {}
+        for task, cur in by_task.items():
+            ref, sign = base.get(task, {}).get("rates", {}), (1 if cur["metric"] in LOWER_IS_BETTER else -1)
+            better, worse = [], []
+            for r, cell in cur["rates"].items():
+                if r in ref:
+                    gain, noise = sign * (ref[r]["mean"] - cell["mean"]), max(cell["spread"], ref[r]["spread"])
+                    (better if gain > noise else worse if -gain > noise else []).append(r)
+            tasks[task] = {"better_at": better, "worse_at": worse}
+        wins = sum(len(t["better_at"]) >= 2 for t in tasks.values()) >= 2 and not any(t["worse_at"] for t in tasks.values())
+        out[name] = {"tasks": tasks, "wins": wins}
+    return out
 
 
 def mean_rows(curves: Curves, name: str, task: str, seeds: list[int]) -> list[SweepRow]:
@@ -188,30 +219,65 @@ def markdown(doc: dict[str, Any]) -> str:
     rates = [f"{r:g}" for r in doc["rates"]]
     for task in tasks:
         metric = next(v[task]["metric"] for v in doc["table"].values() if task in v)
-        lines += [f"**{task}** (test {metric}, mean of {len(doc['seeds'])} seeds, spread in brackets)", "",
-                  "| variant | " + " | ".join(f"rate {r}" for r in rates) + " |",
-                  "|---|" + "---|" * len(rates)]
+        lines += [f"**{task}** (test {metric}: the mean over seeds, the spread max - min in brackets)", "",
+                  "| variant | seeds | " + " | ".join(f"rate {r}" for r in rates) + " |",
+                  "|---|---|" + "---|" * len(rates)]
         for name, by_task in doc["table"].items():
             cells = by_task.get(task, {}).get("rates", {})
-            lines.append(f"| {name} | " + " | ".join(
+            seeds = max((len(c["seeds"]) for c in cells.values()), default=0)
+            lines.append(f"| {name} | {seeds} | " + " | ".join(
                 f"{cells[r]['mean']:.3f} ({cells[r]['spread']:.3f})" if r in cells else "-" for r in rates) + " |")
         lines.append("")
-    return "\n".join(lines)
+    lines += ["**Against the default recipe** (rates where a variant is better or worse than `ofactl` by more "
+              "than either one's seed spread; it wins with two or more better rates on two or more tasks and "
+              "no worse rate)", "", "| variant | " + " | ".join(tasks) + " | wins |", "|---|" + "---|" * (len(tasks) + 1)]
+    for name, v in doc["against_default"].items():
+        cells = [v["tasks"].get(t) for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(
+            "-" if c is None else f"better {','.join(c['better_at']) or '-'}; worse {','.join(c['worse_at']) or '-'}"
+            for c in cells) + f" | {'yes' if v['wins'] else 'no'} |")
+    lines += ["", "**Once-for-all against the fixed-rate students at their own rates** (OFA minus fixed)", "",
+              "| OFA recipe | task | fixed student | rate | fixed | OFA | OFA - fixed |", "|---|---|---|---|---|---|---|"]
+    for ofa, by_task in doc["ofa_vs_fixed"].items():
+        for task, rows in by_task.items():
+            for name, r in rows.items():
+                lines.append(f"| {ofa} | {task} ({r['metric']}) | {name} | {r['rate']:g} | {r['fixed']:.3f} | "
+                             f"{r['ofa']:.3f} | {r['ofa_minus_fixed']:+.3f} |")
+    return "\n".join(lines + _adapt_markdown(doc.get("adapt", {}))) + "\n"
 
 
-def _ofa_vs_fixed(table: dict[str, Any]) -> dict[str, Any]:
-    """Per task and fixed student: the default OFA's metric at the fixed student's rate minus its own."""
+def _adapt_markdown(adapt: dict[str, Any]) -> list[str]:
+    """adapt's learned rates per task, gradient and seed, against each seed's sweep."""
+    lines = ["", "**adapt** (default cost: 5 points per halving; per seed: learned rate, and the sweep's metric "
+             "there minus its best, interpolated)", "",
+             "| task | lambda gradient | learned rate | test metric | sweep at learned - best | in near-flat region "
+             "| adapt s | sweep probe s |", "|---|---|---|---|---|---|---|---|"]
+    for task, by_grad in adapt.items():
+        for grad, runs in by_grad.items():
+            if not runs:
+                continue
+            comp = [r.get("comparison") or {} for r in runs]
+            gap = ["-" if not c else f"{abs(c['sweep_at_learned_rate'] - c['best_sweep_metric']):.3f}" for c in comp]
+            cols = [[f"{r['learned_rate']:.3f}" for r in runs], [f"{r['test']:.3f}" for r in runs], gap,
+                    [str(c.get("learned_rate_in_flat_region", "-")).lower() for c in comp],
+                    [f"{r['wall_seconds']:.0f}" for r in runs], [str(c.get("sweep_probe_seconds", "-")) for c in comp]]
+            lines.append(f"| {task} | {grad} | " + " | ".join(" / ".join(c) for c in cols) + " |")
+    return lines
+
+
+def _ofa_vs_fixed(table: dict[str, Any], ofa: str = "ofactl") -> dict[str, Any]:
+    """Per task and fixed student: the OFA variant's metric at the fixed student's rate minus its own."""
     out: dict[str, Any] = {}
     for name, by_task in table.items():
-        if not name.startswith(("avgpool-", "cif-fixed-")) or "ofactl" not in table:
+        if not name.startswith(("avgpool-", "cif-fixed-")) or ofa not in table:
             continue
         rate = name.rsplit("-", 1)[1]
         for task, cur in by_task.items():
-            ofa = table["ofactl"].get(task, {}).get("rates", {}).get(rate)
-            if ofa and rate in cur["rates"]:
+            cell = table[ofa].get(task, {}).get("rates", {}).get(rate)
+            if cell and rate in cur["rates"]:
                 fixed = cur["rates"][rate]["mean"]
                 out.setdefault(task, {})[name] = {"rate": float(rate), "metric": cur["metric"], "fixed": fixed,
-                                                  "ofa": ofa["mean"], "ofa_minus_fixed": round(ofa["mean"] - fixed, 4)}
+                                                  "ofa": cell["mean"], "ofa_minus_fixed": round(cell["mean"] - fixed, 4)}
     return out
 
 
@@ -240,6 +306,8 @@ def adapt_results(tasks: list[str], grads: list[str], seeds: list[int], args: ar
                 ckpt = Path(args.out) / "students" / f"ofactl-s{s}" / "student.pt"
                 sweep = Path(args.out) / "sweeps" / f"ofactl-s{s}-{task}"
                 doc = adapt_student(ckpt, task, grad, s, args, corpus, sweep)
+                if doc is None:
+                    continue
                 runs.append({k: doc.get(k) for k in ("learned_rate", "test", "metric", "wall_seconds", "comparison")})
             out.setdefault(task, {})[grad] = runs
     return out
@@ -261,6 +329,8 @@ def main() -> None:
     ap.add_argument("--probe-epochs", type=int, default=40)
     ap.add_argument("--adapt", default="pathwise,difference", help="adapt gradients to compare ('' for none)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--report", action="store_true",
+                    help="train nothing: write the report from the finished students, sweeps and adapt runs")
     args = ap.parse_args()
     args.rates = list(parse_rates(args.rates))
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -273,18 +343,10 @@ def main() -> None:
         print(f"ablation: skipping ks-fsdd, no FSDD recordings at {args.fsdd}", file=sys.stderr)
     t0 = time.perf_counter()
     corpus = _corpus(args)
-    curves: Curves = {}
-    for name in names:
-        for seed in seeds:
-            ckpt = distill_student(name, seed, args, corpus)
-            for task in tasks:
-                curves.setdefault(name, {}).setdefault(task, {})[seed] = sweep_student(name, seed, ckpt, task, args, corpus)
-                if name == "ofactl":
-                    rows = sweep_student(name, seed, ckpt, task, args, corpus, adaptive=True)
-                    curves.setdefault("ofactl-adaptive-length", {}).setdefault(task, {})[seed] = rows
+    curves, missing = collect(names, seeds, tasks, args, corpus)
     out: dict[str, Any] = {"benchmark": "ablation", "teacher": args.teacher, "preset": args.preset, "seeds": seeds,
                            "rates": args.rates, "variants": {n: VARIANTS[n][0] for n in names}, "skipped": skipped,
-                           "machine": machine()}
+                           "missing": missing, "machine": machine()}
     out.update(summarise(curves, seeds))
     grads = [g for g in args.adapt.split(",") if g] if "ofactl" in names else []
     out["adapt"] = adapt_results(tasks, grads, seeds, args, corpus)
@@ -294,6 +356,31 @@ def main() -> None:
     (Path(args.out) / "ablation.json").write_text(json.dumps(out, indent=2))
     (Path(args.out) / "ablation.md").write_text(markdown(out))
     emit(out)
+
+
+def collect(names: list[str], seeds: list[int], tasks: list[str], args: argparse.Namespace,
+            corpus: Path) -> tuple[Curves, list[str]]:
+    """Every variant's rows per task and seed, distilled and swept where not finished; with
+    ``--report`` only finished sweeps are read and the missing ones listed."""
+    curves: Curves = {}
+    missing: list[str] = []
+    for name in names:
+        for seed in seeds:
+            ckpt = None if args.report else distill_student(name, seed, args, corpus)
+            for task in tasks:
+                for label, adaptive in ((name, False), ("ofactl-adaptive-length", True)):
+                    if adaptive and name != "ofactl":
+                        continue
+                    done = Path(args.out) / "sweeps" / f"{name}-s{seed}{'-adaptive' if adaptive else ''}-{task}" / "sweep.json"
+                    if ckpt is not None:
+                        rows = sweep_student(name, seed, ckpt, task, args, corpus, adaptive=adaptive)
+                    elif done.is_file():
+                        rows = load_rows(done)
+                    else:
+                        missing.append(str(done.parent))
+                        continue
+                    curves.setdefault(label, {}).setdefault(task, {})[seed] = rows
+    return curves, missing
 
 
 def _corpus(args: argparse.Namespace) -> Path:
