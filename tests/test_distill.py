@@ -178,6 +178,19 @@ def test_avgpool_baseline(tmp_path, synth_corpus):
     assert s.cfg.compressor == "avgpool" and res.achieved_rates == {}
 
 
+@pytest.mark.slow
+def test_light_student_preset_trains_from_the_teacher_without_its_cnn(tmp_path, synth_corpus):
+    base = load_config(DistillConfig, "distill", "distill-tiny-fbank")
+    assert base.student.frontend == "fbank" and base.teacher == "builtin:hubert-tiny"
+    cfg = tiny_cfg(steps=2, student=base.student)
+    res = run_distill(cfg, synth_corpus, tmp_path / "run")
+    s, _ = load_student(res.student)
+    assert s.cfg.frontend == "fbank" and s.cfg.fbank_bins == 80
+    assert all(math.isfinite(v) for v in [*res.eval_before.values(), *res.eval_after.values()])
+    x = torch.randn(1, 16000)
+    assert s.features(x, torch.tensor([16000]), [0.5])[0.5].states.shape[1] == 25  # 50 frames at rate 0.5
+
+
 _SCRIPT = """
 import sys
 from dataclasses import replace
