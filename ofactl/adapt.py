@@ -185,7 +185,7 @@ def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, devi
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
     task = build_task(cfg.task, cps, cfg.label_column or None, cfg.seed)
     utts = [u for u in cps if u.id in set(task.ids)]
-    progress.start("CNN features (computed once)", None)
+    progress.start("front-end features (computed once)", None)
     cache = _cnn_cache(student, utts, device)
     progress.finish()
     alpha_mean = student.alpha_mean
