@@ -43,12 +43,15 @@ def test_sweep_outputs_and_resume(tmp_path, synth_corpus):
     assert r3.exit_code == 0 and "(0 row(s) reused)" in r3.stderr
     # the same utterances split otherwise are another task: no row of the first corpus is reused
     lines = synth_corpus.read_text().splitlines()
-    col = lines[0].split("\t").index("split")
+    col, path_col = lines[0].split("\t").index("split"), lines[0].split("\t").index("path")
     swapped = {"train": "test", "test": "train", "dev": "dev"}
-    moved = [lines[0]] + ["\t".join(swapped.get(v, v) if i == col else v for i, v in enumerate(ln.split("\t")))
-                          for ln in lines[1:]]
-    other = synth_corpus.with_name("resplit.tsv")
-    other.write_text("\n".join(moved) + "\n")
+
+    def moved(i: int, v: str) -> str:  # the split swapped; the paths absolute, the manifest elsewhere
+        return swapped.get(v, v) if i == col else str(synth_corpus.parent / v) if i == path_col else v
+
+    other = tmp_path / "resplit.tsv"  # not beside the shared corpus: its folder must stay as made
+    other.write_text("\n".join([lines[0]] + ["\t".join(moved(i, v) for i, v in enumerate(ln.split("\t")))
+                                             for ln in lines[1:]]) + "\n")
     r4 = CliRunner().invoke(app, [a if a != str(synth_corpus) else str(other) for a in args[:-1]])
     assert r4.exit_code == 0 and "(0 row(s) reused)" in r4.stderr, r4.output
     assert CliRunner().invoke(app, args[:-1]).stderr.count("reusing the finished row") == 0  # r4 replaced them
