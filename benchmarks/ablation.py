@@ -6,11 +6,13 @@
 Every student is distill-tiny-sized and distilled from ``--teacher`` on synth-tiny (made if
 absent). ``pr``, ``ks`` and ``sid`` run on synth-tiny; ``ks-fsdd`` is keyword spotting on real
 recorded digits (FSDD; one speaker-independent split for every seed, test speaker theo), since
-synth-tiny's keywords are too easy to tell variants apart. Each variant changes one setting of the default recipe (see VARIANTS);
-every variant is distilled once per seed and swept on every task at every rate (exact lengths),
-and the default recipe also with content-adaptive lengths. ``adapt`` then learns each task's
-rate with the pathwise and the finite-difference lambda gradient. Every unit of work (a student, a sweep, an
-adapt run) is kept under ``--out`` and reused, so a killed run continues where it stopped.
+synth-tiny's keywords are too easy to tell variants apart. Each variant changes one setting of
+the default recipe (see VARIANTS); every variant is distilled once per seed and swept on every
+task at every rate (exact lengths), and the default recipe also with content-adaptive lengths.
+``adapt`` then learns each task's rate with the pathwise and the finite-difference lambda
+gradient. Every unit of work (a student, a sweep, an adapt run) is kept under ``--out`` and
+reused, so a killed run continues where it stopped; ``--report`` trains nothing and writes the
+report from what has finished.
 
 Prints one JSON document: per variant, task and rate the metric of each seed, their mean and
 spread; OFA against the fixed-rate students at their own rates; the smoothness of each curve;
@@ -51,11 +53,16 @@ VARIANTS: dict[str, tuple[list[str], float | None]] = {
     "avgpool-0.25": (["student.compressor=avgpool"], 0.25),
     "cif-fixed-0.5": ([], 0.5),
     "cif-fixed-0.25": ([], 0.25),
-    # The light front ends (trained from scratch; only the transformer is copied from the teacher).
+    # The light front ends: trained from scratch (no part of the tiny teacher fits them).
     "cnn-thin": (["student.frontend=cnn-thin"], None),
     "fbank": (["student.frontend=fbank"], None),
 }
 FRONT_ENDS = ("cnn-thin", "fbank")
+
+
+def fixed_rate(name: str) -> float | None:
+    """The one rate a variant's students are trained at (None: once-for-all)."""
+    return VARIANTS[name][1] if name in VARIANTS else None
 
 
 def distill_student(name: str, seed: int, args: argparse.Namespace, corpus: Path) -> Path:
@@ -106,16 +113,20 @@ def fsdd_manifest(args: argparse.Namespace) -> Path:
     return path
 
 
+def sweep_dir(args: argparse.Namespace, name: str, seed: int, task: str, adaptive: bool = False) -> Path:
+    """The folder of one student's sweep of one ablation task (``ks-fsdd`` included)."""
+    return Path(args.out) / "sweeps" / f"{name}-s{seed}{'-adaptive' if adaptive else ''}-{task}"
+
+
 def sweep_student(name: str, seed: int, ckpt: Path, task: str, args: argparse.Namespace, corpus: Path,
                   adaptive: bool = False) -> list[SweepRow]:
     """One student's rows for ``task`` (rows are cached by ``run_sweep`` itself)."""
-    task, corpus_of_task = task_corpus(task, args, corpus)
-    cfg = SweepConfig(task=task, rates=tuple(args.rates), seed=seed, device=args.device,
+    ofactl_task, corpus_of_task = task_corpus(task, args, corpus)
+    cfg = SweepConfig(task=ofactl_task, rates=tuple(args.rates), seed=seed, device=args.device,
                       probe=ProbeConfig(ctc_head="linear", epochs=args.probe_epochs, cls_epochs=args.probe_epochs))
     cfg.extract = replace(cfg.extract, num_workers=0, adaptive_length=adaptive)
     label = f"{name}-s{seed}" + ("-adaptive" if adaptive else "")
-    out = Path(args.out) / "sweeps" / f"{label}-{'ks-fsdd' if corpus_of_task != corpus else task}"
-    return run_sweep(cfg, [(label, ckpt)], corpus_of_task, out).rows
+    return run_sweep(cfg, [(label, ckpt)], corpus_of_task, sweep_dir(args, name, seed, task, adaptive)).rows
 
 
 def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Namespace, corpus: Path,
@@ -146,8 +157,7 @@ def summarise(curves: Curves, seeds: list[int]) -> dict[str, Any]:
         for task, by_seed in by_task.items():
             rows = [row for s in seeds for row in by_seed.get(s, [])]
             cells = {}
-            for r in sorted({row.requested_rate for row in rows}, reverse=True):
-                same = [row for row in rows if row.requested_rate == r]
+            for r, same in _by_rate(rows).items():
                 vals = [row.test for row in same]
                 cells[f"{r:g}"] = {"mean": round(statistics.fmean(vals), 4), "spread": round(max(vals) - min(vals), 4),
                                    "seeds": vals, "achieved": round(statistics.fmean(x.achieved_rate for x in same), 4),
@@ -167,7 +177,7 @@ def _against_default(table: dict[str, Any], default: str = "ofactl") -> dict[str
     out: dict[str, Any] = {}
     base = table.get(default, {})
     for name, by_task in table.items():
-        if name == default or name.startswith(("avgpool-", "cif-fixed-")):
+        if name == default or fixed_rate(name) is not None:
             continue
         tasks: dict[str, Any] = {}
         for task, cur in by_task.items():
@@ -183,12 +193,17 @@ def _against_default(table: dict[str, Any], default: str = "ofactl") -> dict[str
     return out
 
 
+def _by_rate(rows: list[SweepRow]) -> dict[float, list[SweepRow]]:
+    """The rows of each requested rate, highest rate first."""
+    return {r: [row for row in rows if row.requested_rate == r]
+            for r in sorted({row.requested_rate for row in rows}, reverse=True)}
+
+
 def mean_rows(curves: Curves, name: str, task: str, seeds: list[int]) -> list[SweepRow]:
     """One row per rate for ``name`` on ``task``: the seeds' mean metric, compute and period."""
     rows = [row for s in seeds for row in curves.get(name, {}).get(task, {}).get(s, [])]
     out = []
-    for r in sorted({row.requested_rate for row in rows}, reverse=True):
-        same = [row for row in rows if row.requested_rate == r]
+    for same in _by_rate(rows).values():
         out.append(replace(same[0], label=name, test=statistics.fmean(x.test for x in same),
                            frame_period_ms=statistics.fmean(x.frame_period_ms for x in same),
                            upstream_gmacs_per_s=statistics.fmean(x.upstream_gmacs_per_s for x in same)))
@@ -269,9 +284,10 @@ def _ofa_vs_fixed(table: dict[str, Any], ofa: str = "ofactl") -> dict[str, Any]:
     """Per task and fixed student: the OFA variant's metric at the fixed student's rate minus its own."""
     out: dict[str, Any] = {}
     for name, by_task in table.items():
-        if not name.startswith(("avgpool-", "cif-fixed-")) or ofa not in table:
+        fixed_at = fixed_rate(name)
+        if fixed_at is None or ofa not in table:
             continue
-        rate = name.rsplit("-", 1)[1]
+        rate = f"{fixed_at:g}"
         for task, cur in by_task.items():
             cell = table[ofa].get(task, {}).get("rates", {}).get(rate)
             if cell and rate in cur["rates"]:
@@ -304,8 +320,7 @@ def adapt_results(tasks: list[str], grads: list[str], seeds: list[int], args: ar
             runs = []
             for s in seeds:
                 ckpt = Path(args.out) / "students" / f"ofactl-s{s}" / "student.pt"
-                sweep = Path(args.out) / "sweeps" / f"ofactl-s{s}-{task}"
-                doc = adapt_student(ckpt, task, grad, s, args, corpus, sweep)
+                doc = adapt_student(ckpt, task, grad, s, args, corpus, sweep_dir(args, "ofactl", s, task))
                 if doc is None:
                     continue
                 runs.append({k: doc.get(k) for k in ("learned_rate", "test", "metric", "wall_seconds", "comparison")})
@@ -371,7 +386,7 @@ def collect(names: list[str], seeds: list[int], tasks: list[str], args: argparse
                 for label, adaptive in ((name, False), ("ofactl-adaptive-length", True)):
                     if adaptive and name != "ofactl":
                         continue
-                    done = Path(args.out) / "sweeps" / f"{name}-s{seed}{'-adaptive' if adaptive else ''}-{task}" / "sweep.json"
+                    done = sweep_dir(args, name, seed, task, adaptive) / "sweep.json"
                     if ckpt is not None:
                         rows = sweep_student(name, seed, ckpt, task, args, corpus, adaptive=adaptive)
                     elif done.is_file():
