@@ -37,9 +37,12 @@ class ProbeConfig:
     lr: float = 1e-2  # utterance-level heads
     ctc_lr: float = 1e-2  # CTC heads (SUPERB trains its linear phoneme probe at 1e-2)
     seed: int = 0  # seeds the probe's initialisation and batches
-    ctc_head: CtcHead = "lstm"  # lstm (one BiLSTM layer, the default) | linear (SUPERB PR)
+    ctc_head: CtcHead = "lstm"  # lstm (one BiLSTM layer, the default) | conv (one convolution: cheap
+    # context) | linear (SUPERB PR; one frame at a time, so it favours coarser frames: docs/models.md)
     lstm_hidden: int = 128  # BiLSTM width per direction (ctc_head: lstm)
     lstm_layers: int = 1  # BiLSTM layers (ctc_head: lstm)
+    conv_hidden: int = 256  # channels of the convolution (ctc_head: conv)
+    conv_kernel: int = 5  # its kernel in frames, odd: 5 frames see 100 ms at rate 1 (ctc_head: conv)
     layer_norm: bool = True  # layer-normalise each hidden state before the weighted sum
     upsample_ctc: bool = False  # repeat frames back to the 20 ms grid before the CTC head
     max_frames: int = 2_000_000  # CTC heads: training stops once the head has seen this many frames
@@ -50,8 +53,10 @@ class ProbeConfig:
     def validate(self) -> None:
         """Raise ValueError for non-positive sizes or rates."""
         check_device_name(self.device, "probe.device")
-        if self.lstm_layers < 1 or self.lstm_hidden < 1:
-            raise ValueError("lstm_layers and lstm_hidden must be >= 1")
+        if self.lstm_layers < 1 or self.lstm_hidden < 1 or self.conv_hidden < 1:
+            raise ValueError("lstm_layers, lstm_hidden and conv_hidden must be >= 1")
+        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise ValueError(f"conv_kernel must be odd and >= 1 (got {self.conv_kernel}): an odd kernel keeps frames centred")
         if min(self.epochs, self.cls_epochs, self.batch_size, self.cls_batch_size) < 1 or self.lr <= 0 or self.ctc_lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
         if self.max_frames < 0:
@@ -75,7 +80,7 @@ class WeightedSum(nn.Module):
 
 class Probe(nn.Module):
     """A downstream head over frozen features: weighted layer sum, then statistics pooling and a
-    linear layer (classification) or a linear/BiLSTM CTC head (sequences).
+    linear layer (classification) or a linear, convolutional or BiLSTM CTC head (sequences).
     """
 
     def __init__(self, n_layers: int, dim: int, n_out: int, kind: str, cfg: ProbeConfig) -> None:
@@ -91,6 +96,9 @@ class Probe(nn.Module):
         elif cfg.ctc_head == "lstm":
             self.lstm = nn.LSTM(dim, cfg.lstm_hidden, num_layers=cfg.lstm_layers, bidirectional=True, batch_first=True)
             self.out = nn.Linear(2 * cfg.lstm_hidden, n_out)
+        elif cfg.ctc_head == "conv":
+            self.conv = nn.Conv1d(dim, cfg.conv_hidden, cfg.conv_kernel, padding=cfg.conv_kernel // 2)
+            self.out = nn.Linear(cfg.conv_hidden, n_out)
         else:
             self.out = nn.Linear(dim, n_out)
         self.ctc_head = cfg.ctc_head
@@ -112,6 +120,9 @@ class Probe(nn.Module):
             packed = nn.utils.rnn.pack_padded_sequence(h, lengths.cpu().clamp(min=1), batch_first=True, enforce_sorted=False)
             h, _ = self.lstm(packed)
             h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=x.shape[1])
+        elif self.ctc_head == "conv":
+            # padding frames are zeroed so a short utterance in a batch sees the same zeros as alone
+            h = F.gelu(self.conv((h * mask).transpose(1, 2))).transpose(1, 2)
         return self.out(h)
 
 

@@ -188,3 +188,52 @@ def test_ctc_frame_budget_caps_the_epochs():
     assert train_probe(task, feats, ProbeConfig(epochs=4, max_frames=0, device="cpu")).epochs_run == 4
     with pytest.raises(ValueError, match="max_frames"):
         ProbeConfig(max_frames=-1).validate()
+
+
+def test_conv_ctc_head_gives_the_same_frames_padded_as_alone():
+    from ofactl.probe.train import Probe
+
+    torch.manual_seed(0)
+    probe = Probe(3, 8, 6, "ctc", ProbeConfig(ctc_head="conv", conv_hidden=16, conv_kernel=5)).eval()
+    x = torch.randn(2, 11, 3, 8)
+    lengths = torch.tensor([11, 7])
+    out = probe(x, lengths)
+    assert out.shape == (2, 11, 6)
+    alone = probe(x[1:, :7], lengths[1:])
+    assert torch.allclose(out[1, :7], alone[0], atol=1e-5)  # the padding is not seen as context
+
+
+def _pair_coded_ctc_task(n: int = 120, seed: int = 0) -> tuple[TaskData, dict[str, np.ndarray]]:
+    """Tokens coded by ordered pairs of two frame prototypes (ab, ba, aa, bb): one frame alone
+    says nothing about its token; two neighbouring frames say everything."""
+    rng = np.random.default_rng(seed)
+    protos = rng.normal(size=(3, 10)) * 2  # a, b and silence
+    codes = {1: (0, 1), 2: (1, 0), 3: (0, 0), 4: (1, 1)}
+    feats, labels, ids = {}, {}, []
+    for k in range(n):
+        seq = [int(t) for t in rng.integers(1, 5, size=int(rng.integers(2, 5)))]
+        frames = []
+        for t in seq:
+            frames += [protos[codes[t][0]], protos[codes[t][1]], protos[2]]
+        x = np.asarray(frames) + 0.2 * rng.normal(size=(len(frames), 10))
+        feats[f"u{k}"], labels[f"u{k}"] = x[:, None, :].astype(np.float32), seq
+        ids.append(f"u{k}")
+    splits = {"train": ids[: n - 30], "dev": ids[n - 30 : n - 15], "test": ids[n - 15 :]}
+    return TaskData("pr", "ctc", "per", False, splits, labels, ["ab", "ba", "aa", "bb"]), feats
+
+
+def test_conv_ctc_head_reads_context_that_a_linear_head_cannot():
+    task, feats = _pair_coded_ctc_task()
+    base = ProbeConfig(ctc_head="conv", epochs=25, min_epochs=25, ctc_lr=2e-2, batch_size=16, conv_hidden=32,
+                       conv_kernel=3)
+    conv = train_probe(task, feats, base)
+    assert conv.test["per"] < 0.2
+    from dataclasses import replace
+
+    linear = train_probe(task, feats, replace(base, ctc_head="linear"))
+    assert linear.test["per"] > conv.test["per"] + 0.3
+
+
+def test_even_conv_kernel_is_refused_naming_it():
+    with pytest.raises(ValueError, match="conv_kernel"):
+        ProbeConfig(ctc_head="conv", conv_kernel=4).validate()
