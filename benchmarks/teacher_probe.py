@@ -1,7 +1,8 @@
 """How much speech a teacher knows: linear probes on each of its layers against log-mel frames
 and the untrained ``random:tiny``.
 
-    python benchmarks/teacher_probe.py [--teacher builtin:hubert-tiny] [--synth DIR] [--fsdd DIR] [--periods]
+    python benchmarks/teacher_probe.py [--teacher builtin:hubert-tiny] [--synth DIR] [--fsdd DIR]
+                                      [--periods [--period-heads linear,conv]]
 
 - ``pr``: phoneme recognition (PER, a linear CTC head) on synth-tiny, trained on its train
   split and tested on its test split, whose voices the bundled teacher never heard
@@ -19,6 +20,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ from ofactl.audio import Corpus, load_audio, read_corpus
 from ofactl.model.fbank import log_mel
 from ofactl.model.teacher import load_teacher
 from ofactl.probe import ProbeConfig, build_task, train_probe
+from ofactl.probe.tasks import TaskData
 
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
 
@@ -75,28 +78,34 @@ def pooled(x: np.ndarray, k: int) -> np.ndarray:
     return x[:t].astype(np.float32).reshape(t // k, k, *x.shape[1:]).mean(1).astype(np.float16)
 
 
-def pr_by_period(corpus: Corpus, teacher: str, layer: int, cfg: ProbeConfig) -> dict:
-    """PER of the linear CTC probe on the teacher's ``layer`` and on log-mel frames averaged over
-    1, 2 and 4 frames (20, 40, 80 ms): how much a context-free head gains from wider frames."""
-    task = build_task("pr", corpus, seed=0)
+Features = dict[str, np.ndarray]
+
+
+def sources(task: TaskData, corpus: Corpus, teacher: str) -> dict[str, Features]:
+    """The features each probe compares, computed once: log-mel, ``random:tiny`` and the teacher."""
     ids = set(task.ids)
-    sources = {"teacher": {u: x[:, layer : layer + 1] for u, x in teacher_features(teacher, corpus, ids).items()},
-               "log_mel": mel_features(corpus, ids)}
+    return {"log_mel": mel_features(corpus, ids), "random_tiny": teacher_features("random:tiny", corpus, ids),
+            "teacher": teacher_features(teacher, corpus, ids)}
+
+
+def pr_by_period(task: TaskData, feats: dict[str, Features], layer: int, cfg: ProbeConfig) -> dict:
+    """PER of ``cfg``'s CTC head on the teacher's ``layer`` and on log-mel frames averaged over
+    1, 2 and 4 frames (20, 40, 80 ms): how much a head gains from wider frames."""
+    picked = {"teacher": {u: x[:, layer : layer + 1] for u, x in feats["teacher"].items()}, "log_mel": feats["log_mel"]}
     out: dict = {"layer": layer}
-    for name, feats in sources.items():
-        out[name] = {f"{20 * k}ms": round(train_probe(task, {u: pooled(x, k) for u, x in feats.items()}, cfg).test["per"], 4)
+    for name, fs in picked.items():
+        out[name] = {f"{20 * k}ms": round(train_probe(task, {u: pooled(x, k) for u, x in fs.items()}, cfg).test["per"], 4)
                      for k in (1, 2, 4)}
     return out
 
 
-def probe_task(name: str, corpus: Corpus, teacher: str, cfg: ProbeConfig) -> dict:
-    task = build_task(name, corpus, seed=0)
-    ids = set(task.ids)
+def probe_task(task: TaskData, feats: dict[str, Features], cfg: ProbeConfig) -> dict:
+    """Every layer of each source probed on ``task``; the best layers of the teacher and random:tiny."""
     t0 = time.perf_counter()
     res = {"metric": task.metric, "splits": {k: len(v) for k, v in task.splits.items()}}
-    res["log_mel"] = per_layer(task, mel_features(corpus, ids), cfg)[0]
-    for label, spec in (("random_tiny", "random:tiny"), ("teacher", teacher)):
-        res[label] = per_layer(task, teacher_features(spec, corpus, ids), cfg)
+    res["log_mel"] = per_layer(task, feats["log_mel"], cfg)[0]
+    for label in ("random_tiny", "teacher"):
+        res[label] = per_layer(task, feats[label], cfg)
     pick = min if task.metric == "per" else max
     res["teacher_best"] = pick(res["teacher"])
     res["teacher_best_layer"] = res["teacher"].index(res["teacher_best"])
@@ -113,6 +122,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--periods", action="store_true",
                     help="also probe pr on the best layer and log-mel averaged to 40 and 80 ms frames")
+    ap.add_argument("--period-heads", default="linear,conv",
+                    help="the CTC heads of --periods: linear (one frame at a time) and conv (five frames)")
     args = ap.parse_args()
     torch.manual_seed(0)
     synth = Path(args.synth) if args.synth else None
@@ -124,15 +135,19 @@ def main() -> None:
         run_synth(load_config(SynthConfig, "synth", "synth-tiny"), synth)
     out: dict = {"benchmark": "teacher_probe", "teacher": args.teacher}
     pr_cfg = ProbeConfig(ctc_head="linear", epochs=args.epochs, device="cpu")
-    out["pr_synth_unseen_voices"] = probe_task("pr", read_corpus(synth / "manifest.tsv"), args.teacher, pr_cfg)
+    synth_corpus = read_corpus(synth / "manifest.tsv")
+    pr_task = build_task("pr", synth_corpus, seed=0)
+    pr_feats = sources(pr_task, synth_corpus, args.teacher)
+    out["pr_synth_unseen_voices"] = pr = probe_task(pr_task, pr_feats, pr_cfg)
     if Path(args.fsdd).is_dir():
         ks_cfg = ProbeConfig(cls_epochs=args.epochs, device="cpu")
         fsdd = read_corpus(f"{args.fsdd}::{{label}}_{{speaker}}_{{take}}")
-        out["ks_fsdd_speaker_independent"] = probe_task("ks", fsdd, args.teacher, ks_cfg)
-    pr = out["pr_synth_unseen_voices"]
+        ks_task = build_task("ks", fsdd, seed=0)
+        out["ks_fsdd_speaker_independent"] = probe_task(ks_task, sources(ks_task, fsdd, args.teacher), ks_cfg)
     if args.periods:
-        out["pr_linear_head_by_frame_period"] = pr_by_period(read_corpus(synth / "manifest.tsv"), args.teacher,
-                                                             pr["teacher_best_layer"], pr_cfg)
+        out["pr_by_frame_period"] = {
+            head: pr_by_period(pr_task, pr_feats, pr["teacher_best_layer"], replace(pr_cfg, ctc_head=head))
+            for head in args.period_heads.split(",")}
     out["pr_best_over_log_mel"] = round(pr["teacher_best"] / pr["log_mel"], 3)
     if "ks_fsdd_speaker_independent" in out:
         ks = out["ks_fsdd_speaker_independent"]
