@@ -191,7 +191,7 @@ def quickstart(
     debug: DebugOpt = False,
 ) -> None:
     """The whole pipeline on the built-in default, no data or weights needed: synth, distill,
-    extract at several rates, sweep keyword spotting and speaker ID, adapt, summary.
+    extract at several rates, sweep keyword spotting, speaker ID and phonemes, adapt, summary.
 
     Reruns reuse finished stages.
     """
