@@ -18,7 +18,9 @@ Prints one JSON document: per variant, task and rate the metric of each seed, th
 spread; OFA against the fixed-rate students at their own rates; the smoothness of each curve;
 and adapt's learned rates against the sweep's best rate. Written to ``OUT/ablation.json`` too,
 with the tables as markdown (``OUT/ablation.md``) and metric-vs-compute figures per task
-(``OUT/ofa-vs-fixed-TASK.png``: the paper's comparison; ``OUT/frontends-TASK.png``).
+(``OUT/ofa-vs-fixed-TASK.png``: the paper's comparison; ``OUT/frontends-TASK.png``). ``pr``'s
+probe is a convolutional CTC head (``--pr-head``); with ``--pr-head linear`` or ``lstm`` the pr
+units and the report (``OUT/ablation-pr-HEAD.*``) carry the head's name.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ VARIANTS: dict[str, tuple[list[str], float | None]] = {
     "fbank": (["student.frontend=fbank"], None),
 }
 FRONT_ENDS = ("cnn-thin", "fbank")
+PR_HEAD = "conv"  # the CTC head of pr: a linear head reads one frame at a time and favours coarser frames
 
 
 def fixed_rate(name: str) -> float | None:
@@ -113,9 +116,20 @@ def fsdd_manifest(args: argparse.Namespace) -> Path:
     return path
 
 
+def unit(task: str, args: argparse.Namespace) -> str:
+    """How a task's sweeps, adapt runs and figures are named: ``pr`` carries its CTC head unless
+    it is linear (the head of the first measurements), so each head's results are kept."""
+    return f"{task}-{args.pr_head}" if task == "pr" and args.pr_head != "linear" else task
+
+
+def report_stem(args: argparse.Namespace) -> str:
+    """``ablation`` for the default ``--pr-head``; otherwise the head is in the report's name."""
+    return "ablation" if args.pr_head == PR_HEAD else f"ablation-pr-{args.pr_head}"
+
+
 def sweep_dir(args: argparse.Namespace, name: str, seed: int, task: str, adaptive: bool = False) -> Path:
     """The folder of one student's sweep of one ablation task (``ks-fsdd`` included)."""
-    return Path(args.out) / "sweeps" / f"{name}-s{seed}{'-adaptive' if adaptive else ''}-{task}"
+    return Path(args.out) / "sweeps" / f"{name}-s{seed}{'-adaptive' if adaptive else ''}-{unit(task, args)}"
 
 
 def sweep_student(name: str, seed: int, ckpt: Path, task: str, args: argparse.Namespace, corpus: Path,
@@ -123,7 +137,7 @@ def sweep_student(name: str, seed: int, ckpt: Path, task: str, args: argparse.Na
     """One student's rows for ``task`` (rows are cached by ``run_sweep`` itself)."""
     ofactl_task, corpus_of_task = task_corpus(task, args, corpus)
     cfg = SweepConfig(task=ofactl_task, rates=tuple(args.rates), seed=seed, device=args.device,
-                      probe=ProbeConfig(ctc_head="linear", epochs=args.probe_epochs, cls_epochs=args.probe_epochs))
+                      probe=ProbeConfig(ctc_head=args.pr_head, epochs=args.probe_epochs, cls_epochs=args.probe_epochs))
     cfg.extract = replace(cfg.extract, num_workers=0, adaptive_length=adaptive)
     label = f"{name}-s{seed}" + ("-adaptive" if adaptive else "")
     return run_sweep(cfg, [(label, ckpt)], corpus_of_task, sweep_dir(args, name, seed, task, adaptive)).rows
@@ -133,14 +147,14 @@ def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Na
                   sweep: Path) -> dict[str, Any] | None:
     """Learned rate and test metric of one adapt run, compared with ``sweep`` (reused when done;
     None with ``--report`` when it has not run)."""
-    out = Path(args.out) / "adapt" / f"{task}-{grad}-s{seed}"
+    out = Path(args.out) / "adapt" / f"{unit(task, args)}-{grad}-s{seed}"
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     if args.report:
         return None
     ofactl_task, corpus_of_task = task_corpus(task, args, corpus)
     cfg = AdaptConfig(task=ofactl_task, lambda_grad=grad, seed=seed, device=args.device)
-    cfg.probe = replace(cfg.probe, ctc_head="linear")
+    cfg.probe = replace(cfg.probe, ctc_head=args.pr_head)
     return run_adapt(cfg, ckpt, corpus_of_task, out, sweep if sweep.is_dir() else None).to_json()
 
 
@@ -215,13 +229,14 @@ FIGURES = {"ofa-vs-fixed": ["ofactl", "upsample", "avgpool-0.5", "avgpool-0.25",
            "frontends": ["ofactl", "cnn-thin", "fbank"]}
 
 
-def figures(curves: Curves, tasks: list[str], seeds: list[int], out: Path) -> list[str]:
+def figures(curves: Curves, tasks: list[str], seeds: list[int], args: argparse.Namespace) -> list[str]:
     """Metric vs compute per task for each group of FIGURES (seed means); the files written."""
     written = []
     for fig, names in FIGURES.items():
         for task in tasks:
             rows = [row for n in names for row in mean_rows(curves, n, task, seeds)]
-            path = plot_tradeoff(rows, out / f"{fig}-{task}.png", f"{task}: {fig} (mean of seeds {seeds})")
+            path = plot_tradeoff(rows, Path(args.out) / f"{fig}-{unit(task, args)}.png",
+                                 f"{unit(task, args)}: {fig} (mean of seeds {seeds})")
             if path is not None and len({r.label for r in rows}) > 1:
                 written.append(str(path))
     return written
@@ -229,7 +244,7 @@ def figures(curves: Curves, tasks: list[str], seeds: list[int], out: Path) -> li
 
 def markdown(doc: dict[str, Any]) -> str:
     """The table of ``doc`` (summarise's output) per task: variants by rate, mean (seed spread)."""
-    lines = []
+    lines = [f"`pr`'s probe: a {doc.get('pr_head', 'linear')} CTC head over the weighted layer sum.", ""]
     tasks = list(dict.fromkeys(t for by_task in doc["table"].values() for t in by_task))
     rates = [f"{r:g}" for r in doc["rates"]]
     for task in tasks:
@@ -342,6 +357,9 @@ def main() -> None:
     ap.add_argument("--rates", default="1,0.5,0.33,0.25")
     ap.add_argument("--steps", type=int, default=None, help="distill steps (default: the preset's)")
     ap.add_argument("--probe-epochs", type=int, default=40)
+    ap.add_argument("--pr-head", default=PR_HEAD, choices=["conv", "lstm", "linear"],
+                    help="the CTC head of pr sweeps and adapt runs (conv: context at the cost of a linear head "
+                         "within about 2x; linear favours 40 ms frames, docs/models.md)")
     ap.add_argument("--adapt", default="pathwise,difference", help="adapt gradients to compare ('' for none)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--report", action="store_true",
@@ -360,16 +378,16 @@ def main() -> None:
     corpus = _corpus(args)
     curves, missing = collect(names, seeds, tasks, args, corpus)
     out: dict[str, Any] = {"benchmark": "ablation", "teacher": args.teacher, "preset": args.preset, "seeds": seeds,
-                           "rates": args.rates, "variants": {n: VARIANTS[n][0] for n in names}, "skipped": skipped,
+                           "rates": args.rates, "pr_head": args.pr_head, "variants": {n: VARIANTS[n][0] for n in names}, "skipped": skipped,
                            "missing": missing, "machine": machine()}
     out.update(summarise(curves, seeds))
     grads = [g for g in args.adapt.split(",") if g] if "ofactl" in names else []
     out["adapt"] = adapt_results(tasks, grads, seeds, args, corpus)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    out["figures"] = figures(curves, tasks, seeds, Path(args.out))
+    out["figures"] = figures(curves, tasks, seeds, args)
     out["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    (Path(args.out) / "ablation.json").write_text(json.dumps(out, indent=2))
-    (Path(args.out) / "ablation.md").write_text(markdown(out))
+    (Path(args.out) / f"{report_stem(args)}.json").write_text(json.dumps(out, indent=2))
+    (Path(args.out) / f"{report_stem(args)}.md").write_text(markdown(out))
     emit(out)
 
 
