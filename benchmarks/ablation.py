@@ -33,12 +33,13 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import emit, machine
 
 from ofactl.adapt import AdaptConfig, run_adapt
+from ofactl.choices import CtcHead
 from ofactl.config import Flag, load_config
 from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
 from ofactl.probe import ProbeConfig
@@ -357,9 +358,9 @@ def main() -> None:
     ap.add_argument("--rates", default="1,0.5,0.33,0.25")
     ap.add_argument("--steps", type=int, default=None, help="distill steps (default: the preset's)")
     ap.add_argument("--probe-epochs", type=int, default=40)
-    ap.add_argument("--pr-head", default=PR_HEAD, choices=["conv", "lstm", "linear"],
-                    help="the CTC head of pr sweeps and adapt runs (conv: context at the cost of a linear head "
-                         "within about 2x; linear favours 40 ms frames, docs/models.md)")
+    ap.add_argument("--pr-head", default=PR_HEAD, choices=get_args(CtcHead),
+                    help="the CTC head of pr sweeps and adapt runs (conv: context for about twice a linear "
+                         "head's time; linear favours 40 ms frames, docs/models.md)")
     ap.add_argument("--adapt", default="pathwise,difference", help="adapt gradients to compare ('' for none)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--report", action="store_true",
@@ -378,8 +379,8 @@ def main() -> None:
     corpus = _corpus(args)
     curves, missing = collect(names, seeds, tasks, args, corpus)
     out: dict[str, Any] = {"benchmark": "ablation", "teacher": args.teacher, "preset": args.preset, "seeds": seeds,
-                           "rates": args.rates, "pr_head": args.pr_head, "variants": {n: VARIANTS[n][0] for n in names}, "skipped": skipped,
-                           "missing": missing, "machine": machine()}
+                           "rates": args.rates, "pr_head": args.pr_head, "variants": {n: VARIANTS[n][0] for n in names},
+                           "skipped": skipped, "missing": missing, "machine": machine()}
     out.update(summarise(curves, seeds))
     grads = [g for g in args.adapt.split(",") if g] if "ofactl" in names else []
     out["adapt"] = adapt_results(tasks, grads, seeds, args, corpus)

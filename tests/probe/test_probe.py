@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -228,8 +230,6 @@ def test_conv_ctc_head_reads_context_that_a_linear_head_cannot():
                        conv_kernel=3)
     conv = train_probe(task, feats, base)
     assert conv.test["per"] < 0.2
-    from dataclasses import replace
-
     linear = train_probe(task, feats, replace(base, ctc_head="linear"))
     assert linear.test["per"] > conv.test["per"] + 0.3
 
