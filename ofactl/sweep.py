@@ -210,7 +210,7 @@ class _Sweep:
     def __post_init__(self) -> None:
         self.task_ids = set(self.task.ids)
         self.sub = self.corpus.subset(self.task_ids)
-        self.probe_sha = _probe_sha(self.cfg)
+        self.probe_sha = _probe_sha(self.cfg, self.task.kind)
         self.task_sha = _task_sha(self.task)
 
     def checkpoint_rows(self, label: str, ckpt: Path, st_path: Path, plan: RatePlan) -> list[SweepRow]:
@@ -301,11 +301,12 @@ def _write_sweep(sw: _Sweep, rows: list[SweepRow], seconds: float, not_scored: l
     return SweepResult(sw.out_dir, rows, sw.reused, csv_path, json_path, png, seconds, not_scored)
 
 
-def _probe_sha(cfg: SweepConfig) -> str:
-    """Hash of everything that shapes a probe result besides the checkpoint and the seed."""
+def _probe_sha(cfg: SweepConfig, kind: str) -> str:
+    """Hash of everything that shapes a ``kind`` probe's result besides the checkpoint and the seed
+    (a CTC head's settings do not key an utterance task's rows, nor the other way round)."""
     import hashlib
 
-    probe = {k: v for k, v in to_dict(cfg.probe).items() if k != "device"}
+    probe = to_dict(cfg.probe.settings_for(kind))
     doc = {"probe": probe, "task": cfg.task, "label_column": cfg.label_column, "layers": cfg.layers}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -38,6 +38,9 @@ def test_sweep_outputs_and_resume(tmp_path, synth_corpus):
     # rerun: finished rows are reused, no probe is trained
     r2 = CliRunner().invoke(app, args[:-1])
     assert r2.exit_code == 0 and "2 row(s) reused" in r2.stderr and "probe" in r2.stderr  # the probe-seconds column
+    # a CTC head's settings do not shape a keyword probe: its rows stay
+    r2b = CliRunner().invoke(app, args[:-1] + ["--set", "probe.ctc_head=linear", "--set", "probe.conv_hidden=8"])
+    assert r2b.exit_code == 0 and "2 row(s) reused" in r2b.stderr, r2b.output
     # other probe settings are another experiment: the rows are trained again
     r3 = CliRunner().invoke(app, args[:-1] + ["--set", "probe.lr=0.003"])
     assert r3.exit_code == 0 and "(0 row(s) reused)" in r3.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -61,6 +61,20 @@ class ProbeConfig:
             raise ValueError("epochs, batch_size and lr must be positive")
         if self.max_frames < 0:
             raise ValueError("max_frames must be >= 0 (0: no budget)")
+
+    def settings_for(self, kind: str) -> dict[str, Any]:
+        """The settings that shape a ``kind`` ("ctc" or "cls") probe's result: every field but the
+        device and the other kind's own settings, so a cache keyed on them survives changes to a head
+        this task does not train. A field in neither ``CTC_ONLY`` nor ``CLS_ONLY`` counts for both."""
+        other = CLS_ONLY if kind == "ctc" else CTC_ONLY
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "device" and f.name not in other}
+
+
+# Settings only one kind of probe reads (``Probe``, ``train_probe``). ``batch_size`` also batches
+# evaluation, which does not change an utterance probe's predictions (padding is masked out).
+CTC_ONLY = frozenset({"epochs", "batch_size", "ctc_lr", "ctc_head", "lstm_hidden", "lstm_layers", "conv_hidden",
+                      "conv_kernel", "upsample_ctc", "max_frames"})
+CLS_ONLY = frozenset({"cls_epochs", "cls_batch_size", "lr"})
 
 
 class WeightedSum(nn.Module):

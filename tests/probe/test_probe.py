@@ -237,3 +237,20 @@ def test_conv_ctc_head_reads_context_that_a_linear_head_cannot():
 def test_even_conv_kernel_is_refused_naming_it():
     with pytest.raises(ValueError, match="conv_kernel"):
         ProbeConfig(ctc_head="conv", conv_kernel=4).validate()
+
+
+def test_settings_for_keeps_each_kind_to_its_own_settings():
+    from dataclasses import fields
+
+    from ofactl.probe.train import CLS_ONLY, CTC_ONLY
+
+    names = {f.name for f in fields(ProbeConfig)}
+    assert CTC_ONLY.issubset(names) and CLS_ONLY.issubset(names) and not CTC_ONLY & CLS_ONLY  # no stale or doubled names
+    base = ProbeConfig()
+    ctc_change, cls_change, shared = replace(base, ctc_head="linear"), replace(base, cls_epochs=7), replace(base, seed=3)
+    assert ctc_change.settings_for("cls") == base.settings_for("cls")
+    assert ctc_change.settings_for("ctc") != base.settings_for("ctc")
+    assert cls_change.settings_for("ctc") == base.settings_for("ctc")
+    assert cls_change.settings_for("cls") != base.settings_for("cls")
+    assert all(shared.settings_for(k) != base.settings_for(k) for k in ("ctc", "cls"))
+    assert replace(base, device="cpu").settings_for("ctc") == base.settings_for("ctc")  # where, not what
