@@ -147,8 +147,10 @@ def sweep_student(name: str, seed: int, ckpt: Path, task: str, args: argparse.Na
 def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Namespace, corpus: Path,
                   sweep: Path) -> dict[str, Any] | None:
     """Learned rate and test metric of one adapt run, compared with ``sweep`` (reused when done;
-    None with ``--report`` when it has not run)."""
-    out = Path(args.out) / "adapt" / f"{unit(task, args)}-{grad}-s{seed}"
+    None with ``--report`` when it has not run). Runs on another variant than the default carry
+    its name."""
+    variant = "" if args.adapt_variant == "ofactl" else f"{args.adapt_variant}-"
+    out = Path(args.out) / "adapt" / f"{variant}{unit(task, args)}-{grad}-s{seed}"
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     if args.report:
@@ -274,13 +276,13 @@ def markdown(doc: dict[str, Any]) -> str:
             for name, r in rows.items():
                 lines.append(f"| {ofa} | {task} ({r['metric']}) | {name} | {r['rate']:g} | {r['fixed']:.3f} | "
                              f"{r['ofa']:.3f} | {r['ofa_minus_fixed']:+.3f} |")
-    return "\n".join(lines + _adapt_markdown(doc.get("adapt", {}))) + "\n"
+    return "\n".join(lines + _adapt_markdown(doc.get("adapt", {}), doc.get("adapt_variant", "ofactl"))) + "\n"
 
 
-def _adapt_markdown(adapt: dict[str, Any]) -> list[str]:
+def _adapt_markdown(adapt: dict[str, Any], variant: str = "ofactl") -> list[str]:
     """adapt's learned rates per task, gradient and seed, against each seed's sweep."""
-    lines = ["", "**adapt** (default cost: 5 points per halving; per seed: learned rate, and the sweep's metric "
-             "there minus its best, interpolated)", "",
+    lines = ["", f"**adapt** on the `{variant}` students (default cost: 5 points per halving; per seed: learned "
+             "rate, and the sweep's metric there minus its best, interpolated)", "",
              "| task | lambda gradient | learned rate | test metric | sweep at learned - best | in near-flat region "
              "| adapt s | sweep probe s |", "|---|---|---|---|---|---|---|---|"]
     for task, by_grad in adapt.items():
@@ -329,14 +331,16 @@ def _bumps(table: dict[str, Any]) -> dict[str, Any]:
 
 def adapt_results(tasks: list[str], grads: list[str], seeds: list[int], args: argparse.Namespace,
                   corpus: Path) -> dict[str, Any]:
-    """adapt with each lambda gradient on the default students, beside each sweep's best rate."""
+    """adapt with each lambda gradient on the students of ``--adapt-variant``, beside each sweep's
+    best rate."""
     out: dict[str, Any] = {}
+    name = args.adapt_variant
     for task in tasks:
         for grad in grads:
             runs = []
             for s in seeds:
-                ckpt = Path(args.out) / "students" / f"ofactl-s{s}" / "student.pt"
-                doc = adapt_student(ckpt, task, grad, s, args, corpus, sweep_dir(args, "ofactl", s, task))
+                ckpt = Path(args.out) / "students" / f"{name}-s{s}" / "student.pt"
+                doc = adapt_student(ckpt, task, grad, s, args, corpus, sweep_dir(args, name, s, task))
                 if doc is None:
                     continue
                 runs.append({k: doc.get(k) for k in ("learned_rate", "test", "metric", "wall_seconds", "comparison")})
@@ -362,6 +366,8 @@ def main() -> None:
                     help="the CTC head of pr sweeps and adapt runs (conv: context for about twice a linear "
                          "head's time; linear favours 40 ms frames, docs/models.md)")
     ap.add_argument("--adapt", default="pathwise,difference", help="adapt gradients to compare ('' for none)")
+    ap.add_argument("--adapt-variant", default="ofactl",
+                    help="the once-for-all variant whose students adapt (one of --variants)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--report", action="store_true",
                     help="train nothing: write the report from the finished students, sweeps and adapt runs")
@@ -380,9 +386,12 @@ def main() -> None:
     curves, missing = collect(names, seeds, tasks, args, corpus)
     out: dict[str, Any] = {"benchmark": "ablation", "teacher": args.teacher, "preset": args.preset, "seeds": seeds,
                            "rates": args.rates, "pr_head": args.pr_head, "variants": {n: VARIANTS[n][0] for n in names},
-                           "skipped": skipped, "missing": missing, "machine": machine()}
+                           "adapt_variant": args.adapt_variant, "skipped": skipped, "missing": missing,
+                           "machine": machine()}
     out.update(summarise(curves, seeds))
-    grads = [g for g in args.adapt.split(",") if g] if "ofactl" in names else []
+    if fixed_rate(args.adapt_variant) is not None or args.adapt_variant not in VARIANTS:
+        ap.error(f"--adapt-variant: {args.adapt_variant!r} is not a once-for-all variant")
+    grads = [g for g in args.adapt.split(",") if g] if args.adapt_variant in names else []
     out["adapt"] = adapt_results(tasks, grads, seeds, args, corpus)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out["figures"] = figures(curves, tasks, seeds, args)
