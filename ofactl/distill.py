@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
-from ofactl.choices import Alignment, Precision, RateDraw, RateKind
+from ofactl.choices import Alignment, CompressWeight, Precision, RateDraw, RateKind
 from ofactl.config import save_resolved, to_dict
 from ofactl.errors import ConfigError
 from ofactl.model.compress import expected_ratio, length_mask, rate_to_lambda
@@ -90,6 +90,9 @@ class DistillConfig:
     batch_seconds: float = 120.0  # audio seconds per batch (before padding)
     crop_seconds: float = 15.6  # longest crop of one utterance (s)
     alignment: Alignment = "compress"  # compress: loss on compressed frames (teacher alike); upsample: on the 20 ms grid
+    compress_weight: CompressWeight = "frame"  # compress only. frame: every compressed frame counts once, so in a
+    # batch of mixed rates a rate-0.25 utterance counts a quarter of a rate-1 one; audio: a frame counts by the
+    # 20 ms frames it stands for, so every second of audio counts alike at every rate (as upsample's loss does)
     spectral_weight: float = 1.0  # weight of the log-mel head (student.spectral_bins > 0)
     rates: RateConfig = field(default_factory=RateConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
@@ -122,12 +125,15 @@ class DistillConfig:
 
 
 # ----------------------------------------------------------------------------- losses
-def distill_loss(pred: Tensor, target: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+def distill_loss(pred: Tensor, target: Tensor, lengths: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-head L1 + (-log sigmoid(cosine)) averaged over valid frames (and dims for L1).
 
-    pred, target: (B, T, H, D). Returns (total, per-head (H,)). Padding never counts.
+    pred, target: (B, T, H, D); ``weights`` (B,): each utterance's frames count that much in the
+    average (default 1). Returns (total, per-head (H,)). Padding never counts.
     """
     valid = length_mask(lengths, pred.shape[1]).float()[..., None]  # (B, T, 1)
+    if weights is not None:
+        valid = valid * weights.to(valid)[:, None, None]
     n = valid.sum().clamp(min=1)
     p, t = pred.float(), target.float()
     l1 = ((p - t).abs().mean(-1) * valid).sum((0, 1)) / n
@@ -155,20 +161,24 @@ def prediction_targets(student: Student, teacher: Any, wav: Tensor, lengths: Ten
 
 
 def head_losses(out: Any, targets: list[Tensor], t_lengths: Tensor, alignment: str,
-                spectral_weight: float) -> tuple[Tensor, Tensor]:
+                spectral_weight: float, compress_weight: str = "frame") -> tuple[Tensor, Tensor]:
     """Loss of every head against its aligned target: (total, per-head (H [+ 1],)).
 
-    ``compress`` compresses the 20 ms targets with the student's detached CIF plan; ``upsample``
-    upsamples the student's outputs back to 20 ms. The spectral head (last) is weighted.
+    ``compress`` compresses the 20 ms targets with the student's detached CIF plan (with
+    ``compress_weight: audio`` each utterance's frames count by its 20 ms frames per compressed
+    frame); ``upsample`` upsamples the student's outputs back to 20 ms. The spectral head (last)
+    is weighted.
     """
     plan = out.compressed.plan
     preds = [out.pred] + ([out.spectral] if out.spectral is not None else [])
     total, per = torch.zeros((), device=out.pred.device), []
+    lengths = out.hidden.lengths
+    weights = t_lengths / lengths.clamp(min=1) if compress_weight == "audio" else None
     for i, (pred, tgt) in enumerate(zip(preds, targets)):
         if alignment == "compress":
             Bt, T, H, D = tgt.shape
             tgt = plan.detach().apply(tgt.reshape(Bt, T, H * D)).reshape(Bt, -1, H, D)
-            loss, ph = distill_loss(pred, tgt, out.hidden.lengths)
+            loss, ph = distill_loss(pred, tgt, lengths, weights)
         else:
             Bp, Tp, H, D = pred.shape
             up = plan.upsample(pred.float().reshape(Bp, Tp, H * D)).reshape(Bp, -1, H, D)
@@ -207,7 +217,7 @@ def train_step_loss(student: Any, teacher: Any, batch: dict[str, Any], cfg: Dist
         out = student(wav, lengths, rate=rates.to(device), lam=None if lam is None else lam.to(device), exact=exact)
     if not torch.equal(out.cnn_lengths, t_lengths):
         raise ConfigError("teacher and student CNNs give different frame counts; they need the same conv layers")
-    loss, per_head = head_losses(out, targets, t_lengths, cfg.alignment, cfg.spectral_weight)
+    loss, per_head = head_losses(out, targets, t_lengths, cfg.alignment, cfg.spectral_weight, cfg.compress_weight)
     seg = frame = torch.zeros((), device=device)
     a_pred = out.compressed.alpha_pred
     g = cfg.guidance

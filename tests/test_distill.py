@@ -323,3 +323,32 @@ def test_spectral_head_adds_a_weighted_loss(synth_corpus):
     assert a.per_head.shape == (3,)  # two teacher layers, then the spectral head
     assert torch.allclose(a.per_head, b.per_head)
     assert math.isclose(b.loss.item() - a.loss.item(), 2.0 * a.per_head[2].item(), rel_tol=1e-4)
+
+
+def test_audio_weighting_counts_every_second_alike_at_every_rate(synth_corpus):
+    from ofactl.audio import load_audio, read_corpus
+    from ofactl.distill import head_losses, prediction_targets
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    teacher = load_teacher(cfg.teacher)
+    student = Student(cfg.student).eval()
+    wavs = [load_audio(u.path)[:24000] for u in list(read_corpus(synth_corpus))[:2]]
+    rates = torch.tensor([1.0, 0.25], dtype=torch.float64)
+
+    def loss(idx: list[int], weight: str) -> tuple[float, int, int]:
+        """The batch of utterances ``idx`` at their rates: (loss, 20 ms frames, compressed frames)."""
+        ws = [wavs[i] for i in idx]
+        wav, lengths = torch.nn.utils.rnn.pad_sequence(ws, batch_first=True), torch.tensor([len(w) for w in ws])
+        with torch.no_grad():
+            targets, t_len = prediction_targets(student, teacher, wav, lengths)
+            out = student(wav, lengths, rate=rates[idx], exact=True)
+            total, _ = head_losses(out, targets, t_len, "compress", 1.0, weight)
+        return total.item(), int(t_len.sum()), int(out.hidden.lengths.sum())
+
+    (la, ta, ca), (lb, tb, cb) = loss([0], "frame"), loss([1], "frame")
+    assert cb < tb / 3  # the second utterance is compressed four times
+    # frame: each compressed frame counts once; audio: each 20 ms frame of the input does
+    assert math.isclose(loss([0, 1], "frame")[0], (ca * la + cb * lb) / (ca + cb), rel_tol=1e-4)
+    assert math.isclose(loss([0, 1], "audio")[0], (ta * la + tb * lb) / (ta + tb), rel_tol=1e-4)
+    assert math.isclose(loss([1], "audio")[0], lb, rel_tol=1e-5)  # one utterance: only the weighting differs
