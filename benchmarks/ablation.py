@@ -38,7 +38,7 @@ from typing import Any, get_args
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import emit, machine
 
-from ofactl.adapt import AdaptConfig, run_adapt
+from ofactl.adapt import AdaptConfig, compare_with_sweep, run_adapt
 from ofactl.choices import CtcHead
 from ofactl.config import Flag, load_config
 from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
@@ -160,6 +160,17 @@ def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Na
     cfg = AdaptConfig(task=ofactl_task, lambda_grad=grad, seed=seed, device=args.device)
     cfg.probe = replace(cfg.probe, ctc_head=args.pr_head)
     return run_adapt(cfg, ckpt, corpus_of_task, out, sweep if sweep.is_dir() else None).to_json()
+
+
+def _compare_again(doc: dict[str, Any], task: str, sweep: Path, args: argparse.Namespace, corpus: Path) -> dict[str, Any]:
+    """An adapt run's comparison with its sweep, recomputed by ``compare_with_sweep`` with the run's cost."""
+    from ofactl.audio import read_corpus
+    from ofactl.probe import build_task
+
+    ofactl_task, corpus_of_task = task_corpus(task, args, corpus)
+    # the comparison reads only the metric's direction and the test split's size, alike for every seed
+    data = build_task(ofactl_task, read_corpus(corpus_of_task), None, 0)
+    return compare_with_sweep(sweep, data, doc["learned_rate"], doc["test"], doc["wall_seconds"], doc["cost"])
 
 
 LOWER_IS_BETTER = ("per", "wer", "cer")
@@ -289,7 +300,7 @@ def _adapt_markdown(adapt: dict[str, Any], variant: str = "ofactl") -> list[str]
     lines = ["", f"**adapt** on the `{variant}` students (default cost: 5 points per halving; per seed: learned "
              "rate, and the sweep's metric there minus its best, interpolated)", "",
              "| task | lambda gradient | learned rate | test metric | sweep at learned - best | in near-flat region "
-             "| adapt s | sweep probe s |", "|---|---|---|---|---|---|---|---|"]
+             "| objective at learned - lowest (its rate) | adapt s | sweep probe s |", "|---|---|---|---|---|---|---|---|---|"]
     for task, by_grad in adapt.items():
         for grad, runs in by_grad.items():
             if not runs:
@@ -298,6 +309,8 @@ def _adapt_markdown(adapt: dict[str, Any], variant: str = "ofactl") -> list[str]
             gap = ["-" if not c else f"{abs(c['sweep_at_learned_rate'] - c['best_sweep_metric']):.3f}" for c in comp]
             cols = [[f"{r['learned_rate']:.3f}" for r in runs], [f"{r['test']:.3f}" for r in runs], gap,
                     [str(c.get("learned_rate_in_flat_region", "-")).lower() for c in comp],
+                    [f"{c['objective_gap']:.3f} ({c['best_objective_rate']:.2f})" if "objective_gap" in c else "-"
+                     for c in comp],
                     [f"{r['wall_seconds']:.0f}" for r in runs], [str(c.get("sweep_probe_seconds", "-")) for c in comp]]
             lines.append(f"| {task} | {grad} | " + " | ".join(" / ".join(c) for c in cols) + " |")
     return lines
@@ -345,9 +358,12 @@ def adapt_results(tasks: list[str], grads: list[str], seeds: list[int], args: ar
             runs = []
             for s in seeds:
                 ckpt = Path(args.out) / "students" / f"{name}-s{s}" / "student.pt"
-                doc = adapt_student(ckpt, task, grad, s, args, corpus, sweep_dir(args, name, s, task))
+                sweep = sweep_dir(args, name, s, task)
+                doc = adapt_student(ckpt, task, grad, s, args, corpus, sweep)
                 if doc is None:
                     continue
+                if doc.get("comparison") and "objective_gap" not in doc["comparison"] and sweep.is_dir():
+                    doc["comparison"] = _compare_again(doc, task, sweep, args, corpus)  # a run from before the field
                 runs.append({k: doc.get(k) for k in ("learned_rate", "test", "metric", "wall_seconds", "comparison")})
             out.setdefault(task, {})[grad] = runs
     return out

@@ -299,7 +299,7 @@ def _finish_adapt(job: _AdaptJob, out_dir: Path, compare_sweep: Path | None, t0:
         f"cost {cfg.cost}); use with 'ofactl extract -c {out_dir / 'rate.yaml'}'\n"
         f"extract:\n  rates: [{learned_rate}]\n")
     comparison = compare_with_sweep(compare_sweep, task, learned_rate, test_metric[task.metric],
-                                    time.perf_counter() - t0) if compare_sweep else None
+                                    time.perf_counter() - t0, cfg.cost, cfg.target_rate) if compare_sweep else None
     res = AdaptResult(out_dir, task.task, task.metric, round(test_metric[task.metric], 5), round(final_lam, 5),
                       learned_rate, round(20.0 / learned_rate, 2), cfg.init_rate, cfg.cost,
                       time.perf_counter() - t0, comparison)
@@ -351,9 +351,16 @@ def _cost(cfg: AdaptConfig, alpha_pred: Tensor, lam: Tensor, n: Tensor) -> tuple
     valid = length_mask(n, alpha_pred.shape[1]).float()
     alpha = mix_alpha(alpha_pred, lam)
     mean_ratio = ((alpha * valid).sum(1) / n.float()).mean()  # expected frames / input frames
-    if cfg.target_rate > 0:
-        return mean_ratio, cfg.cost * (mean_ratio - cfg.target_rate).abs()
-    return mean_ratio, cfg.cost * torch.log2(mean_ratio.clamp(min=1e-4))
+    return mean_ratio, rate_cost(mean_ratio, cfg.cost, cfg.target_rate)
+
+
+def rate_cost(ratio: Tensor, cost: float, target_rate: float = 0.0) -> Tensor:
+    """The compute term adapt adds to the expected error at frame ratio ``ratio`` (any shape):
+    ``cost`` per halving of the rate (log2, negative below rate 1), or ``cost`` times the distance
+    to ``target_rate`` when that is set."""
+    if target_rate > 0:
+        return cost * (ratio - target_rate).abs()
+    return cost * torch.log2(ratio.clamp(min=1e-4))
 
 
 @torch.no_grad()
@@ -374,13 +381,17 @@ def _evaluate(student: Any, probe: Probe, task: TaskData, ids: list[str], cache:
     return score(task, ids, preds), frames / inputs
 
 
-def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, adapt_s: float) -> dict[str, Any]:
+def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, adapt_s: float,
+                       cost: float | None = None, target_rate: float = 0.0) -> dict[str, Any]:
     """Where the learned rate falls on a sweep of the same task, and what each cost.
 
     The near-flat region is where the sweep curve (linearly interpolated between its rates) is
     within ``tolerance`` of its best value: 2 points, or two binomial standard errors of the best
     value on this test set (utterances for accuracy, reference tokens for error rates), whichever
     is larger, so that test-set noise alone does not shrink the region to one point.
+
+    With ``cost``, also what adapt minimises, on the same curve: the error (1 - accuracy) plus
+    ``rate_cost``; ``objective_gap`` is its value at the learned rate minus its lowest.
     """
     from ofactl.sweep import load_rows
 
@@ -405,7 +416,8 @@ def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, a
     flat = [float(g) for g in grid if near(float(np.interp(g, xs, ys)))]
     at_rate = float(np.interp(rate, xs, ys))
     in_range = xs[0] - 0.01 <= rate <= xs[-1] + 0.01  # the sweep's achieved rates round a little
-    return {
+    objective = {} if cost is None else _objective_on_curve(grid, xs, ys, task.higher_better, rate, cost, target_rate)
+    return objective | {
         "sweep_rates": xs, "sweep_metric": ys, "sweep_at_learned_rate": round(at_rate, 5),
         "adapt_metric": metric, "best_sweep_metric": best, "tolerance": round(tol, 4),
         "near_flat_region": [round(min(flat), 4), round(max(flat), 4)] if flat else None,
@@ -435,3 +447,19 @@ def _plot(traj: list[dict[str, Any]], path: Path, task: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _objective_on_curve(grid: np.ndarray, xs: list[float], ys: list[float], higher_better: bool, rate: float,
+                        cost: float, target_rate: float) -> dict[str, Any]:
+    """adapt's objective (error + rate cost) along an interpolated sweep curve: its lowest value
+    and rate, its value at ``rate`` and the gap between the two (0 when adapt found the best)."""
+    def objective(r: np.ndarray) -> np.ndarray:
+        y = np.interp(r, xs, ys)
+        err = 1.0 - y if higher_better else y
+        return err + rate_cost(torch.as_tensor(r, dtype=torch.float64), cost, target_rate).numpy()
+
+    along = objective(grid)
+    at = float(objective(np.array([min(max(rate, xs[0]), xs[-1])]))[0])
+    best = int(np.argmin(along))
+    return {"objective_at_learned_rate": round(at, 5), "best_objective": round(float(along[best]), 5),
+            "best_objective_rate": round(float(grid[best]), 4), "objective_gap": round(at - float(along[best]), 5)}

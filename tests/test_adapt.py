@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -218,6 +219,14 @@ def test_compare_with_sweep_uses_the_interpolated_curve_and_test_set_noise(tmp_p
     assert c["learned_rate_in_flat_region"] and c["sweep_at_learned_rate"] == pytest.approx(0.328, abs=1e-3)
     assert not compare_with_sweep(tmp_path, task, 0.3, 0.3, 5.0)["learned_rate_in_flat_region"]
     assert not compare_with_sweep(tmp_path, task, 0.2, 0.3, 5.0)["learned_rate_in_flat_region"]  # below the sweep
+    # adapt's own objective on the curve: error + 0.05 * log2(rate) is 0.60 at rate 1, 0.59 at 0.5
+    # (the lowest: the curve is concave between them) and 0.672 - 0.058 at the learned 0.45
+    o = compare_with_sweep(tmp_path, task, 0.45, 0.3, 5.0, cost=0.05)
+    assert o["best_objective_rate"] == pytest.approx(0.5, abs=2e-3) and o["best_objective"] == pytest.approx(0.59, abs=1e-3)
+    assert o["objective_gap"] == pytest.approx(0.672 + 0.05 * math.log2(0.45) - 0.59, abs=1e-3)
+    assert "objective_gap" not in c  # only with a cost
+    near_one = compare_with_sweep(tmp_path, task, 1.0, 0.4, 5.0, cost=0.05, target_rate=1.0)
+    assert near_one["best_objective_rate"] == 1.0 and near_one["objective_gap"] == pytest.approx(0.0, abs=1e-9)
 
 
 @pytest.mark.parametrize("key, value, message", [
