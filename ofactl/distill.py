@@ -122,6 +122,9 @@ class DistillConfig:
             raise ValueError("optim.accum must be >= 1")
         if self.student.compressor == "none" and (self.rates.kind != "fixed" or self.rates.rate != 1.0):
             raise ValueError("a student without compressor trains at rate 1: set rates.kind=fixed, rates.rate=1")
+        if self.compress_weight != "frame" and self.alignment != "compress":
+            raise ValueError(f"compress_weight={self.compress_weight} weighs compressed frames: it needs "
+                             f"alignment=compress (alignment={self.alignment} scores every 20 ms frame alike already)")
 
 
 # ----------------------------------------------------------------------------- losses

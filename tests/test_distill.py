@@ -352,3 +352,10 @@ def test_audio_weighting_counts_every_second_alike_at_every_rate(synth_corpus):
     assert math.isclose(loss([0, 1], "frame")[0], (ca * la + cb * lb) / (ca + cb), rel_tol=1e-4)
     assert math.isclose(loss([0, 1], "audio")[0], (ta * la + tb * lb) / (ta + tb), rel_tol=1e-4)
     assert math.isclose(loss([1], "audio")[0], lb, rel_tol=1e-5)  # one utterance: only the weighting differs
+
+
+def test_compress_weight_without_compress_alignment_is_refused_naming_both():
+    cfg = load_config(DistillConfig, "distill", "distill-tiny", ["compress_weight=audio"])
+    assert cfg.compress_weight == "audio" and cfg.alignment == "compress"
+    with pytest.raises(ConfigError, match="compress_weight=audio .* needs alignment=compress"):
+        load_config(DistillConfig, "distill", "distill-tiny", ["compress_weight=audio", "alignment=upsample"])
