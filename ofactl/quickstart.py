@@ -86,11 +86,21 @@ _NOT_RESULTS = ("device", "num_workers")
 
 
 def settings_sha(cfg: Any, **inputs: str) -> str:
-    """A short hash of a stage's resolved settings and the identity of its inputs (corpus
-    fingerprint, student checkpoint hash): a finished stage is reused only when it matches."""
-    doc = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_RESULTS}
+    """A short hash of a stage's resolved settings (a config or its dict) and the identity of its
+    inputs (corpus fingerprint, student checkpoint hash): a finished stage is reused only when it
+    matches."""
+    doc = {k: v for k, v in (cfg if isinstance(cfg, dict) else to_dict(cfg)).items() if k not in _NOT_RESULTS}
     blob = json.dumps({"settings": doc, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def adapt_sha(acfg: Any, student_sha: str) -> str:
+    """The settings hash of one adapt stage: its probe settings narrowed to its task's kind of
+    probe, so a new CTC head re-adapts ``pr`` but not ``ks`` or ``sid`` (and the other way round)."""
+    from ofactl.probe.tasks import task_kind
+
+    own = to_dict(acfg) | {"probe": to_dict(acfg.probe.settings_for(task_kind(acfg.task)))}
+    return settings_sha(own, student=student_sha)
 
 
 class StageStamps:
@@ -226,7 +236,7 @@ class _Quickstart:
             acfg.probe = self.pr_probe(acfg.probe)
             ad_dir = self.out / f"adapt-{task}"
             summary = ad_dir / "summary.json"
-            sha = settings_sha(acfg, student=file_sha256(student))
+            sha = adapt_sha(acfg, file_sha256(student))
             if self.stamps.matches(f"adapt-{task}", sha) and summary.is_file():
                 out[task] = json.loads(summary.read_text())
                 self.progress.log(f"reusing {summary} (made with the same adapt settings and student)")

@@ -55,3 +55,20 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
     assert "made with other distill settings; distilling again" in r4.stderr
     doc4 = json.loads(r4.stdout)
     assert doc4["reused"] == [] and json.loads((tmp_path / "qs/distill/summary.json").read_text())["steps"] == 4
+
+
+def test_adapt_stamp_hashes_only_its_own_kind_of_probe():
+    from dataclasses import replace
+
+    from ofactl.adapt import AdaptConfig
+    from ofactl.quickstart import adapt_sha
+
+    for task, own, other in (("ks", {"cls_epochs": 9}, {"ctc_head": "conv"}),
+                             ("pr", {"ctc_head": "conv"}, {"cls_epochs": 9})):
+        a = AdaptConfig(task=task)
+        base = adapt_sha(a, "s1")
+        assert adapt_sha(replace(a, probe=replace(a.probe, **other)), "s1") == base
+        assert adapt_sha(replace(a, probe=replace(a.probe, **own)), "s1") != base
+        assert adapt_sha(replace(a, probe=replace(a.probe, device="cuda")), "s1") == base
+        assert adapt_sha(replace(a, epochs=a.epochs + 1), "s1") != base
+        assert adapt_sha(a, "s2") != base

@@ -70,7 +70,7 @@ def build_task(task: str, corpus: Corpus, label_column: str | None = None, seed:
             raise ConfigError(f"task {task} needs a '{col}' column; corpus {corpus.source} has: "
                               f"{', '.join(corpus.columns) or 'no label columns'}")
         utts = [u for u in utts if u.labels.get(col, "").strip()]
-    if task in ("pr", "asr"):
+    if task_kind(task) == "ctc":
         seqs = {u.id: (u.labels[col].split() if task == "pr" else _asr_tokens(u.labels[col])) for u in utts}
         vocab = sorted({t for s in seqs.values() for t in s})
         index = {t: i + 1 for i, t in enumerate(vocab)}
@@ -85,6 +85,12 @@ def build_task(task: str, corpus: Corpus, label_column: str | None = None, seed:
     splits = _splits(task, utts, seed)
     _check_splits(task, splits, utts, corpus.source)
     return TaskData(task, kind, metric, higher, splits, labels, vocab, {"label_column": col})
+
+
+def task_kind(task: str) -> str:
+    """The kind of probe a task trains: "ctc" (a label sequence per utterance: ``pr``, ``asr``) or
+    "cls" (one label per utterance)."""
+    return "ctc" if task in ("pr", "asr") else "cls"
 
 
 def _check_splits(task: str, splits: dict[str, list[str]], utts: list, source: str) -> None:
