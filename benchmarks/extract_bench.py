@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import emit  # noqa: E402
+from _util import emit
 
-from ofactl.audio import read_corpus  # noqa: E402
-from ofactl.extract import ExtractConfig, extract_with_student  # noqa: E402
-from ofactl.model.student import Student, student_config  # noqa: E402
+from ofactl.audio import read_corpus
+from ofactl.extract import ExtractConfig, extract_with_student
+from ofactl.model.student import Student, student_config
 
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
 

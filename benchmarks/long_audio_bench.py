@@ -24,10 +24,10 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import emit  # noqa: E402
+from _util import emit
 
-from ofactl.checkpoint import save_student  # noqa: E402
-from ofactl.model.student import Student, student_config  # noqa: E402
+from ofactl.checkpoint import save_student
+from ofactl.model.student import Student, student_config
 
 RUN = """
 import json, resource, sys, time
@@ -77,8 +77,8 @@ def main() -> None:
     h = open_store(work / "h.zarr").group(0.5)["90s"].astype(np.float32)
     out["windowed_vs_whole_90s"] = {
         "frames": [len(w), len(h)],
-        "relative_l2_per_layer": [round(float(np.linalg.norm(w[:, l] - h[:, l]) / np.linalg.norm(h[:, l])), 5)
-                                  for l in range(h.shape[1])],
+        "relative_l2_per_layer": [round(float(np.linalg.norm(w[:, k] - h[:, k]) / np.linalg.norm(h[:, k])), 5)
+                                  for k in range(h.shape[1])],
     }
     out["peak_ratio_long_vs_1s"] = round(out["long_windowed"]["peak_rss_gb"] / out["one_second"]["peak_rss_gb"], 2)
     emit(out)

@@ -17,11 +17,11 @@ import torch
 import torchaudio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import emit, timeit  # noqa: E402
+from _util import emit, timeit
 
-from ofactl.model.blocks import HubertArch  # noqa: E402
-from ofactl.model.teacher import Teacher  # noqa: E402
-from ofactl.model.student import Student, student_config  # noqa: E402
+from ofactl.model.blocks import HubertArch
+from ofactl.model.student import Student, student_config
+from ofactl.model.teacher import Teacher
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
         t_cnn = timeit(lambda: student.cnn_features(wav, L), args.repeats)
         rates = {}
         for r in (1.0, 0.5, 0.25):
-            t_enc = timeit(lambda: student.encode(feats, n, rate=r), args.repeats)
+            t_enc = timeit(lambda r=r: student.encode(feats, n, rate=r), args.repeats)
             rates[str(r)] = {"encode_s": round(t_enc, 4)}
         base = rates["1.0"]["encode_s"]
         for r in rates:
@@ -108,9 +108,9 @@ def front_end_figures(frontends: list[str], wav: torch.Tensor, L: torch.Tensor, 
         row: dict = {}
         for r in (1.0, 0.5, 0.25):
             with torch.inference_mode():
-                t32 = timeit(lambda: s(wav, L, rate=r, with_heads=False), repeats)
+                t32 = timeit(lambda s=s, r=r: s(wav, L, rate=r, with_heads=False), repeats)
 
-                def bf16() -> None:
+                def bf16(s: Student = s, r: float = r) -> None:
                     with torch.autocast("cpu", dtype=torch.bfloat16):
                         s(wav, L, rate=r, with_heads=False)
 
@@ -119,7 +119,7 @@ def front_end_figures(frontends: list[str], wav: torch.Tensor, L: torch.Tensor, 
                 ref = t32
             row[f"{r:g}"] = {"fp32_s": round(t32, 4), "bf16_s": round(t16, 4),
                              "gmacs_per_s": round(student_gmacs_per_second(cfg, r)["total"], 4)}
-        for r, cell in row.items():
+        for cell in row.values():
             if ref:
                 cell["rel_to_cnn_rate1"] = round(cell["fp32_s"] / ref, 3)
             cell["speedup_vs_hubert_base"] = round(t_teacher / cell["fp32_s"], 2)

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import emit  # noqa: E402
+from _util import emit
 
-from ofactl.checkpoint import save_student  # noqa: E402
-from ofactl.extract import ExtractConfig, run_extract  # noqa: E402
-from ofactl.model.student import Student, student_config  # noqa: E402
-from ofactl.storage import open_store  # noqa: E402
+from ofactl.checkpoint import save_student
+from ofactl.extract import ExtractConfig, run_extract
+from ofactl.model.student import Student, student_config
+from ofactl.storage import open_store
 
 RATES = (1.0, 0.5, 0.33)
 CFG = dict(rates=RATES, num_workers=0, block_utts=8, chunk_frames=64, batch_seconds=4.0, dtype="float16")

@@ -143,7 +143,7 @@ def test_soft_error_charges_ctc_utterances_too_short_for_their_labels():
         dropped = task_loss(probe, task, ["a", "b"], h, torch.tensor([4, 6]))  # as the probe trains
     assert float(short) == pytest.approx((np.log(5) + float(alone_b)) / 2, rel=1e-5)  # log(V) per token, not 0
     assert float(err) == pytest.approx((1 - 1 / 5 + float(alone_err)) / 2, rel=1e-5)  # 1 - exp(-log V)
-    assert 0 < float(ok) and 0 <= float(err) <= 1
+    assert float(ok) > 0 and 0 <= float(err) <= 1
     assert float(dropped) == pytest.approx(float(alone_b) / 2, rel=1e-5)  # zero_infinity: "a" costs 0
 
 

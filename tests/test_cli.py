@@ -186,7 +186,7 @@ def test_library_warnings_print_one_line(capsys):
         _one_line_warnings()
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            warnings.warn("first line of a torch warning\n  second line\n  third", UserWarning)
+            warnings.warn("first line of a torch warning\n  second line\n  third", UserWarning, stacklevel=1)
     finally:
         warnings.showwarning = saved
     err = capsys.readouterr().err

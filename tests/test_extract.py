@@ -273,7 +273,7 @@ def test_torch_dataset(tmp_path, synth_corpus, student_ckpt):
     ckpt, _ = student_ckpt
     extract(tmp_path, synth_corpus, ckpt=ckpt)
     ds = FeatureDataset(tmp_path / "f.zarr", 0.5, layers=[2])
-    uid, x = ds[0]
+    _, x = ds[0]
     assert x.dtype == torch.float32 and x.shape[1:] == (1, 64)
     lazy = FeatureDataset(tmp_path / "f.zarr", 0.5, in_memory=False)
     assert torch.equal(lazy[3][1][:, 2:], ds[3][1])
@@ -458,7 +458,7 @@ def test_info_lists_skipped_inputs_with_reasons(tmp_path, synth_corpus, student_
 
 @pytest.mark.slow
 def test_long_utterances_run_in_windows(tmp_path, synth_corpus, student_ckpt):
-    ckpt, student = student_ckpt
+    ckpt, _ = student_ckpt
     cfg = replace(CFG, long_window_s=1.0, long_context_s=0.3)
     extract(tmp_path, synth_corpus, cfg=cfg, ckpt=ckpt)
     extract(tmp_path, synth_corpus, ckpt=ckpt, name="whole.zarr")

@@ -30,6 +30,6 @@ def test_figures_table_matches_benchmark_results():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     doc = json.loads((ROOT / "benchmarks" / "results.json").read_text())
-    assert README == mod.with_table(README, doc), "README figures are stale: python benchmarks/readme_table.py"
+    assert mod.with_table(README, doc) == README, "README figures are stale: python benchmarks/readme_table.py"
     for cmd in ("python benchmarks/model_bench.py", "python benchmarks/extract_bench.py", "python benchmarks/distill_bench.py"):
         assert f"`{cmd}`" in README

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
+from itertools import pairwise
 
 import pytest
 import soundfile as sf
@@ -44,8 +45,8 @@ def test_phone_times_increasing_and_inside_audio(synth_corpus):
         phones = u.labels["phones"].split()
         times = [float(t) for t in u.labels["phone_times"].split()]
         assert len(phones) == len(times) > 0
-        assert all(b > a for a, b in zip(times, times[1:]))
-        assert 0 <= times[0] and times[-1] < 1000 * u.seconds
+        assert all(b > a for a, b in pairwise(times))
+        assert times[0] >= 0 and times[-1] < 1000 * u.seconds
 
 
 def test_splits_are_speaker_and_text_disjoint(synth_corpus):

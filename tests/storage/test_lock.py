@@ -63,9 +63,9 @@ def test_plain_and_shard_writers_never_both_get_through(tmp_path):
 
 def test_shards_share_and_plain_writers_exclude(tmp_path):
     store = tmp_path / "f.zarr"
-    with GroupLock(store, "rate=0.500", (0, 2), NullProgress()), GroupLock(store, "rate=0.500", (1, 2), NullProgress()):
-        with pytest.raises(StoreError, match="being written by process"):
-            GroupLock(store, "rate=0.500", None, NullProgress()).__enter__()
+    with (GroupLock(store, "rate=0.500", (0, 2), NullProgress()), GroupLock(store, "rate=0.500", (1, 2), NullProgress()),
+          pytest.raises(StoreError, match="being written by process")):
+        GroupLock(store, "rate=0.500", None, NullProgress()).__enter__()
     with GroupLock(store, "rate=0.500", None, NullProgress()):
         with pytest.raises(StoreError, match="being written by process"):
             GroupLock(store, "rate=0.500", None, NullProgress()).__enter__()
