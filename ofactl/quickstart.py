@@ -19,6 +19,7 @@ from ofactl.config import load_config, save_resolved, to_dict
 from ofactl.progress import NullProgress, Progress
 
 if TYPE_CHECKING:
+    from ofactl.adapt import AdaptConfig
     from ofactl.probe import ProbeConfig
 
 UNTRAINED_NOTE = ("the teacher is random:tiny, an UNTRAINED HuBERT-shaped model; the student also learns "
@@ -89,17 +90,17 @@ def settings_sha(cfg: Any, **inputs: str) -> str:
     """A short hash of a stage's resolved settings (a config or its dict) and the identity of its
     inputs (corpus fingerprint, student checkpoint hash): a finished stage is reused only when it
     matches."""
-    doc = {k: v for k, v in (cfg if isinstance(cfg, dict) else to_dict(cfg)).items() if k not in _NOT_RESULTS}
+    doc = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_RESULTS}
     blob = json.dumps({"settings": doc, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def adapt_sha(acfg: Any, student_sha: str) -> str:
+def adapt_sha(acfg: AdaptConfig, student_sha: str) -> str:
     """The settings hash of one adapt stage: its probe settings narrowed to its task's kind of
     probe, so a new CTC head re-adapts ``pr`` but not ``ks`` or ``sid`` (and the other way round)."""
     from ofactl.probe.tasks import task_kind
 
-    own = to_dict(acfg) | {"probe": to_dict(acfg.probe.settings_for(task_kind(acfg.task)))}
+    own = to_dict(acfg) | {"probe": acfg.probe.settings_for(task_kind(acfg.task))}
     return settings_sha(own, student=student_sha)
 
 

@@ -70,18 +70,19 @@ def build_task(task: str, corpus: Corpus, label_column: str | None = None, seed:
             raise ConfigError(f"task {task} needs a '{col}' column; corpus {corpus.source} has: "
                               f"{', '.join(corpus.columns) or 'no label columns'}")
         utts = [u for u in utts if u.labels.get(col, "").strip()]
-    if task_kind(task) == "ctc":
+    kind = task_kind(task)
+    if kind == "ctc":
         seqs = {u.id: (u.labels[col].split() if task == "pr" else _asr_tokens(u.labels[col])) for u in utts}
         vocab = sorted({t for s in seqs.values() for t in s})
         index = {t: i + 1 for i, t in enumerate(vocab)}
         labels = {u: [index[t] for t in s] for u, s in seqs.items()}
-        kind, metric, higher = "ctc", "per" if task == "pr" else "wer", False
+        metric, higher = "per" if task == "pr" else "wer", False
     else:
         vals = {u.id: u.labels[col] for u in utts}
         vocab = sorted(set(vals.values()))
         index = {v: i for i, v in enumerate(vocab)}
         labels = {u: [index[v]] for u, v in vals.items()}
-        kind, metric, higher = "cls", "accuracy", True
+        metric, higher = "accuracy", True
     splits = _splits(task, utts, seed)
     _check_splits(task, splits, utts, corpus.source)
     return TaskData(task, kind, metric, higher, splits, labels, vocab, {"label_column": col})
