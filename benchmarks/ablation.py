@@ -53,6 +53,10 @@ VARIANTS: dict[str, tuple[list[str], float | None]] = {
     "lambda-batch-exact": (["rates.kind=lambda", "rates.draw=batch", "rates.exact_fraction=0.5"], None),
     "upsample": (["alignment=upsample"], None),
     "compress-audio": (["compress_weight=audio"], None),  # compressed targets, every second of audio alike
+    # Pseudo-phone length: penalty 1 gives 110 ms segments on synth-tiny against the default's 256 ms
+    # (benchmarks/boundaries.py; the phones' mean is 91 ms); phone-times is the oracle's upper bound.
+    "seg-penalty-1": (["guidance.seg_penalty=1"], None),
+    "phone-times": (["guidance.boundaries=phone_times"], None),
     "avgpool-0.5": (["student.compressor=avgpool"], 0.5),
     "avgpool-0.25": (["student.compressor=avgpool"], 0.25),
     "cif-fixed-0.5": ([], 0.5),

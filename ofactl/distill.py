@@ -66,13 +66,14 @@ class RateConfig:
 class GuidanceConfig:
     """Alpha guidance. boundaries: auto | none | phone_times | PATH.tsv."""
 
-    # auto (phone_times if the corpus has them, else teacher units), none, phone_times, or a TSV
+    # auto (k-means units of a teacher layer, DP-segmented), none, phone_times (a manifest's oracle
+    # phone starts, e.g. ofactl synth's), or a TSV of segment ends
     boundaries: str = "auto"
     seg_weight: float = 0.05  # weight of the segment-count loss on alpha
     frame_weight: float = 0.5  # weight of the frame-level boundary loss on alpha
     quantity_weight: float = 0.5  # weight of the quantity loss (sum of alpha against the target count)
     quantity_ratio: float = 0.25  # with boundaries=none: target sum(alpha)/T
-    kmeans_k: int = 50  # teacher-unit clusters for boundaries: auto without phone times
+    kmeans_k: int = 50  # teacher-unit clusters for boundaries: auto
     kmeans_layer: int = -1  # teacher hidden state; -1: the middle one
     kmeans_utts: int = 200  # utterances sampled to fit those clusters
     seg_penalty: float = 2.0  # penalty per segment when smoothing unit runs into segments
@@ -547,4 +548,10 @@ def _boundaries(cfg: DistillConfig, cps: Corpus, teacher: Any, device: torch.dev
     n_fr = sum(len(s) for s in segids.values())
     progress.log(f"pseudo-phones: {n_seg} segments over {n_fr} frames "
                  f"(mean period {20.0 * n_fr / max(1, n_seg):.0f} ms, alpha target {n_seg / max(1, n_fr):.3f})")
+    # A corpus with phone times (ofactl synth's) tells how good the pseudo-phones are; the
+    # segment length sets the predicted alpha, and with it what lambda = 1 means.
+    sc = seg.score_against_phone_times(segids, utts, nf)
+    if sc is not None:
+        progress.log(f"pseudo-phones against the corpus's phone times ({sc['phone_period_ms']:.0f} ms): precision "
+                     f"{sc['precision']:.2f}, recall {sc['recall']:.2f}, R-value {sc['r_value']:.2f} (20 ms tolerance)")
     return segids

@@ -20,6 +20,7 @@ from ofactl.distill import DistillConfig, distill_loss, run_distill, sample_rate
 from ofactl.errors import CheckpointError, ConfigError, OfactlError
 from ofactl.model.student import Student
 from ofactl.model.teacher import load_teacher
+from ofactl.progress import NullProgress
 
 
 def tiny_cfg(**kw) -> DistillConfig:
@@ -114,6 +115,16 @@ def test_one_step_decreases_loss_on_fixed_batch(synth_corpus):
     assert losses[1] < losses[0] and losses[2] < losses[1]
 
 
+class RecordingProgress(NullProgress):
+    """Keeps every logged line."""
+
+    def __init__(self) -> None:
+        self.logs: list[str] = []
+
+    def log(self, message: str) -> None:
+        self.logs.append(message)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("boundaries", ["none", "phone_times", "auto", "file"])
 def test_boundary_modes_run(tmp_path, synth_corpus, boundaries):
@@ -126,13 +137,16 @@ def test_boundary_modes_run(tmp_path, synth_corpus, boundaries):
         Path(spec).write_text("\n".join(lines) + "\n")
     cfg = tiny_cfg(steps=2)
     cfg.guidance = replace(cfg.guidance, boundaries=spec)
-    res = run_distill(cfg, synth_corpus, tmp_path / "run")
+    progress = RecordingProgress()
+    res = run_distill(cfg, synth_corpus, tmp_path / "run", progress=progress)
     recs = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert res.steps == 2 and len(recs) == 2
     if boundaries != "none":
         assert recs[-1]["alpha_seg"] > 0 and recs[-1]["alpha_frame"] > 0
     if boundaries == "auto":
         assert (tmp_path / "run/boundaries.tsv").is_file() and (tmp_path / "run/kmeans.safetensors").is_file()
+        # synth corpora have phone times: the pseudo-phones are scored against them
+        assert any(m.startswith("pseudo-phones against the corpus's phone times") and "R-value" in m for m in progress.logs)
 
 
 @pytest.mark.slow

@@ -108,6 +108,30 @@ def segids_to_ends(seg: np.ndarray) -> list[int]:
     return [int(x) for x in change] + [len(seg)]
 
 
+def boundary_scores(found: Sequence[Sequence[int]], truth: Sequence[Sequence[int]], tol: int = 1) -> dict[str, float]:
+    """Segment ends (frames, one list per utterance) scored against reference ends.
+
+    Each reference end is matched at most once, by a found end within ``tol`` frames. Returns
+    precision, recall, F1 and the R-value (Rasanen et al. 2009), which, unlike F1, falls when a
+    segmenter over-segments to raise its recall.
+    """
+    hits = n_found = n_true = 0
+    for f, t in zip(found, truth, strict=True):
+        free = sorted(t)
+        n_found, n_true = n_found + len(f), n_true + len(t)
+        for b in sorted(f):
+            j = next((i for i, x in enumerate(free) if abs(x - b) <= tol), None)
+            if j is not None:
+                hits += 1
+                free.pop(j)
+    p, r = hits / max(1, n_found), hits / max(1, n_true)
+    over = r / p - 1 if p > 0 else float(n_found > 0)
+    r1 = float(np.hypot(1 - r, over))
+    r2 = (-over + r - 1) / np.sqrt(2)
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r > 0 else 0.0,
+            "r_value": 1 - (abs(r1) + abs(float(r2))) / 2}
+
+
 # ----------------------------------------------------------------------------- sources
 def read_boundary_file(path: Path, n_frames: dict[str, int]) -> dict[str, np.ndarray]:
     """TSV with ``id`` and ``frames`` (1-based end frames) or ``ms`` (end times) columns."""
@@ -146,6 +170,22 @@ def boundaries_from_phone_times(utts: Sequence, n_frames: dict[str, int]) -> dic
         ends = [e for e in ends if e > 0]
         out[u.id] = ends_to_segids(ends, n_frames[u.id])
     return out
+
+
+def score_against_phone_times(segids: dict[str, np.ndarray], utts: Sequence, n_frames: dict[str, int],
+                              tol: int = 1) -> dict[str, float] | None:
+    """:func:`boundary_scores` of segment ids (20 ms frames) against the ``phone_times`` of the
+    utterances that have them (None when none has), plus both mean segment periods in ms."""
+    timed = [u for u in utts if u.labels.get("phone_times") and u.id in segids]
+    if not timed:
+        return None
+    truth = boundaries_from_phone_times(timed, n_frames)
+    found_ends = [segids_to_ends(segids[u.id]) for u in timed]
+    true_ends = [segids_to_ends(truth[u.id]) for u in timed]
+    frames = sum(n_frames[u.id] for u in timed)
+    scores = boundary_scores([e[:-1] for e in found_ends], [e[:-1] for e in true_ends], tol)
+    return {**scores, "period_ms": FRAME_MS * frames / max(1, sum(map(len, found_ends))),
+            "phone_period_ms": FRAME_MS * frames / max(1, sum(map(len, true_ends))), "utterances": len(timed)}
 
 
 def write_boundary_file(path: Path, segids: dict[str, np.ndarray]) -> None:

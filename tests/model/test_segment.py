@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from ofactl.model.segment import (
+    boundary_scores,
     ends_to_segids,
     guidance_losses,
     guidance_targets,
     kmeans,
     quantity_loss,
     read_boundary_file,
+    score_against_phone_times,
     segids_to_ends,
     segment_units,
 )
@@ -38,6 +42,33 @@ def test_kmeans_finds_separated_clusters():
     cent = kmeans(x, 3, seed=0)
     d = torch.cdist(centers, cent).min(1).values
     assert torch.all(d < 0.2)
+
+
+def test_boundary_scores_against_hand_computed_values():
+    s = boundary_scores([[3, 6, 10]], [[4, 9]], tol=1)  # 3 hits 4, 10 hits 9, 6 is a false alarm
+    assert s["precision"] == pytest.approx(2 / 3) and s["recall"] == 1.0 and s["f1"] == pytest.approx(0.8)
+    # over-segmentation 0.5: r1 = 0.5, r2 = -0.5 / sqrt(2)
+    assert s["r_value"] == pytest.approx(1 - (0.5 + 0.5 / np.sqrt(2)) / 2)
+    assert boundary_scores([[4, 9], [2]], [[4, 9], [2]]) == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "r_value": 1.0}
+    once = boundary_scores([[4, 4, 5]], [[4]])  # one reference end is matched once
+    assert once["precision"] == pytest.approx(1 / 3) and once["recall"] == 1.0
+    assert boundary_scores([[]], [[5]])["recall"] == 0.0
+    with pytest.raises(ValueError):
+        boundary_scores([[1]], [[1], [2]])
+
+
+def test_score_against_phone_times_uses_timed_utterances_only():
+    from ofactl.audio import Utterance
+
+    timed = Utterance("a", Path("a.wav"), 16000, 16000, {"phone_times": "0 100 200"})  # ends 5, 10, 50
+    untimed = Utterance("b", Path("b.wav"), 16000, 16000, {})
+    n_frames = {"a": 50, "b": 50}
+    found = {"a": ends_to_segids([5, 20, 50], 50), "b": ends_to_segids([25, 50], 50)}
+    s = score_against_phone_times(found, [timed, untimed], n_frames)
+    assert s is not None and s["utterances"] == 1
+    assert s["precision"] == 0.5 and s["recall"] == 0.5  # inner ends 5, 20 against 5, 10
+    assert s["period_ms"] == pytest.approx(20 * 50 / 3) and s["phone_period_ms"] == pytest.approx(20 * 50 / 3)
+    assert score_against_phone_times(found, [untimed], n_frames) is None
 
 
 def test_guidance_targets_and_losses():
