@@ -57,6 +57,7 @@ VARIANTS: dict[str, tuple[list[str], float | None]] = {
     # (benchmarks/boundaries.py; the phones' mean is 91 ms); phone-times is the oracle's upper bound.
     "seg-penalty-1": (["guidance.seg_penalty=1"], None),
     "phone-times": (["guidance.boundaries=phone_times"], None),
+    "duration-embed": (["student.duration_embed=true"], None),  # each CIF frame also says how long it lasts
     "avgpool-0.5": (["student.compressor=avgpool"], 0.5),
     "avgpool-0.25": (["student.compressor=avgpool"], 0.25),
     "cif-fixed-0.5": ([], 0.5),

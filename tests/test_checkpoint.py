@@ -30,6 +30,20 @@ def test_round_trip(ckpt):
     assert not list(path.parent.glob(".*tmp*"))  # the atomic write left no temp file
 
 
+def test_duration_embedding_survives_save_and_load_and_older_students_load_without_it(tmp_path):
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    s = Student(replace(student_config("tiny"), duration_embed=True)).eval()
+    loaded, _ = load_student(save_student(tmp_path / "d.pt", s))
+    assert loaded.cfg.duration_embed and loaded.compressor.duration is not None
+    wav, L = torch.randn(1, 8000), torch.tensor([8000])
+    assert torch.equal(s(wav, L, rate=0.25).hidden.states, loaded(wav, L, rate=0.25).hidden.states)
+    obj = read_checkpoint(save_student(tmp_path / "old.pt", Student(student_config("tiny"))))
+    del obj["student"]["duration_embed"]  # written before the setting existed
+    assert load_student(tmp_path / "old.pt", payload=obj)[0].compressor.duration is None
+
+
 def test_describe(ckpt):
     path, _ = ckpt
     d = describe_checkpoint(path)

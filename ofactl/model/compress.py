@@ -286,12 +286,16 @@ class Compressor(nn.Module):
 
 
     alpha_mean: Tensor  # a buffer: the running mean of alpha (the rate -> lambda map)
-    def __init__(self, dim: int, kind: str = "cif", kernel: int = 5, alpha_mean: float = 0.5) -> None:
+    def __init__(self, dim: int, kind: str = "cif", kernel: int = 5, alpha_mean: float = 0.5,
+                 duration_embed: bool = False) -> None:
         super().__init__()
         if kind not in ("cif", "avgpool", "none"):
             raise ModelError(f"unknown compressor '{kind}' (expected cif, avgpool or none)")
         self.kind = kind
         self.predictor = AlphaPredictor(dim, kernel) if kind == "cif" else None
+        # A CIF frame may stand for 20 ms or 300 ms; the average alone does not say which. This
+        # adds a learned vector times log(duration in 20 ms frames): zero for an uncompressed frame.
+        self.duration = nn.Linear(1, dim, bias=False) if duration_embed else None
         self.register_buffer("alpha_mean", torch.tensor(float(alpha_mean)))
 
     def lambdas_for(self, rates: Tensor) -> Tensor:
@@ -331,7 +335,7 @@ class Compressor(nn.Module):
                 raise ModelError("the avgpool compressor needs a rate")
             plan = cif_plan(uniform_alpha(lengths, S, rates), lengths,
                             out_lengths=target_lengths(lengths, rates))
-            return Compressed(plan.apply(x), plan.lengths, plan, None)
+            return Compressed(self._with_duration(plan.apply(x), plan), plan.lengths, plan, None)
         assert self.predictor is not None
         alpha_pred = self.predictor(x, lengths)
         if lam is None:
@@ -347,7 +351,16 @@ class Compressor(nn.Module):
             plan = cif_plan(alpha, lengths, out_lengths=targets)
         else:
             plan = cif_plan(alpha, lengths)
-        return Compressed(plan.apply(x), plan.lengths, plan, alpha_pred)
+        return Compressed(self._with_duration(plan.apply(x), plan), plan.lengths, plan, alpha_pred)
+
+    def _with_duration(self, y: Tensor, plan: CifPlan) -> Tensor:
+        """y (B, T, C) plus the duration embedding of each frame (when the compressor has one).
+        Durations are detached: alpha learns where to fire from the loss, not from this input."""
+        if self.duration is None:
+            return y
+        dur = plan.detach().durations().clamp(min=1.0).log()
+        emb = self.duration(dur.unsqueeze(-1).to(self.duration.weight.dtype)).to(y.dtype)
+        return y + emb * length_mask(plan.lengths, y.shape[1]).unsqueeze(-1).to(y.dtype)
 
 
 def rate_from_frame_ms(ms: float) -> float:

@@ -49,6 +49,7 @@ class StudentConfig:
     fbank_bins: int = 80  # mel bins of the fbank front end (25 ms windows every 10 ms)
     compressor: CompressorKind = "cif"  # cif (once-for-all), avgpool (fixed-rate baseline) or none
     alpha_kernel: int = 5  # kernel of the alpha predictor's convolution (frames)
+    duration_embed: bool = False  # add a learned embedding of each compressed frame's log duration
     pred_layers: tuple[int, ...] = (4, 8, 12)  # teacher hidden states the heads predict (0: the input to layer 1)
     teacher_dim: int = 768  # width of those teacher states
     feature_grad_mult: float = 0.1  # scale of the gradient reaching the CNN (HuBERT's feature_grad_mult)
@@ -127,7 +128,8 @@ class Student(nn.Module):
         enc = build_encoder(farch)
         self.feature_projection = enc.feature_projection  # layer_norm -> projection -> dropout
         self.transformer = enc.transformer
-        self.compressor = Compressor(farch.cnn_dim, cfg.compressor, cfg.alpha_kernel)
+        self.compressor = Compressor(farch.cnn_dim, cfg.compressor, cfg.alpha_kernel,
+                                     duration_embed=cfg.duration_embed)
         self.heads = PredictionHeads(cfg.arch.embed_dim, cfg.teacher_dim, len(cfg.pred_layers))
         self.spectral_head = (PredictionHeads(cfg.arch.embed_dim, cfg.spectral_bins, 1)
                               if cfg.spectral_bins > 0 else None)

@@ -256,3 +256,22 @@ def test_upsample_splits_a_frame_shared_by_two_outputs_by_its_weights():
     up = plan.upsample(torch.tensor([[[0.0], [1.0]]]))
     assert up[0, :, 0].tolist() == pytest.approx([0.0, 1 / 3, 1.0])
     assert plan.durations()[0].tolist() == pytest.approx([1 + 2 / 3, 1 + 1 / 3])
+
+
+def test_duration_embedding_adds_log_duration_and_is_a_no_op_at_rate_one():
+    torch.manual_seed(0)
+    x, L = torch.randn(2, 40, 3), torch.tensor([40, 23])
+    plain, timed = Compressor(3, kind="cif"), Compressor(3, kind="cif", duration_embed=True)
+    timed.load_state_dict(plain.state_dict(), strict=False)  # the same predictor; only the embedding is new
+    assert timed.duration is not None
+    assert torch.allclose(timed(x, L, rate=1.0).x, plain(x, L, rate=1.0).x)  # every frame lasts 20 ms: log 1 = 0
+    a, b = plain(x, L, rate=0.25), timed(x, L, rate=0.25)
+    assert a.lengths.tolist() == b.lengths.tolist()
+    dur = a.plan.durations().clamp(min=1).log()
+    want = a.x + dur.unsqueeze(-1) * timed.duration.weight[:, 0] * length_mask(a.lengths, a.x.shape[1]).unsqueeze(-1)
+    assert torch.allclose(b.x, want, atol=1e-6)
+    assert torch.all(b.x[1, int(b.lengths[1]):] == 0)  # padding stays zero
+    # avgpool at 0.25: four frames each (log 4), but no gradient reaches alpha through durations
+    pool = Compressor(3, kind="avgpool", duration_embed=True)
+    out = pool(x, L, rate=0.25).x - Compressor(3, kind="avgpool")(x, L, rate=0.25).x
+    assert torch.allclose(out[0, :5], (torch.log(torch.tensor(4.0)) * pool.duration.weight[:, 0]).expand(5, 3), atol=1e-6)
