@@ -52,6 +52,7 @@ VARIANTS: dict[str, tuple[list[str], float | None]] = {
     "lambda-batch": (["rates.kind=lambda", "rates.draw=batch", "rates.exact_fraction=0"], None),  # the reference's
     "lambda-batch-exact": (["rates.kind=lambda", "rates.draw=batch", "rates.exact_fraction=0.5"], None),
     "upsample": (["alignment=upsample"], None),
+    "upsample-detached": (["alignment=upsample", "upsample_alpha_grad=false"], None),  # the loss reaches alpha only as with compress
     "compress-audio": (["compress_weight=audio"], None),  # compressed targets, every second of audio alike
     # Pseudo-phone length: penalty 1 gives 110 ms segments on synth-tiny against the default's 256 ms
     # (benchmarks/boundaries.py; the phones' mean is 91 ms); phone-times is the oracle's upper bound.

@@ -94,6 +94,8 @@ class DistillConfig:
     compress_weight: CompressWeight = "frame"  # compress only. frame: every compressed frame counts once, so in a
     # batch of mixed rates a rate-0.25 utterance counts a quarter of a rate-1 one; audio: a frame counts by the
     # 20 ms frames it stands for, so every second of audio counts alike at every rate (as upsample's loss does)
+    upsample_alpha_grad: bool = True  # upsample only. false: the upsampling weights are detached, so the loss
+    # reaches the CIF weights only through the averaging of the student's own frames (as with compress)
     spectral_weight: float = 1.0  # weight of the log-mel head (student.spectral_bins > 0)
     rates: RateConfig = field(default_factory=RateConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
@@ -126,6 +128,9 @@ class DistillConfig:
         if self.compress_weight != "frame" and self.alignment != "compress":
             raise ValueError(f"compress_weight={self.compress_weight} weighs compressed frames: it needs "
                              f"alignment=compress (alignment={self.alignment} scores every 20 ms frame alike already)")
+        if not self.upsample_alpha_grad and self.alignment != "upsample":
+            raise ValueError(f"upsample_alpha_grad=false detaches the upsampling weights: it needs alignment=upsample "
+                             f"(alignment={self.alignment} has no upsampling)")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -165,13 +170,14 @@ def prediction_targets(student: Student, teacher: Any, wav: Tensor, lengths: Ten
 
 
 def head_losses(out: Any, targets: list[Tensor], t_lengths: Tensor, alignment: str,
-                spectral_weight: float, compress_weight: str = "frame") -> tuple[Tensor, Tensor]:
+                spectral_weight: float, compress_weight: str = "frame",
+                alpha_grad: bool = True) -> tuple[Tensor, Tensor]:
     """Loss of every head against its aligned target: (total, per-head (H [+ 1],)).
 
     ``compress`` compresses the 20 ms targets with the student's detached CIF plan (with
     ``compress_weight: audio`` each utterance's frames count by its 20 ms frames per compressed
-    frame); ``upsample`` upsamples the student's outputs back to 20 ms. The spectral head (last)
-    is weighted.
+    frame); ``upsample`` upsamples the student's outputs back to 20 ms, through the CIF weights
+    unless ``alpha_grad`` is False. The spectral head (last) is weighted.
     """
     plan = out.compressed.plan
     preds = [out.pred] + ([out.spectral] if out.spectral is not None else [])
@@ -185,7 +191,8 @@ def head_losses(out: Any, targets: list[Tensor], t_lengths: Tensor, alignment: s
             loss, ph = distill_loss(pred, tgt, lengths, weights)
         else:
             Bp, Tp, H, D = pred.shape
-            up = plan.upsample(pred.float().reshape(Bp, Tp, H * D)).reshape(Bp, -1, H, D)
+            up = (plan if alpha_grad else plan.detach()).upsample(pred.float().reshape(Bp, Tp, H * D))
+            up = up.reshape(Bp, -1, H, D)
             loss, ph = distill_loss(up, tgt, t_lengths)
         w = spectral_weight if i == 1 else 1.0
         total = total + w * loss
@@ -221,7 +228,8 @@ def train_step_loss(student: Any, teacher: Any, batch: dict[str, Any], cfg: Dist
         out = student(wav, lengths, rate=rates.to(device), lam=None if lam is None else lam.to(device), exact=exact)
     if not torch.equal(out.cnn_lengths, t_lengths):
         raise ConfigError("teacher and student CNNs give different frame counts; they need the same conv layers")
-    loss, per_head = head_losses(out, targets, t_lengths, cfg.alignment, cfg.spectral_weight, cfg.compress_weight)
+    loss, per_head = head_losses(out, targets, t_lengths, cfg.alignment, cfg.spectral_weight, cfg.compress_weight,
+                                 cfg.upsample_alpha_grad)
     seg = frame = torch.zeros((), device=device)
     a_pred = out.compressed.alpha_pred
     g = cfg.guidance

@@ -373,3 +373,29 @@ def test_compress_weight_without_compress_alignment_is_refused_naming_both():
     assert cfg.compress_weight == "audio" and cfg.alignment == "compress"
     with pytest.raises(ConfigError, match="compress_weight=audio .* needs alignment=compress"):
         load_config(DistillConfig, "distill", "distill-tiny", ["compress_weight=audio", "alignment=upsample"])
+
+
+def test_upsample_alpha_grad_decides_whether_the_upsampling_passes_the_loss_to_alpha(synth_corpus):
+    from ofactl.audio import load_audio, read_corpus
+    from ofactl.distill import head_losses, prediction_targets
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    teacher = load_teacher(cfg.teacher)
+    student = Student(cfg.student)
+    w = load_audio(read_corpus(synth_corpus)[0].path)[:24000]
+    wav, lengths = w[None], torch.tensor([len(w)])
+    targets, t_len = prediction_targets(student, teacher, wav, lengths)
+    grads = []
+    for alpha_grad in (True, False):
+        student.zero_grad()
+        out = student(wav, lengths, rate=0.25, exact=True)
+        loss, _ = head_losses(out, targets, t_len, "upsample", 1.0, alpha_grad=alpha_grad)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in student.compressor.predictor.parameters()]))
+    # both reach alpha through the averaging of the student's own frames; only True also through the upsampling
+    assert grads[1].abs().sum() > 0 and not torch.allclose(grads[0], grads[1])
+    with pytest.raises(ConfigError, match="upsample_alpha_grad=false .* needs alignment=upsample"):
+        load_config(DistillConfig, "distill", "distill-tiny", ["upsample_alpha_grad=false"])
+    assert not load_config(DistillConfig, "distill", "distill-tiny",
+                           ["upsample_alpha_grad=false", "alignment=upsample"]).upsample_alpha_grad

@@ -39,7 +39,7 @@ def student_gmacs_per_second(cfg: StudentConfig, rate: float, utt_seconds: float
     c, d, f = frontend_channels(cfg), arch.embed_dim, arch.ffn_dim
     cnn = frontend_macs_per_second(cfg)
     alpha = fps_in * (c * c * cfg.alpha_kernel + c) if cfg.compressor == "cif" else 0.0
-    proj = fps_out * c * d
+    proj = fps_out * c * (d + (1 if cfg.duration_embed else 0))  # + the duration embedding (c per frame)
     pos = fps_out * d * (d // arch.pos_conv_groups) * arch.pos_conv_kernel
     t_out = fps_out * utt_seconds
     layer = fps_out * (4 * d * d + 2 * d * f + 2 * t_out * d)
