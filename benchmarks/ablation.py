@@ -191,11 +191,13 @@ def summarise(curves: Curves, seeds: list[int]) -> dict[str, Any]:
     for name, by_task in curves.items():
         for task, by_seed in by_task.items():
             rows = [row for s in seeds for row in by_seed.get(s, [])]
+            seed_of = {id(row): s for s in seeds for row in by_seed.get(s, [])}
             cells = {}
             for r, same in _by_rate(rows).items():
                 vals = [row.test for row in same]
                 cells[f"{r:g}"] = {"mean": round(statistics.fmean(vals), 4), "spread": round(max(vals) - min(vals), 4),
-                                   "seeds": vals, "achieved": round(statistics.fmean(x.achieved_rate for x in same), 4),
+                                   "seeds": vals, "by_seed": {str(seed_of[id(row)]): row.test for row in same},
+                                   "achieved": round(statistics.fmean(x.achieved_rate for x in same), 4),
                                    "gmacs": round(statistics.fmean(x.upstream_gmacs_per_s for x in same), 5)}
             table.setdefault(name, {})[task] = {"metric": rows[0].metric if rows else "", "rates": cells}
     verdicts = _against_default(table)
@@ -226,7 +228,36 @@ def _against_default(table: dict[str, Any], default: str = "ofactl") -> dict[str
                     (better if gain > noise else worse if -gain > noise else []).append(r)
             tasks[task] = {"better_at": better, "worse_at": worse}
         wins = sum(len(t["better_at"]) >= 2 for t in tasks.values()) >= 2 and not any(t["worse_at"] for t in tasks.values())
-        out[name] = {"tasks": tasks, "wins": wins}
+        paired = _paired(by_task, base)
+        wins_paired = (sum(len(t["better_at"]) >= 2 for t in paired.values()) >= 2
+                       and not any(t["worse_at"] for t in paired.values()))
+        out[name] = {"tasks": tasks, "wins": wins, "paired": paired, "wins_paired": wins_paired}
+    return out
+
+
+# The paired rule needs this many seeds shared with the default: all of them on one side is then a
+# one-sided sign test at p = 1/32 or below.
+PAIRED_MIN_SEEDS = 5
+
+
+def _paired(by_task: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Per task, seed by seed against the default (same seed, same probe seed): the rates where the
+    variant is better on every one of at least PAIRED_MIN_SEEDS shared seeds, or worse on every one,
+    and the count of better / worse seeds at each rate. Added after the spread rule: the range of
+    seeds widens as seeds are added, so five seeds can hide a difference every seed agrees on."""
+    out: dict[str, Any] = {}
+    for task, cur in by_task.items():
+        ref, sign = base.get(task, {}).get("rates", {}), (1 if cur["metric"] in LOWER_IS_BETTER else -1)
+        better, worse, counts = [], [], {}
+        for r, cell in cur["rates"].items():
+            mine, theirs = cell.get("by_seed", {}), ref.get(r, {}).get("by_seed", {})
+            shared = sorted(set(mine) & set(theirs))
+            gains = [sign * (theirs[s] - mine[s]) for s in shared]
+            up, down = sum(g > 0 for g in gains), sum(g < 0 for g in gains)
+            counts[r] = {"seeds": len(shared), "better": up, "worse": down}
+            if len(shared) >= PAIRED_MIN_SEEDS:
+                (better if up == len(shared) else worse if down == len(shared) else []).append(r)
+        out[task] = {"better_at": better, "worse_at": worse, "counts": counts}
     return out
 
 
@@ -292,6 +323,15 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(
             "-" if c is None else f"better {','.join(c['better_at']) or '-'}; worse {','.join(c['worse_at']) or '-'}"
             for c in cells) + f" | {'yes' if v['wins'] else 'no'} |")
+    lines += ["", f"**Seed by seed against the default** (at each rate: seeds where the variant is better / worse "
+              f"than `ofactl` with the same seed; a rate counts when all of at least {PAIRED_MIN_SEEDS} seeds agree; "
+              "it wins, as by the spread rule, with two or more counted better rates on two or more tasks and no counted "
+              "worse rate)", "",
+              "| variant | " + " | ".join(tasks) + " | wins |", "|---|" + "---|" * (len(tasks) + 1)]
+    for name, v in doc["against_default"].items():
+        cells = [v.get("paired", {}).get(t) for t in tasks]
+        lines.append(f"| {name} | " + " | ".join("-" if c is None else _paired_cell(c, rates) for c in cells)
+                     + f" | {'yes' if v.get('wins_paired') else 'no'} |")
     lines += ["", "**Once-for-all against the fixed-rate students at their own rates** (OFA minus fixed)", "",
               "| OFA recipe | task | fixed student | rate | fixed | OFA | OFA - fixed |", "|---|---|---|---|---|---|---|"]
     for ofa, by_task in doc["ofa_vs_fixed"].items():
@@ -300,6 +340,17 @@ def markdown(doc: dict[str, Any]) -> str:
                 lines.append(f"| {ofa} | {task} ({r['metric']}) | {name} | {r['rate']:g} | {r['fixed']:.3f} | "
                              f"{r['ofa']:.3f} | {r['ofa_minus_fixed']:+.3f} |")
     return "\n".join(lines + _adapt_markdown(doc.get("adapt", {}), doc.get("adapt_variant", "ofactl"))) + "\n"
+
+
+def _paired_cell(c: dict[str, Any], rates: list[str]) -> str:
+    """``1: 3/1 of 5, 0.5: ...`` with the counted rates in bold."""
+    parts = []
+    for r in rates:
+        n = c["counts"].get(r)
+        if n:
+            text = f"{r}: {n['better']}/{n['worse']} of {n['seeds']}"
+            parts.append(f"**{text}**" if r in c["better_at"] + c["worse_at"] else text)
+    return ", ".join(parts) or "-"
 
 
 def _adapt_markdown(adapt: dict[str, Any], variant: str = "ofactl") -> list[str]:

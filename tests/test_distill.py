@@ -255,7 +255,8 @@ def _ctrl_c_once(out: Path, corpus: Path) -> str:
            "--set", "ckpt_every=100000", "--set", "log_every=1"]
     # like a terminal's Ctrl-C: a job started in the background by a non-interactive shell (a CI
     # script's '&', nohup) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+    # faulthandler: a crash in native code (seen once, exit -11 under heavy load) shows its stack
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 180
