@@ -39,8 +39,9 @@ from ofactl.training import OptimConfig, held_batches, split_held_out
 class RateConfig:
     """Rate sampling while distilling. period: frame period ~ U[min_ms, max_ms]; lambda: lambda ~
     U[lambda_min, lambda_max]; fixed: always ``rate``. ``draw``: one value per utterance or one
-    per batch. On an ``exact_fraction`` share of steps the student runs in exact-length mode
-    (round(rate * T) frames); on the others in lambda mode (content-dependent lengths)."""
+    per batch; a ``full_fraction`` share of draws is rate 1 instead. On an ``exact_fraction``
+    share of steps the student runs in exact-length mode (round(rate * T) frames); on the others
+    in lambda mode (content-dependent lengths)."""
 
     # period: frame period ~ U[min_ms, max_ms]; lambda: lambda ~ U[lambda_min, lambda_max]; fixed: rate
     kind: RateKind = "period"
@@ -51,6 +52,7 @@ class RateConfig:
     lambda_max: float = 1.0  # largest lambda drawn (kind: lambda)
     rate: float = 1.0  # the one rate of kind: fixed
     exact_fraction: float = 0.5  # share of steps in exact-length mode at the drawn rate (others: lambda mode)
+    full_fraction: float = 0.0  # share of draws at rate 1, the 20 ms model (period 20-90 ms gives rate >= 0.8 on 7%)
 
     def validate(self) -> None:
         """Raise ValueError for a range or rate outside (0, 1] / [20 ms, ...)."""
@@ -60,6 +62,8 @@ class RateConfig:
             raise ValueError("rates: need 0 <= lambda_min <= lambda_max < 2")
         if not 0 < self.rate <= 1:
             raise ValueError("rates.rate must be in (0, 1]")
+        if not 0.0 <= self.full_fraction <= 1.0:
+            raise ValueError("rates.full_fraction must be in [0, 1]")
 
 
 @dataclass
@@ -271,6 +275,11 @@ def sample_rates(cfg: DistillConfig, B: int, gen: torch.Generator, alpha_mean: f
     else:
         lam = rc.lambda_min + (rc.lambda_max - rc.lambda_min) * torch.rand(n, generator=gen)
         rates = expected_ratio(lam, am).double().clamp(1e-3, 1.0)
+    if rc.full_fraction > 0 and rc.kind != "fixed":  # no draw otherwise: the default's stream stays as it was
+        full = torch.rand(n, generator=gen) < rc.full_fraction
+        rates = torch.where(full, torch.ones_like(rates), rates)
+        if lam is not None:
+            lam = torch.where(full, rate_to_lambda(1.0, am), lam)
     rates = rates.expand(B).clone()
     exact = bool(torch.rand((), generator=gen) < rc.exact_fraction)
     if exact or cfg.student.compressor != "cif":

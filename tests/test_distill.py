@@ -58,6 +58,26 @@ def test_rate_sampling_covers_range():
     assert set(sample_rates(cfg, 8, g, 0.3)[0].tolist()) == {0.4}
 
 
+def test_full_fraction_draws_rate_one_that_often_and_leaves_the_rest_to_the_kind():
+    cfg = tiny_cfg()
+    g = torch.Generator().manual_seed(0)
+    plain = torch.cat([sample_rates(cfg, 64, g, 0.3)[0] for _ in range(50)])
+    cfg.rates = replace(cfg.rates, full_fraction=0.25)
+    g = torch.Generator().manual_seed(0)
+    rates = torch.cat([sample_rates(cfg, 64, g, 0.3)[0] for _ in range(50)])
+    share = float((rates == 1.0).double().mean())
+    assert 0.22 < share < 0.28 and float((plain == 1.0).double().mean()) == 0.0  # 3200 draws: sd 0.008
+    rest = 20 / rates[rates < 1.0]
+    assert rest.min() >= 20 and rest.max() <= 90 and rest.mean() == pytest.approx(55, abs=1.5)
+    # lambda mode at rate 1 runs with lambda 0 (all frames kept), per batch as well
+    cfg.rates = replace(cfg.rates, kind="lambda", draw="batch", exact_fraction=0.0, full_fraction=0.5)
+    draws = [sample_rates(cfg, 4, g, 0.3) for _ in range(400)]
+    full = [(r, lam) for r, lam, _ in draws if bool((r == 1.0).all())]
+    assert 160 < len(full) < 240 and all(lam is not None and bool((lam == 0).all()) for _, lam in full)
+    with pytest.raises(ConfigError, match="full_fraction"):
+        load_config(DistillConfig, "distill", "distill-tiny", ["rates.full_fraction=1.5"])
+
+
 def test_lambda_per_batch_is_uniform_and_shared_by_the_batch():
     """The reference recipe: one lambda ~ U(0, 1) per batch, lambda mode on every step."""
     cfg = tiny_cfg()
