@@ -54,11 +54,13 @@ VARIANTS: dict[str, tuple[list[str], float | None]] = {
     "upsample": (["alignment=upsample"], None),
     "upsample-detached": (["alignment=upsample", "upsample_alpha_grad=false"], None),  # the loss reaches alpha only as with compress
     "compress-audio": (["compress_weight=audio"], None),  # compressed targets, every second of audio alike
+    "full-0.25": (["rates.full_fraction=0.25"], None),  # a quarter of the utterances at rate 1 (the 20 ms model)
     # Pseudo-phone length: penalty 1 gives 110 ms segments on synth-tiny against the default's 256 ms
     # (benchmarks/boundaries.py; the phones' mean is 91 ms); phone-times is the oracle's upper bound.
     "seg-penalty-1": (["guidance.seg_penalty=1"], None),
     "phone-times": (["guidance.boundaries=phone_times"], None),
     "duration-embed": (["student.duration_embed=true"], None),  # each CIF frame also says how long it lasts
+    "fixed-1": (["student.compressor=none", "rates.kind=fixed", "rates.rate=1"], 1.0),  # no compressor: a 20 ms student, as DistilHuBERT's
     "avgpool-0.5": (["student.compressor=avgpool"], 0.5),
     "avgpool-0.25": (["student.compressor=avgpool"], 0.25),
     "cif-fixed-0.5": ([], 0.5),
@@ -279,8 +281,8 @@ def mean_rows(curves: Curves, name: str, task: str, seeds: list[int]) -> list[Sw
 
 
 # The figures: OFA against the fixed-rate students (the paper's comparison), and the front ends.
-FIGURES = {"ofa-vs-fixed": ["ofactl", "upsample", "upsample-detached", "compress-audio", "avgpool-0.5", "avgpool-0.25",
-                            "cif-fixed-0.5", "cif-fixed-0.25"],
+FIGURES = {"ofa-vs-fixed": ["ofactl", "upsample", "upsample-detached", "compress-audio", "fixed-1", "avgpool-0.5",
+                            "avgpool-0.25", "cif-fixed-0.5", "cif-fixed-0.25"],
            "frontends": ["ofactl", "cnn-thin", "fbank"]}
 
 
