@@ -63,8 +63,7 @@ def main() -> None:
                     help="also score a student's own predicted boundaries (repeatable)")
     args = ap.parse_args()
 
-    manifest = Path(args.corpus) / "manifest.tsv" if Path(args.corpus).is_dir() else Path(args.corpus)
-    corpus = read_corpus(manifest)
+    corpus = read_corpus(args.corpus)  # a synth folder is read through its manifest.tsv
     utts = list(corpus)
     teacher = load_teacher(args.teacher)
     layer = args.layer if args.layer >= 0 else teacher.num_hidden // 2

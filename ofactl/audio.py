@@ -6,7 +6,8 @@ decoding (``soundfile.info``), so stores can preallocate offsets and batches can
 Corpus specifications accepted by :func:`read_corpus`:
 
 - ``DIR``: every audio file below DIR (recursive); ``DIR::{label}_{speaker}_{take}`` also
-  parses label columns from each file's stem;
+  parses label columns from each file's stem. A DIR with a ``manifest.tsv`` at its top (what
+  ``ofactl synth`` writes) is read through that manifest instead, so its labels come along;
 - a LibriSpeech-style tree (``*.trans.txt`` next to ``*.flac``), with ``text``, ``speaker``
   and ``split`` columns;
 - ``FILE.tsv``: a manifest with a header row; ``id`` and ``path`` required, any other column
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 _MAX_LISTED = 20
+MANIFEST_NAME = "manifest.tsv"  # a folder holding one is read through it (``ofactl synth`` writes it)
 
 
 # --------------------------------------------------------------------------- single files
@@ -228,7 +230,9 @@ def read_corpus(
         p = Path(spec_s)
         if not p.exists():
             raise CorpusError(f"corpus not found: {p} (expected a directory, a .tsv manifest, a list file or '-')")
-        if p.is_dir():
+        if p.is_dir() and (p / MANIFEST_NAME).is_file():
+            entries = _read_manifest(p / MANIFEST_NAME)  # a folder ofactl made: its labels too
+        elif p.is_dir():
             entries = _read_librispeech(p) if _is_librispeech(p) else _read_dir(p)
         elif p.suffix.lower() == ".tsv":
             entries = _read_manifest(p)

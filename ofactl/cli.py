@@ -63,7 +63,7 @@ DebugOpt = Annotated[
 
 
 TrainCorpusOpt = Annotated[str, typer.Option(
-    "--corpus", help="Training audio: folder, LibriSpeech tree, .tsv manifest or list.")]
+    "--corpus", help="Training audio: folder (through its manifest.tsv if it has one), LibriSpeech tree, .tsv manifest or list.")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")]
 OverwriteRunOpt = Annotated[bool, typer.Option("--overwrite", help="Start over in a non-empty --out.")]
@@ -354,7 +354,7 @@ def pretrain(
 @app.command()
 def extract(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="Student checkpoint (student.pt from 'ofactl distill').")],
-    corpus: Annotated[str, typer.Option("--corpus", help="Folder, LibriSpeech tree, .tsv manifest, list file, or - for stdin.")],
+    corpus: Annotated[str, typer.Option("--corpus", help="Folder (through its manifest.tsv if it has one), LibriSpeech tree, .tsv manifest, list file, or - for stdin.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Zarr store to create or complete (one group per rate).")] = Path("feats.zarr"),
     rate: Annotated[list[float] | None, typer.Option("--rate", "-r", help="Rate in (0, 1]: output frames per 20 ms frame (repeatable).")] = None,
     frame_ms: Annotated[list[float] | None, typer.Option("--frame-ms", help="Average frame period in ms (>= 20), instead of --rate (repeatable).")] = None,
@@ -420,7 +420,7 @@ def _print_extract(res: Any) -> None:
 @app.command()
 def sweep(
     ckpt: Annotated[list[str], typer.Option("--ckpt", help="Student checkpoint, or LABEL=PATH; repeat to compare checkpoints.")],
-    corpus: Annotated[str, typer.Option("--corpus", help="Labelled corpus (a .tsv manifest, or a folder with ::pattern).")],
+    corpus: Annotated[str, typer.Option("--corpus", help="Labelled corpus (a .tsv manifest, a folder holding manifest.tsv, or a folder with ::pattern).")],
     task: Annotated[Task | None, typer.Option("--task", help="The downstream task.")] = None,
     rates: Annotated[str | None, typer.Option("--rates", help="Comma-separated rates, e.g. 1,0.75,0.5,0.33,0.25.")] = None,
     store: Annotated[Path | None, typer.Option("--store", help="Feature store to reuse/extend (one checkpoint).")] = None,
@@ -474,7 +474,7 @@ def sweep(
 @app.command()
 def adapt(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="Once-for-all (cif) student checkpoint.")],
-    corpus: Annotated[str, typer.Option("--corpus", help="Labelled corpus (.tsv manifest or folder::pattern).")],
+    corpus: Annotated[str, typer.Option("--corpus", help="Labelled corpus (.tsv manifest, a folder holding manifest.tsv, or folder::pattern).")],
     task: Annotated[Task | None, typer.Option("--task", help="The downstream task.")] = None,
     cost: Annotated[float | None, typer.Option("--cost", help="gamma: expected error (0.05 = 5 points) accepted per halving of the frame rate.")] = None,
     target_rate: Annotated[float | None, typer.Option("--target-rate", help="Penalise the distance to this rate instead.")] = None,

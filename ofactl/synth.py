@@ -428,11 +428,11 @@ def run_synth(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False,
     ``workers`` processes synthesise speakers in parallel (default: CPU count, at most 4); the
     output does not depend on it.
     """
-    from ofactl.audio import write_manifest
+    from ofactl.audio import MANIFEST_NAME, write_manifest
 
     progress = progress or NullProgress()
     out_dir = Path(out_dir)
-    manifest, cfg_path = out_dir / "manifest.tsv", out_dir / "synth.yaml"
+    manifest, cfg_path = out_dir / MANIFEST_NAME, out_dir / "synth.yaml"
     reused = _reuse_corpus(cfg, out_dir, overwrite, progress)
     if reused is not None:
         return reused
@@ -451,9 +451,9 @@ def run_synth(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False,
 
 def _reuse_corpus(cfg: SynthConfig, out_dir: Path, overwrite: bool, progress: Progress) -> SynthResult | None:
     """The corpus already in ``out_dir`` when it was made with the same config, else None."""
-    from ofactl.audio import read_corpus
+    from ofactl.audio import MANIFEST_NAME, read_corpus
 
-    manifest, cfg_path = out_dir / "manifest.tsv", out_dir / "synth.yaml"
+    manifest, cfg_path = out_dir / MANIFEST_NAME, out_dir / "synth.yaml"
     if overwrite or not (manifest.is_file() and cfg_path.is_file()):
         return None
     try:

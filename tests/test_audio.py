@@ -79,6 +79,19 @@ def test_directory_corpus_and_pattern(write_wav, tmp_path):
         read_corpus(f"{tmp_path / 'd'}::{{label}}-{{speaker}}")
 
 
+def test_directory_with_a_manifest_is_read_through_it(write_wav, tmp_path):
+    write_wav("m/wav/a.wav")
+    write_wav("m/wav/b.wav")
+    write_wav("m/stray.wav")  # not in the manifest: a folder ofactl made lists what belongs to it
+    (tmp_path / "m/manifest.tsv").write_text("id\tpath\tspeaker\nu1\twav/a.wav\tanna\nu2\twav/b.wav\tbob\n")
+    c = read_corpus(tmp_path / "m")
+    assert [(u.id, u.labels["speaker"]) for u in c] == [("u1", "anna"), ("u2", "bob")]
+    assert c.fingerprint() == read_corpus(tmp_path / "m/manifest.tsv").fingerprint()
+    (tmp_path / "m/manifest.tsv").write_text("id\tpath\nu1\twav/missing.wav\n")
+    with pytest.raises(CorpusError, match=r"missing\.wav"):  # its errors are the manifest's
+        read_corpus(tmp_path / "m")
+
+
 def test_stem_clash_falls_back_to_paths(write_wav, tmp_path):
     write_wav("c/a/x.wav")
     write_wav("c/b/x.wav")
