@@ -64,6 +64,9 @@ DebugOpt = Annotated[
 
 TrainCorpusOpt = Annotated[str, typer.Option(
     "--corpus", help="Training audio: folder (through its manifest.tsv if it has one), LibriSpeech tree, .tsv manifest or list.")]
+LabelledCorpusOpt = Annotated[str, typer.Option(
+    "--corpus", help="Labelled corpus: a .tsv manifest, a folder holding manifest.tsv, or folder::pattern.")]
+TaskOpt = Annotated[Task | None, typer.Option("--task", help="The downstream task.")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")]
 OverwriteRunOpt = Annotated[bool, typer.Option("--overwrite", help="Start over in a non-empty --out.")]
@@ -420,8 +423,8 @@ def _print_extract(res: Any) -> None:
 @app.command()
 def sweep(
     ckpt: Annotated[list[str], typer.Option("--ckpt", help="Student checkpoint, or LABEL=PATH; repeat to compare checkpoints.")],
-    corpus: Annotated[str, typer.Option("--corpus", help="Labelled corpus (a .tsv manifest, a folder holding manifest.tsv, or a folder with ::pattern).")],
-    task: Annotated[Task | None, typer.Option("--task", help="The downstream task.")] = None,
+    corpus: LabelledCorpusOpt,
+    task: TaskOpt = None,
     rates: Annotated[str | None, typer.Option("--rates", help="Comma-separated rates, e.g. 1,0.75,0.5,0.33,0.25.")] = None,
     store: Annotated[Path | None, typer.Option("--store", help="Feature store to reuse/extend (one checkpoint).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: sweep.csv, sweep.json, tradeoff.png, rows/.")] = Path("sweep"),
@@ -474,8 +477,8 @@ def sweep(
 @app.command()
 def adapt(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="Once-for-all (cif) student checkpoint.")],
-    corpus: Annotated[str, typer.Option("--corpus", help="Labelled corpus (.tsv manifest, a folder holding manifest.tsv, or folder::pattern).")],
-    task: Annotated[Task | None, typer.Option("--task", help="The downstream task.")] = None,
+    corpus: LabelledCorpusOpt,
+    task: TaskOpt = None,
     cost: Annotated[float | None, typer.Option("--cost", help="gamma: expected error (0.05 = 5 points) accepted per halving of the frame rate.")] = None,
     target_rate: Annotated[float | None, typer.Option("--target-rate", help="Penalise the distance to this rate instead.")] = None,
     init_rate: Annotated[float | None, typer.Option("--init-rate", help="Starting rate.")] = None,
