@@ -72,3 +72,18 @@ def test_adapt_stamp_hashes_only_its_own_kind_of_probe():
         assert adapt_sha(replace(a, probe=replace(a.probe, device="cuda")), "s1") == base
         assert adapt_sha(replace(a, epochs=a.epochs + 1), "s1") != base
         assert adapt_sha(a, "s2") != base
+
+
+def test_pr_probe_carries_the_quickstart_head_and_budget(tmp_path):
+    from ofactl.probe.train import ProbeConfig
+    from ofactl.progress import NullProgress
+    from ofactl.quickstart import QuickstartConfig, _Quickstart
+
+    cfg = QuickstartConfig()
+    probe = _Quickstart(cfg, tmp_path, NullProgress()).pr_probe(ProbeConfig(epochs=7))
+    assert (probe.ctc_head, probe.max_frames, probe.epochs) == ("lstm", 1_000_000, 7)
+    cfg = QuickstartConfig(pr_head="conv", pr_max_frames=0)
+    probe = _Quickstart(cfg, tmp_path, NullProgress()).pr_probe(ProbeConfig())
+    assert (probe.ctc_head, probe.conv_hidden, probe.max_frames) == ("conv", 128, 0)
+    with pytest.raises(ValueError, match="pr_max_frames must be >= 0"):
+        QuickstartConfig(pr_max_frames=-1).validate()
