@@ -38,7 +38,7 @@ from ofactl.runtime import SAMPLE_RATE
 if TYPE_CHECKING:
     import torch
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3")
 _MAX_LISTED = 20
 MANIFEST_NAME = "manifest.tsv"  # a folder holding one is read through it (``ofactl synth`` writes it)
 

@@ -32,7 +32,8 @@ def write_wav(tmp_path: Path):
                freq: float = 220.0, subtype: str | None = None) -> Path:
         p = tmp_path / name
         p.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(str(p), tone(seconds, sr, freq, channels), sr, subtype=subtype)
+        fmt = "OGG" if p.suffix == ".opus" else None  # soundfile does not infer Ogg from .opus
+        sf.write(str(p), tone(seconds, sr, freq, channels), sr, subtype=subtype, format=fmt)
         return p
 
     return _write

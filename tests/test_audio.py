@@ -10,7 +10,8 @@ from ofactl.audio import SAMPLE_RATE, audio_info, load_audio, read_corpus, resam
 from ofactl.errors import AudioError, CorpusError
 
 
-@pytest.mark.parametrize("name,subtype", [("a.wav", None), ("a.flac", None), ("a.ogg", "VORBIS")])
+@pytest.mark.parametrize("name,subtype", [("a.wav", None), ("a.flac", None), ("a.ogg", "VORBIS"),
+                                          ("a.opus", "OPUS")])
 def test_decode_formats(write_wav, name, subtype):
     p = write_wav(name, seconds=0.5, sr=16000, subtype=subtype)
     wav = load_audio(p)
@@ -68,13 +69,14 @@ def test_bad_files_named(tmp_path, write_wav):
 def test_directory_corpus_and_pattern(write_wav, tmp_path):
     write_wav("d/3_anna_0.wav")
     write_wav("d/sub/5_bob_1.flac", sr=8000)
+    write_wav("d/sub/7_cleo_2.opus", sr=16000, subtype="OPUS")
     c = read_corpus(tmp_path / "d")
-    assert sorted(u.id for u in c) == ["3_anna_0", "5_bob_1"]
+    assert sorted(u.id for u in c) == ["3_anna_0", "5_bob_1", "7_cleo_2"]
     u = {u.id: u for u in c}["5_bob_1"]
     assert u.sample_rate == 8000 and u.n_samples == 4000 and u.n_samples_16k == 8000
     c2 = read_corpus(f"{tmp_path / 'd'}::{{label}}_{{speaker}}_{{take}}")
     assert {u.id: (u.labels["label"], u.labels["speaker"]) for u in c2} == {
-        "3_anna_0": ("3", "anna"), "5_bob_1": ("5", "bob")}
+        "3_anna_0": ("3", "anna"), "5_bob_1": ("5", "bob"), "7_cleo_2": ("7", "cleo")}
     with pytest.raises(CorpusError, match="does not match pattern"):
         read_corpus(f"{tmp_path / 'd'}::{{label}}-{{speaker}}")
 

@@ -23,8 +23,10 @@ from ofactl.extract import ExtractConfig, run_extract
 from ofactl.model.student import Student, student_config
 from ofactl.storage import open_store
 
+# device cpu: these tests compare stores with fp32 CPU forwards (on a GPU machine "auto" would
+# extract on CUDA in bf16); tests/test_cuda.py covers the CUDA path
 CFG = ExtractConfig(rates=(1.0, 0.5), num_workers=0, block_utts=4, chunk_frames=16, batch_seconds=3.0,
-                    dtype="float32")
+                    dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +299,8 @@ def test_cli_pipeline_from_stdin_json(tmp_path, synth_corpus, student_ckpt):
 _KILL_SCRIPT = """
 import sys, torch
 from ofactl.extract import ExtractConfig, run_extract
-cfg = ExtractConfig(rates=(1.0, 0.5), num_workers=0, block_utts=4, chunk_frames=16, batch_seconds=1.0, dtype="float32")
+cfg = ExtractConfig(rates=(1.0, 0.5), num_workers=0, block_utts=4, chunk_frames=16, batch_seconds=1.0, dtype="float32",
+                    device="cpu")
 run_extract(cfg, sys.argv[1], sys.argv[2], sys.argv[3])
 """
 
@@ -329,7 +332,7 @@ def test_sigkill_then_resume_equals_clean_run(tmp_path, synth_corpus):
     assert killed, "the run finished before it could be killed"
     assert 0 < int(open_store(store).group(0.5).done.sum()) < len(open_store(store).group(0.5))
     cfg_e = ExtractConfig(rates=(1.0, 0.5), num_workers=0, block_utts=4, chunk_frames=16, batch_seconds=1.0,
-                          dtype="float32")
+                          dtype="float32", device="cpu")
     res = run_extract(cfg_e, ckpt, synth_corpus, store)
     assert all(g.complete for g in res.groups)
     run_extract(cfg_e, ckpt, synth_corpus, tmp_path / "clean.zarr")

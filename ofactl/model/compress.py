@@ -257,12 +257,17 @@ class AlphaPredictor(nn.Module):
         self.out = nn.Linear(dim, 1)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        # Zero padding before the conv so a padded batch equals per-utterance runs.
-        """(B, S, C) features with lengths -> raw alpha logits (B, S) (padded frames masked later)."""
-        x = x * length_mask(lengths, x.shape[1])[..., None].to(x.dtype)
-        h = self.conv(x.transpose(1, 2)).transpose(1, 2)
-        h = torch.relu(self.norm(h))
-        a = torch.sigmoid(self.out(h).squeeze(-1).float())
+        """(B, S, C) features with lengths -> alpha (B, S) in float32, zero on padded frames.
+
+        Runs in float32 even under autocast: a content-adaptive frame count is a sum of alphas,
+        and bf16 alphas would make that count depend on the precision (CUDA's bf16 against the
+        CPU's fp32)."""
+        with torch.autocast(x.device.type, enabled=False):
+            # zero padding before the conv, so a padded batch equals per-utterance runs
+            xf = x.float() * length_mask(lengths, x.shape[1])[..., None]
+            h = self.conv(xf.transpose(1, 2)).transpose(1, 2)
+            h = torch.relu(self.norm(h))
+            a = torch.sigmoid(self.out(h).squeeze(-1))
         return a * length_mask(lengths, x.shape[1])
 
 

@@ -200,6 +200,19 @@ def test_cumsum_in_fp32_under_autocast():
     assert out.lengths.tolist() == [int(0.37 * 600 + 0.5), int(0.37 * 450 + 0.5)]
 
 
+def test_alpha_is_computed_in_fp32_under_autocast_so_adaptive_lengths_do_not_depend_on_precision():
+    torch.manual_seed(0)
+    c = Compressor(8).eval()
+    x = torch.randn(3, 400, 8).bfloat16().float()  # representable in bf16: the same input both ways
+    L = torch.tensor([400, 333, 57])
+    ref = c(x, L, rate=0.4, exact=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = c(x, L, rate=0.4, exact=False)
+    assert out.plan.alpha.dtype == torch.float32
+    assert torch.equal(out.plan.alpha, ref.plan.alpha)
+    assert out.lengths.tolist() == ref.lengths.tolist()
+
+
 def test_zero_length_and_errors():
     c = Compressor(4)
     x = torch.randn(2, 5, 4)
