@@ -26,7 +26,7 @@ UNTRAINED_NOTE = ("the teacher is random:tiny, an UNTRAINED HuBERT-shaped model;
                   "log-mel frames, so its features carry acoustic structure, not HuBERT's. For real "
                   "features distill from a HuBERT checkpoint, e.g. "
                   "'ofactl distill -c distilhubert-ofa --teacher /path/hubert_base_ls960.pt --trust-checkpoint ...'")
-BUILTIN_NOTE = ("the teacher is builtin:hubert-tiny, a small HuBERT that ofactl pretrained on about 3 hours of "
+BUILTIN_NOTE = ("the teacher is builtin:{name}, a small HuBERT that ofactl pretrained on about 3 hours of "
                 "speech (docs/models.md); it knows far less than HuBERT Base. For research-grade features "
                 "distill from a HuBERT checkpoint, e.g. 'ofactl distill -c distilhubert-ofa --teacher "
                 "/path/hubert_base_ls960.pt --trust-checkpoint ...'")
@@ -37,7 +37,7 @@ def teacher_note(teacher: str) -> str:
     if teacher.startswith("random:"):
         return UNTRAINED_NOTE
     if teacher.startswith("builtin:"):
-        return BUILTIN_NOTE
+        return BUILTIN_NOTE.format(name=teacher.split(":", 1)[1])
     return f"the teacher is {teacher}"
 
 
@@ -260,7 +260,8 @@ class _Quickstart:
         from ofactl.sweep import plot_tradeoff
 
         rows = [r.to_json() for res in sweeps.values() for r in res.rows]
-        teacher = "untrained teacher + log-mel head" if note == UNTRAINED_NOTE else "built-in tiny HuBERT teacher"
+        teacher = "untrained teacher + log-mel head" if note == UNTRAINED_NOTE else note.split(",")[0].removeprefix(
+            "the teacher is ")
         png = plot_tradeoff([r for res in sweeps.values() for r in res.rows], self.out / "tradeoff.png",
                             f"quickstart: tiny OFA student ({teacher}), synthetic speech")
         paths = {"corpus": str(corpus), "student": str(student), "store": str(store), "tradeoff_plot": str(png)}

@@ -213,6 +213,19 @@ def test_avgpool_baseline(tmp_path, synth_corpus):
 
 
 @pytest.mark.slow
+def test_distill_accepts_the_larger_builtin_teacher_and_copies_its_cnn(tmp_path, synth_corpus):
+    cfg = tiny_cfg(steps=2, teacher="builtin:hubert-small")
+    with pytest.raises(ConfigError, match="student.teacher_dim=128 but the teacher is 192-d"):
+        run_distill(cfg, synth_corpus, tmp_path / "bad")
+    cfg.student = replace(cfg.student, teacher_dim=192)
+    copied = Student(cfg.student).init_from_teacher(load_teacher("builtin:hubert-small"), partial=True)
+    assert any(k.startswith("cnn.") for k in copied) and not any(k.startswith("transformer.") for k in copied)
+    res = run_distill(cfg, synth_corpus, tmp_path / "run")
+    s, meta = load_student(res.student)
+    assert res.steps == 2 and s.cfg.teacher_dim == 192 and "hubert-small" in str(meta)
+
+
+@pytest.mark.slow
 def test_light_student_preset_trains_from_the_teacher_without_its_cnn(tmp_path, synth_corpus):
     base = load_config(DistillConfig, "distill", "distill-tiny-fbank")
     assert base.student.frontend == "fbank" and base.teacher == "builtin:hubert-tiny"

@@ -87,3 +87,12 @@ def test_pr_probe_carries_the_quickstart_head_and_budget(tmp_path):
     assert (probe.ctc_head, probe.conv_hidden, probe.max_frames) == ("conv", 128, 0)
     with pytest.raises(ValueError, match="pr_max_frames must be >= 0"):
         QuickstartConfig(pr_max_frames=-1).validate()
+
+
+def test_the_note_names_the_teacher_the_student_learnt_from():
+    from ofactl.quickstart import UNTRAINED_NOTE, teacher_note
+
+    assert teacher_note("random:tiny") == UNTRAINED_NOTE
+    for name in ("hubert-tiny", "hubert-small"):
+        assert teacher_note(f"builtin:{name}").startswith(f"the teacher is builtin:{name}, a small HuBERT")
+    assert teacher_note("/m/hubert.pt") == "the teacher is /m/hubert.pt"

@@ -2,8 +2,9 @@
 
 Accepted ``--teacher`` values:
 
-- ``builtin:hubert-tiny``: the small HuBERT that ships inside the package, pretrained by
-  ``ofactl pretrain -c pretrain-tiny`` (docs/models.md), checked against its recorded sha256;
+- ``builtin:hubert-tiny`` (the default) and ``builtin:hubert-small``: small HuBERTs that ship inside
+  the package, pretrained by ``ofactl pretrain -c pretrain-tiny`` (docs/models.md), each checked
+  against its recorded sha256;
 - ``random:tiny`` / ``random:base``: an untrained model of that shape (only when named);
 - a torchaudio state dict (``hubert_base``-style keys) in a ``.pt``/``.pth``/``.safetensors``
   file, loaded with ``weights_only=True``; optionally ``{"state_dict": ..., "config": {...}}``;
@@ -44,8 +45,8 @@ from ofactl.model.blocks import (
 )
 from ofactl.model.student import TINY_CONV
 
-ACCEPTED = ("builtin:hubert-tiny, random:tiny, random:base, a torchaudio state dict (.pt/.pth/.safetensors), a "
-            "HuggingFace HubertModel/Wav2Vec2Model folder (config.json + weights), or a fairseq "
+ACCEPTED = ("builtin:hubert-tiny, builtin:hubert-small, random:tiny, random:base, a torchaudio state dict "
+            "(.pt/.pth/.safetensors), a HuggingFace HubertModel/Wav2Vec2Model folder (config.json + weights), or a fairseq "
             "HuBERT/wav2vec 2.0 .pt checkpoint (with --trust-checkpoint)")
 
 RANDOM_ARCHS = {
@@ -99,6 +100,10 @@ BUILTIN = {
     "hubert-tiny": {
         "file": "hubert-tiny.safetensors",
         "sha256": "969a859ceaa213614ba35c6edcb14162ff09ce3eb0503dabc32de73255a1f13f",
+    },
+    "hubert-small": {  # trained on a GPU: 5 x 192-d layers, the same 64-channel CNN; opt-in
+        "file": "hubert-small.safetensors",
+        "sha256": "6aafb638595786d999c3d5273104e661319201cf8595812eb54f3602c932642c",
     },
 }
 

@@ -275,18 +275,19 @@ def test_huggingface_bin_honours_trust(tmp_path):
     assert load_teacher(d).arch.num_layers == 1
 
 
-def test_builtin_teacher_loads_with_its_recorded_checksum_and_architecture():
+@pytest.mark.parametrize("name,arch", [("hubert-tiny", (128, 4, 4, 64, 512)), ("hubert-small", (192, 5, 4, 64, 768))])
+def test_builtin_teacher_loads_with_its_recorded_checksum_and_architecture(name, arch):
     from ofactl.checkpoint import file_sha256
     from ofactl.model.teacher import BUILTIN, builtin_path
 
-    p = builtin_path("hubert-tiny")
+    p = builtin_path(name)
     assert p.is_file() and p.stat().st_size <= 10 * 2**20  # ships inside the package, at most 10 MB
-    assert file_sha256(p) == BUILTIN["hubert-tiny"]["sha256"]
-    t = load_teacher("builtin:hubert-tiny")
-    assert t.source == "builtin:hubert-tiny" and t.format == "builtin"
-    assert (t.arch.embed_dim, t.arch.num_layers, t.arch.num_heads, t.arch.cnn_dim) == (128, 4, 4, 64)
+    assert file_sha256(p) == BUILTIN[name]["sha256"]
+    t = load_teacher(f"builtin:{name}")
+    assert t.source == f"builtin:{name}" and t.format == "builtin"
+    assert (t.arch.embed_dim, t.arch.num_layers, t.arch.num_heads, t.arch.cnn_dim, t.arch.ffn_dim) == arch
     x = wav(16000)
     h = t(x, torch.tensor([16000]))
-    assert h.states.shape == (1, 49, 5, 128) and torch.isfinite(h.states).all()
+    assert h.states.shape == (1, 49, arch[1] + 1, arch[0]) and torch.isfinite(h.states).all()
     with pytest.raises(CheckpointError, match="unknown built-in teacher"):
         load_teacher("builtin:hubert-huge")
