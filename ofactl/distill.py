@@ -14,7 +14,7 @@ scaler and global RNG state, so ``--resume`` continues exactly as an uninterrupt
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +327,7 @@ def run_distill(
     from ofactl import training as tr
 
     progress = progress or NullProgress()
+    cfg = replace(cfg)  # _build may fill in student.teacher_dim: the caller's config stays as given
     su = tr.setup_run(cfg, Path(run_dir), resume, overwrite)
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
     trn, held = split_held_out(list(cps), cfg.eval_utts, cfg.seed)
@@ -355,6 +356,8 @@ def _build(cfg: DistillConfig, trust: bool, device: torch.device, progress: Prog
     from ofactl.model.teacher import load_teacher
 
     teacher = load_teacher(cfg.teacher, trust=trust, seed=cfg.seed).to(device)
+    if cfg.student.teacher_dim == 0:  # the teacher's width: presets then fit any teacher
+        cfg.student = replace(cfg.student, teacher_dim=teacher.arch.embed_dim)
     student = Student(cfg.student)
     if cfg.init_from_teacher:
         copied = student.init_from_teacher(teacher, partial=True)

@@ -28,6 +28,9 @@ def tiny_cfg(**kw) -> DistillConfig:
     cfg = replace(cfg, steps=4, batch_seconds=6.0, crop_seconds=2.0, num_workers=0, eval_utts=4,
                   ckpt_every=2, log_every=1, eval_rates=(1.0, 0.5))
     cfg.guidance = replace(cfg.guidance, boundaries="none", kmeans_utts=12, kmeans_k=6)
+    # builtin:hubert-tiny's width, for tests that build the student without distill (the preset's 0
+    # is filled in by distill from the teacher)
+    cfg.student = replace(cfg.student, teacher_dim=128)
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -213,16 +216,20 @@ def test_avgpool_baseline(tmp_path, synth_corpus):
 
 
 @pytest.mark.slow
-def test_distill_accepts_the_larger_builtin_teacher_and_copies_its_cnn(tmp_path, synth_corpus):
+def test_presets_take_the_teachers_width_and_the_larger_builtin_teacher_gives_its_cnn(tmp_path, synth_corpus):
+    assert load_config(DistillConfig, "distill", "distill-tiny").student.teacher_dim == 0  # the teacher's width
     cfg = tiny_cfg(steps=2, teacher="builtin:hubert-small")
-    with pytest.raises(ConfigError, match="student.teacher_dim=128 but the teacher is 192-d"):
-        run_distill(cfg, synth_corpus, tmp_path / "bad")
-    cfg.student = replace(cfg.student, teacher_dim=192)
-    copied = Student(cfg.student).init_from_teacher(load_teacher("builtin:hubert-small"), partial=True)
-    assert any(k.startswith("cnn.") for k in copied) and not any(k.startswith("transformer.") for k in copied)
+    cfg.student = replace(cfg.student, teacher_dim=0)
     res = run_distill(cfg, synth_corpus, tmp_path / "run")
+    assert cfg.student.teacher_dim == 0  # the caller's config is left as given
     s, meta = load_student(res.student)
     assert res.steps == 2 and s.cfg.teacher_dim == 192 and "hubert-small" in str(meta)
+    assert load_config(DistillConfig, "distill", tmp_path / "run" / "config.yaml").student.teacher_dim == 192
+    copied = Student(s.cfg).init_from_teacher(load_teacher("builtin:hubert-small"), partial=True)
+    assert any(k.startswith("cnn.") for k in copied) and not any(k.startswith("transformer.") for k in copied)
+    cfg.student = replace(cfg.student, teacher_dim=128)  # a width given by hand must match
+    with pytest.raises(ConfigError, match="student.teacher_dim=128 but the teacher is 192-d"):
+        run_distill(cfg, synth_corpus, tmp_path / "bad")
 
 
 @pytest.mark.slow

@@ -51,7 +51,7 @@ class StudentConfig:
     alpha_kernel: int = 5  # kernel of the alpha predictor's convolution (frames)
     duration_embed: bool = False  # add a learned embedding of each compressed frame's log duration
     pred_layers: tuple[int, ...] = (4, 8, 12)  # teacher hidden states the heads predict (0: the input to layer 1)
-    teacher_dim: int = 768  # width of those teacher states
+    teacher_dim: int = 768  # width of those teacher states (0: the teacher's, read by distill when it loads it)
     feature_grad_mult: float = 0.1  # scale of the gradient reaching the CNN (HuBERT's feature_grad_mult)
     spectral_bins: int = 0  # > 0: one more head predicts this many log-mel bins (acoustic target beside the teacher's)
 
@@ -62,6 +62,8 @@ class StudentConfig:
             raise ValueError("frontend_channels must be >= 0 and fbank_bins >= 1")
         if self.spectral_bins < 0:
             raise ValueError(f"spectral_bins must be >= 0, got {self.spectral_bins}")
+        if self.teacher_dim < 0:
+            raise ValueError(f"teacher_dim must be >= 0 (0: the teacher's width), got {self.teacher_dim}")
         if self.compressor not in ("cif", "avgpool", "none"):
             raise ValueError(f"compressor must be cif, avgpool or none, got {self.compressor!r}")
         if not self.pred_layers:
@@ -122,6 +124,9 @@ class Student(nn.Module):
     def __init__(self, cfg: StudentConfig) -> None:
         super().__init__()
         cfg.validate()
+        if cfg.teacher_dim == 0:
+            raise ModelError("student.teacher_dim is 0 (the teacher's width): distill sets it from the teacher; "
+                             "a student built on its own needs the width")
         self.cfg = cfg
         farch = frontend_arch(cfg)
         self.cnn = build_frontend(cfg)  # the front end (named cnn: checkpoints keep their keys)

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from ofactl.errors import ModelError
 from ofactl.model.student import Student, student_config
 from ofactl.model.teacher import load_teacher
 
@@ -102,3 +105,10 @@ def test_partial_init_copies_the_parts_that_match():
     assert torch.equal(s.cnn.conv_layers[1].conv.weight, wide.model.feature_extractor.conv_layers[1].conv.weight)
     with pytest.raises(Exception, match="cannot initialise"):
         Student(student_config("tiny")).init_from_teacher(wide)
+
+
+def test_teacher_dim_zero_is_left_to_distill_and_negative_is_refused():
+    with pytest.raises(ModelError, match="teacher_dim is 0 .*distill sets it from the teacher"):
+        Student(replace(student_config("tiny"), teacher_dim=0))
+    with pytest.raises(ValueError, match="teacher_dim must be >= 0"):
+        replace(student_config("tiny"), teacher_dim=-1).validate()
