@@ -280,7 +280,7 @@ class _Sweep:
             extra_metrics={k: round(v, 5) for k, v in res.test.items() if k != res.metric},
             upstream_gmacs_per_s=round(mac["total"], 4), upstream_cnn_gmacs_per_s=round(mac["cnn"], 4),
             extract_s_per_audio_s=round(_time_extract(student, self.sub, r, cfg.timing_utts, cfg.extract.precision), 5),
-            probe_train_s=round(res.train_seconds, 2), probe_params=res.params,
+            probe_train_s=round(res.train_seconds, 4), probe_params=res.params,
             probe_mmacs_per_s=round(_probe_macs(res.params, achieved, arch.hop) / 1e6, 3),
             store_mb=round(open_store(st_path).size_bytes(r) / 1e6, 2),
             infeasible_test=res.infeasible.get("test") if res.infeasible else None,
