@@ -148,13 +148,13 @@ def run_quickstart(cfg: QuickstartConfig, out_dir: Path, progress: Progress | No
     save_resolved(cfg, "quickstart", out / "quickstart.yaml")
     q = _Quickstart(cfg, out, progress)
     corpus = q.stage("synth", "1/5 synth: a labelled speech corpus from espeak-ng", q.synth)
-    student, note = q.stage("distill", "2/5 distill: once-for-all tiny student", lambda: q.distill(corpus))
+    student, teacher = q.stage("distill", "2/5 distill: once-for-all tiny student", lambda: q.distill(corpus))
     store = q.stage("extract", f"3/5 extract: rates {', '.join(f'{r:g}' for r in cfg.rates)} in one pass",
                     lambda: q.extract(corpus, student))
     sweeps = q.stage("sweep", f"4/5 sweep: {', '.join(cfg.tasks)} over the rates", lambda: q.sweep(corpus, student, store))
     adapts = q.stage("adapt", f"5/5 adapt: {', '.join(cfg.adapt_tasks)} learn their own rates",
                      lambda: q.adapt(corpus, student))
-    return q.summary(corpus, student, store, sweeps, adapts, note)
+    return q.summary(corpus, student, store, sweeps, adapts, teacher)
 
 
 class _Quickstart:
@@ -186,26 +186,26 @@ class _Quickstart:
         return run_synth(scfg, self.out / "corpus", progress=self.progress).manifest
 
     def distill(self, corpus: Path) -> tuple[Path, str]:
+        """The student checkpoint and the teacher it learnt from (``--teacher`` spec)."""
         from ofactl.audio import read_corpus
         from ofactl.distill import DistillConfig, run_distill
 
         dcfg = load_config(DistillConfig, "distill", self.cfg.distill_preset, [f"device={self.cfg.device}"])
-        note = teacher_note(dcfg.teacher)
-        self.progress.log("note: " + note)
+        self.progress.log("note: " + teacher_note(dcfg.teacher))
         run_dir = self.out / "distill"
         student = run_dir / "student.pt"
         sha = settings_sha(dcfg, corpus=read_corpus(corpus).fingerprint())
         if self.stamps.matches("distill", sha) and student.is_file() and (run_dir / "summary.json").is_file():
             self.progress.log(f"reusing {student} (made with the same distill settings and corpus)")
             self.reused.append("distill")
-            return student, note
+            return student, dcfg.teacher
         same = self.stamps.matches("distill", sha)
         resume = same and run_dir.exists() and any((run_dir / "checkpoints").glob("step-*.pt"))
         if run_dir.exists() and not same:
             self.progress.log(f"{run_dir}: made with other distill settings; distilling again")
         self.stamps.set("distill", sha)
         run_distill(dcfg, corpus, run_dir, resume=resume, overwrite=not resume, progress=self.progress)
-        return student, note
+        return student, dcfg.teacher
 
     def extract(self, corpus: Path, student: Path) -> Path:
         from ofactl.extract import ExtractConfig, run_extract
@@ -256,14 +256,14 @@ class _Quickstart:
         return out
 
     def summary(self, corpus: Path, student: Path, store: Path, sweeps: dict[str, Any],
-                adapts: dict[str, dict[str, Any]], note: str) -> QuickstartResult:
+                adapts: dict[str, dict[str, Any]], teacher: str) -> QuickstartResult:
         from ofactl.sweep import plot_tradeoff
 
         rows = [r.to_json() for res in sweeps.values() for r in res.rows]
-        teacher = "untrained teacher + log-mel head" if note == UNTRAINED_NOTE else note.split(",")[0].removeprefix(
-            "the teacher is ")
+        note = teacher_note(teacher)
+        label = "untrained teacher + log-mel head" if note == UNTRAINED_NOTE else teacher
         png = plot_tradeoff([r for res in sweeps.values() for r in res.rows], self.out / "tradeoff.png",
-                            f"quickstart: tiny OFA student ({teacher}), synthetic speech")
+                            f"quickstart: tiny OFA student ({label}), synthetic speech")
         paths = {"corpus": str(corpus), "student": str(student), "store": str(store), "tradeoff_plot": str(png)}
         for task in adapts:
             paths[f"adapt_{task}_rate_config"] = str(self.out / f"adapt-{task}" / "rate.yaml")
