@@ -262,13 +262,14 @@ class AlphaPredictor(nn.Module):
         Runs in float32 even under autocast: a content-adaptive frame count is a sum of alphas,
         and bf16 alphas would make that count depend on the precision (CUDA's bf16 against the
         CPU's fp32)."""
+        valid = length_mask(lengths, x.shape[1])
         with torch.autocast(x.device.type, enabled=False):
             # zero padding before the conv, so a padded batch equals per-utterance runs
-            xf = x.float() * length_mask(lengths, x.shape[1])[..., None]
+            xf = x.float() * valid[..., None]
             h = self.conv(xf.transpose(1, 2)).transpose(1, 2)
             h = torch.relu(self.norm(h))
             a = torch.sigmoid(self.out(h).squeeze(-1))
-        return a * length_mask(lengths, x.shape[1])
+        return a * valid
 
 
 @dataclass
