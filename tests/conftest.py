@@ -11,6 +11,20 @@ import soundfile as sf
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
 
 
+@pytest.fixture(scope="module")
+def student_ckpt(tmp_path_factory):
+    """A tiny untrained student, seeded: (student.pt path, the student in eval mode)."""
+    import torch
+
+    from ofactl.checkpoint import save_student
+    from ofactl.model.student import Student, student_config
+
+    torch.manual_seed(0)
+    s = Student(student_config("tiny")).eval()
+    p = save_student(tmp_path_factory.mktemp("ckpt") / "student.pt", s)
+    return p, s
+
+
 @pytest.fixture(scope="session")
 def fsdd_dir() -> Path:
     if not (FSDD / "recordings").is_dir():

@@ -13,24 +13,15 @@ import numpy as np
 import pytest
 import torch
 from test_distill import tiny_cfg
+from test_extract import CFG
 
-from ofactl.checkpoint import load_student, save_student
+from ofactl.checkpoint import load_student
 from ofactl.distill import run_distill
-from ofactl.extract import ExtractConfig, run_extract
-from ofactl.model.student import Student, student_config
+from ofactl.extract import run_extract
 from ofactl.storage import open_store
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-CFG = ExtractConfig(rates=(1.0, 0.5), num_workers=0, block_utts=4, chunk_frames=16, batch_seconds=3.0,
-                    dtype="float32", device="cpu", precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    return save_student(tmp_path_factory.mktemp("ckpt") / "student.pt", Student(student_config("tiny")).eval())
 
 
 def stores(tmp_path, corpus, ckpt, cfg_cuda, rate):
@@ -42,16 +33,17 @@ def stores(tmp_path, corpus, ckpt, cfg_cuda, rate):
     return {k: (a[k], b[k]) for k in a}
 
 
-def test_cuda_fp32_extraction_equals_the_cpu(tmp_path, synth_corpus, ckpt):
-    for cpu, gpu in stores(tmp_path, synth_corpus, ckpt, replace(CFG, device="cuda"), 0.5).values():
+def test_cuda_fp32_extraction_equals_the_cpu(tmp_path, synth_corpus, student_ckpt):
+    cfg = replace(CFG, device="cuda", precision="fp32")
+    for cpu, gpu in stores(tmp_path, synth_corpus, student_ckpt[0], cfg, 0.5).values():
         assert cpu.shape == gpu.shape
         assert np.allclose(cpu, gpu, atol=1e-3)
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_cuda_bf16_extraction_keeps_lengths_and_stays_close(tmp_path, synth_corpus, ckpt, adaptive):
+def test_cuda_bf16_extraction_keeps_lengths_and_stays_close(tmp_path, synth_corpus, student_ckpt, adaptive):
     cfg = replace(CFG, device="cuda", precision="bf16", rates=(0.5,), adaptive_length=adaptive)
-    pairs = stores(tmp_path, synth_corpus, ckpt, cfg, 0.5)
+    pairs = stores(tmp_path, synth_corpus, student_ckpt[0], cfg, 0.5)
     assert all(cpu.shape == gpu.shape for cpu, gpu in pairs.values())  # alpha runs in fp32 under autocast
     rel = max(np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu) for cpu, gpu in pairs.values())
     assert rel < 0.05, rel

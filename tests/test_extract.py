@@ -29,14 +29,6 @@ CFG = ExtractConfig(rates=(1.0, 0.5), num_workers=0, block_utts=4, chunk_frames=
                     dtype="float32", device="cpu")
 
 
-@pytest.fixture(scope="module")
-def student_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    s = Student(student_config("tiny")).eval()
-    p = save_student(tmp_path_factory.mktemp("ckpt") / "student.pt", s)
-    return p, s
-
-
 def extract(tmp, corpus, cfg=CFG, name="f.zarr", ckpt=None, **kw):
     return run_extract(cfg, ckpt, corpus, tmp / name, **kw)
 
