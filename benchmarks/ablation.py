@@ -38,7 +38,7 @@ from typing import Any, get_args
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import emit, machine
 
-from ofactl.adapt import AdaptConfig, compare_with_sweep, run_adapt
+from ofactl.adapt import AdaptConfig, RateCost, compare_with_sweep, run_adapt
 from ofactl.choices import CtcHead
 from ofactl.config import Flag, load_config
 from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
@@ -133,8 +133,9 @@ def unit(task: str, args: argparse.Namespace) -> str:
 
 
 def report_stem(args: argparse.Namespace) -> str:
-    """``ablation`` for the default ``--pr-head``; otherwise the head is in the report's name."""
-    return "ablation" if args.pr_head == PR_HEAD else f"ablation-pr-{args.pr_head}"
+    """``ablation`` for the default ``--pr-head`` and adapt settings; otherwise the head and the
+    ``--adapt-set`` are in the report's name."""
+    return ("ablation" if args.pr_head == PR_HEAD else f"ablation-pr-{args.pr_head}") + adapt_suffix(args)
 
 
 def sweep_dir(args: argparse.Namespace, name: str, seed: int, task: str, adaptive: bool = False) -> Path:
@@ -159,15 +160,22 @@ def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Na
     None with ``--report`` when it has not run). Runs on another variant than the default carry
     its name."""
     variant = "" if args.adapt_variant == "ofactl" else f"{args.adapt_variant}-"
-    out = Path(args.out) / "adapt" / f"{variant}{unit(task, args)}-{grad}-s{seed}"
+    out = Path(args.out) / "adapt" / f"{variant}{unit(task, args)}-{grad}{adapt_suffix(args)}-s{seed}"
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     if args.report:
         return None
     ofactl_task, corpus_of_task = task_corpus(task, args, corpus)
-    cfg = AdaptConfig(task=ofactl_task, lambda_grad=grad, seed=seed, device=args.device)
+    cfg = load_config(AdaptConfig, "adapt", None, args.adapt_set, [
+        Flag("task", "--tasks", ofactl_task), Flag("lambda_grad", "--adapt", grad), Flag("seed", "--seeds", seed),
+        Flag("device", "--device", args.device)])
     cfg.probe = replace(cfg.probe, ctc_head=args.pr_head)
     return run_adapt(cfg, ckpt, corpus_of_task, out, sweep if sweep.is_dir() else None).to_json()
+
+
+def adapt_suffix(args: argparse.Namespace) -> str:
+    """``--adapt-set`` in an adapt run's folder name (``-cost_form-linear``), so each setting's runs are kept."""
+    return "".join("-" + kv.replace("=", "-") for kv in args.adapt_set)
 
 
 def _compare_again(doc: dict[str, Any], task: str, sweep: Path, args: argparse.Namespace, corpus: Path) -> dict[str, Any]:
@@ -178,7 +186,8 @@ def _compare_again(doc: dict[str, Any], task: str, sweep: Path, args: argparse.N
     ofactl_task, corpus_of_task = task_corpus(task, args, corpus)
     # the comparison reads only the metric's direction and the test split's size, alike for every seed
     data = build_task(ofactl_task, read_corpus(corpus_of_task), None, 0)
-    return compare_with_sweep(sweep, data, doc["learned_rate"], doc["test"], doc["wall_seconds"], doc["cost"])
+    return compare_with_sweep(sweep, data, doc["learned_rate"], doc["test"], doc["wall_seconds"],
+                              RateCost(doc["cost"], doc.get("cost_form", "log2")))
 
 
 LOWER_IS_BETTER = ("per", "wer", "cer")
@@ -341,7 +350,7 @@ def markdown(doc: dict[str, Any]) -> str:
             for name, r in rows.items():
                 lines.append(f"| {ofa} | {task} ({r['metric']}) | {name} | {r['rate']:g} | {r['fixed']:.3f} | "
                              f"{r['ofa']:.3f} | {r['ofa_minus_fixed']:+.3f} |")
-    return "\n".join(lines + _adapt_markdown(doc.get("adapt", {}), doc.get("adapt_variant", "ofactl"))) + "\n"
+    return "\n".join(lines + _adapt_markdown(doc.get("adapt", {}), doc.get("adapt_variant", "ofactl"), doc.get("adapt_set"))) + "\n"
 
 
 def _paired_cell(c: dict[str, Any], rates: list[str]) -> str:
@@ -355,9 +364,10 @@ def _paired_cell(c: dict[str, Any], rates: list[str]) -> str:
     return ", ".join(parts) or "-"
 
 
-def _adapt_markdown(adapt: dict[str, Any], variant: str = "ofactl") -> list[str]:
+def _adapt_markdown(adapt: dict[str, Any], variant: str = "ofactl", adapt_set: list[str] | None = None) -> list[str]:
     """adapt's learned rates per task, gradient and seed, against each seed's sweep."""
-    lines = ["", f"**adapt** on the `{variant}` students (default cost: 5 points per halving; per seed: learned "
+    settings = ", ".join(f"`{kv}`" for kv in adapt_set or []) or "default settings (cost 5 points per halving)"
+    lines = ["", f"**adapt** on the `{variant}` students ({settings}; per seed: learned "
              "rate, and the sweep's metric there minus its best, interpolated)", "",
              "| task | lambda gradient | learned rate | test metric | sweep at learned - best | in near-flat region "
              "| objective at learned - lowest (its rate) | adapt s | sweep probe s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -447,8 +457,12 @@ def main() -> None:
                     help="the CTC head of pr sweeps and adapt runs (conv: context for about twice a linear "
                          "head's time; linear favours 40 ms frames, docs/models.md)")
     ap.add_argument("--adapt", default="pathwise,difference", help="adapt gradients to compare ('' for none)")
+    ap.add_argument("--adapt-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an adapt setting for every adapt run (as adapt's --set); runs are kept apart by it")
     ap.add_argument("--adapt-variant", default="ofactl",
                     help="the once-for-all variant whose students adapt (one of --variants)")
+    ap.add_argument("--no-adaptive-sweeps", action="store_true",
+                    help="skip the default recipe's sweeps with content-adaptive lengths")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--report", action="store_true",
                     help="train nothing: write the report from the finished students, sweeps and adapt runs")
@@ -467,7 +481,7 @@ def main() -> None:
     curves, missing = collect(names, seeds, tasks, args, corpus)
     out: dict[str, Any] = {"benchmark": "ablation", "teacher": args.teacher, "preset": args.preset, "seeds": seeds,
                            "rates": args.rates, "pr_head": args.pr_head, "variants": {n: VARIANTS[n][0] for n in names},
-                           "adapt_variant": args.adapt_variant, "skipped": skipped, "missing": missing,
+                           "adapt_variant": args.adapt_variant, "adapt_set": args.adapt_set, "skipped": skipped, "missing": missing,
                            "machine": machine()}
     out.update(summarise(curves, seeds))
     if fixed_rate(args.adapt_variant) is not None or args.adapt_variant not in VARIANTS:
@@ -493,7 +507,7 @@ def collect(names: list[str], seeds: list[int], tasks: list[str], args: argparse
             ckpt = None if args.report else distill_student(name, seed, args, corpus)
             for task in tasks:
                 for label, adaptive in ((name, False), ("ofactl-adaptive-length", True)):
-                    if adaptive and name != "ofactl":
+                    if adaptive and (name != "ofactl" or args.no_adaptive_sweeps):
                         continue
                     done = sweep_dir(args, name, seed, task, adaptive) / "sweep.json"
                     if ckpt is not None:

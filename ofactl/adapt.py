@@ -3,13 +3,16 @@
 The student is frozen. lambda = top * sigmoid(theta), with top the lambda of ``min_rate``, is a
 learnable parameter trained alongside the probe on
 
-    task term + gamma * log2(expected frame ratio)
+    task term + gamma * log2(expected frame ratio)      (cost_form: log2, the default)
+    task term + gamma * (expected frame ratio - 1)     (cost_form: linear)
 
 where the expected frame ratio is mean(sum(alpha_mix) / T), differentiable in lambda through the
 CIF weights. The task term is the probe's expected error on dev batches (``lambda_loss: error``:
 1 - p(label), for CTC 1 - the per-token geometric mean of p(label)), a fraction like accuracy or
-PER, so gamma reads in metric points: 0.05 accepts 5 points of error per halving of the frame
-rate (and of the transformer and downstream compute). gamma = 0: only the task decides.
+PER, so gamma reads in metric points: with log2, 0.05 accepts 5 points of error per halving of
+the frame rate (and of the transformer and downstream compute); with linear, 5 points for the
+whole of that compute, so the learned rate can lose at most gamma against any higher rate
+(log2 allows gamma per halving, 2 gamma down to rate 0.25). gamma = 0: only the task decides.
 
 How the gradient reaches lambda. lambda moves the mixed alpha; alpha moves the CIF weights of
 every frame that straddles a boundary, the normalisation of every output frame, and the number of
@@ -37,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ofactl.audio import Corpus, load_audio, read_corpus
-from ofactl.choices import LambdaData, LambdaGrad, LambdaLoss, Task
+from ofactl.choices import CostForm, LambdaData, LambdaGrad, LambdaLoss, Task
 from ofactl.config import save_resolved
 from ofactl.errors import ConfigError
 from ofactl.model.compress import LAMBDA_MAX, length_mask, mix_alpha, rate_to_lambda
@@ -57,8 +60,9 @@ class AdaptConfig:
     label_column: str = ""  # label column of task cls
     init_rate: float = 0.5  # rate lambda starts from
     cost: float = 0.05  # gamma: expected error (a fraction: 0.05 = 5 points of accuracy or error rate)
-    # accepted per halving of the frame rate
-    target_rate: float = 0.0  # > 0: penalise |ratio - target| * cost instead
+    # accepted per halving of the frame rate (cost_form log2) or for all of it (linear)
+    cost_form: CostForm = "log2"  # log2: gamma * log2(ratio); linear: gamma * (ratio - 1)
+    target_rate: float = 0.0  # > 0: penalise |ratio - target| * cost instead (cost_form then unused)
     epochs: int = 15  # epochs over the training split
     batch_size: int = 16  # utterances per batch
     lambda_lr: float = 0.05  # learning rate of lambda (Adam)
@@ -100,6 +104,31 @@ class AdaptConfig:
         if self.epochs < 1 or self.batch_size < 1 or self.lambda_lr <= 0:
             raise ValueError("epochs, batch_size and lambda_lr must be positive")
 
+    @property
+    def rate_cost(self) -> RateCost:
+        """The compute term these settings add to the task term."""
+        return RateCost(self.cost, self.cost_form, self.target_rate)
+
+
+@dataclass(frozen=True)
+class RateCost:
+    """The compute term adapt adds to the expected error at frame ratio r (output frames per 20 ms
+    input frame): ``gamma * log2(r)`` (gamma per halving), ``gamma * (r - 1)`` (gamma for the
+    whole compute after the CNN), or ``gamma * |r - target_rate|`` when a target is set. Each is 0
+    at rate 1 (or at the target), so objectives of either form read alike."""
+
+    gamma: float
+    form: CostForm = "log2"
+    target_rate: float = 0.0
+
+    def __call__(self, ratio: Tensor) -> Tensor:
+        """The term at ``ratio`` (any shape, differentiable)."""
+        if self.target_rate > 0:
+            return self.gamma * (ratio - self.target_rate).abs()
+        if self.form == "linear":
+            return self.gamma * (ratio - 1.0)
+        return self.gamma * torch.log2(ratio.clamp(min=1e-4))
+
 
 class LearnableLambda(torch.nn.Module):
     """lambda = top * sigmoid(theta), top <= LAMBDA_MAX: stays in [0, top) whatever the optimiser does."""
@@ -130,6 +159,7 @@ class AdaptResult:
     frame_period_ms: float
     init_rate: float
     cost: float
+    cost_form: str
     wall_seconds: float
     comparison: dict[str, Any] | None
 
@@ -296,12 +326,12 @@ def _finish_adapt(job: _AdaptJob, out_dir: Path, compare_sweep: Path | None, t0:
     learned_rate = round(test_rate, 4)
     (out_dir / "rate.yaml").write_text(
         f"description: rate learned by 'ofactl adapt --task {task.task}' (lambda {final_lam:.4f}, "
-        f"cost {cfg.cost}); use with 'ofactl extract -c {out_dir / 'rate.yaml'}'\n"
+        f"cost {cfg.cost} {cfg.cost_form}); use with 'ofactl extract -c {out_dir / 'rate.yaml'}'\n"
         f"extract:\n  rates: [{learned_rate}]\n")
     comparison = compare_with_sweep(compare_sweep, task, learned_rate, test_metric[task.metric],
-                                    time.perf_counter() - t0, cfg.cost, cfg.target_rate) if compare_sweep else None
+                                    time.perf_counter() - t0, cfg.rate_cost) if compare_sweep else None
     res = AdaptResult(out_dir, task.task, task.metric, round(test_metric[task.metric], 5), round(final_lam, 5),
-                      learned_rate, round(20.0 / learned_rate, 2), cfg.init_rate, cfg.cost,
+                      learned_rate, round(20.0 / learned_rate, 2), cfg.init_rate, cfg.cost, cfg.cost_form,
                       time.perf_counter() - t0, comparison)
     (out_dir / "summary.json").write_text(json.dumps(res.to_json(), indent=2))
     return res
@@ -351,16 +381,7 @@ def _cost(cfg: AdaptConfig, alpha_pred: Tensor, lam: Tensor, n: Tensor) -> tuple
     valid = length_mask(n, alpha_pred.shape[1]).float()
     alpha = mix_alpha(alpha_pred, lam)
     mean_ratio = ((alpha * valid).sum(1) / n.float()).mean()  # expected frames / input frames
-    return mean_ratio, rate_cost(mean_ratio, cfg.cost, cfg.target_rate)
-
-
-def rate_cost(ratio: Tensor, cost: float, target_rate: float = 0.0) -> Tensor:
-    """The compute term adapt adds to the expected error at frame ratio ``ratio`` (any shape):
-    ``cost`` per halving of the rate (log2, negative below rate 1), or ``cost`` times the distance
-    to ``target_rate`` when that is set."""
-    if target_rate > 0:
-        return cost * (ratio - target_rate).abs()
-    return cost * torch.log2(ratio.clamp(min=1e-4))
+    return mean_ratio, cfg.rate_cost(mean_ratio)
 
 
 @torch.no_grad()
@@ -382,7 +403,7 @@ def _evaluate(student: Any, probe: Probe, task: TaskData, ids: list[str], cache:
 
 
 def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, adapt_s: float,
-                       cost: float | None = None, target_rate: float = 0.0) -> dict[str, Any]:
+                       cost: RateCost | None = None) -> dict[str, Any]:
     """Where the learned rate falls on a sweep of the same task, and what each cost.
 
     The near-flat region is where the sweep curve (linearly interpolated between its rates) is
@@ -391,7 +412,7 @@ def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, a
     is larger, so that test-set noise alone does not shrink the region to one point.
 
     With ``cost``, also what adapt minimises, on the same curve: the error (1 - accuracy) plus
-    ``rate_cost``; ``objective_gap`` is its value at the learned rate minus its lowest.
+    the rate cost; ``objective_gap`` is its value at the learned rate minus its lowest.
     """
     from ofactl.sweep import load_rows
 
@@ -416,7 +437,7 @@ def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, a
     flat = [float(g) for g in grid if near(float(np.interp(g, xs, ys)))]
     at_rate = float(np.interp(rate, xs, ys))
     in_range = xs[0] - 0.01 <= rate <= xs[-1] + 0.01  # the sweep's achieved rates round a little
-    objective = {} if cost is None else _objective_on_curve(grid, xs, ys, task.higher_better, rate, cost, target_rate)
+    objective = {} if cost is None else _objective_on_curve(grid, xs, ys, task.higher_better, rate, cost)
     return objective | {
         "sweep_rates": xs, "sweep_metric": ys, "sweep_at_learned_rate": round(at_rate, 5),
         "adapt_metric": metric, "best_sweep_metric": best, "tolerance": round(tol, 4),
@@ -450,13 +471,13 @@ def _plot(traj: list[dict[str, Any]], path: Path, task: str) -> None:
 
 
 def _objective_on_curve(grid: np.ndarray, xs: list[float], ys: list[float], higher_better: bool, rate: float,
-                        cost: float, target_rate: float) -> dict[str, Any]:
+                        cost: RateCost) -> dict[str, Any]:
     """adapt's objective (error + rate cost) along an interpolated sweep curve: its lowest value
     and rate, its value at ``rate`` and the gap between the two (0 when adapt found the best)."""
     def objective(r: np.ndarray) -> np.ndarray:
         y = np.interp(r, xs, ys)
         err = 1.0 - y if higher_better else y
-        return err + rate_cost(torch.as_tensor(r, dtype=torch.float64), cost, target_rate).numpy()
+        return err + cost(torch.as_tensor(r, dtype=torch.float64)).numpy()
 
     along = objective(grid)
     at = float(objective(np.array([min(max(rate, xs[0]), xs[-1])]))[0])

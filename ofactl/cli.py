@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from ofactl import __version__
-from ofactl.choices import CompressorKind, FeatureDtype, OnError, Precision, StoreFormat, Task
+from ofactl.choices import CompressorKind, CostForm, FeatureDtype, OnError, Precision, StoreFormat, Task
 from ofactl.errors import OfactlError
 
 T = TypeVar("T")
@@ -479,7 +479,8 @@ def adapt(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="Once-for-all (cif) student checkpoint.")],
     corpus: LabelledCorpusOpt,
     task: TaskOpt = None,
-    cost: Annotated[float | None, typer.Option("--cost", help="gamma: expected error (0.05 = 5 points) accepted per halving of the frame rate.")] = None,
+    cost: Annotated[float | None, typer.Option("--cost", help="gamma: expected error (0.05 = 5 points) accepted per halving of the frame rate (--cost-form log2) or for all of it (linear).")] = None,
+    cost_form: Annotated[CostForm | None, typer.Option("--cost-form", help="log2: gamma * log2(rate); linear: gamma * (rate - 1).")] = None,
     target_rate: Annotated[float | None, typer.Option("--target-rate", help="Penalise the distance to this rate instead.")] = None,
     init_rate: Annotated[float | None, typer.Option("--init-rate", help="Starting rate.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: summary.json, trajectory.jsonl/.png, rate.yaml.")] = Path("adapt"),
@@ -499,7 +500,8 @@ def adapt(
     from ofactl.config import Flag, load_config
 
     def go() -> Any:
-        flags = [Flag("task", "--task", task), Flag("cost", "--cost", cost), Flag("target_rate", "--target-rate", target_rate),
+        flags = [Flag("task", "--task", task), Flag("cost", "--cost", cost), Flag("cost_form", "--cost-form", cost_form),
+                 Flag("target_rate", "--target-rate", target_rate),
                  Flag("init_rate", "--init-rate", init_rate), Flag("device", "--device", device)]
         cfg = load_config(AdaptConfig, "adapt", config, set_ or [], flags)
         return run_adapt(cfg, ckpt, corpus, out, compare_sweep, progress=_progress(quiet, as_json))

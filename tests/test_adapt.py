@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ofactl.adapt import AdaptConfig, LearnableLambda, run_adapt
+from ofactl.adapt import AdaptConfig, LearnableLambda, RateCost, run_adapt
 from ofactl.cli import app
 from ofactl.config import load_config
 from ofactl.extract import ExtractConfig
@@ -195,6 +195,18 @@ def test_difference_gradient_is_the_central_difference_of_the_loss(distilled, me
     assert float(cost.detach()) < 0  # gamma * log2(ratio) with ratio < 1
 
 
+def test_rate_cost_forms_are_zero_at_rate_one_and_read_in_metric_points():
+    r = torch.tensor([1.0, 0.5, 0.25])
+    assert torch.allclose(RateCost(0.05)(r), torch.tensor([0.0, -0.05, -0.10]))  # gamma per halving
+    assert torch.allclose(RateCost(0.05, "linear")(r), torch.tensor([0.0, -0.025, -0.0375]))  # gamma for all of it
+    assert torch.allclose(RateCost(0.05, "linear", target_rate=0.5)(r), torch.tensor([0.025, 0.0, 0.0125]))
+    assert AdaptConfig(cost=0.1, cost_form="linear").rate_cost == RateCost(0.1, "linear")
+    # linear bounds what the learned rate may lose: a saving below 0.05 cannot pay for 5 points
+    ratio = torch.tensor(0.25, requires_grad=True)
+    RateCost(0.05, "linear")(ratio).backward()
+    assert float(ratio.grad) == pytest.approx(0.05)
+
+
 def test_compare_with_sweep_uses_the_interpolated_curve_and_test_set_noise(tmp_path):
     from ofactl.adapt import compare_with_sweep
     from ofactl.probe.tasks import TaskData
@@ -221,12 +233,17 @@ def test_compare_with_sweep_uses_the_interpolated_curve_and_test_set_noise(tmp_p
     assert not compare_with_sweep(tmp_path, task, 0.2, 0.3, 5.0)["learned_rate_in_flat_region"]  # below the sweep
     # adapt's own objective on the curve: error + 0.05 * log2(rate) is 0.60 at rate 1, 0.59 at 0.5
     # (the lowest: the curve is concave between them) and 0.672 - 0.058 at the learned 0.45
-    o = compare_with_sweep(tmp_path, task, 0.45, 0.3, 5.0, cost=0.05)
+    o = compare_with_sweep(tmp_path, task, 0.45, 0.3, 5.0, cost=RateCost(0.05))
     assert o["best_objective_rate"] == pytest.approx(0.5, abs=2e-3) and o["best_objective"] == pytest.approx(0.59, abs=1e-3)
     assert o["objective_gap"] == pytest.approx(0.672 + 0.05 * math.log2(0.45) - 0.59, abs=1e-3)
     assert "objective_gap" not in c  # only with a cost
-    near_one = compare_with_sweep(tmp_path, task, 1.0, 0.4, 5.0, cost=0.05, target_rate=1.0)
+    near_one = compare_with_sweep(tmp_path, task, 1.0, 0.4, 5.0, cost=RateCost(0.05, target_rate=1.0))
     assert near_one["best_objective_rate"] == 1.0 and near_one["objective_gap"] == pytest.approx(0.0, abs=1e-9)
+    # linear: error + 0.05 * (rate - 1) is 0.60 at 1, 0.615 at 0.5: the lowest is at rate 1, where
+    # log2's is at 0.5; the learned 0.45 is 0.672 - 0.0275 - 0.60 above it
+    lin = compare_with_sweep(tmp_path, task, 0.45, 0.3, 5.0, cost=RateCost(0.05, "linear"))
+    assert lin["best_objective_rate"] == 1.0 and lin["best_objective"] == pytest.approx(0.60, abs=1e-9)
+    assert lin["objective_gap"] == pytest.approx(0.672 + 0.05 * (0.45 - 1) - 0.60, abs=1e-3)
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -234,6 +251,7 @@ def test_compare_with_sweep_uses_the_interpolated_curve_and_test_set_noise(tmp_p
     ("lambda_loss", "ce", "expected 'error' | 'loss', got str 'ce'"),
     ("refine", "0.8", "lambda_warmup + refine below 1"),
     ("probe_band", "2", "probe_band in [0, 1]"),
+    ("cost_form", "log", "expected 'log2' | 'linear', got str 'log'"),
 ])
 def test_bad_adapt_settings_name_the_key(tmp_path, synth_corpus, key, value, message):
     r = CliRunner().invoke(app, ["adapt", "--ckpt", str(tmp_path / "missing.pt"), "--corpus", str(synth_corpus),

@@ -264,8 +264,10 @@ def test_sweep_and_adapt_flags_are_values(monkeypatch):
     assert seen["cfg"].rates == (1.0, 0.5) and seen["cfg"].task == "pr"
     assert [(label, str(p)) for label, p in seen["args"][0]] == [("fixed", ODD), ("hubert #2", ODD)]
     seen = _capture(monkeypatch, "ofactl.adapt", "run_adapt")
-    _invoke_captured(["adapt", "--ckpt", ODD, "--corpus", ODD, "--task", "ks", "--cost", "0.1", "--out", ODD])
+    _invoke_captured(["adapt", "--ckpt", ODD, "--corpus", ODD, "--task", "ks", "--cost", "0.1", "--cost-form", "linear",
+                      "--out", ODD])
     assert seen["cfg"].task == "ks" and seen["cfg"].cost == 0.1 and str(seen["args"][0]) == ODD
+    assert seen["cfg"].cost_form == "linear"
 
 
 def test_pretrain_from_is_a_flag(monkeypatch):
