@@ -40,7 +40,7 @@ from _util import emit, machine
 
 from ofactl.adapt import AdaptConfig, RateCost, compare_with_sweep, run_adapt
 from ofactl.choices import CtcHead
-from ofactl.config import Flag, load_config
+from ofactl.config import Flag, load_config, safe_load, to_dict
 from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
 from ofactl.probe import ProbeConfig
 from ofactl.sweep import SweepConfig, SweepRow, load_rows, parse_rates, plot_tradeoff, run_sweep
@@ -161,15 +161,21 @@ def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Na
     its name."""
     variant = "" if args.adapt_variant == "ofactl" else f"{args.adapt_variant}-"
     out = Path(args.out) / "adapt" / f"{variant}{unit(task, args)}-{grad}{adapt_suffix(args)}-s{seed}"
-    if (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text())
+    done = (out / "summary.json").is_file()
     if args.report:
-        return None
+        return json.loads((out / "summary.json").read_text()) if done else None
     ofactl_task, corpus_of_task = task_corpus(task, args, corpus)
     cfg = load_config(AdaptConfig, "adapt", None, args.adapt_set, [
         Flag("task", "--tasks", ofactl_task), Flag("lambda_grad", "--adapt", grad), Flag("seed", "--seeds", seed),
         Flag("device", "--device", args.device)])
     cfg.probe = replace(cfg.probe, ctc_head=args.pr_head)
+    if done:  # reused only when it ran with these settings (a default may have changed since)
+        saved = safe_load((out / "config.yaml").read_text())["adapt"]
+        differ = sorted(k for k in set(saved) | set(to_dict(cfg)) if saved.get(k) != to_dict(cfg).get(k))
+        if differ:
+            sys.exit(f"ablation: {out} ran with other adapt settings ({', '.join(differ)}); move it away or "
+                     "name the settings it ran with in --adapt-set")
+        return json.loads((out / "summary.json").read_text())
     return run_adapt(cfg, ckpt, corpus_of_task, out, sweep if sweep.is_dir() else None).to_json()
 
 
@@ -366,7 +372,7 @@ def _paired_cell(c: dict[str, Any], rates: list[str]) -> str:
 
 def _adapt_markdown(adapt: dict[str, Any], variant: str = "ofactl", adapt_set: list[str] | None = None) -> list[str]:
     """adapt's learned rates per task, gradient and seed, against each seed's sweep."""
-    settings = ", ".join(f"`{kv}`" for kv in adapt_set or []) or "default settings (cost 5 points per halving)"
+    settings = ", ".join(f"`{kv}`" for kv in adapt_set or []) or "default settings"
     lines = ["", f"**adapt** on the `{variant}` students ({settings}; per seed: learned "
              "rate, and the sweep's metric there minus its best, interpolated)", "",
              "| task | lambda gradient | learned rate | test metric | sweep at learned - best | in near-flat region "

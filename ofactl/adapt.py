@@ -3,16 +3,16 @@
 The student is frozen. lambda = top * sigmoid(theta), with top the lambda of ``min_rate``, is a
 learnable parameter trained alongside the probe on
 
-    task term + gamma * log2(expected frame ratio)      (cost_form: log2, the default)
-    task term + gamma * (expected frame ratio - 1)     (cost_form: linear)
+    task term + gamma * (expected frame ratio - 1)     (cost_form: linear, the default)
+    task term + gamma * log2(expected frame ratio)      (cost_form: log2)
 
 where the expected frame ratio is mean(sum(alpha_mix) / T), differentiable in lambda through the
 CIF weights. The task term is the probe's expected error on dev batches (``lambda_loss: error``:
 1 - p(label), for CTC 1 - the per-token geometric mean of p(label)), a fraction like accuracy or
-PER, so gamma reads in metric points: with log2, 0.05 accepts 5 points of error per halving of
-the frame rate (and of the transformer and downstream compute); with linear, 5 points for the
-whole of that compute, so the learned rate can lose at most gamma against any higher rate
-(log2 allows gamma per halving, 2 gamma down to rate 0.25). gamma = 0: only the task decides.
+PER, so gamma reads in metric points: with linear, 0.05 accepts 5 points of error for the whole
+of the compute after the CNN (the transformer and the downstream model), so the learned rate can
+lose at most gamma against any higher rate; with log2, 5 points per halving of the frame rate
+(2 gamma down to rate 0.25). gamma = 0: only the task decides.
 
 How the gradient reaches lambda. lambda moves the mixed alpha; alpha moves the CIF weights of
 every frame that straddles a boundary, the normalisation of every output frame, and the number of
@@ -60,8 +60,9 @@ class AdaptConfig:
     label_column: str = ""  # label column of task cls
     init_rate: float = 0.5  # rate lambda starts from
     cost: float = 0.05  # gamma: expected error (a fraction: 0.05 = 5 points of accuracy or error rate)
-    # accepted per halving of the frame rate (cost_form log2) or for all of it (linear)
-    cost_form: CostForm = "log2"  # log2: gamma * log2(ratio); linear: gamma * (ratio - 1)
+    # accepted for all of the compute after the CNN (cost_form linear) or per halving of it (log2)
+    cost_form: CostForm = "linear"  # linear: gamma * (ratio - 1); log2: gamma * log2(ratio)
+    # (linear won the ablation in docs/method.md, "Which compute term")
     target_rate: float = 0.0  # > 0: penalise |ratio - target| * cost instead (cost_form then unused)
     epochs: int = 15  # epochs over the training split
     batch_size: int = 16  # utterances per batch
@@ -118,7 +119,7 @@ class RateCost:
     at rate 1 (or at the target), so objectives of either form read alike."""
 
     gamma: float
-    form: CostForm = "log2"
+    form: CostForm = "linear"
     target_rate: float = 0.0
 
     def __call__(self, ratio: Tensor) -> Tensor:

@@ -76,15 +76,18 @@ def test_pr_and_sid_move_lambda_in_opposite_directions(tmp_path, distilled, medi
     synth_corpus = medium_corpus
     start = {}
     ends = {}
-    for task in ("pr", "sid"):
-        cfg = AdaptConfig(task=task, init_rate=0.3, epochs=12, batch_size=8)  # pr labels barely fit at 0.3
+    # log2 pays gamma for every halving, enough at rate 0.3 for speaker ID to compress further;
+    # linear pays gamma for all of the compute, so there it saves little and compresses less
+    for task, form in (("pr", "log2"), ("sid", "log2"), ("sid", "linear")):
+        cfg = AdaptConfig(task=task, init_rate=0.3, epochs=12, batch_size=8, cost_form=form)  # pr labels barely fit at 0.3
         assert cfg.lambda_data == "dev" and cfg.lambda_grad == "difference" and cfg.lambda_loss == "error"
-        res = run_adapt(cfg, distilled, synth_corpus, tmp_path / task)
-        traj = [json.loads(x) for x in (tmp_path / task / "trajectory.jsonl").read_text().splitlines()]
-        start[task], ends[task] = traj[0]["lambda"], res.learned_lambda
+        res = run_adapt(cfg, distilled, synth_corpus, tmp_path / f"{task}-{form}")
+        traj = [json.loads(x) for x in (tmp_path / f"{task}-{form}" / "trajectory.jsonl").read_text().splitlines()]
+        start[task, form], ends[task, form] = traj[0]["lambda"], res.learned_lambda
         assert all(0 <= r["lambda"] < 2 for r in traj)
-    assert start["pr"] == pytest.approx(start["sid"])
-    assert ends["pr"] < start["pr"] and ends["sid"] > start["sid"]
+    assert start["pr", "log2"] == pytest.approx(start["sid", "log2"]) == pytest.approx(start["sid", "linear"])
+    assert ends["pr", "log2"] < start["pr", "log2"] and ends["sid", "log2"] > start["sid", "log2"]
+    assert ends["sid", "linear"] < ends["sid", "log2"]
 
 
 @pytest.mark.slow
@@ -197,8 +200,9 @@ def test_difference_gradient_is_the_central_difference_of_the_loss(distilled, me
 
 def test_rate_cost_forms_are_zero_at_rate_one_and_read_in_metric_points():
     r = torch.tensor([1.0, 0.5, 0.25])
-    assert torch.allclose(RateCost(0.05)(r), torch.tensor([0.0, -0.05, -0.10]))  # gamma per halving
-    assert torch.allclose(RateCost(0.05, "linear")(r), torch.tensor([0.0, -0.025, -0.0375]))  # gamma for all of it
+    assert torch.allclose(RateCost(0.05, "log2")(r), torch.tensor([0.0, -0.05, -0.10]))  # gamma per halving
+    assert torch.allclose(RateCost(0.05)(r), torch.tensor([0.0, -0.025, -0.0375]))  # gamma for all of it
+    assert AdaptConfig().cost_form == "linear"
     assert torch.allclose(RateCost(0.05, "linear", target_rate=0.5)(r), torch.tensor([0.025, 0.0, 0.0125]))
     assert AdaptConfig(cost=0.1, cost_form="linear").rate_cost == RateCost(0.1, "linear")
     # linear bounds what the learned rate may lose: a saving below 0.05 cannot pay for 5 points
@@ -233,7 +237,7 @@ def test_compare_with_sweep_uses_the_interpolated_curve_and_test_set_noise(tmp_p
     assert not compare_with_sweep(tmp_path, task, 0.2, 0.3, 5.0)["learned_rate_in_flat_region"]  # below the sweep
     # adapt's own objective on the curve: error + 0.05 * log2(rate) is 0.60 at rate 1, 0.59 at 0.5
     # (the lowest: the curve is concave between them) and 0.672 - 0.058 at the learned 0.45
-    o = compare_with_sweep(tmp_path, task, 0.45, 0.3, 5.0, cost=RateCost(0.05))
+    o = compare_with_sweep(tmp_path, task, 0.45, 0.3, 5.0, cost=RateCost(0.05, "log2"))
     assert o["best_objective_rate"] == pytest.approx(0.5, abs=2e-3) and o["best_objective"] == pytest.approx(0.59, abs=1e-3)
     assert o["objective_gap"] == pytest.approx(0.672 + 0.05 * math.log2(0.45) - 0.59, abs=1e-3)
     assert "objective_gap" not in c  # only with a cost
