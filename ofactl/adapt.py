@@ -72,6 +72,7 @@ class AdaptConfig:
 
     # dev: lambda follows the dev-split loss (first-order DARTS); train: the same loss as the probe
     lambda_data: LambdaData = "dev"
+    lambda_batch_size: int = 0  # dev utterances behind each lambda step (0: batch_size; at most the dev split)
     lambda_grad: LambdaGrad = "difference"  # difference: central difference of the task loss over +-difference_step
     # (sees the frame count change); pathwise: autograd through the CIF weights only
     lambda_loss: LambdaLoss = "error"  # error: lambda weighs the expected error rate (metric units); loss: the training loss
@@ -104,6 +105,8 @@ class AdaptConfig:
             raise ValueError("lambda_warmup must be in [0, 1)")
         if self.epochs < 1 or self.batch_size < 1 or self.lambda_lr <= 0:
             raise ValueError("epochs, batch_size and lambda_lr must be positive")
+        if self.lambda_batch_size < 0:
+            raise ValueError("lambda_batch_size must be >= 0 (0: batch_size)")
 
     @property
     def rate_cost(self) -> RateCost:
@@ -308,8 +311,9 @@ class _AdaptJob:
         """The objective lambda follows: on the next dev batch (lambda_data: dev) or on ``ids``."""
         cfg = self.cfg
         if self.dev:
-            ids = [self.dev[(self.dev_pos + i) % len(self.dev)] for i in range(cfg.batch_size)]
-            self.dev_pos += cfg.batch_size
+            size = min(cfg.lambda_batch_size or cfg.batch_size, len(self.dev))
+            ids = [self.dev[(self.dev_pos + i) % len(self.dev)] for i in range(size)]
+            self.dev_pos += size
             x, n = _batch(ids, self.cache, self.device)
         return _lambda_objective(cfg, self.student, self.probe, self.task, ids, x, n, lm, self.lam.top)
 
