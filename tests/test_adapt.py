@@ -8,10 +8,12 @@ import torch
 from typer.testing import CliRunner
 
 from ofactl.adapt import AdaptConfig, LearnableLambda, RateCost, run_adapt
+from ofactl.audio import read_corpus
 from ofactl.cli import app
 from ofactl.config import load_config
 from ofactl.extract import ExtractConfig
 from ofactl.model.compress import LAMBDA_MAX, rate_to_lambda
+from ofactl.probe import build_task
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +90,29 @@ def test_pr_and_sid_move_lambda_in_opposite_directions(tmp_path, distilled, medi
     assert start["pr", "log2"] == pytest.approx(start["sid", "log2"]) == pytest.approx(start["sid", "linear"])
     assert ends["pr", "log2"] < start["pr", "log2"] and ends["sid", "log2"] > start["sid", "log2"]
     assert ends["sid", "linear"] < ends["sid", "log2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lambda_batch_size, expected", [(0, 8), (5, 5), (10_000, None)])
+def test_each_lambda_step_reads_lambda_batch_size_dev_utterances(tmp_path, distilled, medium_corpus, monkeypatch,
+                                                                 lambda_batch_size, expected):
+    import ofactl.adapt as adapt_mod
+
+    seen: list[list[str]] = []
+    real = adapt_mod._lambda_objective
+
+    def spy(cfg, student, probe, task, ids, *rest):
+        seen.append(list(ids))
+        assert set(ids) <= set(task.splits["dev"])
+        return real(cfg, student, probe, task, ids, *rest)
+
+    monkeypatch.setattr(adapt_mod, "_lambda_objective", spy)
+    cfg = AdaptConfig(task="sid", epochs=2, batch_size=8, lambda_warmup=0.0, refine=0.0,
+                      lambda_batch_size=lambda_batch_size)
+    res = run_adapt(cfg, distilled, medium_corpus, tmp_path / "a")
+    n_dev = len(build_task("sid", read_corpus(medium_corpus), None, 0).splits["dev"])
+    assert seen and {len(b) for b in seen} == {expected or n_dev}  # 0: the probe's batch; capped at the dev split
+    assert 0 < res.learned_rate <= 1
 
 
 @pytest.mark.slow
@@ -256,6 +281,7 @@ def test_compare_with_sweep_uses_the_interpolated_curve_and_test_set_noise(tmp_p
     ("refine", "0.8", "lambda_warmup + refine below 1"),
     ("probe_band", "2", "probe_band in [0, 1]"),
     ("cost_form", "log", "expected 'log2' | 'linear', got str 'log'"),
+    ("lambda_batch_size", "-1", "lambda_batch_size must be >= 0"),
 ])
 def test_bad_adapt_settings_name_the_key(tmp_path, synth_corpus, key, value, message):
     r = CliRunner().invoke(app, ["adapt", "--ckpt", str(tmp_path / "missing.pt"), "--corpus", str(synth_corpus),
