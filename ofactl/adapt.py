@@ -75,7 +75,8 @@ class AdaptConfig:
     lambda_batch_size: int = 0  # dev utterances behind each lambda step (0: batch_size; at most the dev split)
     lambda_grad: LambdaGrad = "difference"  # difference: central difference of the task loss over +-difference_step
     # (sees the frame count change); pathwise: autograd through the CIF weights only
-    lambda_loss: LambdaLoss = "error"  # error: lambda weighs the expected error rate (metric units); loss: the training loss
+    lambda_loss: LambdaLoss = "error"  # error: lambda weighs the expected error rate (metric units); loss: the training loss;
+    # metric: the task's own metric on the dev batch (error rate or PER of the decoded outputs; difference only)
     difference_step: float = 0.1  # lambda half-step of the central difference (0.1 ~ 0.09 of rate)
     probe_band: float = 0.3  # the probe trains at per-utterance lambdas within +-band of the current one,
     # so its loss does not favour the rate it happens to sit at
@@ -107,6 +108,8 @@ class AdaptConfig:
             raise ValueError("epochs, batch_size and lambda_lr must be positive")
         if self.lambda_batch_size < 0:
             raise ValueError("lambda_batch_size must be >= 0 (0: batch_size)")
+        if self.lambda_loss == "metric" and self.lambda_grad != "difference":
+            raise ValueError("lambda_loss metric has no gradient: it needs lambda_grad difference")
 
     @property
     def rate_cost(self) -> RateCost:
@@ -367,7 +370,8 @@ def _lambda_objective(cfg: AdaptConfig, student: Any, probe: Probe, task: TaskDa
             losses = []
             for point in (hi, lo):
                 hidden, comp = student.encode(x, n, rate=None, lam=point.expand(len(ids)), exact=False)
-                losses.append(task_loss(probe, task, ids, hidden.states, hidden.lengths, charge_infeasible=True,
+                losses.append(_metric_error(probe, task, ids, hidden) if cfg.lambda_loss == "metric" else
+                              task_loss(probe, task, ids, hidden.states, hidden.lengths, charge_infeasible=True,
                                         soft_error=soft))
             slope = (losses[0] - losses[1]) / (hi - lo).clamp(min=1e-6)
         mean_ratio, cost = _cost(cfg, comp.alpha_pred, lm.expand(len(ids)), n)
@@ -375,6 +379,16 @@ def _lambda_objective(cfg: AdaptConfig, student: Any, probe: Probe, task: TaskDa
     finally:
         if norm is not None:
             norm.train()
+
+
+def _metric_error(probe: Probe, task: TaskData, ids: list[str], hidden: Any) -> Tensor:
+    """The task's metric on a batch as an error (1 - accuracy, or PER / WER as it is), a scalar
+    tensor: what a sweep reports, by greedy decoding; an utterance with too few frames for its
+    label loses the tokens it cannot emit."""
+    out = probe(hidden.states, hidden.lengths)
+    preds = out.argmax(-1).tolist() if task.kind == "cls" else ctc_greedy(out, hidden.lengths)
+    m = score(task, ids, preds)[task.metric]
+    return out.new_tensor(1.0 - m if task.higher_better else m)
 
 
 def _cost(cfg: AdaptConfig, alpha_pred: Tensor, lam: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:

@@ -223,6 +223,32 @@ def test_difference_gradient_is_the_central_difference_of_the_loss(distilled, me
     assert float(cost.detach()) < 0  # gamma * log2(ratio) with ratio < 1
 
 
+def test_metric_error_is_what_a_sweep_scores_and_needs_the_difference():
+    from types import SimpleNamespace
+
+    from ofactl.adapt import _metric_error
+    from ofactl.probe.metrics import ctc_greedy, error_rate
+
+    probe, task = _tiny_probe_setup("cls")
+    probe.eval()
+    hidden = SimpleNamespace(states=torch.randn(2, 7, 2, 8), lengths=torch.tensor([7, 5]))
+    with torch.no_grad():
+        preds = probe(hidden.states, hidden.lengths).argmax(-1).tolist()
+        for labels in ([preds[0]], [preds[1]]), ([preds[0]], [(preds[1] + 1) % 5]), ([(preds[0] + 1) % 5], [(preds[1] + 1) % 5]):
+            task.labels.update({"a": labels[0], "b": labels[1]})
+            right = sum(p == task.labels[u][0] for p, u in zip(preds, ["a", "b"]))
+            assert float(_metric_error(probe, task, ["a", "b"], hidden)) == pytest.approx(1.0 - right / 2)
+    ctc, ctask = _tiny_probe_setup("ctc")  # PER of the greedy decoding, as the sweep scores it
+    ctc.eval()
+    with torch.no_grad():
+        hyp = ctc_greedy(ctc(hidden.states, hidden.lengths), hidden.lengths)
+        ref = [[ctask.vocab[t - 1] for t in ctask.labels[u]] for u in ("a", "b")]
+        want = error_rate([[ctask.vocab[t - 1] for t in h] for h in hyp], ref)
+        assert float(_metric_error(ctc, ctask, ["a", "b"], hidden)) == pytest.approx(want)
+    with pytest.raises(ValueError, match="lambda_loss metric has no gradient"):
+        AdaptConfig(lambda_loss="metric", lambda_grad="pathwise").validate()
+
+
 def test_rate_cost_forms_are_zero_at_rate_one_and_read_in_metric_points():
     r = torch.tensor([1.0, 0.5, 0.25])
     assert torch.allclose(RateCost(0.05, "log2")(r), torch.tensor([0.0, -0.05, -0.10]))  # gamma per halving
@@ -277,7 +303,7 @@ def test_compare_with_sweep_uses_the_interpolated_curve_and_test_set_noise(tmp_p
 
 @pytest.mark.parametrize("key, value, message", [
     ("lambda_grad", "exact", "lambda_grad in defaults with --set lambda_grad=exact: expected 'difference' | 'pathwise'"),
-    ("lambda_loss", "ce", "expected 'error' | 'loss', got str 'ce'"),
+    ("lambda_loss", "ce", "expected 'error' | 'loss' | 'metric', got str 'ce'"),
     ("refine", "0.8", "lambda_warmup + refine below 1"),
     ("probe_band", "2", "probe_band in [0, 1]"),
     ("cost_form", "log", "expected 'log2' | 'linear', got str 'log'"),
