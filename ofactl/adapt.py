@@ -45,9 +45,8 @@ from ofactl.config import save_resolved
 from ofactl.errors import ConfigError
 from ofactl.model.compress import LAMBDA_MAX, length_mask, mix_alpha, rate_to_lambda
 from ofactl.probe import ProbeConfig, build_task
-from ofactl.probe.metrics import ctc_greedy
 from ofactl.probe.tasks import TaskData
-from ofactl.probe.train import Probe, score, task_loss
+from ofactl.probe.train import Probe, decode, score, task_loss
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import check_device_name, resolve_device, seed_all
 
@@ -386,8 +385,7 @@ def _metric_error(probe: Probe, task: TaskData, ids: list[str], hidden: Any) -> 
     tensor: what a sweep reports, by greedy decoding; an utterance with too few frames for its
     label loses the tokens it cannot emit."""
     out = probe(hidden.states, hidden.lengths)
-    preds = out.argmax(-1).tolist() if task.kind == "cls" else ctc_greedy(out, hidden.lengths)
-    m = score(task, ids, preds)[task.metric]
+    m = score(task, ids, decode(task, out, hidden.lengths))[task.metric]
     return out.new_tensor(1.0 - m if task.higher_better else m)
 
 
@@ -416,7 +414,7 @@ def _evaluate(student: Any, probe: Probe, task: TaskData, ids: list[str], cache:
         out = probe(hidden.states, hidden.lengths)
         frames += int(hidden.lengths.sum())
         inputs += int(n.sum())
-        preds += out.argmax(-1).tolist() if task.kind == "cls" else ctc_greedy(out, hidden.lengths)
+        preds += decode(task, out, hidden.lengths)
     probe.train()
     return score(task, ids, preds), frames / inputs
 

@@ -271,13 +271,15 @@ def evaluate_probe(model: Probe, task: TaskData, ids: list[str], feats: dict[str
     preds: list[Any] = []
     for batch in _batches(ids, cfg.batch_size, None):
         x, lengths = _collate(batch, feats, up)
-        out = model(x.to(device), lengths.to(device))
-        if task.kind == "cls":
-            preds += out.argmax(-1).tolist()
-        else:
-            preds += ctc_greedy(out, lengths)
+        preds += decode(task, model(x.to(device), lengths.to(device)), lengths)
     model.train()
     return score(task, ids, preds)
+
+
+def decode(task: TaskData, out: Tensor, lengths: Tensor) -> list[Any]:
+    """A probe's outputs as the predictions :func:`score` reads: (B, C) logits -> class indices,
+    (B, T, V) CTC logits with frame lengths -> token ids per utterance (greedy)."""
+    return out.argmax(-1).tolist() if task.kind == "cls" else ctc_greedy(out, lengths)
 
 
 def score(task: TaskData, ids: list[str], preds: list[Any]) -> dict[str, float]:
