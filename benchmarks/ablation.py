@@ -170,8 +170,8 @@ def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Na
         Flag("device", "--device", args.device)])
     cfg.probe = replace(cfg.probe, ctc_head=args.pr_head)
     if done:  # reused only when it ran with these settings (a default may have changed since)
-        saved = safe_load((out / "config.yaml").read_text())["adapt"]
-        differ = sorted(k for k in set(saved) | set(to_dict(cfg)) if saved.get(k) != to_dict(cfg).get(k))
+        saved, asked = safe_load((out / "config.yaml").read_text())["adapt"], to_dict(cfg)
+        differ = sorted(k for k in saved.keys() | asked.keys() if saved.get(k) != asked.get(k))
         if differ:
             sys.exit(f"ablation: {out} ran with other adapt settings ({', '.join(differ)}); move it away or "
                      "name the settings it ran with in --adapt-set")

@@ -124,7 +124,7 @@ class RateCost:
     at rate 1 (or at the target), so objectives of either form read alike."""
 
     gamma: float
-    form: CostForm = "linear"
+    form: CostForm  # AdaptConfig.cost_form holds the default
     target_rate: float = 0.0
 
     def __call__(self, ratio: Tensor) -> Tensor:

@@ -252,7 +252,7 @@ def test_metric_error_is_what_a_sweep_scores_and_needs_the_difference():
 def test_rate_cost_forms_are_zero_at_rate_one_and_read_in_metric_points():
     r = torch.tensor([1.0, 0.5, 0.25])
     assert torch.allclose(RateCost(0.05, "log2")(r), torch.tensor([0.0, -0.05, -0.10]))  # gamma per halving
-    assert torch.allclose(RateCost(0.05)(r), torch.tensor([0.0, -0.025, -0.0375]))  # gamma for all of it
+    assert torch.allclose(RateCost(0.05, "linear")(r), torch.tensor([0.0, -0.025, -0.0375]))  # gamma for all of it
     assert AdaptConfig().cost_form == "linear"
     assert torch.allclose(RateCost(0.05, "linear", target_rate=0.5)(r), torch.tensor([0.025, 0.0, 0.0125]))
     assert AdaptConfig(cost=0.1, cost_form="linear").rate_cost == RateCost(0.1, "linear")
@@ -292,7 +292,7 @@ def test_compare_with_sweep_uses_the_interpolated_curve_and_test_set_noise(tmp_p
     assert o["best_objective_rate"] == pytest.approx(0.5, abs=2e-3) and o["best_objective"] == pytest.approx(0.59, abs=1e-3)
     assert o["objective_gap"] == pytest.approx(0.672 + 0.05 * math.log2(0.45) - 0.59, abs=1e-3)
     assert "objective_gap" not in c  # only with a cost
-    near_one = compare_with_sweep(tmp_path, task, 1.0, 0.4, 5.0, cost=RateCost(0.05, target_rate=1.0))
+    near_one = compare_with_sweep(tmp_path, task, 1.0, 0.4, 5.0, cost=RateCost(0.05, "linear", target_rate=1.0))
     assert near_one["best_objective_rate"] == 1.0 and near_one["objective_gap"] == pytest.approx(0.0, abs=1e-9)
     # linear: error + 0.05 * (rate - 1) is 0.60 at 1, 0.615 at 0.5: the lowest is at rate 1, where
     # log2's is at 0.5; the learned 0.45 is 0.672 - 0.0275 - 0.60 above it
