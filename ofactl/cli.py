@@ -224,8 +224,10 @@ def quickstart(
                   *[f"{by[k]['test']:.3f}" if k in by else "-" for k in tasks])
     err_console.print(t)
     for a in res.adapt.values():
+        there = (f"the sweep there: {a['metric']} {a['comparison']['sweep_at_learned_rate']:.3f}" if a.get("comparison")
+                 else f"test {a['metric']} {a['test']:.3f} ({a.get('final_probe', 'joint')} probe)")
         err_console.print(f"adapt --task {a['task']}: learned rate {a['learned_rate']:.3f} ({a['frame_period_ms']:.1f} ms), "
-                          f"test {a['metric']} {a['test']:.3f}", highlight=False)
+                          f"{there}", highlight=False)
     for k, v in res.paths.items():
         err_console.print(f"  {k}: {v}", highlight=False)
     err_console.print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in res.stage_seconds.items()), highlight=False)
@@ -511,7 +513,8 @@ def adapt(
         _emit_json(res.to_json())
     elif not quiet:
         err_console.print(f"{res.task}: learned rate {res.learned_rate:.3f} ({res.frame_period_ms:.1f} ms frames, "
-                          f"lambda {res.learned_lambda:.3f}); test {res.metric} {res.test:.4f}", highlight=False)
+                          f"lambda {res.learned_lambda:.3f}); test {res.metric} {res.test:.4f} "
+                          f"({res.final_probe} probe; the joint probe {res.joint_test:.4f})", highlight=False)
         if res.comparison:
             c = res.comparison
             err_console.print(f"sweep at that rate: {c['sweep_at_learned_rate']:.4f}; near-flat region "

@@ -239,7 +239,9 @@ class _Quickstart:
 
         out: dict[str, dict[str, Any]] = {}
         for task in self.cfg.adapt_tasks:
-            acfg = AdaptConfig(task=task, epochs=self.cfg.adapt_epochs, device=self.cfg.device)
+            # the joint probe's figure: a fresh probe would add ~50 s for pr on a CPU; the summary
+            # reads the quickstart's own sweep at the learned rate instead (compare_sweep)
+            acfg = AdaptConfig(task=task, epochs=self.cfg.adapt_epochs, device=self.cfg.device, final_probe="joint")
             acfg.probe = self.pr_probe(acfg.probe)
             ad_dir = self.out / f"adapt-{task}"
             summary = ad_dir / "summary.json"
@@ -252,7 +254,9 @@ class _Quickstart:
             if summary.is_file():
                 self.progress.log(f"{ad_dir}: made with other adapt settings or another student; adapting again")
             self.stamps.set(f"adapt-{task}", sha)
-            out[task] = run_adapt(acfg, student, corpus, ad_dir, progress=self.progress).to_json()
+            swept = self.out / f"sweep-{task}" / "sweep.json"
+            out[task] = run_adapt(acfg, student, corpus, ad_dir, swept if swept.is_file() else None,
+                                  progress=self.progress).to_json()
         return out
 
     def summary(self, corpus: Path, student: Path, store: Path, sweeps: dict[str, Any],

@@ -140,6 +140,35 @@ def test_cli_outputs_and_rate_config_loads(tmp_path, distilled, synth_corpus):
     assert r.exit_code == 1 and "cost (gamma) must be >= 0" in r.stderr
 
 
+@pytest.mark.slow
+def test_fresh_final_probe_reports_what_a_sweep_probe_scores_at_the_learned_rate(tmp_path, distilled, medium_corpus):
+    from ofactl.adapt import _batch, _cnn_cache
+    from ofactl.checkpoint import load_student
+    from ofactl.probe.train import train_probe
+
+    cfg = AdaptConfig(task="sid", cost=0.5, epochs=2, batch_size=8)
+    fresh = run_adapt(cfg, distilled, medium_corpus, tmp_path / "fresh")
+    joint = run_adapt(AdaptConfig(**{**cfg.__dict__, "final_probe": "joint"}), distilled, medium_corpus,
+                      tmp_path / "joint")
+    assert fresh.learned_rate == joint.learned_rate and fresh.joint_test == joint.joint_test == joint.test
+    assert joint.final_probe_seconds == 0 and fresh.final_probe_seconds > 0
+    # the reference: the sweep's probe trainer on exact-length features at the learned rate
+    student, _ = load_student(distilled)
+    corpus = read_corpus(medium_corpus)
+    task = build_task("sid", corpus, None, 0)
+    cache = _cnn_cache(student, [u for u in corpus if u.id in set(task.ids)], torch.device("cpu"))
+    feats = {}
+    for u in task.ids:
+        x, n = _batch([u], cache, torch.device("cpu"))
+        with torch.no_grad():
+            hidden, _ = student.encode(x, n, rate=fresh.learned_rate, exact=True)
+        feats[u] = hidden.states[0].numpy()
+        assert len(feats[u]) == max(1, round(fresh.learned_rate * len(cache[u])))
+    ref = train_probe(task, feats, cfg.probe, {u: len(cache[u]) for u in task.ids}).test["accuracy"]
+    assert fresh.test == pytest.approx(ref, abs=1e-4)
+    assert json.loads((tmp_path / "fresh" / "summary.json").read_text())["final_probe"] == "fresh"
+
+
 def _tiny_probe_setup(kind):
     from ofactl.probe import ProbeConfig
     from ofactl.probe.tasks import TaskData

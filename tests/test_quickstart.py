@@ -33,6 +33,10 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
     doc = json.loads(r.stdout)
     assert {(x["task"], x["requested_rate"]) for x in doc["rows"]} == {("ks", 1.0), ("ks", 0.5), ("sid", 1.0), ("sid", 0.5)}
     assert 0 < doc["adapt"]["sid"]["learned_rate"] <= 1
+    # the joint probe's figure, placed on the quickstart's own sid sweep
+    assert doc["adapt"]["sid"]["final_probe"] == "joint" and doc["adapt"]["sid"]["final_probe_seconds"] == 0
+    assert doc["adapt"]["sid"]["comparison"]["sweep_rates"] == sorted(
+        r["achieved_rate"] for r in doc["rows"] if r["task"] == "sid")
     for key in ("student", "store", "ks_plot", "sid_csv", "adapt_sid_rate_config", "tradeoff_plot"):
         assert Path(doc["paths"][key]).exists()
     assert Path(doc["paths"]["tradeoff_plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
