@@ -174,9 +174,9 @@ class AdaptResult:
     cost_form: str
     wall_seconds: float
     comparison: dict[str, Any] | None
-    final_probe: str = "joint"  # which probe ``test`` comes from (AdaptConfig.final_probe)
-    joint_test: float = float("nan")  # the metric of the probe trained beside lambda, at the learned lambda
-    final_probe_seconds: float = 0.0  # training the fresh probe (0 for joint)
+    final_probe: str  # which probe ``test`` comes from (AdaptConfig.final_probe)
+    joint_test: float  # the metric of the probe trained beside lambda, at the learned lambda
+    final_probe_seconds: float  # features and training of the fresh probe (0 for joint)
 
     def to_json(self) -> dict[str, Any]:
         """The result as JSON-safe data (``summary.json``, ``--json``)."""
@@ -336,9 +336,11 @@ def _finish_adapt(job: _AdaptJob, out_dir: Path, compare_sweep: Path | None, t0:
     joint_metric, test_rate = _evaluate(job.student, job.probe, task, task.splits["test"], job.cache, final_lam,
                                         job.device, cfg)
     learned_rate = round(test_rate, 4)
-    t_probe = time.perf_counter()
-    test_metric = _fresh_probe_metric(job, learned_rate) if cfg.final_probe == "fresh" else joint_metric
-    probe_s = time.perf_counter() - t_probe if cfg.final_probe == "fresh" else 0.0
+    test_metric, probe_s = joint_metric, 0.0
+    if cfg.final_probe == "fresh":
+        t_probe = time.perf_counter()
+        test_metric = _fresh_probe_metric(job, learned_rate)
+        probe_s = time.perf_counter() - t_probe
     with open(out_dir / "trajectory.jsonl", "w") as f:
         for rec in job.traj:
             f.write(json.dumps(rec) + "\n")
