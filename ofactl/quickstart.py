@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,13 +100,26 @@ def settings_sha(cfg: Any, **inputs: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def adapt_sha(acfg: AdaptConfig, student_sha: str) -> str:
+def adapt_sha(acfg: AdaptConfig, student_sha: str, sweep_sha: str = "none") -> str:
     """The settings hash of one adapt stage: its probe settings narrowed to its task's kind of
-    probe, so a new CTC head re-adapts ``pr`` but not ``ks`` or ``sid`` (and the other way round)."""
+    probe, so a new CTC head re-adapts ``pr`` but not ``ks`` or ``sid`` (and the other way round),
+    and the rows of the sweep it is compared with (``sweep_rows_sha``)."""
     from ofactl.probe.tasks import task_kind
 
     own = to_dict(acfg) | {"probe": acfg.probe.settings_for(task_kind(acfg.task))}
-    return settings_sha(own, student=student_sha)
+    return settings_sha(own, student=student_sha, sweep=sweep_sha)
+
+
+def sweep_rows_sha(sweep_json: Path) -> str:
+    """A short hash of a ``sweep.json``'s rows ("none" without one): an adapt summary compares
+    itself with these rows, so it is stale once they change. Rows a sweep reuses are read back
+    unchanged, so a rerun that reuses every row keeps the hash."""
+    from ofactl.sweep import load_rows
+
+    if not sweep_json.is_file():
+        return "none"
+    rows = [asdict(r) for r in load_rows(sweep_json)]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class StageStamps:
@@ -245,16 +258,17 @@ class _Quickstart:
             acfg.probe = self.pr_probe(acfg.probe)
             ad_dir = self.out / f"adapt-{task}"
             summary = ad_dir / "summary.json"
-            sha = adapt_sha(acfg, file_sha256(student))
+            swept = self.out / f"sweep-{task}" / "sweep.json"
+            sha = adapt_sha(acfg, file_sha256(student), sweep_rows_sha(swept))
             if self.stamps.matches(f"adapt-{task}", sha) and summary.is_file():
                 out[task] = json.loads(summary.read_text())
-                self.progress.log(f"reusing {summary} (made with the same adapt settings and student)")
+                self.progress.log(f"reusing {summary} (made with the same adapt settings, student and sweep)")
                 self.reused.append(f"adapt-{task}")
                 continue
             if summary.is_file():
-                self.progress.log(f"{ad_dir}: made with other adapt settings or another student; adapting again")
+                self.progress.log(f"{ad_dir}: made with other adapt settings, another student or another "
+                                  "sweep to compare with; adapting again")
             self.stamps.set(f"adapt-{task}", sha)
-            swept = self.out / f"sweep-{task}" / "sweep.json"
             out[task] = run_adapt(acfg, student, corpus, ad_dir, swept if swept.is_file() else None,
                                   progress=self.progress).to_json()
         return out

@@ -51,6 +51,14 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
     assert r3.exit_code == 0, r3.output
     assert "made with other adapt settings" in r3.stderr
     assert set(json.loads(r3.stdout)["reused"]) == {"distill", "extract", "sweep-ks", "sweep-sid"}
+    # another sweep (more probe epochs), same adapt settings: adapt runs again to compare with it
+    r3b = CliRunner().invoke(app, args + ["--set", "adapt_epochs=2", "--set", "probe_epochs=3"])
+    assert r3b.exit_code == 0, r3b.output
+    assert "another sweep to compare with" in r3b.stderr
+    doc3b = json.loads(r3b.stdout)
+    assert set(doc3b["reused"]) == {"distill", "extract"}
+    sid3b = doc3b["adapt"]["sid"]
+    assert sid3b["comparison"]["sweep_metric"] == [t for _, t in _curve(doc3b["rows"], "sid")]
     # another distill preset: the student is trained again and the store's groups are replaced
     d["distill"]["steps"] = 4
     distill.write_text(yaml.safe_dump(d))
@@ -76,6 +84,35 @@ def test_adapt_stamp_hashes_only_its_own_kind_of_probe():
         assert adapt_sha(replace(a, probe=replace(a.probe, device="cuda")), "s1") == base
         assert adapt_sha(replace(a, epochs=a.epochs + 1), "s1") != base
         assert adapt_sha(a, "s2") != base
+
+
+def _curve(rows: list[dict], task: str) -> list[tuple[float, float]]:
+    """A sweep's (achieved rate, test metric) points for ``task``, by rate."""
+    return sorted((r["achieved_rate"], r["test"]) for r in rows if r["task"] == task)
+
+
+def test_adapt_stamp_changes_with_the_rows_of_the_compared_sweep(tmp_path):
+    from dataclasses import asdict
+
+    from ofactl.adapt import AdaptConfig
+    from ofactl.quickstart import adapt_sha, sweep_rows_sha
+    from ofactl.sweep import SweepRow
+
+    row = SweepRow(label="ofa", checkpoint_sha256="c", store_group="g", task="sid", requested_rate=0.5,
+                   achieved_rate=0.5, frame_period_ms=40.0, metric="accuracy", test=0.7, dev=0.6, extra_metrics={},
+                   upstream_gmacs_per_s=1.0, upstream_cnn_gmacs_per_s=0.5, extract_s_per_audio_s=0.01,
+                   probe_train_s=3.0, probe_params=10, probe_mmacs_per_s=0.1, store_mb=1.0, infeasible_test=None,
+                   layer_weights=[0.5, 0.5], seed=0)
+    path = tmp_path / "sweep.json"
+    assert sweep_rows_sha(path) == "none"
+    path.write_text(json.dumps({"rows": [asdict(row)], "written_at": 1}))
+    first = sweep_rows_sha(path)
+    path.write_text(json.dumps({"rows": [asdict(row)], "written_at": 2}))  # same rows, rewritten
+    assert sweep_rows_sha(path) == first
+    path.write_text(json.dumps({"rows": [asdict(row) | {"test": 0.72}]}))
+    assert sweep_rows_sha(path) != first
+    a = AdaptConfig(task="sid")
+    assert adapt_sha(a, "s1", first) != adapt_sha(a, "s1", sweep_rows_sha(path)) != adapt_sha(a, "s1")
 
 
 def test_pr_probe_carries_the_quickstart_head_and_budget(tmp_path):
