@@ -298,8 +298,8 @@ def mean_rows(curves: Curves, name: str, task: str, seeds: list[int]) -> list[Sw
 
 
 # The figures: OFA against the fixed-rate students (the paper's comparison), and the front ends.
-FIGURES = {"ofa-vs-fixed": ["ofactl", "upsample", "upsample-detached", "compress-audio", "fixed-1", "avgpool-0.5",
-                            "avgpool-0.25", "cif-fixed-0.5", "cif-fixed-0.25"],
+FIGURES = {"ofa-vs-fixed": ["ofactl", "upsample", "upsample-detached", "full-0.25", "upsample-detached-full",
+                            "compress-audio", "fixed-1", "avgpool-0.5", "avgpool-0.25", "cif-fixed-0.5", "cif-fixed-0.25"],
            "frontends": ["ofactl", "cnn-thin", "fbank"]}
 
 
