@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import re
 import types
@@ -400,6 +401,12 @@ def _preset_data(cls: type, section: str, preset: str | Path | None) -> tuple[di
         raise ConfigError(f"section '{section}' in {path}: expected a mapping")
     _build(cls, sec, str(path))  # report preset errors against the file, before overrides
     return sec, str(path)
+
+
+def doc_sha(doc: Any) -> str:
+    """A short SHA-256 (16 hex digits) of a JSON-able document, keys sorted (other values as
+    ``str``): the identity of settings and inputs that reuse checks compare."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

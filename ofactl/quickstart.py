@@ -7,7 +7,6 @@ synth (espeak-ng corpus) -> distill (OFA tiny student from the bundled teacher b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ofactl.choices import CtcHead, Task
-from ofactl.config import load_config, save_resolved, to_dict
+from ofactl.config import doc_sha, load_config, save_resolved, to_dict
 from ofactl.progress import NullProgress, Progress
 
 if TYPE_CHECKING:
@@ -96,8 +95,7 @@ def settings_sha(cfg: Any, **inputs: str) -> str:
     inputs (corpus fingerprint, student checkpoint hash): a finished stage is reused only when it
     matches."""
     doc = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_RESULTS}
-    blob = json.dumps({"settings": doc, "inputs": inputs}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return doc_sha({"settings": doc, "inputs": inputs})
 
 
 def adapt_sha(acfg: AdaptConfig, student_sha: str, sweep_sha: str = "none") -> str:
@@ -118,8 +116,7 @@ def sweep_rows_sha(sweep_json: Path) -> str:
 
     if not sweep_json.is_file():
         return "none"
-    rows = [asdict(r) for r in load_rows(sweep_json)]
-    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return doc_sha([asdict(r) for r in load_rows(sweep_json)])
 
 
 class StageStamps:

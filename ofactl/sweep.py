@@ -21,7 +21,7 @@ import torch
 from ofactl import __version__
 from ofactl.audio import Corpus, load_audio, read_corpus
 from ofactl.choices import Task
-from ofactl.config import save_resolved, to_dict
+from ofactl.config import doc_sha, save_resolved, to_dict
 from ofactl.errors import ConfigError
 from ofactl.extract import ExtractConfig, extract_with_student, parse_layers
 from ofactl.probe import ProbeConfig, build_task, train_probe
@@ -304,19 +304,13 @@ def _write_sweep(sw: _Sweep, rows: list[SweepRow], seconds: float, not_scored: l
 def _probe_sha(cfg: SweepConfig, kind: str) -> str:
     """Hash of everything that shapes a ``kind`` probe's result besides the checkpoint and the seed
     (a CTC head's settings do not key an utterance task's rows, nor the other way round)."""
-    import hashlib
-
     probe = to_dict(cfg.probe.settings_for(kind))
-    doc = {"probe": probe, "task": cfg.task, "label_column": cfg.label_column, "layers": cfg.layers}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+    return doc_sha({"probe": probe, "task": cfg.task, "label_column": cfg.label_column, "layers": cfg.layers})
 
 
 def _task_sha(task: Any) -> str:
     """Hash of a task's splits, labels and label vocabulary: what the probe trains and is tested on."""
-    import hashlib
-
-    doc = {"splits": task.splits, "labels": task.labels, "vocab": task.vocab}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+    return doc_sha({"splits": task.splits, "labels": task.labels, "vocab": task.vocab})
 
 
 def _group_covers(store: Path, rate: float, sha: str, layers: list[int], ids: set[str]) -> bool:
