@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,6 +37,18 @@ def tone(seconds: float, sr: int, freq: float = 220.0, channels: int = 1) -> np.
     t = np.arange(int(round(seconds * sr))) / sr
     x = 0.3 * np.sin(2 * np.pi * freq * t).astype(np.float32)
     return np.stack([x] * channels, axis=1) if channels > 1 else x
+
+
+def sweep_row(rate: float, test: float, task: str = "sid") -> Any:
+    """A ``SweepRow`` of ``task`` at ``rate`` with test (and dev) metric ``test``; the rest placeholders."""
+    from ofactl.sweep import SweepRow
+
+    return SweepRow(label="s", checkpoint_sha256="x", store_group="g", task=task, requested_rate=rate,
+                    achieved_rate=rate, frame_period_ms=20 / rate, metric="accuracy", test=test, dev=test,
+                    extra_metrics={}, upstream_gmacs_per_s=0.0, upstream_cnn_gmacs_per_s=0.0,
+                    extract_s_per_audio_s=0.0, probe_train_s=1.0, probe_params=1, probe_mmacs_per_s=0.0,
+                    store_mb=0.0, infeasible_test=None, layer_weights=[1.0], seed=0, ofactl_version="0",
+                    probe_config_sha="0")
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import sweep_row
 from typer.testing import CliRunner
 
 from ofactl.adapt import AdaptConfig, LearnableLambda, RateCost, run_adapt
@@ -294,17 +295,8 @@ def test_rate_cost_forms_are_zero_at_rate_one_and_read_in_metric_points():
 def test_compare_with_sweep_uses_the_interpolated_curve_and_test_set_noise(tmp_path):
     from ofactl.adapt import compare_with_sweep
     from ofactl.probe.tasks import TaskData
-    from ofactl.sweep import SweepRow
 
-    def row(rate, test):
-        return SweepRow(label="s", checkpoint_sha256="x", store_group="g", task="sid", requested_rate=rate,
-                        achieved_rate=rate, frame_period_ms=20 / rate, metric="accuracy", test=test, dev=test,
-                        extra_metrics={}, upstream_gmacs_per_s=0.0, upstream_cnn_gmacs_per_s=0.0,
-                        extract_s_per_audio_s=0.0, probe_train_s=1.0, probe_params=1, probe_mmacs_per_s=0.0,
-                        store_mb=0.0, infeasible_test=None, layer_weights=[1.0], seed=0, ofactl_version="0",
-                        probe_config_sha="0")
-
-    rows = [row(1.0, 0.40), row(0.5, 0.36), row(0.25, 0.20)]
+    rows = [sweep_row(1.0, 0.40), sweep_row(0.5, 0.36), sweep_row(0.25, 0.20)]
     (tmp_path / "sweep.json").write_text(json.dumps({"rows": [r.to_json() for r in rows]}))
     ids = [f"u{i}" for i in range(100)]
     task = TaskData("sid", "cls", "accuracy", True, {"train": [], "dev": [], "test": ids}, {u: [0] for u in ids}, ["a"])

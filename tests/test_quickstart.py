@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import sweep_row
 from typer.testing import CliRunner
 
 from ofactl.cli import app
@@ -96,13 +97,8 @@ def test_adapt_stamp_changes_with_the_rows_of_the_compared_sweep(tmp_path):
 
     from ofactl.adapt import AdaptConfig
     from ofactl.quickstart import adapt_sha, sweep_rows_sha
-    from ofactl.sweep import SweepRow
 
-    row = SweepRow(label="ofa", checkpoint_sha256="c", store_group="g", task="sid", requested_rate=0.5,
-                   achieved_rate=0.5, frame_period_ms=40.0, metric="accuracy", test=0.7, dev=0.6, extra_metrics={},
-                   upstream_gmacs_per_s=1.0, upstream_cnn_gmacs_per_s=0.5, extract_s_per_audio_s=0.01,
-                   probe_train_s=3.0, probe_params=10, probe_mmacs_per_s=0.1, store_mb=1.0, infeasible_test=None,
-                   layer_weights=[0.5, 0.5], seed=0)
+    row = sweep_row(0.5, 0.7)
     path = tmp_path / "sweep.json"
     assert sweep_rows_sha(path) == "none"
     path.write_text(json.dumps({"rows": [asdict(row)], "written_at": 1}))
