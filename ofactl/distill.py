@@ -333,6 +333,8 @@ def run_distill(
     trn, held = split_held_out(list(cps), cfg.eval_utts, cfg.seed)
     seed_all(cfg.seed)
     teacher, student = _build(cfg, trust_checkpoint, su.device, progress)
+    if resume:  # after _build, which fills in the teacher's width as config.yaml records it
+        tr.check_resume_settings(cfg, "distill", su.run_dir)
     optim = tr.make_optimisation(student.parameters(), cfg, su.amp)
     job = _distill_job(cfg, student, teacher, held, su)
     start = 0

@@ -359,6 +359,8 @@ def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
     source = FeatureSource(cfg, torch.device("cpu"), trust_checkpoint)  # checks --from before any folder
     su = tr.setup_run(cfg, Path(run_dir), resume, overwrite)
+    if resume:  # before k-means and unit targets, the slow part of a start
+        tr.check_resume_settings(cfg, "pretrain", su.run_dir)
     utts = list(cps)
     trn, held = split_held_out(utts, cfg.eval_utts, cfg.seed)
     units = _units(cfg, su.run_dir, trn, source, progress)

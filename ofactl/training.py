@@ -132,6 +132,49 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+# Settings a resumed run may change: where and how fast it runs, how often it logs and saves, and
+# how long it goes on. Every other setting shapes the weights, so continuing under another value
+# would leave a run that neither config.yaml describes.
+RESUME_FREE = frozenset({"steps", "device", "precision", "num_workers", "ckpt_every", "keep_checkpoints",
+                         "log_every", "eval_every"})
+
+
+def check_resume_settings(cfg: Any, section: str, run_dir: Path) -> None:
+    """Refuse ``--resume`` under settings other than those the run started with (its
+    ``config.yaml``), naming each one with both values. Keys only one side has (a run written
+    by an older ofactl) are not compared."""
+    import yaml
+
+    from ofactl.config import safe_load, to_dict
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved = (safe_load(path.read_text(encoding="utf-8")) or {}).get(section)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:  # a damaged record cannot vouch for the run either way
+        raise CheckpointError(f"--resume: cannot read {path} ({e}); start over with --overwrite") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"--resume: {path} holds no '{section}' settings; is {run_dir} a {section} run?")
+    old, new = _flat(saved), _flat(to_dict(cfg))
+    changed = [k for k in old.keys() & new.keys() if old[k] != new[k] and k.split(".")[0] not in RESUME_FREE]
+    if changed:
+        diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(changed))
+        raise CheckpointError(f"--resume: {run_dir} was started with other settings ({diff}); continue it with "
+                              f"its own (-c {path}) or start over with --overwrite")
+
+
+def _flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys (lists stay values)."""
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def finish_distributed(world: int) -> None:
     """Leave the process group (after the last collective) when running distributed."""
     if world > 1:

@@ -207,6 +207,18 @@ def test_corrupt_newest_checkpoint_falls_back_then_fails_clearly(tmp_path, synth
 
 
 @pytest.mark.slow
+def test_resume_under_other_settings_is_refused_and_keeps_the_run(tmp_path, synth_corpus):
+    cfg = tiny_cfg()
+    run = tmp_path / "run"
+    run_distill(cfg, synth_corpus, run)
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")}
+    with pytest.raises(CheckpointError, match="alignment: 'compress' -> 'upsample'"):
+        run_distill(replace(cfg, steps=6, alignment="upsample"), synth_corpus, run, resume=True)
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")} == before
+    assert "alignment: compress" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.slow
 def test_avgpool_baseline(tmp_path, synth_corpus):
     cfg = tiny_cfg(steps=2, compressor_rate=0.4)
     cfg.student = replace(cfg.student, compressor="avgpool")

@@ -12,7 +12,7 @@ import torch
 from conftest import kill_when_exists
 
 from ofactl.audio import read_corpus
-from ofactl.errors import ConfigError
+from ofactl.errors import CheckpointError, ConfigError
 from ofactl.model.blocks import HubertArch
 from ofactl.model.student import TINY_CONV
 from ofactl.pretrain import (
@@ -145,6 +145,8 @@ def test_bad_settings_are_one_clear_error(tmp_path, synth_corpus):
         run_pretrain(tiny_cfg(arch=other, targets="layer:1", from_ckpt=str(tmp_path / "it1")), synth_corpus,
                      tmp_path / "d")
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()  # refused before any folder
+    with pytest.raises(CheckpointError, match=r"n_units: 12 -> 10"):  # before k-means: nothing is redone
+        run_pretrain(tiny_cfg(steps=4, n_units=10), synth_corpus, tmp_path / "it1", resume=True)
     second = run_pretrain(tiny_cfg(steps=2, targets="layer:1", from_ckpt=str(tmp_path / "it1")), synth_corpus,
                           tmp_path / "it2")
     assert second.steps == 2
