@@ -44,6 +44,7 @@ from ofactl.config import Flag, load_config, safe_load, to_dict
 from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
 from ofactl.probe import ProbeConfig
 from ofactl.sweep import SweepConfig, SweepRow, load_rows, parse_rates, plot_tradeoff, run_sweep
+from ofactl.training import changed_settings
 
 # name -> (--set overrides on distill-tiny, fixed rate or None). "ofactl" is the default recipe.
 VARIANTS: dict[str, tuple[list[str], float | None]] = {
@@ -83,16 +84,30 @@ def fixed_rate(name: str) -> float | None:
 def distill_student(name: str, seed: int, args: argparse.Namespace, corpus: Path) -> Path:
     """The student of one variant and seed (reused when its run finished)."""
     run = Path(args.out) / "students" / f"{name}-s{seed}"
-    if (run / "student.pt").is_file():
-        return run / "student.pt"
     overrides, fixed = VARIANTS[name]
     flags = [Flag("teacher", "--teacher", args.teacher), Flag("seed", "--seed", seed),
              Flag("steps", "--steps", args.steps), Flag("device", "--device", args.device)]
     cfg = load_config(DistillConfig, "distill", args.preset, [*args.set_, *overrides], flags)
     if fixed is not None:
         cfg = with_fixed_rate(cfg, fixed)
+    if (run / "student.pt").is_file():
+        return same_recipe(run, cfg) / "student.pt"
     resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step-*.pt"))
     return run_distill(cfg, corpus, run, resume=resume, overwrite=not resume).student
+
+
+def same_recipe(run: Path, cfg: DistillConfig) -> Path:
+    """``run`` when its finished student was distilled with ``cfg``'s settings; otherwise exit
+    naming what differs (a variant's meaning or a preset changed since): a student of another
+    recipe is never scored under this one's name."""
+    saved = safe_load((run / "config.yaml").read_text(encoding="utf-8"))["distill"]
+    if cfg.student.teacher_dim == 0:  # the preset's "the teacher's width", which distill records as a number
+        cfg = replace(cfg, student=replace(cfg.student, teacher_dim=saved["student"]["teacher_dim"]))
+    diff = changed_settings(saved, cfg)
+    if diff:
+        sys.exit(f"{run} holds a student of other settings than this variant's ({diff}); "
+                 "move it away or use another --out")
+    return run
 
 
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"

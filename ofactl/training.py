@@ -145,7 +145,7 @@ def check_resume_settings(cfg: Any, section: str, run_dir: Path) -> None:
     by an older ofactl) are not compared."""
     import yaml
 
-    from ofactl.config import safe_load, to_dict
+    from ofactl.config import safe_load
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
@@ -156,12 +156,20 @@ def check_resume_settings(cfg: Any, section: str, run_dir: Path) -> None:
         raise CheckpointError(f"--resume: cannot read {path} ({e}); start over with --overwrite") from None
     if not isinstance(saved, dict):
         raise CheckpointError(f"--resume: {path} holds no '{section}' settings; is {run_dir} a {section} run?")
-    old, new = _flat(saved), _flat(to_dict(cfg))
-    changed = [k for k in old.keys() & new.keys() if old[k] != new[k] and k.split(".")[0] not in RESUME_FREE]
-    if changed:
-        diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(changed))
+    diff = changed_settings(saved, cfg)
+    if diff:
         raise CheckpointError(f"--resume: {run_dir} was started with other settings ({diff}); continue it with "
                               f"its own (-c {path}) or start over with --overwrite")
+
+
+def changed_settings(saved: dict[str, Any], cfg: Any) -> str:
+    """The settings that shape the weights on which ``cfg`` differs from a run's saved ones, as
+    ``key: old -> new`` (empty when none; keys only one side has are not compared)."""
+    from ofactl.config import to_dict
+
+    old, new = _flat(saved), _flat(to_dict(cfg))
+    changed = [k for k in old.keys() & new.keys() if old[k] != new[k] and k.split(".")[0] not in RESUME_FREE]
+    return ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(changed))
 
 
 def _flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
