@@ -2,13 +2,14 @@
 and the untrained ``random:tiny``.
 
     python benchmarks/teacher_probe.py [--teacher builtin:hubert-tiny] [--synth DIR] [--fsdd DIR]
-                                      [--periods [--period-heads linear,conv]]
+                                      [--periods [--period-heads linear,conv]] [--ks-seen-speakers]
 
 - ``pr``: phoneme recognition (PER, a linear CTC head) on synth-tiny, trained on its train
   split and tested on its test split, whose voices the bundled teacher never heard
   (``synth-pretrain`` leaves them out);
 - ``ks``: keyword spotting on FSDD (accuracy, statistics pooling and a linear layer) with a
-  speaker-independent split (test speaker theo, dev lucas: left out of pretraining too).
+  speaker-independent split (test speaker theo, dev lucas: left out of pretraining too); with
+  ``--ks-seen-speakers`` also on a random split, every speaker in training.
 
 Prints one JSON document with every layer's figure, the best layer, and the ratios the model
 card reports. Every probe is seeded; features are computed once per model.
@@ -17,6 +18,7 @@ card reports. Every probe is seeded; features are computed once per model.
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import tempfile
 import time
@@ -114,6 +116,15 @@ def probe_task(task: TaskData, feats: dict[str, Features], cfg: ProbeConfig) -> 
     return res
 
 
+def seen_speaker_split(task: TaskData, seed: int = 0) -> TaskData:
+    """``task`` with its utterances split at random 70/15/15, so every speaker is in training: the
+    speaker-independent split's gap to this one is what the features lose to an unseen voice."""
+    ids = sorted(task.ids)
+    random.Random(seed).shuffle(ids)
+    a, b = int(0.7 * len(ids)), int(0.85 * len(ids))
+    return replace(task, splits={"train": ids[:a], "dev": ids[a:b], "test": ids[b:]})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", default="builtin:hubert-tiny")
@@ -124,6 +135,8 @@ def main() -> None:
                     help="also probe pr on the best layer and log-mel averaged to 40 and 80 ms frames")
     ap.add_argument("--period-heads", default="linear,conv",
                     help="the CTC heads of --periods: linear (one frame at a time) and conv (five frames)")
+    ap.add_argument("--ks-seen-speakers", action="store_true",
+                    help="also probe ks on a random 70/15/15 split of FSDD, every speaker in training")
     args = ap.parse_args()
     torch.manual_seed(0)
     synth = Path(args.synth) if args.synth else None
@@ -143,7 +156,10 @@ def main() -> None:
         ks_cfg = ProbeConfig(cls_epochs=args.epochs, device="cpu")
         fsdd = read_corpus(f"{args.fsdd}::{{label}}_{{speaker}}_{{take}}")
         ks_task = build_task("ks", fsdd, seed=0)
-        out["ks_fsdd_speaker_independent"] = probe_task(ks_task, sources(ks_task, fsdd, args.teacher), ks_cfg)
+        ks_feats = sources(ks_task, fsdd, args.teacher)
+        out["ks_fsdd_speaker_independent"] = probe_task(ks_task, ks_feats, ks_cfg)
+        if args.ks_seen_speakers:
+            out["ks_fsdd_seen_speakers"] = probe_task(seen_speaker_split(ks_task), ks_feats, ks_cfg)
     if args.periods:
         out["pr_by_frame_period"] = {
             head: pr_by_period(pr_task, pr_feats, pr["teacher_best_layer"], replace(pr_cfg, ctc_head=head))
