@@ -80,6 +80,9 @@ class PretrainConfig:
     steps: int = 2000  # optimizer steps
     batch_seconds: float = 60.0  # audio seconds per batch (before padding)
     crop_seconds: float = 6.0  # longest crop of one utterance (s)
+    speed_perturb: tuple[float, ...] = ()  # speed factors, one drawn per utterance and batch (e.g. [0.9, 1.0, 1.1]):
+    # the audio is resampled, so tempo, pitch and formants move together, and the unit targets are
+    # stretched to match, so the model learns the same units from other voices; none by default
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup=0.08, grad_clip=10.0))
     device: str = "auto"  # auto, cpu, cuda or cuda:N (auto under torchrun: this rank's GPU)
     precision: Precision = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA)
@@ -106,6 +109,9 @@ class PretrainConfig:
             raise ValueError("logit_temp > 0, final_dim >= 1 and unmasked_weight >= 0 are required")
         if self.steps < 1 or self.batch_seconds <= 0 or self.crop_seconds <= 0.1 or self.optim.accum < 1:
             raise ValueError("steps >= 1, batch_seconds > 0, crop_seconds > 0.1 and optim.accum >= 1 are required")
+        bad = [f for f in self.speed_perturb if not 0.5 <= f <= 2.0]
+        if bad:
+            raise ValueError(f"speed_perturb: factors must lie in [0.5, 2] (got {', '.join(map(str, bad))})")
 
 
 def parse_targets(spec: str) -> int | None:
@@ -379,7 +385,7 @@ def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path
 
         job.model = DDP(model, device_ids=[su.device.index] if su.device.type == "cuda" else None)
     loader = tr.make_loader(tr.schedule_from(trn, cfg, start, su.world, su.rank), trn, cfg, su, targets,
-                         cfg.arch.hop, start)
+                         cfg.arch.hop, start, speeds=cfg.speed_perturb)
     loop = tr.train(job, cfg, su, optim, loader, start, progress)
     return _finish(cfg, su, model, held, targets, loop)
 

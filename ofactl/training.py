@@ -193,14 +193,32 @@ def finish_distributed(world: int) -> None:
 
 
 # ----------------------------------------------------------------------------- data
+def perturb_speed(wav: Tensor, factor: float) -> Tensor:
+    """(S,) 16 kHz audio played ``factor`` times as fast: resampled, so about S / factor samples,
+    with tempo, pitch and formants all scaled by ``factor`` (speed perturbation)."""
+    import torchaudio.functional as AF
+
+    return AF.resample(wav, orig_freq=round(SR * factor), new_freq=SR)
+
+
+def stretch_frames(a: np.ndarray, factor: float) -> np.ndarray:
+    """A per-frame array of the original audio on the frame grid of the audio ``factor`` times as
+    fast: frame j of the perturbed audio takes the original frame nearest to time j * factor."""
+    n = int(len(a) / factor) + 1
+    src = np.minimum(np.floor(np.arange(n) * factor + 0.5).astype(np.int64), len(a) - 1)
+    return a[src]
+
+
 class CropBatches(torch.utils.data.Dataset):
     """Item k = the k-th batch of a planned schedule: cropped, padded audio, and each
     per-utterance frame array of ``aligned`` (segment ids, unit targets) cropped to the same
-    frames and padded with -1 (key ``aligned``)."""
+    frames and padded with -1 (key ``aligned``). With ``speeds``, each utterance is first played
+    at a speed drawn from them (seeded by step) and its frame arrays stretched to match."""
 
     def __init__(self, schedule: list[tuple[int, list[int]]], utts: list[Utterance], crop: int, seed: int,
-                 aligned: dict[str, np.ndarray] | None, hop: int) -> None:
+                 aligned: dict[str, np.ndarray] | None, hop: int, speeds: tuple[float, ...] = ()) -> None:
         self.schedule, self.utts, self.crop, self.seed, self.aligned, self.hop = schedule, utts, crop, seed, aligned, hop
+        self.speeds = tuple(speeds)
 
     def __len__(self) -> int:
         return len(self.schedule)
@@ -212,6 +230,12 @@ class CropBatches(torch.utils.data.Dataset):
         for i in idx:
             u = self.utts[i]
             w = load_audio(u.path)
+            a = self.aligned[u.id] if self.aligned is not None else None
+            if self.speeds:  # drawn only when asked, so runs without it see the same crops as before
+                factor = self.speeds[int(torch.randint(len(self.speeds), (1,), generator=g))]
+                if factor != 1.0:
+                    w = perturb_speed(w, factor)
+                    a = stretch_frames(a, factor) if a is not None else None
             start = 0
             if len(w) > self.crop:
                 # crop on the frame grid so frame-level arrays shift by whole frames
@@ -219,8 +243,7 @@ class CropBatches(torch.utils.data.Dataset):
                 start = int(torch.randint(n_starts, (1,), generator=g)) * self.hop
                 w = w[start : start + self.crop]
             wavs.append(w)
-            if self.aligned is not None:
-                a = self.aligned[u.id]
+            if a is not None:
                 f0 = start // self.hop
                 arrs.append(torch.from_numpy(a[f0 : f0 + len(w) // self.hop + 1].astype(np.int64)))
         out = {"step": step, "idx": idx, "wav": torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True),
@@ -537,12 +560,12 @@ def ranks_in_sync(model: torch.nn.Module) -> bool:
 
 
 def make_loader(schedule: list[tuple[int, list[int]]], utts: list[Utterance], cfg: TrainConfig, setup: Setup,
-                aligned: dict[str, np.ndarray] | None, hop: int, start: int) -> Any:
+                aligned: dict[str, np.ndarray] | None, hop: int, start: int, speeds: tuple[float, ...] = ()) -> Any:
     """The DataLoader over :class:`CropBatches` from step ``start`` on (seeded, so a resumed run
-    sees the same batches).
+    sees the same batches); ``speeds``: speed perturbation factors (none by default).
     """
     return torch.utils.data.DataLoader(
-        CropBatches(schedule, utts, int(cfg.crop_seconds * SR), cfg.seed, aligned, hop), batch_size=None,
+        CropBatches(schedule, utts, int(cfg.crop_seconds * SR), cfg.seed, aligned, hop, speeds), batch_size=None,
         num_workers=cfg.num_workers, pin_memory=setup.device.type == "cuda",
         prefetch_factor=2 if cfg.num_workers else None,
         # its own generator: creating the iterator must not draw from the global RNG, or a

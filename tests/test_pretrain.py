@@ -104,6 +104,26 @@ def test_loss_falls_and_the_teacher_serves_distill(tmp_path, synth_corpus):
     assert r.exit_code == 0 and json.loads(r.stdout)["hidden_states"] == 3
 
 
+@pytest.mark.slow
+def test_speed_perturbed_pretraining_learns_and_is_seeded(tmp_path, synth_corpus):
+    cfg = tiny_cfg(steps=20, speed_perturb=(0.9, 1.0, 1.1))
+    a = run_pretrain(cfg, synth_corpus, tmp_path / "a")
+    recs = [json.loads(x) for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses
+    b = run_pretrain(cfg, synth_corpus, tmp_path / "b")
+    plain = run_pretrain(replace(cfg, speed_perturb=()), synth_corpus, tmp_path / "plain")
+    from safetensors.torch import load_file
+
+    wa, wb, wp = (load_file(str(r.teacher)) for r in (a, b, plain))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # seeded: the same factors and crops again
+    assert not all(torch.equal(wa[k], wp[k]) for k in wa)
+    with pytest.raises(ConfigError, match=r"speed_perturb: factors must lie in \[0.5, 2\] \(got 3.0\)"):
+        from ofactl.config import load_config
+
+        load_config(PretrainConfig, "pretrain", "pretrain-tiny", ["speed_perturb=[0.9,3]"])
+
+
 _SCRIPT = """
 import sys
 from dataclasses import replace

@@ -51,3 +51,53 @@ def test_a_damaged_or_foreign_record_is_one_clear_error(tmp_path):
     (tmp_path / "config.yaml").write_text("pretrain:\n  steps: 3\n")
     with pytest.raises(CheckpointError, match="holds no 'distill' settings"):
         check_resume_settings(cfg, "distill", tmp_path)
+
+
+def test_perturb_speed_scales_length_and_pitch():
+    import numpy as np
+    import torch
+
+    from ofactl.training import perturb_speed
+
+    t = torch.arange(16000) / 16000
+    tone = torch.sin(2 * torch.pi * 200 * t)
+    for factor in (0.9, 1.1):
+        out = perturb_speed(tone, factor)
+        assert abs(len(out) - 16000 / factor) <= 1
+        spec = np.abs(np.fft.rfft(out[2000:-2000].numpy()))
+        peak_hz = np.argmax(spec) * 16000 / (len(out) - 4000)
+        assert abs(peak_hz - 200 * factor) < 3, (factor, peak_hz)
+
+
+def test_stretch_frames_maps_each_frame_to_the_original_time():
+    import numpy as np
+
+    from ofactl.training import stretch_frames
+
+    a = np.arange(100)
+    fast, slow = stretch_frames(a, 1.25), stretch_frames(a, 0.8)
+    assert len(fast) == 81 and len(slow) == 126
+    assert fast[:5].tolist() == [0, 1, 3, 4, 5] and fast[-1] == 99  # frame j holds time j * 1.25
+    assert slow[:6].tolist() == [0, 1, 2, 2, 3, 4] and slow[-1] == 99
+
+
+def test_crop_batches_play_each_utterance_at_a_drawn_speed(synth_corpus):
+    import numpy as np
+
+    from ofactl.audio import read_corpus
+    from ofactl.training import CropBatches
+
+    utts = list(read_corpus(synth_corpus))[:4]
+    aligned = {u.id: np.arange(u.n_samples_16k // 320 + 1) for u in utts}
+    plain = CropBatches([(0, [0, 1, 2, 3])], utts, crop=10**7, seed=0, aligned=aligned, hop=320)[0]
+    fast = CropBatches([(0, [0, 1, 2, 3])], utts, crop=10**7, seed=0, aligned=aligned, hop=320, speeds=(1.25,))[0]
+    assert plain["lengths"].tolist() == [u.n_samples_16k for u in utts]
+    assert [abs(n - u.n_samples_16k / 1.25) <= 1 for n, u in zip(fast["lengths"].tolist(), utts)] == [True] * 4
+    row = fast["aligned"][0][fast["aligned"][0] >= 0]
+    assert row[:5].tolist() == [0, 1, 3, 4, 5] and len(row) == int(fast["lengths"][0]) // 320 + 1
+    mixed = CropBatches([(s, [0, 1, 2, 3]) for s in range(8)], utts, crop=10**7, seed=0, aligned=aligned, hop=320,
+                        speeds=(0.9, 1.0, 1.1))
+    drawn = {round(u.n_samples_16k / int(n), 1) for k in range(8) for n, u in zip(mixed[k]["lengths"], utts)}
+    assert drawn == {0.9, 1.0, 1.1}
+    again = mixed[3]  # seeded by step: the same batch again
+    assert mixed[3]["lengths"].tolist() == again["lengths"].tolist()
