@@ -40,11 +40,12 @@ from _util import emit, machine
 
 from ofactl.adapt import AdaptConfig, RateCost, compare_with_sweep, run_adapt
 from ofactl.choices import CtcHead
-from ofactl.config import Flag, load_config, safe_load, to_dict
+from ofactl.config import Flag, load_config, to_dict
 from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
+from ofactl.errors import CheckpointError
 from ofactl.probe import ProbeConfig
 from ofactl.sweep import SweepConfig, SweepRow, load_rows, parse_rates, plot_tradeoff, run_sweep
-from ofactl.training import changed_settings
+from ofactl.training import changed_settings, saved_settings
 
 # name -> (--set overrides on distill-tiny, fixed rate or None). "ofactl" is the default recipe.
 VARIANTS: dict[str, tuple[list[str], float | None]] = {
@@ -96,13 +97,21 @@ def distill_student(name: str, seed: int, args: argparse.Namespace, corpus: Path
     return run_distill(cfg, corpus, run, resume=resume, overwrite=not resume).student
 
 
+def kept_settings(run: Path, section: str) -> dict[str, Any]:
+    """The settings a kept run recorded; exit naming the file when they cannot be read."""
+    try:
+        return saved_settings(run, section)
+    except CheckpointError as e:
+        sys.exit(f"ablation: {run} was kept, but its settings cannot be checked ({e}); move it away or use another --out")
+
+
 def same_recipe(run: Path, cfg: DistillConfig) -> Path:
     """``run`` when its finished student was distilled with ``cfg``'s settings; otherwise exit
     naming what differs (a variant's meaning or a preset changed since): a student of another
     recipe is never scored under this one's name."""
-    saved = safe_load((run / "config.yaml").read_text(encoding="utf-8"))["distill"]
+    saved = kept_settings(run, "distill")
     if cfg.student.teacher_dim == 0:  # the preset's "the teacher's width", which distill records as a number
-        cfg = replace(cfg, student=replace(cfg.student, teacher_dim=saved["student"]["teacher_dim"]))
+        cfg = replace(cfg, student=replace(cfg.student, teacher_dim=saved.get("student", {}).get("teacher_dim", 0)))
     diff = changed_settings(saved, cfg)
     if diff:
         sys.exit(f"{run} holds a student of other settings than this variant's ({diff}); "
@@ -187,7 +196,7 @@ def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Na
         Flag("device", "--device", args.device)])
     cfg.probe = replace(cfg.probe, ctc_head=args.pr_head)
     if done:  # reused only when it ran with these settings (a default may have changed since)
-        saved, asked = safe_load((out / "config.yaml").read_text())["adapt"], to_dict(cfg)
+        saved, asked = kept_settings(out, "adapt"), to_dict(cfg)
         differ = sorted(k for k in saved.keys() | asked.keys() if saved.get(k) != asked.get(k))
         if differ:
             sys.exit(f"ablation: {out} ran with other adapt settings ({', '.join(differ)}); move it away or "

@@ -137,29 +137,42 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 # would leave a run that neither config.yaml describes.
 RESUME_FREE = frozenset({"steps", "device", "precision", "num_workers", "ckpt_every", "keep_checkpoints",
                          "log_every", "eval_every"})
+# Settings that name a file: the same file written another way (relative, absolute, via a link) is no change.
+PATH_SETTINGS = frozenset({"teacher", "from_ckpt"})
 
 
 def check_resume_settings(cfg: Any, section: str, run_dir: Path) -> None:
     """Refuse ``--resume`` under settings other than those the run started with (its
     ``config.yaml``), naming each one with both values. Keys only one side has (a run written
     by an older ofactl) are not compared."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved = saved_settings(run_dir, section)
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume: {e}; start over with --overwrite") from None
+    diff = changed_settings(saved, cfg)
+    if diff:
+        raise CheckpointError(f"--resume: {run_dir} was started with other settings ({diff}); continue it with "
+                              f"its own (-c {path}) or start over with --overwrite")
+
+
+def saved_settings(run_dir: Path, section: str) -> dict[str, Any]:
+    """The ``section`` settings a run recorded in its ``config.yaml``; one clear error when that
+    file is missing, damaged or of another command."""
     import yaml
 
     from ofactl.config import safe_load
 
     path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        return
     try:
         saved = (safe_load(path.read_text(encoding="utf-8")) or {}).get(section)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:  # a damaged record cannot vouch for the run either way
-        raise CheckpointError(f"--resume: cannot read {path} ({e}); start over with --overwrite") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as e:  # a damaged record vouches for nothing
+        raise CheckpointError(f"cannot read {path} ({e})") from None
     if not isinstance(saved, dict):
-        raise CheckpointError(f"--resume: {path} holds no '{section}' settings; is {run_dir} a {section} run?")
-    diff = changed_settings(saved, cfg)
-    if diff:
-        raise CheckpointError(f"--resume: {run_dir} was started with other settings ({diff}); continue it with "
-                              f"its own (-c {path}) or start over with --overwrite")
+        raise CheckpointError(f"{path} holds no '{section}' settings; is {run_dir} a {section} run?")
+    return saved
 
 
 def changed_settings(saved: dict[str, Any], cfg: Any) -> str:
@@ -168,8 +181,18 @@ def changed_settings(saved: dict[str, Any], cfg: Any) -> str:
     from ofactl.config import to_dict
 
     old, new = _flat(saved), _flat(to_dict(cfg))
-    changed = [k for k in old.keys() & new.keys() if old[k] != new[k] and k.split(".")[0] not in RESUME_FREE]
+    changed = [k for k in old.keys() & new.keys()
+               if old[k] != new[k] and k.split(".")[0] not in RESUME_FREE
+               and not (k in PATH_SETTINGS and _same_file(old[k], new[k]))]
     return ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(changed))
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    """Whether two path settings name one existing file (relative ones from the working folder)."""
+    try:
+        return isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(a).samefile(b)
+    except OSError:
+        return False
 
 
 def _flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:

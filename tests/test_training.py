@@ -101,3 +101,18 @@ def test_crop_batches_play_each_utterance_at_a_drawn_speed(synth_corpus):
     assert drawn == {0.9, 1.0, 1.1}
     again = mixed[3]  # seeded by step: the same batch again
     assert mixed[3]["lengths"].tolist() == again["lengths"].tolist()
+
+
+def test_a_path_setting_written_another_way_is_the_same_setting(tmp_path, monkeypatch):
+    """--teacher given relative at the start and absolute on --resume names one file: no change;
+    another file is a change, named with both paths."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t").mkdir()
+    for name in ("a.safetensors", "b.safetensors"):
+        (tmp_path / "t" / name).write_bytes(b"x")
+    cfg = replace(load_config(DistillConfig, "distill", "distill-tiny"), teacher="t/a.safetensors")
+    save_resolved(cfg, "distill", tmp_path / "config.yaml")
+    check_resume_settings(replace(cfg, teacher=str(tmp_path / "t" / "a.safetensors")), "distill", tmp_path)
+    check_resume_settings(replace(cfg, teacher="./t/../t/a.safetensors"), "distill", tmp_path)
+    with pytest.raises(CheckpointError, match=r"teacher: 't/a.safetensors' -> 't/b.safetensors'"):
+        check_resume_settings(replace(cfg, teacher="t/b.safetensors"), "distill", tmp_path)

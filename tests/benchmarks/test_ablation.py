@@ -1,0 +1,52 @@
+"""benchmarks/ablation.py: a kept student is scored under a variant's name only if it was
+distilled with that variant's settings."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ofactl.config import load_config, save_resolved
+from ofactl.distill import DistillConfig
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("ablation_bench", BENCH / "ablation.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_a_kept_student_of_the_same_recipe_is_reused(ablation, tmp_path):
+    cfg = load_config(DistillConfig, "distill", "distill-tiny-fbank")
+    saved = replace(cfg, student=replace(cfg.student, teacher_dim=128))  # distill records the teacher's width
+    save_resolved(saved, "distill", tmp_path / "config.yaml")
+    assert cfg.student.teacher_dim == 0
+    assert ablation.same_recipe(tmp_path, cfg) == tmp_path
+
+
+def test_a_kept_student_of_another_recipe_is_refused_naming_the_setting(ablation, tmp_path):
+    cfg = load_config(DistillConfig, "distill", "distill-tiny-fbank")
+    save_resolved(cfg, "distill", tmp_path / "config.yaml")
+    with pytest.raises(SystemExit, match="alignment: 'compress' -> 'upsample'"):
+        ablation.same_recipe(tmp_path, replace(cfg, alignment="upsample"))
+
+
+def test_a_damaged_record_is_one_clear_exit(ablation, tmp_path):
+    cfg = load_config(DistillConfig, "distill", "distill-tiny-fbank")
+    (tmp_path / "config.yaml").write_text("distill: [unclosed\n")
+    with pytest.raises(SystemExit, match=r"cannot be checked \(cannot read .*config.yaml"):
+        ablation.same_recipe(tmp_path, cfg)
+    (tmp_path / "config.yaml").write_text("adapt:\n  task: pr\n")
+    with pytest.raises(SystemExit, match="holds no 'distill' settings"):
+        ablation.same_recipe(tmp_path, cfg)
