@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
 from ofactl.choices import Alignment, CompressWeight, Precision, RateDraw, RateKind
-from ofactl.config import save_resolved, to_dict
+from ofactl.config import to_dict
 from ofactl.errors import ConfigError
 from ofactl.model.compress import expected_ratio, length_mask, rate_to_lambda
 from ofactl.model.student import Student, StudentConfig, student_config
@@ -334,7 +334,7 @@ def run_distill(
     seed_all(cfg.seed)
     teacher, student = _build(cfg, trust_checkpoint, su.device, progress)
     if resume:  # after _build, which fills in the teacher's width as config.yaml records it
-        tr.check_resume_settings(cfg, "distill", su.run_dir)
+        tr.check_resume(cfg, "distill", su.run_dir, cps)
     optim = tr.make_optimisation(student.parameters(), cfg, su.amp)
     job = _distill_job(cfg, student, teacher, held, su)
     start = 0
@@ -344,7 +344,7 @@ def run_distill(
     segids = _boundaries(cfg, cps, teacher, su.device, su.run_dir, su.main, progress) \
         if cfg.student.compressor == "cif" else None
     if su.main:
-        save_resolved(cfg, "distill", su.run_dir / "config.yaml")
+        tr.record_run(cfg, "distill", su.run_dir, cps)
     job.model = _ddp(student, su)
     eval_before = evaluate(student, teacher, held, cfg, su.device, su.amp) if start == 0 and su.main else {}
     loader = tr.make_loader(tr.schedule_from(trn, cfg, start, su.world, su.rank), trn, cfg, su, segids,

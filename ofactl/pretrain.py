@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
 from ofactl.choices import Precision
-from ofactl.config import save_resolved, to_dict
+from ofactl.config import to_dict
 from ofactl.errors import CheckpointError, ConfigError
 from ofactl.model.blocks import (
     HubertArch,
@@ -366,7 +366,7 @@ def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path
     source = FeatureSource(cfg, torch.device("cpu"), trust_checkpoint)  # checks --from before any folder
     su = tr.setup_run(cfg, Path(run_dir), resume, overwrite)
     if resume:  # before k-means and unit targets, the slow part of a start
-        tr.check_resume_settings(cfg, "pretrain", su.run_dir)
+        tr.check_resume(cfg, "pretrain", su.run_dir, cps)
     utts = list(cps)
     trn, held = split_held_out(utts, cfg.eval_utts, cfg.seed)
     units = _units(cfg, su.run_dir, trn, source, progress)
@@ -374,7 +374,7 @@ def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path
     seed_all(cfg.seed)
     model = PretrainModel(cfg.arch, cfg.n_units, cfg.final_dim, cfg.logit_temp).to(su.device)
     if su.main:
-        save_resolved(cfg, "pretrain", su.run_dir / "config.yaml")
+        tr.record_run(cfg, "pretrain", su.run_dir, cps)
     optim = tr.make_optimisation(model.parameters(), cfg, su.amp)
     job = _pretrain_job(cfg, model, held, targets, su)
     start = tr.resume_from(su.ckpt_dir, job, optim) if resume else 0

@@ -18,6 +18,7 @@ resumed run continues exactly as an uninterrupted one (CPU).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ofactl.audio import Utterance, load_audio
+from ofactl.audio import Corpus, Utterance, load_audio
 from ofactl.choices import Precision
 from ofactl.errors import CheckpointError, InterruptedRun, OfactlError
 from ofactl.progress import Progress, deferred_sigint, ignore_sigint_in_worker
@@ -139,6 +140,47 @@ RESUME_FREE = frozenset({"steps", "device", "precision", "num_workers", "ckpt_ev
                          "log_every", "eval_every"})
 # Settings that name a file: the same file written another way (relative, absolute, via a link) is no change.
 PATH_SETTINGS = frozenset({"teacher", "from_ckpt"})
+
+
+def record_run(cfg: Any, section: str, run_dir: Path, corpus: Corpus) -> None:
+    """Write what a run is made of beside it: its resolved settings (``config.yaml``) and which
+    corpus it learns from (``corpus.json``), so ``--resume`` can refuse another of either."""
+    from ofactl.config import save_resolved
+
+    save_resolved(cfg, section, Path(run_dir) / "config.yaml")
+    path = Path(run_dir) / "corpus.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(corpus_record(corpus), indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def corpus_record(corpus: Corpus) -> dict[str, Any]:
+    """Which utterances a corpus holds: source, count, hours and a digest of ids and lengths (not
+    paths, which may be written another way the next time)."""
+    h = hashlib.sha256()
+    for u in corpus:
+        h.update(f"{u.id}\t{u.n_samples}\t{u.sample_rate}\n".encode())
+    return {"source": str(corpus.source), "utterances": len(corpus),
+            "hours": round(sum(u.seconds for u in corpus) / 3600, 4), "sha256": h.hexdigest()}
+
+
+def check_resume(cfg: Any, section: str, run_dir: Path, corpus: Corpus) -> None:
+    """Refuse ``--resume`` under other settings or on another corpus than the run started with."""
+    check_resume_settings(cfg, section, run_dir)
+    path = Path(run_dir) / "corpus.json"
+    if not path.is_file():  # a run written before corpora were recorded
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        before = f"{old['source']} ({old['utterances']} utterances, {old['hours']} h)"
+        same = old["sha256"] == corpus_record(corpus)["sha256"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"--resume: cannot read {path} ({e}); start over with --overwrite") from None
+    if not same:
+        now = corpus_record(corpus)
+        raise CheckpointError(f"--resume: {run_dir} learns from {before}, not from --corpus {now['source']} "
+                              f"({now['utterances']} utterances, {now['hours']} h); pass that corpus or start "
+                              "over with --overwrite")
 
 
 def check_resume_settings(cfg: Any, section: str, run_dir: Path) -> None:

@@ -4,10 +4,11 @@ from dataclasses import replace
 
 import pytest
 
+from ofactl.audio import Corpus, read_corpus
 from ofactl.config import load_config, save_resolved
 from ofactl.distill import DistillConfig
 from ofactl.errors import CheckpointError
-from ofactl.training import check_resume_settings
+from ofactl.training import check_resume, check_resume_settings, record_run
 
 
 def _run_with_config(tmp_path):
@@ -116,3 +117,22 @@ def test_a_path_setting_written_another_way_is_the_same_setting(tmp_path, monkey
     check_resume_settings(replace(cfg, teacher="./t/../t/a.safetensors"), "distill", tmp_path)
     with pytest.raises(CheckpointError, match=r"teacher: 't/a.safetensors' -> 't/b.safetensors'"):
         check_resume_settings(replace(cfg, teacher="t/b.safetensors"), "distill", tmp_path)
+
+
+def test_resume_on_another_corpus_is_refused_naming_both(tmp_path, synth_corpus):
+    """The same utterances given another way resume; one fewer, or a changed file, is refused."""
+    cfg = load_config(DistillConfig, "distill", "distill-tiny")
+    cps = read_corpus(synth_corpus)
+    record_run(cfg, "distill", tmp_path, cps)
+    check_resume(cfg, "distill", tmp_path, read_corpus(str(synth_corpus.resolve())))
+    fewer = Corpus("fewer.tsv", cps.utterances[:-1])
+    with pytest.raises(CheckpointError) as e:
+        check_resume(cfg, "distill", tmp_path, fewer)
+    n, hours = len(cps), round(sum(u.seconds for u in cps) / 3600, 4)
+    assert f"learns from {synth_corpus} ({n} utterances, {hours} h), not from --corpus fewer.tsv ({n - 1} " in str(e.value)
+    longer = Corpus("x", [replace(cps.utterances[0], n_samples=cps.utterances[0].n_samples + 1), *cps.utterances[1:]])
+    with pytest.raises(CheckpointError, match="not from --corpus x"):
+        check_resume(cfg, "distill", tmp_path, longer)
+    (tmp_path / "corpus.json").write_text("{")
+    with pytest.raises(CheckpointError, match="cannot read .*corpus.json"):
+        check_resume(cfg, "distill", tmp_path, cps)
