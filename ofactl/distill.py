@@ -360,6 +360,10 @@ def _build(cfg: DistillConfig, trust: bool, device: torch.device, progress: Prog
     teacher = load_teacher(cfg.teacher, trust=trust, seed=cfg.seed).to(device)
     if cfg.student.teacher_dim == 0:  # the teacher's width: presets then fit any teacher
         cfg.student = replace(cfg.student, teacher_dim=teacher.arch.embed_dim)
+    if teacher.arch.normalize_waveform and not cfg.student.arch.normalize_waveform:
+        # the targets come from normalised audio, and a copied CNN learned on it
+        cfg.student = replace(cfg.student, arch=replace(cfg.student.arch, normalize_waveform=True))
+        progress.log("note: the teacher normalises each waveform (arch.normalize_waveform), so the student does too")
     student = Student(cfg.student)
     if cfg.init_from_teacher:
         copied = student.init_from_teacher(teacher, partial=True)

@@ -456,3 +456,23 @@ def test_upsample_alpha_grad_decides_whether_the_upsampling_passes_the_loss_to_a
         load_config(DistillConfig, "distill", "distill-tiny", ["upsample_alpha_grad=false"])
     assert not load_config(DistillConfig, "distill", "distill-tiny",
                            ["upsample_alpha_grad=false", "alignment=upsample"]).upsample_alpha_grad
+
+
+@pytest.mark.slow
+def test_a_student_of_a_normalising_teacher_normalises_too(tmp_path, synth_corpus):
+    """A teacher that normalises each waveform computes its targets on normalised audio: the
+    student follows it (recorded in its config and checkpoint), so both hear the same signal."""
+    from ofactl.model.blocks import HubertArch
+    from ofactl.pretrain import PretrainModel, export_teacher
+
+    arch = HubertArch(conv_layers=((64, 10, 5),) + ((64, 3, 2),) * 4 + ((64, 2, 2),) * 2, embed_dim=32,
+                      num_layers=2, num_heads=2, ffn_dim=64, pos_conv_kernel=16, pos_conv_groups=4,
+                      normalize_waveform=True)
+    teacher = export_teacher(PretrainModel(arch, 8, 16, 0.1), tmp_path / "t.safetensors")
+    cfg = tiny_cfg(steps=2, teacher=str(teacher))
+    cfg.student = replace(cfg.student, teacher_dim=0, pred_layers=(1, 2), spectral_bins=0)
+    assert not cfg.student.arch.normalize_waveform
+    res = run_distill(cfg, synth_corpus, tmp_path / "run")
+    s, _ = load_student(res.student)
+    assert s.cfg.arch.normalize_waveform and "normalize_waveform: true" in (tmp_path / "run/config.yaml").read_text()
+    assert not cfg.student.arch.normalize_waveform  # the caller's config stays as given

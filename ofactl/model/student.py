@@ -25,6 +25,7 @@ from ofactl.model.blocks import (
     Hidden,
     HubertArch,
     build_encoder,
+    normalize_waveform,
     transformer_states,
 )
 from ofactl.model.compress import Compressed, Compressor, length_mask
@@ -152,6 +153,8 @@ class Student(nn.Module):
     # ------------------------------------------------------------------ stages
     def cnn_features(self, wav: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """(B, N) samples -> layer-normed front-end features (B, S, C) and frame lengths (B,)."""
+        if self.cfg.arch.normalize_waveform:  # as its teacher does: the student hears what the targets came from
+            wav = normalize_waveform(wav, lengths)
         x, n = frontend_forward(self.cnn, wav, lengths)
         if self.training and self.cfg.feature_grad_mult != 1.0:
             x = GradMultiply.apply(x, self.cfg.feature_grad_mult)

@@ -112,3 +112,17 @@ def test_teacher_dim_zero_is_left_to_distill_and_negative_is_refused():
         Student(replace(student_config("tiny"), teacher_dim=0))
     with pytest.raises(ValueError, match="teacher_dim must be >= 0"):
         replace(student_config("tiny"), teacher_dim=-1).validate()
+
+
+def test_a_normalising_student_hears_a_quiet_recording_as_a_loud_one():
+    """arch.normalize_waveform: the same features at any gain (a quiet speaker is no other input);
+    without it the CNN's GroupNorm epsilon makes a -40 dB copy look different."""
+    cfg = student_config("tiny")
+    torch.manual_seed(0)
+    wav, n = torch.randn(1, 16000) * 0.1, torch.tensor([16000])
+    for normalise, same in ((True, True), (False, False)):
+        torch.manual_seed(1)
+        s = Student(replace(cfg, arch=replace(cfg.arch, normalize_waveform=normalise))).eval()
+        with torch.no_grad():
+            loud, quiet = s(wav, n).hidden.states, s(wav * 0.01, n).hidden.states
+        assert torch.allclose(loud, quiet, atol=1e-3) is same
