@@ -3,6 +3,7 @@ and the untrained ``random:tiny``.
 
     python benchmarks/teacher_probe.py [--teacher builtin:hubert-tiny] [--synth DIR] [--fsdd DIR]
                                       [--periods [--period-heads linear,conv]] [--ks-seen-speakers]
+                                      [--input-level-db -25]
 
 - ``pr``: phoneme recognition (PER, a linear CTC head) on synth-tiny, trained on its train
   split and tested on its test split, whose voices the bundled teacher never heard
@@ -10,6 +11,9 @@ and the untrained ``random:tiny``.
 - ``ks``: keyword spotting on FSDD (accuracy, statistics pooling and a linear layer) with a
   speaker-independent split (test speaker theo, dev lucas: left out of pretraining too); with
   ``--ks-seen-speakers`` also on a random split, every speaker in training.
+
+With ``--input-level-db``, every recording is scaled to that RMS level (dBFS) before any features
+are taken (log-mel and both models alike): how much of a result is the recordings' loudness.
 
 Prints one JSON document with every layer's figure, the best layer, and the ratios the model
 card reports. Every probe is seeded; features are computed once per model.
@@ -41,28 +45,36 @@ FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recor
 
 
 @torch.no_grad()
-def teacher_features(spec: str, corpus: Corpus, ids: set[str]) -> dict[str, np.ndarray]:
+def teacher_features(spec: str, corpus: Corpus, ids: set[str], level_db: float | None = None) -> dict[str, np.ndarray]:
     """Every hidden state of a teacher: (T, L, D) float16 per utterance."""
     t = load_teacher(spec, seed=0)
     out = {}
     for u in corpus:
         if u.id in ids:
-            w = load_audio(u.path)
+            w = audio(u.path, level_db)
             h = t(w[None], torch.tensor([len(w)]))
             out[u.id] = h.states[0, : int(h.lengths[0])].half().numpy()
     return out
 
 
 @torch.no_grad()
-def mel_features(corpus: Corpus, ids: set[str], bins: int = 64) -> dict[str, np.ndarray]:
+def mel_features(corpus: Corpus, ids: set[str], level_db: float | None = None, bins: int = 64) -> dict[str, np.ndarray]:
     """Log-mel frames on the same 20 ms grid: (T, 1, bins)."""
     out = {}
     for u in corpus:
         if u.id in ids:
-            w = load_audio(u.path)
+            w = audio(u.path, level_db)
             m, n = log_mel(w[None], torch.tensor([len(w)]), bins)
             out[u.id] = m[0, : int(n[0]), None].half().numpy()
     return out
+
+
+def audio(path: Path, level_db: float | None) -> torch.Tensor:
+    """A recording at 16 kHz, (S,); with ``level_db``, scaled to that RMS level (dBFS)."""
+    w = load_audio(path)
+    if level_db is None:
+        return w
+    return w * (10 ** (level_db / 20) / w.pow(2).mean().sqrt().clamp_min(1e-8))
 
 
 def per_layer(task, feats: dict[str, np.ndarray], cfg: ProbeConfig) -> list[float]:
@@ -83,11 +95,12 @@ def pooled(x: np.ndarray, k: int) -> np.ndarray:
 Features = dict[str, np.ndarray]
 
 
-def sources(task: TaskData, corpus: Corpus, teacher: str) -> dict[str, Features]:
+def sources(task: TaskData, corpus: Corpus, teacher: str, level_db: float | None = None) -> dict[str, Features]:
     """The features each probe compares, computed once: log-mel, ``random:tiny`` and the teacher."""
     ids = set(task.ids)
-    return {"log_mel": mel_features(corpus, ids), "random_tiny": teacher_features("random:tiny", corpus, ids),
-            "teacher": teacher_features(teacher, corpus, ids)}
+    return {"log_mel": mel_features(corpus, ids, level_db),
+            "random_tiny": teacher_features("random:tiny", corpus, ids, level_db),
+            "teacher": teacher_features(teacher, corpus, ids, level_db)}
 
 
 def pr_by_period(task: TaskData, feats: dict[str, Features], layer: int, cfg: ProbeConfig) -> dict:
@@ -137,6 +150,8 @@ def main() -> None:
                     help="the CTC heads of --periods: linear (one frame at a time) and conv (five frames)")
     ap.add_argument("--ks-seen-speakers", action="store_true",
                     help="also probe ks on a random 70/15/15 split of FSDD, every speaker in training")
+    ap.add_argument("--input-level-db", type=float, default=None,
+                    help="scale every recording to this RMS level (dBFS, e.g. -25) before taking any features")
     args = ap.parse_args()
     torch.manual_seed(0)
     synth = Path(args.synth) if args.synth else None
@@ -146,17 +161,17 @@ def main() -> None:
 
         synth = synth or Path(tempfile.mkdtemp(prefix="ofactl-probe-")) / "synth-tiny"
         run_synth(load_config(SynthConfig, "synth", "synth-tiny"), synth)
-    out: dict = {"benchmark": "teacher_probe", "teacher": args.teacher}
+    out: dict = {"benchmark": "teacher_probe", "teacher": args.teacher, "input_level_db": args.input_level_db}
     pr_cfg = ProbeConfig(ctc_head="linear", epochs=args.epochs, device="cpu")
     synth_corpus = read_corpus(synth / "manifest.tsv")
     pr_task = build_task("pr", synth_corpus, seed=0)
-    pr_feats = sources(pr_task, synth_corpus, args.teacher)
+    pr_feats = sources(pr_task, synth_corpus, args.teacher, args.input_level_db)
     out["pr_synth_unseen_voices"] = pr = probe_task(pr_task, pr_feats, pr_cfg)
     if Path(args.fsdd).is_dir():
         ks_cfg = ProbeConfig(cls_epochs=args.epochs, device="cpu")
         fsdd = read_corpus(f"{args.fsdd}::{{label}}_{{speaker}}_{{take}}")
         ks_task = build_task("ks", fsdd, seed=0)
-        ks_feats = sources(ks_task, fsdd, args.teacher)
+        ks_feats = sources(ks_task, fsdd, args.teacher, args.input_level_db)
         out["ks_fsdd_speaker_independent"] = probe_task(ks_task, ks_feats, ks_cfg)
         if args.ks_seen_speakers:
             out["ks_fsdd_seen_speakers"] = probe_task(seen_speaker_split(ks_task), ks_feats, ks_cfg)
