@@ -77,6 +77,15 @@ def audio(path: Path, level_db: float | None) -> torch.Tensor:
     return w * (10 ** (level_db / 20) / w.pow(2).mean().sqrt().clamp_min(1e-8))
 
 
+def speaker_levels(corpus: Corpus) -> dict[str, float]:
+    """Mean RMS level (dBFS) of each speaker's recordings: how loud each voice reaches a model."""
+    levels: dict[str, list[float]] = {}
+    for u in corpus:
+        rms = float(load_audio(u.path).pow(2).mean().sqrt().clamp_min(1e-8))
+        levels.setdefault(u.labels["speaker"], []).append(20 * np.log10(rms))
+    return {k: round(float(np.mean(v)), 1) for k, v in sorted(levels.items())}
+
+
 def per_layer(task, feats: dict[str, np.ndarray], cfg: ProbeConfig) -> list[float]:
     n_layers = next(iter(feats.values())).shape[1]
     scores = []
@@ -171,6 +180,7 @@ def main() -> None:
         ks_cfg = ProbeConfig(cls_epochs=args.epochs, device="cpu")
         fsdd = read_corpus(f"{args.fsdd}::{{label}}_{{speaker}}_{{take}}")
         ks_task = build_task("ks", fsdd, seed=0)
+        out["fsdd_speaker_level_db"] = speaker_levels(fsdd)
         ks_feats = sources(ks_task, fsdd, args.teacher, args.input_level_db)
         out["ks_fsdd_speaker_independent"] = probe_task(ks_task, ks_feats, ks_cfg)
         if args.ks_seen_speakers:
