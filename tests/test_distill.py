@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import kill_when_exists
 
+from ofactl.audio import Corpus, read_corpus
 from ofactl.checkpoint import load_student, read_checkpoint
 from ofactl.config import load_config
 from ofactl.distill import DistillConfig, distill_loss, run_distill, sample_rates, train_step_loss
@@ -214,9 +215,9 @@ def test_resume_under_other_settings_is_refused_and_keeps_the_run(tmp_path, synt
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")}
     with pytest.raises(CheckpointError, match="alignment: 'compress' -> 'upsample'"):
         run_distill(replace(cfg, steps=6, alignment="upsample"), synth_corpus, run, resume=True)
-    fewer = synth_corpus.with_name("fewer.tsv")  # the same files but one
-    fewer.write_text("".join(synth_corpus.read_text().splitlines(keepends=True)[:-1]))
-    with pytest.raises(CheckpointError, match=r"learns from .*utterances.*not from --corpus .*fewer.tsv"):
+    cps = read_corpus(synth_corpus)
+    fewer = Corpus("fewer.tsv", cps.utterances[:-1])  # the same files but one (the shared corpus stays as it is)
+    with pytest.raises(CheckpointError, match=r"learns from .*utterances.*not from --corpus fewer.tsv"):
         run_distill(replace(cfg, steps=6), fewer, run, resume=True)
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")} == before
     assert "alignment: compress" in (run / "config.yaml").read_text()
