@@ -170,14 +170,14 @@ def check_resume(cfg: Any, section: str, run_dir: Path, corpus: Corpus) -> None:
     path = Path(run_dir) / "corpus.json"
     if not path.is_file():  # a run written before corpora were recorded
         return
+    now = corpus_record(corpus)
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
         before = f"{old['source']} ({old['utterances']} utterances, {old['hours']} h)"
-        same = old["sha256"] == corpus_record(corpus)["sha256"]
+        same = old["sha256"] == now["sha256"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"--resume: cannot read {path} ({e}); start over with --overwrite") from None
     if not same:
-        now = corpus_record(corpus)
         raise CheckpointError(f"--resume: {run_dir} learns from {before}, not from --corpus {now['source']} "
                               f"({now['utterances']} utterances, {now['hours']} h); pass that corpus or start "
                               "over with --overwrite")
