@@ -3,7 +3,7 @@ and the untrained ``random:tiny``.
 
     python benchmarks/teacher_probe.py [--teacher builtin:hubert-tiny] [--synth DIR] [--fsdd DIR]
                                       [--periods [--period-heads linear,conv]] [--ks-seen-speakers]
-                                      [--input-level-db -25]
+                                      [--input-level-db -25] [--group-norm-eps 1e-9]
 
 - ``pr``: phoneme recognition (PER, a linear CTC head) on synth-tiny, trained on its train
   split and tested on its test split, whose voices the bundled teacher never heard
@@ -14,6 +14,8 @@ and the untrained ``random:tiny``.
 
 With ``--input-level-db``, every recording is scaled to that RMS level (dBFS) before any features
 are taken (log-mel and both models alike): how much of a result is the recordings' loudness.
+With ``--group-norm-eps``, both models' GroupNorm epsilon is replaced at load (no retraining):
+whether that epsilon is what makes a quiet recording reach a model differently.
 
 Prints one JSON document with every layer's figure, the best layer, and the ratios the model
 card reports. Every probe is seeded; features are computed once per model.
@@ -45,9 +47,15 @@ FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recor
 
 
 @torch.no_grad()
-def teacher_features(spec: str, corpus: Corpus, ids: set[str], level_db: float | None = None) -> dict[str, np.ndarray]:
-    """Every hidden state of a teacher: (T, L, D) float16 per utterance."""
+def teacher_features(spec: str, corpus: Corpus, ids: set[str], level_db: float | None = None,
+                     norm_eps: float | None = None) -> dict[str, np.ndarray]:
+    """Every hidden state of a teacher: (T, L, D) float16 per utterance; with ``norm_eps``, its
+    GroupNorms use that epsilon instead of the one it was trained with."""
     t = load_teacher(spec, seed=0)
+    if norm_eps is not None:
+        for m in t.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.eps = norm_eps
     out = {}
     for u in corpus:
         if u.id in ids:
@@ -108,12 +116,13 @@ def pooled(x: np.ndarray, k: int) -> np.ndarray:
 Features = dict[str, np.ndarray]
 
 
-def sources(task: TaskData, corpus: Corpus, teacher: str, level_db: float | None = None) -> dict[str, Features]:
+def sources(task: TaskData, corpus: Corpus, teacher: str, level_db: float | None = None,
+            norm_eps: float | None = None) -> dict[str, Features]:
     """The features each probe compares, computed once: log-mel, ``random:tiny`` and the teacher."""
     ids = set(task.ids)
     return {"log_mel": mel_features(corpus, ids, level_db),
-            "random_tiny": teacher_features("random:tiny", corpus, ids, level_db),
-            "teacher": teacher_features(teacher, corpus, ids, level_db)}
+            "random_tiny": teacher_features("random:tiny", corpus, ids, level_db, norm_eps),
+            "teacher": teacher_features(teacher, corpus, ids, level_db, norm_eps)}
 
 
 def pr_by_period(task: TaskData, feats: dict[str, Features], layer: int, cfg: ProbeConfig) -> dict:
@@ -165,6 +174,8 @@ def main() -> None:
                     help="also probe ks on a random 70/15/15 split of FSDD, every speaker in training")
     ap.add_argument("--input-level-db", type=float, default=None,
                     help="scale every recording to this RMS level (dBFS, e.g. -25) before taking any features")
+    ap.add_argument("--group-norm-eps", type=float, default=None,
+                    help="replace both models' GroupNorm epsilon (trained with 1e-5) at load, e.g. 1e-9")
     args = ap.parse_args()
     torch.manual_seed(0)
     synth = Path(args.synth) if args.synth else None
@@ -174,18 +185,19 @@ def main() -> None:
 
         synth = synth or Path(tempfile.mkdtemp(prefix="ofactl-probe-")) / "synth-tiny"
         run_synth(load_config(SynthConfig, "synth", "synth-tiny"), synth)
-    out: dict = {"benchmark": "teacher_probe", "teacher": args.teacher, "input_level_db": args.input_level_db}
+    out: dict = {"benchmark": "teacher_probe", "teacher": args.teacher, "input_level_db": args.input_level_db,
+                 "group_norm_eps": args.group_norm_eps}
     pr_cfg = ProbeConfig(ctc_head="linear", epochs=args.epochs, device="cpu")
     synth_corpus = read_corpus(synth / "manifest.tsv")
     pr_task = build_task("pr", synth_corpus, seed=0)
-    pr_feats = sources(pr_task, synth_corpus, args.teacher, args.input_level_db)
+    pr_feats = sources(pr_task, synth_corpus, args.teacher, args.input_level_db, args.group_norm_eps)
     out["pr_synth_unseen_voices"] = pr = probe_task(pr_task, pr_feats, pr_cfg)
     if Path(args.fsdd).is_dir():
         ks_cfg = ProbeConfig(cls_epochs=args.epochs, device="cpu")
         fsdd = read_corpus(f"{args.fsdd}::{{label}}_{{speaker}}_{{take}}")
         ks_task = build_task("ks", fsdd, seed=0)
         out["fsdd_speaker_level_db"] = speaker_levels(fsdd)
-        ks_feats = sources(ks_task, fsdd, args.teacher, args.input_level_db)
+        ks_feats = sources(ks_task, fsdd, args.teacher, args.input_level_db, args.group_norm_eps)
         out["ks_fsdd_speaker_independent"] = probe_task(ks_task, ks_feats, ks_cfg)
         if args.ks_seen_speakers:
             out["ks_fsdd_seen_speakers"] = probe_task(seen_speaker_split(ks_task), ks_feats, ks_cfg)

@@ -1,0 +1,57 @@
+"""benchmarks/teacher_probe.py: the input level and the GroupNorm epsilon it can change."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ofactl.audio import read_corpus
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def probe():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("teacher_probe_bench", BENCH / "teacher_probe.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture
+def loud_and_quiet(tmp_path):
+    """The same second of noise twice: at -20 dBFS and 40 dB quieter."""
+    x = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    x *= 0.1 / np.sqrt(np.mean(x**2))
+    sf.write(tmp_path / "loud.wav", x, 16000)
+    sf.write(tmp_path / "quiet.wav", x * 0.01, 16000)
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'loud.wav'}\n{tmp_path / 'quiet.wav'}\n")
+    return read_corpus(tmp_path / "list.txt")
+
+
+def _gap(feats: dict[str, np.ndarray]) -> float:
+    a, b = (feats[k].astype(np.float32) for k in sorted(feats))
+    return float(np.abs(a - b).max())
+
+
+def test_audio_at_a_level_has_that_rms(probe, loud_and_quiet):
+    for u in loud_and_quiet:
+        w = probe.audio(u.path, -25.0)
+        assert 20 * np.log10(float(probe.rms(w))) == pytest.approx(-25.0, abs=1e-3)
+
+
+def test_a_tiny_group_norm_epsilon_lets_a_quiet_copy_reach_the_model_as_the_loud_one(probe, loud_and_quiet):
+    ids = {u.id for u in loud_and_quiet}
+    trained = probe.teacher_features("random:tiny", loud_and_quiet, ids)
+    tiny_eps = probe.teacher_features("random:tiny", loud_and_quiet, ids, norm_eps=1e-12)
+    assert _gap(trained) > 0.1          # 1e-5 is not small against a -60 dBFS copy's variance
+    assert _gap(tiny_eps) < 0.1 * _gap(trained)
+
