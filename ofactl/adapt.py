@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ofactl.atomic import atomic_path, write_text
 from ofactl.audio import Corpus, load_audio, read_corpus
 from ofactl.choices import CostForm, FinalProbe, LambdaData, LambdaGrad, LambdaLoss, Task
 from ofactl.config import save_resolved
@@ -341,11 +342,9 @@ def _finish_adapt(job: _AdaptJob, out_dir: Path, compare_sweep: Path | None, t0:
         t_probe = time.perf_counter()
         test_metric = _fresh_probe_metric(job, learned_rate)
         probe_s = time.perf_counter() - t_probe
-    with open(out_dir / "trajectory.jsonl", "w") as f:
-        for rec in job.traj:
-            f.write(json.dumps(rec) + "\n")
+    write_text(out_dir / "trajectory.jsonl", "".join(json.dumps(rec) + "\n" for rec in job.traj))
     _plot(job.traj, out_dir / "trajectory.png", task.task)
-    (out_dir / "rate.yaml").write_text(
+    write_text(out_dir / "rate.yaml",
         f"description: rate learned by 'ofactl adapt --task {task.task}' (lambda {final_lam:.4f}, "
         f"cost {cfg.cost} {cfg.cost_form}); use with 'ofactl extract -c {out_dir / 'rate.yaml'}'\n"
         f"extract:\n  rates: [{learned_rate}]\n")
@@ -355,7 +354,7 @@ def _finish_adapt(job: _AdaptJob, out_dir: Path, compare_sweep: Path | None, t0:
                       learned_rate, round(20.0 / learned_rate, 2), cfg.init_rate, cfg.cost, cfg.cost_form,
                       time.perf_counter() - t0, comparison, cfg.final_probe,
                       round(joint_metric[task.metric], 5), round(probe_s, 2))
-    (out_dir / "summary.json").write_text(json.dumps(res.to_json(), indent=2))
+    write_text(out_dir / "summary.json", json.dumps(res.to_json(), indent=2))
     return res
 
 
@@ -514,7 +513,8 @@ def _plot(traj: list[dict[str, Any]], path: Path, task: str) -> None:
         a.grid(alpha=0.3)
     fig.suptitle(f"adapt --task {task}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Literal, TextIO
 import numpy as np
 import soundfile as sf
 
+from ofactl.atomic import write_text
 from ofactl.errors import AudioError, CorpusError
 from ofactl.runtime import SAMPLE_RATE
 
@@ -432,12 +433,10 @@ def write_manifest(path: Path, utterances: Sequence[Utterance] | Sequence[dict[s
                 rec["path"] = _relative_to(Path(rec["path"]), base)
         rows.append(rec)
     header = ["id", "path", *[c for c in columns if c not in ("id", "path")]]
-    tmp = path.with_suffix(".tsv.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write("\t".join(header) + "\n")
-        for rec in rows:
-            vals = [str(rec.get(c, "")) for c in header]
-            if any("\t" in v or "\n" in v for v in vals):
-                raise CorpusError(f"manifest {path}: a value of {rec['id']} contains a tab or newline")
-            f.write("\t".join(vals) + "\n")
-    tmp.replace(path)
+    lines = ["\t".join(header) + "\n"]
+    for rec in rows:
+        vals = [str(rec.get(c, "")) for c in header]
+        if any("\t" in v or "\n" in v for v in vals):
+            raise CorpusError(f"manifest {path}: a value of {rec['id']} contains a tab or newline")
+        lines.append("\t".join(vals) + "\n")
+    write_text(path, "".join(lines))

@@ -14,7 +14,6 @@ so a crash never leaves a half-written checkpoint under the real name.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from ofactl import __version__
+from ofactl.atomic import atomic_path
 from ofactl.config import build_config, to_dict
 from ofactl.errors import CheckpointError, ConfigError
 
@@ -31,20 +31,10 @@ FORMAT_VERSION = 1
 
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
-    """torch.save to ``path`` via a same-folder temp file + fsync + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
-    return path
+    """torch.save to ``path`` atomically (:func:`ofactl.atomic.atomic_path`)."""
+    with atomic_path(path, CheckpointError) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def save_student(path: Path, student: Any, *, step: int = 0, teacher: dict[str, Any] | None = None,

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
+from ofactl.atomic import write_text
 from ofactl.errors import ConfigError
 
 T = TypeVar("T")
@@ -428,12 +429,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_resolved(cfg: Any, section: str, path: Path) -> Path:
     """Write the resolved config next to a run's outputs (loadable again with ``-c path``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump({section: to_dict(cfg)}, sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(path, yaml.safe_dump({section: to_dict(cfg)}, sort_keys=False))
 
 
 # Sections a preset may hold and their config classes, named as "module:Class" so that

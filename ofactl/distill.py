@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ofactl.atomic import atomic_path, write_text
 from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
 from ofactl.choices import Alignment, CompressWeight, Precision, RateDraw, RateKind
 from ofactl.config import to_dict
@@ -445,7 +446,7 @@ def _finish(cfg: DistillConfig, su: Any, student: Student, teacher: Any, held: l
     res = DistillResult(su.run_dir, result_path, loop.step, loop.start, eval_before, ev_after, achieved,
                         loop.audio_seconds, loop.wall_seconds, in_sync)
     if su.main:
-        (su.run_dir / "summary.json").write_text(json.dumps(res.to_json(), indent=2))
+        write_text(su.run_dir / "summary.json", json.dumps(res.to_json(), indent=2))
     finish_distributed(su.world)
     return res
 
@@ -569,7 +570,8 @@ def _boundaries(cfg: DistillConfig, cps: Corpus, teacher: Any, device: torch.dev
         seg.write_boundary_file(cache, segids)
         from safetensors.torch import save_file
 
-        save_file({"centroids": cent.contiguous()}, str(run_dir / "kmeans.safetensors"))
+        with atomic_path(run_dir / "kmeans.safetensors") as tmp:
+            save_file({"centroids": cent.contiguous()}, str(tmp))
     n_seg = sum(int(s.max()) + 1 for s in segids.values() if len(s))
     n_fr = sum(len(s) for s in segids.values())
     progress.log(f"pseudo-phones: {n_seg} segments over {n_fr} frames "

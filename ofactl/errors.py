@@ -33,6 +33,10 @@ class ModelError(OfactlError):
     """Invalid model input or configuration (shapes, rates, layers)."""
 
 
+class WriteError(OfactlError):
+    """An output file cannot be written (a full disk, no permission); what was there is kept."""
+
+
 class InterruptedRun(OfactlError):
     """Ctrl-C: the work done so far was saved; exit code 130 like other interrupted commands."""
 

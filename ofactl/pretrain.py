@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ofactl.atomic import atomic_path, write_text
 from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
 from ofactl.choices import Precision
 from ofactl.config import to_dict
@@ -281,10 +282,9 @@ class Units:
         """Write centroids, standardisation and the target spec to a safetensors file."""
         from safetensors.torch import save_file
 
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"centroids": self.centroids.contiguous(), "mean": self.mean, "std": self.std}, str(tmp),
-                  metadata={"targets": self.targets})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({"centroids": self.centroids.contiguous(), "mean": self.mean, "std": self.std}, str(tmp),
+                      metadata={"targets": self.targets})
 
     @classmethod
     def load(cls, path: Path) -> Units:
@@ -483,9 +483,8 @@ def export_teacher(model: PretrainModel, path: Path, extra: dict[str, str] | Non
 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
     meta = {TEACHER_META: json.dumps(asdict(model.arch)), "format": "ofactl-teacher", **(extra or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=meta)
     return path
 
 
@@ -500,7 +499,7 @@ def _finish(cfg: PretrainConfig, su: Any, model: PretrainModel, held: list[Utter
         export_teacher(model, teacher, {"targets": cfg.targets, "steps": str(loop.step)})
     res = PretrainResult(su.run_dir, teacher, loop.step, loop.start, ev, loop.audio_seconds, loop.wall_seconds)
     if su.main:
-        (su.run_dir / "summary.json").write_text(json.dumps(res.to_json(), indent=2))
+        write_text(su.run_dir / "summary.json", json.dumps(res.to_json(), indent=2))
     finish_distributed(su.world)
     return res
 

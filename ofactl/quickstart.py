@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ofactl.atomic import write_text
 from ofactl.choices import CtcHead, Task
 from ofactl.config import doc_sha, load_config, save_resolved, to_dict
 from ofactl.progress import NullProgress, Progress
@@ -141,9 +142,7 @@ class StageStamps:
     def set(self, stage: str, sha: str) -> None:
         """Record that ``stage`` runs with settings hash ``sha`` (written before it starts)."""
         self.data[stage] = sha
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        tmp.replace(self.path)
+        write_text(self.path, json.dumps(self.data, indent=2))
 
 
 def run_quickstart(cfg: QuickstartConfig, out_dir: Path, progress: Progress | None = None) -> QuickstartResult:
@@ -287,5 +286,5 @@ class _Quickstart:
             paths[f"{task}_csv"] = str(res.csv)
         result = QuickstartResult(self.out, rows, adapts, paths, {k: round(v, 1) for k, v in self.secs.items()},
                                   note, self.reused)
-        (self.out / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
+        write_text(self.out / "summary.json", json.dumps(result.to_json(), indent=2))
         return result

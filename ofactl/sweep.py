@@ -9,6 +9,7 @@ reused), train and evaluate the probe, and measure compute. Rows are cached in
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from ofactl import __version__
+from ofactl.atomic import atomic_path, write_text
 from ofactl.audio import Corpus, load_audio, read_corpus
 from ofactl.choices import Task
 from ofactl.config import doc_sha, save_resolved, to_dict
@@ -242,13 +244,19 @@ class _Sweep:
         cache = self.row_file(label, r)
         if self.overwrite or not cache.is_file():
             return None
-        doc = json.loads(cache.read_text())
         key = ("checkpoint_sha256", "seed", "probe_config_sha", "task_sha")
-        if tuple(doc.get(k) for k in key) != (sha, self.cfg.seed, self.probe_sha, self.task_sha):
-            return None  # another student, seed, probe or corpus: measured again
+        try:
+            doc = json.loads(cache.read_text(encoding="utf-8"))
+            if tuple(doc.get(k) for k in key) != (sha, self.cfg.seed, self.probe_sha, self.task_sha):
+                return None  # another student, seed, probe or corpus: measured again
+            row = SweepRow(**doc)
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError):
+            # a damaged record (written by a version before atomic writes, or edited) vouches for nothing
+            self.progress.log(f"{label} rate={r:.3f}: {cache} is unreadable; measuring the row again")
+            return None
         self.reused += 1
         self.progress.log(f"{label} rate={r:.3f}: reusing the finished row")
-        return SweepRow(**doc)
+        return row
 
     def measure_row(self, label: str, ckpt: Path, student: Any, sha: str, st_path: Path, r: float,
                     in_frames: dict[str, int]) -> SweepRow:
@@ -286,7 +294,7 @@ class _Sweep:
             infeasible_test=res.infeasible.get("test") if res.infeasible else None,
             layer_weights=res.layer_weights, seed=cfg.seed, probe_config_sha=self.probe_sha,
             task_sha=self.task_sha)
-        self.row_file(label, r).write_text(json.dumps(row.to_json(), indent=2))
+        write_text(self.row_file(label, r), json.dumps(row.to_json(), indent=2))
         return row
 
 
@@ -296,7 +304,7 @@ def _write_sweep(sw: _Sweep, rows: list[SweepRow], seconds: float, not_scored: l
     _write_csv(csv_path, rows)
     doc = {"task": sw.cfg.task, "config": to_dict(sw.cfg), "rows": [r.to_json() for r in rows],
            "not_scored": not_scored}
-    json_path.write_text(json.dumps(doc, indent=2))
+    write_text(json_path, json.dumps(doc, indent=2))
     png = plot_tradeoff(rows, sw.out_dir / "tradeoff.png")
     return SweepResult(sw.out_dir, rows, sw.reused, csv_path, json_path, png, seconds, not_scored)
 
@@ -366,12 +374,13 @@ COLUMNS = ("label", "task", "requested_rate", "achieved_rate", "frame_period_ms"
 
 
 def _write_csv(path: Path, rows: list[SweepRow]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(COLUMNS)
-        for r in rows:
-            d = r.to_json()
-            w.writerow(["" if d[c] is None else d[c] for c in COLUMNS])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    for r in rows:
+        d = r.to_json()
+        w.writerow(["" if d[c] is None else d[c] for c in COLUMNS])
+    write_text(path, buf.getvalue())
 
 
 def plot_tradeoff(rows: list[SweepRow], path: Path, title: str | None = None) -> Path | None:
@@ -405,7 +414,8 @@ def plot_tradeoff(rows: list[SweepRow], path: Path, title: str | None = None) ->
         ax.legend()
     fig.suptitle(title or f"{', '.join(tasks)}: performance vs compression")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 

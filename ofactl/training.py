@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ofactl.atomic import write_text
 from ofactl.audio import Corpus, Utterance, load_audio
 from ofactl.choices import Precision
 from ofactl.errors import CheckpointError, InterruptedRun, OfactlError
@@ -148,10 +149,7 @@ def record_run(cfg: Any, section: str, run_dir: Path, corpus: Corpus) -> None:
     from ofactl.config import save_resolved
 
     save_resolved(cfg, section, Path(run_dir) / "config.yaml")
-    path = Path(run_dir) / "corpus.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(corpus_record(corpus), indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text(Path(run_dir) / "corpus.json", json.dumps(corpus_record(corpus), indent=1) + "\n")
 
 
 def corpus_record(corpus: Corpus) -> dict[str, Any]:
@@ -446,9 +444,7 @@ def truncate_metrics(path: Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, path)
+        write_text(path, "".join(ln + "\n" for ln in keep))
     return dropped
 
 

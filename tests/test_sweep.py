@@ -41,6 +41,12 @@ def test_sweep_outputs_and_resume(tmp_path, synth_corpus):
     # a CTC head's settings do not shape a keyword probe: its rows stay
     r2b = CliRunner().invoke(app, args[:-1] + ["--set", "probe.ctc_head=linear", "--set", "probe.conv_hidden=8"])
     assert r2b.exit_code == 0 and "2 row(s) reused" in r2b.stderr, r2b.output
+    # a row record cut short (a kill or a full disk before writes were atomic) is measured again
+    cut = sorted((out / "rows").glob("*.json"))[0]
+    cut.write_text(cut.read_text()[:40])
+    r2c = CliRunner().invoke(app, args[:-1])
+    assert r2c.exit_code == 0 and "(1 row(s) reused)" in r2c.stderr and "unreadable" in r2c.stderr, r2c.output
+    assert json.loads(cut.read_text())["requested_rate"] in (1.0, 0.5)  # written whole again
     # other probe settings are another experiment: the rows are trained again
     r3 = CliRunner().invoke(app, args[:-1] + ["--set", "probe.lr=0.003"])
     assert r3.exit_code == 0 and "(0 row(s) reused)" in r3.stderr

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ofactl.atomic import write_text
 from ofactl.errors import ConfigError, CorpusError
 from ofactl.model.compress import length_mask
 
@@ -190,12 +191,8 @@ def score_against_phone_times(segids: dict[str, np.ndarray], utts: Sequence, n_f
 
 def write_boundary_file(path: Path, segids: dict[str, np.ndarray]) -> None:
     """Write a boundaries TSV (id, segment end frames) atomically, for ``--boundaries FILE``."""
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("id\tframes\n")
-        for uid, seg in segids.items():
-            f.write(uid + "\t" + " ".join(str(e) for e in segids_to_ends(seg)) + "\n")
-    tmp.replace(path)
+    rows = (uid + "\t" + " ".join(str(e) for e in segids_to_ends(seg)) + "\n" for uid, seg in segids.items())
+    write_text(path, "id\tframes\n" + "".join(rows))
 
 
 def auto_boundaries(

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ofactl.atomic import atomic_path
 from ofactl.errors import StoreError
 from ofactl.storage.zarr_store import open_store
 
@@ -51,22 +52,13 @@ def export_hdf5(store_path: Path, h5_path: Path, rates: list[float] | None = Non
     """Copy complete rate groups of a Zarr store into ``h5_path`` (written to a temp name first)."""
     store = open_store(store_path)
     names = store.group_names() if rates is None else [f"rate={r:.3f}" for r in rates]
-    tmp = Path(str(h5_path) + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            _put_attrs(f, store.attrs)
-            for name in names:
-                g = store.group(name)
-                if not g.complete:
-                    raise StoreError(f"{store_path}/{name} is not complete; finish the extraction before exporting")
-                _copy_group(f.create_group(name), g)
-        tmp.replace(h5_path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {h5_path}: {e.strerror or e}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(h5_path, StoreError) as tmp, h5py.File(tmp, "w") as f:
+        _put_attrs(f, store.attrs)
+        for name in names:
+            g = store.group(name)
+            if not g.complete:
+                raise StoreError(f"{store_path}/{name} is not complete; finish the extraction before exporting")
+            _copy_group(f.create_group(name), g)
     return Path(h5_path)
 
 

@@ -1,0 +1,48 @@
+"""Atomic file writes: every file ofactl leaves behind is either whole or absent.
+
+A write goes to a hidden temporary file in the target's folder, is fsynced, then renamed over
+the target, so a kill or a full disk at any moment leaves the previous file (or none), never a
+truncated one that a rerun would read as data. A failed write removes its temporary file and is
+one :class:`~ofactl.errors.WriteError` (or the caller's error class) naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ofactl.errors import OfactlError, WriteError
+
+
+@contextmanager
+def atomic_path(path: Path, error: type[OfactlError] = WriteError) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s content to (by any library: ``torch.save``,
+    safetensors, h5py, matplotlib); when the block ends, it is fsynced and replaces ``path``.
+
+    The temporary name is hidden and does not end in ``path``'s suffix, so a file left by a
+    SIGKILL is not taken for a checkpoint or a record by a glob; a writer that picks its format
+    by suffix must be told the format (``savefig(tmp, format="png")``).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise error(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str, error: type[OfactlError] = WriteError) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
+    with atomic_path(path, error) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")
+    return Path(path)

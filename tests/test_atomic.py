@@ -1,0 +1,49 @@
+"""ofactl.atomic: a file is replaced whole or left as it was; a failed write is one clear error."""
+from __future__ import annotations
+
+import pytest
+
+from ofactl.atomic import atomic_path, write_text
+from ofactl.config import save_resolved
+from ofactl.errors import CheckpointError, WriteError
+from ofactl.synth import SynthConfig
+
+
+def test_write_text_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    p = write_text(tmp_path / "sub" / "a.json", "new\n")
+    assert p.read_text() == "new\n" and [f.name for f in p.parent.iterdir()] == ["a.json"]
+
+
+def _no_space(*_args, **_kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_full_disk_keeps_the_old_file_and_names_the_new_one(tmp_path, monkeypatch):
+    p = tmp_path / "config.yaml"
+    p.write_text("old\n")
+    monkeypatch.setattr("ofactl.atomic.os.fsync", _no_space)
+    with pytest.raises(WriteError, match=r"cannot write .*config\.yaml: No space left on device"):
+        save_resolved(SynthConfig(), "synth", p)
+    assert p.read_text() == "old\n" and [f.name for f in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_the_callers_error_class_is_raised(tmp_path):
+    with pytest.raises(CheckpointError, match="student.pt"), atomic_path(tmp_path / "student.pt", CheckpointError) as tmp:
+        raise OSError(13, "Permission denied", str(tmp))
+
+
+def test_an_interrupted_write_removes_its_temporary_and_keeps_the_old_file(tmp_path):
+    p = tmp_path / "rows.json"
+    p.write_text("whole\n")
+    with pytest.raises(KeyboardInterrupt), atomic_path(p) as tmp:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+    assert p.read_text() == "whole\n" and [f.name for f in tmp_path.iterdir()] == ["rows.json"]
+
+
+def test_a_temporary_left_by_a_kill_is_not_taken_for_a_checkpoint(tmp_path):
+    with atomic_path(tmp_path / "step-00000003.pt") as tmp:
+        assert tmp.name.startswith(".") and tmp.suffix != ".pt"
+        assert not list(tmp_path.glob("step-*.pt")) and tmp.parent == tmp_path
+        tmp.write_bytes(b"x")
+    assert [p.name for p in tmp_path.glob("*.pt")] == ["step-00000003.pt"]
