@@ -84,8 +84,9 @@ def synth_corpus(tmp_path_factory, small_synth_cfg) -> Path:
 
 
 def kill_when_exists(cmd: list[str], marker: Path, timeout: float = 120.0) -> None:
-    """Start ``cmd``, SIGKILL it as soon as ``marker`` exists (a checkpoint, say), and check that
-    it really was killed rather than finished first."""
+    """Start ``cmd``, SIGKILL it as soon as a file matching ``marker`` exists (a glob in its
+    name: ``checkpoints/step-*.pt``, since a run may delete its older checkpoints before a busy
+    machine lets this poll again), and check that it really was killed rather than finished first."""
     import os
     import signal
     import subprocess
@@ -94,7 +95,7 @@ def kill_when_exists(cmd: list[str], marker: Path, timeout: float = 120.0) -> No
     proc = subprocess.Popen(cmd)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if marker.exists():
+        if any(marker.parent.glob(marker.name)):
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.01)
