@@ -2,29 +2,17 @@
 distilled with that variant's settings."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from ofactl.config import load_config, save_resolved
 from ofactl.distill import DistillConfig
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def ablation():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("ablation_bench", BENCH / "ablation.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+def ablation(load_benchmark):
+    return load_benchmark("ablation")
 
 
 def test_a_kept_student_of_the_same_recipe_is_reused(ablation, tmp_path):

@@ -1,29 +1,16 @@
 """benchmarks/teacher_probe.py: the input level and the GroupNorm epsilon it can change."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import soundfile as sf
 
 from ofactl.audio import read_corpus
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def probe():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("teacher_probe_bench", BENCH / "teacher_probe.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+def probe(load_benchmark):
+    return load_benchmark("teacher_probe")
 
 
 @pytest.fixture
