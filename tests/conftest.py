@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +102,24 @@ def kill_when_exists(cmd: list[str], marker: Path, timeout: float = 120.0) -> No
         time.sleep(0.01)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """load_benchmark(name) -> the script ``benchmarks/<name>.py`` as a module (its ``_util``
+    import resolved from ``benchmarks/`` while it loads)."""
+    import importlib.util
+    import sys
+
+    def _load(name: str) -> Any:
+        sys.path.insert(0, str(BENCH))
+        try:
+            spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCH / f"{name}.py")
+            assert spec is not None and spec.loader is not None
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+        finally:
+            sys.path.remove(str(BENCH))
+
+    return _load
