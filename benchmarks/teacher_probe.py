@@ -3,7 +3,7 @@ and the untrained ``random:tiny``.
 
     python benchmarks/teacher_probe.py [--teacher builtin:hubert-tiny] [--synth DIR] [--fsdd DIR]
                                       [--periods [--period-heads linear,conv]] [--ks-seen-speakers]
-                                      [--input-level-db -25] [--group-norm-eps 1e-9]
+                                      [--input-level-db -25] [--group-norm-eps 1e-9] [--probe-seed 1]
 
 - ``pr``: phoneme recognition (PER, a linear CTC head) on synth-tiny, trained on its train
   split and tested on its test split, whose voices the bundled teacher never heard
@@ -16,6 +16,8 @@ With ``--input-level-db``, every recording is scaled to that RMS level (dBFS) be
 are taken (log-mel and both models alike): how much of a result is the recordings' loudness.
 With ``--group-norm-eps``, both models' GroupNorm epsilon is replaced at load (no retraining):
 whether that epsilon is what makes a quiet recording reach a model differently.
+``--probe-seed`` changes only the probes' initialisation and batch order (splits stay): how much
+of a difference between two teachers the probe itself makes.
 
 Prints one JSON document with every layer's figure, the best layer, and the ratios the model
 card reports. Every probe is seeded; features are computed once per model.
@@ -174,6 +176,8 @@ def main() -> None:
                     help="also probe ks on a random 70/15/15 split of FSDD, every speaker in training")
     ap.add_argument("--input-level-db", type=float, default=None,
                     help="scale every recording to this RMS level (dBFS, e.g. -25) before taking any features")
+    ap.add_argument("--probe-seed", type=int, default=0,
+                    help="seed of the probes' initialisation and batches (the splits stay fixed)")
     ap.add_argument("--group-norm-eps", type=float, default=None,
                     help="replace both models' GroupNorm epsilon (trained with 1e-5) at load, e.g. 1e-9")
     args = ap.parse_args()
@@ -186,14 +190,14 @@ def main() -> None:
         synth = synth or Path(tempfile.mkdtemp(prefix="ofactl-probe-")) / "synth-tiny"
         run_synth(load_config(SynthConfig, "synth", "synth-tiny"), synth)
     out: dict = {"benchmark": "teacher_probe", "teacher": args.teacher, "input_level_db": args.input_level_db,
-                 "group_norm_eps": args.group_norm_eps}
-    pr_cfg = ProbeConfig(ctc_head="linear", epochs=args.epochs, device="cpu")
+                 "group_norm_eps": args.group_norm_eps, "probe_seed": args.probe_seed}
+    pr_cfg = ProbeConfig(ctc_head="linear", epochs=args.epochs, device="cpu", seed=args.probe_seed)
     synth_corpus = read_corpus(synth / "manifest.tsv")
     pr_task = build_task("pr", synth_corpus, seed=0)
     pr_feats = sources(pr_task, synth_corpus, args.teacher, args.input_level_db, args.group_norm_eps)
     out["pr_synth_unseen_voices"] = pr = probe_task(pr_task, pr_feats, pr_cfg)
     if Path(args.fsdd).is_dir():
-        ks_cfg = ProbeConfig(cls_epochs=args.epochs, device="cpu")
+        ks_cfg = ProbeConfig(cls_epochs=args.epochs, device="cpu", seed=args.probe_seed)
         fsdd = read_corpus(f"{args.fsdd}::{{label}}_{{speaker}}_{{take}}")
         ks_task = build_task("ks", fsdd, seed=0)
         out["fsdd_speaker_level_db"] = speaker_levels(fsdd)
