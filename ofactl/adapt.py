@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ofactl.atomic import atomic_path, write_text
+from ofactl.atomic import save_figure, write_text
 from ofactl.audio import Corpus, load_audio, read_corpus
 from ofactl.choices import CostForm, FinalProbe, LambdaData, LambdaGrad, LambdaLoss, Task
 from ofactl.config import save_resolved
@@ -513,8 +513,7 @@ def _plot(traj: list[dict[str, Any]], path: Path, task: str) -> None:
         a.grid(alpha=0.3)
     fig.suptitle(f"adapt --task {task}")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

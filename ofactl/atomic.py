@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ofactl.errors import OfactlError, WriteError
 
@@ -23,7 +24,7 @@ def atomic_path(path: Path, error: type[OfactlError] = WriteError) -> Iterator[P
 
     The temporary name is hidden and does not end in ``path``'s suffix, so a file left by a
     SIGKILL is not taken for a checkpoint or a record by a glob; a writer that picks its format
-    by suffix must be told the format (``savefig(tmp, format="png")``).
+    by suffix must be told the format (figures: :func:`save_figure`).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -46,3 +47,12 @@ def write_text(path: Path, text: str, error: type[OfactlError] = WriteError) -> 
     with atomic_path(path, error) as tmp:
         tmp.write_text(text, encoding="utf-8", newline="")
     return Path(path)
+
+
+def save_figure(fig: Any, path: Path, dpi: int) -> Path:
+    """Save a matplotlib figure to ``path`` atomically, in the format its suffix names (PNG when
+    it has none): the temporary name has no suffix for matplotlib to read it from."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    return path

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ofactl import __version__
-from ofactl.atomic import atomic_path, write_text
+from ofactl.atomic import save_figure, write_text
 from ofactl.audio import Corpus, load_audio, read_corpus
 from ofactl.choices import Task
 from ofactl.config import doc_sha, save_resolved, to_dict
@@ -414,8 +414,7 @@ def plot_tradeoff(rows: list[SweepRow], path: Path, title: str | None = None) ->
         ax.legend()
     fig.suptitle(title or f"{', '.join(tasks)}: performance vs compression")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
