@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import emit
 
-from ofactl.audio import Corpus, load_audio, read_corpus
+from ofactl.audio import Corpus, level_dbfs, load_audio, read_corpus, set_level
 from ofactl.model.fbank import log_mel
 from ofactl.model.teacher import load_teacher
 from ofactl.probe import ProbeConfig, build_task, train_probe
@@ -79,24 +79,19 @@ def mel_features(corpus: Corpus, ids: set[str], level_db: float | None = None, b
     return out
 
 
-def rms(w: torch.Tensor) -> torch.Tensor:
-    """Root-mean-square amplitude of (S,) audio (full scale 1), floored so silence stays finite."""
-    return w.pow(2).mean().sqrt().clamp_min(1e-8)
-
-
 def audio(path: Path, level_db: float | None) -> torch.Tensor:
     """A recording at 16 kHz, (S,); with ``level_db``, scaled to that RMS level (dBFS)."""
     w = load_audio(path)
     if level_db is None:
         return w
-    return w * (10 ** (level_db / 20) / rms(w))
+    return set_level(w, level_db)
 
 
 def speaker_levels(corpus: Corpus) -> dict[str, float]:
     """Mean RMS level (dBFS) of each speaker's recordings: how loud each voice reaches a model."""
     levels: dict[str, list[float]] = {}
     for u in corpus:
-        levels.setdefault(u.labels["speaker"], []).append(20 * np.log10(float(rms(load_audio(u.path)))))
+        levels.setdefault(u.labels["speaker"], []).append(level_dbfs(load_audio(u.path)))
     return {k: round(float(np.mean(v)), 1) for k, v in sorted(levels.items())}
 
 

@@ -128,6 +128,18 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
     return resample(wav, sr, sample_rate)
 
 
+def level_dbfs(wav: torch.Tensor) -> float:
+    """RMS level of (S,) audio in dBFS (full scale 1); digital silence reads -160."""
+    return 20 * math.log10(max(float(wav.double().pow(2).mean().sqrt()) if wav.numel() else 0.0, 1e-8))
+
+
+def set_level(wav: torch.Tensor, level_db: float) -> torch.Tensor:
+    """(S,) audio scaled to an RMS level of ``level_db`` dBFS. Digital silence is returned as it
+    is; samples may exceed full scale, which a model reading floats takes as they are."""
+    now = level_dbfs(wav)
+    return wav if now <= -160 else wav * float(10 ** ((level_db - now) / 20))
+
+
 # --------------------------------------------------------------------------- corpora
 @dataclass(frozen=True)
 class Utterance:

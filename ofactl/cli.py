@@ -372,6 +372,7 @@ def extract(
     shard: Annotated[str | None, typer.Option("--shard", help="i/N: this process fills every N-th block, from i; auto (the default under torchrun or a SLURM array): from the launcher's RANK/WORLD_SIZE or SLURM_ARRAY_TASK_ID/COUNT.")] = None,
     on_error: Annotated[OnError | None, typer.Option("--on-error", help="fail (stop at the first bad file) or skip (record it and go on).")] = None,
     adaptive_length: Annotated[bool, typer.Option("--adaptive-length", help="Content-dependent lengths instead of round(rate*T).")] = False,
+    level_db: Annotated[float | None, typer.Option("--level-db", help="Scale each recording to this RMS level in dBFS (e.g. -25) before the model; default: as recorded.")] = None,
     fmt: Annotated[StoreFormat, typer.Option("--format", help="zarr, or hdf5 (kept in OUT.zarr while running, exported to OUT).")] = "zarr",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace groups made by another checkpoint, layer set or corpus.")] = False,
     config: ConfigOpt = None,
@@ -392,7 +393,8 @@ def extract(
                  Flag("layers", "--layers", layers), Flag("dtype", "--dtype", dtype), Flag("device", "--device", device),
                  Flag("precision", "--precision", precision), Flag("batch_seconds", "--batch-seconds", batch_seconds),
                  Flag("num_workers", "--workers", workers), Flag("on_error", "--on-error", on_error),
-                 Flag("adaptive_length", "--adaptive-length", adaptive_length or None)]
+                 Flag("adaptive_length", "--adaptive-length", adaptive_length or None),
+                 Flag("level_db", "--level-db", level_db)]
         cfg = load_config(ExtractConfig, "extract", config, set_ or [], flags)
         return run_extract(cfg, ckpt, corpus, out, shard=parse_shard(shard), overwrite=overwrite, format=fmt,
                            progress=_progress(quiet, as_json))
@@ -404,6 +406,8 @@ def extract(
         _print_extract(res)
     if res.warnings and not quiet:
         err_console.print(f"[yellow]warning:[/yellow] {res.warnings} input(s) skipped; see 'ofactl info {out}'")
+    if res.quiet_warning and not quiet:
+        err_console.print(f"[yellow]warning:[/yellow] {res.quiet_warning}", highlight=False)
 
 
 def _print_extract(res: Any) -> None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import numpy as np
 import torch
 
-from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
+from ofactl.audio import Corpus, Utterance, level_dbfs, load_audio, read_corpus, set_level
 from ofactl.choices import FeatureDtype, OnError, Precision, StoreCompression
 from ofactl.config import to_dict
 from ofactl.errors import AudioError, ConfigError, OfactlError, StoreError
@@ -50,6 +50,7 @@ class ExtractConfig:
     compress: StoreCompression = "none"  # chunk compression of the features
     long_window_s: float = 60.0  # longer utterances run in windows of this much audio (bounded memory)
     long_context_s: float = 8.0  # attention context on each side of a window
+    level_db: float | None = None  # scale each recording to this RMS level (dBFS, e.g. -25) before the model; none: as recorded
 
     def validate(self) -> None:
         """Raise ValueError for rates outside (0, 1], colliding group names or bad sizes."""
@@ -67,6 +68,8 @@ class ExtractConfig:
             raise ValueError("block_utts and chunk_frames must be >= 1, num_workers >= 0")
         if self.long_window_s < 1 or self.long_context_s < 0:
             raise ValueError("long_window_s must be >= 1 and long_context_s >= 0 (seconds)")
+        if self.level_db is not None and not -80 <= self.level_db <= 0:
+            raise ValueError(f"level_db {self.level_db}: expected an RMS level in dBFS from -80 to 0, e.g. -25")
 
 
 def parse_layers(spec: str, n_hidden: int) -> list[int]:
@@ -112,34 +115,39 @@ class Batch:
     wav: torch.Tensor  # (B, N) float32
     lengths: torch.Tensor  # (B,)
     errors: list[str]  # "" or the decoding error of each utterance
+    levels: list[float]  # each recording's RMS level as decoded, dBFS (nan where it failed)
 
 
 class _BatchSource(torch.utils.data.Dataset):
-    """Decodes one planned batch per item (runs in DataLoader workers)."""
+    """Decodes one planned batch per item (runs in DataLoader workers); with ``level_db``, scales
+    each recording to that RMS level."""
 
-    def __init__(self, plan: list[list[int]], utts: list[Utterance]) -> None:
-        self.plan, self.utts = plan, utts
+    def __init__(self, plan: list[list[int]], utts: list[Utterance], level_db: float | None = None) -> None:
+        self.plan, self.utts, self.level_db = plan, utts, level_db
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __getitem__(self, k: int) -> Batch:
         idx = self.plan[k]
-        wavs, errors = [], []
+        wavs, errors, levels = [], [], []
         for i in idx:
             u = self.utts[i]
             try:
                 w = load_audio(u.path)
                 n = u.n_samples_16k  # the length planned from the header: keep them equal
                 w = w[:n] if len(w) >= n else torch.nn.functional.pad(w, (0, n - len(w)))
+                levels.append(level_dbfs(w))
+                w = w if self.level_db is None else set_level(w, self.level_db)
                 errors.append("")
             except AudioError as e:
                 w = torch.zeros(0)
+                levels.append(float("nan"))
                 errors.append(str(e))
             wavs.append(w)
         lengths = torch.tensor([len(w) for w in wavs])
         wav = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True) if wavs else torch.zeros(0, 0)
-        return Batch(idx, wav, lengths, errors)
+        return Batch(idx, wav, lengths, errors, levels)
 
 
 def _pin(b: Batch) -> Batch:
@@ -185,6 +193,34 @@ class GroupResult:
         return dict(self.__dict__)
 
 
+QUIET_DBFS = -35.0  # where the bundled models' first GroupNorm epsilon starts to mask a voice (docs/models.md, "Loudness")
+
+
+@dataclass
+class Loudness:
+    """The levels of the recordings a run decoded: how many lie below ``QUIET_DBFS``, the quietest."""
+
+    measured: int = 0
+    quiet: int = 0
+    quietest_db: float | None = None
+    quietest: str = ""
+
+    def add(self, batch: Batch, utts: list[Utterance]) -> None:
+        """Count one decoded batch (failed decodes have no level and are not counted)."""
+        for i, db in zip(batch.idx, batch.levels):
+            if db != db:  # nan: the decode failed
+                continue
+            self.measured += 1
+            self.quiet += db < QUIET_DBFS
+            if self.quietest_db is None or db < self.quietest_db:
+                self.quietest_db, self.quietest = round(db, 1), str(utts[i].path)
+
+    def to_json(self) -> dict[str, Any]:
+        """The counts as JSON-safe data."""
+        return {"measured": self.measured, "quiet": self.quiet, "quiet_below_dbfs": QUIET_DBFS,
+                "quietest_dbfs": self.quietest_db, "quietest": self.quietest}
+
+
 @dataclass
 class ExtractResult:
     """What ``extract`` did: the store, each group's result, timings and the inputs it skipped."""
@@ -196,11 +232,24 @@ class ExtractResult:
     model_seconds: float
     corpus_problems: dict[str, str]
     shard: tuple[int, int] | None
+    loudness: Loudness = field(default_factory=Loudness)
+    levelled: bool = False  # level_db scaled every recording, or the model does not hear the level
 
     @property
     def warnings(self) -> int:
         """How many inputs were skipped (bad audio, too short), for the one-line warning."""
         return sum(g.skipped for g in self.groups) + len(self.corpus_problems)
+
+    @property
+    def quiet_warning(self) -> str | None:
+        """One line when recordings this run decoded were quiet and nothing levelled them."""
+        ld = self.loudness
+        if self.levelled or not ld.quiet:
+            return None
+        return (f"{ld.quiet} of {ld.measured} recording(s) are quieter than {QUIET_DBFS:g} dBFS (quietest "
+                f"{ld.quietest_db} dBFS: {ld.quietest}); this model's features depend on the input level, so quiet "
+                "voices reach it weaker than loud ones (docs/models.md, 'Loudness'): --level-db -25 levels every "
+                "recording (into a new --out, or with --overwrite)")
 
     def to_json(self) -> dict[str, Any]:
         """The result as JSON-safe data (``--json``)."""
@@ -210,6 +259,7 @@ class ExtractResult:
             "wall_seconds": round(self.wall_seconds, 3), "model_seconds": round(self.model_seconds, 3),
             "realtime_factor": round(self.audio_seconds / self.wall_seconds, 2) if self.wall_seconds else None,
             "skipped_inputs": len(self.corpus_problems) + sum(g.skipped for g in self.groups),
+            "loudness": {**self.loudness.to_json(), "levelled": self.levelled},
         }
 
 
@@ -292,11 +342,13 @@ def extract_with_student(
         plan = _plan(utts, n16, states, cfg, shard, discard=out is None, progress=progress)
         pending = [i for batch in plan for i in batch]
         audio_s = float(n16[pending].sum()) / SR if pending else 0.0
+        loudness = Loudness()
         model_s = _run_batches(plan, utts, t_in, states, cfg, student, device, amp, layers, progress,
-                               discard=out is None)
+                               discard=out is None, loudness=loudness)
     results = [_finalize(st, utts, t_in, cps.problems) for st in states.values()]
+    levelled = cfg.level_db is not None or not student.cfg.hears_level
     return ExtractResult(Path(out) if out else Path(), results, audio_s, time.perf_counter() - t_start,
-                         model_s, dict(cps.problems), shard)
+                         model_s, dict(cps.problems), shard, loudness, levelled)
 
 
 def _too_short(u: Utterance) -> str:
@@ -415,19 +467,30 @@ def _group_attrs(cfg: ExtractConfig, rate: float, layers: list[int], student: An
     return {
         "requested_rate": float(rate), "frame_period_ms": round(1000 * hop / SR / rate, 4),
         "stride_samples": hop / rate, "sample_rate": SR, "input_frame_ms": 1000 * hop / SR,
-        "mode": "adaptive" if cfg.adaptive_length else "exact", "layers": layers,
-        "n_layers": len(layers), "dim": int(student.cfg.arch.embed_dim), "dtype": cfg.dtype,
+        "layers": layers, "n_layers": len(layers), "dim": int(student.cfg.arch.embed_dim), **feature_settings(cfg),
         "student_sha256": student_id, "student_path": ckpt_path, "alpha_mean": student.alpha_mean,
         "corpus_fingerprint": cps.fingerprint(), "corpus": cps.source, "n_utts": len(cps),
         "input_frames": int(t_in.sum()), "corpus_errors": dict(cps.problems),
         "extract_config": to_dict(cfg),  # the resolved config of the run that created the group
-        "long_window_s": cfg.long_window_s, "long_context_s": cfg.long_context_s,
     }
 
 
 _MUST_MATCH = ("student_sha256", "layers", "dtype", "mode", "corpus_fingerprint", "block_utts", "chunk_frames",
-               "long_window_s", "long_context_s")
+               "long_window_s", "long_context_s", "level_db")
 _NEWER = ("long_window_s", "long_context_s")  # absent in groups made before these settings existed
+_BEFORE = {"level_db": None}  # what groups made before a setting existed were made with
+
+
+def feature_settings(cfg: ExtractConfig) -> dict[str, Any]:
+    """The extraction settings that change the features themselves, as a group records them."""
+    return {"dtype": cfg.dtype, "mode": "adaptive" if cfg.adaptive_length else "exact", "level_db": cfg.level_db,
+            "long_window_s": cfg.long_window_s, "long_context_s": cfg.long_context_s}
+
+
+def settings_differ(attrs: Any, cfg: ExtractConfig) -> list[str]:
+    """The :func:`feature_settings` in which a group's ``attrs`` differ from ``cfg``'s."""
+    want = feature_settings(cfg)
+    return [k for k, v in want.items() if attrs.get(k, v if k in _NEWER else _BEFORE.get(k)) != v]
 
 
 def _plan_group(existing: Any, rate: float, layout: Any, attrs: dict[str, Any], cfg: ExtractConfig,
@@ -443,12 +506,12 @@ def _plan_group(existing: Any, rate: float, layout: Any, attrs: dict[str, Any], 
     grp = existing.group(rate)
     a = grp.attrs
     want = {**attrs, "block_utts": cfg.block_utts, "chunk_frames": cfg.chunk_frames}
-    diff = [k for k in _MUST_MATCH if a.get(k, want[k] if k in _NEWER else None) != want.get(k)]
+    diff = [k for k in _MUST_MATCH if a.get(k, want[k] if k in _NEWER else _BEFORE.get(k)) != want.get(k)]
     if not diff:
         return _GroupPlan(rate, layout, attrs, "reuse", grp)
     if not overwrite:
         what = {"student_sha256": "another checkpoint", "layers": "another layer set",
-                "corpus_fingerprint": "another corpus"}.get(diff[0], f"another {diff[0]}")
+                "corpus_fingerprint": "another corpus", "level_db": "another --level-db"}.get(diff[0], f"another {diff[0]}")
         raise StoreError(f"{existing.path}/{name} was made with {what} ({diff[0]}: {a.get(diff[0])!r} vs "
                          f"{want.get(diff[0])!r}); pass --overwrite to replace it or use another --out")
     return _GroupPlan(rate, layout, attrs, "replace")
@@ -506,8 +569,10 @@ def _check_disk(out: Path, plans: list[_GroupPlan], cfg: ExtractConfig, shard: t
 
 def _run_batches(plan: list[list[int]], utts: list[Utterance], t_in: np.ndarray,
                  states: dict[float, GroupState], cfg: ExtractConfig, student: Any, device: torch.device,
-                 amp: torch.dtype | None, layers: list[int], progress: Progress, discard: bool) -> float:
+                 amp: torch.dtype | None, layers: list[int], progress: Progress, discard: bool,
+                 loudness: Loudness | None = None) -> float:
     """Decode, forward and hand every planned batch to the writer; returns the model seconds.
+    ``loudness`` counts the levels of the recordings decoded.
 
     ``discard``: forward only (timing), nothing is written. With ``on_error: fail`` the good
     utterances of the failing batch are still written before the error is raised.
@@ -520,6 +585,8 @@ def _run_batches(plan: list[list[int]], utts: list[Utterance], t_in: np.ndarray,
     try:
         with _writer(states, cfg, discard) as writer:
             for batch in _loader(plan, utts, cfg):
+                if loudness is not None:
+                    loudness.add(batch, utts)
                 bad = [k for k, e in enumerate(batch.errors) if e]
                 if bad and cfg.on_error == "fail":
                     fail = AudioError(batch.errors[bad[0]])
@@ -539,7 +606,7 @@ def _run_batches(plan: list[list[int]], utts: list[Utterance], t_in: np.ndarray,
 def _loader(plan: list[list[int]], utts: list[Utterance], cfg: ExtractConfig) -> torch.utils.data.DataLoader:
     """Planned batches decoded in ``cfg.num_workers`` worker processes (Ctrl-C goes to the parent)."""
     return torch.utils.data.DataLoader(
-        _BatchSource(plan, utts), batch_size=None, shuffle=False, num_workers=cfg.num_workers,
+        _BatchSource(plan, utts, cfg.level_db), batch_size=None, shuffle=False, num_workers=cfg.num_workers,
         pin_memory=False, prefetch_factor=4 if cfg.num_workers else None,
         persistent_workers=False, worker_init_fn=ignore_sigint_in_worker if cfg.num_workers else None,
     )

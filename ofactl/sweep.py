@@ -25,7 +25,7 @@ from ofactl.audio import Corpus, load_audio, read_corpus
 from ofactl.choices import Task
 from ofactl.config import doc_sha, save_resolved, to_dict
 from ofactl.errors import ConfigError
-from ofactl.extract import ExtractConfig, extract_with_student, parse_layers
+from ofactl.extract import ExtractConfig, extract_with_student, feature_settings, parse_layers, settings_differ
 from ofactl.probe import ProbeConfig, build_task, train_probe
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import (
@@ -267,11 +267,14 @@ class _Sweep:
         from ofactl.storage.zarr_store import rate_key
 
         cfg, task, arch = self.cfg, self.task, student.cfg.arch
-        if not _group_covers(st_path, r, sha, parse_layers(cfg.layers, student.num_hidden), self.task_ids):
+        if not _group_covers(st_path, r, sha, parse_layers(cfg.layers, student.num_hidden), self.task_ids,
+                              cfg.extract):
             # the whole corpus, so one store serves every task
             ecfg = replace(cfg.extract, rates=(r,), layers=cfg.layers)
-            extract_with_student(ecfg, student, sha, self.corpus, st_path, progress=self.progress, ckpt_path=str(ckpt),
-                                 overwrite=self.overwrite)
+            ext = extract_with_student(ecfg, student, sha, self.corpus, st_path, progress=self.progress,
+                                       ckpt_path=str(ckpt), overwrite=self.overwrite)
+            if ext.quiet_warning:
+                self.progress.log(f"warning: {ext.quiet_warning}")
         else:
             self.progress.log(f"{label} rate={r:.3f}: using the cached group in {st_path}")
         g = open_store(st_path).group(r)
@@ -313,7 +316,14 @@ def _probe_sha(cfg: SweepConfig, kind: str) -> str:
     """Hash of everything that shapes a ``kind`` probe's result besides the checkpoint and the seed
     (a CTC head's settings do not key an utterance task's rows, nor the other way round)."""
     probe = to_dict(cfg.probe.settings_for(kind))
-    return doc_sha({"probe": probe, "task": cfg.task, "label_column": cfg.label_column, "layers": cfg.layers})
+    doc = {"probe": probe, "task": cfg.task, "label_column": cfg.label_column, "layers": cfg.layers}
+    # the features' own settings key the row too; those at their defaults are left out, so rows
+    # recorded before they were keyed (all made with the defaults) keep their hash
+    default = feature_settings(ExtractConfig())
+    changed = {k: v for k, v in feature_settings(cfg.extract).items() if v != default[k]}
+    if changed:
+        doc["features"] = changed
+    return doc_sha(doc)
 
 
 def _task_sha(task: Any) -> str:
@@ -321,8 +331,10 @@ def _task_sha(task: Any) -> str:
     return doc_sha({"splits": task.splits, "labels": task.labels, "vocab": task.vocab})
 
 
-def _group_covers(store: Path, rate: float, sha: str, layers: list[int], ids: set[str]) -> bool:
-    """True when ``store`` already holds every utterance in ``ids`` at ``rate`` from this student."""
+def _group_covers(store: Path, rate: float, sha: str, layers: list[int], ids: set[str],
+                  ecfg: ExtractConfig) -> bool:
+    """True when ``store`` already holds every utterance in ``ids`` at ``rate`` from this student,
+    extracted with ``ecfg``'s feature settings."""
     from ofactl.errors import StoreError
     from ofactl.storage import open_store
 
@@ -333,7 +345,7 @@ def _group_covers(store: Path, rate: float, sha: str, layers: list[int], ids: se
     except StoreError:
         return False
     a = g.attrs
-    if a.get("student_sha256") != sha or a.get("layers") != layers:
+    if a.get("student_sha256") != sha or a.get("layers") != layers or settings_differ(a, ecfg):
         return False
     done = {u for u, d in zip(g.utt_ids, g.done) if d}
     return ids <= done

@@ -194,3 +194,18 @@ def test_write_manifest_of_utterances_elsewhere_reads_back_the_same_files(write_
     # an absolute record path is made relative too
     write_manifest(out, [{"id": "a", "path": str((tmp_path / "audio/a.wav").resolve())}], [])
     assert read_corpus(out)[0].path.resolve() == (tmp_path / "audio/a.wav").resolve()
+
+
+def test_set_level_reaches_the_level_and_keeps_silence():
+    import torch
+
+    from ofactl.audio import level_dbfs, set_level
+
+    w = torch.sin(torch.arange(16000) * 0.05) * 0.5  # a sine of amplitude 0.5: -9.03 dBFS
+    assert level_dbfs(w) == pytest.approx(20 * np.log10(0.5 / np.sqrt(2)), abs=0.01)  # not whole periods
+    for db in (-60.0, -25.0, 0.0):
+        out = set_level(w, db)
+        assert level_dbfs(out) == pytest.approx(db, abs=1e-4)
+        assert torch.allclose(out / out.abs().max(), w / w.abs().max(), atol=1e-6)  # a gain, nothing else
+    silence = torch.zeros(800)
+    assert level_dbfs(silence) == -160 and torch.equal(set_level(silence, -25.0), silence)

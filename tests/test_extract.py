@@ -506,3 +506,63 @@ def test_every_front_end_extracts_in_one_multi_rate_pass_and_in_windows(tmp_path
                 win = features_windowed(s, wav, [rate], window=20, context=10)[rate].states[0]
             assert got.shape == tuple(ref.shape) and np.allclose(got, ref.numpy(), atol=1e-4), (frontend, rate)
             assert win.shape == ref.shape and torch.allclose(win[:, 0], ref[:, 0], atol=1e-4)  # before attention
+
+
+def _loud_and_quiet(folder: Path) -> tuple[Path, Path]:
+    """The same second of noisy tone twice: at about -13 dBFS and 40 dB below it."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    x = (0.3 * np.sin(2 * np.pi * 180 * np.arange(16000) / 16000) + 0.05 * rng.standard_normal(16000)).astype(np.float32)
+    folder.mkdir()
+    sf.write(str(folder / "loud.wav"), x, 16000, subtype="FLOAT")
+    sf.write(str(folder / "quiet.wav"), x / 100, 16000, subtype="FLOAT")
+    return folder / "loud.wav", folder / "quiet.wav"
+
+
+def test_level_db_makes_a_quiet_copy_extract_like_the_loud_one(tmp_path, student_ckpt):
+    ckpt, _ = student_ckpt
+    _loud_and_quiet(tmp_path / "wavs")
+    cfg = replace(CFG, rates=(1.0,))
+    raw = extract(tmp_path, tmp_path / "wavs", cfg=cfg, ckpt=ckpt, name="raw.zarr")
+    lev = extract(tmp_path, tmp_path / "wavs", cfg=replace(cfg, level_db=-25.0), ckpt=ckpt, name="lev.zarr")
+    f_raw, f_lev = all_feats(tmp_path / "raw.zarr", 1.0), all_feats(tmp_path / "lev.zarr", 1.0)
+    gap_raw = np.abs(f_raw["loud"] - f_raw["quiet"]).max()
+    gap_lev = np.abs(f_lev["loud"] - f_lev["quiet"]).max()
+    assert gap_lev < 1e-3 and gap_raw > 100 * gap_lev  # the epsilon hears the level; levelled, it cannot
+    assert open_store(tmp_path / "lev.zarr").group(1.0).attrs["level_db"] == -25.0
+    # the run measures the levels as recorded, and warns only when nothing levels them
+    assert raw.loudness.measured == 2 and raw.loudness.quiet == 1 and raw.loudness.quietest.endswith("quiet.wav")
+    assert -55 < raw.loudness.quietest_db < -50
+    assert "1 of 2 recording(s) are quieter than -35 dBFS" in raw.quiet_warning and "--level-db" in raw.quiet_warning
+    assert lev.quiet_warning is None and lev.to_json()["loudness"]["levelled"] is True
+    # a student whose front end normalises each utterance (fbank) does not hear the level: no warning
+    torch.manual_seed(0)
+    fb = save_student(tmp_path / "fbank.pt", Student(replace(student_config("tiny"), frontend="fbank")))
+    res = extract(tmp_path, tmp_path / "wavs", cfg=cfg, ckpt=fb, name="fb.zarr")
+    assert res.loudness.quiet == 1 and res.quiet_warning is None
+
+
+def test_another_level_db_is_refused_unless_overwrite(tmp_path, student_ckpt):
+    ckpt, _ = student_ckpt
+    _loud_and_quiet(tmp_path / "wavs")
+    cfg = replace(CFG, rates=(1.0,))
+    extract(tmp_path, tmp_path / "wavs", cfg=cfg, ckpt=ckpt)
+    with pytest.raises(StoreError, match=r"another --level-db \(level_db: None vs -25.0\).*--overwrite"):
+        extract(tmp_path, tmp_path / "wavs", cfg=replace(cfg, level_db=-25.0), ckpt=ckpt)
+    res = extract(tmp_path, tmp_path / "wavs", cfg=replace(cfg, level_db=-25.0), ckpt=ckpt, overwrite=True)
+    assert all(g.written == g.utterances == 2 for g in res.groups)
+
+
+def test_cli_level_db_flag_and_its_bounds(tmp_path, student_ckpt):
+    ckpt, _ = student_ckpt
+    _loud_and_quiet(tmp_path / "wavs")
+    base = ["extract", "--ckpt", str(ckpt), "--corpus", str(tmp_path / "wavs"), "--device", "cpu", "--workers", "0"]
+    r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "a.zarr")])
+    assert r.exit_code == 0 and "1 of 2 recording(s) are quieter" in r.output
+    r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "b.zarr"), "--level-db", "-25"])
+    assert r.exit_code == 0 and "quieter" not in r.output
+    assert open_store(tmp_path / "b.zarr").group(1.0).attrs["level_db"] == -25.0
+    r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "c.zarr"), "--level-db", "6"])
+    assert r.exit_code == 1 and "--level-db 6.0" in r.output and "from -80 to 0" in r.output
+    assert "Traceback" not in r.output

@@ -64,6 +64,14 @@ def test_sweep_outputs_and_resume(tmp_path, synth_corpus):
     r4 = CliRunner().invoke(app, [a if a != str(synth_corpus) else str(other) for a in args[:-1]])
     assert r4.exit_code == 0 and "(0 row(s) reused)" in r4.stderr, r4.output
     assert CliRunner().invoke(app, args[:-1]).stderr.count("reusing the finished row") == 0  # r4 replaced them
+    # features taken otherwise (here: levelled) are another experiment: neither the store's
+    # groups nor the rows are taken for them
+    levelled = args[:-1] + ["--set", "extract.level_db=-25"]
+    r5 = CliRunner().invoke(app, levelled)
+    assert r5.exit_code == 1 and "another --level-db" in r5.stderr and "--overwrite" in r5.stderr, r5.output
+    r6 = CliRunner().invoke(app, levelled + ["--overwrite"])
+    assert r6.exit_code == 0 and "(0 row(s) reused)" in r6.stderr, r6.output
+    assert CliRunner().invoke(app, levelled).stderr.count("reusing the finished row") == 2
 
 
 @pytest.mark.slow

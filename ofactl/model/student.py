@@ -56,6 +56,13 @@ class StudentConfig:
     feature_grad_mult: float = 0.1  # scale of the gradient reaching the CNN (HuBERT's feature_grad_mult)
     spectral_bins: int = 0  # > 0: one more head predicts this many log-mel bins (acoustic target beside the teacher's)
 
+    @property
+    def hears_level(self) -> bool:
+        """Whether the input's loudness reaches the features: a waveform front end without
+        waveform normalisation does (its first GroupNorm's epsilon is fixed while a quiet signal's
+        variance is not); the fbank front end normalises each utterance's log-mel frames."""
+        return self.frontend != "fbank" and not self.arch.normalize_waveform
+
     def validate(self) -> None:
         """Raise ValueError for sizes that do not fit together (heads, layers, prediction layers)."""
         self.arch.validate()
