@@ -33,6 +33,8 @@ def atomic_path(path: Path, error: type[OfactlError] = WriteError) -> Iterator[P
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+            # the mode any new file gets: some writers (safetensors) create theirs owner-only
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -40,6 +42,19 @@ def atomic_path(path: Path, error: type[OfactlError] = WriteError) -> Iterator[P
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc (macOS): read it by setting it back at once
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: Path, text: str, error: type[OfactlError] = WriteError) -> Path:

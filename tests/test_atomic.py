@@ -47,3 +47,17 @@ def test_a_temporary_left_by_a_kill_is_not_taken_for_a_checkpoint(tmp_path):
         assert not list(tmp_path.glob("step-*.pt")) and tmp.parent == tmp_path
         tmp.write_bytes(b"x")
     assert [p.name for p in tmp_path.glob("*.pt")] == ["step-00000003.pt"]
+
+
+def test_a_written_file_gets_the_usual_mode_even_from_an_owner_only_writer(tmp_path):
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    out = tmp_path / "t.safetensors"
+    with atomic_path(out) as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp))  # safetensors creates its files 0600
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
