@@ -240,15 +240,15 @@ class ExtractResult:
         """How many inputs were skipped (bad audio, too short), for the one-line warning."""
         return sum(g.skipped for g in self.groups) + len(self.corpus_problems)
 
-    @property
-    def quiet_warning(self) -> str | None:
-        """One line when recordings this run decoded were quiet and nothing levelled them."""
+    def quiet_warning(self, remedy: str = "--level-db -25") -> str | None:
+        """One line when recordings this run decoded were quiet and nothing levelled them;
+        ``remedy`` is the setting as the calling command takes it."""
         ld = self.loudness
         if self.levelled or not ld.quiet:
             return None
         return (f"{ld.quiet} of {ld.measured} recording(s) are quieter than {QUIET_DBFS:g} dBFS (quietest "
                 f"{ld.quietest_db} dBFS: {ld.quietest}); this model's features depend on the input level, so quiet "
-                "voices reach it weaker than loud ones (docs/models.md, 'Loudness'): --level-db -25 levels every "
+                f"voices reach it weaker than loud ones (docs/models.md, 'Loudness'): {remedy} levels every "
                 "recording (into a new --out, or with --overwrite)")
 
     def to_json(self) -> dict[str, Any]:

@@ -208,6 +208,7 @@ class _Sweep:
     progress: Progress
     device: torch.device
     reused: int = 0
+    warned: set[str] = field(default_factory=set)  # labels whose quiet recordings were reported
 
     def __post_init__(self) -> None:
         self.task_ids = set(self.task.ids)
@@ -273,8 +274,10 @@ class _Sweep:
             ecfg = replace(cfg.extract, rates=(r,), layers=cfg.layers)
             ext = extract_with_student(ecfg, student, sha, self.corpus, st_path, progress=self.progress,
                                        ckpt_path=str(ckpt), overwrite=self.overwrite)
-            if ext.quiet_warning:
-                self.progress.log(f"warning: {ext.quiet_warning}")
+            warning = ext.quiet_warning("--set extract.level_db=-25")
+            if warning and label not in self.warned:  # once per checkpoint, not per rate
+                self.warned.add(label)
+                self.progress.log(f"warning: {warning}")
         else:
             self.progress.log(f"{label} rate={r:.3f}: using the cached group in {st_path}")
         g = open_store(st_path).group(r)

@@ -534,13 +534,14 @@ def test_level_db_makes_a_quiet_copy_extract_like_the_loud_one(tmp_path, student
     # the run measures the levels as recorded, and warns only when nothing levels them
     assert raw.loudness.measured == 2 and raw.loudness.quiet == 1 and raw.loudness.quietest.endswith("quiet.wav")
     assert -55 < raw.loudness.quietest_db < -50
-    assert "1 of 2 recording(s) are quieter than -35 dBFS" in raw.quiet_warning and "--level-db" in raw.quiet_warning
-    assert lev.quiet_warning is None and lev.to_json()["loudness"]["levelled"] is True
+    assert "1 of 2 recording(s) are quieter than -35 dBFS" in raw.quiet_warning() and "--level-db" in raw.quiet_warning()
+    assert "--set extract.level_db=-25 levels" in raw.quiet_warning("--set extract.level_db=-25")
+    assert lev.quiet_warning() is None and lev.to_json()["loudness"]["levelled"] is True
     # a student whose front end normalises each utterance (fbank) does not hear the level: no warning
     torch.manual_seed(0)
     fb = save_student(tmp_path / "fbank.pt", Student(replace(student_config("tiny"), frontend="fbank")))
     res = extract(tmp_path, tmp_path / "wavs", cfg=cfg, ckpt=fb, name="fb.zarr")
-    assert res.loudness.quiet == 1 and res.quiet_warning is None
+    assert res.loudness.quiet == 1 and res.quiet_warning() is None
 
 
 def test_another_level_db_is_refused_unless_overwrite(tmp_path, student_ckpt):

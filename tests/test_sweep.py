@@ -166,3 +166,30 @@ def test_fixed_rate_checkpoints_are_scored_at_their_own_rate_only(tmp_path, synt
     assert got[("ofa", 0.25)].outside_training_range and not got[("ofa", 0.5)].outside_training_range
     assert got[("fixed0.5", 0.5)].fixed_rate and not got[("ofa", 0.5)].fixed_rate
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["not_scored"] == res.not_scored
+
+
+def test_quiet_recordings_are_reported_once_per_checkpoint_with_the_sweeps_own_setting(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from ofactl.progress import NullProgress
+    from ofactl.sweep import SweepConfig, run_sweep
+
+    rng = np.random.default_rng(0)
+    rows = ["id\tpath\tlabel\tsplit"]
+    for i, split in enumerate(["train"] * 4 + ["dev"] * 2 + ["test"] * 2):
+        x = 0.3 * np.sin(2 * np.pi * (150 + 100 * (i % 2)) * np.arange(8000) / 16000) + 0.05 * rng.standard_normal(8000)
+        sf.write(str(tmp_path / f"u{i}.wav"), (x / (100 if i < 2 else 1)).astype(np.float32), 16000, subtype="FLOAT")
+        rows.append(f"u{i}\t{tmp_path / f'u{i}.wav'}\t{'ab'[i % 2]}\t{split}")
+    (tmp_path / "m.tsv").write_text("\n".join(rows) + "\n")
+    torch.manual_seed(0)
+    ckpt = save_student(tmp_path / "s.pt", Student(student_config("tiny")))
+    cfg = SweepConfig(task="ks", rates=(1.0, 0.5), timing_utts=1, device="cpu")
+    cfg.probe.cls_epochs = 2
+    cfg.extract.num_workers = 0
+    progress = NullProgress()
+    run_sweep(cfg, [("ofa", ckpt)], tmp_path / "m.tsv", tmp_path / "sw", progress=progress)
+    warnings = [m for m in progress.messages if m.startswith("warning:")]
+    assert len(warnings) == 1, warnings  # two rates extracted, one report
+    assert "2 of 8 recording(s) are quieter than -35 dBFS" in warnings[0]
+    assert "--set extract.level_db=-25 levels every recording" in warnings[0]
