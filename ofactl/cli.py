@@ -568,7 +568,8 @@ def info(
                 t.add_row(*[f"{g[c]:.4g}" if isinstance(g.get(c), float) else str(g.get(c, "-")) for c in cols])
             out.print(t)
             first = next((g for g in v if "dim" in g), v[0])
-            extra = {c: first[c] for c in ("mode", "layers", "dim", "dtype", "student_sha256") if c in first}
+            extra = {c: first[c] for c in ("mode", "level_db", "layers", "dim", "dtype", "student_sha256")
+                     if c in first}
             for c, val in extra.items():
                 out.print(f"[bold]{c}[/bold]: {val}", highlight=False)
             _print_group_notes(out, v)

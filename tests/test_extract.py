@@ -564,6 +564,8 @@ def test_cli_level_db_flag_and_its_bounds(tmp_path, student_ckpt):
     r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "b.zarr"), "--level-db", "-25"])
     assert r.exit_code == 0 and "quieter" not in r.output
     assert open_store(tmp_path / "b.zarr").group(1.0).attrs["level_db"] == -25.0
+    info = CliRunner().invoke(app, ["info", str(tmp_path / "b.zarr")])
+    assert info.exit_code == 0 and "level_db: -25.0" in info.output
     r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "c.zarr"), "--level-db", "6"])
     assert r.exit_code == 1 and "--level-db 6.0" in r.output and "from -80 to 0" in r.output
     assert "Traceback" not in r.output

@@ -41,7 +41,7 @@ def _describe_group(store: FeatureStore, name: str, verify: bool) -> dict[str, A
     g = store.group(name)
     a = g.attrs
     doc: dict[str, Any] = {"group": name, "requested_rate": a.get("requested_rate"), "mode": a.get("mode"),
-                           "utterances": len(g)}
+                           "level_db": a.get("level_db"), "utterances": len(g)}
     if verify:
         doc["damaged"] = _verify(store, g)
         a = g.attrs
