@@ -11,10 +11,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from ofactl.model.compress import cif_plan, expected_ratio, mix_alpha, rate_to_lambda  # noqa: E402
+from ofactl.model.compress import cif_plan, expected_ratio, mix_alpha, rate_to_lambda
 
 
 def pseudo_phone_alpha(seg_lengths: list[int]) -> torch.Tensor:
@@ -23,6 +23,7 @@ def pseudo_phone_alpha(seg_lengths: list[int]) -> torch.Tensor:
 
 
 def main(out: Path) -> None:
+    """Draw CIF's firing at four lambdas and the rate/lambda/frame-period curve into ``out`` (PNG)."""
     alpha = pseudo_phone_alpha([3, 5, 4, 6, 2, 5, 7, 4])  # 36 frames, 8 pseudo-phones
     S = len(alpha)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
