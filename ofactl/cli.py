@@ -406,8 +406,9 @@ def extract(
         _print_extract(res)
     if res.warnings and not quiet:
         err_console.print(f"[yellow]warning:[/yellow] {res.warnings} input(s) skipped; see 'ofactl info {out}'")
-    if res.quiet_warning() and not quiet:
-        err_console.print(f"[yellow]warning:[/yellow] {res.quiet_warning()}", highlight=False)
+    level_warning = res.quiet_warning()
+    if level_warning and not quiet:
+        err_console.print(f"[yellow]warning:[/yellow] {level_warning}", highlight=False)
 
 
 def _print_extract(res: Any) -> None:

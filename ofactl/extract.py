@@ -487,10 +487,15 @@ def feature_settings(cfg: ExtractConfig) -> dict[str, Any]:
             "long_window_s": cfg.long_window_s, "long_context_s": cfg.long_context_s}
 
 
+def _recorded(attrs: Any, key: str, wanted: Any) -> Any:
+    """A group's recorded ``key``; where a group made before that setting existed lacks it, the
+    value it was made with (``_BEFORE``), or for ``_NEWER`` keys the one wanted."""
+    return attrs.get(key, wanted if key in _NEWER else _BEFORE.get(key))
+
+
 def settings_differ(attrs: Any, cfg: ExtractConfig) -> list[str]:
     """The :func:`feature_settings` in which a group's ``attrs`` differ from ``cfg``'s."""
-    want = feature_settings(cfg)
-    return [k for k, v in want.items() if attrs.get(k, v if k in _NEWER else _BEFORE.get(k)) != v]
+    return [k for k, v in feature_settings(cfg).items() if _recorded(attrs, k, v) != v]
 
 
 def _plan_group(existing: Any, rate: float, layout: Any, attrs: dict[str, Any], cfg: ExtractConfig,
@@ -506,7 +511,7 @@ def _plan_group(existing: Any, rate: float, layout: Any, attrs: dict[str, Any], 
     grp = existing.group(rate)
     a = grp.attrs
     want = {**attrs, "block_utts": cfg.block_utts, "chunk_frames": cfg.chunk_frames}
-    diff = [k for k in _MUST_MATCH if a.get(k, want[k] if k in _NEWER else _BEFORE.get(k)) != want.get(k)]
+    diff = [k for k in _MUST_MATCH if _recorded(a, k, want.get(k)) != want.get(k)]
     if not diff:
         return _GroupPlan(rate, layout, attrs, "reuse", grp)
     if not overwrite:
