@@ -3,8 +3,8 @@
 Each step: length-bucketed batch (random crops) -> frozen teacher hidden states -> a rate drawn
 per utterance -> student at those rates -> L1 + (-log sigmoid(cosine)) per prediction head on
 valid frames, plus alpha guidance. Targets are compressed with the student's detached CIF
-weights (alignment "compress", the default) or the student's outputs are upsampled back to
-20 ms ("upsample").
+weights (alignment "compress", the default), the student's outputs are upsampled back to
+20 ms ("upsample"), or both losses are mixed ("both").
 
 Runs are resumable and reproducible: every random draw of a step (crops, rates, lambda mode)
 comes from a generator seeded by (seed, step), and checkpoints hold optimizer, scheduler,
@@ -95,11 +95,13 @@ class DistillConfig:
     steps: int = 1000  # optimizer steps
     batch_seconds: float = 120.0  # audio seconds per batch (before padding)
     crop_seconds: float = 15.6  # longest crop of one utterance (s)
-    alignment: Alignment = "compress"  # compress: loss on compressed frames (teacher alike); upsample: on the 20 ms grid
+    alignment: Alignment = "compress"  # compress: loss on compressed frames (teacher alike); upsample: on the 20 ms grid;
+    # both: (1 - upsample_share) x compress + upsample_share x upsample
+    upsample_share: float = 0.5  # both only: the upsample loss's share of the mix, in (0, 1)
     compress_weight: CompressWeight = "frame"  # compress only. frame: every compressed frame counts once, so in a
     # batch of mixed rates a rate-0.25 utterance counts a quarter of a rate-1 one; audio: a frame counts by the
     # 20 ms frames it stands for, so every second of audio counts alike at every rate (as upsample's loss does)
-    upsample_alpha_grad: bool = True  # upsample only. false: the upsampling weights are detached, so the loss
+    upsample_alpha_grad: bool = True  # upsample and both only. false: the upsampling weights are detached, so the loss
     # reaches the CIF weights only through the averaging of the student's own frames (as with compress)
     spectral_weight: float = 1.0  # weight of the log-mel head (student.spectral_bins > 0)
     rates: RateConfig = field(default_factory=RateConfig)
@@ -133,9 +135,15 @@ class DistillConfig:
         if self.compress_weight != "frame" and self.alignment != "compress":
             raise ValueError(f"compress_weight={self.compress_weight} weighs compressed frames: it needs "
                              f"alignment=compress (alignment={self.alignment} scores every 20 ms frame alike already)")
-        if not self.upsample_alpha_grad and self.alignment != "upsample":
-            raise ValueError(f"upsample_alpha_grad=false detaches the upsampling weights: it needs alignment=upsample "
-                             f"(alignment={self.alignment} has no upsampling)")
+        if not self.upsample_alpha_grad and self.alignment == "compress":
+            raise ValueError("upsample_alpha_grad=false detaches the upsampling weights: it needs alignment=upsample "
+                             "or both (alignment=compress has no upsampling)")
+        if not 0.0 < self.upsample_share < 1.0:
+            raise ValueError(f"upsample_share={self.upsample_share}: expected a share strictly between 0 and 1 "
+                             "(alignment=compress or upsample is the whole of one loss)")
+        if self.upsample_share != 0.5 and self.alignment != "both":
+            raise ValueError(f"upsample_share={self.upsample_share} mixes two losses: it needs alignment=both "
+                             f"(alignment={self.alignment} has one)")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -176,29 +184,34 @@ def prediction_targets(student: Student, teacher: Any, wav: Tensor, lengths: Ten
 
 def head_losses(out: Any, targets: list[Tensor], t_lengths: Tensor, alignment: str,
                 spectral_weight: float, compress_weight: str = "frame",
-                alpha_grad: bool = True) -> tuple[Tensor, Tensor]:
+                alpha_grad: bool = True, upsample_share: float = 0.5) -> tuple[Tensor, Tensor]:
     """Loss of every head against its aligned target: (total, per-head (H [+ 1],)).
 
     ``compress`` compresses the 20 ms targets with the student's detached CIF plan (with
     ``compress_weight: audio`` each utterance's frames count by its 20 ms frames per compressed
     frame); ``upsample`` upsamples the student's outputs back to 20 ms, through the CIF weights
-    unless ``alpha_grad`` is False. The spectral head (last) is weighted.
+    unless ``alpha_grad`` is False; ``both`` adds the two, the upsample one weighted
+    ``upsample_share`` and the compress one the rest. The spectral head (last) is weighted.
     """
     plan = out.compressed.plan
     preds = [out.pred] + ([out.spectral] if out.spectral is not None else [])
     total, per = torch.zeros((), device=out.pred.device), []
     lengths = out.hidden.lengths
     weights = t_lengths / lengths.clamp(min=1) if compress_weight == "audio" else None
+    shares = {"compress": {"compress": 1.0}, "upsample": {"upsample": 1.0},
+              "both": {"compress": 1.0 - upsample_share, "upsample": upsample_share}}[alignment]
     for i, (pred, tgt) in enumerate(zip(preds, targets)):
-        if alignment == "compress":
+        loss = ph = torch.zeros((), device=out.pred.device)
+        if "compress" in shares:  # the teacher's frames averaged with the student's own (detached) weights
             Bt, T, H, D = tgt.shape
-            tgt = plan.detach().apply(tgt.reshape(Bt, T, H * D)).reshape(Bt, -1, H, D)
-            loss, ph = distill_loss(pred, tgt, lengths, weights)
-        else:
+            small = plan.detach().apply(tgt.reshape(Bt, T, H * D)).reshape(Bt, -1, H, D)
+            lc, phc = distill_loss(pred, small, lengths, weights)
+            loss, ph = loss + shares["compress"] * lc, ph + shares["compress"] * phc
+        if "upsample" in shares:  # every 20 ms teacher frame against the student frame that covers it
             Bp, Tp, H, D = pred.shape
             up = (plan if alpha_grad else plan.detach()).upsample(pred.float().reshape(Bp, Tp, H * D))
-            up = up.reshape(Bp, -1, H, D)
-            loss, ph = distill_loss(up, tgt, t_lengths)
+            lu, phu = distill_loss(up.reshape(Bp, -1, H, D), tgt, t_lengths)
+            loss, ph = loss + shares["upsample"] * lu, ph + shares["upsample"] * phu
         w = spectral_weight if i == 1 else 1.0
         total = total + w * loss
         per.append(ph)
@@ -234,7 +247,7 @@ def train_step_loss(student: Any, teacher: Any, batch: dict[str, Any], cfg: Dist
     if not torch.equal(out.cnn_lengths, t_lengths):
         raise ConfigError("teacher and student CNNs give different frame counts; they need the same conv layers")
     loss, per_head = head_losses(out, targets, t_lengths, cfg.alignment, cfg.spectral_weight, cfg.compress_weight,
-                                 cfg.upsample_alpha_grad)
+                                 cfg.upsample_alpha_grad, cfg.upsample_share)
     seg = frame = torch.zeros((), device=device)
     a_pred = out.compressed.alpha_pred
     g = cfg.guidance

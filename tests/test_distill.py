@@ -453,10 +453,38 @@ def test_upsample_alpha_grad_decides_whether_the_upsampling_passes_the_loss_to_a
         grads.append(torch.cat([p.grad.flatten() for p in student.compressor.predictor.parameters()]))
     # both reach alpha through the averaging of the student's own frames; only True also through the upsampling
     assert grads[1].abs().sum() > 0 and not torch.allclose(grads[0], grads[1])
-    with pytest.raises(ConfigError, match="upsample_alpha_grad=false .* needs alignment=upsample"):
+    with pytest.raises(ConfigError, match="upsample_alpha_grad=false .* needs alignment=upsample or both"):
         load_config(DistillConfig, "distill", "distill-tiny", ["upsample_alpha_grad=false"])
     assert not load_config(DistillConfig, "distill", "distill-tiny",
                            ["upsample_alpha_grad=false", "alignment=upsample"]).upsample_alpha_grad
+
+
+def test_alignment_both_mixes_the_compress_and_upsample_losses_by_upsample_share(synth_corpus):
+    from ofactl.audio import load_audio, read_corpus
+    from ofactl.distill import head_losses, prediction_targets
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    teacher = load_teacher(cfg.teacher)
+    student = Student(cfg.student)
+    w = load_audio(read_corpus(synth_corpus)[0].path)[:24000]
+    wav, lengths = w[None], torch.tensor([len(w)])
+    targets, t_len = prediction_targets(student, teacher, wav, lengths)
+    with torch.no_grad():
+        out = student(wav, lengths, rate=0.25, exact=True)
+    (lc, pc), (lu, pu) = (head_losses(out, targets, t_len, a, 1.0) for a in ("compress", "upsample"))
+    assert not math.isclose(float(lc), float(lu), rel_tol=1e-3)  # the mix below can tell them apart
+    for share in (0.5, 0.2):
+        lb, pb = head_losses(out, targets, t_len, "both", 1.0, upsample_share=share)
+        assert math.isclose(float(lb), (1 - share) * float(lc) + share * float(lu), rel_tol=1e-5)
+        assert torch.allclose(pb, (1 - share) * pc + share * pu, rtol=1e-5)
+    cfg = load_config(DistillConfig, "distill", "distill-tiny",
+                      ["alignment=both", "upsample_share=0.3", "upsample_alpha_grad=false"])
+    assert (cfg.alignment, cfg.upsample_share, cfg.upsample_alpha_grad) == ("both", 0.3, False)
+    with pytest.raises(ConfigError, match="upsample_share=0.3 mixes two losses: it needs alignment=both"):
+        load_config(DistillConfig, "distill", "distill-tiny", ["upsample_share=0.3"])
+    with pytest.raises(ConfigError, match="upsample_share=1.0: expected a share strictly between 0 and 1"):
+        load_config(DistillConfig, "distill", "distill-tiny", ["alignment=both", "upsample_share=1"])
 
 
 @pytest.mark.slow
