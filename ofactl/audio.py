@@ -133,10 +133,11 @@ def level_dbfs(wav: torch.Tensor) -> float:
     return 20 * math.log10(max(float(wav.double().pow(2).mean().sqrt()) if wav.numel() else 0.0, 1e-8))
 
 
-def set_level(wav: torch.Tensor, level_db: float) -> torch.Tensor:
-    """(S,) audio scaled to an RMS level of ``level_db`` dBFS. Digital silence is returned as it
+def set_level(wav: torch.Tensor, level_db: float, now: float | None = None) -> torch.Tensor:
+    """(S,) audio scaled to an RMS level of ``level_db`` dBFS. ``now``: its level_dbfs where the
+    caller has measured it already (it is not measured twice). Digital silence is returned as it
     is; samples may exceed full scale, which a model reading floats takes as they are."""
-    now = level_dbfs(wav)
+    now = level_dbfs(wav) if now is None else now
     return wav if now <= -160 else wav * float(10 ** ((level_db - now) / 20))
 
 

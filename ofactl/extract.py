@@ -138,7 +138,7 @@ class _BatchSource(torch.utils.data.Dataset):
                 n = u.n_samples_16k  # the length planned from the header: keep them equal
                 w = w[:n] if len(w) >= n else torch.nn.functional.pad(w, (0, n - len(w)))
                 levels.append(level_dbfs(w))
-                w = w if self.level_db is None else set_level(w, self.level_db)
+                w = w if self.level_db is None else set_level(w, self.level_db, levels[-1])
                 errors.append("")
             except AudioError as e:
                 w = torch.zeros(0)

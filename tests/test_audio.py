@@ -207,5 +207,6 @@ def test_set_level_reaches_the_level_and_keeps_silence():
         out = set_level(w, db)
         assert level_dbfs(out) == pytest.approx(db, abs=1e-4)
         assert torch.allclose(out / out.abs().max(), w / w.abs().max(), atol=1e-6)  # a gain, nothing else
+        assert torch.equal(set_level(w, db, level_dbfs(w)), out)  # a level measured before is the same level
     silence = torch.zeros(800)
     assert level_dbfs(silence) == -160 and torch.equal(set_level(silence, -25.0), silence)
