@@ -433,17 +433,26 @@ def test_compress_weight_without_compress_alignment_is_refused_naming_both():
         load_config(DistillConfig, "distill", "distill-tiny", ["compress_weight=audio", "alignment=upsample"])
 
 
-def test_upsample_alpha_grad_decides_whether_the_upsampling_passes_the_loss_to_alpha(synth_corpus):
+def one_utterance_targets(corpus: Path) -> tuple[Student, torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """A fresh tiny student (seed 0), 1.5 s of the corpus's first utterance as a batch of one,
+    and the teacher's targets for it: (student, wav (1, S), lengths (1,), targets, target lengths)."""
     from ofactl.audio import load_audio, read_corpus
-    from ofactl.distill import head_losses, prediction_targets
+    from ofactl.distill import prediction_targets
 
     cfg = tiny_cfg()
     torch.manual_seed(0)
     teacher = load_teacher(cfg.teacher)
     student = Student(cfg.student)
-    w = load_audio(read_corpus(synth_corpus)[0].path)[:24000]
+    w = load_audio(read_corpus(corpus)[0].path)[:24000]
     wav, lengths = w[None], torch.tensor([len(w)])
     targets, t_len = prediction_targets(student, teacher, wav, lengths)
+    return student, wav, lengths, targets, t_len
+
+
+def test_upsample_alpha_grad_decides_whether_the_upsampling_passes_the_loss_to_alpha(synth_corpus):
+    from ofactl.distill import head_losses
+
+    student, wav, lengths, targets, t_len = one_utterance_targets(synth_corpus)
     grads = []
     for alpha_grad in (True, False):
         student.zero_grad()
@@ -460,16 +469,9 @@ def test_upsample_alpha_grad_decides_whether_the_upsampling_passes_the_loss_to_a
 
 
 def test_alignment_both_mixes_the_compress_and_upsample_losses_by_upsample_share(synth_corpus):
-    from ofactl.audio import load_audio, read_corpus
-    from ofactl.distill import head_losses, prediction_targets
+    from ofactl.distill import head_losses
 
-    cfg = tiny_cfg()
-    torch.manual_seed(0)
-    teacher = load_teacher(cfg.teacher)
-    student = Student(cfg.student)
-    w = load_audio(read_corpus(synth_corpus)[0].path)[:24000]
-    wav, lengths = w[None], torch.tensor([len(w)])
-    targets, t_len = prediction_targets(student, teacher, wav, lengths)
+    student, wav, lengths, targets, t_len = one_utterance_targets(synth_corpus)
     with torch.no_grad():
         out = student(wav, lengths, rate=0.25, exact=True)
     (lc, pc), (lu, pu) = (head_losses(out, targets, t_len, a, 1.0) for a in ("compress", "upsample"))
