@@ -133,8 +133,10 @@ class DistillConfig:
         if self.student.compressor == "none" and (self.rates.kind != "fixed" or self.rates.rate != 1.0):
             raise ValueError("a student without compressor trains at rate 1: set rates.kind=fixed, rates.rate=1")
         if self.compress_weight != "frame" and self.alignment != "compress":
+            why = ("scores every 20 ms frame alike already" if self.alignment == "upsample"
+                   else "weighs its compress half by frame")
             raise ValueError(f"compress_weight={self.compress_weight} weighs compressed frames: it needs "
-                             f"alignment=compress (alignment={self.alignment} scores every 20 ms frame alike already)")
+                             f"alignment=compress (alignment={self.alignment} {why})")
         if not self.upsample_alpha_grad and self.alignment == "compress":
             raise ValueError("upsample_alpha_grad=false detaches the upsampling weights: it needs alignment=upsample "
                              "or both (alignment=compress has no upsampling)")

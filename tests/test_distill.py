@@ -431,6 +431,8 @@ def test_compress_weight_without_compress_alignment_is_refused_naming_both():
     assert cfg.compress_weight == "audio" and cfg.alignment == "compress"
     with pytest.raises(ConfigError, match="compress_weight=audio .* needs alignment=compress"):
         load_config(DistillConfig, "distill", "distill-tiny", ["compress_weight=audio", "alignment=upsample"])
+    with pytest.raises(ConfigError, match=r"needs alignment=compress \(alignment=both weighs its compress half by frame\)"):
+        load_config(DistillConfig, "distill", "distill-tiny", ["compress_weight=audio", "alignment=both"])
 
 
 def one_utterance_targets(corpus: Path) -> tuple[Student, torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
