@@ -167,6 +167,11 @@ def report_stem(args: argparse.Namespace) -> str:
     return ("ablation" if args.pr_head == PR_HEAD else f"ablation-pr-{args.pr_head}") + adapt_suffix(args)
 
 
+# Every table in docs/method.md was measured with CTC probes on plain random batches, before
+# length buckets became the probe default: new seeds and variants stay comparable with them.
+ABLATION_SORT_POOL = 1
+
+
 def sweep_dir(args: argparse.Namespace, name: str, seed: int, task: str, adaptive: bool = False) -> Path:
     """The folder of one student's sweep of one ablation task (``ks-fsdd`` included)."""
     return Path(args.out) / "sweeps" / f"{name}-s{seed}{'-adaptive' if adaptive else ''}-{unit(task, args)}"
@@ -177,7 +182,8 @@ def sweep_student(name: str, seed: int, ckpt: Path, task: str, args: argparse.Na
     """One student's rows for ``task`` (rows are cached by ``run_sweep`` itself)."""
     ofactl_task, corpus_of_task = task_corpus(task, args, corpus)
     cfg = SweepConfig(task=ofactl_task, rates=tuple(args.rates), seed=seed, device=args.device,
-                      probe=ProbeConfig(ctc_head=args.pr_head, epochs=args.probe_epochs, cls_epochs=args.probe_epochs))
+                      probe=ProbeConfig(ctc_head=args.pr_head, epochs=args.probe_epochs, cls_epochs=args.probe_epochs,
+                                        sort_pool=ABLATION_SORT_POOL))
     cfg.extract = replace(cfg.extract, num_workers=0, adaptive_length=adaptive)
     label = f"{name}-s{seed}" + ("-adaptive" if adaptive else "")
     return run_sweep(cfg, [(label, ckpt)], corpus_of_task, sweep_dir(args, name, seed, task, adaptive)).rows
@@ -197,7 +203,7 @@ def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Na
     cfg = load_config(AdaptConfig, "adapt", None, args.adapt_set, [
         Flag("task", "--tasks", ofactl_task), Flag("lambda_grad", "--adapt", grad), Flag("seed", "--seeds", seed),
         Flag("device", "--device", args.device)])
-    cfg.probe = replace(cfg.probe, ctc_head=args.pr_head)
+    cfg.probe = replace(cfg.probe, ctc_head=args.pr_head, sort_pool=ABLATION_SORT_POOL)
     if done:  # reused only when it ran with these settings (a default may have changed since)
         saved, asked = kept_settings(out, "adapt"), to_dict(cfg)
         differ = sorted(k for k in saved.keys() | asked.keys() if saved.get(k) != asked.get(k))

@@ -25,7 +25,7 @@ def _machine(doc: dict[str, Any]) -> str:
 
 
 def table(doc: dict[str, Any]) -> str:
-    mb, eb, db = doc["model_bench"], doc["extract_bench"], doc["distill_bench"]
+    mb, eb, db, pb = doc["model_bench"], doc["extract_bench"], doc["distill_bench"], doc["probe_bench"]
     scale = mb["rate_scaling"]["rates"]
     thr = eb["throughput_audio_s_per_s"]
     rows = [
@@ -49,6 +49,9 @@ def table(doc: dict[str, Any]) -> str:
          f"{thr['fp32@1.0']} / {thr['fp32@0.5']} / {thr['fp32@0.25']}", "", "python benchmarks/extract_bench.py"),
         ("distillation throughput, base student + base teacher, fp32 (audio s/s)",
          f"{db['audio_s_per_s_steady']}", "", "python benchmarks/distill_bench.py"),
+        ("CTC probe (BiLSTM) training speed-up over a packed-sequence LSTM: random / length-bucketed batches",
+         f"{pb['speedup_bilstm_vs_packed']:.2f}x / {pb['speedup_bucketed_vs_packed']:.2f}x", "",
+         "python benchmarks/probe_bench.py"),
     ]
     out = [BEGIN, "", f"Measured on: {_machine(doc)}; one run each, ratios taken within that run.", "",
            "| figure | measured | target | reproduce with |", "|---|---|---|---|"]

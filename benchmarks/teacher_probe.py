@@ -186,7 +186,8 @@ def main() -> None:
         run_synth(load_config(SynthConfig, "synth", "synth-tiny"), synth)
     out: dict = {"benchmark": "teacher_probe", "teacher": args.teacher, "input_level_db": args.input_level_db,
                  "group_norm_eps": args.group_norm_eps, "probe_seed": args.probe_seed}
-    pr_cfg = ProbeConfig(ctc_head="linear", epochs=args.epochs, device="cpu", seed=args.probe_seed)
+    # plain random batches (sort_pool 1), as every table of the model card was measured
+    pr_cfg = ProbeConfig(ctc_head="linear", epochs=args.epochs, device="cpu", seed=args.probe_seed, sort_pool=1)
     synth_corpus = read_corpus(synth / "manifest.tsv")
     pr_task = build_task("pr", synth_corpus, seed=0)
     pr_feats = sources(pr_task, synth_corpus, args.teacher, args.input_level_db, args.group_norm_eps)

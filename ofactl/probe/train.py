@@ -45,6 +45,9 @@ class ProbeConfig:
     conv_kernel: int = 5  # its kernel in frames, odd: 5 frames see 100 ms at rate 1 (ctc_head: conv)
     layer_norm: bool = True  # layer-normalise each hidden state before the weighted sum
     upsample_ctc: bool = False  # repeat frames back to the 20 ms grid before the CTC head
+    sort_pool: int = 4  # CTC heads: each epoch's shuffled utterances are sorted by length in runs of this
+    # many batches, cut into batches, and the batches shuffled, so a batch pads little (on synth-tiny padding
+    # falls from 61% of the frames a BiLSTM runs to 27%, about twice as fast); 1: plain random batches
     max_frames: int = 2_000_000  # CTC heads: training stops once the head has seen this many frames
     # (epochs x training frames; its cost is about proportional). 0: no budget. 2M frames is 40 epochs
     # of 14 minutes of speech at rate 1: a 4-rate sweep of 25 minutes stays within minutes on a CPU
@@ -59,6 +62,8 @@ class ProbeConfig:
             raise ValueError(f"conv_kernel must be odd and >= 1 (got {self.conv_kernel}): an odd kernel keeps frames centred")
         if min(self.epochs, self.cls_epochs, self.batch_size, self.cls_batch_size) < 1 or self.lr <= 0 or self.ctc_lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
+        if self.sort_pool < 1:
+            raise ValueError(f"sort_pool must be >= 1 (1: plain random batches), got {self.sort_pool}")
         if self.max_frames < 0:
             raise ValueError("max_frames must be >= 0 (0: no budget)")
 
@@ -73,7 +78,7 @@ class ProbeConfig:
 # Settings only one kind of probe reads (``Probe``, ``train_probe``). ``batch_size`` also batches
 # evaluation, which does not change an utterance probe's predictions (padding is masked out).
 CTC_ONLY = frozenset({"epochs", "batch_size", "ctc_lr", "ctc_head", "lstm_hidden", "lstm_layers", "conv_hidden",
-                      "conv_kernel", "upsample_ctc", "max_frames"})
+                      "conv_kernel", "upsample_ctc", "sort_pool", "max_frames"})
 CLS_ONLY = frozenset({"cls_epochs", "cls_batch_size", "lr"})
 
 
@@ -92,6 +97,39 @@ class WeightedSum(nn.Module):
         return torch.einsum("btld,l->btd", x, torch.softmax(self.weights, 0))
 
 
+def reverse_valid(x: Tensor, lengths: Tensor) -> Tensor:
+    """(B, T, ...) -> the same with each row's first ``lengths[b]`` frames in reverse order; the
+    padding after them stays where it is."""
+    t = torch.arange(x.shape[1], device=x.device)[None]
+    n = lengths.to(x.device)[:, None]
+    idx = torch.where(t < n, n - 1 - t, t)
+    return x.gather(1, idx.view(*idx.shape, *[1] * (x.dim() - 2)).expand_as(x))
+
+
+class BiLSTM(nn.Module):
+    """A bidirectional LSTM over a padded batch (B, T, D) with lengths -> (B, T, 2H).
+
+    Each direction is a unidirectional LSTM over the whole padded batch, the backward one over
+    every utterance reversed within its length, so padding only ever follows the valid frames
+    and never reaches them. Same function as ``nn.LSTM(bidirectional=True)`` over a packed
+    sequence, but it runs the fused padded kernel: about 4x faster on a CPU (forward and backward).
+    Frames past an utterance's length hold values that mean nothing.
+    """
+
+    def __init__(self, dim: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        sizes = [dim] + [2 * hidden] * (layers - 1)
+        self.fwd = nn.ModuleList(nn.LSTM(d, hidden, batch_first=True) for d in sizes)
+        self.bwd = nn.ModuleList(nn.LSTM(d, hidden, batch_first=True) for d in sizes)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """(B, T, D) with (B,) lengths -> (B, T, 2H): forward then backward states per frame."""
+        for fwd, bwd in zip(self.fwd, self.bwd, strict=True):
+            back = reverse_valid(bwd(reverse_valid(x, lengths))[0], lengths)
+            x = torch.cat([fwd(x)[0], back], dim=-1)
+        return x
+
+
 class Probe(nn.Module):
     """A downstream head over frozen features: weighted layer sum, then statistics pooling and a
     linear layer (classification) or a linear, convolutional or BiLSTM CTC head (sequences).
@@ -108,7 +146,7 @@ class Probe(nn.Module):
             self.pool_norm = nn.BatchNorm1d(2 * dim)
             self.out = nn.Linear(2 * dim, n_out)
         elif cfg.ctc_head == "lstm":
-            self.lstm = nn.LSTM(dim, cfg.lstm_hidden, num_layers=cfg.lstm_layers, bidirectional=True, batch_first=True)
+            self.lstm = BiLSTM(dim, cfg.lstm_hidden, cfg.lstm_layers)
             self.out = nn.Linear(2 * cfg.lstm_hidden, n_out)
         elif cfg.ctc_head == "conv":
             self.conv = nn.Conv1d(dim, cfg.conv_hidden, cfg.conv_kernel, padding=cfg.conv_kernel // 2)
@@ -131,9 +169,7 @@ class Probe(nn.Module):
                 return self.out(F.batch_norm(pooled, n.running_mean, n.running_var, n.weight, n.bias, False))
             return self.out(self.pool_norm(pooled))
         if self.ctc_head == "lstm":
-            packed = nn.utils.rnn.pack_padded_sequence(h, lengths.cpu().clamp(min=1), batch_first=True, enforce_sorted=False)
-            h, _ = self.lstm(packed)
-            h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=x.shape[1])
+            h = self.lstm(h, lengths)
         elif self.ctc_head == "conv":
             # padding frames are zeroed so a short utterance in a batch sees the same zeros as alone
             h = F.gelu(self.conv((h * mask).transpose(1, 2))).transpose(1, 2)
@@ -158,6 +194,20 @@ class ProbeResult:
 def _batches(ids: list[str], bs: int, gen: torch.Generator | None) -> list[list[str]]:
     order = ids if gen is None else [ids[i] for i in torch.randperm(len(ids), generator=gen).tolist()]
     return [order[i : i + bs] for i in range(0, len(order), bs)]
+
+
+def bucketed_batches(ids: list[str], frames: dict[str, int], bs: int, pool: int, gen: torch.Generator) -> list[list[str]]:
+    """One epoch's batches of like lengths: the utterances shuffled, each run of ``pool`` batches'
+    worth sorted by frame count (ties keep the shuffled order) and cut into batches, then the
+    batches shuffled. ``pool`` 1 gives plain random batches (``_batches``)."""
+    if pool == 1:
+        return _batches(ids, bs, gen)
+    order = [ids[i] for i in torch.randperm(len(ids), generator=gen).tolist()]
+    batches = []
+    for j in range(0, len(order), bs * pool):
+        run = sorted(order[j : j + bs * pool], key=frames.__getitem__)
+        batches += [run[i : i + bs] for i in range(0, len(run), bs)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
 def _collate(ids: list[str], feats: dict[str, np.ndarray], upsample: dict[str, int] | None) -> tuple[Tensor, Tensor]:
@@ -201,12 +251,14 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
     t0 = time.perf_counter()
     epoch = 0
     epochs, batch_size = (cfg.cls_epochs, cfg.cls_batch_size) if task.kind == "cls" else (cfg.epochs, cfg.batch_size)
+    train_frames = {u: len(feats[u]) if up is None else max(len(feats[u]), up.get(u, 0)) for u in splits["train"]}
     if task.kind == "ctc" and cfg.max_frames:
-        per_epoch = sum(len(feats[u]) if up is None else max(len(feats[u]), up.get(u, 0)) for u in splits["train"])
-        epochs = max(1, min(epochs, cfg.max_frames // max(1, per_epoch)))
+        epochs = max(1, min(epochs, cfg.max_frames // max(1, sum(train_frames.values()))))
     for epoch in range(1, epochs + 1):
         model.train()
-        for ids in _batches(splits["train"], batch_size, gen):
+        batches = (_batches(splits["train"], batch_size, gen) if task.kind == "cls" else
+                   bucketed_batches(splits["train"], train_frames, batch_size, cfg.sort_pool, gen))
+        for ids in batches:
             x, lengths = _collate(ids, feats, up)
             loss = task_loss(model, task, ids, x.to(dev), lengths.to(dev))
             opt.zero_grad()
@@ -269,6 +321,7 @@ def evaluate_probe(model: Probe, task: TaskData, ids: list[str], feats: dict[str
     model.eval()
     device = module_device(model)
     preds: list[Any] = []
+    ids = sorted(ids, key=lambda u: len(feats[u]))  # batches of like lengths pad little; the score ignores order
     for batch in _batches(ids, cfg.batch_size, None):
         x, lengths = _collate(batch, feats, up)
         preds += decode(task, model(x.to(device), lengths.to(device)), lengths)

@@ -205,6 +205,46 @@ def test_conv_ctc_head_gives_the_same_frames_padded_as_alone():
     assert torch.allclose(out[1, :7], alone[0], atol=1e-5)  # the padding is not seen as context
 
 
+def test_bilstm_equals_a_packed_bidirectional_lstm_on_every_valid_frame():
+    from ofactl.probe.train import BiLSTM, reverse_valid
+
+    torch.manual_seed(0)
+    x, lengths = torch.randn(3, 9, 5), torch.tensor([9, 4, 6])
+    assert reverse_valid(torch.arange(9.0)[None, :, None].expand(3, 9, 1), lengths)[1, :, 0].tolist() == \
+        [3, 2, 1, 0, 4, 5, 6, 7, 8]  # reversed within its length, padding in place
+    ours = BiLSTM(5, 4, layers=2)
+    ref = torch.nn.LSTM(5, 4, num_layers=2, bidirectional=True, batch_first=True)
+    with torch.no_grad():  # the same weights, in nn.LSTM's names
+        for k, (fwd, bwd) in enumerate(zip(ours.fwd, ours.bwd)):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(ref, f"{name}_l{k}").copy_(getattr(fwd, f"{name}_l0"))
+                getattr(ref, f"{name}_l{k}_reverse").copy_(getattr(bwd, f"{name}_l0"))
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    want, _ = torch.nn.utils.rnn.pad_packed_sequence(ref(packed)[0], batch_first=True)
+    got = ours(x, lengths)
+    assert got.shape == (3, 9, 8)
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.allclose(got[b, :n], want[b, :n], atol=1e-6)
+    alone = ours(x[1:2, :4], lengths[1:2])  # padding never reaches a valid frame
+    assert torch.allclose(got[1, :4], alone[0], atol=1e-6)
+
+
+def test_bucketed_batches_cover_each_utterance_once_with_like_lengths():
+    from ofactl.probe.train import _batches, bucketed_batches
+
+    ids = [f"u{i}" for i in range(50)]
+    frames = {u: (i * 37) % 101 for i, u in enumerate(ids)}
+    batches = bucketed_batches(ids, frames, 4, 5, torch.Generator().manual_seed(0))
+    assert sorted(u for b in batches for u in b) == sorted(ids) and all(len(b) <= 4 for b in batches)
+    padded = sum(max(frames[u] for u in b) * len(b) for b in batches)
+    plain = _batches(ids, 4, torch.Generator().manual_seed(0))
+    assert padded < 0.8 * sum(max(frames[u] for u in b) * len(b) for b in plain)  # less padding than random
+    assert batches == bucketed_batches(ids, frames, 4, 5, torch.Generator().manual_seed(0))  # seeded
+    assert bucketed_batches(ids, frames, 4, 1, torch.Generator().manual_seed(0)) == plain
+    with pytest.raises(ValueError, match="sort_pool"):
+        ProbeConfig(sort_pool=0).validate()
+
+
 def _pair_coded_ctc_task(n: int = 120, seed: int = 0) -> tuple[TaskData, dict[str, np.ndarray]]:
     """Tokens coded by ordered pairs of two frame prototypes (ab, ba, aa, bb): one frame alone
     says nothing about its token; two neighbouring frames say everything."""

@@ -1,0 +1,107 @@
+"""CTC probe training speed: the BiLSTM head over padded batches against a packed-sequence
+``nn.LSTM`` (the head ofactl used before), with plain random batches and with length buckets
+(``probe.sort_pool``).
+
+    python benchmarks/probe_bench.py [--utts 400] [--epochs 2] [--min-frames 13] [--max-frames 134]
+
+Features are random (B, T, L, D) arrays with frame counts drawn uniformly between the bounds
+(synth-tiny's 5th and 95th percentiles at rate 1 are 13 and 134); labels are a fifth as long.
+Figures are valid frames trained per second (forward, CTC loss, backward, Adam) and ratios
+measured within this one run (the machine may be noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import emit
+
+from ofactl.probe import ProbeConfig
+from ofactl.probe.tasks import TaskData
+from ofactl.probe.train import Probe, _batches, _collate, bucketed_batches, task_loss
+
+
+class PackedBiLSTM(nn.Module):
+    """The reference: ``nn.LSTM(bidirectional=True)`` over a packed sequence."""
+
+    def __init__(self, dim: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(dim, hidden, num_layers=layers, bidirectional=True, batch_first=True)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        h, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=x.shape[1])
+        return h
+
+
+def epoch_seconds(probe: Probe, task: TaskData, feats: dict[str, np.ndarray], batches: list[list[str]]) -> float:
+    """Wall seconds of one training pass over ``batches``."""
+    opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    t0 = time.perf_counter()
+    for ids in batches:
+        x, lengths = _collate(ids, feats, None)
+        loss = task_loss(probe, task, ids, x, lengths)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--utts", type=int, default=400)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--min-frames", type=int, default=13)
+    ap.add_argument("--max-frames", type=int, default=134)
+    ap.add_argument("--layers", type=int, default=3, help="stored hidden states per frame")
+    ap.add_argument("--dim", type=int, default=64)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    ids = [f"u{i}" for i in range(args.utts)]
+    frames = {u: int(rng.integers(args.min_frames, args.max_frames + 1)) for u in ids}
+    feats = {u: rng.normal(size=(n, args.layers, args.dim)).astype(np.float32) for u, n in frames.items()}
+    labels = {u: [int(t) for t in rng.integers(1, 40, size=max(1, n // 5))] for u, n in frames.items()}
+    task = TaskData("pr", "ctc", "per", False, {"train": ids, "dev": [], "test": []}, labels,
+                    [f"p{i}" for i in range(39)])
+    cfg = ProbeConfig()
+    valid = sum(frames.values()) * args.epochs
+
+    def run(packed: bool, pool: int) -> dict[str, float]:
+        torch.manual_seed(0)
+        probe = Probe(args.layers, args.dim, 40, "ctc", cfg)
+        if packed:
+            probe.lstm = PackedBiLSTM(args.dim, cfg.lstm_hidden, cfg.lstm_layers)  # type: ignore[assignment]
+        gen = torch.Generator().manual_seed(0)
+        secs, padded = 0.0, 0
+        for _ in range(args.epochs):
+            batches = _batches(ids, cfg.batch_size, gen) if pool == 1 else bucketed_batches(
+                ids, frames, cfg.batch_size, pool, gen)
+            padded += sum(max(frames[u] for u in b) * len(b) for b in batches)
+            secs += epoch_seconds(probe, task, feats, batches)
+        return {"seconds": round(secs, 3), "frames_per_s": round(valid / secs), "padding": round(1 - valid / padded, 3)}
+
+    packed = run(True, 1)
+    padded = run(False, 1)
+    bucketed = run(False, cfg.sort_pool)
+    emit({
+        "utterances": args.utts, "epochs": args.epochs, "frames": [args.min_frames, args.max_frames],
+        "lstm_hidden": cfg.lstm_hidden, "batch_size": cfg.batch_size, "sort_pool": cfg.sort_pool,
+        "packed_lstm_random_batches": packed,
+        "bilstm_random_batches": padded,
+        "bilstm_bucketed": bucketed,
+        "speedup_bilstm_vs_packed": round(packed["seconds"] / padded["seconds"], 2),
+        "speedup_bucketed_vs_packed": round(packed["seconds"] / bucketed["seconds"], 2),
+    })
+
+
+if __name__ == "__main__":
+    main()
