@@ -1,13 +1,15 @@
-"""CTC probe training speed: the BiLSTM head over padded batches against a packed-sequence
+"""Probe training speed. CTC: the BiLSTM head over padded batches against a packed-sequence
 ``nn.LSTM`` (the head ofactl used before), with plain random batches and with length buckets
-(``probe.sort_pool``).
+(``probe.sort_pool``). Utterance heads: statistics pooling of frames in every batch (as before)
+against frame moments computed once (``ProbeInputs``), their one-off cost included.
 
     python benchmarks/probe_bench.py [--utts 400] [--epochs 2] [--min-frames 13] [--max-frames 134]
 
 Features are random (B, T, L, D) arrays with frame counts drawn uniformly between the bounds
 (synth-tiny's 5th and 95th percentiles at rate 1 are 13 and 134); labels are a fifth as long.
-Figures are valid frames trained per second (forward, CTC loss, backward, Adam) and ratios
-measured within this one run (the machine may be noisy).
+Figures are valid frames trained per second (forward, CTC loss, backward, Adam), seconds of
+utterance-head training (ten times the CTC epochs), and ratios measured within this one run
+(the machine may be noisy).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from _util import emit
 
 from ofactl.probe import ProbeConfig
 from ofactl.probe.tasks import TaskData
-from ofactl.probe.train import Probe, _batches, _collate, bucketed_batches, task_loss
+from ofactl.probe.train import Probe, ProbeInputs, _batches, _collate, bucketed_batches, output_loss, task_loss
 
 
 class PackedBiLSTM(nn.Module):
@@ -53,6 +55,32 @@ def epoch_seconds(probe: Probe, task: TaskData, feats: dict[str, np.ndarray], ba
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return time.perf_counter() - t0
+
+
+def cls_seconds(feats: dict[str, np.ndarray], ids: list[str], epochs: int, moments: bool) -> float:
+    """Wall seconds of ``epochs`` training passes of an utterance head (batches of 128), pooling
+    frames in every batch or reading moments computed once (their cost included)."""
+    torch.manual_seed(0)
+    n_layers, dim = feats[ids[0]].shape[1:]
+    task = TaskData("sid", "cls", "accuracy", True, {"train": ids, "dev": [], "test": []},
+                    {u: [i % 10] for i, u in enumerate(ids)}, [str(k) for k in range(10)])
+    probe = Probe(n_layers, dim, 10, "cls", ProbeConfig())
+    opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    inputs = ProbeInputs(feats, ids, "cls", True, None, torch.device("cpu")) if moments else None
+    for _ in range(epochs):
+        for batch in _batches(ids, 128, gen):
+            if inputs is None:
+                x, lengths = _collate(batch, feats, None)
+                loss = task_loss(probe, task, batch, x, lengths)
+            else:
+                out, lengths = inputs.outputs(probe, batch)
+                loss = output_loss(out, task, batch, lengths)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     return time.perf_counter() - t0
 
 
@@ -89,6 +117,8 @@ def main() -> None:
             secs += epoch_seconds(probe, task, feats, batches)
         return {"seconds": round(secs, 3), "frames_per_s": round(valid / secs), "padding": round(1 - valid / padded, 3)}
 
+    cls_frames = cls_seconds(feats, ids, 10 * args.epochs, moments=False)
+    cls_moments = cls_seconds(feats, ids, 10 * args.epochs, moments=True)
     packed = run(True, 1)
     padded = run(False, 1)
     bucketed = run(False, cfg.sort_pool)
@@ -100,6 +130,8 @@ def main() -> None:
         "bilstm_bucketed": bucketed,
         "speedup_bilstm_vs_packed": round(packed["seconds"] / padded["seconds"], 2),
         "speedup_bucketed_vs_packed": round(packed["seconds"] / bucketed["seconds"], 2),
+        "utterance_head": {"epochs": 10 * args.epochs, "frames_s": round(cls_frames, 3),
+                           "moments_s": round(cls_moments, 3), "speedup": round(cls_frames / cls_moments, 2)},
     })
 
 

@@ -20,7 +20,7 @@ from ofactl.errors import ConfigError
 from ofactl.model.compress import length_mask
 from ofactl.probe.metrics import accuracy, ctc_greedy, error_rate, words
 from ofactl.probe.tasks import TaskData
-from ofactl.runtime import check_device_name, module_device, resolve_device, seed_all
+from ofactl.runtime import check_device_name, resolve_device, seed_all
 
 
 @dataclass
@@ -162,18 +162,39 @@ class Probe(nn.Module):
         if self.kind == "cls":
             count = mask.sum(1).clamp(min=1)
             mean = (h * mask).sum(1) / count
-            std = (((h - mean[:, None]) ** 2 * mask).sum(1) / count).clamp(min=1e-6).sqrt()
-            pooled = torch.cat([mean, std], dim=-1)
-            if self.training and pooled.shape[0] == 1:  # batch statistics need two rows
-                n = self.pool_norm
-                return self.out(F.batch_norm(pooled, n.running_mean, n.running_var, n.weight, n.bias, False))
-            return self.out(self.pool_norm(pooled))
+            var = ((h - mean[:, None]) ** 2 * mask).sum(1) / count
+            return self.classify(mean, var)
         if self.ctc_head == "lstm":
             h = self.lstm(h, lengths)
         elif self.ctc_head == "conv":
             # padding frames are zeroed so a short utterance in a batch sees the same zeros as alone
             h = F.gelu(self.conv((h * mask).transpose(1, 2))).transpose(1, 2)
         return self.out(h)
+
+    def classify(self, mean: Tensor, var: Tensor) -> Tensor:
+        """Class logits (B, K) from the weighted layer sum's mean and variance over frames (B, D) each."""
+        pooled = torch.cat([mean, var.clamp(min=1e-6).sqrt()], dim=-1).float()
+        if self.training and pooled.shape[0] == 1:  # batch statistics need two rows
+            n = self.pool_norm
+            return self.out(F.batch_norm(pooled, n.running_mean, n.running_var, n.weight, n.bias, False))
+        return self.out(self.pool_norm(pooled))
+
+    def classify_moments(self, m1: Tensor, m2: Tensor) -> Tensor:
+        """Class logits (B, K) from frame moments (``frame_moments``): the same as ``forward`` on
+        the frames they came from, since the weighted sum's mean is the weighted sum of the layers'
+        means and its variance follows from their cross moments."""
+        a = torch.softmax(self.featurizer.weights, 0).to(m1.dtype)
+        mean = torch.einsum("bld,l->bd", m1, a)
+        return self.classify(mean, torch.einsum("blmd,l,m->bd", m2, a, a) - mean * mean)
+
+
+def frame_moments(x: Tensor, layer_norm: bool) -> tuple[Tensor, Tensor]:
+    """One utterance's frames (T, L, D), each layer normalised if ``layer_norm``, as their means
+    over frames (L, D) and cross-layer second moments (L, L, D), in float64 (the variance is a
+    difference of moments). What statistics pooling of any weighted layer sum needs."""
+    z = F.layer_norm(x.float(), x.shape[-1:]) if layer_norm else x.float()
+    z = z.double()
+    return z.mean(0), torch.einsum("tld,tmd->lmd", z, z) / z.shape[0]
 
 
 @dataclass
@@ -222,6 +243,35 @@ def _collate(ids: list[str], feats: dict[str, np.ndarray], upsample: dict[str, i
     return nn.utils.rnn.pad_sequence(xs, batch_first=True), lengths
 
 
+class ProbeInputs:
+    """What a probe reads, per batch of utterance ids. CTC heads read padded frames (B, T, L, D)
+    with lengths. An utterance head reads each utterance's frame moments, computed once
+    (``frame_moments``): exact, and an epoch no longer pools every frame again. Frames are used
+    instead when the moments would take more memory than the frames held in float32 (many
+    layers, few frames per utterance: (L + 1) x 2 > mean frames)."""
+
+    def __init__(self, feats: dict[str, np.ndarray], ids: list[str], kind: str, layer_norm: bool,
+                 up: dict[str, int] | None, device: torch.device) -> None:
+        self.feats, self.up, self.device = feats, up, device
+        self.row: dict[str, int] = {}
+        self.moments: tuple[Tensor, Tensor] | None = None
+        n_layers = feats[ids[0]].shape[1] if ids else 0
+        if kind == "cls" and ids and 2 * (n_layers + 1) <= sum(len(feats[u]) for u in ids) / len(ids):
+            pairs = [frame_moments(torch.from_numpy(np.asarray(feats[u], dtype=np.float32)), layer_norm) for u in ids]
+            self.row = {u: i for i, u in enumerate(ids)}
+            self.moments = (torch.stack([m1 for m1, _ in pairs]).to(device),
+                            torch.stack([m2 for _, m2 in pairs]).to(device))
+
+    def outputs(self, model: Probe, ids: list[str]) -> tuple[Tensor, Tensor]:
+        """The model's outputs for ``ids`` (logits (B, K) or (B, T, V)) and their frame lengths (B,)."""
+        if self.moments is not None:
+            idx = torch.tensor([self.row[u] for u in ids], device=self.device)
+            lengths = torch.tensor([len(self.feats[u]) for u in ids])
+            return model.classify_moments(self.moments[0][idx], self.moments[1][idx]), lengths
+        x, lengths = _collate(ids, self.feats, self.up)
+        return model(x.to(self.device), lengths.to(self.device)), lengths
+
+
 def ctc_min_frames(label: list[int]) -> int:
     """Fewest frames CTC needs for ``label``: its length plus one blank between repeated tokens."""
     return len(label) + sum(1 for a, b in itertools.pairwise(label) if a == b)
@@ -246,6 +296,9 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
     model = Probe(n_layers, dim, task.n_outputs, task.kind, cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.ctc_lr if task.kind == "ctc" else cfg.lr)
     up = input_frames if (cfg.upsample_ctc and task.kind == "ctc") else None
+    inputs = ProbeInputs(feats, list(dict.fromkeys(u for ids in splits.values() for u in ids)), task.kind,
+                         cfg.layer_norm, up, dev)
+    eval_ids = splits["dev"] or splits["train"]
     gen = torch.Generator().manual_seed(cfg.seed)
     best, best_state, best_epoch, waited = None, None, 0, 0
     t0 = time.perf_counter()
@@ -259,12 +312,12 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
         batches = (_batches(splits["train"], batch_size, gen) if task.kind == "cls" else
                    bucketed_batches(splits["train"], train_frames, batch_size, cfg.sort_pool, gen))
         for ids in batches:
-            x, lengths = _collate(ids, feats, up)
-            loss = task_loss(model, task, ids, x.to(dev), lengths.to(dev))
+            out, lengths = inputs.outputs(model, ids)
+            loss = output_loss(out, task, ids, lengths.to(dev))
             opt.zero_grad()
             loss.backward()
             opt.step()
-        score = evaluate_probe(model, task, splits["dev"] or splits["train"], feats, cfg, up)[task.metric]
+        score = evaluate_probe(model, task, eval_ids, inputs, batch_size)[task.metric]
         better = best is None or (score > best if task.higher_better else score < best)
         if better:
             best, best_epoch, waited = score, epoch, 0
@@ -275,8 +328,8 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
                 break
     assert best_state is not None
     model.load_state_dict(best_state)
-    res_test = evaluate_probe(model, task, splits["test"], feats, cfg, up)
-    res_dev = evaluate_probe(model, task, splits["dev"] or splits["train"], feats, cfg, up)
+    res_test = evaluate_probe(model, task, splits["test"], inputs, batch_size)
+    res_dev = evaluate_probe(model, task, eval_ids, inputs, batch_size)
     infeasible = {}
     if task.kind == "ctc":
         frames = {u: (up[u] if up and u in up else len(feats[u])) for u in feats}
@@ -296,9 +349,16 @@ def task_loss(model: Probe, task: TaskData, ids: list[str], x: Tensor, lengths: 
     look free). ``soft_error``: the expected error instead, 1 - p(label) (CTC: 1 - the per-token
     geometric mean of p(label)), a fraction like accuracy or PER, flat where the metric is flat.
     """
-    out = model(x, lengths)
+    return output_loss(model(x, lengths), task, ids, lengths, charge_infeasible=charge_infeasible,
+                       soft_error=soft_error)
+
+
+def output_loss(out: Tensor, task: TaskData, ids: list[str], lengths: Tensor, *,
+                charge_infeasible: bool = False, soft_error: bool = False) -> Tensor:
+    """``task_loss`` of a probe's outputs: class logits (B, K), or CTC logits (B, T, V) with
+    frame lengths (B,) on the outputs' device."""
     if task.kind == "cls":
-        y = torch.tensor([task.labels[u][0] for u in ids], device=x.device)
+        y = torch.tensor([task.labels[u][0] for u in ids], device=out.device)
         if soft_error:
             return 1.0 - out.softmax(-1).gather(1, y[:, None]).mean()
         return F.cross_entropy(out, y)
@@ -306,25 +366,23 @@ def task_loss(model: Probe, task: TaskData, ids: list[str], x: Tensor, lengths: 
     tl = torch.tensor([len(t) for t in targets])
     logp = out.log_softmax(-1).transpose(0, 1)  # (T, B, V)
     # per token, as reduction="mean" does (bit for bit), so each utterance can be charged apart
-    per = F.ctc_loss(logp, torch.cat(targets).to(x.device), lengths, tl, blank=0, reduction="none",
-                     zero_infinity=True) / tl.clamp(min=1).to(x.device)
+    per = F.ctc_loss(logp, torch.cat(targets).to(out.device), lengths, tl, blank=0, reduction="none",
+                     zero_infinity=True) / tl.clamp(min=1).to(out.device)
     if charge_infeasible:
         feasible = lengths.cpu() >= torch.tensor([ctc_min_frames(task.labels[u]) for u in ids])
-        per = torch.where(feasible.to(x.device), per, per.new_tensor(float(np.log(out.shape[-1]))))
+        per = torch.where(feasible.to(out.device), per, per.new_tensor(float(np.log(out.shape[-1]))))
     return (1.0 - torch.exp(-per)).mean() if soft_error else per.mean()
 
 
 @torch.no_grad()
-def evaluate_probe(model: Probe, task: TaskData, ids: list[str], feats: dict[str, np.ndarray],
-                   cfg: ProbeConfig, up: dict[str, int] | None = None) -> dict[str, float]:
+def evaluate_probe(model: Probe, task: TaskData, ids: list[str], inputs: ProbeInputs, batch_size: int) -> dict[str, float]:
     """Run ``model`` over ``ids`` and score it with the task's metric."""
     model.eval()
-    device = module_device(model)
     preds: list[Any] = []
-    ids = sorted(ids, key=lambda u: len(feats[u]))  # batches of like lengths pad little; the score ignores order
-    for batch in _batches(ids, cfg.batch_size, None):
-        x, lengths = _collate(batch, feats, up)
-        preds += decode(task, model(x.to(device), lengths.to(device)), lengths)
+    ids = sorted(ids, key=lambda u: len(inputs.feats[u]))  # batches of like lengths pad little; the score ignores order
+    for batch in _batches(ids, batch_size, None):
+        out, lengths = inputs.outputs(model, batch)
+        preds += decode(task, out, lengths)
     model.train()
     return score(task, ids, preds)
 

@@ -14,3 +14,4 @@ def test_probe_bench_reports_each_head_and_less_padding_with_buckets(load_benchm
         assert doc[key]["seconds"] > 0 and doc[key]["frames_per_s"] > 0
     assert doc["bilstm_bucketed"]["padding"] < doc["bilstm_random_batches"]["padding"]
     assert doc["packed_lstm_random_batches"]["padding"] == doc["bilstm_random_batches"]["padding"]  # same batches
+    assert doc["utterance_head"]["frames_s"] > 0 and doc["utterance_head"]["moments_s"] > 0

@@ -245,6 +245,41 @@ def test_bucketed_batches_cover_each_utterance_once_with_like_lengths():
         ProbeConfig(sort_pool=0).validate()
 
 
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_utterance_head_on_frame_moments_equals_the_head_on_frames(layer_norm):
+    from ofactl.probe.train import Probe, frame_moments
+
+    torch.manual_seed(0)
+    probe = Probe(3, 8, 5, "cls", ProbeConfig(layer_norm=layer_norm))
+    with torch.no_grad():
+        probe.featurizer.weights.copy_(torch.tensor([0.3, -1.0, 0.8]))
+    probe.eval()
+    x, lengths = torch.randn(2, 13, 3, 8) * 3 + 1, torch.tensor([13, 6])
+    moments = [frame_moments(x[b, :n], layer_norm) for b, n in enumerate(lengths.tolist())]
+    m1, m2 = torch.stack([m for m, _ in moments]), torch.stack([m for _, m in moments])
+    assert m1.shape == (2, 3, 8) and m2.shape == (2, 3, 3, 8)
+    assert torch.allclose(probe.classify_moments(m1, m2), probe(x, lengths), atol=1e-5)
+    logits = probe.train().classify_moments(m1, m2)  # the weights get their gradient too
+    logits.sum().backward()
+    assert probe.featurizer.weights.grad is not None and probe.featurizer.weights.grad.abs().sum() > 0
+
+
+def test_probe_inputs_use_moments_only_where_they_are_smaller_than_the_frames():
+    from ofactl.probe.train import Probe, ProbeInputs
+
+    cpu = torch.device("cpu")
+    rng = np.random.default_rng(0)
+    long = {f"u{i}": rng.normal(size=(20, 3, 4)).astype(np.float32) for i in range(3)}
+    short = {f"u{i}": rng.normal(size=(5, 3, 4)).astype(np.float32) for i in range(3)}  # 2 x (3 + 1) > 5
+    assert ProbeInputs(long, list(long), "cls", True, None, cpu).moments is not None
+    assert ProbeInputs(short, list(short), "cls", True, None, cpu).moments is None
+    assert ProbeInputs(long, list(long), "ctc", True, None, cpu).moments is None
+    probe = Probe(3, 4, 2, "cls", ProbeConfig()).eval()
+    by_moments, n = ProbeInputs(long, list(long), "cls", True, None, cpu).outputs(probe, ["u2", "u0"])
+    x = torch.from_numpy(np.stack([long["u2"], long["u0"]]))
+    assert n.tolist() == [20, 20] and torch.allclose(by_moments, probe(x, n), atol=1e-5)
+
+
 def _pair_coded_ctc_task(n: int = 120, seed: int = 0) -> tuple[TaskData, dict[str, np.ndarray]]:
     """Tokens coded by ordered pairs of two frame prototypes (ab, ba, aa, bb): one frame alone
     says nothing about its token; two neighbouring frames say everything."""
