@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from _util import emit
 
 from ofactl.probe import ProbeConfig
 from ofactl.probe.tasks import TaskData
-from ofactl.probe.train import Probe, ProbeInputs, _batches, _collate, bucketed_batches, output_loss, task_loss
+from ofactl.probe.train import Probe, ProbeInputs, _batches, _collate, bucketed_batches, output_loss
 
 
 class PackedBiLSTM(nn.Module):
@@ -45,13 +46,24 @@ class PackedBiLSTM(nn.Module):
         return h
 
 
-def epoch_seconds(probe: Probe, task: TaskData, feats: dict[str, np.ndarray], batches: list[list[str]]) -> float:
-    """Wall seconds of one training pass over ``batches``."""
+Outputs = Callable[[list[str]], tuple[Tensor, Tensor]]
+
+
+def on_frames(probe: Probe, feats: dict[str, np.ndarray]) -> Outputs:
+    """A probe's outputs over padded frames, collated in every batch."""
+    def outputs(ids: list[str]) -> tuple[Tensor, Tensor]:
+        x, lengths = _collate(ids, feats, None)
+        return probe(x, lengths), lengths
+    return outputs
+
+
+def train_seconds(probe: Probe, task: TaskData, batches: list[list[str]], outputs: Outputs) -> float:
+    """Wall seconds of training passes over ``batches`` (forward, loss, backward, Adam)."""
     opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
     t0 = time.perf_counter()
     for ids in batches:
-        x, lengths = _collate(ids, feats, None)
-        loss = task_loss(probe, task, ids, x, lengths)
+        out, lengths = outputs(ids)
+        loss = output_loss(out, task, ids, lengths)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -66,22 +78,14 @@ def cls_seconds(feats: dict[str, np.ndarray], ids: list[str], epochs: int, momen
     task = TaskData("sid", "cls", "accuracy", True, {"train": ids, "dev": [], "test": []},
                     {u: [i % 10] for i, u in enumerate(ids)}, [str(k) for k in range(10)])
     probe = Probe(n_layers, dim, 10, "cls", ProbeConfig())
-    opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
+    batches = [b for _ in range(epochs) for b in _batches(ids, 128, gen)]
+    if not moments:
+        return train_seconds(probe, task, batches, on_frames(probe, feats))
     t0 = time.perf_counter()
-    inputs = ProbeInputs(feats, ids, "cls", True, None, torch.device("cpu")) if moments else None
-    for _ in range(epochs):
-        for batch in _batches(ids, 128, gen):
-            if inputs is None:
-                x, lengths = _collate(batch, feats, None)
-                loss = task_loss(probe, task, batch, x, lengths)
-            else:
-                out, lengths = inputs.outputs(probe, batch)
-                loss = output_loss(out, task, batch, lengths)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return time.perf_counter() - t0
+    inputs = ProbeInputs(feats, ids, "cls", True, None, torch.device("cpu"))
+    setup = time.perf_counter() - t0
+    return setup + train_seconds(probe, task, batches, lambda b: inputs.outputs(probe, b))
 
 
 def main() -> None:
@@ -114,7 +118,7 @@ def main() -> None:
             batches = _batches(ids, cfg.batch_size, gen) if pool == 1 else bucketed_batches(
                 ids, frames, cfg.batch_size, pool, gen)
             padded += sum(max(frames[u] for u in b) * len(b) for b in batches)
-            secs += epoch_seconds(probe, task, feats, batches)
+            secs += train_seconds(probe, task, batches, on_frames(probe, feats))
         return {"seconds": round(secs, 3), "frames_per_s": round(valid / secs), "padding": round(1 - valid / padded, 3)}
 
     cls_frames = cls_seconds(feats, ids, 10 * args.epochs, moments=False)

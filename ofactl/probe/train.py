@@ -309,9 +309,8 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
         epochs = max(1, min(epochs, cfg.max_frames // max(1, sum(train_frames.values()))))
     for epoch in range(1, epochs + 1):
         model.train()
-        batches = (_batches(splits["train"], batch_size, gen) if task.kind == "cls" else
-                   bucketed_batches(splits["train"], train_frames, batch_size, cfg.sort_pool, gen))
-        for ids in batches:
+        pool = cfg.sort_pool if task.kind == "ctc" else 1  # utterance heads read moments: nothing to pad
+        for ids in bucketed_batches(splits["train"], train_frames, batch_size, pool, gen):
             out, lengths = inputs.outputs(model, ids)
             loss = output_loss(out, task, ids, lengths.to(dev))
             opt.zero_grad()
