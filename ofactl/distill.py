@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ofactl.atomic import atomic_path, write_text
 from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
-from ofactl.choices import Alignment, CompressWeight, Precision, RateDraw, RateKind
+from ofactl.choices import Alignment, CompressWeight, Precision, RateDraw, RateKind, SpectralAlignment
 from ofactl.config import to_dict
 from ofactl.errors import ConfigError
 from ofactl.model.compress import expected_ratio, length_mask, rate_to_lambda
@@ -98,6 +98,8 @@ class DistillConfig:
     alignment: Alignment = "compress"  # compress: loss on compressed frames (teacher alike); upsample: on the 20 ms grid;
     # both: (1 - upsample_share) x compress + upsample_share x upsample
     upsample_share: float = 0.5  # both only: the upsample loss's share of the mix, in (0, 1)
+    spectral_alignment: SpectralAlignment = "same"  # the log-mel head's own alignment (student.spectral_bins > 0):
+    # same: as alignment; compress or upsample: that one for the log-mel head, alignment for the teacher heads
     compress_weight: CompressWeight = "frame"  # compress only. frame: every compressed frame counts once, so in a
     # batch of mixed rates a rate-0.25 utterance counts a quarter of a rate-1 one; audio: a frame counts by the
     # 20 ms frames it stands for, so every second of audio counts alike at every rate (as upsample's loss does)
@@ -119,6 +121,11 @@ class DistillConfig:
     eval_rates: tuple[float, ...] = (1.0, 0.5, 0.25)  # rates the held-out loss is reported at
     alpha_momentum: float = 0.98  # momentum of the running mean of alpha (maps rates to lambdas)
 
+    @property
+    def alignments(self) -> tuple[str, str]:
+        """The alignment of the teacher heads and of the log-mel head."""
+        return self.alignment, self.alignment if self.spectral_alignment == "same" else self.spectral_alignment
+
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work together (checks the nested sections too)."""
         from ofactl.runtime import check_device_name
@@ -137,9 +144,12 @@ class DistillConfig:
                    else "weighs its compress half by frame")
             raise ValueError(f"compress_weight={self.compress_weight} weighs compressed frames: it needs "
                              f"alignment=compress (alignment={self.alignment} {why})")
-        if not self.upsample_alpha_grad and self.alignment == "compress":
+        if self.spectral_alignment != "same" and self.student.spectral_bins <= 0:
+            raise ValueError(f"spectral_alignment={self.spectral_alignment} aligns the log-mel head: it needs "
+                             "student.spectral_bins > 0 (this student has no log-mel head)")
+        if not self.upsample_alpha_grad and not {"upsample", "both"} & set(self.alignments):
             raise ValueError("upsample_alpha_grad=false detaches the upsampling weights: it needs alignment=upsample "
-                             "or both (alignment=compress has no upsampling)")
+                             "or both, or spectral_alignment=upsample (alignment=compress has no upsampling)")
         if not 0.0 < self.upsample_share < 1.0:
             raise ValueError(f"upsample_share={self.upsample_share}: expected a share strictly between 0 and 1 "
                              "(alignment=compress or upsample is the whole of one loss)")
@@ -184,25 +194,27 @@ def prediction_targets(student: Student, teacher: Any, wav: Tensor, lengths: Ten
     return out, th.lengths
 
 
-def head_losses(out: Any, targets: list[Tensor], t_lengths: Tensor, alignment: str,
+def head_losses(out: Any, targets: list[Tensor], t_lengths: Tensor, alignment: str | tuple[str, str],
                 spectral_weight: float, compress_weight: str = "frame",
                 alpha_grad: bool = True, upsample_share: float = 0.5) -> tuple[Tensor, Tensor]:
     """Loss of every head against its aligned target: (total, per-head (H [+ 1],)).
 
-    ``compress`` compresses the 20 ms targets with the student's detached CIF plan (with
-    ``compress_weight: audio`` each utterance's frames count by its 20 ms frames per compressed
-    frame); ``upsample`` upsamples the student's outputs back to 20 ms, through the CIF weights
-    unless ``alpha_grad`` is False; ``both`` adds the two, the upsample one weighted
-    ``upsample_share`` and the compress one the rest. The spectral head (last) is weighted.
+    ``alignment`` is one for every head, or (teacher heads, log-mel head). ``compress``
+    compresses the 20 ms targets with the student's detached CIF plan (with ``compress_weight:
+    audio`` each utterance's frames count by its 20 ms frames per compressed frame);
+    ``upsample`` upsamples the student's outputs back to 20 ms, through the CIF weights unless
+    ``alpha_grad`` is False; ``both`` adds the two, the upsample one weighted ``upsample_share``
+    and the compress one the rest. The spectral head (last) is weighted.
     """
     plan = out.compressed.plan
     preds = [out.pred] + ([out.spectral] if out.spectral is not None else [])
     total, per = torch.zeros((), device=out.pred.device), []
     lengths = out.hidden.lengths
     weights = t_lengths / lengths.clamp(min=1) if compress_weight == "audio" else None
-    shares = {"compress": {"compress": 1.0}, "upsample": {"upsample": 1.0},
-              "both": {"compress": 1.0 - upsample_share, "upsample": upsample_share}}[alignment]
+    per_head = (alignment, alignment) if isinstance(alignment, str) else alignment
     for i, (pred, tgt) in enumerate(zip(preds, targets)):
+        shares = {"compress": {"compress": 1.0}, "upsample": {"upsample": 1.0},
+                  "both": {"compress": 1.0 - upsample_share, "upsample": upsample_share}}[per_head[min(i, 1)]]
         loss = ph = torch.zeros((), device=out.pred.device)
         if "compress" in shares:  # the teacher's frames averaged with the student's own (detached) weights
             Bt, T, H, D = tgt.shape
@@ -248,7 +260,7 @@ def train_step_loss(student: Any, teacher: Any, batch: dict[str, Any], cfg: Dist
         out = student(wav, lengths, rate=rates.to(device), lam=None if lam is None else lam.to(device), exact=exact)
     if not torch.equal(out.cnn_lengths, t_lengths):
         raise ConfigError("teacher and student CNNs give different frame counts; they need the same conv layers")
-    loss, per_head = head_losses(out, targets, t_lengths, cfg.alignment, cfg.spectral_weight, cfg.compress_weight,
+    loss, per_head = head_losses(out, targets, t_lengths, cfg.alignments, cfg.spectral_weight, cfg.compress_weight,
                                  cfg.upsample_alpha_grad, cfg.upsample_share)
     seg = frame = torch.zeros((), device=device)
     a_pred = out.compressed.alpha_pred

@@ -491,6 +491,32 @@ def test_alignment_both_mixes_the_compress_and_upsample_losses_by_upsample_share
         load_config(DistillConfig, "distill", "distill-tiny", ["alignment=both", "upsample_share=1"])
 
 
+def test_spectral_alignment_aligns_the_log_mel_head_on_its_own(synth_corpus):
+    from ofactl.distill import head_losses
+
+    student, wav, lengths, targets, t_len = one_utterance_targets(synth_corpus)
+    assert len(targets) == 2  # teacher states, then log-mel frames
+    with torch.no_grad():
+        out = student(wav, lengths, rate=0.25, exact=True)
+    (_, pc), (_, pu) = (head_losses(out, targets, t_len, a, 1.0) for a in ("compress", "upsample"))
+    for heads, mel in (("upsample", "compress"), ("compress", "upsample")):
+        total, ph = head_losses(out, targets, t_len, (heads, mel), 1.0)
+        want = torch.cat([(pu if heads == "upsample" else pc)[:-1], (pu if mel == "upsample" else pc)[-1:]])
+        assert torch.allclose(ph, want, rtol=1e-5) and math.isclose(float(total), float(want.sum()), rel_tol=1e-5)
+    cfg = load_config(DistillConfig, "distill", "distill-tiny",
+                      ["alignment=upsample", "upsample_alpha_grad=false", "spectral_alignment=compress"])
+    assert cfg.alignments == ("upsample", "compress")
+    assert load_config(DistillConfig, "distill", "distill-tiny", ["alignment=both"]).alignments == ("both", "both")
+    # the log-mel head alone may upsample, and then the detached upsampling has something to act on
+    assert not load_config(DistillConfig, "distill", "distill-tiny",
+                           ["spectral_alignment=upsample", "upsample_alpha_grad=false"]).upsample_alpha_grad
+    with pytest.raises(ConfigError, match="spectral_alignment=compress aligns the log-mel head: it needs "
+                                          r"student.spectral_bins > 0"):
+        load_config(DistillConfig, "distill", "distill-tiny", ["spectral_alignment=compress", "student.spectral_bins=0"])
+    with pytest.raises(ConfigError, match="spectral_alignment"):
+        load_config(DistillConfig, "distill", "distill-tiny", ["spectral_alignment=both"])
+
+
 @pytest.mark.slow
 def test_a_student_of_a_normalising_teacher_normalises_too(tmp_path, synth_corpus):
     """A teacher that normalises each waveform computes its targets on normalised audio: the
