@@ -296,15 +296,17 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
     model = Probe(n_layers, dim, task.n_outputs, task.kind, cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.ctc_lr if task.kind == "ctc" else cfg.lr)
     up = input_frames if (cfg.upsample_ctc and task.kind == "ctc") else None
-    inputs = ProbeInputs(feats, list(dict.fromkeys(u for ids in splits.values() for u in ids)), task.kind,
-                         cfg.layer_norm, up, dev)
+    all_ids = list(dict.fromkeys(u for ids in splits.values() for u in ids))
+    inputs = ProbeInputs(feats, all_ids, task.kind, cfg.layer_norm, up, dev)
     eval_ids = splits["dev"] or splits["train"]
     gen = torch.Generator().manual_seed(cfg.seed)
     best, best_state, best_epoch, waited = None, None, 0, 0
     t0 = time.perf_counter()
     epoch = 0
     epochs, batch_size = (cfg.cls_epochs, cfg.cls_batch_size) if task.kind == "cls" else (cfg.epochs, cfg.batch_size)
-    train_frames = {u: len(feats[u]) if up is None else max(len(feats[u]), up.get(u, 0)) for u in splits["train"]}
+    # what the head reads: the stored frames, or as many as the 20 ms grid had when upsampled
+    head_frames = {u: len(feats[u]) if up is None else max(len(feats[u]), up.get(u, 0)) for u in all_ids}
+    train_frames = {u: head_frames[u] for u in splits["train"]}
     if task.kind == "ctc" and cfg.max_frames:
         epochs = max(1, min(epochs, cfg.max_frames // max(1, sum(train_frames.values()))))
     for epoch in range(1, epochs + 1):
@@ -331,8 +333,7 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
     res_dev = evaluate_probe(model, task, eval_ids, inputs, batch_size)
     infeasible = {}
     if task.kind == "ctc":
-        frames = {u: (up[u] if up and u in up else len(feats[u])) for u in feats}
-        infeasible = {s: infeasible_count(splits[s], task.labels, frames) for s in ("train", "test")}
+        infeasible = {s: infeasible_count(splits[s], task.labels, head_frames) for s in ("train", "test")}
     weights = torch.softmax(model.featurizer.weights.detach(), 0).tolist()
     return ProbeResult(res_test, res_dev, task.metric, [round(w, 4) for w in weights], best_epoch,
                        time.perf_counter() - t0, sum(p.numel() for p in model.parameters()), infeasible, epoch)

@@ -31,6 +31,20 @@ def test_infeasible_counting():
     assert infeasible_count(["a", "b", "c"], labels, frames) == 1
 
 
+def test_infeasible_counts_the_frames_the_ctc_head_reads():
+    """With ``upsample_ctc`` the head reads the 20 ms grid's frames where that is longer than the
+    stored sequence, and the stored sequence otherwise; the count follows what it reads."""
+    labels = {"a": [1, 2, 3, 4], "b": [1, 2, 3, 4], "c": [1, 2], "d": [3, 4]}
+    feats = {u: np.zeros((n, 1, 4), np.float32) for u, n in {"a": 2, "b": 6, "c": 2, "d": 3}.items()}
+    input_frames = {"a": 8, "b": 3, "c": 1, "d": 3}  # a: upsampled to 8; b: 3 < its 6 stored frames, read as 6
+    splits = {"train": ["a", "c"], "dev": [], "test": ["b", "d"]}
+    task = TaskData("pr", "ctc", "per", False, splits, labels, ["p", "q", "r", "s"])
+    cfg = ProbeConfig(ctc_head="linear", upsample_ctc=True, epochs=1, batch_size=2)
+    assert train_probe(task, feats, cfg, input_frames).infeasible == {"train": 0, "test": 0}
+    plain = train_probe(task, feats, replace(cfg, upsample_ctc=False), input_frames)
+    assert plain.infeasible == {"train": 1, "test": 0}  # a: 2 frames for 4 labels
+
+
 def _cls_task(n_per=40, n_cls=4, seed=0):
     rng = np.random.default_rng(seed)
     feats, labels, ids = {}, {}, []
