@@ -231,12 +231,19 @@ def bucketed_batches(ids: list[str], frames: dict[str, int], bs: int, pool: int,
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
+def head_length(stored: int, upsampled: int) -> int:
+    """Frames a CTC head reads for an utterance of ``stored`` frames whose 20 ms grid had
+    ``upsampled`` (0: not upsampled): the grid's count where it is longer, else the stored one."""
+    return upsampled if upsampled > stored > 0 else stored
+
+
 def _collate(ids: list[str], feats: dict[str, np.ndarray], upsample: dict[str, int] | None) -> tuple[Tensor, Tensor]:
     xs = []
     for u in ids:
         x = torch.from_numpy(np.asarray(feats[u], dtype=np.float32))
-        if upsample is not None and upsample.get(u, 0) > len(x) > 0:
-            idx = torch.div(torch.arange(upsample[u]) * len(x), upsample[u], rounding_mode="floor")
+        n = head_length(len(x), upsample.get(u, 0) if upsample is not None else 0)
+        if n > len(x):
+            idx = torch.div(torch.arange(n) * len(x), n, rounding_mode="floor")
             x = x[idx]  # nearest-frame repetition back to the 20 ms grid
         xs.append(x)
     lengths = torch.tensor([len(x) for x in xs])
@@ -253,6 +260,7 @@ class ProbeInputs:
     def __init__(self, feats: dict[str, np.ndarray], ids: list[str], kind: str, layer_norm: bool,
                  up: dict[str, int] | None, device: torch.device) -> None:
         self.feats, self.up, self.device = feats, up, device
+        self.frames = {u: head_length(len(feats[u]), up.get(u, 0) if up is not None else 0) for u in ids}  # what a CTC head reads
         self.row: dict[str, int] = {}
         self.moments: tuple[Tensor, Tensor] | None = None
         n_layers = feats[ids[0]].shape[1] if ids else 0
@@ -304,15 +312,12 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
     t0 = time.perf_counter()
     epoch = 0
     epochs, batch_size = (cfg.cls_epochs, cfg.cls_batch_size) if task.kind == "cls" else (cfg.epochs, cfg.batch_size)
-    # what the head reads: the stored frames, or as many as the 20 ms grid had when upsampled
-    head_frames = {u: len(feats[u]) if up is None else max(len(feats[u]), up.get(u, 0)) for u in all_ids}
-    train_frames = {u: head_frames[u] for u in splits["train"]}
     if task.kind == "ctc" and cfg.max_frames:
-        epochs = max(1, min(epochs, cfg.max_frames // max(1, sum(train_frames.values()))))
+        epochs = max(1, min(epochs, cfg.max_frames // max(1, sum(inputs.frames[u] for u in splits["train"]))))
     for epoch in range(1, epochs + 1):
         model.train()
         pool = cfg.sort_pool if task.kind == "ctc" else 1  # utterance heads read moments: nothing to pad
-        for ids in bucketed_batches(splits["train"], train_frames, batch_size, pool, gen):
+        for ids in bucketed_batches(splits["train"], inputs.frames, batch_size, pool, gen):
             out, lengths = inputs.outputs(model, ids)
             loss = output_loss(out, task, ids, lengths.to(dev))
             opt.zero_grad()
@@ -333,7 +338,7 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
     res_dev = evaluate_probe(model, task, eval_ids, inputs, batch_size)
     infeasible = {}
     if task.kind == "ctc":
-        infeasible = {s: infeasible_count(splits[s], task.labels, head_frames) for s in ("train", "test")}
+        infeasible = {s: infeasible_count(splits[s], task.labels, inputs.frames) for s in ("train", "test")}
     weights = torch.softmax(model.featurizer.weights.detach(), 0).tolist()
     return ProbeResult(res_test, res_dev, task.metric, [round(w, 4) for w in weights], best_epoch,
                        time.perf_counter() - t0, sum(p.numel() for p in model.parameters()), infeasible, epoch)
