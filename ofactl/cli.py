@@ -68,7 +68,7 @@ LabelledCorpusOpt = Annotated[str, typer.Option(
     "--corpus", help="Labelled corpus: a .tsv manifest, a folder holding manifest.tsv, or folder::pattern.")]
 TaskOpt = Annotated[Task | None, typer.Option("--task", help="The downstream task.")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out (step 0 if it has none yet, as for a requeued job).")]
 OverwriteRunOpt = Annotated[bool, typer.Option("--overwrite", help="Start over in a non-empty --out.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda[:N].", rich_help_panel="Compute")]
 PrecisionOpt = Annotated[Precision | None, typer.Option(

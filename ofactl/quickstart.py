@@ -198,6 +198,7 @@ class _Quickstart:
         """The student checkpoint and the teacher it learnt from (``--teacher`` spec)."""
         from ofactl.audio import read_corpus
         from ofactl.distill import DistillConfig, run_distill
+        from ofactl.training import has_checkpoint
 
         dcfg = load_config(DistillConfig, "distill", self.cfg.distill_preset, [f"device={self.cfg.device}"])
         self.progress.log("note: " + teacher_note(dcfg.teacher))
@@ -209,7 +210,7 @@ class _Quickstart:
             self.reused.append("distill")
             return student, dcfg.teacher
         same = self.stamps.matches("distill", sha)
-        resume = same and run_dir.exists() and any((run_dir / "checkpoints").glob("step-*.pt"))
+        resume = same and has_checkpoint(run_dir)
         if run_dir.exists() and not same:
             self.progress.log(f"{run_dir}: made with other distill settings; distilling again")
         self.stamps.set("distill", sha)

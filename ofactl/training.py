@@ -82,6 +82,7 @@ class Setup:
     world: int
     rank: int
     local: int
+    resume: bool = False  # a checkpoint to continue from: --resume, and the folder has one
 
     @property
     def main(self) -> bool:
@@ -114,24 +115,37 @@ def setup_run(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool) ->
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Setup(run_dir, device, autocast_dtype(cfg.precision, device), world, rank, local)
+    # every rank reads the folder itself: rank 0 only created it, so none has a checkpoint yet
+    return Setup(run_dir, device, autocast_dtype(cfg.precision, device), world, rank, local,
+                 resume=resume and has_checkpoint(run_dir))
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Make ``run_dir`` ready: keep it for --resume (which needs a checkpoint), clear it for
-    --overwrite, refuse a non-empty one otherwise.
+    """Make ``run_dir`` ready: keep it for --resume, clear it for --overwrite, refuse a non-empty
+    one otherwise.
+
+    --resume on a folder without a checkpoint yet (missing, empty, or a job killed before its
+    first save) starts at step 0, as a requeued job expects. Its files stay (a fitted k-means is
+    reused; :func:`train` starts a new metrics.jsonl), and :func:`check_resume` still refuses
+    other settings or another corpus.
     """
     if run_dir.exists() and any(run_dir.iterdir()):
         if resume:
-            if not any((run_dir / "checkpoints").glob("step-*.pt")):
-                raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
             return
         if not overwrite:
             raise OfactlError(f"{run_dir} is not empty; pass --resume to continue it or --overwrite to start over")
         shutil.rmtree(run_dir)
-    elif resume:
-        raise CheckpointError(f"--resume: {run_dir} holds no run")
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir/checkpoints`` holds a checkpoint file (readable or not)."""
+    return any((Path(run_dir) / "checkpoints").glob("step-*.pt"))
+
+
+def fresh_start_note(run_dir: Path) -> str:
+    """What --resume says when there is nothing to continue."""
+    return f"--resume: no checkpoint in {Path(run_dir) / 'checkpoints'} yet; starting at step 0"
 
 
 # Settings a resumed run may change: where and how fast it runs, how often it logs and saves, and
@@ -508,6 +522,8 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
     checkpoints, and Ctrl-C saved at the next step boundary (raised as InterruptedRun)."""
     if setup.main and start:
         truncate_metrics(setup.run_dir / "metrics.jsonl", start)
+    elif setup.main:  # step 0: a log left by a job killed before its first checkpoint is not this run's
+        (setup.run_dir / "metrics.jsonl").unlink(missing_ok=True)
     metrics = open(setup.run_dir / "metrics.jsonl", "a") if setup.main else None  # noqa: SIM115 - closed in finally
     t0 = time.perf_counter()
     audio_s = 0.0

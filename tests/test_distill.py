@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,8 +189,30 @@ def test_run_dir_outputs_checkpoints_and_refusals(tmp_path, synth_corpus):
     assert abs(res.achieved_rates["0.5"]["exact"] - 0.5) < 0.02
     with pytest.raises(OfactlError, match="not empty; pass --resume"):
         run_distill(cfg, synth_corpus, run)
-    with pytest.raises(CheckpointError, match="holds no run"):
-        run_distill(cfg, synth_corpus, tmp_path / "fresh", resume=True)
+
+
+@pytest.mark.slow
+def test_resume_with_nothing_to_continue_starts_at_step_0(tmp_path, synth_corpus):
+    """A requeued job always passes --resume: a folder that is missing, or was left by a job
+    killed before its first checkpoint, gives the run an uninterrupted start gives."""
+    cfg = tiny_cfg()
+    plain = run_distill(cfg, synth_corpus, tmp_path / "plain")
+    progress = RecordingProgress()
+    missing = run_distill(cfg, synth_corpus, tmp_path / "missing", resume=True, progress=progress)
+    assert missing.resumed_from == 0 and missing.steps == 4
+    assert any("no checkpoint in" in m and "starting at step 0" in m for m in progress.logs)
+    killed = tmp_path / "killed"  # what a job killed at step 1 leaves: its settings, corpus and log
+    shutil.copytree(tmp_path / "plain", killed, ignore=shutil.ignore_patterns("checkpoints", "*.pt", "summary.json"))
+    (killed / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')  # and a torn line
+    with pytest.raises(CheckpointError, match="alignment: 'compress' -> 'upsample'"):
+        run_distill(replace(cfg, alignment="upsample"), synth_corpus, killed, resume=True)
+    again = run_distill(cfg, synth_corpus, killed, resume=True)
+    assert again.resumed_from == 0
+    logged = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [json.loads(x)["step"] for x in (tmp_path / "plain/metrics.jsonl").read_text().splitlines()]
+    weights = [load_student(r.student)[0].state_dict() for r in (plain, missing, again)]
+    for other in weights[1:]:
+        assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])
 
 
 @pytest.mark.slow
