@@ -13,7 +13,7 @@ and the untrained ``random:tiny``.
   ``--ks-seen-speakers`` also on a random split, every speaker in training.
 
 With ``--input-level-db``, every recording is scaled to that RMS level (dBFS) before any features
-are taken (log-mel and both models alike): how much of a result is the recordings' loudness.
+are taken (log-mel and both models alike, from one decode): how much of a result is the recordings' loudness.
 With ``--group-norm-eps``, both models' GroupNorm epsilon is replaced at load (no retraining):
 whether that epsilon is what makes a quiet recording reach a model differently.
 ``--probe-seed`` changes only the probes' initialisation and batch order (splits stay): how much
@@ -48,9 +48,21 @@ from ofactl.probe.tasks import TaskData
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
 
 
+Waves = dict[str, torch.Tensor]
+
+
+def decode(corpus: Corpus, ids: set[str] | None = None) -> Waves:
+    """Each recording (of ``ids``, else all) at 16 kHz, (S,), decoded once for every model."""
+    return {u.id: load_audio(u.path) for u in corpus if ids is None or u.id in ids}
+
+
+def at_level(waves: Waves, level_db: float | None) -> Waves:
+    """``waves``, each scaled to ``level_db`` (RMS, dBFS); as they are without one."""
+    return waves if level_db is None else {k: set_level(w, level_db) for k, w in waves.items()}
+
+
 @torch.no_grad()
-def teacher_features(spec: str, corpus: Corpus, ids: set[str], level_db: float | None = None,
-                     norm_eps: float | None = None) -> dict[str, np.ndarray]:
+def teacher_features(spec: str, waves: Waves, norm_eps: float | None = None) -> dict[str, np.ndarray]:
     """Every hidden state of a teacher: (T, L, D) float16 per utterance; with ``norm_eps``, its
     GroupNorms use that epsilon instead of the one it was trained with."""
     t = load_teacher(spec, seed=0)
@@ -59,39 +71,28 @@ def teacher_features(spec: str, corpus: Corpus, ids: set[str], level_db: float |
             if isinstance(m, torch.nn.GroupNorm):
                 m.eps = norm_eps
     out = {}
-    for u in corpus:
-        if u.id in ids:
-            w = audio(u.path, level_db)
-            h = t(w[None], torch.tensor([len(w)]))
-            out[u.id] = h.states[0, : int(h.lengths[0])].half().numpy()
+    for uid, w in waves.items():
+        h = t(w[None], torch.tensor([len(w)]))
+        out[uid] = h.states[0, : int(h.lengths[0])].half().numpy()
     return out
 
 
 @torch.no_grad()
-def mel_features(corpus: Corpus, ids: set[str], level_db: float | None = None, bins: int = 64) -> dict[str, np.ndarray]:
+def mel_features(waves: Waves, bins: int = 64) -> dict[str, np.ndarray]:
     """Log-mel frames on the same 20 ms grid: (T, 1, bins)."""
     out = {}
-    for u in corpus:
-        if u.id in ids:
-            w = audio(u.path, level_db)
-            m, n = log_mel(w[None], torch.tensor([len(w)]), bins)
-            out[u.id] = m[0, : int(n[0]), None].half().numpy()
+    for uid, w in waves.items():
+        m, n = log_mel(w[None], torch.tensor([len(w)]), bins)
+        out[uid] = m[0, : int(n[0]), None].half().numpy()
     return out
 
 
-def audio(path: Path, level_db: float | None) -> torch.Tensor:
-    """A recording at 16 kHz, (S,); with ``level_db``, scaled to that RMS level (dBFS)."""
-    w = load_audio(path)
-    if level_db is None:
-        return w
-    return set_level(w, level_db)
-
-
-def speaker_levels(corpus: Corpus) -> dict[str, float]:
-    """Mean RMS level (dBFS) of each speaker's recordings: how loud each voice reaches a model."""
+def speaker_levels(corpus: Corpus, waves: Waves) -> dict[str, float]:
+    """Mean RMS level (dBFS) of each speaker's recordings as decoded: how loud each voice reaches
+    a model."""
     levels: dict[str, list[float]] = {}
     for u in corpus:
-        levels.setdefault(u.labels["speaker"], []).append(level_dbfs(load_audio(u.path)))
+        levels.setdefault(u.labels["speaker"], []).append(level_dbfs(waves[u.id]))
     return {k: round(float(np.mean(v)), 1) for k, v in sorted(levels.items())}
 
 
@@ -113,13 +114,13 @@ def pooled(x: np.ndarray, k: int) -> np.ndarray:
 Features = dict[str, np.ndarray]
 
 
-def sources(task: TaskData, corpus: Corpus, teacher: str, level_db: float | None = None,
-            norm_eps: float | None = None) -> dict[str, Features]:
-    """The features each probe compares, computed once: log-mel, ``random:tiny`` and the teacher."""
-    ids = set(task.ids)
-    return {"log_mel": mel_features(corpus, ids, level_db),
-            "random_tiny": teacher_features("random:tiny", corpus, ids, level_db, norm_eps),
-            "teacher": teacher_features(teacher, corpus, ids, level_db, norm_eps)}
+def sources(task: TaskData, waves: Waves, teacher: str, norm_eps: float | None = None) -> dict[str, Features]:
+    """The features each probe compares, computed once from the same decoded ``waves``: log-mel,
+    ``random:tiny`` and the teacher."""
+    mine = {u: waves[u] for u in task.ids}
+    return {"log_mel": mel_features(mine),
+            "random_tiny": teacher_features("random:tiny", mine, norm_eps),
+            "teacher": teacher_features(teacher, mine, norm_eps)}
 
 
 def pr_by_period(task: TaskData, feats: dict[str, Features], layer: int, cfg: ProbeConfig) -> dict:
@@ -190,14 +191,16 @@ def main() -> None:
     pr_cfg = ProbeConfig(ctc_head="linear", epochs=args.epochs, device="cpu", seed=args.probe_seed, sort_pool=1)
     synth_corpus = read_corpus(synth / "manifest.tsv")
     pr_task = build_task("pr", synth_corpus, seed=0)
-    pr_feats = sources(pr_task, synth_corpus, args.teacher, args.input_level_db, args.group_norm_eps)
+    pr_waves = at_level(decode(synth_corpus, set(pr_task.ids)), args.input_level_db)
+    pr_feats = sources(pr_task, pr_waves, args.teacher, args.group_norm_eps)
     out["pr_synth_unseen_voices"] = pr = probe_task(pr_task, pr_feats, pr_cfg)
     if Path(args.fsdd).is_dir():
         ks_cfg = ProbeConfig(cls_epochs=args.epochs, device="cpu", seed=args.probe_seed)
         fsdd = read_corpus(f"{args.fsdd}::{{label}}_{{speaker}}_{{take}}")
         ks_task = build_task("ks", fsdd, seed=0)
-        out["fsdd_speaker_level_db"] = speaker_levels(fsdd)
-        ks_feats = sources(ks_task, fsdd, args.teacher, args.input_level_db, args.group_norm_eps)
+        recorded = decode(fsdd)
+        out["fsdd_speaker_level_db"] = speaker_levels(fsdd, recorded)
+        ks_feats = sources(ks_task, at_level(recorded, args.input_level_db), args.teacher, args.group_norm_eps)
         out["ks_fsdd_speaker_independent"] = probe_task(ks_task, ks_feats, ks_cfg)
         if args.ks_seen_speakers:
             out["ks_fsdd_seen_speakers"] = probe_task(seen_speaker_split(ks_task), ks_feats, ks_cfg)

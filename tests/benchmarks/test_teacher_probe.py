@@ -18,10 +18,9 @@ def loud_and_quiet(tmp_path):
     """The same second of noise twice: at -20 dBFS and 40 dB quieter."""
     x = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
     x *= 0.1 / np.sqrt(np.mean(x**2))
-    sf.write(tmp_path / "loud.wav", x, 16000)
-    sf.write(tmp_path / "quiet.wav", x * 0.01, 16000)
-    (tmp_path / "list.txt").write_text(f"{tmp_path / 'loud.wav'}\n{tmp_path / 'quiet.wav'}\n")
-    return read_corpus(tmp_path / "list.txt")
+    sf.write(tmp_path / "0_loud_0.wav", x, 16000)
+    sf.write(tmp_path / "0_quiet_0.wav", x * 0.01, 16000)
+    return read_corpus(f"{tmp_path}::{{label}}_{{speaker}}_{{take}}")  # FSDD's naming
 
 
 def _gap(feats: dict[str, np.ndarray]) -> float:
@@ -30,15 +29,17 @@ def _gap(feats: dict[str, np.ndarray]) -> float:
 
 
 def test_audio_at_a_level_has_that_rms(probe, loud_and_quiet):
-    for u in loud_and_quiet:
-        w = probe.audio(u.path, -25.0)
+    recorded = probe.decode(loud_and_quiet)
+    assert probe.speaker_levels(loud_and_quiet, recorded) == {"loud": -20.0, "quiet": -60.0}
+    assert probe.at_level(recorded, None) is recorded
+    for w in probe.at_level(recorded, -25.0).values():
         assert level_dbfs(w) == pytest.approx(-25.0, abs=1e-3)
 
 
 def test_a_tiny_group_norm_epsilon_lets_a_quiet_copy_reach_the_model_as_the_loud_one(probe, loud_and_quiet):
-    ids = {u.id for u in loud_and_quiet}
-    trained = probe.teacher_features("random:tiny", loud_and_quiet, ids)
-    tiny_eps = probe.teacher_features("random:tiny", loud_and_quiet, ids, norm_eps=1e-12)
+    waves = probe.decode(loud_and_quiet)
+    trained = probe.teacher_features("random:tiny", waves)
+    tiny_eps = probe.teacher_features("random:tiny", waves, norm_eps=1e-12)
     assert _gap(trained) > 0.1          # 1e-5 is not small against a -60 dBFS copy's variance
     assert _gap(tiny_eps) < 0.1 * _gap(trained)
 
