@@ -141,6 +141,24 @@ def set_level(wav: torch.Tensor, level_db: float, now: float | None = None) -> t
     return wav if now <= -160 else wav * float(10 ** ((level_db - now) / 20))
 
 
+def median_level_db(utts: Sequence[Utterance], sample: int = 256, seed: int = 0) -> float | None:
+    """Median RMS level (dBFS, 0.1 dB) of up to ``sample`` of ``utts`` drawn with ``seed`` (all
+    when fewer), each whole recording as decoded: the level a model trained on them heard. Digital
+    silence and files that do not decode are left out; None when nothing is left."""
+    picked = list(utts)
+    if len(picked) > sample:
+        picked = [picked[i] for i in sorted(np.random.default_rng(seed).choice(len(picked), sample, replace=False))]
+    levels = []
+    for u in picked:
+        try:
+            level = level_dbfs(load_audio(u.path))
+        except AudioError:
+            continue
+        if level > -160:
+            levels.append(level)
+    return round(float(np.median(levels)), 1) if levels else None
+
+
 # --------------------------------------------------------------------------- corpora
 @dataclass(frozen=True)
 class Utterance:

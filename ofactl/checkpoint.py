@@ -41,8 +41,8 @@ def save_student(path: Path, student: Any, *, step: int = 0, teacher: dict[str, 
                  train_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
                  trained_rates: dict[str, Any] | None = None) -> Path:
     """Write ``student.pt`` atomically: weights, student config, training step, teacher identity,
-    the rates it was trained for (see :func:`rates_trained`) and ofactl version (loadable
-    without ``--trust-checkpoint``).
+    the rates it was trained for (see :func:`rates_trained`), the level of the audio it learned
+    from (``student.input_level_db``) and ofactl version (loadable without ``--trust-checkpoint``).
     """
     payload = {
         "format": FORMAT,
@@ -56,6 +56,7 @@ def save_student(path: Path, student: Any, *, step: int = 0, teacher: dict[str, 
         "train_state": train_state or {},
         "extra": extra or {},
         "trained_rates": trained_rates or {},
+        "input_level_db": getattr(student, "input_level_db", None),
     }
     return atomic_torch_save(payload, path)
 
@@ -130,6 +131,8 @@ def load_student(path: Path, device: str | torch.device = "cpu",
         student.load_state_dict(obj["state_dict"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the stored architecture ({str(e).splitlines()[0]})") from None
+    level = obj.get("input_level_db")  # absent from files written before it was recorded
+    student.input_level_db = float(level) if isinstance(level, (int, float)) else None
     return student.to(device).eval(), obj
 
 
@@ -179,6 +182,7 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
         "parameters": n_params,
         "pred_layers": cfg.get("pred_layers"),
         "trained_rates": rates_trained(obj),
+        "input_level_db": obj.get("input_level_db"),
         **_compute(cfg),
         "teacher": {k: v for k, v in obj.get("teacher", {}).items() if k != "arch"},
     }

@@ -372,7 +372,7 @@ def extract(
     shard: Annotated[str | None, typer.Option("--shard", help="i/N: this process fills every N-th block, from i; auto (the default under torchrun or a SLURM array): from the launcher's RANK/WORLD_SIZE or SLURM_ARRAY_TASK_ID/COUNT.")] = None,
     on_error: Annotated[OnError | None, typer.Option("--on-error", help="fail (stop at the first bad file) or skip (record it and go on).")] = None,
     adaptive_length: Annotated[bool, typer.Option("--adaptive-length", help="Content-dependent lengths instead of round(rate*T).")] = False,
-    level_db: Annotated[float | None, typer.Option("--level-db", help="Scale each recording to this RMS level in dBFS (e.g. -25) before the model; default: as recorded.")] = None,
+    level_db: Annotated[str | None, typer.Option("--level-db", help="Scale each recording to this RMS level in dBFS (e.g. -25), or auto: to the level the student was distilled at (recorded in its checkpoint); default: as recorded.")] = None,
     fmt: Annotated[StoreFormat, typer.Option("--format", help="zarr, or hdf5 (kept in OUT.zarr while running, exported to OUT).")] = "zarr",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace groups made by another checkpoint, layer set or corpus.")] = False,
     config: ConfigOpt = None,
@@ -386,7 +386,7 @@ def extract(
     Reruns skip utterances already extracted; a killed run resumes where it stopped.
     """
     from ofactl.config import Flag, load_config
-    from ofactl.extract import ExtractConfig, parse_shard, requested_rates, run_extract
+    from ofactl.extract import ExtractConfig, parse_level, parse_shard, requested_rates, run_extract
 
     def go() -> Any:
         flags = [Flag("rates", "--rate", requested_rates(rate or (), frame_ms or ())),
@@ -394,7 +394,7 @@ def extract(
                  Flag("precision", "--precision", precision), Flag("batch_seconds", "--batch-seconds", batch_seconds),
                  Flag("num_workers", "--workers", workers), Flag("on_error", "--on-error", on_error),
                  Flag("adaptive_length", "--adaptive-length", adaptive_length or None),
-                 Flag("level_db", "--level-db", level_db)]
+                 Flag("level_db", "--level-db", parse_level(level_db))]
         cfg = load_config(ExtractConfig, "extract", config, set_ or [], flags)
         return run_extract(cfg, ckpt, corpus, out, shard=parse_shard(shard), overwrite=overwrite, format=fmt,
                            progress=_progress(quiet, as_json))

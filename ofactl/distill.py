@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ofactl.atomic import atomic_path, write_text
-from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
+from ofactl.audio import Corpus, Utterance, load_audio, median_level_db, read_corpus
 from ofactl.choices import Alignment, CompressWeight, Precision, RateDraw, RateKind, SpectralAlignment
 from ofactl.config import to_dict
 from ofactl.errors import ConfigError
@@ -377,7 +377,7 @@ def run_distill(
     loader = tr.make_loader(tr.schedule_from(trn, cfg, start, su.world, su.rank), trn, cfg, su, segids,
                          cfg.student.arch.hop, start)
     loop = tr.train(job, cfg, su, optim, loader, start, progress)
-    return _finish(cfg, su, student, teacher, held, loop, eval_before)
+    return _finish(cfg, su, student, teacher, trn, held, loop, eval_before)
 
 
 def _build(cfg: DistillConfig, trust: bool, device: torch.device, progress: Progress) -> tuple[Any, Student]:
@@ -453,9 +453,10 @@ def _distill_job(cfg: DistillConfig, student: Student, teacher: Any, held: list[
     return job
 
 
-def _finish(cfg: DistillConfig, su: Any, student: Student, teacher: Any, held: list[Utterance], loop: Any,
-            eval_before: dict[str, float]) -> DistillResult:
-    """student.pt, held-out losses and achieved rates, summary.json (rank 0)."""
+def _finish(cfg: DistillConfig, su: Any, student: Student, teacher: Any, trn: list[Utterance],
+            held: list[Utterance], loop: Any, eval_before: dict[str, float]) -> DistillResult:
+    """student.pt (with the median level of the training audio), held-out losses and achieved
+    rates, summary.json (rank 0)."""
     from ofactl.checkpoint import save_student
     from ofactl.training import finish_distributed, ranks_in_sync
 
@@ -465,6 +466,7 @@ def _finish(cfg: DistillConfig, su: Any, student: Student, teacher: Any, held: l
     ev_after: dict[str, float] = {}
     achieved: dict[str, dict[str, float]] = {}
     if su.main:
+        student.input_level_db = median_level_db(trn, seed=cfg.seed)
         save_student(result_path, student, step=loop.step, teacher=teacher.describe(), extra={"config": to_dict(cfg)},
                      trained_rates=trained_rates(cfg, student.alpha_mean))
         ev_after = evaluate(student, teacher, held, cfg, su.device, su.amp)

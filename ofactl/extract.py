@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
@@ -50,7 +50,9 @@ class ExtractConfig:
     compress: StoreCompression = "none"  # chunk compression of the features
     long_window_s: float = 60.0  # longer utterances run in windows of this much audio (bounded memory)
     long_context_s: float = 8.0  # attention context on each side of a window
-    level_db: float | None = None  # scale each recording to this RMS level (dBFS, e.g. -25) before the model; none: as recorded
+    # scale each recording to this RMS level (dBFS, e.g. -25) before the model; auto: the median
+    # level of the audio the student was distilled on (recorded in its checkpoint); none: as recorded
+    level_db: float | Literal["auto"] | None = None
 
     def validate(self) -> None:
         """Raise ValueError for rates outside (0, 1], colliding group names or bad sizes."""
@@ -68,8 +70,32 @@ class ExtractConfig:
             raise ValueError("block_utts and chunk_frames must be >= 1, num_workers >= 0")
         if self.long_window_s < 1 or self.long_context_s < 0:
             raise ValueError("long_window_s must be >= 1 and long_context_s >= 0 (seconds)")
-        if self.level_db is not None and not -80 <= self.level_db <= 0:
-            raise ValueError(f"level_db {self.level_db}: expected an RMS level in dBFS from -80 to 0, e.g. -25")
+        if isinstance(self.level_db, (int, float)) and not -80 <= self.level_db <= 0:
+            raise ValueError(f"level_db {self.level_db}: expected an RMS level in dBFS from -80 to 0 (e.g. -25), "
+                             "or auto")
+
+
+def parse_level(text: str | None) -> float | Literal["auto"] | None:
+    """``--level-db``'s value: a level in dBFS, or ``auto``; None when not given."""
+    if text is None or text.strip().lower() == "auto":
+        return None if text is None else "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--level-db {text}: expected an RMS level in dBFS (e.g. -25) or auto") from None
+
+
+def resolve_level(cfg: ExtractConfig, student: Student, ckpt: str) -> ExtractConfig:
+    """``cfg`` with ``level_db: auto`` replaced by the level ``student`` was distilled at (its
+    checkpoint's ``input_level_db``), so stores and rows record the number; one clear error when
+    the checkpoint does not record one."""
+    if cfg.level_db != "auto":
+        return cfg
+    if student.input_level_db is None:
+        raise ConfigError(f"--level-db auto: {ckpt or 'this student'} does not record the level of its training "
+                          "audio (made before ofactl recorded it, or not by distill); give a level in dBFS, "
+                          "e.g. --level-db -25")
+    return replace(cfg, level_db=student.input_level_db)
 
 
 def parse_layers(spec: str, n_hidden: int) -> list[int]:
@@ -234,18 +260,22 @@ class ExtractResult:
     shard: tuple[int, int] | None
     loudness: Loudness = field(default_factory=Loudness)
     levelled: bool = False  # level_db scaled every recording, or the model does not hear the level
+    trained_level_db: float | None = None  # the level the student was distilled at, where recorded
 
     @property
     def warnings(self) -> int:
         """How many inputs were skipped (bad audio, too short), for the one-line warning."""
         return sum(g.skipped for g in self.groups) + len(self.corpus_problems)
 
-    def quiet_warning(self, remedy: str = "--level-db -25") -> str | None:
+    def quiet_warning(self, setting: str = "--level-db ") -> str | None:
         """One line when recordings this run decoded were quiet and nothing levelled them;
-        ``remedy`` is the setting as the calling command takes it."""
+        ``setting`` is the level's flag as the calling command takes it, before its value (auto
+        where the student records its training level, else -25)."""
         ld = self.loudness
         if self.levelled or not ld.quiet:
             return None
+        known = self.trained_level_db
+        remedy = setting + ("-25" if known is None else f"auto (the {known:g} dBFS this student was distilled at)")
         return (f"{ld.quiet} of {ld.measured} recording(s) are quieter than {QUIET_DBFS:g} dBFS (quietest "
                 f"{ld.quietest_db} dBFS: {ld.quietest}); this model's features depend on the input level, so quiet "
                 f"voices reach it weaker than loud ones (docs/models.md, 'Loudness'): {remedy} levels every "
@@ -323,6 +353,7 @@ def extract_with_student(
     rate group (nothing is created before the disk check passes), run the batches, finalise."""
     progress = progress or NullProgress()
     t_start = time.perf_counter()
+    cfg = resolve_level(cfg, student, ckpt_path)
     if shard is not None and overwrite:
         raise ConfigError("--overwrite cannot be combined with --shard: reset the store once without --shard")
     if shard is not None and out is None:
@@ -348,7 +379,7 @@ def extract_with_student(
     results = [_finalize(st, utts, t_in, cps.problems) for st in states.values()]
     levelled = cfg.level_db is not None or not student.cfg.hears_level
     return ExtractResult(Path(out) if out else Path(), results, audio_s, time.perf_counter() - t_start,
-                         model_s, dict(cps.problems), shard, loudness, levelled)
+                         model_s, dict(cps.problems), shard, loudness, levelled, student.input_level_db)
 
 
 def _too_short(u: Utterance) -> str:
@@ -610,6 +641,8 @@ def _run_batches(plan: list[list[int]], utts: list[Utterance], t_in: np.ndarray,
 
 def _loader(plan: list[list[int]], utts: list[Utterance], cfg: ExtractConfig) -> torch.utils.data.DataLoader:
     """Planned batches decoded in ``cfg.num_workers`` worker processes (Ctrl-C goes to the parent)."""
+    if cfg.level_db == "auto":  # resolve_level runs first: a level reaches the workers as a number
+        raise ValueError("level_db auto was not resolved against the student")
     return torch.utils.data.DataLoader(
         _BatchSource(plan, utts, cfg.level_db), batch_size=None, shuffle=False, num_workers=cfg.num_workers,
         pin_memory=False, prefetch_factor=4 if cfg.num_workers else None,

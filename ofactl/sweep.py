@@ -25,7 +25,7 @@ from ofactl.audio import Corpus, load_audio, read_corpus
 from ofactl.choices import Task
 from ofactl.config import doc_sha, save_resolved, to_dict
 from ofactl.errors import ConfigError
-from ofactl.extract import ExtractConfig, extract_with_student, feature_settings, parse_layers, settings_differ
+from ofactl.extract import ExtractConfig, extract_with_student, feature_settings, parse_layers, resolve_level, settings_differ
 from ofactl.probe import ProbeConfig, build_task, train_probe
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import (
@@ -268,13 +268,14 @@ class _Sweep:
         from ofactl.storage.zarr_store import rate_key
 
         cfg, task, arch = self.cfg, self.task, student.cfg.arch
+        features = resolve_level(cfg.extract, student, str(ckpt))  # level_db auto: this student's level
         if not _group_covers(st_path, r, sha, parse_layers(cfg.layers, student.num_hidden), self.task_ids,
-                              cfg.extract):
+                              features):
             # the whole corpus, so one store serves every task
-            ecfg = replace(cfg.extract, rates=(r,), layers=cfg.layers)
+            ecfg = replace(features, rates=(r,), layers=cfg.layers)
             ext = extract_with_student(ecfg, student, sha, self.corpus, st_path, progress=self.progress,
                                        ckpt_path=str(ckpt), overwrite=self.overwrite)
-            warning = ext.quiet_warning("--set extract.level_db=-25")
+            warning = ext.quiet_warning("--set extract.level_db=")
             if warning and label not in self.warned:  # once per checkpoint, not per rate
                 self.warned.add(label)
                 self.progress.log(f"warning: {warning}")

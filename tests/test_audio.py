@@ -210,3 +210,19 @@ def test_set_level_reaches_the_level_and_keeps_silence():
         assert torch.equal(set_level(w, db, level_dbfs(w)), out)  # a level measured before is the same level
     silence = torch.zeros(800)
     assert level_dbfs(silence) == -160 and torch.equal(set_level(silence, -25.0), silence)
+
+
+def test_median_level_is_the_middle_of_the_recordings_levels(tmp_path):
+    from ofactl.audio import median_level_db
+
+    x = np.sin(2 * np.pi * 200 * np.arange(16000) / 16000).astype(np.float32)  # RMS 1/sqrt(2): -3.01 dBFS
+    for i, db in enumerate((-50, -30, -20, -10, -40, -60)):
+        sf.write(tmp_path / f"u{i}.wav", x * np.float32(10 ** ((db + 3.0103) / 20)), 16000, subtype="FLOAT")
+    sf.write(tmp_path / "u6.wav", np.zeros(8000, np.float32), 16000, subtype="FLOAT")
+    utts = list(read_corpus(tmp_path))
+    (tmp_path / "u5.wav").write_bytes(b"RIFF no longer audio")  # damaged after the corpus was read
+    assert median_level_db(utts) == -30.0  # digital silence and a file that does not decode are not levels
+    few = median_level_db(utts, sample=3, seed=1)
+    assert -50 <= few <= -10 and few == median_level_db(utts, sample=3, seed=1)  # a median of three drawn
+    assert {median_level_db(utts, sample=1, seed=s) for s in range(20)} > {-30.0}  # the seed draws the sample
+    assert median_level_db([]) is None

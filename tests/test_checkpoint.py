@@ -106,3 +106,15 @@ def test_trained_rates_survive_save_and_load(tmp_path):
     assert describe_checkpoint(p)["trained_rates"] == ofa
     assert covers(ofa, 0.5) and not covers(ofa, 0.2) and covers(None, 0.1)
     assert covers({"kind": "fixed", "rates": [0.333]}, 0.3333) and not covers({"kind": "fixed", "rates": [0.5]}, 0.25)
+
+
+def test_the_training_level_survives_save_and_load_and_older_files_have_none(tmp_path):
+    s = Student(student_config("tiny"))
+    s.input_level_db = -23.4
+    p = save_student(tmp_path / "s.pt", s)
+    loaded, payload = load_student(p)
+    assert loaded.input_level_db == -23.4 and describe_checkpoint(p)["input_level_db"] == -23.4
+    del payload["input_level_db"]  # a file written before the level was recorded
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_student(tmp_path / "old.pt")[0].input_level_db is None
+    assert describe_checkpoint(tmp_path / "old.pt")["input_level_db"] is None

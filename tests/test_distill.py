@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import kill_when_exists
 
-from ofactl.audio import Corpus, read_corpus
+from ofactl.audio import Corpus, median_level_db, read_corpus
 from ofactl.checkpoint import load_student, read_checkpoint
 from ofactl.config import load_config
 from ofactl.distill import DistillConfig, distill_loss, run_distill, sample_rates, train_step_loss
@@ -23,6 +23,7 @@ from ofactl.errors import CheckpointError, ConfigError, OfactlError
 from ofactl.model.student import Student
 from ofactl.model.teacher import load_teacher
 from ofactl.progress import NullProgress
+from ofactl.training import split_held_out
 
 
 def tiny_cfg(**kw) -> DistillConfig:
@@ -183,6 +184,9 @@ def test_run_dir_outputs_checkpoints_and_refusals(tmp_path, synth_corpus):
     assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["step-00000002.pt", "step-00000004.pt"]
     student, meta = load_student(run / "student.pt")
     assert meta["step"] == 4 and 0 < student.alpha_mean < 1
+    trn, _ = split_held_out(list(read_corpus(synth_corpus)), cfg.eval_utts, cfg.seed)
+    assert student.input_level_db == median_level_db(trn, seed=cfg.seed)  # what extract --level-db auto reads
+    assert -40 < student.input_level_db < -5
     ck = read_checkpoint(run / "checkpoints/step-00000004.pt")
     assert {"optimizer", "scheduler", "rng"} <= set(ck["train_state"])
     assert set(res.eval_after) == {"1", "0.5"} and set(res.achieved_rates) >= {"1", "0.5", "0.25"}

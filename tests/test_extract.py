@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from ofactl.audio import load_audio, read_corpus
 from ofactl.checkpoint import save_student
 from ofactl.cli import app
-from ofactl.errors import AudioError, StoreError
+from ofactl.config import load_config
+from ofactl.errors import AudioError, ConfigError, StoreError
 from ofactl.extract import ExtractConfig, run_extract
 from ofactl.model.student import Student, student_config
 from ofactl.storage import open_store
@@ -535,7 +536,7 @@ def test_level_db_makes_a_quiet_copy_extract_like_the_loud_one(tmp_path, student
     assert raw.loudness.measured == 2 and raw.loudness.quiet == 1 and raw.loudness.quietest.endswith("quiet.wav")
     assert -55 < raw.loudness.quietest_db < -50
     assert "1 of 2 recording(s) are quieter than -35 dBFS" in raw.quiet_warning() and "--level-db" in raw.quiet_warning()
-    assert "--set extract.level_db=-25 levels" in raw.quiet_warning("--set extract.level_db=-25")
+    assert "--set extract.level_db=-25 levels" in raw.quiet_warning("--set extract.level_db=")
     assert lev.quiet_warning() is None and lev.to_json()["loudness"]["levelled"] is True
     # a student whose front end normalises each utterance (fbank) does not hear the level: no warning
     torch.manual_seed(0)
@@ -555,6 +556,35 @@ def test_another_level_db_is_refused_unless_overwrite(tmp_path, student_ckpt):
     assert all(g.written == g.utterances == 2 for g in res.groups)
 
 
+def test_level_db_auto_is_the_level_the_student_was_distilled_at(tmp_path, student_ckpt):
+    ckpt, _ = student_ckpt
+    _loud_and_quiet(tmp_path / "wavs")
+    torch.manual_seed(0)
+    s = Student(student_config("tiny"))
+    s.input_level_db = -30.0  # what distill records: the median level of its training audio
+    known = save_student(tmp_path / "known.pt", s)
+    cfg = replace(CFG, rates=(1.0,))
+    auto = extract(tmp_path, tmp_path / "wavs", cfg=replace(cfg, level_db="auto"), ckpt=known, name="auto.zarr")
+    extract(tmp_path, tmp_path / "wavs", cfg=replace(cfg, level_db=-30.0), ckpt=known, name="n.zarr")
+    f_auto, f_num = all_feats(tmp_path / "auto.zarr", 1.0), all_feats(tmp_path / "n.zarr", 1.0)
+    assert all(np.array_equal(f_auto[u], f_num[u]) for u in f_num)
+    assert open_store(tmp_path / "auto.zarr").group(1.0).attrs["level_db"] == -30.0  # the number, not "auto"
+    assert auto.quiet_warning() is None
+    # the same store asked again with auto is complete: auto and its number are one setting
+    again = extract(tmp_path, tmp_path / "wavs", cfg=replace(cfg, level_db="auto"), ckpt=known, name="n.zarr")
+    assert all(g.written == 0 and g.reused == 2 for g in again.groups)
+    # quiet recordings and a student that knows its level: the warning offers auto
+    raw = extract(tmp_path, tmp_path / "wavs", cfg=cfg, ckpt=known, name="raw.zarr")
+    assert "--level-db auto (the -30 dBFS this student was distilled at) levels" in raw.quiet_warning()
+    # a checkpoint that does not record a level: one clear error, before any store is made
+    with pytest.raises(ConfigError, match=r"--level-db auto: .*student.pt does not record the level.*--level-db -25"):
+        extract(tmp_path, tmp_path / "wavs", cfg=replace(cfg, level_db="auto"), ckpt=ckpt, name="none.zarr")
+    assert not (tmp_path / "none.zarr").exists()
+    assert load_config(ExtractConfig, "extract", None, ["level_db=auto"]).level_db == "auto"
+    with pytest.raises(ConfigError, match=r"level_db .*expected float \| 'auto' \| null, got str 'loud'"):
+        load_config(ExtractConfig, "extract", None, ["level_db=loud"])
+
+
 def test_cli_level_db_flag_and_its_bounds(tmp_path, student_ckpt):
     ckpt, _ = student_ckpt
     _loud_and_quiet(tmp_path / "wavs")
@@ -569,3 +599,8 @@ def test_cli_level_db_flag_and_its_bounds(tmp_path, student_ckpt):
     r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "c.zarr"), "--level-db", "6"])
     assert r.exit_code == 1 and "--level-db 6.0" in r.output and "from -80 to 0" in r.output
     assert "Traceback" not in r.output
+    r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "d.zarr"), "--level-db", "loud"])
+    assert r.exit_code == 1 and "--level-db loud: expected an RMS level in dBFS (e.g. -25) or auto" in r.output
+    r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "e.zarr"), "--level-db", "auto"])
+    assert r.exit_code == 1 and "--level-db auto:" in r.output and "does not record" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "d.zarr").exists() and not (tmp_path / "e.zarr").exists()

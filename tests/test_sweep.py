@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from typer.testing import CliRunner
 from ofactl.checkpoint import save_student
 from ofactl.cli import app
 from ofactl.model.student import Student, student_config
+from ofactl.storage import open_store
 
 
 @pytest.mark.slow
@@ -193,3 +195,17 @@ def test_quiet_recordings_are_reported_once_per_checkpoint_with_the_sweeps_own_s
     assert len(warnings) == 1, warnings  # two rates extracted, one report
     assert "2 of 8 recording(s) are quieter than -35 dBFS" in warnings[0]
     assert "--set extract.level_db=-25 levels every recording" in warnings[0]
+    # a student that records its training level: the warning offers auto, and auto levels each
+    # checkpoint's recordings to its own level
+    s = Student(student_config("tiny"))
+    s.input_level_db = -20.0
+    known = save_student(tmp_path / "known.pt", s)
+    progress = NullProgress()
+    run_sweep(cfg, [("known", known)], tmp_path / "m.tsv", tmp_path / "sw2", progress=progress)
+    warnings = [m for m in progress.messages if m.startswith("warning:")]
+    assert len(warnings) == 1 and "--set extract.level_db=auto (the -20 dBFS" in warnings[0]
+    cfg.extract.level_db = "auto"
+    progress = NullProgress()
+    res = run_sweep(cfg, [("known", known)], tmp_path / "m.tsv", tmp_path / "sw3", progress=progress)
+    assert not [m for m in progress.messages if m.startswith("warning:")]
+    assert {open_store(Path(r.store_group).parent).group(r.requested_rate).attrs["level_db"] for r in res.rows} == {-20.0}

@@ -146,6 +146,9 @@ class Student(nn.Module):
         self.heads = PredictionHeads(cfg.arch.embed_dim, cfg.teacher_dim, len(cfg.pred_layers))
         self.spectral_head = (PredictionHeads(cfg.arch.embed_dim, cfg.spectral_bins, 1)
                               if cfg.spectral_bins > 0 else None)
+        # the median RMS level (dBFS) of the audio it was distilled on, where known: `extract
+        # --level-db auto` scales recordings to it (a checkpoint field, not a weight)
+        self.input_level_db: float | None = None
 
     @property
     def num_hidden(self) -> int:
