@@ -35,17 +35,18 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ofactl.atomic import save_figure, write_text
-from ofactl.audio import Corpus, load_audio, read_corpus
+from ofactl.audio import Corpus, load_audio, read_corpus, set_level
 from ofactl.choices import CostForm, FinalProbe, LambdaData, LambdaGrad, LambdaLoss, Task
 from ofactl.config import save_resolved
 from ofactl.errors import ConfigError
+from ofactl.extract import check_level, level_for
 from ofactl.model.compress import LAMBDA_MAX, length_mask, mix_alpha, rate_to_lambda
 from ofactl.probe import ProbeConfig, build_task
 from ofactl.probe.tasks import TaskData
@@ -90,6 +91,9 @@ class AdaptConfig:
     # extracts, so it reads like a sweep's row; joint, the probe trained beside lambda (no extra
     # training; on speaker ID it read 4-13 points below the sweep at the same rate)
     seed: int = 0  # seeds splits, the probe, batches and the probe band
+    # scale each recording to this RMS level (dBFS) before the student, as extract --level-db does
+    # (auto: the level it was distilled at); rate.yaml then extracts at the same level
+    level_db: float | Literal["auto"] | None = None
     device: str = "auto"  # the student, lambda and the probe (unless probe.device says otherwise)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
@@ -116,6 +120,7 @@ class AdaptConfig:
             raise ValueError("lambda_batch_size must be >= 0 (0: batch_size)")
         if self.lambda_loss == "metric" and self.lambda_grad != "difference":
             raise ValueError("lambda_loss metric has no gradient: it needs lambda_grad difference")
+        check_level(self.level_db)
 
     @property
     def rate_cost(self) -> RateCost:
@@ -184,12 +189,14 @@ class AdaptResult:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-def _cnn_cache(student: Any, utts: list, device: torch.device) -> dict[str, Tensor]:
-    """Layer-normed CNN features per utterance (the frozen part that does not depend on lambda)."""
+def _cnn_cache(student: Any, utts: list, device: torch.device, level_db: float | None = None) -> dict[str, Tensor]:
+    """Layer-normed CNN features per utterance (the frozen part that does not depend on lambda),
+    each recording scaled to ``level_db`` (dBFS) first when one is given."""
     out = {}
     with torch.no_grad():
         for u in utts:
-            w = load_audio(u.path)[None].to(device)
+            w = load_audio(u.path)
+            w = (w if level_db is None else set_level(w, level_db))[None].to(device)
             f, n = student.cnn_features(w, torch.tensor([w.shape[1]], device=device))
             out[u.id] = f[0, : int(n[0])].half().cpu()
     return out
@@ -226,19 +233,20 @@ def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, devi
     student, _ = load_student(Path(ckpt), device)
     if student.cfg.compressor != "cif":
         raise ConfigError(f"{ckpt}: adapt needs a once-for-all (cif) student, this one is {student.cfg.compressor}")
+    level = level_for(cfg.level_db, student, str(ckpt))
     for p in student.parameters():
         p.requires_grad_(False)
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
     task = build_task(cfg.task, cps, cfg.label_column or None, cfg.seed)
     utts = [u for u in cps if u.id in set(task.ids)]
     progress.start("front-end features (computed once)", None)
-    cache = _cnn_cache(student, utts, device)
+    cache = _cnn_cache(student, utts, device, level)
     progress.finish()
     alpha_mean = student.alpha_mean
     lam = LearnableLambda(float(rate_to_lambda(cfg.init_rate, alpha_mean)),
                           float(rate_to_lambda(cfg.min_rate, alpha_mean))).to(device)
     probe = Probe(student.num_hidden, student.cfg.arch.embed_dim, task.n_outputs, task.kind, cfg.probe).to(device)
-    return _AdaptJob(cfg, student, task, cache, device, probe, lam)
+    return _AdaptJob(cfg, student, task, cache, device, probe, lam, level)
 
 
 @dataclass
@@ -252,6 +260,7 @@ class _AdaptJob:
     device: torch.device
     probe: Probe
     lam: LearnableLambda
+    level_db: float | None = None  # the level every recording was scaled to (dBFS); none: as recorded
     traj: list[dict[str, Any]] = field(default_factory=list)
     dev_pos: int = 0
 
@@ -347,7 +356,7 @@ def _finish_adapt(job: _AdaptJob, out_dir: Path, compare_sweep: Path | None, t0:
     write_text(out_dir / "rate.yaml",
         f"description: rate learned by 'ofactl adapt --task {task.task}' (lambda {final_lam:.4f}, "
         f"cost {cfg.cost} {cfg.cost_form}); use with 'ofactl extract -c {out_dir / 'rate.yaml'}'\n"
-        f"extract:\n  rates: [{learned_rate}]\n")
+        f"extract:\n  rates: [{learned_rate}]\n" + ("" if job.level_db is None else f"  level_db: {job.level_db}\n"))
     comparison = compare_with_sweep(compare_sweep, task, learned_rate, test_metric[task.metric],
                                     time.perf_counter() - t0, cfg.rate_cost) if compare_sweep else None
     res = AdaptResult(out_dir, task.task, task.metric, round(test_metric[task.metric], 5), round(final_lam, 5),

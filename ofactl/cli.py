@@ -492,6 +492,7 @@ def adapt(
     init_rate: Annotated[float | None, typer.Option("--init-rate", help="Starting rate.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: summary.json, trajectory.jsonl/.png, rate.yaml.")] = Path("adapt"),
     compare_sweep: Annotated[Path | None, typer.Option("--compare-sweep", help="A sweep folder of the same task to compare with.")] = None,
+    level_db: Annotated[str | None, typer.Option("--level-db", help="Scale each recording to this RMS level in dBFS (e.g. -25), or auto (the level the student was distilled at), as extract does; rate.yaml keeps it.")] = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -505,11 +506,13 @@ def adapt(
     """
     from ofactl.adapt import AdaptConfig, run_adapt
     from ofactl.config import Flag, load_config
+    from ofactl.extract import parse_level
 
     def go() -> Any:
         flags = [Flag("task", "--task", task), Flag("cost", "--cost", cost), Flag("cost_form", "--cost-form", cost_form),
                  Flag("target_rate", "--target-rate", target_rate),
-                 Flag("init_rate", "--init-rate", init_rate), Flag("device", "--device", device)]
+                 Flag("init_rate", "--init-rate", init_rate), Flag("device", "--device", device),
+                 Flag("level_db", "--level-db", parse_level(level_db))]
         cfg = load_config(AdaptConfig, "adapt", config, set_ or [], flags)
         return run_adapt(cfg, ckpt, corpus, out, compare_sweep, progress=_progress(quiet, as_json))
 

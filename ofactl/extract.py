@@ -70,9 +70,13 @@ class ExtractConfig:
             raise ValueError("block_utts and chunk_frames must be >= 1, num_workers >= 0")
         if self.long_window_s < 1 or self.long_context_s < 0:
             raise ValueError("long_window_s must be >= 1 and long_context_s >= 0 (seconds)")
-        if isinstance(self.level_db, (int, float)) and not -80 <= self.level_db <= 0:
-            raise ValueError(f"level_db {self.level_db}: expected an RMS level in dBFS from -80 to 0 (e.g. -25), "
-                             "or auto")
+        check_level(self.level_db)
+
+
+def check_level(level: float | str | None) -> None:
+    """Raise ValueError for a ``level_db`` outside -80..0 dBFS (``auto`` and none pass)."""
+    if isinstance(level, (int, float)) and not -80 <= level <= 0:
+        raise ValueError(f"level_db {level}: expected an RMS level in dBFS from -80 to 0 (e.g. -25), or auto")
 
 
 def parse_level(text: str | None) -> float | Literal["auto"] | None:
@@ -85,17 +89,23 @@ def parse_level(text: str | None) -> float | Literal["auto"] | None:
         raise ConfigError(f"--level-db {text}: expected an RMS level in dBFS (e.g. -25) or auto") from None
 
 
-def resolve_level(cfg: ExtractConfig, student: Student, ckpt: str) -> ExtractConfig:
-    """``cfg`` with ``level_db: auto`` replaced by the level ``student`` was distilled at (its
-    checkpoint's ``input_level_db``), so stores and rows record the number; one clear error when
-    the checkpoint does not record one."""
-    if cfg.level_db != "auto":
-        return cfg
+def level_for(level: float | Literal["auto"] | None, student: Student, ckpt: str) -> float | None:
+    """The level (dBFS) a ``level_db`` setting scales recordings to for ``student``: ``auto`` is
+    the level it was distilled at (its checkpoint's ``input_level_db``), with one clear error
+    when the checkpoint does not record one; none: as recorded."""
+    if level != "auto":
+        return level
     if student.input_level_db is None:
         raise ConfigError(f"--level-db auto: {ckpt or 'this student'} does not record the level of its training "
                           "audio (made before ofactl recorded it, or not by distill); give a level in dBFS, "
                           "e.g. --level-db -25")
-    return replace(cfg, level_db=student.input_level_db)
+    return student.input_level_db
+
+
+def resolve_level(cfg: ExtractConfig, student: Student, ckpt: str) -> ExtractConfig:
+    """``cfg`` with ``level_db: auto`` replaced by its number for ``student`` (:func:`level_for`),
+    so stores and rows record the number."""
+    return cfg if cfg.level_db != "auto" else replace(cfg, level_db=level_for(cfg.level_db, student, ckpt))
 
 
 def parse_layers(spec: str, n_hidden: int) -> list[int]:

@@ -136,9 +136,38 @@ def test_cli_outputs_and_rate_config_loads(tmp_path, distilled, synth_corpus):
     assert (out / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
     cfg = load_config(ExtractConfig, "extract", out / "rate.yaml")
     assert cfg.rates == (doc["learned_rate"],)
+    assert cfg.level_db is None  # as recorded, as adapt heard them
     r = CliRunner().invoke(app, ["adapt", "--ckpt", str(distilled), "--corpus", str(synth_corpus), "--task", "sid",
                                  "--cost", "-1", "--out", str(out)])
     assert r.exit_code == 1 and "cost (gamma) must be >= 0" in r.stderr
+    r = CliRunner().invoke(app, ["adapt", "--ckpt", str(distilled), "--corpus", str(synth_corpus), "--task", "sid",
+                                 "--level-db", "loud", "--out", str(out)])
+    assert r.exit_code == 1 and "--level-db loud: expected an RMS level in dBFS (e.g. -25) or auto" in r.stderr
+
+
+def test_level_db_levels_what_adapt_hears_and_rate_yaml_extracts_at_that_level(tmp_path, distilled, synth_corpus):
+    import numpy as np
+    import soundfile as sf
+
+    from ofactl.adapt import _cnn_cache
+    from ofactl.checkpoint import load_student
+
+    student, _ = load_student(distilled)
+    assert student.input_level_db is not None  # distill records it
+    x = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    sf.write(tmp_path / "loud.wav", x, 16000, subtype="FLOAT")
+    sf.write(tmp_path / "quiet.wav", x / 300, 16000, subtype="FLOAT")
+    (tmp_path / "l.txt").write_text(f"{tmp_path / 'loud.wav'}\n{tmp_path / 'quiet.wav'}\n")
+    utts = list(read_corpus(tmp_path / "l.txt"))
+    raw = _cnn_cache(student, utts, torch.device("cpu"))
+    levelled = _cnn_cache(student, utts, torch.device("cpu"), student.input_level_db)
+    gap = {k: float((c["loud"].float() - c["quiet"].float()).abs().max()) for k, c in (("raw", raw), ("lev", levelled))}
+    assert gap["lev"] < 0.01 < gap["raw"]
+    out = tmp_path / "ad"
+    r = CliRunner().invoke(app, ["adapt", "--ckpt", str(distilled), "--corpus", str(synth_corpus), "--task", "sid",
+                                 "--out", str(out), "--set", "epochs=1", "--level-db", "auto"])
+    assert r.exit_code == 0, r.output
+    assert load_config(ExtractConfig, "extract", out / "rate.yaml").level_db == student.input_level_db
 
 
 @pytest.mark.slow
