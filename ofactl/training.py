@@ -115,7 +115,7 @@ def setup_run(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool) ->
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    # every rank reads the folder itself: rank 0 only created it, so none has a checkpoint yet
+    # each rank looks for itself: prepare_run_dir touches no checkpoint under --resume, so all agree
     return Setup(run_dir, device, autocast_dtype(cfg.precision, device), world, rank, local,
                  resume=resume and has_checkpoint(run_dir))
 
