@@ -91,9 +91,9 @@ class AdaptConfig:
     # extracts, so it reads like a sweep's row; joint, the probe trained beside lambda (no extra
     # training; on speaker ID it read 4-13 points below the sweep at the same rate)
     seed: int = 0  # seeds splits, the probe, batches and the probe band
-    # scale each recording to this RMS level (dBFS) before the student, as extract --level-db does
-    # (auto: the level it was distilled at); rate.yaml then extracts at the same level
-    level_db: float | Literal["auto"] | None = None
+    level_db: float | Literal["auto"] | None = None  # scale each recording to this RMS level (dBFS)
+    # before the student, as extract --level-db does (auto: the level it was distilled at);
+    # rate.yaml then extracts at the same level
     device: str = "auto"  # the student, lambda and the probe (unless probe.device says otherwise)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 

@@ -50,9 +50,9 @@ class ExtractConfig:
     compress: StoreCompression = "none"  # chunk compression of the features
     long_window_s: float = 60.0  # longer utterances run in windows of this much audio (bounded memory)
     long_context_s: float = 8.0  # attention context on each side of a window
-    # scale each recording to this RMS level (dBFS, e.g. -25) before the model; auto: the median
-    # level of the audio the student was distilled on (recorded in its checkpoint); none: as recorded
-    level_db: float | Literal["auto"] | None = None
+    level_db: float | Literal["auto"] | None = None  # scale each recording to this RMS level (dBFS, e.g. -25)
+    # before the model; auto: the median level of the audio the student was distilled on (its
+    # checkpoint records it); none: as recorded
 
     def validate(self) -> None:
         """Raise ValueError for rates outside (0, 1], colliding group names or bad sizes."""
