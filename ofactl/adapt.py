@@ -50,7 +50,7 @@ from ofactl.extract import check_level, level_for
 from ofactl.model.compress import LAMBDA_MAX, length_mask, mix_alpha, rate_to_lambda
 from ofactl.probe import ProbeConfig, build_task
 from ofactl.probe.tasks import TaskData
-from ofactl.probe.train import Probe, decode, score, task_loss, train_probe
+from ofactl.probe.train import Probe, bucketed_batches, decode, score, task_loss, train_probe
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import check_device_name, resolve_device, seed_all
 
@@ -278,13 +278,16 @@ class _AdaptJob:
         warm = int(cfg.lambda_warmup * cfg.epochs * steps_per_epoch)
         refine_from = cfg.epochs - int(round(cfg.refine * cfg.epochs))
         progress.start("adapting the rate", cfg.epochs * steps_per_epoch)
+        # CTC batches of like lengths, as a sweep's probe trains (pool 1: plain random batches);
+        # utterance heads keep plain ones, as train_probe does
+        pool = cfg.probe.sort_pool if self.task.kind == "ctc" else 1
+        frames = {u: len(self.cache[u]) for u in train}
         step = 0
         for epoch in range(cfg.epochs):
             refining = epoch >= refine_from
-            order = [train[i] for i in torch.randperm(len(train), generator=self.gen).tolist()]
-            for k in range(0, len(order), cfg.batch_size):
+            for ids in bucketed_batches(train, frames, cfg.batch_size, pool, self.gen):
                 phase = "refine" if refining else ("joint" if step >= warm else "warmup")
-                rec = self.step(order[k : k + cfg.batch_size], phase)
+                rec = self.step(ids, phase)
                 step += 1
                 self.traj.append({"step": step, "epoch": epoch + 1, **rec})
                 progress.advance(1, lam=rec["lambda"], rate=rec["achieved_rate"], loss=rec["task_loss"])

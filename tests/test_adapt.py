@@ -116,6 +116,42 @@ def test_each_lambda_step_reads_lambda_batch_size_dev_utterances(tmp_path, disti
     assert 0 < res.learned_rate <= 1
 
 
+@pytest.mark.parametrize("task, pool", [("pr", 4), ("pr", 1), ("sid", 4)])
+def test_joint_batches_follow_probe_sort_pool_for_ctc_heads(tmp_path, distilled, medium_corpus, monkeypatch, task, pool):
+    """CTC batches of like lengths (sorted runs of ``pool`` batches), as a sweep's probe trains;
+    pool 1 and utterance heads draw plain random batches, the same ones as before the setting
+    reached adapt."""
+    import ofactl.adapt as adapt_mod
+
+    seen: list[list[str]] = []
+    real = adapt_mod._AdaptJob.step
+
+    def spy(job, ids, phase):
+        seen.append(list(ids))
+        return real(job, ids, phase)
+
+    monkeypatch.setattr(adapt_mod._AdaptJob, "step", spy)
+    cfg = load_config(AdaptConfig, "adapt", None, [f"task={task}", "epochs=1", "batch_size=4", "final_probe=joint",
+                                                    f"probe.sort_pool={pool}"])
+    run_adapt(cfg, distilled, medium_corpus, tmp_path / "a")
+    train = build_task(task, read_corpus(medium_corpus), None, 0).splits["train"]
+    assert sorted(u for b in seen for u in b) == sorted(train)  # every utterance once per epoch
+    assert [len(b) for b in seen].count(4) >= len(train) // 4 - pool  # full batches, a short one per run at most
+    gen = torch.Generator().manual_seed(0)
+    plain = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
+    same_as_plain = [u for b in seen for u in b] == plain
+    assert same_as_plain == (pool == 1 or task == "sid")
+    if not same_as_plain:  # a batch's lengths lie within one sorted run: less padding than plain batches
+        from ofactl.audio import load_audio
+
+        secs = {u.id: load_audio(u.path).shape[-1] for u in read_corpus(medium_corpus) if u.id in set(train)}
+
+        def padding(batches: list[list[str]]) -> int:
+            return sum(max(secs[u] for u in b) * len(b) - sum(secs[u] for u in b) for b in batches)
+
+        assert padding(seen) < padding([plain[k : k + 4] for k in range(0, len(plain), 4)])
+
+
 @pytest.mark.slow
 def test_zero_cost_never_compresses_a_task_that_needs_frames(tmp_path, distilled, medium_corpus):
     synth_corpus = medium_corpus

@@ -45,9 +45,10 @@ class ProbeConfig:
     conv_kernel: int = 5  # its kernel in frames, odd: 5 frames see 100 ms at rate 1 (ctc_head: conv)
     layer_norm: bool = True  # layer-normalise each hidden state before the weighted sum
     upsample_ctc: bool = False  # repeat frames back to the 20 ms grid before the CTC head
-    sort_pool: int = 4  # CTC heads: each epoch's shuffled utterances are sorted by length in runs of this
-    # many batches, cut into batches, and the batches shuffled, so a batch pads little (on synth-tiny padding
-    # falls from 61% of the frames a BiLSTM runs to 27%, about twice as fast); 1: plain random batches
+    sort_pool: int = 4  # CTC heads (sweep, and adapt's joint phase too): each epoch's shuffled utterances
+    # are sorted by length in runs of this many batches, cut into batches, and the batches shuffled, so a
+    # batch pads little (on synth-tiny padding falls from 61% of the frames a BiLSTM runs to 27%, about
+    # twice as fast); 1: plain random batches
     max_frames: int = 2_000_000  # CTC heads: training stops once the head has seen this many frames
     # (epochs x training frames; its cost is about proportional). 0: no budget. 2M frames is 40 epochs
     # of 14 minutes of speech at rate 1: a 4-rate sweep of 25 minutes stays within minutes on a CPU
