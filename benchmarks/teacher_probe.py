@@ -14,6 +14,8 @@ and the untrained ``random:tiny``.
 
 With ``--input-level-db``, every recording is scaled to that RMS level (dBFS) before any features
 are taken (log-mel and both models alike, from one decode): how much of a result is the recordings' loudness.
+``auto`` takes the level the teacher heard in pretraining, which ``ofactl pretrain`` records in the
+teacher's file (the bundled teachers predate the record).
 With ``--group-norm-eps``, both models' GroupNorm epsilon is replaced at load (no retraining):
 whether that epsilon is what makes a quiet recording reach a model differently.
 ``--probe-seed`` changes only the probes' initialisation and batch order (splits stay): how much
@@ -158,6 +160,23 @@ def seen_speaker_split(task: TaskData, seed: int = 0) -> TaskData:
     return replace(task, splits={"train": ids[:a], "dev": ids[a:b], "test": ids[b:]})
 
 
+def input_level(value: str | None, teacher: str) -> float | None:
+    """``--input-level-db`` as a level in dBFS: a number, ``auto`` (the level the teacher's file
+    records; teachers from ``ofactl pretrain`` do), or none. Anything else exits naming the flag."""
+    if value is None:
+        return None
+    if value == "auto":
+        level = load_teacher(teacher).input_level_db
+        if level is None:
+            sys.exit(f"teacher_probe: --input-level-db auto: {teacher} records no level of its pretraining audio "
+                     "(teachers pretrained by this version of ofactl do); give a level in dBFS, e.g. -25")
+        return level
+    try:
+        return float(value)
+    except ValueError:
+        sys.exit(f"teacher_probe: --input-level-db {value!r}: expected a level in dBFS (e.g. -25) or auto")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", default="builtin:hubert-tiny")
@@ -170,13 +189,15 @@ def main() -> None:
                     help="the CTC heads of --periods: linear (one frame at a time) and conv (five frames)")
     ap.add_argument("--ks-seen-speakers", action="store_true",
                     help="also probe ks on a random 70/15/15 split of FSDD, every speaker in training")
-    ap.add_argument("--input-level-db", type=float, default=None,
-                    help="scale every recording to this RMS level (dBFS, e.g. -25) before taking any features")
+    ap.add_argument("--input-level-db", default=None,
+                    help="scale every recording to this RMS level (dBFS, e.g. -25) before taking any features; "
+                         "auto: the level of the teacher's pretraining audio, which its file records")
     ap.add_argument("--probe-seed", type=int, default=0,
                     help="seed of the probes' initialisation and batches (the splits stay fixed)")
     ap.add_argument("--group-norm-eps", type=float, default=None,
                     help="replace both models' GroupNorm epsilon (trained with 1e-5) at load, e.g. 1e-9")
     args = ap.parse_args()
+    args.input_level_db = input_level(args.input_level_db, args.teacher)
     torch.manual_seed(0)
     synth = Path(args.synth) if args.synth else None
     if synth is None or not (synth / "manifest.tsv").is_file():

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ofactl.atomic import atomic_path, write_text
-from ofactl.audio import Corpus, Utterance, load_audio, read_corpus
+from ofactl.audio import Corpus, Utterance, load_audio, median_level_db, read_corpus
 from ofactl.choices import Precision
 from ofactl.config import to_dict
 from ofactl.errors import CheckpointError, ConfigError
@@ -387,7 +387,7 @@ def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path
     loader = tr.make_loader(tr.schedule_from(trn, cfg, start, su.world, su.rank), trn, cfg, su, targets,
                          cfg.arch.hop, start, speeds=cfg.speed_perturb)
     loop = tr.train(job, cfg, su, optim, loader, start, progress)
-    return _finish(cfg, su, model, held, targets, loop)
+    return _finish(cfg, su, model, trn, held, targets, loop)
 
 
 def _units(cfg: PretrainConfig, run_dir: Path, utts: list[Utterance], source: FeatureSource,
@@ -488,15 +488,19 @@ def export_teacher(model: PretrainModel, path: Path, extra: dict[str, str] | Non
     return path
 
 
-def _finish(cfg: PretrainConfig, su: Any, model: PretrainModel, held: list[Utterance],
+def _finish(cfg: PretrainConfig, su: Any, model: PretrainModel, trn: list[Utterance], held: list[Utterance],
             targets: dict[str, np.ndarray], loop: Any) -> PretrainResult:
+    """teacher.safetensors (with the median level of the training audio, as distill records in
+    student.pt), held-out unit accuracy, summary.json (rank 0)."""
     from ofactl.training import finish_distributed
 
     teacher = su.run_dir / "teacher.safetensors"
     ev: dict[str, float] = {}
     if su.main:
         ev = evaluate(model, held, targets, cfg, su.device, su.amp)
-        export_teacher(model, teacher, {"targets": cfg.targets, "steps": str(loop.step)})
+        level = median_level_db(trn, seed=cfg.seed)
+        export_teacher(model, teacher, {"targets": cfg.targets, "steps": str(loop.step)}
+                       | ({} if level is None else {"input_level_db": str(level)}))
     res = PretrainResult(su.run_dir, teacher, loop.step, loop.start, ev, loop.audio_seconds, loop.wall_seconds)
     if su.main:
         write_text(su.run_dir / "summary.json", json.dumps(res.to_json(), indent=2))

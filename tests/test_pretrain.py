@@ -86,6 +86,12 @@ def test_loss_falls_and_the_teacher_serves_distill(tmp_path, synth_corpus):
 
     t = load_teacher(res.teacher)
     assert t.arch.embed_dim == 32 and t.arch.num_layers == 2 and t.arch.num_heads == 2
+    from ofactl.audio import median_level_db, read_corpus
+    from ofactl.training import split_held_out
+
+    cfg = tiny_cfg()  # the teacher records the level it heard in training, as distill's students do
+    trn, _ = split_held_out(list(read_corpus(synth_corpus)), cfg.eval_utts, cfg.seed)
+    assert t.input_level_db is not None and t.input_level_db == median_level_db(trn, seed=cfg.seed) < -3
     from ofactl.config import load_config
     from ofactl.distill import DistillConfig, run_distill
 
@@ -102,6 +108,7 @@ def test_loss_falls_and_the_teacher_serves_distill(tmp_path, synth_corpus):
 
     r = CliRunner().invoke(app, ["info", "--teacher", str(res.teacher), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["hidden_states"] == 3
+    assert json.loads(r.stdout)["input_level_db"] == t.input_level_db
 
 
 @pytest.mark.slow

@@ -64,6 +64,7 @@ class Teacher(nn.Module):
         self.arch = arch
         self.model = build_wav2vec2(arch)
         self.source, self.fingerprint, self.format = source, fingerprint, fmt
+        self.input_level_db: float | None = None  # median RMS level (dBFS) of its pretraining audio, if recorded
 
     @property
     def num_hidden(self) -> int:
@@ -90,7 +91,7 @@ class Teacher(nn.Module):
     def describe(self) -> dict[str, Any]:
         """Source, format, sha256 fingerprint and architecture (``ofactl info --teacher``)."""
         return {"source": self.source, "format": self.format, "fingerprint": self.fingerprint,
-                "arch": asdict(self.arch)}
+                "arch": asdict(self.arch), "input_level_db": self.input_level_db}
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -124,7 +125,7 @@ def _load_builtin(name: str) -> Teacher:
     got = file_sha256(p)
     if want and got != want:
         raise CheckpointError(f"builtin:{name}: {p} has sha256 {got[:12]}..., expected {want[:12]}...; reinstall ofactl")
-    t = _from_state_dict(_load_safetensors(p), _safetensors_arch(p), p)
+    t = _from_safetensors(p)
     t.source, t.format = f"builtin:{name}", "builtin"
     return t
 
@@ -148,7 +149,7 @@ def load_teacher(spec: str | Path, trust: bool = False, seed: int = 0) -> Teache
     if p.is_dir():
         return _load_hf_dir(p, trust).freeze()
     if sniff_format(p) == "safetensors" or p.suffix == ".safetensors":
-        return _from_state_dict(_load_safetensors(p), _safetensors_arch(p), p).freeze()
+        return _from_safetensors(p).freeze()
     obj = _torch_load(p, trust)
     return _from_object(obj, p).freeze()
 
@@ -175,15 +176,32 @@ def sniff_format(path: Path) -> str:
     return "unknown"
 
 
-def _safetensors_arch(p: Path) -> dict[str, Any] | None:
-    """The architecture an ofactl teacher file records in its metadata (``ofactl pretrain``)."""
+def _from_safetensors(p: Path) -> Teacher:
+    """A teacher from a safetensors file, with what an ofactl teacher records in its metadata
+    (``ofactl pretrain``: the architecture and the level of its pretraining audio)."""
+    meta = _safetensors_meta(p)
+    t = _from_state_dict(_load_safetensors(p), _safetensors_arch(meta, p), p)
+    level = meta.get("input_level_db")
+    try:
+        t.input_level_db = None if level is None else float(level)
+    except ValueError:
+        raise CheckpointError(f"{p}: unreadable input_level_db in its metadata ({level!r})") from None
+    return t
+
+
+def _safetensors_meta(p: Path) -> dict[str, str]:
+    """A safetensors file's metadata (empty when it has none or cannot be read)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(p), "pt") as f:
-            meta = f.metadata() or {}
+            return dict(f.metadata() or {})
     except Exception:
-        return None  # reported by _load_safetensors
+        return {}  # reported by _load_safetensors
+
+
+def _safetensors_arch(meta: dict[str, str], p: Path) -> dict[str, Any] | None:
+    """The architecture an ofactl teacher file records in its metadata (``ofactl pretrain``)."""
     raw = meta.get("ofactl_teacher_arch")
     if raw is None:
         return None

@@ -43,3 +43,22 @@ def test_a_tiny_group_norm_epsilon_lets_a_quiet_copy_reach_the_model_as_the_loud
     assert _gap(trained) > 0.1          # 1e-5 is not small against a -60 dBFS copy's variance
     assert _gap(tiny_eps) < 0.1 * _gap(trained)
 
+
+
+def test_input_level_is_a_number_or_the_level_a_teacher_file_records(probe, tmp_path):
+    import torch
+
+    from ofactl.model.teacher import RANDOM_ARCHS
+    from ofactl.pretrain import PretrainModel, export_teacher
+
+    torch.manual_seed(0)
+    model = PretrainModel(RANDOM_ARCHS["tiny"], 8, 16, 0.1)
+    recorded = export_teacher(model, tmp_path / "recorded.safetensors", {"input_level_db": "-21.5"})
+    bare = export_teacher(model, tmp_path / "bare.safetensors")
+    assert probe.input_level(None, str(bare)) is None
+    assert probe.input_level("-25", str(bare)) == -25.0
+    assert probe.input_level("auto", str(recorded)) == -21.5
+    with pytest.raises(SystemExit, match="--input-level-db auto: .*bare.safetensors records no level"):
+        probe.input_level("auto", str(bare))
+    with pytest.raises(SystemExit, match="--input-level-db 'loud': expected a level in dBFS"):
+        probe.input_level("loud", str(bare))
