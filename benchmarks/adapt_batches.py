@@ -34,10 +34,8 @@ def one_run(args: argparse.Namespace, seed: int, pool: int, out: Path) -> dict[s
     sweep = Path(args.compare_sweep.format(seed=seed)) if args.compare_sweep else None
     res = run_adapt(cfg, Path(args.ckpt.format(seed=seed)), args.corpus, out / f"pool{pool}-s{seed}", sweep).to_json()
     cmp = res.get("comparison") or {}
-    below = None
-    if cmp:
-        sign = -1 if res["metric"] == "accuracy" else 1  # accuracy: higher is better
-        below = round(sign * (cmp["sweep_at_learned_rate"] - cmp["best_sweep_metric"]), 5)
+    # the interpolated sweep never passes its best point, so the distance is how much worse it is
+    below = round(abs(cmp["sweep_at_learned_rate"] - cmp["best_sweep_metric"]), 5) if cmp else None
     return {"seed": seed, "sort_pool": pool, "learned_rate": res["learned_rate"], "test": res["test"],
             "metric": res["metric"], "sweep_worse_than_best": below, "wall_seconds": round(res["wall_seconds"], 2)}
 

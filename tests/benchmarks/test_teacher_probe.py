@@ -44,7 +44,6 @@ def test_a_tiny_group_norm_epsilon_lets_a_quiet_copy_reach_the_model_as_the_loud
     assert _gap(tiny_eps) < 0.1 * _gap(trained)
 
 
-
 def test_input_level_is_a_number_or_the_level_a_teacher_file_records(probe, tmp_path):
     import torch
 
