@@ -20,7 +20,9 @@ and adapt's learned rates against the sweep's best rate. Written to ``OUT/ablati
 with the tables as markdown (``OUT/ablation.md``) and metric-vs-compute figures per task
 (``OUT/ofa-vs-fixed-TASK.png``: the paper's comparison; ``OUT/frontends-TASK.png``). ``pr``'s
 probe is a convolutional CTC head (``--pr-head``); with ``--pr-head linear`` or ``lstm`` the pr
-units and the report (``OUT/ablation-pr-HEAD.*``) carry the head's name.
+units and the report (``OUT/ablation-pr-HEAD.*``) carry the head's name. ``--probe-runs N``
+trains N probes per rate and reports their mean (sweeps and report named ``*-probesN``; adapt
+runs are reused and compared with those sweeps).
 """
 
 from __future__ import annotations
@@ -171,7 +173,8 @@ def unit(task: str, args: argparse.Namespace) -> str:
 def report_stem(args: argparse.Namespace) -> str:
     """``ablation`` for the default ``--pr-head`` and adapt settings; otherwise the head and the
     ``--adapt-set`` are in the report's name."""
-    return ("ablation" if args.pr_head == PR_HEAD else f"ablation-pr-{args.pr_head}") + adapt_suffix(args)
+    probes = f"-probes{args.probe_runs}" if args.probe_runs > 1 else ""
+    return ("ablation" if args.pr_head == PR_HEAD else f"ablation-pr-{args.pr_head}") + adapt_suffix(args) + probes
 
 
 # Every table in docs/method.md was measured with CTC probes on plain random batches, before
@@ -179,9 +182,13 @@ def report_stem(args: argparse.Namespace) -> str:
 ABLATION_SORT_POOL = 1
 
 
-def sweep_dir(args: argparse.Namespace, name: str, seed: int, task: str, adaptive: bool = False) -> Path:
-    """The folder of one student's sweep of one ablation task (``ks-fsdd`` included)."""
-    return Path(args.out) / "sweeps" / f"{name}-s{seed}{'-adaptive' if adaptive else ''}-{unit(task, args)}"
+def sweep_dir(args: argparse.Namespace, name: str, seed: int, task: str, adaptive: bool = False,
+              probe_runs: int | None = None) -> Path:
+    """The folder of one student's sweep of one ablation task (``ks-fsdd`` included); sweeps with
+    several probes per rate (``--probe-runs``) are kept beside the one-probe sweeps."""
+    runs = args.probe_runs if probe_runs is None else probe_runs
+    more = f"-probes{runs}" if runs > 1 else ""
+    return Path(args.out) / "sweeps" / f"{name}-s{seed}{'-adaptive' if adaptive else ''}-{unit(task, args)}{more}"
 
 
 def sweep_student(name: str, seed: int, ckpt: Path, task: str, args: argparse.Namespace, corpus: Path,
@@ -189,11 +196,14 @@ def sweep_student(name: str, seed: int, ckpt: Path, task: str, args: argparse.Na
     """One student's rows for ``task`` (rows are cached by ``run_sweep`` itself)."""
     ofactl_task, corpus_of_task = task_corpus(task, args, corpus)
     cfg = SweepConfig(task=ofactl_task, rates=tuple(args.rates), seed=seed, device=args.device,
-                      probe=ProbeConfig(ctc_head=args.pr_head, epochs=args.probe_epochs, cls_epochs=args.probe_epochs,
+                      probe_runs=args.probe_runs, probe=ProbeConfig(ctc_head=args.pr_head, epochs=args.probe_epochs, cls_epochs=args.probe_epochs,
                                         sort_pool=ABLATION_SORT_POOL))
     cfg.extract = replace(cfg.extract, num_workers=0, adaptive_length=adaptive)
     label = f"{name}-s{seed}" + ("-adaptive" if adaptive else "")
-    return run_sweep(cfg, [(label, ckpt)], corpus_of_task, sweep_dir(args, name, seed, task, adaptive)).rows
+    # more probes read the features the one-probe sweep extracted (its store is only read when it covers them)
+    store = sweep_dir(args, name, seed, task, adaptive, probe_runs=1) / f"feats-{label}.zarr"
+    return run_sweep(cfg, [(label, ckpt)], corpus_of_task, sweep_dir(args, name, seed, task, adaptive),
+                     store if args.probe_runs > 1 and store.is_dir() else None).rows
 
 
 def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Namespace, corpus: Path,
@@ -480,8 +490,11 @@ def adapt_results(tasks: list[str], grads: list[str], seeds: list[int], args: ar
                 doc = adapt_student(ckpt, task, grad, s, args, corpus, sweep)
                 if doc is None:
                     continue
-                if doc.get("comparison") and "objective_gap" not in doc["comparison"] and sweep.is_dir():
-                    doc["comparison"] = _compare_again(doc, task, sweep, args, corpus)  # a run from before the field
+                comp = doc.get("comparison")
+                if comp and sweep.is_dir() and ("objective_gap" not in comp or args.probe_runs > 1):
+                    # a run from before the field, or one compared with the one-probe sweep: the learned
+                    # rate stands, the yardstick is the sweep of this report
+                    doc["comparison"] = _compare_again(doc, task, sweep, args, corpus)
                 runs.append({k: doc.get(k) for k in ("learned_rate", "test", "metric", "wall_seconds", "comparison")})
             out.setdefault(task, {})[grad] = runs
     return out
@@ -501,6 +514,9 @@ def main() -> None:
     ap.add_argument("--rates", default="1,0.5,0.33,0.25")
     ap.add_argument("--steps", type=int, default=None, help="distill steps (default: the preset's)")
     ap.add_argument("--probe-epochs", type=int, default=40)
+    ap.add_argument("--probe-runs", type=int, default=1,
+                    help="probes per rate with successive seeds (sweep.probe_runs): rows report their mean; adapt "
+                         "runs are compared with these sweeps (kept apart as *-probesN)")
     ap.add_argument("--pr-head", default=PR_HEAD, choices=get_args(CtcHead),
                     help="the CTC head of pr sweeps and adapt runs (conv: context for about twice a linear "
                          "head's time; linear favours 40 ms frames, docs/models.md)")

@@ -436,6 +436,7 @@ def sweep(
     store: Annotated[Path | None, typer.Option("--store", help="Feature store to reuse/extend (one checkpoint).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: sweep.csv, sweep.json, tradeoff.png, rows/.")] = Path("sweep"),
     label_column: Annotated[str | None, typer.Option("--label-column", help="Label column for --task cls.")] = None,
+    probe_runs: Annotated[int | None, typer.Option("--probe-runs", help="Probes per rate with successive seeds; the row reports their mean and standard deviation.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute finished rows (and replace mismatched groups).")] = False,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
@@ -454,7 +455,8 @@ def sweep(
 
     def go() -> Any:
         flags = [Flag("task", "--task", task), Flag("rates", "--rates", None if rates is None else parse_rates(rates)),
-                 Flag("label_column", "--label-column", label_column), Flag("device", "--device", device)]
+                 Flag("label_column", "--label-column", label_column), Flag("probe_runs", "--probe-runs", probe_runs),
+                 Flag("device", "--device", device)]
         cfg = load_config(SweepConfig, "sweep", config, set_ or [], flags)
         return run_sweep(cfg, parse_ckpts(ckpt), corpus, out, store, overwrite=overwrite,
                          progress=_progress(quiet, as_json))
@@ -472,7 +474,8 @@ def sweep(
                 "probe s", "MB", "infeasible"):
         t.add_column(col, justify="right", no_wrap=True)
     for r in res.rows:
-        t.add_row(r.label, f"{r.requested_rate:g}", f"{r.achieved_rate:.3f}", f"{r.frame_period_ms:.1f}", f"{r.test:.4f}",
+        metric = f"{r.test:.4f}" + ("" if r.test_sd is None else f" ± {r.test_sd:.4f}")
+        t.add_row(r.label, f"{r.requested_rate:g}", f"{r.achieved_rate:.3f}", f"{r.frame_period_ms:.1f}", metric,
                   f"{r.upstream_gmacs_per_s:.2f}", f"{r.extract_s_per_audio_s:.4f}", f"{r.probe_train_s:.1f}",
                   f"{r.store_mb:.1f}", "-" if r.infeasible_test is None else str(r.infeasible_test))
     err_console.print(t)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ofactl import __version__
@@ -26,7 +27,7 @@ from ofactl.choices import Task
 from ofactl.config import doc_sha, save_resolved, to_dict
 from ofactl.errors import ConfigError
 from ofactl.extract import ExtractConfig, extract_with_student, feature_settings, parse_layers, resolve_level, settings_differ
-from ofactl.probe import ProbeConfig, build_task, train_probe
+from ofactl.probe import ProbeConfig, build_task, train_probes
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import (
     SAMPLE_RATE,
@@ -48,6 +49,8 @@ class SweepConfig:
     label_column: str = ""  # label column of task cls
     layers: str = "all"  # hidden states given to the probe: all, or comma-separated indices
     seed: int = 0  # seeds splits and probes
+    probe_runs: int = 1  # probes trained per rate, seeded probe.seed, probe.seed + 1, ...: a row's test and dev
+    # are their mean, test_runs and test_sd each one's and their spread (the first is the one-probe row)
     timing_utts: int = 16  # utterances timed per rate (student forward seconds per audio second)
     device: str = "auto"  # extraction, timing and probes (unless probe.device / extract.device say otherwise)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -58,6 +61,8 @@ class SweepConfig:
         for r in self.rates:
             if not 0 < r <= 1:
                 raise ValueError(f"rate {r} is outside (0, 1]")
+        if self.probe_runs < 1:
+            raise ValueError(f"probe_runs must be >= 1 (probes trained per rate), got {self.probe_runs}")
         check_device_name(self.device)
         self.probe.validate()
 
@@ -102,6 +107,8 @@ class SweepRow:
     trained_rates: str = ""  # what the checkpoint was trained for, e.g. "trained at rate 0.5 only"
     fixed_rate: bool = False  # the checkpoint was trained at one rate (scored there only)
     outside_training_range: bool = False  # a once-for-all student asked for a rate it never trained at
+    test_runs: list[float] = field(default_factory=list)  # each probe's test metric (sweep.probe_runs > 1)
+    test_sd: float | None = None  # their sample standard deviation (None with one probe)
 
     def to_json(self) -> dict[str, Any]:
         """The row as JSON-safe data."""
@@ -283,8 +290,9 @@ class _Sweep:
             self.progress.log(f"{label} rate={r:.3f}: using the cached group in {st_path}")
         g = open_store(st_path).group(r)
         feats = {u: x for u, x in g if u in self.task_ids}
-        self.progress.log(f"{label} rate={r:.3f}: training the {cfg.task} probe on {len(task.splits['train'])} utterances")
-        res = train_probe(task, feats, cfg.probe, in_frames)
+        probes = "probe" if cfg.probe_runs == 1 else f"probe {cfg.probe_runs} times"
+        self.progress.log(f"{label} rate={r:.3f}: training the {cfg.task} {probes} on {len(task.splits['train'])} utterances")
+        res = train_probes(task, feats, cfg.probe, cfg.probe_runs, in_frames)
         mac = student_gmacs_per_second(student.cfg, r)
         achieved = float(g.attrs.get("achieved_rate") or r)
         row = SweepRow(
@@ -300,7 +308,8 @@ class _Sweep:
             store_mb=round(open_store(st_path).size_bytes(r) / 1e6, 2),
             infeasible_test=res.infeasible.get("test") if res.infeasible else None,
             layer_weights=res.layer_weights, seed=cfg.seed, probe_config_sha=self.probe_sha,
-            task_sha=self.task_sha)
+            task_sha=self.task_sha, test_runs=[round(v, 5) for v in res.test_runs],
+            test_sd=round(float(np.std(res.test_runs, ddof=1)), 5) if len(res.test_runs) > 1 else None)
         write_text(self.row_file(label, r), json.dumps(row.to_json(), indent=2))
         return row
 
@@ -320,7 +329,9 @@ def _probe_sha(cfg: SweepConfig, kind: str) -> str:
     """Hash of everything that shapes a ``kind`` probe's result besides the checkpoint and the seed
     (a CTC head's settings do not key an utterance task's rows, nor the other way round)."""
     probe = to_dict(cfg.probe.settings_for(kind))
-    doc = {"probe": probe, "task": cfg.task, "label_column": cfg.label_column, "layers": cfg.layers}
+    doc: dict[str, Any] = {"probe": probe, "task": cfg.task, "label_column": cfg.label_column, "layers": cfg.layers}
+    if cfg.probe_runs != 1:  # keyed only when set, so rows recorded before the setting keep their hash
+        doc["probe_runs"] = cfg.probe_runs
     # the features' own settings key the row too; those at their defaults are left out, so rows
     # recorded before they were keyed (all made with the defaults) keep their hash
     default = feature_settings(ExtractConfig())
@@ -386,7 +397,8 @@ def _time_extract(student: Any, corpus: Corpus, rate: float, n: int, precision: 
 
 COLUMNS = ("label", "task", "requested_rate", "achieved_rate", "frame_period_ms", "metric", "test", "dev",
            "upstream_gmacs_per_s", "upstream_cnn_gmacs_per_s", "extract_s_per_audio_s", "probe_train_s",
-           "probe_params", "probe_mmacs_per_s", "store_mb", "infeasible_test", "store_group", "checkpoint_sha256", "seed")
+           "probe_params", "probe_mmacs_per_s", "store_mb", "infeasible_test", "store_group", "checkpoint_sha256", "seed",
+           "test_sd")
 
 
 def _write_csv(path: Path, rows: list[SweepRow]) -> None:
@@ -420,8 +432,13 @@ def plot_tradeoff(rows: list[SweepRow], path: Path, title: str | None = None) ->
         fixed = rs[0].fixed_rate
         style: dict[str, Any] = {"marker": "s" if fixed else "o", "markersize": 9 if fixed else 6,
                                  "linestyle": "none" if fixed else "-"}
-        axes[0].plot([r.upstream_gmacs_per_s for r in rs], [r.test for r in rs], label=name, **style)
-        axes[1].plot([r.frame_period_ms for r in rs], [r.test for r in rs], label=name, **style)
+        ys = [r.test for r in rs]
+        sds = [r.test_sd or 0.0 for r in rs]
+        for ax, xs in ((axes[0], [r.upstream_gmacs_per_s for r in rs]), (axes[1], [r.frame_period_ms for r in rs])):
+            if any(sds):  # several probes per rate: their standard deviation as error bars
+                ax.errorbar(xs, ys, yerr=sds, capsize=3, label=name, **style)
+            else:
+                ax.plot(xs, ys, label=name, **style)
     axes[0].set_xlabel("upstream GMAC per audio second")
     axes[1].set_xlabel("frame period (ms)")
     for ax in axes:

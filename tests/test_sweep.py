@@ -209,3 +209,29 @@ def test_quiet_recordings_are_reported_once_per_checkpoint_with_the_sweeps_own_s
     res = run_sweep(cfg, [("known", known)], tmp_path / "m.tsv", tmp_path / "sw3", progress=progress)
     assert not [m for m in progress.messages if m.startswith("warning:")]
     assert {open_store(Path(r.store_group).parent).group(r.requested_rate).attrs["level_db"] for r in res.rows} == {-20.0}
+
+
+def test_probe_runs_report_the_mean_of_successive_probe_seeds(tmp_path, synth_corpus):
+    torch.manual_seed(0)
+    ckpt = save_student(tmp_path / "s.pt", Student(student_config("tiny")))
+    base = ["sweep", "--ckpt", f"ofa={ckpt}", "--corpus", str(synth_corpus), "--task", "sid", "--rates", "0.5",
+            "--set", "probe.cls_epochs=3", "--set", "probe.min_epochs=1", "--set", "extract.num_workers=0",
+            "--store", str(tmp_path / "feats.zarr")]
+    one = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "one"), "--json"])
+    assert one.exit_code == 0, one.output
+    row1 = json.loads(one.stdout)["rows"][0]
+    assert row1["test_runs"] == [] and row1["test_sd"] is None
+    three = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "three"), "--probe-runs", "3", "--json"])
+    assert three.exit_code == 0, three.output
+    row3 = json.loads(three.stdout)["rows"][0]
+    runs = row3["test_runs"]
+    assert len(runs) == 3 and runs[0] == row1["test"]  # the first probe is the one-probe row's
+    assert row3["test"] == pytest.approx(sum(runs) / 3, abs=1e-5)
+    assert row3["test_sd"] == pytest.approx(float(torch.tensor(runs).std()), abs=1e-5)
+    with open(tmp_path / "three" / "sweep.csv") as f:
+        assert float(next(csv.DictReader(f))["test_sd"]) == row3["test_sd"]
+    # the number of probes keys the rows: one probe's rows are not taken for three
+    again = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "one"), "--probe-runs", "3"])
+    assert again.exit_code == 0 and "(0 row(s) reused)" in again.stderr and "±" in again.stderr, again.output
+    bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "bad"), "--probe-runs", "0"])
+    assert bad.exit_code == 1 and "--probe-runs 0" in bad.stderr and "probe_runs must be >= 1" in bad.stderr, bad.output

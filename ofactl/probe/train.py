@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -211,6 +211,7 @@ class ProbeResult:
     params: int
     infeasible: dict[str, int] = field(default_factory=dict)
     epochs_run: int = 0  # epochs trained (early stop or the frame budget may end before cfg.epochs)
+    test_runs: list[float] = field(default_factory=list)  # each probe's test metric (train_probes, runs > 1)
 
 
 def _batches(ids: list[str], bs: int, gen: torch.Generator | None) -> list[list[str]]:
@@ -343,6 +344,26 @@ def train_probe(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig,
     weights = torch.softmax(model.featurizer.weights.detach(), 0).tolist()
     return ProbeResult(res_test, res_dev, task.metric, [round(w, 4) for w in weights], best_epoch,
                        time.perf_counter() - t0, sum(p.numel() for p in model.parameters()), infeasible, epoch)
+
+
+def train_probes(task: TaskData, feats: dict[str, np.ndarray], cfg: ProbeConfig, runs: int = 1,
+                 input_frames: dict[str, int] | None = None) -> ProbeResult:
+    """``runs`` probes on the same features, seeded ``cfg.seed``, ``cfg.seed + 1``, ...: one
+    result with their mean test and dev metrics and layer weights, their summed training seconds,
+    the first probe's epochs and counts, and each probe's test metric in ``test_runs``. The first
+    probe is ``train_probe``'s with ``cfg`` as given, so one run is exactly its result."""
+    results = [train_probe(task, feats, replace(cfg, seed=cfg.seed + k), input_frames) for k in range(runs)]
+    first = results[0]
+    if runs == 1:
+        return first
+
+    def mean(split: str) -> dict[str, float]:
+        return {k: float(np.mean([getattr(r, split)[k] for r in results])) for k in getattr(first, split)}
+
+    weights = np.mean([r.layer_weights for r in results], axis=0)
+    return replace(first, test=mean("test"), dev=mean("dev"), layer_weights=[round(float(w), 4) for w in weights],
+                   train_seconds=sum(r.train_seconds for r in results),
+                   test_runs=[r.test[first.metric] for r in results])
 
 
 def task_loss(model: Probe, task: TaskData, ids: list[str], x: Tensor, lengths: Tensor, *,

@@ -38,3 +38,13 @@ def test_a_damaged_record_is_one_clear_exit(ablation, tmp_path):
     (tmp_path / "config.yaml").write_text("adapt:\n  task: pr\n")
     with pytest.raises(SystemExit, match="holds no 'distill' settings"):
         ablation.same_recipe(tmp_path, cfg)
+
+
+def test_sweeps_with_several_probes_are_kept_beside_the_one_probe_sweeps(ablation, tmp_path):
+    import argparse
+
+    args = argparse.Namespace(out=str(tmp_path), pr_head="conv", probe_runs=5, adapt_set=[])
+    assert ablation.sweep_dir(args, "ofactl", 3, "pr").name == "ofactl-s3-pr-conv-probes5"
+    assert ablation.sweep_dir(args, "ofactl", 3, "sid", probe_runs=1).name == "ofactl-s3-sid"
+    assert ablation.report_stem(args) == "ablation-probes5"
+    assert ablation.report_stem(argparse.Namespace(pr_head="conv", probe_runs=1, adapt_set=[])) == "ablation"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ofactl.audio import Corpus, Utterance
-from ofactl.probe import ProbeConfig, build_task, train_probe
+from ofactl.probe import ProbeConfig, build_task, train_probe, train_probes
 from ofactl.probe.metrics import ctc_greedy, error_rate, words
 from ofactl.probe.tasks import TaskData
 from ofactl.probe.train import infeasible_count
@@ -343,3 +343,17 @@ def test_settings_for_keeps_each_kind_to_its_own_settings():
     assert cls_change.settings_for("cls") != base.settings_for("cls")
     assert all(shared.settings_for(k) != base.settings_for(k) for k in ("ctc", "cls"))
     assert replace(base, device="cpu").settings_for("ctc") == base.settings_for("ctc")  # where, not what
+
+
+def test_train_probes_means_successive_seeds_and_one_run_is_train_probe():
+    task, feats = _cls_task()
+    cfg = ProbeConfig(cls_epochs=4, min_epochs=1, cls_batch_size=32, lr=3e-3, seed=5)
+    runs = [train_probe(task, feats, replace(cfg, seed=5 + k)) for k in range(3)]
+    res = train_probes(task, feats, cfg, runs=3)
+    assert res.test_runs == [r.test["accuracy"] for r in runs]
+    assert res.test["accuracy"] == pytest.approx(np.mean(res.test_runs))
+    assert res.dev["accuracy"] == pytest.approx(np.mean([r.dev["accuracy"] for r in runs]))
+    assert res.layer_weights == pytest.approx(np.mean([r.layer_weights for r in runs], 0), abs=1e-4)
+    assert len(set(res.test_runs)) > 1 or len({tuple(r.layer_weights) for r in runs}) > 1  # the seeds differ
+    one = train_probes(task, feats, cfg)
+    assert one.test == runs[0].test and one.test_runs == []
