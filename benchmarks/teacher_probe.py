@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import emit
 
 from ofactl.audio import Corpus, level_dbfs, load_audio, read_corpus, set_level
+from ofactl.errors import ConfigError
+from ofactl.extract import parse_level, recorded_level
 from ofactl.model.fbank import log_mel
 from ofactl.model.teacher import load_teacher
 from ofactl.probe import ProbeConfig, build_task, train_probe
@@ -163,18 +165,14 @@ def seen_speaker_split(task: TaskData, seed: int = 0) -> TaskData:
 def input_level(value: str | None, teacher: str) -> float | None:
     """``--input-level-db`` as a level in dBFS: a number, ``auto`` (the level the teacher's file
     records; teachers from ``ofactl pretrain`` do), or none. Anything else exits naming the flag."""
-    if value is None:
-        return None
-    if value == "auto":
-        level = load_teacher(teacher).input_level_db
-        if level is None:
-            sys.exit(f"teacher_probe: --input-level-db auto: {teacher} records no level of its pretraining audio "
-                     "(teachers pretrained by this version of ofactl do); give a level in dBFS, e.g. -25")
-        return level
+    flag = "--input-level-db"
     try:
-        return float(value)
-    except ValueError:
-        sys.exit(f"teacher_probe: --input-level-db {value!r}: expected a level in dBFS (e.g. -25) or auto")
+        level = parse_level(value, flag)
+        if level != "auto":
+            return level
+        return recorded_level(level, load_teacher(teacher).input_level_db, teacher, flag, maker="ofactl pretrain")
+    except ConfigError as e:
+        sys.exit(f"teacher_probe: {e}")
 
 
 def main() -> None:

@@ -79,27 +79,33 @@ def check_level(level: float | str | None) -> None:
         raise ValueError(f"level_db {level}: expected an RMS level in dBFS from -80 to 0 (e.g. -25), or auto")
 
 
-def parse_level(text: str | None) -> float | Literal["auto"] | None:
-    """``--level-db``'s value: a level in dBFS, or ``auto``; None when not given."""
+def parse_level(text: str | None, flag: str = "--level-db") -> float | Literal["auto"] | None:
+    """A level flag's value (``--level-db``): a level in dBFS, or ``auto``; None when not given."""
     if text is None or text.strip().lower() == "auto":
         return None if text is None else "auto"
     try:
         return float(text)
     except ValueError:
-        raise ConfigError(f"--level-db {text}: expected an RMS level in dBFS (e.g. -25) or auto") from None
+        raise ConfigError(f"{flag} {text}: expected an RMS level in dBFS (e.g. -25) or auto") from None
+
+
+def recorded_level(level: float | Literal["auto"] | None, recorded: float | None, source: str,
+                   flag: str = "--level-db", maker: str = "distill") -> float | None:
+    """The level (dBFS) a level setting scales recordings to: ``auto`` is ``recorded``, the level
+    the model in ``source`` was trained at (``maker`` records it), with one clear error naming
+    ``flag`` when the file records none; none: as recorded."""
+    if level != "auto":
+        return level
+    if recorded is None:
+        raise ConfigError(f"{flag} auto: {source} does not record the level of its training audio (made before "
+                          f"ofactl recorded it, or not by {maker}); give a level in dBFS, e.g. {flag} -25")
+    return recorded
 
 
 def level_for(level: float | Literal["auto"] | None, student: Student, ckpt: str) -> float | None:
-    """The level (dBFS) a ``level_db`` setting scales recordings to for ``student``: ``auto`` is
-    the level it was distilled at (its checkpoint's ``input_level_db``), with one clear error
-    when the checkpoint does not record one; none: as recorded."""
-    if level != "auto":
-        return level
-    if student.input_level_db is None:
-        raise ConfigError(f"--level-db auto: {ckpt or 'this student'} does not record the level of its training "
-                          "audio (made before ofactl recorded it, or not by distill); give a level in dBFS, "
-                          "e.g. --level-db -25")
-    return student.input_level_db
+    """:func:`recorded_level` for ``student``: ``auto`` is the level it was distilled at (its
+    checkpoint's ``input_level_db``)."""
+    return recorded_level(level, student.input_level_db, ckpt or "this student")
 
 
 def resolve_level(cfg: ExtractConfig, student: Student, ckpt: str) -> ExtractConfig:

@@ -57,7 +57,8 @@ def test_input_level_is_a_number_or_the_level_a_teacher_file_records(probe, tmp_
     assert probe.input_level(None, str(bare)) is None
     assert probe.input_level("-25", str(bare)) == -25.0
     assert probe.input_level("auto", str(recorded)) == -21.5
-    with pytest.raises(SystemExit, match="--input-level-db auto: .*bare.safetensors records no level"):
+    with pytest.raises(SystemExit, match=r"--input-level-db auto: .*bare.safetensors does not record the level.*"
+                                         r"not by ofactl pretrain.*--input-level-db -25"):
         probe.input_level("auto", str(bare))
-    with pytest.raises(SystemExit, match="--input-level-db 'loud': expected a level in dBFS"):
+    with pytest.raises(SystemExit, match="teacher_probe: --input-level-db loud: expected an RMS level in dBFS"):
         probe.input_level("loud", str(bare))
