@@ -222,7 +222,8 @@ def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Na
         Flag("device", "--device", args.device)])
     cfg.probe = replace(cfg.probe, ctc_head=args.pr_head, sort_pool=ABLATION_SORT_POOL)
     if done:  # reused only when it ran with these settings (a default may have changed since)
-        saved, asked = kept_settings(out, "adapt"), to_dict(cfg)
+        # a setting added since the run was kept reads as its default there
+        saved, asked = {**to_dict(AdaptConfig()), **kept_settings(out, "adapt")}, to_dict(cfg)
         differ = sorted(k for k in saved.keys() | asked.keys() if saved.get(k) != asked.get(k))
         if differ:
             sys.exit(f"ablation: {out} ran with other adapt settings ({', '.join(differ)}); move it away or "

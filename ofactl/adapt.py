@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,7 +50,7 @@ from ofactl.extract import check_level, level_for
 from ofactl.model.compress import LAMBDA_MAX, length_mask, mix_alpha, rate_to_lambda
 from ofactl.probe import ProbeConfig, build_task
 from ofactl.probe.tasks import TaskData
-from ofactl.probe.train import Probe, bucketed_batches, decode, score, task_loss, train_probe
+from ofactl.probe.train import Probe, ProbeResult, bucketed_batches, decode, score, task_loss, train_probe
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import check_device_name, resolve_device, seed_all
 
@@ -62,6 +62,10 @@ class AdaptConfig:
     task: Task = "pr"  # the downstream task whose rate is learned
     label_column: str = ""  # label column of task cls
     init_rate: float = 0.5  # rate lambda starts from
+    restarts: tuple[float, ...] = ()  # more rates to start from: adapt runs once from init_rate and once from
+    # each, and keeps the run whose fresh probe has the lowest dev objective (dev error plus the cost at its
+    # learned rate). adapt follows a local slope, and on a flat curve it stays near its start
+    # (docs/method.md, "Where adapt starts matters on a flat curve"); empty: one run
     cost: float = 0.05  # gamma: expected error (a fraction: 0.05 = 5 points of accuracy or error rate)
     # accepted for all of the compute after the CNN (cost_form linear) or per halving of it (log2)
     cost_form: CostForm = "linear"  # linear: gamma * (ratio - 1); log2: gamma * log2(ratio)
@@ -112,6 +116,11 @@ class AdaptConfig:
             raise ValueError("refine must be in [0, 1) and lambda_warmup + refine below 1")
         if not 0 < self.min_rate < 1 or self.min_rate > self.init_rate:
             raise ValueError("min_rate must be in (0, 1) and at most init_rate")
+        if any(not self.min_rate <= r <= 1 for r in self.restarts):
+            raise ValueError(f"restarts must be rates from min_rate ({self.min_rate}) to 1, got "
+                             f"{', '.join(f'{r:g}' for r in self.restarts)}")
+        if self.restarts and self.final_probe != "fresh":
+            raise ValueError("restarts picks a run by its fresh probe's dev metric: it needs final_probe fresh")
         if not 0 <= self.lambda_warmup < 1:
             raise ValueError("lambda_warmup must be in [0, 1)")
         if self.epochs < 1 or self.batch_size < 1 or self.lambda_lr <= 0:
@@ -183,6 +192,8 @@ class AdaptResult:
     final_probe: str  # which probe ``test`` comes from (AdaptConfig.final_probe)
     joint_test: float  # the metric of the probe trained beside lambda, at the learned lambda
     final_probe_seconds: float  # features and training of the fresh probe (0 for joint)
+    starts: list[dict[str, Any]] = field(default_factory=list)  # with restarts: each run's start, learned rate,
+    # fresh probe dev metric and dev objective; the kept one is marked
 
     def to_json(self) -> dict[str, Any]:
         """The result as JSON-safe data (``summary.json``, ``--json``)."""
@@ -222,7 +233,30 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
     seed_all(cfg.seed)
     job = _setup_adapt(cfg, ckpt, corpus, device, progress)
     job.train(progress)
-    return _finish_adapt(job, out_dir, compare_sweep, t0)
+    if not cfg.restarts:
+        return _finish_adapt(job, _outcome(job), out_dir, compare_sweep, t0)
+    runs = [(job, _outcome(job))]
+    for rate in cfg.restarts:
+        again = _restart(job, rate)
+        again.train(progress)
+        runs.append((again, _outcome(again)))
+    best = min(range(len(runs)), key=lambda i: runs[i][1].dev_objective)
+    starts = [{"init_rate": j.cfg.init_rate, "learned_rate": o.learned_rate, "dev": round(o.dev_metric, 5),
+               "dev_objective": round(o.dev_objective, 5), "kept": i == best} for i, (j, o) in enumerate(runs)]
+    return _finish_adapt(*runs[best], out_dir, compare_sweep, t0, starts)
+
+
+def _restart(job: _AdaptJob, init_rate: float) -> _AdaptJob:
+    """A new probe and lambda starting from ``init_rate``, on ``job``'s student, task and features
+    (seeded as the first run, so each start's run is reproducible on its own)."""
+    seed_all(job.cfg.seed)
+    cfg = replace(job.cfg, init_rate=init_rate)
+    alpha_mean = job.student.alpha_mean
+    lam = LearnableLambda(float(rate_to_lambda(init_rate, alpha_mean)),
+                          float(rate_to_lambda(cfg.min_rate, alpha_mean))).to(job.device)
+    probe = Probe(job.student.num_hidden, job.student.cfg.arch.embed_dim, job.task.n_outputs, job.task.kind,
+                  cfg.probe).to(job.device)
+    return _AdaptJob(cfg, job.student, job.task, job.cache, job.device, probe, lam, job.level_db)
 
 
 def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, device: torch.device,
@@ -342,37 +376,61 @@ class _AdaptJob:
         return _lambda_objective(cfg, self.student, self.probe, self.task, ids, x, n, lm, self.lam.top)
 
 
-def _finish_adapt(job: _AdaptJob, out_dir: Path, compare_sweep: Path | None, t0: float) -> AdaptResult:
-    """Test at the learned lambda; write trajectory.jsonl/.png, rate.yaml and summary.json."""
+@dataclass
+class _Outcome:
+    """Where one adapt run ended: lambda, the rate it gives on the test split, the joint probe's
+    test metrics, and the fresh probe's result there (``final_probe: fresh``)."""
+
+    final_lam: float
+    learned_rate: float
+    joint: dict[str, float]
+    fresh: ProbeResult | None
+    probe_seconds: float
+    dev_metric: float = 0.0  # the fresh probe's dev metric (restarts compare runs by it)
+    dev_objective: float = 0.0  # dev error plus the cost at the learned rate
+
+
+def _outcome(job: _AdaptJob) -> _Outcome:
+    """Evaluate ``job`` at its learned lambda, with a fresh probe when the settings ask for one."""
     cfg, task = job.cfg, job.task
     final_lam = float(job.lam().detach())
-    joint_metric, test_rate = _evaluate(job.student, job.probe, task, task.splits["test"], job.cache, final_lam,
-                                        job.device, cfg)
+    joint, test_rate = _evaluate(job.student, job.probe, task, task.splits["test"], job.cache, final_lam,
+                                 job.device, cfg)
     learned_rate = round(test_rate, 4)
-    test_metric, probe_s = joint_metric, 0.0
-    if cfg.final_probe == "fresh":
-        t_probe = time.perf_counter()
-        test_metric = _fresh_probe_metric(job, learned_rate)
-        probe_s = time.perf_counter() - t_probe
+    if cfg.final_probe != "fresh":
+        return _Outcome(final_lam, learned_rate, joint, None, 0.0)
+    t_probe = time.perf_counter()
+    fresh = _fresh_probe(job, learned_rate)
+    dev = fresh.dev[task.metric]
+    error = 1.0 - dev if task.higher_better else dev
+    objective = error + float(cfg.rate_cost(torch.tensor(learned_rate)))
+    return _Outcome(final_lam, learned_rate, joint, fresh, time.perf_counter() - t_probe, dev, objective)
+
+
+def _finish_adapt(job: _AdaptJob, out: _Outcome, out_dir: Path, compare_sweep: Path | None, t0: float,
+                  starts: list[dict[str, Any]] | None = None) -> AdaptResult:
+    """Write the kept run's trajectory.jsonl/.png, rate.yaml and summary.json."""
+    cfg, task = job.cfg, job.task
+    test_metric = out.joint if out.fresh is None else out.fresh.test
     write_text(out_dir / "trajectory.jsonl", "".join(json.dumps(rec) + "\n" for rec in job.traj))
     _plot(job.traj, out_dir / "trajectory.png", task.task)
     write_text(out_dir / "rate.yaml",
-        f"description: rate learned by 'ofactl adapt --task {task.task}' (lambda {final_lam:.4f}, "
+        f"description: rate learned by 'ofactl adapt --task {task.task}' (lambda {out.final_lam:.4f}, "
         f"cost {cfg.cost} {cfg.cost_form}); use with 'ofactl extract -c {out_dir / 'rate.yaml'}'\n"
-        f"extract:\n  rates: [{learned_rate}]\n" + ("" if job.level_db is None else f"  level_db: {job.level_db}\n"))
-    comparison = compare_with_sweep(compare_sweep, task, learned_rate, test_metric[task.metric],
+        f"extract:\n  rates: [{out.learned_rate}]\n" + ("" if job.level_db is None else f"  level_db: {job.level_db}\n"))
+    comparison = compare_with_sweep(compare_sweep, task, out.learned_rate, test_metric[task.metric],
                                     time.perf_counter() - t0, cfg.rate_cost) if compare_sweep else None
-    res = AdaptResult(out_dir, task.task, task.metric, round(test_metric[task.metric], 5), round(final_lam, 5),
-                      learned_rate, round(20.0 / learned_rate, 2), cfg.init_rate, cfg.cost, cfg.cost_form,
+    res = AdaptResult(out_dir, task.task, task.metric, round(test_metric[task.metric], 5), round(out.final_lam, 5),
+                      out.learned_rate, round(20.0 / out.learned_rate, 2), cfg.init_rate, cfg.cost, cfg.cost_form,
                       time.perf_counter() - t0, comparison, cfg.final_probe,
-                      round(joint_metric[task.metric], 5), round(probe_s, 2))
+                      round(out.joint[task.metric], 5), round(out.probe_seconds, 2), starts or [])
     write_text(out_dir / "summary.json", json.dumps(res.to_json(), indent=2))
     return res
 
 
-def _fresh_probe_metric(job: _AdaptJob, rate: float) -> dict[str, float]:
-    """Test metrics of a new probe trained as ``sweep`` trains one (``train_probe``: best dev
-    epoch) on exact-length features at ``rate``, the features ``rate.yaml`` extracts."""
+def _fresh_probe(job: _AdaptJob, rate: float) -> ProbeResult:
+    """A new probe trained as ``sweep`` trains one (``train_probe``: best dev epoch) on
+    exact-length features at ``rate``, the features ``rate.yaml`` extracts: its dev and test metrics."""
     feats: dict[str, np.ndarray] = {}
     ids = [u for s in ("train", "dev", "test") for u in job.task.splits[s]]
     with torch.no_grad():
@@ -383,7 +441,7 @@ def _fresh_probe_metric(job: _AdaptJob, rate: float) -> dict[str, float]:
             for u, h, m in zip(b, hidden.states, hidden.lengths.tolist(), strict=True):
                 feats[u] = h[:m].float().cpu().numpy()
     frames = {u: len(job.cache[u]) for u in ids}
-    return train_probe(job.task, feats, job.cfg.probe, frames).test
+    return train_probe(job.task, feats, job.cfg.probe, frames)
 
 
 def _lambda_objective(cfg: AdaptConfig, student: Any, probe: Probe, task: TaskData, ids: list[str], x: Tensor,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -394,9 +395,32 @@ def test_compare_with_sweep_uses_the_interpolated_curve_and_test_set_noise(tmp_p
     ("probe_band", "2", "probe_band in [0, 1]"),
     ("cost_form", "log", "expected 'log2' | 'linear', got str 'log'"),
     ("lambda_batch_size", "-1", "lambda_batch_size must be >= 0"),
+    ("restarts", "[0.1]", "restarts must be rates from min_rate (0.25) to 1, got 0.1"),
 ])
 def test_bad_adapt_settings_name_the_key(tmp_path, synth_corpus, key, value, message):
     r = CliRunner().invoke(app, ["adapt", "--ckpt", str(tmp_path / "missing.pt"), "--corpus", str(synth_corpus),
                                  "--set", f"{key}={value}", "--out", str(tmp_path / "ad")])
     assert r.exit_code == 1 and f"--set {key}={value}" in r.stderr and message in r.stderr
     assert not (tmp_path / "ad").exists()  # rejected before any work
+
+
+@pytest.mark.slow
+def test_restarts_keep_the_run_with_the_lowest_dev_objective(tmp_path, distilled, medium_corpus):
+    cfg = AdaptConfig(task="sid", cost=0.05, epochs=2, batch_size=8)
+    one = run_adapt(cfg, distilled, medium_corpus, tmp_path / "one")
+    many = run_adapt(replace(cfg, restarts=(0.9,)), distilled, medium_corpus, tmp_path / "many")
+    assert one.starts == [] and [s["init_rate"] for s in many.starts] == [0.5, 0.9]
+    first, second = many.starts
+    assert first["learned_rate"] == one.learned_rate  # the first run is the single run, step for step
+    assert second["learned_rate"] > first["learned_rate"]  # a start near rate 1 stays higher on this short run
+    for s in many.starts:  # the objective: dev error plus the linear cost at the learned rate
+        assert s["dev_objective"] == pytest.approx(1 - s["dev"] + 0.05 * (s["learned_rate"] - 1), abs=1e-4)
+    kept = min(many.starts, key=lambda s: s["dev_objective"])
+    assert kept["kept"] and sum(s["kept"] for s in many.starts) == 1
+    assert many.learned_rate == kept["learned_rate"] and many.init_rate == kept["init_rate"]
+    summary = json.loads((tmp_path / "many" / "summary.json").read_text())
+    assert summary["starts"] == many.starts
+    rate_yaml = load_config(ExtractConfig, "extract", tmp_path / "many" / "rate.yaml")
+    assert rate_yaml.rates == (many.learned_rate,)
+    with pytest.raises(ValueError, match="restarts picks a run by its fresh probe's dev metric"):
+        replace(cfg, restarts=(0.9,), final_probe="joint").validate()
