@@ -247,16 +247,16 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
 
 
 def _restart(job: _AdaptJob, init_rate: float) -> _AdaptJob:
-    """A new probe and lambda starting from ``init_rate``, on ``job``'s student, task and features
-    (seeded as the first run, so each start's run is reproducible on its own)."""
-    seed_all(job.cfg.seed)
+    """A new probe and lambda starting from ``init_rate``, on ``job``'s student, task and features:
+    with the generators where the first run drew its probe, it is the run ``init_rate`` alone gives."""
+    _set_rng_state(job.rng)
     cfg = replace(job.cfg, init_rate=init_rate)
     alpha_mean = job.student.alpha_mean
     lam = LearnableLambda(float(rate_to_lambda(init_rate, alpha_mean)),
                           float(rate_to_lambda(cfg.min_rate, alpha_mean))).to(job.device)
     probe = Probe(job.student.num_hidden, job.student.cfg.arch.embed_dim, job.task.n_outputs, job.task.kind,
                   cfg.probe).to(job.device)
-    return _AdaptJob(cfg, job.student, job.task, job.cache, job.device, probe, lam, job.level_db)
+    return _AdaptJob(cfg, job.student, job.task, job.cache, job.device, probe, lam, job.level_db, rng=job.rng)
 
 
 def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, device: torch.device,
@@ -277,10 +277,22 @@ def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, devi
     cache = _cnn_cache(student, utts, device, level)
     progress.finish()
     alpha_mean = student.alpha_mean
+    rng = _rng_state()  # restarts draw their probe from here, so each is the run its init_rate alone gives
     lam = LearnableLambda(float(rate_to_lambda(cfg.init_rate, alpha_mean)),
                           float(rate_to_lambda(cfg.min_rate, alpha_mean))).to(device)
     probe = Probe(student.num_hidden, student.cfg.arch.embed_dim, task.n_outputs, task.kind, cfg.probe).to(device)
-    return _AdaptJob(cfg, student, task, cache, device, probe, lam, level)
+    return _AdaptJob(cfg, student, task, cache, device, probe, lam, level, rng=rng)
+
+
+def _rng_state() -> tuple[Tensor, list[Tensor]]:
+    """torch's global generator states (CPU and every GPU): probe initialisation and dropout draw from them."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def _set_rng_state(state: tuple[Tensor, list[Tensor]]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1]:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 @dataclass
@@ -297,6 +309,7 @@ class _AdaptJob:
     level_db: float | None = None  # the level every recording was scaled to (dBFS); none: as recorded
     traj: list[dict[str, Any]] = field(default_factory=list)
     dev_pos: int = 0
+    rng: Any = None  # torch's generator states just before the probe was drawn (restarts start from them)
 
     def __post_init__(self) -> None:
         cfg, kind = self.cfg, self.task.kind

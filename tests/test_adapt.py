@@ -413,6 +413,8 @@ def test_restarts_keep_the_run_with_the_lowest_dev_objective(tmp_path, distilled
     first, second = many.starts
     assert first["learned_rate"] == one.learned_rate  # the first run is the single run, step for step
     assert second["learned_rate"] > first["learned_rate"]  # a start near rate 1 stays higher on this short run
+    alone = run_adapt(replace(cfg, init_rate=0.9), distilled, medium_corpus, tmp_path / "alone")
+    assert second["learned_rate"] == alone.learned_rate  # each start is the run its init_rate alone gives
     for s in many.starts:  # the objective: dev error plus the linear cost at the learned rate
         assert s["dev_objective"] == pytest.approx(1 - s["dev"] + 0.05 * (s["learned_rate"] - 1), abs=1e-4)
     kept = min(many.starts, key=lambda s: s["dev_objective"])
