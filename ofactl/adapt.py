@@ -52,7 +52,7 @@ from ofactl.probe import ProbeConfig, build_task
 from ofactl.probe.tasks import TaskData
 from ofactl.probe.train import Probe, ProbeResult, bucketed_batches, decode, score, task_loss, train_probe
 from ofactl.progress import NullProgress, Progress
-from ofactl.runtime import check_device_name, resolve_device, seed_all
+from ofactl.runtime import check_device_name, resolve_device, rng_state, seed_all, set_rng_state
 
 
 @dataclass
@@ -249,13 +249,10 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
 def _restart(job: _AdaptJob, init_rate: float) -> _AdaptJob:
     """A new probe and lambda starting from ``init_rate``, on ``job``'s student, task and features:
     with the generators where the first run drew its probe, it is the run ``init_rate`` alone gives."""
-    _set_rng_state(job.rng)
+    assert job.rng is not None  # set by _setup_adapt
+    set_rng_state(job.rng)
     cfg = replace(job.cfg, init_rate=init_rate)
-    alpha_mean = job.student.alpha_mean
-    lam = LearnableLambda(float(rate_to_lambda(init_rate, alpha_mean)),
-                          float(rate_to_lambda(cfg.min_rate, alpha_mean))).to(job.device)
-    probe = Probe(job.student.num_hidden, job.student.cfg.arch.embed_dim, job.task.n_outputs, job.task.kind,
-                  cfg.probe).to(job.device)
+    lam, probe = _lambda_and_probe(cfg, job.student, job.task, job.device)
     return _AdaptJob(cfg, job.student, job.task, job.cache, job.device, probe, lam, job.level_db, rng=job.rng)
 
 
@@ -276,23 +273,19 @@ def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, devi
     progress.start("front-end features (computed once)", None)
     cache = _cnn_cache(student, utts, device, level)
     progress.finish()
-    alpha_mean = student.alpha_mean
-    rng = _rng_state()  # restarts draw their probe from here, so each is the run its init_rate alone gives
-    lam = LearnableLambda(float(rate_to_lambda(cfg.init_rate, alpha_mean)),
-                          float(rate_to_lambda(cfg.min_rate, alpha_mean))).to(device)
-    probe = Probe(student.num_hidden, student.cfg.arch.embed_dim, task.n_outputs, task.kind, cfg.probe).to(device)
+    rng = rng_state()  # restarts draw their probe from here, so each is the run its init_rate alone gives
+    lam, probe = _lambda_and_probe(cfg, student, task, device)
     return _AdaptJob(cfg, student, task, cache, device, probe, lam, level, rng=rng)
 
 
-def _rng_state() -> tuple[Tensor, list[Tensor]]:
-    """torch's global generator states (CPU and every GPU): probe initialisation and dropout draw from them."""
-    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def _set_rng_state(state: tuple[Tensor, list[Tensor]]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1]:
-        torch.cuda.set_rng_state_all(state[1])
+def _lambda_and_probe(cfg: AdaptConfig, student: Any, task: TaskData,
+                      device: torch.device) -> tuple[LearnableLambda, Probe]:
+    """lambda at ``cfg.init_rate`` (bounded by ``cfg.min_rate``) and a new probe for ``task``."""
+    alpha_mean = student.alpha_mean
+    lam = LearnableLambda(float(rate_to_lambda(cfg.init_rate, alpha_mean)),
+                          float(rate_to_lambda(cfg.min_rate, alpha_mean))).to(device)
+    probe = Probe(student.num_hidden, student.cfg.arch.embed_dim, task.n_outputs, task.kind, cfg.probe).to(device)
+    return lam, probe
 
 
 @dataclass
@@ -309,7 +302,7 @@ class _AdaptJob:
     level_db: float | None = None  # the level every recording was scaled to (dBFS); none: as recorded
     traj: list[dict[str, Any]] = field(default_factory=list)
     dev_pos: int = 0
-    rng: Any = None  # torch's generator states just before the probe was drawn (restarts start from them)
+    rng: dict[str, Any] | None = None  # torch's generator states just before the probe was drawn (restarts start from them)
 
     def __post_init__(self) -> None:
         cfg, kind = self.cfg, self.task.kind
@@ -415,8 +408,7 @@ def _outcome(job: _AdaptJob) -> _Outcome:
     t_probe = time.perf_counter()
     fresh = _fresh_probe(job, learned_rate)
     dev = fresh.dev[task.metric]
-    error = 1.0 - dev if task.higher_better else dev
-    objective = error + float(cfg.rate_cost(torch.tensor(learned_rate)))
+    objective = float(_objective(np.array(dev), task.higher_better, np.array(learned_rate), cfg.rate_cost))
     return _Outcome(final_lam, learned_rate, joint, fresh, time.perf_counter() - t_probe, dev, objective)
 
 
@@ -600,14 +592,19 @@ def _plot(traj: list[dict[str, Any]], path: Path, task: str) -> None:
     plt.close(fig)
 
 
+def _objective(metric: np.ndarray, higher_better: bool, rate: np.ndarray, cost: RateCost) -> np.ndarray:
+    """What adapt minimises, for metric values at rates: the error (1 - accuracy, or the error
+    rate itself) plus the rate cost."""
+    err = 1.0 - metric if higher_better else metric
+    return err + cost(torch.as_tensor(rate, dtype=torch.float64)).numpy()
+
+
 def _objective_on_curve(grid: np.ndarray, xs: list[float], ys: list[float], higher_better: bool, rate: float,
                         cost: RateCost) -> dict[str, Any]:
     """adapt's objective (error + rate cost) along an interpolated sweep curve: its lowest value
     and rate, its value at ``rate`` and the gap between the two (0 when adapt found the best)."""
     def objective(r: np.ndarray) -> np.ndarray:
-        y = np.interp(r, xs, ys)
-        err = 1.0 - y if higher_better else y
-        return err + cost(torch.as_tensor(r, dtype=torch.float64)).numpy()
+        return _objective(np.interp(r, xs, ys), higher_better, r, cost)
 
     along = objective(grid)
     at = float(objective(np.array([min(max(rate, xs[0]), xs[-1])]))[0])

@@ -132,3 +132,23 @@ def seed_all(seed: int) -> None:
     import torch
 
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's global generator states: ``rng`` (CPU) and, where CUDA is available, ``cuda_rng``
+    (every GPU); what :func:`set_rng_state` puts back (checkpoints keep these two keys)."""
+    import torch
+
+    st: dict[str, Any] = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned (the GPU states only where CUDA is available)."""
+    import torch
+
+    torch.set_rng_state(st["rng"])
+    if "cuda_rng" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda_rng"])

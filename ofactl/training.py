@@ -38,6 +38,7 @@ from ofactl.choices import Precision
 from ofactl.errors import CheckpointError, InterruptedRun, OfactlError
 from ofactl.progress import Progress, deferred_sigint, ignore_sigint_in_worker
 from ofactl.runtime import SAMPLE_RATE as SR
+from ofactl.runtime import rng_state, set_rng_state
 
 
 @dataclass
@@ -413,20 +414,15 @@ class Optimisation:
 
     def state(self, seed: int) -> dict[str, Any]:
         """What a checkpoint needs to continue exactly: optimizer, schedule, scaler, RNG."""
-        st = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-              "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(), "seed": seed}
-        if torch.cuda.is_available():
-            st["cuda_rng"] = torch.cuda.get_rng_state_all()
-        return st
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict(), **rng_state(), "seed": seed}
 
     def load(self, ts: dict[str, Any]) -> None:
         """Restore what :meth:`state` saved (optimiser, schedule, scaler and RNG)."""
         self.opt.load_state_dict(ts["optimizer"])
         self.sched.load_state_dict(ts["scheduler"])
         self.scaler.load_state_dict(ts["scaler"])
-        torch.set_rng_state(ts["rng"])
-        if "cuda_rng" in ts and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ts["cuda_rng"])
+        set_rng_state(ts)
 
 
 def make_optimisation(params: Any, cfg: TrainConfig, amp: torch.dtype | None) -> Optimisation:
