@@ -183,6 +183,11 @@ def _root(
         raise typer.Exit(0)
 
 
+def _metric_cell(test: float, sd: float | None, digits: int) -> str:
+    """A table cell for a sweep row's test metric: the mean and, over several probes, its SD."""
+    return f"{test:.{digits}f}" + ("" if sd is None else f" ± {sd:.{digits}f}")
+
+
 @app.command()
 def quickstart(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for every stage's output.")] = Path("ofactl-quickstart"),
@@ -221,7 +226,7 @@ def quickstart(
         by = {r["task"]: r for r in res.rows if r["requested_rate"] == rate}
         first = next(iter(by.values()))
         t.add_row(f"{rate:g}", f"{first['frame_period_ms']:.1f}", f"{first['upstream_gmacs_per_s']:.3f}",
-                  *[f"{by[k]['test']:.3f}" if k in by else "-" for k in tasks])
+                  *[_metric_cell(by[k]["test"], by[k].get("test_sd"), 3) if k in by else "-" for k in tasks])
     err_console.print(t)
     for a in res.adapt.values():
         there = (f"the sweep there: {a['metric']} {a['comparison']['sweep_at_learned_rate']:.3f}" if a.get("comparison")
@@ -474,8 +479,8 @@ def sweep(
                 "probe s", "MB", "infeasible"):
         t.add_column(col, justify="right", no_wrap=True)
     for r in res.rows:
-        metric = f"{r.test:.4f}" + ("" if r.test_sd is None else f" ± {r.test_sd:.4f}")
-        t.add_row(r.label, f"{r.requested_rate:g}", f"{r.achieved_rate:.3f}", f"{r.frame_period_ms:.1f}", metric,
+        t.add_row(r.label, f"{r.requested_rate:g}", f"{r.achieved_rate:.3f}", f"{r.frame_period_ms:.1f}",
+                  _metric_cell(r.test, r.test_sd, 4),
                   f"{r.upstream_gmacs_per_s:.2f}", f"{r.extract_s_per_audio_s:.4f}", f"{r.probe_train_s:.1f}",
                   f"{r.store_mb:.1f}", "-" if r.infeasible_test is None else str(r.infeasible_test))
     err_console.print(t)

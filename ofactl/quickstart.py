@@ -21,6 +21,7 @@ from ofactl.progress import NullProgress, Progress
 if TYPE_CHECKING:
     from ofactl.adapt import AdaptConfig
     from ofactl.probe import ProbeConfig
+    from ofactl.sweep import SweepConfig
 
 UNTRAINED_NOTE = ("the teacher is random:tiny, an UNTRAINED HuBERT-shaped model; the student also learns "
                   "log-mel frames, so its features carry acoustic structure, not HuBERT's. For real "
@@ -55,6 +56,8 @@ class QuickstartConfig:
     pr_conv_hidden: int = 128  # channels of the conv pr head: half the probe default, a third less probe time
     pr_max_frames: int = 1_000_000  # the pr head's training budget in frames: half the probe default, which
     # trims the rate-1 row on synth-tiny (13 epochs instead of 26) and keeps the quickstart within its time
+    probe_runs: int = 3  # probes per rate for ks and sid, their mean the row (seeds probe.seed, +1, ...): one
+    # sid probe's accuracy moves by points with its seed on 120 test utterances; pr keeps one (slow heads)
     adapt_tasks: tuple[Task, ...] = ("pr", "ks", "sid")  # tasks that learn their rate: one that needs frames, two flat
     adapt_epochs: int = 6  # epochs of each adapt run
     probe_epochs: int = 60  # utterance heads: they train in seconds; the sid probe still improves past 40
@@ -67,6 +70,8 @@ class QuickstartConfig:
         check_device_name(self.device)
         if self.pr_max_frames < 0:
             raise ValueError(f"pr_max_frames must be >= 0 (0: no budget), got {self.pr_max_frames}")
+        if self.probe_runs < 1:
+            raise ValueError(f"probe_runs must be >= 1 (probes per rate for ks and sid), got {self.probe_runs}")
 
 
 @dataclass
@@ -228,15 +233,23 @@ class _Quickstart:
             self.reused.append("extract")
         return store
 
+    def sweep_config(self, task: Task) -> SweepConfig:
+        """The sweep of one task: the quickstart's rates, probe epochs and heads; utterance tasks
+        average ``probe_runs`` probes per rate, pr trains one (its heads take most of the sweep's time)."""
+        from ofactl.sweep import SweepConfig
+
+        sw = SweepConfig(task=task, rates=tuple(self.cfg.rates), device=self.cfg.device,
+                         probe_runs=1 if task == "pr" else self.cfg.probe_runs)
+        sw.probe = replace(self.pr_probe(sw.probe), cls_epochs=self.cfg.probe_epochs)
+        sw.extract = replace(sw.extract, num_workers=1)
+        return sw
+
     def sweep(self, corpus: Path, student: Path, store: Path) -> dict[str, Any]:
-        from ofactl.sweep import SweepConfig, run_sweep
+        from ofactl.sweep import run_sweep
 
         sweeps: dict[str, Any] = {}
         for task in self.cfg.tasks:
-            sw = SweepConfig(task=task, rates=tuple(self.cfg.rates), device=self.cfg.device)
-            sw.probe = replace(self.pr_probe(sw.probe), cls_epochs=self.cfg.probe_epochs)
-            sw.extract = replace(sw.extract, num_workers=1)
-            res = run_sweep(sw, [("ofa-tiny", student)], corpus, self.out / f"sweep-{task}", store,
+            res = run_sweep(self.sweep_config(task), [("ofa-tiny", student)], corpus, self.out / f"sweep-{task}", store,
                             progress=self.progress)
             sweeps[task] = res
             if res.rows and res.reused == len(res.rows):

@@ -27,13 +27,14 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
     qs = tmp_path / "qs.yaml"
     qs.write_text(yaml.safe_dump({"quickstart": {"synth_preset": str(synth), "distill_preset": str(distill),
                                                  "rates": [1.0, 0.5], "tasks": ["ks", "sid"], "adapt_tasks": ["sid"],
-                                                 "adapt_epochs": 1, "probe_epochs": 2}}))
+                                                 "adapt_epochs": 1, "probe_epochs": 2, "probe_runs": 2}}))
     args = ["quickstart", "--out", str(tmp_path / "qs"), "-c", str(qs), "--device", "cpu", "--json"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert {(x["task"], x["requested_rate"]) for x in doc["rows"]} == {("ks", 1.0), ("ks", 0.5), ("sid", 1.0), ("sid", 0.5)}
     assert 0 < doc["adapt"]["sid"]["learned_rate"] <= 1
+    assert all(len(x["test_runs"]) == 2 for x in doc["rows"])  # ks and sid average probe_runs probes
     # the joint probe's figure, placed on the quickstart's own sid sweep
     assert doc["adapt"]["sid"]["final_probe"] == "joint" and doc["adapt"]["sid"]["final_probe_seconds"] == 0
     assert doc["adapt"]["sid"]["comparison"]["sweep_rates"] == sorted(
@@ -47,6 +48,8 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
     assert json.loads(r2.stdout)["rows"] == doc["rows"]
     assert time.perf_counter() - t0 < 30  # every stage reused
     assert set(json.loads(r2.stdout)["reused"]) == {"distill", "extract", "sweep-ks", "sweep-sid", "adapt-sid"}
+    table = CliRunner().invoke(app, args[:-1])  # the summary table: each utterance task's mean and SD
+    assert table.exit_code == 0 and table.stderr.count(" ± ") == 4, table.output
     # another adapt setting: adapt runs again, everything before it is reused
     r3 = CliRunner().invoke(app, args + ["--set", "adapt_epochs=2"])
     assert r3.exit_code == 0, r3.output
@@ -124,6 +127,19 @@ def test_pr_probe_carries_the_quickstart_head_and_budget(tmp_path):
     assert (probe.ctc_head, probe.conv_hidden, probe.max_frames) == ("conv", 128, 0)
     with pytest.raises(ValueError, match="pr_max_frames must be >= 0"):
         QuickstartConfig(pr_max_frames=-1).validate()
+
+
+def test_utterance_tasks_average_probe_runs_and_pr_trains_one(tmp_path):
+    from ofactl.progress import NullProgress
+    from ofactl.quickstart import QuickstartConfig, _Quickstart
+
+    q = _Quickstart(QuickstartConfig(probe_epochs=9), tmp_path, NullProgress())
+    assert {t: q.sweep_config(t).probe_runs for t in ("ks", "sid", "pr")} == {"ks": 3, "sid": 3, "pr": 1}
+    assert q.sweep_config("sid").probe.cls_epochs == 9 and q.sweep_config("pr").probe.ctc_head == "lstm"
+    q = _Quickstart(QuickstartConfig(probe_runs=1), tmp_path, NullProgress())
+    assert q.sweep_config("sid").probe_runs == 1
+    with pytest.raises(ValueError, match="probe_runs must be >= 1"):
+        QuickstartConfig(probe_runs=0).validate()
 
 
 def test_the_note_names_the_teacher_the_student_learnt_from():
