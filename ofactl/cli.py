@@ -226,7 +226,7 @@ def quickstart(
         by = {r["task"]: r for r in res.rows if r["requested_rate"] == rate}
         first = next(iter(by.values()))
         t.add_row(f"{rate:g}", f"{first['frame_period_ms']:.1f}", f"{first['upstream_gmacs_per_s']:.3f}",
-                  *[_metric_cell(by[k]["test"], by[k].get("test_sd"), 3) if k in by else "-" for k in tasks])
+                  *[_metric_cell(by[k]["test"], by[k]["test_sd"], 3) if k in by else "-" for k in tasks])
     err_console.print(t)
     for a in res.adapt.values():
         there = (f"the sweep there: {a['metric']} {a['comparison']['sweep_at_learned_rate']:.3f}" if a.get("comparison")

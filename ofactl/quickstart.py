@@ -56,8 +56,9 @@ class QuickstartConfig:
     pr_conv_hidden: int = 128  # channels of the conv pr head: half the probe default, a third less probe time
     pr_max_frames: int = 1_000_000  # the pr head's training budget in frames: half the probe default, which
     # trims the rate-1 row on synth-tiny (13 epochs instead of 26) and keeps the quickstart within its time
-    probe_runs: int = 3  # probes per rate for ks and sid, their mean the row (seeds probe.seed, +1, ...): one
-    # sid probe's accuracy moves by points with its seed on 120 test utterances; pr keeps one (slow heads)
+    probe_runs: int = 3  # probes per rate for utterance tasks (ks, sid), their mean the row (seeds probe.seed,
+    # +1, ...): one sid probe's accuracy moves by points with its seed on 120 test utterances; CTC tasks
+    # (pr, asr) keep one (slow heads)
     adapt_tasks: tuple[Task, ...] = ("pr", "ks", "sid")  # tasks that learn their rate: one that needs frames, two flat
     adapt_epochs: int = 6  # epochs of each adapt run
     probe_epochs: int = 60  # utterance heads: they train in seconds; the sid probe still improves past 40
@@ -71,7 +72,7 @@ class QuickstartConfig:
         if self.pr_max_frames < 0:
             raise ValueError(f"pr_max_frames must be >= 0 (0: no budget), got {self.pr_max_frames}")
         if self.probe_runs < 1:
-            raise ValueError(f"probe_runs must be >= 1 (probes per rate for ks and sid), got {self.probe_runs}")
+            raise ValueError(f"probe_runs must be >= 1 (probes per rate for utterance tasks), got {self.probe_runs}")
 
 
 @dataclass
@@ -235,11 +236,13 @@ class _Quickstart:
 
     def sweep_config(self, task: Task) -> SweepConfig:
         """The sweep of one task: the quickstart's rates, probe epochs and heads; utterance tasks
-        average ``probe_runs`` probes per rate, pr trains one (its heads take most of the sweep's time)."""
+        average ``probe_runs`` probes per rate, CTC tasks train one (their heads take most of the
+        sweep's time)."""
+        from ofactl.probe.tasks import task_kind
         from ofactl.sweep import SweepConfig
 
         sw = SweepConfig(task=task, rates=tuple(self.cfg.rates), device=self.cfg.device,
-                         probe_runs=1 if task == "pr" else self.cfg.probe_runs)
+                         probe_runs=1 if task_kind(task) == "ctc" else self.cfg.probe_runs)
         sw.probe = replace(self.pr_probe(sw.probe), cls_epochs=self.cfg.probe_epochs)
         sw.extract = replace(sw.extract, num_workers=1)
         return sw

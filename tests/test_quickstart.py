@@ -134,7 +134,8 @@ def test_utterance_tasks_average_probe_runs_and_pr_trains_one(tmp_path):
     from ofactl.quickstart import QuickstartConfig, _Quickstart
 
     q = _Quickstart(QuickstartConfig(probe_epochs=9), tmp_path, NullProgress())
-    assert {t: q.sweep_config(t).probe_runs for t in ("ks", "sid", "pr")} == {"ks": 3, "sid": 3, "pr": 1}
+    assert {t: q.sweep_config(t).probe_runs for t in ("ks", "sid", "pr", "asr")} == {"ks": 3, "sid": 3, "pr": 1,
+                                                                                  "asr": 1}
     assert q.sweep_config("sid").probe.cls_epochs == 9 and q.sweep_config("pr").probe.ctc_head == "lstm"
     q = _Quickstart(QuickstartConfig(probe_runs=1), tmp_path, NullProgress())
     assert q.sweep_config("sid").probe_runs == 1
