@@ -329,8 +329,8 @@ class DistillResult:
     eval_before: dict[str, float]
     eval_after: dict[str, float]
     achieved_rates: dict[str, dict[str, float]]
-    audio_seconds: float
-    wall_seconds: float
+    audio_seconds: float  # audio read by this invocation, from step resumed_from on: a resumed
+    wall_seconds: float  # run reports its last stretch, so audio_s_per_s is that stretch's speed
     ranks_in_sync: bool | None
 
     def to_json(self) -> dict[str, Any]:

@@ -344,8 +344,8 @@ class PretrainResult:
     steps: int
     resumed_from: int
     eval: dict[str, float]
-    audio_seconds: float
-    wall_seconds: float
+    audio_seconds: float  # audio read by this invocation, from step resumed_from on: a resumed
+    wall_seconds: float  # run reports its last stretch, so audio_s_per_s is that stretch's speed
 
     def to_json(self) -> dict[str, Any]:
         """The result as JSON-safe data (``summary.json``, ``--json``)."""

@@ -484,7 +484,8 @@ class Job:
 
 @dataclass
 class LoopResult:
-    """Where the loop stopped: last step, first step, audio seconds seen and wall time."""
+    """Where the loop stopped: last step, first step, and the audio seconds read and wall time
+    from the first step on (one invocation: a resumed run counts from its checkpoint)."""
 
     step: int
     start: int
