@@ -33,7 +33,7 @@ from ofactl.model.student import Student, StudentConfig, student_config
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import SAMPLE_RATE as SR
 from ofactl.runtime import autocast, seed_all
-from ofactl.training import OptimConfig, held_batches, split_held_out
+from ofactl.training import OptimConfig, RunTotals, held_batches, split_held_out, totals_json
 
 
 @dataclass
@@ -329,15 +329,16 @@ class DistillResult:
     eval_before: dict[str, float]
     eval_after: dict[str, float]
     achieved_rates: dict[str, dict[str, float]]
-    audio_seconds: float  # audio read by this invocation, from step resumed_from on: a resumed
-    wall_seconds: float  # run reports its last stretch, so audio_s_per_s is that stretch's speed
+    audio_seconds: float  # audio read by this invocation (every rank's), from step resumed_from on:
+    wall_seconds: float  # a resumed run reports its last stretch, so audio_s_per_s is that stretch's speed
     ranks_in_sync: bool | None
+    totals: RunTotals | None = None  # the whole run's, over every invocation; None: unknown
 
     def to_json(self) -> dict[str, Any]:
         """The result as JSON-safe data (``--json``)."""
-        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k != "totals"}
         d["audio_s_per_s"] = round(self.audio_seconds / self.wall_seconds, 2) if self.wall_seconds else None
-        return d
+        return d | totals_json(self.totals)
 
 
 def run_distill(
@@ -472,7 +473,7 @@ def _finish(cfg: DistillConfig, su: Any, student: Student, teacher: Any, trn: li
         ev_after = evaluate(student, teacher, held, cfg, su.device, su.amp)
         achieved = achieved_rates(student, held, su.device)
     res = DistillResult(su.run_dir, result_path, loop.step, loop.start, eval_before, ev_after, achieved,
-                        loop.audio_seconds, loop.wall_seconds, in_sync)
+                        loop.audio_seconds, loop.wall_seconds, in_sync, loop.totals)
     if su.main:
         write_text(su.run_dir / "summary.json", json.dumps(res.to_json(), indent=2))
     finish_distributed(su.world)

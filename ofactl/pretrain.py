@@ -49,7 +49,7 @@ from ofactl.model.blocks import (
 from ofactl.model.compress import length_mask
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import SAMPLE_RATE, autocast, seed_all
-from ofactl.training import OptimConfig, held_batches, split_held_out
+from ofactl.training import OptimConfig, RunTotals, held_batches, split_held_out, totals_json
 
 FORMAT = "ofactl-pretrain"
 TEACHER_META = "ofactl_teacher_arch"  # safetensors metadata key holding the architecture (JSON)
@@ -344,14 +344,15 @@ class PretrainResult:
     steps: int
     resumed_from: int
     eval: dict[str, float]
-    audio_seconds: float  # audio read by this invocation, from step resumed_from on: a resumed
-    wall_seconds: float  # run reports its last stretch, so audio_s_per_s is that stretch's speed
+    audio_seconds: float  # audio read by this invocation (every rank's), from step resumed_from on:
+    wall_seconds: float  # a resumed run reports its last stretch, so audio_s_per_s is that stretch's speed
+    totals: RunTotals | None = None  # the whole run's, over every invocation; None: unknown
 
     def to_json(self) -> dict[str, Any]:
         """The result as JSON-safe data (``summary.json``, ``--json``)."""
-        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k != "totals"}
         d["audio_s_per_s"] = round(self.audio_seconds / self.wall_seconds, 2) if self.wall_seconds else None
-        return d
+        return d | totals_json(self.totals)
 
 
 def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path, *, resume: bool = False,
@@ -501,7 +502,8 @@ def _finish(cfg: PretrainConfig, su: Any, model: PretrainModel, trn: list[Uttera
         level = median_level_db(trn, seed=cfg.seed)
         export_teacher(model, teacher, {"targets": cfg.targets, "steps": str(loop.step)}
                        | ({} if level is None else {"input_level_db": str(level)}))
-    res = PretrainResult(su.run_dir, teacher, loop.step, loop.start, ev, loop.audio_seconds, loop.wall_seconds)
+    res = PretrainResult(su.run_dir, teacher, loop.step, loop.start, ev, loop.audio_seconds, loop.wall_seconds,
+                         loop.totals)
     if su.main:
         write_text(su.run_dir / "summary.json", json.dumps(res.to_json(), indent=2))
     finish_distributed(su.world)

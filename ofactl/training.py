@@ -9,7 +9,8 @@ checkpoint holds, and an evaluation; the scaffold owns everything around them:
 - AdamW with linear warm-up and decay, gradient accumulation and clipping, fp16 scaling;
 - ``metrics.jsonl`` (cut back to the checkpoint's step on resume), evaluation every
   ``eval_every`` steps, atomic checkpoints every ``ckpt_every`` steps (the last
-  ``keep_checkpoints`` kept), and Ctrl-C: saved at the next step boundary, exit code 130.
+  ``keep_checkpoints`` kept), and Ctrl-C: saved at the next step boundary, exit code 130;
+- the audio read (all ranks) and wall time, per invocation and, carried by checkpoints, per run.
 
 Runs are reproducible: every random draw of a step comes from a generator seeded by
 (seed, step), and checkpoints hold optimizer, scheduler, scaler and global RNG state, so a
@@ -405,24 +406,49 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 @dataclass
+class RunTotals:
+    """A run's audio read (seconds, every rank's) and wall time (seconds), summed over all its
+    invocations: checkpoints carry them, so a resumed run adds to what came before."""
+
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def plus(self, audio_seconds: float, wall_seconds: float) -> RunTotals:
+        """These totals with one more stretch of training added."""
+        return RunTotals(self.audio_seconds + audio_seconds, self.wall_seconds + wall_seconds)
+
+
+def totals_json(totals: RunTotals | None) -> dict[str, float | None]:
+    """``total_audio_seconds`` and ``total_wall_seconds`` of a summary (null when unknown)."""
+    return {"total_audio_seconds": None if totals is None else round(totals.audio_seconds, 3),
+            "total_wall_seconds": None if totals is None else round(totals.wall_seconds, 3)}
+
+
+@dataclass
 class Optimisation:
-    """The optimiser, its schedule and the fp16 gradient scaler, saved and restored together."""
+    """The optimiser, its schedule and the fp16 gradient scaler, saved and restored together
+    with the run's totals (``None`` after resuming a checkpoint that predates them: unknown)."""
 
     opt: torch.optim.Optimizer
     sched: Any
     scaler: Any
+    totals: RunTotals | None = field(default_factory=RunTotals)
 
     def state(self, seed: int) -> dict[str, Any]:
-        """What a checkpoint needs to continue exactly: optimizer, schedule, scaler, RNG."""
+        """What a checkpoint needs to continue exactly: optimizer, schedule, scaler, RNG, totals."""
+        totals = None if self.totals is None else {"audio_seconds": self.totals.audio_seconds,
+                                                   "wall_seconds": self.totals.wall_seconds}
         return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "scaler": self.scaler.state_dict(), **rng_state(), "seed": seed}
+                "scaler": self.scaler.state_dict(), **rng_state(), "seed": seed, "totals": totals}
 
     def load(self, ts: dict[str, Any]) -> None:
-        """Restore what :meth:`state` saved (optimiser, schedule, scaler and RNG)."""
+        """Restore what :meth:`state` saved (optimiser, schedule, scaler, RNG and totals)."""
         self.opt.load_state_dict(ts["optimizer"])
         self.sched.load_state_dict(ts["scheduler"])
         self.scaler.load_state_dict(ts["scaler"])
         set_rng_state(ts)
+        t = ts.get("totals")
+        self.totals = RunTotals(float(t["audio_seconds"]), float(t["wall_seconds"])) if isinstance(t, dict) else None
 
 
 def make_optimisation(params: Any, cfg: TrainConfig, amp: torch.dtype | None) -> Optimisation:
@@ -484,14 +510,15 @@ class Job:
 
 @dataclass
 class LoopResult:
-    """Where the loop stopped: last step, first step, and the audio seconds read and wall time
-    from the first step on (one invocation: a resumed run counts from its checkpoint)."""
+    """Where the loop stopped: last step, first step, the audio seconds read (every rank's) and
+    wall time of this invocation (a resumed run counts from its checkpoint), and the run's
+    totals over all its invocations (``None`` when an earlier one did not record them)."""
 
     step: int
     start: int
     audio_seconds: float
     wall_seconds: float
-    history: list[dict[str, Any]] = field(default_factory=list)
+    totals: RunTotals | None = None
 
 
 def resume_from(ckpt_dir: Path, job: Job, optim: Optimisation) -> int:
@@ -523,7 +550,9 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
         (setup.run_dir / "metrics.jsonl").unlink(missing_ok=True)
     metrics = open(setup.run_dir / "metrics.jsonl", "a") if setup.main else None  # noqa: SIM115 - closed in finally
     t0 = time.perf_counter()
-    audio_s = 0.0
+    before = optim.totals  # the earlier invocations' share of the run
+    audio_s = step_audio = 0.0  # every rank's audio this invocation; this rank's in this step
+    logged = (0.0, 0.0)  # (audio_s, elapsed) at the last metrics record: its speed is over the gap
     step = start
     acc: list[dict[str, float]] = []
     progress.start(job.name, cfg.steps)
@@ -537,18 +566,23 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
                 loss, m = job.step_loss(batch, gen)
                 optim.scaler.scale(loss / cfg.optim.accum).backward()
                 acc.append({"loss": float(loss.detach()), **m})
-                audio_s += float(batch["lengths"].sum()) / SR
+                step_audio += float(batch["lengths"].sum()) / SR
                 if len(acc) < cfg.optim.accum:
                     continue
                 gnorm = _optimizer_step(job, cfg, optim)
                 step += 1
+                stop_now, all_audio = _step_agreed(stop.requested, step_audio, setup)
+                audio_s, step_audio = audio_s + all_audio, 0.0
                 extra = job.after_step(acc) if job.after_step else {}
                 elapsed = time.perf_counter() - t0
+                optim.totals = None if before is None else before.plus(audio_s, elapsed)
                 mean = _mean_metrics(acc)
                 if setup.main and (step % cfg.log_every == 0 or step == cfg.steps):
+                    speed = (audio_s - logged[0]) / max(elapsed - logged[1], 1e-9)  # since the last record
                     _write(metrics, {"step": step, **mean, **extra, "lr": optim.sched.get_last_lr()[0],
-                                     "grad_norm": gnorm, "audio_s_per_s": round(audio_s / elapsed, 2),
+                                     "grad_norm": gnorm, "audio_s_per_s": round(speed, 2),
                                      "elapsed_s": round(elapsed, 2)})
+                    logged = (audio_s, elapsed)
                 shown = {k: v for k, v in mean.items() if k in job.progress_keys}
                 progress.advance(1, **shown, h_per_s=round(audio_s / 3600 / max(elapsed, 1e-9), 4))
                 acc = []
@@ -558,7 +592,7 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
                     _write(metrics, {"step": step, "eval": ev})
                 if step % cfg.ckpt_every == 0 and step < cfg.steps:
                     _save_checkpoint(job, cfg, setup, optim, step)
-                if _stop_agreed(stop.requested, setup):
+                if stop_now:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             progress.finish()
@@ -570,8 +604,10 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
             progress.finish()
             if metrics is not None:
                 metrics.close()
+    wall = time.perf_counter() - t0
+    optim.totals = None if before is None else before.plus(audio_s, wall)
     _save_checkpoint(job, cfg, setup, optim, step)
-    return LoopResult(step, start, audio_s, time.perf_counter() - t0)
+    return LoopResult(step, start, audio_s, wall, optim.totals)
 
 
 def _save_checkpoint(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, at: int) -> None:
@@ -611,15 +647,16 @@ def _write(metrics: Any, rec: dict[str, Any]) -> None:
         metrics.flush()
 
 
-def _stop_agreed(requested: bool, setup: Setup) -> bool:
-    """True when any rank was asked to stop (Ctrl-C), so every rank stops after the same step."""
+def _step_agreed(requested: bool, audio_seconds: float, setup: Setup) -> tuple[bool, float]:
+    """After a step, one all-reduce over the ranks: whether any was asked to stop (Ctrl-C), so
+    every rank stops after the same step, and the audio seconds the step read on all ranks."""
     if setup.world == 1:
-        return requested
+        return requested, audio_seconds
     import torch.distributed as dist
 
-    flag = torch.tensor([1.0 if requested else 0.0], device=setup.device)
-    dist.all_reduce(flag)
-    return bool(flag.item() > 0)
+    both = torch.tensor([1.0 if requested else 0.0, audio_seconds], dtype=torch.float64, device=setup.device)
+    dist.all_reduce(both)
+    return bool(both[0].item() > 0), float(both[1].item())
 
 
 def ranks_in_sync(model: torch.nn.Module) -> bool:

@@ -329,6 +329,14 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, synth_corpus):
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "ddp/summary.json").read_text())
     assert summary["ranks_in_sync"] is True and summary["steps"] == 3
+    # the audio figures count both ranks' batches: one process that takes both, two per step, reads as much
+    args = [str(tmp_path / "one") if a == str(tmp_path / "ddp") else a for a in cmd[cmd.index("ofactl") + 1:]]
+    r = subprocess.run([sys.executable, "-m", "ofactl", *args, "--set", "optim.accum=2"], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = json.loads((tmp_path / "one/summary.json").read_text())
+    assert summary["audio_seconds"] == pytest.approx(one["audio_seconds"], abs=1e-2) and one["audio_seconds"] > 0
+    assert summary["total_audio_seconds"] == pytest.approx(summary["audio_seconds"], abs=1e-2)
 
 
 def _ctrl_c_once(out: Path, corpus: Path) -> str:

@@ -154,6 +154,12 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path, synth_corpus):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+    # the summary's totals cover the whole run: the killed one read the same audio over two invocations
+    a_sum, b_sum = (json.loads((d / "summary.json").read_text()) for d in (full, killed))
+    assert b_sum["total_audio_seconds"] == pytest.approx(a_sum["total_audio_seconds"], abs=1e-2)
+    assert b_sum["audio_seconds"] < b_sum["total_audio_seconds"]  # the last invocation read only its part
+    assert b_sum["total_wall_seconds"] > b_sum["wall_seconds"]
+    assert a_sum["audio_seconds"] == pytest.approx(a_sum["total_audio_seconds"], abs=1e-2)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from ofactl.audio import Corpus, read_corpus
 from ofactl.config import load_config, save_resolved
 from ofactl.distill import DistillConfig
 from ofactl.errors import CheckpointError
-from ofactl.training import check_resume, check_resume_settings, record_run
+from ofactl.training import RunTotals, check_resume, check_resume_settings, make_optimisation, record_run
 
 
 def _run_with_config(tmp_path):
@@ -136,3 +136,18 @@ def test_resume_on_another_corpus_is_refused_naming_both(tmp_path, synth_corpus)
     (tmp_path / "corpus.json").write_text("{")
     with pytest.raises(CheckpointError, match="cannot read .*corpus.json"):
         check_resume(cfg, "distill", tmp_path, cps)
+
+
+def test_run_totals_travel_with_the_train_state_and_an_older_checkpoint_leaves_them_unknown():
+    import torch
+
+    cfg = load_config(DistillConfig, "distill", "distill-tiny")
+    a = make_optimisation([torch.nn.Parameter(torch.zeros(2))], cfg, None)
+    assert a.totals == RunTotals(0.0, 0.0)  # a fresh run starts from nothing
+    a.totals = RunTotals(12.5, 3.0).plus(2.5, 1.0)
+    state = a.state(seed=0)
+    b = make_optimisation([torch.nn.Parameter(torch.zeros(2))], cfg, None)
+    b.load(state)
+    assert b.totals == RunTotals(15.0, 4.0)
+    b.load({k: v for k, v in state.items() if k != "totals"})  # written before runs kept totals
+    assert b.totals is None
