@@ -366,9 +366,7 @@ def run_distill(
         tr.check_resume(cfg, "distill", su.run_dir, cps)
     optim = tr.make_optimisation(student.parameters(), cfg, su.amp)
     job = _distill_job(cfg, student, teacher, held, su)
-    start = tr.resume_from(su.ckpt_dir, job, optim) if su.resume else 0
-    if resume:
-        progress.log(f"resuming from step {start}" if su.resume else tr.fresh_start_note(su.run_dir))
+    start = tr.starting_step(job, optim, su, resume, progress)
     segids = _boundaries(cfg, cps, teacher, su.device, su.run_dir, su.main, progress) \
         if cfg.student.compressor == "cif" else None
     if su.main:

@@ -378,9 +378,7 @@ def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path
         tr.record_run(cfg, "pretrain", su.run_dir, cps)
     optim = tr.make_optimisation(model.parameters(), cfg, su.amp)
     job = _pretrain_job(cfg, model, held, targets, su)
-    start = tr.resume_from(su.ckpt_dir, job, optim) if su.resume else 0
-    if resume:
-        progress.log(f"resuming from step {start}" if su.resume else tr.fresh_start_note(su.run_dir))
+    start = tr.starting_step(job, optim, su, resume, progress)
     if su.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -540,6 +540,15 @@ def resume_from(ckpt_dir: Path, job: Job, optim: Optimisation) -> int:
     raise CheckpointError("--resume: no readable checkpoint (" + "; ".join(errors) + ")")
 
 
+def starting_step(job: Job, optim: Optimisation, setup: Setup, resume: bool, progress: Progress) -> int:
+    """The step training starts from: under ``--resume``, the newest readable checkpoint's (its
+    model, optimiser and totals restored), else 0; ``--resume`` says which."""
+    start = resume_from(setup.ckpt_dir, job, optim) if setup.resume else 0
+    if resume:
+        progress.log(f"resuming from step {start}" if setup.resume else fresh_start_note(setup.run_dir))
+    return start
+
+
 def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader: Any, start: int,
           progress: Progress) -> LoopResult:
     """The optimisation loop: micro-batches, accumulation, clipping, logging, evaluation,
