@@ -553,16 +553,9 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
           progress: Progress) -> LoopResult:
     """The optimisation loop: micro-batches, accumulation, clipping, logging, evaluation,
     checkpoints, and Ctrl-C saved at the next step boundary (raised as InterruptedRun)."""
-    if setup.main and start:
-        truncate_metrics(setup.run_dir / "metrics.jsonl", start)
-    elif setup.main:  # step 0: a log left by a job killed before its first checkpoint is not this run's
-        (setup.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    metrics = open(setup.run_dir / "metrics.jsonl", "a") if setup.main else None  # noqa: SIM115 - closed in finally
-    t0 = time.perf_counter()
-    before = optim.totals  # the earlier invocations' share of the run
-    audio_s = step_audio = 0.0  # every rank's audio this invocation; this rank's in this step
-    logged = (0.0, 0.0)  # (audio_s, elapsed) at the last metrics record: its speed is over the gap
-    step = start
+    metrics = _open_metrics(setup, start)
+    meter = _Meter(optim.totals)
+    step, step_audio = start, 0.0  # step_audio: this rank's audio in the step under way
     acc: list[dict[str, float]] = []
     progress.start(job.name, cfg.steps)
     if start:
@@ -581,19 +574,15 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
                 gnorm = _optimizer_step(job, cfg, optim)
                 step += 1
                 stop_now, all_audio = _step_agreed(stop.requested, step_audio, setup)
-                audio_s, step_audio = audio_s + all_audio, 0.0
+                step_audio = 0.0
+                optim.totals = meter.add(all_audio)
                 extra = job.after_step(acc) if job.after_step else {}
-                elapsed = time.perf_counter() - t0
-                optim.totals = None if before is None else before.plus(audio_s, elapsed)
                 mean = _mean_metrics(acc)
                 if setup.main and (step % cfg.log_every == 0 or step == cfg.steps):
-                    speed = (audio_s - logged[0]) / max(elapsed - logged[1], 1e-9)  # since the last record
                     _write(metrics, {"step": step, **mean, **extra, "lr": optim.sched.get_last_lr()[0],
-                                     "grad_norm": gnorm, "audio_s_per_s": round(speed, 2),
-                                     "elapsed_s": round(elapsed, 2)})
-                    logged = (audio_s, elapsed)
+                                     "grad_norm": gnorm, **meter.record()})
                 shown = {k: v for k, v in mean.items() if k in job.progress_keys}
-                progress.advance(1, **shown, h_per_s=round(audio_s / 3600 / max(elapsed, 1e-9), 4))
+                progress.advance(1, **shown, h_per_s=round(meter.audio / 3600 / max(meter.wall, 1e-9), 4))
                 acc = []
                 if job.evaluate and cfg.eval_every and step % cfg.eval_every == 0 and setup.main and step < cfg.steps:
                     ev = job.evaluate()
@@ -613,10 +602,45 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
             progress.finish()
             if metrics is not None:
                 metrics.close()
-    wall = time.perf_counter() - t0
-    optim.totals = None if before is None else before.plus(audio_s, wall)
+    optim.totals = meter.add(0.0)
     _save_checkpoint(job, cfg, setup, optim, step)
-    return LoopResult(step, start, audio_s, wall, optim.totals)
+    return LoopResult(step, start, meter.audio, meter.wall, optim.totals)
+
+
+def _open_metrics(setup: Setup, start: int) -> Any:
+    """Rank 0's metrics.jsonl, open for appending: cut back to ``start`` on resume, so each step
+    is logged once; new at step 0, since a log left by a job killed before its first checkpoint
+    is not this run's. Other ranks: None."""
+    if not setup.main:
+        return None
+    path = setup.run_dir / "metrics.jsonl"
+    if start:
+        truncate_metrics(path, start)
+    else:
+        path.unlink(missing_ok=True)
+    return open(path, "a")  # train closes it
+
+
+class _Meter:
+    """Audio read by every rank (s) and wall time (s) of this invocation, on top of the run's
+    earlier invocations (``before``; None when unknown)."""
+
+    def __init__(self, before: RunTotals | None) -> None:
+        self.before, self.t0 = before, time.perf_counter()
+        self.audio = self.wall = 0.0
+        self.marked = (0.0, 0.0)  # (audio, wall) at the last metrics record
+
+    def add(self, audio_seconds: float) -> RunTotals | None:
+        """Count one step's audio (all ranks); the run's totals up to now."""
+        self.audio, self.wall = self.audio + audio_seconds, time.perf_counter() - self.t0
+        return None if self.before is None else self.before.plus(self.audio, self.wall)
+
+    def record(self) -> dict[str, float]:
+        """A metrics record's speed (since the previous record, so a pause shows only in its own
+        gap) and this invocation's elapsed time."""
+        speed = (self.audio - self.marked[0]) / max(self.wall - self.marked[1], 1e-9)
+        self.marked = (self.audio, self.wall)
+        return {"audio_s_per_s": round(speed, 2), "elapsed_s": round(self.wall, 2)}
 
 
 def _save_checkpoint(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, at: int) -> None:
