@@ -33,7 +33,7 @@ from ofactl.model.student import Student, StudentConfig, student_config
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import SAMPLE_RATE as SR
 from ofactl.runtime import autocast, seed_all
-from ofactl.training import OptimConfig, RunTotals, held_batches, split_held_out, totals_json
+from ofactl.training import OptimConfig, RunTotals, held_batches, result_json, split_held_out
 
 
 @dataclass
@@ -336,9 +336,7 @@ class DistillResult:
 
     def to_json(self) -> dict[str, Any]:
         """The result as JSON-safe data (``--json``)."""
-        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k != "totals"}
-        d["audio_s_per_s"] = round(self.audio_seconds / self.wall_seconds, 2) if self.wall_seconds else None
-        return d | totals_json(self.totals)
+        return result_json(self)
 
 
 def run_distill(

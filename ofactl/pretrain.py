@@ -49,7 +49,7 @@ from ofactl.model.blocks import (
 from ofactl.model.compress import length_mask
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import SAMPLE_RATE, autocast, seed_all
-from ofactl.training import OptimConfig, RunTotals, held_batches, split_held_out, totals_json
+from ofactl.training import OptimConfig, RunTotals, held_batches, result_json, split_held_out
 
 FORMAT = "ofactl-pretrain"
 TEACHER_META = "ofactl_teacher_arch"  # safetensors metadata key holding the architecture (JSON)
@@ -350,9 +350,7 @@ class PretrainResult:
 
     def to_json(self) -> dict[str, Any]:
         """The result as JSON-safe data (``summary.json``, ``--json``)."""
-        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k != "totals"}
-        d["audio_s_per_s"] = round(self.audio_seconds / self.wall_seconds, 2) if self.wall_seconds else None
-        return d | totals_json(self.totals)
+        return result_json(self)
 
 
 def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path, *, resume: bool = False,

@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -418,10 +418,15 @@ class RunTotals:
         return RunTotals(self.audio_seconds + audio_seconds, self.wall_seconds + wall_seconds)
 
 
-def totals_json(totals: RunTotals | None) -> dict[str, float | None]:
-    """``total_audio_seconds`` and ``total_wall_seconds`` of a summary (null when unknown)."""
-    return {"total_audio_seconds": None if totals is None else round(totals.audio_seconds, 3),
-            "total_wall_seconds": None if totals is None else round(totals.wall_seconds, 3)}
+def result_json(result: Any) -> dict[str, Any]:
+    """A training result (``distill``'s, ``pretrain``'s) as JSON-safe data: paths as text, this
+    invocation's ``audio_s_per_s``, and the run's ``total_audio_seconds`` and
+    ``total_wall_seconds`` from its ``totals`` (null when unknown)."""
+    d = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items() if k != "totals"}
+    d["audio_s_per_s"] = round(result.audio_seconds / result.wall_seconds, 2) if result.wall_seconds else None
+    t = result.totals
+    return d | {"total_audio_seconds": None if t is None else round(t.audio_seconds, 3),
+                "total_wall_seconds": None if t is None else round(t.wall_seconds, 3)}
 
 
 @dataclass
@@ -436,10 +441,9 @@ class Optimisation:
 
     def state(self, seed: int) -> dict[str, Any]:
         """What a checkpoint needs to continue exactly: optimizer, schedule, scaler, RNG, totals."""
-        totals = None if self.totals is None else {"audio_seconds": self.totals.audio_seconds,
-                                                   "wall_seconds": self.totals.wall_seconds}
         return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "scaler": self.scaler.state_dict(), **rng_state(), "seed": seed, "totals": totals}
+                "scaler": self.scaler.state_dict(), **rng_state(), "seed": seed,
+                "totals": None if self.totals is None else asdict(self.totals)}
 
     def load(self, ts: dict[str, Any]) -> None:
         """Restore what :meth:`state` saved (optimiser, schedule, scaler, RNG and totals)."""
