@@ -135,6 +135,13 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _speed(audio_s: float, wall_s: float) -> str:
+    """Audio seconds per wall second as "N.Nx real time"; below 1x two significant digits, so a
+    slow or tiny run does not read 0.0x."""
+    x = audio_s / wall_s
+    return f"{x:.1f}x real time" if x >= 1 else f"{x:.2g}x real time"
+
+
 def _progress(quiet: bool, as_json: bool) -> RichProgress:
     interactive = err_console.is_terminal and not os.environ.get("CI")
     return RichProgress(enabled=interactive and not quiet and not as_json, quiet=quiet)
@@ -429,7 +436,7 @@ def _print_extract(res: Any) -> None:
     err_console.print(t)
     if res.wall_seconds:
         err_console.print(f"{res.audio_seconds:.1f} s of audio in {res.wall_seconds:.1f} s "
-                          f"({res.audio_seconds / res.wall_seconds:.1f}x real time)", highlight=False)
+                          f"({_speed(res.audio_seconds, res.wall_seconds)})", highlight=False)
 
 
 @app.command()

@@ -283,3 +283,10 @@ def test_quickstart_and_synth_flags_are_values(monkeypatch):
     seen = _capture(monkeypatch, "ofactl.synth", "run_synth")
     _invoke_captured(["synth", "--out", ODD, "-c", "synth-tiny", "--set", "seed=3"])
     assert seen["cfg"].seed == 3 and str(seen["args"][0]) == ODD
+
+
+def test_extract_speed_keeps_two_digits_below_real_time():
+    from ofactl.cli import _speed
+
+    assert _speed(0.3, 12.6) == "0.024x real time"
+    assert _speed(82.7, 1.0) == "82.7x real time"
