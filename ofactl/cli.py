@@ -142,6 +142,19 @@ def _speed(audio_s: float, wall_s: float) -> str:
     return f"{x:.1f}x real time" if x >= 1 else f"{x:.2g}x real time"
 
 
+def _table(columns: list[str], title: str | None = None) -> Any:
+    """A compact table of right-aligned, unwrapped columns: no outer edge or column rules, so a
+    store's or a sweep's rows fit 80 columns (a pipe's width) without truncated cells."""
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+              collapse_padding=True)
+    for col in columns:
+        t.add_column(col, justify="right", no_wrap=True)
+    return t
+
+
 def _progress(quiet: bool, as_json: bool) -> RichProgress:
     interactive = err_console.is_terminal and not os.environ.get("CI")
     return RichProgress(enabled=interactive and not quiet and not as_json, quiet=quiet)
@@ -223,12 +236,9 @@ def quickstart(
         return
     if quiet:
         return
-    from rich.table import Table
-
     tasks = list(dict.fromkeys(r["task"] for r in res.rows))
-    t = Table(title="once-for-all trade-off (test metrics per rate)", title_justify="left")
-    for col in ["rate", "frame ms", "GMAC/s", *[f"{k} {next(r['metric'] for r in res.rows if r['task'] == k)}" for k in tasks]]:
-        t.add_column(col, justify="right", no_wrap=True)
+    t = _table(["rate", "frame ms", "GMAC/s", *[f"{k} {next(r['metric'] for r in res.rows if r['task'] == k)}" for k in tasks]],
+               "once-for-all trade-off (test metrics per rate)")
     for rate in sorted({r["requested_rate"] for r in res.rows}, reverse=True):
         by = {r["task"]: r for r in res.rows if r["requested_rate"] == rate}
         first = next(iter(by.values()))
@@ -424,11 +434,7 @@ def extract(
 
 
 def _print_extract(res: Any) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"{res.store}", title_justify="left")
-    for col in ("group", "utts", "new", "reused", "skipped", "frames", "rate", "ms", "complete"):
-        t.add_column(col, justify="right", no_wrap=True)
+    t = _table(["group", "utts", "new", "reused", "skipped", "frames", "rate", "ms", "complete"], f"{res.store}")
     for g in res.groups:
         t.add_row(g.group, str(g.utterances), str(g.written), str(g.reused), str(g.skipped), str(g.frames),
                   f"{g.achieved_rate:.4f}" if g.achieved_rate else "-",
@@ -479,12 +485,8 @@ def sweep(
         return
     if quiet:
         return
-    from rich.table import Table
-
-    t = Table(title=f"{res.rows[0].task if res.rows else ''} sweep ({res.reused} row(s) reused)", title_justify="left")
-    for col in ("label", "rate", "achieved", "ms", res.rows[0].metric if res.rows else "metric", "GMAC/s", "s/audio-s",
-                "probe s", "MB", "infeasible"):
-        t.add_column(col, justify="right", no_wrap=True)
+    t = _table(["label", "rate", "achieved", "ms", res.rows[0].metric if res.rows else "metric", "GMAC/s", "s/audio-s",
+                "probe s", "MB", "infeasible"], f"{res.rows[0].task if res.rows else ''} sweep ({res.reused} row(s) reused)")
     for r in res.rows:
         t.add_row(r.label, f"{r.requested_rate:g}", f"{r.achieved_rate:.3f}", f"{r.frame_period_ms:.1f}",
                   _metric_cell(r.test, r.test_sd, 4),
@@ -574,15 +576,11 @@ def info(
     out = Console(soft_wrap=True)
     for k, v in doc.items():
         if k == "groups" and isinstance(v, list) and v:
-            from rich.table import Table
-
-            t = Table()
             short = {"group": "group", "utterances": "utts", "done": "done", "frames": "frames",
                      "achieved_rate": "rate", "frame_period_ms": "ms", "size_mb": "MB",
                      "skipped_inputs": "skipped", "complete": "complete"}
             cols = [c for c in short if any(c in g for g in v)]
-            for c in cols:
-                t.add_column(short[c], justify="right", no_wrap=True)
+            t = _table([short[c] for c in cols])
             for g in v:
                 t.add_row(*[f"{g[c]:.4g}" if isinstance(g.get(c), float) else str(g.get(c, "-")) for c in cols])
             out.print(t)
