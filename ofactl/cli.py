@@ -143,8 +143,8 @@ def _speed(audio_s: float, wall_s: float) -> str:
 
 
 def _table(columns: list[str], title: str | None = None) -> Any:
-    """A compact table of right-aligned, unwrapped columns: no outer edge or column rules, so a
-    store's or a sweep's rows fit 80 columns (a pipe's width) without truncated cells."""
+    """A compact table of right-aligned, unwrapped columns: no outer edge or column rules, so it
+    fits a narrow terminal better (:func:`_show` prints it)."""
     from rich import box
     from rich.table import Table
 
@@ -153,6 +153,19 @@ def _table(columns: list[str], title: str | None = None) -> Any:
     for col in columns:
         t.add_column(col, justify="right", no_wrap=True)
     return t
+
+
+def _show(console: Console, table: Any) -> None:
+    """Print a table; off a terminal (a pipe, a log file) at its natural width, however wide, so
+    no cell is cut short; on a terminal, at the terminal's width."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.measure import Measurement
+
+    natural = Measurement.get(console, console.options.update(width=100_000), table).maximum
+    # print(width=...) cannot exceed the console's own width, so a console as wide as the table
+    Console(file=console.file, width=max(console.width, natural), soft_wrap=True).print(table)
 
 
 def _progress(quiet: bool, as_json: bool) -> RichProgress:
@@ -244,7 +257,7 @@ def quickstart(
         first = next(iter(by.values()))
         t.add_row(f"{rate:g}", f"{first['frame_period_ms']:.1f}", f"{first['upstream_gmacs_per_s']:.3f}",
                   *[_metric_cell(by[k]["test"], by[k]["test_sd"], 3) if k in by else "-" for k in tasks])
-    err_console.print(t)
+    _show(err_console, t)
     for a in res.adapt.values():
         there = (f"the sweep there: {a['metric']} {a['comparison']['sweep_at_learned_rate']:.3f}" if a.get("comparison")
                  else f"test {a['metric']} {a['test']:.3f} ({a.get('final_probe', 'joint')} probe)")
@@ -439,8 +452,8 @@ def _print_extract(res: Any) -> None:
         t.add_row(g.group, str(g.utterances), str(g.written), str(g.reused), str(g.skipped), str(g.frames),
                   f"{g.achieved_rate:.4f}" if g.achieved_rate else "-",
                   f"{g.frame_period_ms:.1f}" if g.frame_period_ms else "-", "yes" if g.complete else "no")
-    err_console.print(t)
-    if res.wall_seconds:
+    _show(err_console, t)
+    if res.wall_seconds and res.audio_seconds:  # nothing new extracted: no speed to report
         err_console.print(f"{res.audio_seconds:.1f} s of audio in {res.wall_seconds:.1f} s "
                           f"({_speed(res.audio_seconds, res.wall_seconds)})", highlight=False)
 
@@ -492,7 +505,7 @@ def sweep(
                   _metric_cell(r.test, r.test_sd, 4),
                   f"{r.upstream_gmacs_per_s:.2f}", f"{r.extract_s_per_audio_s:.4f}", f"{r.probe_train_s:.1f}",
                   f"{r.store_mb:.1f}", "-" if r.infeasible_test is None else str(r.infeasible_test))
-    err_console.print(t)
+    _show(err_console, t)
     for n in res.not_scored:
         err_console.print(f"{n['label']} at rate {n['rate']:g}: not scored ({n['reason']})", highlight=False)
     err_console.print(f"wrote {res.csv}, {res.json}" + (f", {res.png}" if res.png else ""), highlight=False)
@@ -583,7 +596,7 @@ def info(
             t = _table([short[c] for c in cols])
             for g in v:
                 t.add_row(*[f"{g[c]:.4g}" if isinstance(g.get(c), float) else str(g.get(c, "-")) for c in cols])
-            out.print(t)
+            _show(out, t)
             first = next((g for g in v if "dim" in g), v[0])
             extra = {c: first[c] for c in ("mode", "level_db", "layers", "dim", "dtype", "student_sha256")
                      if c in first}

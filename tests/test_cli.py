@@ -285,6 +285,23 @@ def test_quickstart_and_synth_flags_are_values(monkeypatch):
     assert seen["cfg"].seed == 3 and str(seen["args"][0]) == ODD
 
 
+def test_tables_off_a_terminal_keep_every_cell_whole():
+    import io
+
+    from rich.console import Console
+
+    from ofactl.cli import _show, _table
+
+    cols = ["label", "rate", "achieved", "ms", "PER", "GMAC/s", "s/audio-s", "probe s", "MB", "infeasible"]
+    t = _table(cols, "pr sweep")
+    t.add_row("fixed0.25", "0.25", "0.250", "80.0", "0.2230 ± 0.0120", "0.01", "0.0012", "63.1", "12.3", "-")
+    piped = Console(file=io.StringIO(), width=80)  # a file is no terminal: rich's default width is 80
+    _show(piped, t)
+    text = piped.file.getvalue()
+    assert "…" not in text and "fixed0.25" in text and "0.2230 ± 0.0120" in text and "infeasible" in text
+    assert max(len(line) for line in text.splitlines()) > 80
+
+
 def test_extract_speed_keeps_two_digits_below_real_time():
     from ofactl.cli import _speed
 
