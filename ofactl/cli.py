@@ -231,10 +231,10 @@ def quickstart(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """The whole pipeline on the built-in default, no data or weights needed: synth, distill,
-    extract at several rates, sweep keyword spotting, speaker ID and phonemes, adapt, summary.
+    """Run the whole pipeline on the built-in default; no data or weights needed.
 
-    Reruns reuse finished stages.
+    Synth, distill, extract at several rates, sweep keyword spotting, speaker ID and phonemes,
+    adapt, summary. Reruns reuse finished stages.
     """
     from ofactl.config import Flag, load_config
     from ofactl.quickstart import QuickstartConfig, run_quickstart
@@ -570,8 +570,11 @@ def info(
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Show the version and the compute available (torch, CUDA, bf16), or describe a checkpoint,
-    a teacher or a store (with the inputs it skipped, and --verify)."""
+    """Show the version and the compute available, or describe a checkpoint, teacher or store.
+
+    The compute: torch, CUDA and bf16. A store's description lists the inputs it skipped, and
+    --verify checks every extracted utterance against its checksum.
+    """
     from ofactl.about import describe_path, describe_teacher, environment
 
     def go() -> dict[str, Any]:

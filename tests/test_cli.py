@@ -21,6 +21,14 @@ def test_help_lists_commands():
     assert runner.invoke(app, ["synth", "-h"]).exit_code == 0
 
 
+def test_every_command_summary_is_one_line():
+    """The command list shows a docstring's first paragraph as typed: one line, or it breaks mid-sentence."""
+    for cmd in app.registered_commands:
+        doc = cmd.callback.__doc__ or ""
+        first = doc.strip().split("\n\n")[0]
+        assert first and "\n" not in first, cmd.callback.__name__
+
+
 def test_version_and_no_args():
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and __version__ in r.stdout
