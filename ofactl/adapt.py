@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ofactl.atomic import save_figure, write_text
+from ofactl.atomic import make_dir, save_figure, write_text
 from ofactl.audio import Corpus, load_audio, read_corpus, set_level
 from ofactl.choices import CostForm, FinalProbe, LambdaData, LambdaGrad, LambdaLoss, Task
 from ofactl.config import save_resolved
@@ -227,8 +227,7 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
     progress = progress or NullProgress()
     t0 = time.perf_counter()
     device = resolve_device(cfg.device if cfg.probe.device == "auto" else cfg.probe.device)  # before any folder
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(Path(out_dir))
     save_resolved(cfg, "adapt", out_dir / "config.yaml")
     seed_all(cfg.seed)
     job = _setup_adapt(cfg, ckpt, corpus, device, progress)

@@ -28,8 +28,8 @@ def atomic_path(path: Path, error: type[OfactlError] = WriteError) -> Iterator[P
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    make_dir(path.parent, error)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -55,6 +55,28 @@ def _umask() -> int:
     mask = os.umask(0o022)  # no /proc (macOS): read it by setting it back at once
     os.umask(mask)
     return mask
+
+
+def make_dir(path: Path, error: type[OfactlError] = WriteError) -> Path:
+    """Create the folder ``path`` and its parents (nothing when it exists); returns ``path``.
+
+    A folder that cannot be made (a file in its place or on its way, no permission, a read-only
+    or full disk) is one ``error`` naming it, not a traceback from deep in a run.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error(f"cannot create the folder {path}: {_mkdir_reason(path, e)}") from None
+    return path
+
+
+def _mkdir_reason(path: Path, e: OSError) -> str:
+    """Name the file in the way when there is one: "Not a directory" alone does not say which."""
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            return f"{p} is a file, not a folder"
+    return str(e.strerror or e)
 
 
 def write_text(path: Path, text: str, error: type[OfactlError] = WriteError) -> Path:

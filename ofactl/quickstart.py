@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ofactl.atomic import write_text
+from ofactl.atomic import make_dir, write_text
 from ofactl.choices import CtcHead, Task
 from ofactl.config import doc_sha, load_config, save_resolved, to_dict
 from ofactl.progress import NullProgress, Progress
@@ -158,8 +158,7 @@ def run_quickstart(cfg: QuickstartConfig, out_dir: Path, progress: Progress | No
 
     progress = progress or NullProgress()
     resolve_device(cfg.device)  # a device this machine lacks fails now, not after the corpus is made
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(Path(out_dir))
     save_resolved(cfg, "quickstart", out / "quickstart.yaml")
     q = _Quickstart(cfg, out, progress)
     corpus = q.stage("synth", "1/5 synth: a labelled speech corpus from espeak-ng", q.synth)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ofactl import __version__
-from ofactl.atomic import save_figure, write_text
+from ofactl.atomic import make_dir, save_figure, write_text
 from ofactl.audio import Corpus, load_audio, read_corpus
 from ofactl.choices import Task
 from ofactl.config import doc_sha, save_resolved, to_dict
@@ -196,7 +196,7 @@ def rate_plan(label: str, ckpt: Path, rates: Sequence[float]) -> RatePlan:
 def _setup_sweep(cfg: SweepConfig, corpus: str | Path | Corpus, out_dir: Path, overwrite: bool,
                  progress: Progress, device: torch.device) -> _Sweep:
     """Write config.yaml, read the corpus and build the task's splits."""
-    (out_dir / "rows").mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir / "rows")
     save_resolved(cfg, "sweep", out_dir / "config.yaml")
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus, on_error=cfg.extract.on_error)
     task = build_task(cfg.task, cps, cfg.label_column or None, cfg.seed)

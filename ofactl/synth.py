@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import io
 import itertools
 import os
 import random
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ofactl.atomic import atomic_path, make_dir
 from ofactl.config import load_yaml, save_resolved, to_dict
 from ofactl.errors import ConfigError, OfactlError
 from ofactl.progress import NullProgress, Progress
@@ -436,12 +438,13 @@ def run_synth(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False,
     reused = _reuse_corpus(cfg, out_dir, overwrite, progress)
     if reused is not None:
         return reused
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise OfactlError(f"{out_dir} is not empty and holds another corpus; pass --overwrite or choose another --out")
     items = plan(cfg)
     engine = Espeak.get()  # voices are checked here; synthesis runs in fresh worker processes
     for voice in sorted({f"{it.speaker.accent}+{it.speaker.variant}" for it in items}):
         engine.check_voice(voice)
+    make_dir(out_dir)  # a bad --out fails now, not after the first speaker is synthesised
     rows, total_s = _synthesise(cfg, items, out_dir, workers or min(4, os.cpu_count() or 1), progress)
     write_manifest(manifest, rows, MANIFEST_COLUMNS)
     save_resolved(cfg, "synth", cfg_path)
@@ -489,8 +492,10 @@ def _synthesise(cfg: SynthConfig, items: list[_Item], out_dir: Path, workers: in
             if peak > 0.99:  # resampling can overshoot full scale; keep 16-bit PCM unclipped
                 wav = wav * (0.99 / peak)
             rel = Path("wavs") / it.speaker.id / f"{it.id}.wav"
-            (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            sf.write(str(out_dir / rel), wav, cfg.sample_rate, subtype="PCM_16", format="WAV")
+            buf = io.BytesIO()  # encoded in memory, written atomically: a full disk is one error naming the file
+            sf.write(buf, wav, cfg.sample_rate, subtype="PCM_16", format="WAV")
+            with atomic_path(out_dir / rel) as tmp:
+                tmp.write_bytes(buf.getvalue())
             total_s += len(wav) / cfg.sample_rate
             rows.append({
                 "id": it.id, "path": str(rel), "speaker": it.speaker.id, "label": it.label,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ofactl.atomic import write_text
+from ofactl.atomic import make_dir, write_text
 from ofactl.audio import Corpus, Utterance, load_audio
 from ofactl.choices import Precision
 from ofactl.errors import CheckpointError, InterruptedRun, OfactlError
@@ -131,13 +131,13 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     reused; :func:`train` starts a new metrics.jsonl), and :func:`check_resume` still refuses
     other settings or another corpus.
     """
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(run_dir.iterdir()):
         if resume:
             return
         if not overwrite:
             raise OfactlError(f"{run_dir} is not empty; pass --resume to continue it or --overwrite to start over")
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir)
 
 
 def has_checkpoint(run_dir: Path) -> bool:

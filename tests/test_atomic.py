@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ofactl.atomic import atomic_path, write_text
+from ofactl.atomic import atomic_path, make_dir, write_text
 from ofactl.config import save_resolved
 from ofactl.errors import CheckpointError, WriteError
 from ofactl.synth import SynthConfig
@@ -61,3 +61,22 @@ def test_a_written_file_gets_the_usual_mode_even_from_an_owner_only_writer(tmp_p
     with atomic_path(out) as tmp:
         save_file({"w": torch.zeros(2)}, str(tmp))  # safetensors creates its files 0600
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_make_dir_creates_parents_and_accepts_an_existing_folder(tmp_path):
+    p = make_dir(tmp_path / "a" / "b")
+    assert p.is_dir() and make_dir(p) == p
+
+
+@pytest.mark.parametrize("sub", ["", "x", "x/y"])
+def test_a_folder_that_cannot_be_made_names_the_file_in_its_way(tmp_path, sub):
+    (tmp_path / "f").write_text("data\n")
+    with pytest.raises(WriteError, match=r"cannot create the folder .*: .*f is a file, not a folder"):
+        make_dir(tmp_path / "f" / sub)
+    assert (tmp_path / "f").read_text() == "data\n"
+
+
+def test_a_write_under_a_file_is_the_callers_error_naming_the_file(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(CheckpointError, match=r"f is a file, not a folder"):
+        write_text(tmp_path / "f" / "run" / "a.json", "{}", CheckpointError)

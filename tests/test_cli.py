@@ -315,3 +315,16 @@ def test_extract_speed_keeps_two_digits_below_real_time():
 
     assert _speed(0.3, 12.6) == "0.024x real time"
     assert _speed(82.7, 1.0) == "82.7x real time"
+
+
+@pytest.mark.parametrize("cmd", ["synth", "distill", "pretrain", "extract", "sweep", "adapt", "quickstart"])
+def test_an_out_folder_under_a_file_is_one_error_on_every_command(cmd, tmp_path, synth_corpus, student_ckpt):
+    (tmp_path / "f").write_text("")
+    out = str(tmp_path / "f" / "run")
+    corpus, ckpt = ["--corpus", str(synth_corpus)], ["--ckpt", str(student_ckpt[0])]
+    args = {"synth": [], "quickstart": [], "distill": ["-c", "distill-tiny", *corpus, "--steps", "1"],
+            "pretrain": ["-c", "pretrain-tiny", *corpus, "--steps", "1"], "extract": [*ckpt, *corpus, "--rate", "1"],
+            "sweep": [*ckpt, *corpus, "--task", "ks", "--rates", "1"], "adapt": [*ckpt, *corpus, "--task", "ks"]}[cmd]
+    r = runner.invoke(app, [cmd, *args, "--out", out])
+    assert r.exit_code == 1 and "f is a file, not a folder" in r.output, r.output
+    assert "Traceback" not in r.output and (tmp_path / "f").read_text() == ""

@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from ofactl.atomic import make_dir
 from ofactl.errors import StoreError
 from ofactl.progress import Progress
 
@@ -106,7 +107,7 @@ class GroupLock:
 
     # ------------------------------------------------------------------ protocol
     def __enter__(self) -> GroupLock:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.dir, StoreError)
         self._create()  # first our own lock ...
         for other in self._others():  # ... then theirs: of two simultaneous writers one sees the other
             info = self._live(other)
