@@ -35,7 +35,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ from ofactl.probe.tasks import TaskData
 from ofactl.probe.train import Probe, ProbeResult, bucketed_batches, decode, score, task_loss, train_probe
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import check_device_name, resolve_device, rng_state, seed_all, set_rng_state
+
+if TYPE_CHECKING:
+    from ofactl.sweep import SweepRow
 
 
 @dataclass
@@ -227,6 +230,8 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
     progress = progress or NullProgress()
     t0 = time.perf_counter()
     device = resolve_device(cfg.device if cfg.probe.device == "auto" else cfg.probe.device)  # before any folder
+    if compare_sweep is not None:
+        sweep_rows_for(compare_sweep, cfg.task)  # a bad --compare-sweep fails now, not after the training
     out_dir = make_dir(Path(out_dir))
     save_resolved(cfg, "adapt", out_dir / "config.yaml")
     seed_all(cfg.seed)
@@ -523,6 +528,23 @@ def _evaluate(student: Any, probe: Probe, task: TaskData, ids: list[str], cache:
     return score(task, ids, preds), frames / inputs
 
 
+def sweep_rows_for(path: Path, task: str) -> list[SweepRow]:
+    """The rows of task ``task`` in a sweep folder (its sweep.json) or a sweep.json, by achieved rate."""
+    from ofactl.sweep import load_rows
+
+    p = Path(path)
+    doc = p / "sweep.json" if p.is_dir() else p
+    try:
+        rows = load_rows(doc)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        why = "not found" if isinstance(e, FileNotFoundError) else f"unreadable ({type(e).__name__}: {e})"
+        raise ConfigError(f"--compare-sweep {path}: {doc} {why}; expected a sweep folder or its sweep.json") from None
+    rows = sorted((r for r in rows if r.task == task), key=lambda r: r.achieved_rate)
+    if not rows:
+        raise ConfigError(f"--compare-sweep {path}: no rows for task {task}")
+    return rows
+
+
 def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, adapt_s: float,
                        cost: RateCost | None = None) -> dict[str, Any]:
     """Where the learned rate falls on a sweep of the same task, and what each cost.
@@ -535,14 +557,7 @@ def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, a
     With ``cost``, also what adapt minimises, on the same curve: the error (1 - accuracy) plus
     the rate cost; ``objective_gap`` is its value at the learned rate minus its lowest.
     """
-    from ofactl.sweep import load_rows
-
-    p = Path(path)
-    rows = load_rows(p / "sweep.json" if p.is_dir() else p)
-    rows = [r for r in rows if r.task == task.task]
-    if not rows:
-        raise ConfigError(f"--compare-sweep {path}: no rows for task {task.task}")
-    rows.sort(key=lambda r: r.achieved_rate)
+    rows = sweep_rows_for(path, task.task)
     xs = [r.achieved_rate for r in rows]
     ys = [r.test for r in rows]
     best = max(ys) if task.higher_better else min(ys)

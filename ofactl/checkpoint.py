@@ -93,7 +93,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load and check a student checkpoint's payload (weights_only=True)."""
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
+        what = "is a folder, not a checkpoint file (student.pt)" if p.is_dir() else "not found"
+        raise CheckpointError(f"checkpoint {p} {what}")
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: empty file, not a checkpoint")
     if not zipfile.is_zipfile(p):

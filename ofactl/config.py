@@ -72,7 +72,8 @@ def find_preset(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists() or len(p.parts) > 1:
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            what = "is a folder, not a YAML file" if p.is_dir() else "not found"
+            raise ConfigError(f"config file {p} {what}")
         return p
     for d in preset_dirs():
         cand = d / f"{name_or_path}.yaml"

@@ -13,6 +13,7 @@ from ofactl.adapt import AdaptConfig, LearnableLambda, RateCost, run_adapt
 from ofactl.audio import read_corpus
 from ofactl.cli import app
 from ofactl.config import load_config
+from ofactl.errors import ConfigError
 from ofactl.extract import ExtractConfig
 from ofactl.model.compress import LAMBDA_MAX, rate_to_lambda
 from ofactl.probe import build_task
@@ -426,3 +427,18 @@ def test_restarts_keep_the_run_with_the_lowest_dev_objective(tmp_path, distilled
     assert rate_yaml.rates == (many.learned_rate,)
     with pytest.raises(ValueError, match="restarts picks a run by its fresh probe's dev metric"):
         replace(cfg, restarts=(0.9,), final_probe="joint").validate()
+
+
+@pytest.mark.parametrize("what", ["missing", "not json", "another task"])
+def test_a_bad_compare_sweep_fails_before_any_training(tmp_path, what):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    if what == "not json":
+        (sweep / "sweep.json").write_text("{")
+    elif what == "another task":
+        (sweep / "sweep.json").write_text(json.dumps({"rows": [sweep_row(1.0, 0.4, task="sid").to_json()]}))
+    match = {"missing": r"sweep\.json not found", "not json": "unreadable", "another task": "no rows for task pr"}[what]
+    with pytest.raises(ConfigError, match=rf"--compare-sweep .*sweep: .*{match}"):
+        # the checkpoint and corpus do not exist: the check comes before either is read
+        run_adapt(AdaptConfig(task="pr"), tmp_path / "no.pt", tmp_path / "no.tsv", tmp_path / "out", compare_sweep=sweep)
+    assert not (tmp_path / "out").exists()

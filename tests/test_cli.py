@@ -170,8 +170,15 @@ def test_json_failure_prints_an_error_document(tmp_path):
     r = runner.invoke(app, ["extract", "--ckpt", str(tmp_path / "none.pt"), "--corpus", "x", "--json"])
     assert r.exit_code == 1
     doc = json.loads(r.stdout)
-    assert doc["exit_code"] == 1 and "checkpoint not found" in doc["error"] and doc["kind"] == "CheckpointError"
-    assert "checkpoint not found" in r.stderr  # the message stays on stderr too
+    assert doc["exit_code"] == 1 and "none.pt not found" in doc["error"] and doc["kind"] == "CheckpointError"
+    assert "none.pt not found" in r.stderr  # the message stays on stderr too
+
+
+def test_a_folder_given_for_a_file_is_named_as_a_folder(tmp_path):
+    r = runner.invoke(app, ["extract", "--ckpt", str(tmp_path), "--corpus", "x"])
+    assert r.exit_code == 1 and "is a folder, not a checkpoint file" in r.output
+    r = runner.invoke(app, ["distill", "-c", str(tmp_path), "--corpus", "x"])
+    assert r.exit_code == 1 and "is a folder, not a YAML file" in r.output
 
 
 def test_json_usage_error_prints_an_error_document(capsys):

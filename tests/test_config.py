@@ -95,7 +95,7 @@ def test_yaml_errors_and_missing_files(tmp_path):
     p = write(tmp_path, "distill:\n  steps: [1, 2\n")
     with pytest.raises(ConfigError, match=r"invalid YAML in .*p\.yaml line"):
         load_yaml(p)
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match=r"config file .*nope\.yaml not found"):
         find_preset(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="unknown preset 'nope'; available:"):
         find_preset("nope")
