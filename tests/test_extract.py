@@ -76,6 +76,20 @@ def test_cache_hit_does_no_model_work(tmp_path, synth_corpus, student_ckpt, monk
     assert calls == [] and all(g.reused == g.utterances and g.written == 0 for g in res.groups)
 
 
+@pytest.mark.parametrize("place", ["a file", "a folder of other files"])
+def test_a_store_is_never_made_over_a_file_or_among_other_files(tmp_path, synth_corpus, student_ckpt, place):
+    target = tmp_path / "f.zarr"
+    if place == "a file":
+        target.write_text("notes\n")
+    else:
+        target.mkdir()
+        (target / "notes.txt").write_text("notes\n")
+    with pytest.raises(StoreError, match="f.zarr is a (file|folder of other files), not a feature store"):
+        extract(tmp_path, synth_corpus, ckpt=student_ckpt[0])
+    kept = target if place == "a file" else target / "notes.txt"
+    assert kept.read_text() == "notes\n" and not (target.is_dir() and (target / "zarr.json").exists())
+
+
 @pytest.mark.slow
 def test_mismatch_is_refused_unless_overwrite(tmp_path, synth_corpus, student_ckpt):
     ckpt, _ = student_ckpt

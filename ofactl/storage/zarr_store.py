@@ -417,6 +417,15 @@ class FeatureGroup:
         self._g.attrs.update({**kw, "updated": now()})
 
 
+def _check_new_store_path(path: Path) -> None:
+    """A store is made only in a new or empty folder: never over a file, never among other files."""
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path} is a file, not a feature store folder; choose another path for the store")
+    if path.is_dir() and not (path / "zarr.json").is_file() and any(path.iterdir()):
+        raise StoreError(f"{path} is a folder of other files, not a feature store (no zarr.json); "
+                         "choose a new or empty folder for the store")
+
+
 class FeatureStore:
     """A Zarr v3 store holding one group per rate."""
 
@@ -424,6 +433,8 @@ class FeatureStore:
         self.path = Path(path)
         if mode == "r" and not (self.path / "zarr.json").is_file():
             raise StoreError(f"{self.path}: not a feature store (no zarr.json); create one with 'ofactl extract'")
+        if mode != "r":
+            _check_new_store_path(self.path)
         self._root = self._open(mode)
         if mode != "r" and "format" not in self._root.attrs:
             self._root.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
