@@ -501,13 +501,16 @@ def sweep(
     t = _table(["label", "rate", "achieved", "ms", res.rows[0].metric if res.rows else "metric", "GMAC/s", "s/audio-s",
                 "probe s", "MB", "infeasible"], f"{res.rows[0].task if res.rows else ''} sweep ({res.reused} row(s) reused)")
     for r in res.rows:
-        t.add_row(r.label, f"{r.requested_rate:g}", f"{r.achieved_rate:.3f}", f"{r.frame_period_ms:.1f}",
+        t.add_row(r.label, f"{r.requested_rate:g}" + ("*" if r.outside_training_range else ""),
+                  f"{r.achieved_rate:.3f}", f"{r.frame_period_ms:.1f}",
                   _metric_cell(r.test, r.test_sd, 4),
                   f"{r.upstream_gmacs_per_s:.2f}", f"{r.extract_s_per_audio_s:.4f}", f"{r.probe_train_s:.1f}",
                   f"{r.store_mb:.1f}", "-" if r.infeasible_test is None else str(r.infeasible_test))
     _show(err_console, t)
     for n in res.not_scored:
         err_console.print(f"{n['label']} at rate {n['rate']:g}: not scored ({n['reason']})", highlight=False)
+    for label, trained in dict.fromkeys((r.label, r.trained_rates) for r in res.rows if r.outside_training_range):
+        err_console.print(f"* outside the rates {label} was {trained}", highlight=False)
     err_console.print(f"wrote {res.csv}, {res.json}" + (f", {res.png}" if res.png else ""), highlight=False)
 
 

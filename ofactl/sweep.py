@@ -155,6 +155,9 @@ def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pat
         if plan.not_scored:
             sw.progress.log(f"{label}: {plan.trained_text}; rates {', '.join(f'{r:g}' for r in plan.not_scored)} "
                             "are not scored for it")
+        if plan.outside:
+            sw.progress.log(f"{label}: {plan.trained_text}; rates {', '.join(f'{r:g}' for r in plan.outside)} "
+                            "lie outside that range (scored, and marked as such)")
         rows += sw.checkpoint_rows(label, Path(ckpt), st_path, plan)
     rows.sort(key=lambda x: (labels.index(x.label), -x.requested_rate))
     not_scored = [{"label": p.label, "rate": r, "reason": p.trained_text} for p in plans for r in p.not_scored]
@@ -439,6 +442,10 @@ def plot_tradeoff(rows: list[SweepRow], path: Path, title: str | None = None) ->
                 ax.errorbar(xs, ys, yerr=sds, capsize=3, label=name, **style)
             else:
                 ax.plot(xs, ys, label=name, **style)
+            out = [i for i, r in enumerate(rs) if r.outside_training_range]
+            if out:  # rates the student never trained at: hollow, so the curve is not read past its range
+                ax.plot([xs[i] for i in out], [ys[i] for i in out], "o", mfc="white", zorder=3,
+                        color=ax.get_lines()[-1].get_color(), label=f"{name}: outside its trained rates")
     axes[0].set_xlabel("upstream GMAC per audio second")
     axes[1].set_xlabel("frame period (ms)")
     for ax in axes:

@@ -170,6 +170,20 @@ def test_fixed_rate_checkpoints_are_scored_at_their_own_rate_only(tmp_path, synt
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["not_scored"] == res.not_scored
 
 
+def test_rates_outside_a_students_training_range_are_marked_in_the_table(tmp_path, synth_corpus):
+    torch.manual_seed(0)
+    ofa = save_student(tmp_path / "ofa.pt", Student(student_config("tiny")),
+                       trained_rates={"kind": "range", "min": 0.4, "max": 1.0})
+    r = CliRunner().invoke(app, ["sweep", "--ckpt", f"ofa={ofa}", "--corpus", str(synth_corpus), "--task", "ks",
+                                 "--rates", "1,0.25", "--set", "probe.cls_epochs=2", "--set", "extract.num_workers=0",
+                                 "--out", str(tmp_path / "sw")])
+    assert r.exit_code == 0, r.output
+    assert "ofa: trained on rates 0.4-1; rates 0.25 lie outside that range" in r.stderr
+    table = [line.split() for line in r.stderr.splitlines() if line.split()[:1] == ["ofa"] and "rate=" not in line]
+    assert [cells[1] for cells in table] == ["1", "0.25*"]  # the rate cell carries the mark, rate 1 none
+    assert "* outside the rates ofa was trained on rates 0.4-1" in r.stderr
+
+
 def test_quiet_recordings_are_reported_once_per_checkpoint_with_the_sweeps_own_setting(tmp_path):
     import numpy as np
     import soundfile as sf
