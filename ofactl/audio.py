@@ -329,7 +329,10 @@ def _parse_tsv(lines: Sequence[str], base: Path, name: str) -> list[_Entry]:
 
 
 def _audio_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+    """Audio files under ``root``, sorted; hidden files and folders are left out (macOS's ``._x.wav``
+    resource forks, ``.Trash``, ``.git``): they are not recordings, and ``._`` files would fail to decode."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def _read_dir(root: Path) -> list[_Entry]:

@@ -81,6 +81,15 @@ def test_directory_corpus_and_pattern(write_wav, tmp_path):
         read_corpus(f"{tmp_path / 'd'}::{{label}}-{{speaker}}")
 
 
+def test_a_folder_corpus_leaves_out_hidden_files_and_folders(write_wav, tmp_path):
+    write_wav(".data/d/3_anna_0.wav")  # a hidden folder above the corpus root does not count
+    write_wav(".data/d/sub/5_bob_1.wav")
+    (tmp_path / ".data/d/._3_anna_0.wav").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource fork
+    write_wav(".data/d/.Trash/7_cleo_2.wav")
+    c = read_corpus(tmp_path / ".data" / "d")
+    assert sorted(u.id for u in c) == ["3_anna_0", "5_bob_1"]
+
+
 def test_directory_with_a_manifest_is_read_through_it(write_wav, tmp_path):
     write_wav("m/wav/a.wav")
     write_wav("m/wav/b.wav")
