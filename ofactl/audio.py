@@ -272,7 +272,7 @@ def read_corpus(
             entries = [_Entry(None, p, {})]
         else:
             try:
-                text = p.read_text(encoding="utf-8")
+                text = p.read_text(encoding="utf-8-sig")
             except (OSError, UnicodeDecodeError) as e:
                 raise CorpusError(f"cannot read corpus list {p}: {e}") from None
             entries = _read_stream(io.StringIO(text), p.parent, str(p))
@@ -284,6 +284,8 @@ def read_corpus(
 
 def _read_stream(stream: TextIO, base: Path, name: str) -> list[_Entry]:
     lines = [ln.rstrip("\r\n") for ln in stream]
+    if lines:
+        lines[0] = lines[0].removeprefix("\ufeff")  # a byte-order mark, as spreadsheets write them
     body = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if body and "\t" in body[0] and {"id", "path"} <= set(body[0].split("\t")):
         return _parse_tsv(body, base, name)
@@ -297,7 +299,7 @@ def _resolve(base: Path, p: str) -> Path:
 
 def _read_manifest(path: Path) -> list[_Entry]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: spreadsheets save TSV with a byte-order mark
     except (OSError, UnicodeDecodeError) as e:
         raise CorpusError(f"cannot read manifest {path}: {e}") from None
     body = [ln for ln in lines if ln.strip() and not ln.startswith("#")]

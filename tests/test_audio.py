@@ -90,6 +90,15 @@ def test_a_folder_corpus_leaves_out_hidden_files_and_folders(write_wav, tmp_path
     assert sorted(u.id for u in c) == ["3_anna_0", "5_bob_1"]
 
 
+def test_a_manifest_saved_with_a_byte_order_mark_and_crlf_reads_as_plain(write_wav, tmp_path):
+    write_wav("a.wav")
+    (tmp_path / "m.tsv").write_bytes(b"\xef\xbb\xbfid\tpath\tlabel\r\nu1\ta.wav\tyes\r\n")
+    (tmp_path / "m.txt").write_bytes(b"\xef\xbb\xbfid\tpath\r\nu1\ta.wav\r\n")
+    assert [(u.id, u.labels) for u in read_corpus(tmp_path / "m.tsv")] == [("u1", {"label": "yes"})]
+    assert [u.id for u in read_corpus(tmp_path / "m.txt")] == ["u1"]
+    assert [u.id for u in read_corpus("-", stdin=io.StringIO(f"\ufeff{tmp_path / 'a.wav'}\n"))] == ["a"]
+
+
 def test_directory_with_a_manifest_is_read_through_it(write_wav, tmp_path):
     write_wav("m/wav/a.wav")
     write_wav("m/wav/b.wav")
