@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ofactl.atomic import atomic_path, write_text
-from ofactl.audio import Corpus, Utterance, load_audio, median_level_db, read_corpus
+from ofactl.audio import Corpus, Utterance, load_audio, median_level_db
 from ofactl.choices import Alignment, CompressWeight, Precision, RateDraw, RateKind, SpectralAlignment
 from ofactl.config import to_dict
 from ofactl.errors import ConfigError
@@ -356,7 +356,7 @@ def run_distill(
     progress = progress or NullProgress()
     cfg = replace(cfg)  # _build may fill in student.teacher_dim: the caller's config stays as given
     su = tr.setup_run(cfg, Path(run_dir), resume, overwrite)
-    cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
+    cps = tr.read_train_corpus(corpus, cfg.student.arch.conv_layers)
     trn, held = split_held_out(list(cps), cfg.eval_utts, cfg.seed)
     seed_all(cfg.seed)
     teacher, student = _build(cfg, trust_checkpoint, su.device, progress)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ofactl.atomic import atomic_path, write_text
-from ofactl.audio import Corpus, Utterance, load_audio, median_level_db, read_corpus
+from ofactl.audio import Corpus, Utterance, load_audio, median_level_db
 from ofactl.choices import Precision
 from ofactl.config import to_dict
 from ofactl.errors import CheckpointError, ConfigError
@@ -361,7 +361,7 @@ def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path
     from ofactl import training as tr
 
     progress = progress or NullProgress()
-    cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
+    cps = tr.read_train_corpus(corpus, cfg.arch.conv_layers, cfg.speed_perturb)
     source = FeatureSource(cfg, torch.device("cpu"), trust_checkpoint)  # checks --from before any folder
     su = tr.setup_run(cfg, Path(run_dir), resume, overwrite)
     if resume:  # before k-means and unit targets, the slow part of a start

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +37,7 @@ from torch import Tensor
 from ofactl.atomic import make_dir, write_text
 from ofactl.audio import Corpus, Utterance, load_audio
 from ofactl.choices import Precision
-from ofactl.errors import CheckpointError, InterruptedRun, OfactlError
+from ofactl.errors import CheckpointError, CorpusError, InterruptedRun, OfactlError
 from ofactl.progress import Progress, deferred_sigint, ignore_sigint_in_worker
 from ofactl.runtime import SAMPLE_RATE as SR
 from ofactl.runtime import rng_state, set_rng_state
@@ -354,6 +355,8 @@ def schedule_from(utts: list[Utterance], cfg: TrainConfig, start_step: int, worl
     per_step = cfg.optim.accum * world
     out: list[tuple[int, list[int]]] = []
     need = cfg.steps * per_step
+    if not utts:  # make_epoch would give no batches, and this loop would never end
+        raise CorpusError("no training utterances")
     pos, epoch = 0, 0
     while pos < need:
         for b in make_epoch(utts, budget, crop, cfg.seed, epoch):
@@ -380,8 +383,27 @@ def held_batches(held: list[Utterance], crop: int, budget: int = 60 * SR) -> lis
     return [(torch.nn.utils.rnn.pad_sequence(b, batch_first=True), torch.tensor([len(w) for w in b])) for b in out]
 
 
+def read_train_corpus(corpus: str | Path | Corpus, conv_layers: Any, speeds: Sequence[float] = ()) -> Corpus:
+    """The training corpus, every bad file reported in one CorpusError before any work; a Corpus
+    passes as it is. Too short counts: below one frame of the CNN ``conv_layers`` once sped up by
+    the fastest of ``speeds`` (speed perturbation shortens audio by its factor)."""
+    from ofactl.audio import read_corpus
+    from ofactl.model.windowed import receptive_field
+
+    if isinstance(corpus, Corpus):
+        return corpus
+    fastest = max((1.0, *speeds))
+    return read_corpus(corpus, min_samples_16k=math.ceil(receptive_field(conv_layers)[1] * fastest - 1e-6))
+
+
 def split_held_out(utts: list[Utterance], n_eval: int, seed: int) -> tuple[list[Utterance], list[Utterance]]:
-    """(train, held-out): the manifest's dev split when it has one, else a seeded sample."""
+    """(train, held-out): the manifest's dev split when it has one, else a seeded sample.
+
+    Fewer than two utterances is a CorpusError: one is held out, and training needs the rest.
+    """
+    if len(utts) < 2:
+        raise CorpusError(f"the corpus has {len(utts)} usable utterance(s); training needs at least 2 "
+                          "(one is held out for evaluation)")
     dev = [u for u in utts if u.labels.get("split") == "dev"]
     rest = [u for u in utts if u.labels.get("split") in ("train", None, "")]
     if dev and rest:

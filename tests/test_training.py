@@ -151,3 +151,36 @@ def test_run_totals_travel_with_the_train_state_and_an_older_checkpoint_leaves_t
     assert b.totals == RunTotals(15.0, 4.0)
     b.load({k: v for k, v in state.items() if k != "totals"})  # written before runs kept totals
     assert b.totals is None
+
+
+def test_a_training_corpus_too_short_for_the_cnn_once_sped_up_is_one_error(write_wav, tmp_path):
+    from ofactl.errors import CorpusError
+    from ofactl.training import read_train_corpus
+
+    conv = DistillConfig().student.arch.conv_layers  # receptive field 400 samples
+    write_wav("long.wav", seconds=0.5)
+    write_wav("s400.wav", seconds=400 / 16000)
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'long.wav'}\n{tmp_path / 's400.wav'}\n")
+    assert len(read_train_corpus(tmp_path / "list.txt", conv)) == 2  # 400 samples make one frame
+    with pytest.raises(CorpusError, match=r"s400\.wav: too short \(400 samples .* at least 440\)"):
+        read_train_corpus(tmp_path / "list.txt", conv, speeds=(0.9, 1.1))  # 1.1x: 364 samples
+
+
+@pytest.mark.parametrize("command", ["distill", "pretrain"])
+def test_a_one_utterance_corpus_is_one_error_not_a_run_without_training_data(command, write_wav, tmp_path):
+    from typer.testing import CliRunner
+
+    from ofactl.cli import app
+
+    write_wav("only.wav", seconds=1.0)
+    r = CliRunner().invoke(app, [command, "-c", f"{command}-tiny", "--corpus", str(tmp_path / "only.wav"),
+                                 "--steps", "2", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and "the corpus has 1 usable utterance(s); training needs at least 2" in r.output
+
+
+def test_a_schedule_without_training_utterances_is_an_error_not_an_endless_loop():
+    from ofactl.errors import CorpusError
+    from ofactl.training import schedule_from
+
+    with pytest.raises(CorpusError, match="no training utterances"):
+        schedule_from([], replace(DistillConfig(), steps=2), 0, 1, 0)
