@@ -424,7 +424,8 @@ def extract(
     from ofactl.extract import ExtractConfig, parse_level, parse_shard, requested_rates, run_extract
 
     def go() -> Any:
-        flags = [Flag("rates", "--rate", requested_rates(rate or (), frame_ms or ())),
+        typed = " ".join([*(f"--rate {r:g}" for r in rate or ()), *(f"--frame-ms {m:g}" for m in frame_ms or ())])
+        flags = [Flag("rates", "--rate", requested_rates(rate or (), frame_ms or ()), typed),
                  Flag("layers", "--layers", layers), Flag("dtype", "--dtype", dtype), Flag("device", "--device", device),
                  Flag("precision", "--precision", precision), Flag("batch_seconds", "--batch-seconds", batch_seconds),
                  Flag("num_workers", "--workers", workers), Flag("on_error", "--on-error", on_error),

@@ -320,9 +320,12 @@ class Flag:
     key: str
     name: str
     value: Any
+    typed: str = ""  # how it was typed, when several flags feed one key (--rate and --frame-ms)
 
     def shown(self) -> str:
         """The flag as a user would have typed it."""
+        if self.typed:
+            return self.typed
         v = self.value
         if isinstance(v, (list, tuple)):
             return " ".join(f"{self.name} {x}" for x in v)

@@ -268,6 +268,8 @@ def test_a_bad_flag_is_named_as_typed(tmp_path):
     assert "--rate 1.5: rate 1.5 is outside (0, 1]" in r.stderr and "--set" not in r.stderr
     r = runner.invoke(app, ["extract", "--ckpt", "x.pt", "--corpus", "x", "--frame-ms", "10"])
     assert r.exit_code == 1 and "--frame-ms must be >= 20" in r.stderr
+    r = runner.invoke(app, ["extract", "--ckpt", "x.pt", "--corpus", "x", "--rate", "0.5", "--frame-ms", "40"])
+    assert r.exit_code == 1 and "--rate 0.5 --frame-ms 40: rates [0.5, 0.5] collide" in r.stderr
     r = runner.invoke(app, ["extract", "--ckpt", "x.pt", "--corpus", "x", "--dtype", "int8"])
     assert r.exit_code == 2 and "float16" in r.output  # a fixed choice is checked by the parser
 
