@@ -427,6 +427,8 @@ def run_synth(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False,
               progress: Progress | None = None, workers: int | None = None) -> SynthResult:
     """Synthesise the corpus into ``out_dir`` (reused as is when its config matches).
 
+    ``synth.yaml`` is written first and ``manifest.tsv`` last, so a folder with the first and not
+    the second is an unfinished run: a rerun with the same config starts it again unasked.
     ``workers`` processes synthesise speakers in parallel (default: CPU count, at most 4); the
     output does not depend on it.
     """
@@ -435,36 +437,40 @@ def run_synth(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False,
     progress = progress or NullProgress()
     out_dir = Path(out_dir)
     manifest, cfg_path = out_dir / MANIFEST_NAME, out_dir / "synth.yaml"
-    reused = _reuse_corpus(cfg, out_dir, overwrite, progress)
-    if reused is not None:
-        return reused
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    same = _made_with(cfg, cfg_path)
+    if same and manifest.is_file() and not overwrite:
+        return _reuse_corpus(out_dir, manifest, progress)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (overwrite or same):
         raise OfactlError(f"{out_dir} is not empty and holds another corpus; pass --overwrite or choose another --out")
+    if same and not overwrite:
+        progress.log(f"{out_dir}: an unfinished synth with the same config; starting it again")
     items = plan(cfg)
     engine = Espeak.get()  # voices are checked here; synthesis runs in fresh worker processes
     for voice in sorted({f"{it.speaker.accent}+{it.speaker.variant}" for it in items}):
         engine.check_voice(voice)
     make_dir(out_dir)  # a bad --out fails now, not after the first speaker is synthesised
+    manifest.unlink(missing_ok=True)  # an older corpus's manifest must not vouch for this run's files
+    save_resolved(cfg, "synth", cfg_path)
     rows, total_s = _synthesise(cfg, items, out_dir, workers or min(4, os.cpu_count() or 1), progress)
     write_manifest(manifest, rows, MANIFEST_COLUMNS)
-    save_resolved(cfg, "synth", cfg_path)
     n_spk = len({r["speaker"] for r in rows})
     return SynthResult(out_dir, manifest, len(rows), n_spk, total_s, False)
 
 
-def _reuse_corpus(cfg: SynthConfig, out_dir: Path, overwrite: bool, progress: Progress) -> SynthResult | None:
-    """The corpus already in ``out_dir`` when it was made with the same config, else None."""
-    from ofactl.audio import MANIFEST_NAME, read_corpus
-
-    manifest, cfg_path = out_dir / MANIFEST_NAME, out_dir / "synth.yaml"
-    if overwrite or not (manifest.is_file() and cfg_path.is_file()):
-        return None
+def _made_with(cfg: SynthConfig, cfg_path: Path) -> bool:
+    """True when ``cfg_path`` (a folder's synth.yaml) records ``cfg``."""
+    if not cfg_path.is_file():
+        return False
     try:
-        same = load_yaml(cfg_path).get("synth") == to_dict(cfg)
+        return bool(load_yaml(cfg_path).get("synth") == to_dict(cfg))
     except ConfigError:
-        same = False
-    if not same:
-        return None
+        return False
+
+
+def _reuse_corpus(out_dir: Path, manifest: Path, progress: Progress) -> SynthResult:
+    """The finished corpus in ``out_dir``, made with the same config."""
+    from ofactl.audio import read_corpus
+
     corpus = read_corpus(manifest)
     progress.log(f"reusing the corpus in {out_dir} (same config)")
     return SynthResult(out_dir, manifest, len(corpus), len({u.labels["speaker"] for u in corpus}), corpus.seconds, True)

@@ -69,6 +69,51 @@ def test_rerun_reuses_and_refuses_other_content(tmp_path, small_synth_cfg, synth
         run_synth(replace(small_synth_cfg, seed=9), synth_corpus.parent)
 
 
+def _interrupt_after_first_speaker(monkeypatch):
+    """Make the next run_synth stop with Ctrl-C once its first WAV is on disk."""
+    import ofactl.synth as synth
+
+    real = synth.atomic_path
+
+    def once(path, *a, **kw):
+        cm = real(path, *a, **kw)
+        if path.suffix == ".wav":
+            monkeypatch.setattr(synth, "atomic_path", real)
+
+            class Stop:
+                def __enter__(self):
+                    return cm.__enter__()
+
+                def __exit__(self, *exc):
+                    cm.__exit__(None, None, None)
+                    raise KeyboardInterrupt
+
+            return Stop()
+        return cm
+
+    monkeypatch.setattr(synth, "atomic_path", once)
+
+
+def test_an_interrupted_synth_starts_again_unasked_and_never_reuses_a_stale_manifest(
+        tmp_path, small_synth_cfg, synth_corpus, monkeypatch):
+    out = tmp_path / "c"
+    _interrupt_after_first_speaker(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run_synth(small_synth_cfg, out)
+    assert (out / "synth.yaml").is_file() and not (out / "manifest.tsv").exists()
+    res = run_synth(small_synth_cfg, out)  # the same config: no --overwrite needed
+    assert not res.reused and digest(out) == digest(synth_corpus.parent)
+    # --overwrite with another config, interrupted: the first corpus's manifest is gone with it
+    other = replace(small_synth_cfg, seed=9)
+    _interrupt_after_first_speaker(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run_synth(other, out, overwrite=True)
+    assert not (out / "manifest.tsv").exists()
+    with pytest.raises(OfactlError, match="not empty"):
+        run_synth(small_synth_cfg, out)  # the folder now holds the other config's unfinished run
+    assert not run_synth(other, out).reused
+
+
 def test_wavs_are_16k_pcm16(synth_corpus):
     c = read_corpus(synth_corpus)
     info = sf.info(str(c[0].path))
