@@ -39,12 +39,22 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
-    """Describe a student checkpoint (file) or a feature store (folder); ``verify`` checks a
+    """Describe what ``path`` holds: a feature store, a student checkpoint, a teacher file, or the
+    run folder of ``distill`` (its student.pt) or ``pretrain`` (its teacher); ``verify`` checks a
     store's checksums (see :func:`ofactl.storage.describe_store`)."""
+    from ofactl.model.teacher import PRETRAIN_TEACHER
+
     p = Path(path)
     if not p.exists():
         raise OfactlError(f"{p}: no such file or folder")
-    if p.is_dir() or p.suffix in (".zarr", ".h5", ".hdf5"):
+    is_store = (p / "zarr.json").is_file() or p.suffix in (".zarr", ".h5", ".hdf5")
+    if p.is_dir() and not is_store:  # a run folder: what it made
+        for made in ("student.pt", PRETRAIN_TEACHER):
+            if (p / made).is_file():
+                return describe_path(p / made, verify)
+        raise OfactlError(f"{p}: not a feature store (no zarr.json), nor the run folder of distill "
+                          f"(student.pt) or pretrain ({PRETRAIN_TEACHER})")
+    if is_store:
         from ofactl.storage import describe_store
 
         return describe_store(p, verify)
@@ -52,6 +62,8 @@ def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
         from ofactl.errors import ConfigError
 
         raise ConfigError(f"--verify checks a feature store; {p} is not one")
+    if p.suffix == ".safetensors":  # students are .pt; a .safetensors file is a teacher's weights
+        return describe_teacher(str(p))
     from ofactl.checkpoint import describe_checkpoint
 
     return describe_checkpoint(p)

@@ -567,14 +567,14 @@ def adapt(
 
 @app.command()
 def info(
-    path: Annotated[Path | None, typer.Argument(help="A student checkpoint or a feature store to describe.")] = None,
-    teacher: Annotated[str | None, typer.Option("--teacher", help="Describe a teacher instead: a HuBERT file/folder or random:tiny|base.")] = None,
+    path: Annotated[Path | None, typer.Argument(help="What to describe: a student checkpoint, a teacher file, a feature store, or a distill or pretrain run folder.")] = None,
+    teacher: Annotated[str | None, typer.Option("--teacher", help="Describe a teacher instead: any --teacher value (builtin:NAME, random:tiny|base, a HuBERT file or folder, a pretrain run folder).")] = None,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow loading pickle-based (fairseq) checkpoints.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Check every extracted utterance of a store against its checksum; damaged ones are listed and marked for the next extract (exit code 1).")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Show the version and the compute available, or describe a checkpoint, teacher or store.
+    """Show the version and the compute available, or describe a checkpoint, teacher, store or run.
 
     The compute: torch, CUDA and bf16. A store's description lists the inputs it skipped, and
     --verify checks every extracted utterance against its checksum.

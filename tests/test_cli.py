@@ -118,6 +118,27 @@ def test_info_describes_checkpoint_and_teacher(tmp_path):
     assert r.exit_code == 1 and "accepted:" in r.stderr
 
 
+def test_info_describes_a_teacher_file_and_the_run_folders_of_distill_and_pretrain(tmp_path):
+    from ofactl.checkpoint import save_student
+    from ofactl.model.blocks import HubertArch
+    from ofactl.model.student import Student, student_config
+    from ofactl.pretrain import PretrainModel, export_teacher
+
+    arch = HubertArch(conv_layers=((8, 10, 5),) + ((8, 3, 2),) * 4 + ((8, 2, 2),) * 2, embed_dim=16,
+                      num_layers=1, num_heads=2, ffn_dim=32, pos_conv_kernel=8, pos_conv_groups=2)
+    (tmp_path / "pre").mkdir()
+    export_teacher(PretrainModel(arch, 4, 8, 0.1), tmp_path / "pre" / "teacher.safetensors")
+    save_student(tmp_path / "dis" / "student.pt", Student(student_config("tiny")), step=5)
+    for args, key, want in ((["pre/teacher.safetensors"], "hidden_states", 2), (["pre"], "hidden_states", 2),
+                            (["--teacher", "pre"], "hidden_states", 2), (["dis"], "step", 5)):
+        r = runner.invoke(app, ["info", *(a if a.startswith("--") else str(tmp_path / a) for a in args), "--json"])
+        assert r.exit_code == 0, (args, r.output)
+        assert json.loads(r.stdout)[key] == want, args
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["info", str(tmp_path / "empty")])
+    assert r.exit_code == 1 and "nor the run folder of distill (student.pt) or pretrain" in r.stderr
+
+
 def test_docs_cli_md_is_current():
     from pathlib import Path
 

@@ -12,7 +12,8 @@ Accepted ``--teacher`` values:
   ``model.safetensors`` or ``pytorch_model.bin``, with or without a ``hubert.`` prefix);
 - a fairseq HuBERT / wav2vec 2.0 ``.pt`` checkpoint, read without fairseq installed. It is a
   pickle, so it loads only with ``trust=True`` (``--trust-checkpoint``); the architecture comes
-  from the checkpoint's own config.
+  from the checkpoint's own config;
+- an ``ofactl pretrain`` run folder: the ``teacher.safetensors`` it exported.
 
 All are converted to torchaudio's ``Wav2Vec2Model`` layout and return every hidden state:
 L + 1 states (the transformer input, then each layer), as HuggingFace's ``output_hidden_states``.
@@ -47,7 +48,8 @@ from ofactl.model.student import TINY_CONV
 
 ACCEPTED = ("builtin:hubert-tiny, builtin:hubert-small, random:tiny, random:base, a torchaudio state dict "
             "(.pt/.pth/.safetensors), a HuggingFace HubertModel/Wav2Vec2Model folder (config.json + weights), or a fairseq "
-            "HuBERT/wav2vec 2.0 .pt checkpoint (with --trust-checkpoint)")
+            "HuBERT/wav2vec 2.0 .pt checkpoint (with --trust-checkpoint), or an 'ofactl pretrain' run folder")
+PRETRAIN_TEACHER = "teacher.safetensors"  # what an ``ofactl pretrain`` run folder exports
 
 RANDOM_ARCHS = {
     "tiny": HubertArch(conv_layers=TINY_CONV, embed_dim=64, num_layers=4, num_heads=2, ffn_dim=128,
@@ -146,6 +148,8 @@ def load_teacher(spec: str | Path, trust: bool = False, seed: int = 0) -> Teache
     p = Path(s)
     if not p.exists():
         raise CheckpointError(f"teacher not found: {p}; accepted: {ACCEPTED}")
+    if p.is_dir() and not (p / "config.json").exists() and (p / PRETRAIN_TEACHER).is_file():
+        p = p / PRETRAIN_TEACHER  # an ``ofactl pretrain`` run folder: the teacher it exported
     if p.is_dir():
         return _load_hf_dir(p, trust).freeze()
     if sniff_format(p) == "safetensors" or p.suffix == ".safetensors":
