@@ -80,6 +80,9 @@ def build_task(task: str, corpus: Corpus, label_column: str | None = None, seed:
     else:
         vals = {u.id: u.labels[col] for u in utts}
         vocab = sorted(set(vals.values()))
+        if len(vocab) == 1:  # every prediction right by construction: a score that measures nothing
+            raise ConfigError(f"task {task} on {corpus.source}: every labelled utterance has the same "
+                              f"'{col}' ({vocab[0]}); a classifier needs at least two classes")
         index = {v: i for i, v in enumerate(vocab)}
         labels = {u: [index[v]] for u, v in vals.items()}
         metric, higher = "accuracy", True

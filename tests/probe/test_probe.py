@@ -171,6 +171,18 @@ def test_missing_label_column_is_clear(tmp_path):
         build_task("xx", c)
 
 
+@pytest.mark.parametrize(("task", "column"), [("ks", "label"), ("sid", "speaker"), ("cls", "label")])
+def test_a_classification_task_with_one_class_is_refused(tmp_path, task, column):
+    from ofactl.errors import ConfigError
+
+    c = _corpus(tmp_path)
+    for u in c:
+        u.labels[column] = "same"
+    with pytest.raises(ConfigError, match=f"task {task} on mem: every labelled utterance has the same '{column}' "
+                                          r"\(same\); a classifier needs at least two classes"):
+        build_task(task, c)
+
+
 def test_sid_with_too_few_utterances_per_speaker_is_one_clear_error(tmp_path):
     from ofactl.errors import ConfigError
 
