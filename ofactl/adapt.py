@@ -273,6 +273,8 @@ def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, devi
         p.requires_grad_(False)
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
     task = build_task(cfg.task, cps, cfg.label_column or None, cfg.seed)
+    if task.note():
+        progress.log(str(task.note()))
     utts = [u for u in cps if u.id in set(task.ids)]
     progress.start("front-end features (computed once)", None)
     cache = _cnn_cache(student, utts, device, level)

@@ -203,6 +203,8 @@ def _setup_sweep(cfg: SweepConfig, corpus: str | Path | Corpus, out_dir: Path, o
     save_resolved(cfg, "sweep", out_dir / "config.yaml")
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus, on_error=cfg.extract.on_error)
     task = build_task(cfg.task, cps, cfg.label_column or None, cfg.seed)
+    if task.note():
+        progress.log(str(task.note()))
     return _Sweep(cfg, cps, task, out_dir, overwrite, progress, device)
 
 

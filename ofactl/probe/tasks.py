@@ -37,6 +37,14 @@ class TaskData:
     labels: dict[str, list[int]]  # cls: [class]; ctc: token ids (1-based, 0 = blank)
     vocab: list[str]
     extra: dict[str, str] = field(default_factory=dict)
+    unlabelled: int = 0  # utterances left out for an empty label in the task's column
+
+    def note(self) -> str | None:
+        """What a run should say about utterances the task left out; None when it kept them all."""
+        if not self.unlabelled:
+            return None
+        col = self.extra.get("label_column", "label")
+        return f"task {self.task}: {self.unlabelled} utterance(s) with an empty '{col}' left out"
 
     @property
     def n_outputs(self) -> int:
@@ -70,6 +78,7 @@ def build_task(task: str, corpus: Corpus, label_column: str | None = None, seed:
             raise ConfigError(f"task {task} needs a '{col}' column; corpus {corpus.source} has: "
                               f"{', '.join(corpus.columns) or 'no label columns'}")
         utts = [u for u in utts if u.labels.get(col, "").strip()]
+    unlabelled = len(missing)
     kind = task_kind(task)
     if kind == "ctc":
         seqs = {u.id: (u.labels[col].split() if task == "pr" else _asr_tokens(u.labels[col])) for u in utts}
@@ -88,7 +97,7 @@ def build_task(task: str, corpus: Corpus, label_column: str | None = None, seed:
         metric, higher = "accuracy", True
     splits = _splits(task, utts, seed)
     _check_splits(task, splits, utts, corpus.source)
-    return TaskData(task, kind, metric, higher, splits, labels, vocab, {"label_column": col})
+    return TaskData(task, kind, metric, higher, splits, labels, vocab, {"label_column": col}, unlabelled)
 
 
 def task_kind(task: str) -> str:

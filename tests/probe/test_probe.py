@@ -183,6 +183,15 @@ def test_a_classification_task_with_one_class_is_refused(tmp_path, task, column)
         build_task(task, c)
 
 
+def test_utterances_without_a_label_are_left_out_and_counted(tmp_path):
+    c = _corpus(tmp_path)
+    c.utterances[0].labels["label"] = c.utterances[1].labels["label"] = " "
+    t = build_task("ks", c)
+    assert t.unlabelled == 2 and sum(len(v) for v in t.splits.values()) == 58
+    assert t.note() == "task ks: 2 utterance(s) with an empty 'label' left out"
+    assert build_task("sid", c).note() is None
+
+
 def test_sid_with_too_few_utterances_per_speaker_is_one_clear_error(tmp_path):
     from ofactl.errors import ConfigError
 
