@@ -408,7 +408,7 @@ def extract(
     on_error: Annotated[OnError | None, typer.Option("--on-error", help="fail (stop at the first bad file) or skip (record it and go on).")] = None,
     adaptive_length: Annotated[bool, typer.Option("--adaptive-length", help="Content-dependent lengths instead of round(rate*T).")] = False,
     level_db: Annotated[str | None, typer.Option("--level-db", help="Scale each recording to this RMS level in dBFS (e.g. -25), or auto: to the level the student was distilled at (recorded in its checkpoint); default: as recorded.")] = None,
-    fmt: Annotated[StoreFormat, typer.Option("--format", help="zarr, or hdf5 (kept in OUT.zarr while running, exported to OUT).")] = "zarr",
+    fmt: Annotated[StoreFormat | None, typer.Option("--format", help="zarr, or hdf5 (kept in OUT.zarr while running, exported to OUT); default: hdf5 when OUT ends in .h5 or .hdf5, else zarr.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace groups made by another checkpoint, layer set or corpus.")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,

@@ -318,17 +318,20 @@ def run_extract(
     *,
     shard: tuple[int, int] | None = None,
     overwrite: bool = False,
-    format: Literal["zarr", "hdf5"] = "zarr",
+    format: Literal["zarr", "hdf5"] | None = None,
     stdin: TextIO | None = None,
     progress: Progress | None = None,
 ) -> ExtractResult:
     """Extract features from a student checkpoint (see :func:`extract_with_student`).
 
     ``format="hdf5"`` fills the Zarr store ``OUT.zarr`` (resumable) and, once every group is
-    complete, exports it to the HDF5 file ``out``.
+    complete, exports it to the HDF5 file ``out``. None: hdf5 when ``out`` ends in .h5 or
+    .hdf5 (a Zarr folder of that name would be read as HDF5 by every other tool), else zarr.
     """
     from ofactl.checkpoint import file_sha256, load_student
 
+    if format is None:
+        format = "hdf5" if Path(out).suffix.lower() in (".h5", ".hdf5") else "zarr"
     if format not in ("zarr", "hdf5"):
         raise ConfigError(f"--format {format}: expected zarr or hdf5")
     store = Path(out) if format == "zarr" else Path(str(out) + ".zarr")

@@ -363,6 +363,23 @@ def test_cli_hdf5_format_and_recorded_config(tmp_path, synth_corpus, student_ckp
     assert json.loads(r.stdout)["groups"][0]["utterances"] == len(g)
 
 
+def test_an_out_ending_in_h5_is_an_hdf5_export_and_info_reads_each_kind_by_what_it_is(tmp_path, synth_corpus,
+                                                                                     student_ckpt):
+    ckpt, _ = student_ckpt
+    base = ["extract", "--ckpt", str(ckpt), "--corpus", str(synth_corpus), "--rate", "0.5", "--workers", "0", "--quiet"]
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "f.h5")])  # no --format: the suffix says hdf5
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "f.h5").is_file() and (tmp_path / "f.h5.zarr" / "zarr.json").is_file()
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "z.h5"), "--format", "zarr"])  # asked for: a folder
+    assert r.exit_code == 0 and (tmp_path / "z.h5" / "zarr.json").is_file()
+    for name, kind in (("f.h5", "hdf5 feature export"), ("z.h5", "feature store")):
+        r = CliRunner().invoke(app, ["info", str(tmp_path / name), "--json"])
+        assert r.exit_code == 0 and json.loads(r.stdout)["kind"] == kind, r.output
+    (tmp_path / "junk.h5").write_text("not hdf5\n")
+    r = CliRunner().invoke(app, ["info", str(tmp_path / "junk.h5")])
+    assert r.exit_code == 1 and "junk.h5: not an HDF5 file, nor a feature store folder" in r.stderr
+
+
 # ----------------------------------------------------------------------------- crash safety and integrity
 def _store_bytes_equal(a, b, rates=(1.0, 0.5)):
     for rate in rates:

@@ -21,7 +21,7 @@ def describe_store(path: Path, verify: bool = False) -> dict[str, Any]:
     and their reasons. ``verify``: check every done utterance against its checksum and mark the
     damaged ones not done (under the group's writer lock), listed in ``damaged``."""
     p = Path(path)
-    if p.suffix in (".h5", ".hdf5"):
+    if p.is_file():  # an HDF5 export (a store is a folder, whatever its name)
         from ofactl.storage.hdf5_export import describe_hdf5
 
         return describe_hdf5(p)

@@ -89,6 +89,10 @@ def read_hdf5_group(h5_path: Path, rate: float) -> dict[str, Any]:
 
 def describe_hdf5(path: Path) -> dict[str, Any]:
     """What ``ofactl info out.h5`` prints: each rate group's utterances, frames, shape and attributes."""
+    if not h5py.is_hdf5(path):
+        from ofactl.errors import StoreError
+
+        raise StoreError(f"{path}: not an HDF5 file, nor a feature store folder")
     with h5py.File(path, "r") as f:
         groups = []
         for name in sorted(k for k in f if k.startswith("rate=")):
