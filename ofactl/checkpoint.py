@@ -98,6 +98,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: empty file, not a checkpoint")
     if not zipfile.is_zipfile(p):
+        with open(p, "rb") as f:
+            head = f.read(9)
+        if len(head) == 9 and head[8:9] == b"{":  # a safetensors header: weights, not a student
+            raise CheckpointError(f"{p}: safetensors weights (a teacher's?), not an ofactl student checkpoint; "
+                                  "teachers go to --teacher, students come from 'ofactl distill'")
         raise CheckpointError(f"{p}: corrupt or truncated checkpoint (not a torch archive)")
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)

@@ -68,6 +68,12 @@ def test_corrupt_truncated_and_foreign(ckpt, tmp_path):
         read_checkpoint(foreign)
     with pytest.raises(CheckpointError, match="not found"):
         read_checkpoint(tmp_path / "missing.pt")
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "teacher.safetensors"
+    save_file({"w": torch.zeros(2)}, str(weights))
+    with pytest.raises(CheckpointError, match="safetensors weights .*, not an ofactl student checkpoint; teachers go"):
+        read_checkpoint(weights)
 
 
 def test_mismatched_weights(ckpt, tmp_path):
