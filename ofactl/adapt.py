@@ -271,7 +271,11 @@ def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, devi
     level = level_for(cfg.level_db, student, str(ckpt))
     for p in student.parameters():
         p.requires_grad_(False)
-    cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
+    if not isinstance(corpus, Corpus):  # every bad file, too short for the CNN included, in one error
+        from ofactl.model.windowed import min_input_samples
+
+        corpus = read_corpus(corpus, min_samples_16k=min_input_samples(student.cfg.arch.conv_layers))
+    cps = corpus
     task = build_task(cfg.task, cps, cfg.label_column or None, cfg.seed)
     if task.note():
         progress.log(str(task.note()))

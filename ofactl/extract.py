@@ -413,14 +413,13 @@ def _inputs(corpus: str | Path | Corpus, stdin: TextIO | None, cfg: ExtractConfi
     frame) is reported in one error with ``on_error=fail``; with ``skip`` they are recorded.
     """
     from ofactl.model.blocks import cnn_lengths
-    from ofactl.model.windowed import receptive_field
+    from ofactl.model.windowed import min_input_samples
 
     if isinstance(corpus, Corpus):
         cps = corpus
     else:
         # header checks, the CNN's minimum length included, all reported in one error
-        min_samples = receptive_field(arch.conv_layers)[1]
-        cps = read_corpus(corpus, stdin=stdin, on_error=cfg.on_error, min_samples_16k=min_samples)
+        cps = read_corpus(corpus, stdin=stdin, on_error=cfg.on_error, min_samples_16k=min_input_samples(arch.conv_layers))
     utts = sorted(cps.utterances, key=lambda u: (u.n_samples_16k, u.id))
     n16 = np.array([u.n_samples_16k for u in utts], dtype=np.int64)
     t_in = cnn_lengths(arch, torch.from_numpy(n16)).numpy()

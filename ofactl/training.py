@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -388,12 +387,11 @@ def read_train_corpus(corpus: str | Path | Corpus, conv_layers: Any, speeds: Seq
     passes as it is. Too short counts: below one frame of the CNN ``conv_layers`` once sped up by
     the fastest of ``speeds`` (speed perturbation shortens audio by its factor)."""
     from ofactl.audio import read_corpus
-    from ofactl.model.windowed import receptive_field
+    from ofactl.model.windowed import min_input_samples
 
     if isinstance(corpus, Corpus):
         return corpus
-    fastest = max((1.0, *speeds))
-    return read_corpus(corpus, min_samples_16k=math.ceil(receptive_field(conv_layers)[1] * fastest - 1e-6))
+    return read_corpus(corpus, min_samples_16k=min_input_samples(conv_layers, max((1.0, *speeds))))
 
 
 def split_held_out(utts: list[Utterance], n_eval: int, seed: int) -> tuple[list[Utterance], list[Utterance]]:

@@ -442,3 +442,13 @@ def test_a_bad_compare_sweep_fails_before_any_training(tmp_path, what):
         # the checkpoint and corpus do not exist: the check comes before either is read
         run_adapt(AdaptConfig(task="pr"), tmp_path / "no.pt", tmp_path / "no.tsv", tmp_path / "out", compare_sweep=sweep)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_too_short_for_the_cnn_is_reported_with_the_corpus_not_as_a_crash(tmp_path, student_ckpt, write_wav):
+    from ofactl.errors import CorpusError
+
+    rows = ["id\tpath\tlabel"] + [f"u{i}\t{write_wav(f'u{i}.wav', seconds=0.5).name}\t{i % 2}" for i in range(6)]
+    rows.append(f"tiny\t{write_wav('tiny.wav', seconds=100 / 16000).name}\t1")
+    (tmp_path / "m.tsv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(CorpusError, match=r"tiny\.wav: too short \(100 samples"):
+        run_adapt(AdaptConfig(task="ks"), student_ckpt[0], tmp_path / "m.tsv", tmp_path / "out")

@@ -42,6 +42,12 @@ def receptive_field(conv_layers: Sequence[tuple[int, int, int]]) -> tuple[int, i
     return hop, rf
 
 
+def min_input_samples(conv_layers: Sequence[tuple[int, int, int]], fastest: float = 1.0) -> int:
+    """The fewest 16 kHz samples that give one frame of the CNN ``conv_layers``, once audio played
+    ``fastest`` times as fast (speed perturbation) has shortened them."""
+    return math.ceil(receptive_field(conv_layers)[1] * fastest - 1e-6)
+
+
 def _frames(n: int, conv_layers: Sequence[tuple[int, int, int]]) -> int:
     for _, k, s in conv_layers:
         n = max(0, (n - k) // s + 1)
