@@ -89,6 +89,12 @@ def describe_rates(trained: dict[str, Any] | None) -> str:
     return f"trained on rates {trained['min']:.3g}-{trained['max']:.3g}"
 
 
+def rates_phrase(rates: list[float]) -> str:
+    """``rate 0.1 lies`` / ``rates 0.1, 0.15 lie``: the subject and verb of a note about rates."""
+    listed = ", ".join(f"{r:g}" for r in rates)
+    return f"rate {listed} lies" if len(rates) == 1 else f"rates {listed} lie"
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load and check a student checkpoint's payload (weights_only=True)."""
     p = Path(path)

@@ -486,7 +486,7 @@ def sweep(
     from ofactl.sweep import SweepConfig, parse_ckpts, parse_rates, run_sweep
 
     def go() -> Any:
-        flags = [Flag("task", "--task", task), Flag("rates", "--rates", None if rates is None else parse_rates(rates)),
+        flags = [Flag("task", "--task", task), Flag("rates", "--rates", None if rates is None else parse_rates(rates), f"--rates {rates}"),
                  Flag("label_column", "--label-column", label_column), Flag("probe_runs", "--probe-runs", probe_runs),
                  Flag("device", "--device", device)]
         cfg = load_config(SweepConfig, "sweep", config, set_ or [], flags)

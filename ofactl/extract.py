@@ -58,11 +58,7 @@ class ExtractConfig:
         """Raise ValueError for rates outside (0, 1], colliding group names or bad sizes."""
         if not self.rates:
             raise ValueError("give at least one rate")
-        for r in self.rates:
-            if not 0 < r <= 1:
-                raise ValueError(f"rate {r} is outside (0, 1] (use --frame-ms >= 20 for frame periods)")
-        if len({f"{r:.3f}" for r in self.rates}) != len(self.rates):
-            raise ValueError(f"rates {list(self.rates)} collide at 3 decimals (groups are named rate=0.500)")
+        check_group_rates(self.rates, " (use --frame-ms >= 20 for frame periods)")
         check_device_name(self.device)
         if self.batch_seconds <= 0:
             raise ValueError("batch_seconds must be > 0")
@@ -328,14 +324,18 @@ def run_extract(
     complete, exports it to the HDF5 file ``out``. None: hdf5 when ``out`` ends in .h5 or
     .hdf5 (a Zarr folder of that name would be read as HDF5 by every other tool), else zarr.
     """
-    from ofactl.checkpoint import file_sha256, load_student
+    from ofactl.checkpoint import covers, describe_rates, file_sha256, load_student, rates_phrase, rates_trained
 
     if format is None:
         format = "hdf5" if Path(out).suffix.lower() in (".h5", ".hdf5") else "zarr"
     if format not in ("zarr", "hdf5"):
         raise ConfigError(f"--format {format}: expected zarr or hdf5")
     store = Path(out) if format == "zarr" else Path(str(out) + ".zarr")
-    student, _ = load_student(Path(ckpt))
+    student, payload = load_student(Path(ckpt))
+    trained = rates_trained(payload)
+    outside = [r for r in cfg.rates if not covers(trained, r)]
+    if outside and progress is not None:  # extracted all the same: a user may want to look past the range
+        progress.log(f"note: {ckpt} was {describe_rates(trained)}; {rates_phrase(outside)} outside that range")
     res = extract_with_student(cfg, student, file_sha256(Path(ckpt)), corpus, store, shard=shard,
                                overwrite=overwrite, stdin=stdin, progress=progress, ckpt_path=str(ckpt))
     if format == "hdf5" and all(g.complete for g in res.groups):
@@ -343,6 +343,19 @@ def run_extract(
 
         export_hdf5(store, Path(out), [g.rate for g in res.groups])
     return res
+
+
+def check_group_rates(rates: Sequence[float], hint: str = "") -> None:
+    """Raise ValueError for a rate outside (0, 1], one a store's group name (3 decimals) would
+    show as rate=0.000, or two that share a group name."""
+    for r in rates:
+        if not 0 < r <= 1:
+            raise ValueError(f"rate {r} is outside (0, 1]{hint}")
+        if r < 0.0005:
+            raise ValueError(f"rate {r:g} would be stored as rate=0.000: group names keep 3 decimals, so "
+                             "the lowest rate is 0.001 (a 20 s frame period)")
+    if len({f"{r:.3f}" for r in rates}) != len(rates):
+        raise ValueError(f"rates {list(rates)} collide at 3 decimals (groups are named rate=0.500)")
 
 
 def requested_rates(rates: Sequence[float] = (), frame_ms: Sequence[float] = ()) -> tuple[float, ...] | None:

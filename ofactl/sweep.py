@@ -23,10 +23,19 @@ import torch
 from ofactl import __version__
 from ofactl.atomic import make_dir, save_figure, write_text
 from ofactl.audio import Corpus, load_audio, read_corpus
+from ofactl.checkpoint import rates_phrase
 from ofactl.choices import Task
 from ofactl.config import doc_sha, save_resolved, to_dict
 from ofactl.errors import ConfigError
-from ofactl.extract import ExtractConfig, extract_with_student, feature_settings, parse_layers, resolve_level, settings_differ
+from ofactl.extract import (
+    ExtractConfig,
+    check_group_rates,
+    extract_with_student,
+    feature_settings,
+    parse_layers,
+    resolve_level,
+    settings_differ,
+)
 from ofactl.probe import ProbeConfig, build_task, train_probes
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import (
@@ -58,9 +67,7 @@ class SweepConfig:
 
     def validate(self) -> None:
         """Raise ValueError for empty or out-of-range rates, or a bad device."""
-        for r in self.rates:
-            if not 0 < r <= 1:
-                raise ValueError(f"rate {r} is outside (0, 1]")
+        check_group_rates(self.rates)
         if self.probe_runs < 1:
             raise ValueError(f"probe_runs must be >= 1 (probes trained per rate), got {self.probe_runs}")
         check_device_name(self.device)
@@ -156,8 +163,8 @@ def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pat
             sw.progress.log(f"{label}: {plan.trained_text}; rates {', '.join(f'{r:g}' for r in plan.not_scored)} "
                             "are not scored for it")
         if plan.outside:
-            sw.progress.log(f"{label}: {plan.trained_text}; rates {', '.join(f'{r:g}' for r in plan.outside)} "
-                            "lie outside that range (scored, and marked as such)")
+            sw.progress.log(f"{label}: {plan.trained_text}; {rates_phrase(plan.outside)} outside that range "
+                            "(scored, and marked as such)")
         rows += sw.checkpoint_rows(label, Path(ckpt), st_path, plan)
     rows.sort(key=lambda x: (labels.index(x.label), -x.requested_rate))
     not_scored = [{"label": p.label, "rate": r, "reason": p.trained_text} for p in plans for r in p.not_scored]

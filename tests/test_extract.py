@@ -380,6 +380,26 @@ def test_an_out_ending_in_h5_is_an_hdf5_export_and_info_reads_each_kind_by_what_
     assert r.exit_code == 1 and "junk.h5: not an HDF5 file, nor a feature store folder" in r.stderr
 
 
+def test_rates_a_student_never_trained_at_are_noted_and_extracted(tmp_path, synth_corpus):
+    torch.manual_seed(0)
+    ckpt = save_student(tmp_path / "ofa.pt", Student(student_config("tiny")),
+                        trained_rates={"kind": "range", "min": 0.4, "max": 1.0})
+    r = CliRunner().invoke(app, ["extract", "--ckpt", str(ckpt), "--corpus", str(synth_corpus), "--out",
+                                 str(tmp_path / "f.zarr"), "--rate", "0.5", "--rate", "0.25", "--rate", "0.1",
+                                 "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert f"note: {ckpt} was trained on rates 0.4-1; rates 0.25, 0.1 lie outside that range" in r.stderr
+    assert open_store(tmp_path / "f.zarr").rates == [0.5, 0.25, 0.1]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--frame-ms", "100000"], "rate 0.0002 would be stored as rate=0.000"),
+    (["--rate", "0.5", "--rate", "0.5004"], "collide at 3 decimals")])
+def test_rates_a_store_cannot_name_apart_are_refused(tmp_path, flags, message):
+    r = CliRunner().invoke(app, ["extract", "--ckpt", "x.pt", "--corpus", "x", "--out", str(tmp_path / "f"), *flags])
+    assert r.exit_code == 1 and message in r.stderr
+
+
 # ----------------------------------------------------------------------------- crash safety and integrity
 def _store_bytes_equal(a, b, rates=(1.0, 0.5)):
     for rate in rates:

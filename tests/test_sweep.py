@@ -178,7 +178,7 @@ def test_rates_outside_a_students_training_range_are_marked_in_the_table(tmp_pat
                                  "--rates", "1,0.25", "--set", "probe.cls_epochs=2", "--set", "extract.num_workers=0",
                                  "--out", str(tmp_path / "sw")])
     assert r.exit_code == 0, r.output
-    assert "ofa: trained on rates 0.4-1; rates 0.25 lie outside that range" in r.stderr
+    assert "ofa: trained on rates 0.4-1; rate 0.25 lies outside that range" in r.stderr
     table = [line.split() for line in r.stderr.splitlines() if line.split()[:1] == ["ofa"] and "rate=" not in line]
     assert [cells[1] for cells in table] == ["1", "0.25*"]  # the rate cell carries the mark, rate 1 none
     assert "* outside the rates ofa was trained on rates 0.4-1" in r.stderr
