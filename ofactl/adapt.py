@@ -230,15 +230,20 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
     progress = progress or NullProgress()
     t0 = time.perf_counter()
     device = resolve_device(cfg.device if cfg.probe.device == "auto" else cfg.probe.device)  # before any folder
-    if compare_sweep is not None:
-        sweep_rows_for(compare_sweep, cfg.task)  # a bad --compare-sweep fails now, not after the training
+    compare: tuple[Path, str | None] | None = None
+    if compare_sweep is not None:  # a bad --compare-sweep fails now, not after the training
+        from ofactl.checkpoint import file_sha256
+
+        sha = file_sha256(Path(ckpt)) if Path(ckpt).is_file() else None  # a missing one is load_student's error
+        compare = (Path(compare_sweep), sha)
+        sweep_rows_for(*compare, task=cfg.task)
     out_dir = make_dir(Path(out_dir))
     save_resolved(cfg, "adapt", out_dir / "config.yaml")
     seed_all(cfg.seed)
     job = _setup_adapt(cfg, ckpt, corpus, device, progress)
     job.train(progress)
     if not cfg.restarts:
-        return _finish_adapt(job, _outcome(job), out_dir, compare_sweep, t0)
+        return _finish_adapt(job, _outcome(job), out_dir, compare, t0)
     runs = [(job, _outcome(job))]
     for rate in cfg.restarts:
         again = _restart(job, rate)
@@ -247,7 +252,7 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
     best = min(range(len(runs)), key=lambda i: runs[i][1].dev_objective)
     starts = [{"init_rate": j.cfg.init_rate, "learned_rate": o.learned_rate, "dev": round(o.dev_metric, 5),
                "dev_objective": round(o.dev_objective, 5), "kept": i == best} for i, (j, o) in enumerate(runs)]
-    return _finish_adapt(*runs[best], out_dir, compare_sweep, t0, starts)
+    return _finish_adapt(*runs[best], out_dir, compare, t0, starts)
 
 
 def _restart(job: _AdaptJob, init_rate: float) -> _AdaptJob:
@@ -422,7 +427,7 @@ def _outcome(job: _AdaptJob) -> _Outcome:
     return _Outcome(final_lam, learned_rate, joint, fresh, time.perf_counter() - t_probe, dev, objective)
 
 
-def _finish_adapt(job: _AdaptJob, out: _Outcome, out_dir: Path, compare_sweep: Path | None, t0: float,
+def _finish_adapt(job: _AdaptJob, out: _Outcome, out_dir: Path, compare: tuple[Path, str | None] | None, t0: float,
                   starts: list[dict[str, Any]] | None = None) -> AdaptResult:
     """Write the kept run's trajectory.jsonl/.png, rate.yaml and summary.json."""
     cfg, task = job.cfg, job.task
@@ -433,8 +438,8 @@ def _finish_adapt(job: _AdaptJob, out: _Outcome, out_dir: Path, compare_sweep: P
         f"description: rate learned by 'ofactl adapt --task {task.task}' (lambda {out.final_lam:.4f}, "
         f"cost {cfg.cost} {cfg.cost_form}); use with 'ofactl extract -c {out_dir / 'rate.yaml'}'\n"
         f"extract:\n  rates: [{out.learned_rate}]\n" + ("" if job.level_db is None else f"  level_db: {job.level_db}\n"))
-    comparison = compare_with_sweep(compare_sweep, task, out.learned_rate, test_metric[task.metric],
-                                    time.perf_counter() - t0, cfg.rate_cost) if compare_sweep else None
+    comparison = compare_with_sweep(compare[0], task, out.learned_rate, test_metric[task.metric],
+                                    time.perf_counter() - t0, cfg.rate_cost, ckpt_sha=compare[1]) if compare else None
     res = AdaptResult(out_dir, task.task, task.metric, round(test_metric[task.metric], 5), round(out.final_lam, 5),
                       out.learned_rate, round(20.0 / out.learned_rate, 2), cfg.init_rate, cfg.cost, cfg.cost_form,
                       time.perf_counter() - t0, comparison, cfg.final_probe,
@@ -534,8 +539,9 @@ def _evaluate(student: Any, probe: Probe, task: TaskData, ids: list[str], cache:
     return score(task, ids, preds), frames / inputs
 
 
-def sweep_rows_for(path: Path, task: str) -> list[SweepRow]:
-    """The rows of task ``task`` in a sweep folder (its sweep.json) or a sweep.json, by achieved rate."""
+def sweep_rows_for(path: Path, ckpt_sha: str | None = None, *, task: str) -> list[SweepRow]:
+    """The rows of task ``task`` in a sweep folder (its sweep.json) or a sweep.json, by achieved
+    rate; with ``ckpt_sha``, only that checkpoint's (a sweep may compare several students)."""
     from ofactl.sweep import load_rows
 
     p = Path(path)
@@ -548,11 +554,16 @@ def sweep_rows_for(path: Path, task: str) -> list[SweepRow]:
     rows = sorted((r for r in rows if r.task == task), key=lambda r: r.achieved_rate)
     if not rows:
         raise ConfigError(f"--compare-sweep {path}: no rows for task {task}")
-    return rows
+    mine = [r for r in rows if ckpt_sha is None or r.checkpoint_sha256 == ckpt_sha]
+    if not mine:
+        labels = ", ".join(sorted({r.label for r in rows}))
+        raise ConfigError(f"--compare-sweep {path}: its {task} rows are of other checkpoints ({labels}), "
+                          f"not of this one (sha256 {str(ckpt_sha)[:12]}...); sweep this checkpoint to compare")
+    return mine
 
 
 def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, adapt_s: float,
-                       cost: RateCost | None = None) -> dict[str, Any]:
+                       cost: RateCost | None = None, ckpt_sha: str | None = None) -> dict[str, Any]:
     """Where the learned rate falls on a sweep of the same task, and what each cost.
 
     The near-flat region is where the sweep curve (linearly interpolated between its rates) is
@@ -561,9 +572,10 @@ def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, a
     is larger, so that test-set noise alone does not shrink the region to one point.
 
     With ``cost``, also what adapt minimises, on the same curve: the error (1 - accuracy) plus
-    the rate cost; ``objective_gap`` is its value at the learned rate minus its lowest.
+    the rate cost; ``objective_gap`` is its value at the learned rate minus its lowest. With
+    ``ckpt_sha``, only that checkpoint's rows form the curve.
     """
-    rows = sweep_rows_for(path, task.task)
+    rows = sweep_rows_for(path, ckpt_sha, task=task.task)
     xs = [r.achieved_rate for r in rows]
     ys = [r.test for r in rows]
     best = max(ys) if task.higher_better else min(ys)

@@ -452,3 +452,18 @@ def test_a_file_too_short_for_the_cnn_is_reported_with_the_corpus_not_as_a_crash
     (tmp_path / "m.tsv").write_text("\n".join(rows) + "\n")
     with pytest.raises(CorpusError, match=r"tiny\.wav: too short \(100 samples"):
         run_adapt(AdaptConfig(task="ks"), student_ckpt[0], tmp_path / "m.tsv", tmp_path / "out")
+
+
+def test_a_sweep_of_several_students_is_read_for_the_adapted_one_only(tmp_path):
+    from ofactl.adapt import compare_with_sweep
+    from ofactl.probe.tasks import TaskData
+
+    ofa = [replace(sweep_row(r, t), label="ofa", checkpoint_sha256="aaa") for r, t in ((1.0, 0.40), (0.5, 0.38))]
+    fixed = [replace(sweep_row(0.5, 0.10), label="fixed0.5", checkpoint_sha256="bbb")]
+    (tmp_path / "sweep.json").write_text(json.dumps({"rows": [r.to_json() for r in ofa + fixed]}))
+    ids = [f"u{i}" for i in range(100)]
+    task = TaskData("sid", "cls", "accuracy", True, {"train": [], "dev": [], "test": ids}, {u: [0] for u in ids}, ["a"])
+    c = compare_with_sweep(tmp_path, task, 0.5, 0.38, 5.0, ckpt_sha="aaa")
+    assert c["sweep_metric"] == [0.38, 0.40] and c["best_sweep_metric"] == 0.40  # the fixed student's 0.10 is not on it
+    with pytest.raises(ConfigError, match=r"its sid rows are of other checkpoints \(fixed0.5, ofa\), not of this one"):
+        compare_with_sweep(tmp_path, task, 0.5, 0.38, 5.0, ckpt_sha="ccc")
