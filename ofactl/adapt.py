@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ofactl.atomic import make_dir, save_figure, write_text
-from ofactl.audio import Corpus, load_audio, read_corpus, set_level
+from ofactl.audio import Corpus, load_audio, set_level
 from ofactl.choices import CostForm, FinalProbe, LambdaData, LambdaGrad, LambdaLoss, Task
 from ofactl.config import save_resolved
 from ofactl.errors import ConfigError
@@ -276,11 +276,9 @@ def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, devi
     level = level_for(cfg.level_db, student, str(ckpt))
     for p in student.parameters():
         p.requires_grad_(False)
-    if not isinstance(corpus, Corpus):  # every bad file, too short for the CNN included, in one error
-        from ofactl.model.windowed import min_input_samples
+    from ofactl.training import read_train_corpus
 
-        corpus = read_corpus(corpus, min_samples_16k=min_input_samples(student.cfg.arch.conv_layers))
-    cps = corpus
+    cps = read_train_corpus(corpus, student.cfg.arch.conv_layers)  # too short for the CNN: with the other bad files
     task = build_task(cfg.task, cps, cfg.label_column or None, cfg.seed)
     if task.note():
         progress.log(str(task.note()))
