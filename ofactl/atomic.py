@@ -71,6 +71,37 @@ def make_dir(path: Path, error: type[OfactlError] = WriteError) -> Path:
     return path
 
 
+@contextmanager
+def removed_if_left_empty(path: Path | None) -> Iterator[None]:
+    """Run the block; when it fails, remove the folders it made for ``path`` (``path`` and its
+    parents that did not exist before) that are still empty.
+
+    A command refused after making its ``--out`` (a bad corpus, a mismatched teacher, Ctrl-C
+    before the first file) then leaves nothing behind; a folder that holds anything, or that
+    was there before, stays.
+    """
+    made = [] if path is None else _missing_folders(Path(path))
+    try:
+        yield
+    except BaseException:
+        for d in made:  # the deepest first: a parent empties only once its child is gone
+            try:
+                d.rmdir()
+            except OSError:  # not empty, not a folder, or gone: leave it and what holds it
+                break
+        raise
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, the deepest first."""
+    path = path.absolute()
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
 def _mkdir_reason(path: Path, e: OSError) -> str:
     """Name the file in the way when there is one: "Not a directory" alone does not say which."""
     for p in (path, *path.parents):

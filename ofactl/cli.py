@@ -173,12 +173,15 @@ def _progress(quiet: bool, as_json: bool) -> RichProgress:
     return RichProgress(enabled=interactive and not quiet and not as_json, quiet=quiet)
 
 
-def _call(debug: bool, fn: Callable[[], T], as_json: bool = False) -> T:
+def _call(debug: bool, fn: Callable[[], T], as_json: bool = False, out: Path | None = None) -> T:
     """Run library code: an OfactlError becomes one line on stderr and its exit code (1, or 130
     when interrupted); under ``--json`` stdout also gets one JSON error document, so a pipeline
-    (``... --json | jq``) sees the failure."""
+    (``... --json | jq``) sees the failure. A failed command leaves no empty ``out`` folder behind."""
+    from ofactl.atomic import removed_if_left_empty
+
     try:
-        return fn()
+        with removed_if_left_empty(out):
+            return fn()
     except OfactlError as e:
         if debug:
             err_console.print_exception()
@@ -243,7 +246,7 @@ def quickstart(
         cfg = load_config(QuickstartConfig, "quickstart", config, set_ or [], [Flag("device", "--device", device)])
         return run_quickstart(cfg, out, progress=_progress(quiet, as_json))
 
-    res = _call(debug, go, as_json)
+    res = _call(debug, go, as_json, out)
     if as_json:
         _emit_json(res.to_json())
         return
@@ -291,7 +294,7 @@ def synth(
         cfg = load_config(SynthConfig, "synth", config, set_ or [])
         return run_synth(cfg, out, overwrite=overwrite, progress=_progress(quiet, as_json))
 
-    res = _call(debug, go, as_json)
+    res = _call(debug, go, as_json, out)
     if as_json:
         _emit_json(res.to_json())
     elif not quiet:
@@ -338,7 +341,7 @@ def distill(
         return run_distill(cfg, corpus, out, resume=resume, overwrite=overwrite,
                            trust_checkpoint=trust_checkpoint, progress=_progress(quiet, as_json))
 
-    res = _call(debug, go, as_json)
+    res = _call(debug, go, as_json, out)
     if as_json:
         _emit_json(res.to_json())
     elif not quiet:
@@ -383,7 +386,7 @@ def pretrain(
         return run_pretrain(cfg, corpus, out, resume=resume, overwrite=overwrite, trust_checkpoint=trust_checkpoint,
                             progress=_progress(quiet, as_json))
 
-    res = _call(debug, go, as_json)
+    res = _call(debug, go, as_json, out)
     if as_json:
         _emit_json(res.to_json())
     elif not quiet:
@@ -435,7 +438,7 @@ def extract(
         return run_extract(cfg, ckpt, corpus, out, shard=parse_shard(shard), overwrite=overwrite, format=fmt,
                            progress=_progress(quiet, as_json))
 
-    res = _call(debug, go, as_json)
+    res = _call(debug, go, as_json, out)
     if as_json:
         _emit_json(res.to_json())
     elif not quiet:
@@ -493,7 +496,7 @@ def sweep(
         return run_sweep(cfg, parse_ckpts(ckpt), corpus, out, store, overwrite=overwrite,
                          progress=_progress(quiet, as_json))
 
-    res = _call(debug, go, as_json)
+    res = _call(debug, go, as_json, out)
     if as_json:
         _emit_json(res.to_json())
         return
@@ -550,7 +553,7 @@ def adapt(
         cfg = load_config(AdaptConfig, "adapt", config, set_ or [], flags)
         return run_adapt(cfg, ckpt, corpus, out, compare_sweep, progress=_progress(quiet, as_json))
 
-    res = _call(debug, go, as_json)
+    res = _call(debug, go, as_json, out)
     if as_json:
         _emit_json(res.to_json())
     elif not quiet:

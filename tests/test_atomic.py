@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ofactl.atomic import atomic_path, make_dir, write_text
+from ofactl.atomic import atomic_path, make_dir, removed_if_left_empty, write_text
 from ofactl.config import save_resolved
 from ofactl.errors import CheckpointError, WriteError
 from ofactl.synth import SynthConfig
@@ -80,3 +80,23 @@ def test_a_write_under_a_file_is_the_callers_error_naming_the_file(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(CheckpointError, match=r"f is a file, not a folder"):
         write_text(tmp_path / "f" / "run" / "a.json", "{}", CheckpointError)
+
+
+def test_a_failed_block_removes_the_empty_folders_it_made_and_nothing_else(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(WriteError):
+        with removed_if_left_empty(tmp_path / "a" / "b"), removed_if_left_empty(tmp_path / "kept"):
+            make_dir(tmp_path / "a" / "b")
+            raise WriteError("refused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # a/b and a gone; kept was there before
+
+
+def test_a_failed_block_keeps_a_folder_that_holds_a_file_and_a_successful_one_keeps_all(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with removed_if_left_empty(tmp_path / "a" / "run"):
+            write_text(tmp_path / "a" / "run" / "kmeans.json", "{}")
+            raise KeyboardInterrupt
+    assert (tmp_path / "a" / "run" / "kmeans.json").read_text() == "{}"
+    with removed_if_left_empty(tmp_path / "b"):
+        make_dir(tmp_path / "b")
+    assert (tmp_path / "b").is_dir()
