@@ -375,6 +375,8 @@ def test_an_out_ending_in_h5_is_an_hdf5_export_and_info_reads_each_kind_by_what_
     for name, kind in (("f.h5", "hdf5 feature export"), ("z.h5", "feature store")):
         r = CliRunner().invoke(app, ["info", str(tmp_path / name), "--json"])
         assert r.exit_code == 0 and json.loads(r.stdout)["kind"] == kind, r.output
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "f.h5"), "--format", "zarr"])  # as sweep --store f.h5
+    assert r.exit_code == 1 and f"the store beside it is {tmp_path / 'f.h5.zarr'}" in r.stderr, r.stderr
     (tmp_path / "junk.h5").write_text("not hdf5\n")
     r = CliRunner().invoke(app, ["info", str(tmp_path / "junk.h5")])
     assert r.exit_code == 1 and "junk.h5: not an HDF5 file, nor a feature store folder" in r.stderr

@@ -420,7 +420,9 @@ class FeatureGroup:
 def _check_new_store_path(path: Path) -> None:
     """A store is made only in a new or empty folder: never over a file, never among other files."""
     if path.exists() and not path.is_dir():
-        raise StoreError(f"{path} is a file, not a feature store folder; choose another path for the store")
+        beside = path.with_name(path.name + ".zarr")  # where `extract --out x.h5` keeps the store it exports
+        hint = f"the store beside it is {beside}" if (beside / "zarr.json").is_file() else "choose another path for the store"
+        raise StoreError(f"{path} is a file, not a feature store folder; {hint}")
     if path.is_dir() and not (path / "zarr.json").is_file() and any(path.iterdir()):
         raise StoreError(f"{path} is a folder of other files, not a feature store (no zarr.json); "
                          "choose a new or empty folder for the store")
