@@ -227,6 +227,8 @@ def _metric_cell(test: float, sd: float | None, digits: int) -> str:
 @app.command()
 def quickstart(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for every stage's output.")] = Path("ofactl-quickstart"),
+    teacher: Annotated[str | None, typer.Option("--teacher", help="Distill from this teacher instead of the built-in one: builtin:NAME, a teacher file, or an 'ofactl pretrain' run folder.")] = None,
+    trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow a pickle-based (fairseq) --teacher.")] = False,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -243,8 +245,9 @@ def quickstart(
     from ofactl.quickstart import QuickstartConfig, run_quickstart
 
     def go() -> Any:
-        cfg = load_config(QuickstartConfig, "quickstart", config, set_ or [], [Flag("device", "--device", device)])
-        return run_quickstart(cfg, out, progress=_progress(quiet, as_json))
+        cfg = load_config(QuickstartConfig, "quickstart", config, set_ or [],
+                          [Flag("device", "--device", device), Flag("teacher", "--teacher", teacher)])
+        return run_quickstart(cfg, out, progress=_progress(quiet, as_json), trust_checkpoint=trust_checkpoint)
 
     res = _call(debug, go, as_json, out)
     if as_json:

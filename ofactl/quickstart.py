@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ofactl.atomic import make_dir, write_text
 from ofactl.choices import CtcHead, Task
-from ofactl.config import doc_sha, load_config, save_resolved, to_dict
+from ofactl.config import Flag, doc_sha, load_config, save_resolved, to_dict
 from ofactl.progress import NullProgress, Progress
 
 if TYPE_CHECKING:
@@ -48,6 +48,8 @@ class QuickstartConfig:
 
     synth_preset: str = "synth-tiny"  # synth preset of the corpus
     distill_preset: str = "distill-tiny-fbank"  # distill preset of the student (the light one: best in docs/method.md)
+    teacher: str | None = None  # distill from this teacher instead of the preset's (builtin:NAME, a teacher
+    # file, an 'ofactl pretrain' run folder): the trade-off of a teacher of one's own
     rates: tuple[float, ...] = (1.0, 0.5, 0.33, 0.25)  # rates extracted and swept
     tasks: tuple[Task, ...] = ("ks", "sid", "pr")  # the tasks swept over the rates
     pr_head: CtcHead = "lstm"  # the CTC head of pr sweeps and adapt: lstm (sees the whole utterance at
@@ -105,6 +107,18 @@ def settings_sha(cfg: Any, **inputs: str) -> str:
     return doc_sha({"settings": doc, "inputs": inputs})
 
 
+def teacher_identity(spec: str) -> str:
+    """What identifies a teacher for reuse: its name, or the sha256 of the file a path names (a
+    teacher retrained at the same path distills again)."""
+    from ofactl.checkpoint import file_sha256
+    from ofactl.model.teacher import teacher_file
+
+    if spec.startswith(("builtin:", "random:")):
+        return spec
+    p = teacher_file(Path(spec))
+    return file_sha256(p) if p.is_file() else spec  # a HuggingFace folder by its path; a missing one: distill says so
+
+
 def adapt_sha(acfg: AdaptConfig, student_sha: str, sweep_sha: str = "none") -> str:
     """The settings hash of one adapt stage: its probe settings narrowed to its task's kind of
     probe, so a new CTC head re-adapts ``pr`` but not ``ks`` or ``sid`` (and the other way round),
@@ -151,16 +165,22 @@ class StageStamps:
         write_text(self.path, json.dumps(self.data, indent=2))
 
 
-def run_quickstart(cfg: QuickstartConfig, out_dir: Path, progress: Progress | None = None) -> QuickstartResult:
+def run_quickstart(cfg: QuickstartConfig, out_dir: Path, progress: Progress | None = None, *,
+                   trust_checkpoint: bool = False) -> QuickstartResult:
     """synth -> distill -> extract -> sweep -> adapt -> summary; each stage reused when its
-    settings and inputs match an earlier run's (``stages.json``)."""
+    settings and inputs match an earlier run's (``stages.json``). ``trust_checkpoint`` allows a
+    pickle-based ``cfg.teacher``."""
     from ofactl.runtime import resolve_device
 
     progress = progress or NullProgress()
     resolve_device(cfg.device)  # a device this machine lacks fails now, not after the corpus is made
+    if cfg.teacher is not None:  # and so does a --teacher that cannot be loaded
+        from ofactl.model.teacher import load_teacher
+
+        load_teacher(cfg.teacher, trust_checkpoint)
     out = make_dir(Path(out_dir))
     save_resolved(cfg, "quickstart", out / "quickstart.yaml")
-    q = _Quickstart(cfg, out, progress)
+    q = _Quickstart(cfg, out, progress, trust_checkpoint)
     corpus = q.stage("synth", "1/5 synth: a labelled speech corpus from espeak-ng", q.synth)
     student, teacher = q.stage("distill", "2/5 distill: once-for-all tiny student", lambda: q.distill(corpus))
     store = q.stage("extract", f"3/5 extract: rates {', '.join(f'{r:g}' for r in cfg.rates)} in one pass",
@@ -174,8 +194,8 @@ def run_quickstart(cfg: QuickstartConfig, out_dir: Path, progress: Progress | No
 class _Quickstart:
     """The stages of :func:`run_quickstart`, sharing the output folder, timings and stamps."""
 
-    def __init__(self, cfg: QuickstartConfig, out: Path, progress: Progress) -> None:
-        self.cfg, self.out, self.progress = cfg, out, progress
+    def __init__(self, cfg: QuickstartConfig, out: Path, progress: Progress, trust: bool = False) -> None:
+        self.cfg, self.out, self.progress, self.trust = cfg, out, progress, trust
         self.secs: dict[str, float] = {}
         self.stamps = StageStamps(out / "stages.json")
         self.reused: list[str] = []
@@ -205,11 +225,12 @@ class _Quickstart:
         from ofactl.distill import DistillConfig, run_distill
         from ofactl.training import has_checkpoint
 
-        dcfg = load_config(DistillConfig, "distill", self.cfg.distill_preset, [f"device={self.cfg.device}"])
+        dcfg = load_config(DistillConfig, "distill", self.cfg.distill_preset, [f"device={self.cfg.device}"],
+                           [Flag("teacher", "--teacher", self.cfg.teacher)])
         self.progress.log("note: " + teacher_note(dcfg.teacher))
         run_dir = self.out / "distill"
         student = run_dir / "student.pt"
-        sha = settings_sha(dcfg, corpus=read_corpus(corpus).fingerprint())
+        sha = settings_sha(dcfg, corpus=read_corpus(corpus).fingerprint(), teacher=teacher_identity(dcfg.teacher))
         if self.stamps.matches("distill", sha) and student.is_file() and (run_dir / "summary.json").is_file():
             self.progress.log(f"reusing {student} (made with the same distill settings and corpus)")
             self.reused.append("distill")
@@ -219,7 +240,8 @@ class _Quickstart:
         if run_dir.exists() and not same:
             self.progress.log(f"{run_dir}: made with other distill settings; distilling again")
         self.stamps.set("distill", sha)
-        run_distill(dcfg, corpus, run_dir, resume=resume, overwrite=not resume, progress=self.progress)
+        run_distill(dcfg, corpus, run_dir, resume=resume, overwrite=not resume, trust_checkpoint=self.trust,
+                    progress=self.progress)
         return student, dcfg.teacher
 
     def extract(self, corpus: Path, student: Path) -> Path:

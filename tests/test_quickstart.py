@@ -71,6 +71,12 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
     assert "made with other distill settings; distilling again" in r4.stderr
     doc4 = json.loads(r4.stdout)
     assert doc4["reused"] == [] and json.loads((tmp_path / "qs/distill/summary.json").read_text())["steps"] == 4
+    # another teacher (--teacher over the preset's): distilled again from it
+    r5 = CliRunner().invoke(app, args + ["--set", "adapt_epochs=2", "--teacher", "builtin:hubert-small"])
+    assert r5.exit_code == 0, r5.output
+    assert "made with other distill settings; distilling again" in r5.stderr
+    assert yaml.safe_load((tmp_path / "qs/distill/config.yaml").read_text())["distill"]["teacher"] == "builtin:hubert-small"
+    assert json.loads(r5.stdout)["reused"] == []
 
 
 def test_adapt_stamp_hashes_only_its_own_kind_of_probe():
@@ -150,3 +156,23 @@ def test_the_note_names_the_teacher_the_student_learnt_from():
     for name in ("hubert-tiny", "hubert-small"):
         assert teacher_note(f"builtin:{name}").startswith(f"the teacher is builtin:{name}, a small HuBERT")
     assert teacher_note("/m/hubert.pt") == "the teacher is /m/hubert.pt"
+
+
+def test_teacher_identity_is_the_name_or_the_bytes_of_the_file(tmp_path):
+    from ofactl.quickstart import teacher_identity
+
+    assert teacher_identity("builtin:hubert-tiny") == "builtin:hubert-tiny"
+    run = tmp_path / "pretrain-run"
+    run.mkdir()
+    (run / "teacher.safetensors").write_bytes(b"first")
+    first = teacher_identity(str(run))
+    assert first == teacher_identity(str(run / "teacher.safetensors")) and len(first) == 64
+    (run / "teacher.safetensors").write_bytes(b"retrained")  # the same path, another teacher: distilled again
+    assert teacher_identity(str(run)) != first
+
+
+def test_a_teacher_that_cannot_be_loaded_fails_before_any_stage(tmp_path):
+    r = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path / "qs"), "--teacher", str(tmp_path / "nope.pt"),
+                                 "--device", "cpu"])
+    assert r.exit_code == 1 and f"teacher not found: {tmp_path / 'nope.pt'}" in r.stderr, r.output
+    assert not (tmp_path / "qs").exists()

@@ -145,17 +145,23 @@ def load_teacher(spec: str | Path, trust: bool = False, seed: int = 0) -> Teache
             torch.manual_seed(seed)
             t = Teacher(RANDOM_ARCHS[name], s, f"{s}#seed={seed}", "random")
         return t.freeze()
-    p = Path(s)
+    p = teacher_file(Path(s))
     if not p.exists():
         raise CheckpointError(f"teacher not found: {p}; accepted: {ACCEPTED}")
-    if p.is_dir() and not (p / "config.json").exists() and (p / PRETRAIN_TEACHER).is_file():
-        p = p / PRETRAIN_TEACHER  # an ``ofactl pretrain`` run folder: the teacher it exported
     if p.is_dir():
         return _load_hf_dir(p, trust).freeze()
     if sniff_format(p) == "safetensors" or p.suffix == ".safetensors":
         return _from_safetensors(p).freeze()
     obj = _torch_load(p, trust)
     return _from_object(obj, p).freeze()
+
+
+def teacher_file(p: Path) -> Path:
+    """The file an ``ofactl pretrain`` run folder exported (``teacher.safetensors``); any other
+    path as given (a file, a HuggingFace folder)."""
+    if p.is_dir() and not (p / "config.json").exists() and (p / PRETRAIN_TEACHER).is_file():
+        return p / PRETRAIN_TEACHER
+    return p
 
 
 def sniff_format(path: Path) -> str:
