@@ -84,18 +84,16 @@ def test_a_write_under_a_file_is_the_callers_error_naming_the_file(tmp_path):
 
 def test_a_failed_block_removes_the_empty_folders_it_made_and_nothing_else(tmp_path):
     (tmp_path / "kept").mkdir()
-    with pytest.raises(WriteError):
-        with removed_if_left_empty(tmp_path / "a" / "b"), removed_if_left_empty(tmp_path / "kept"):
-            make_dir(tmp_path / "a" / "b")
-            raise WriteError("refused")
+    with pytest.raises(WriteError), removed_if_left_empty(tmp_path / "a" / "b"), removed_if_left_empty(tmp_path / "kept"):
+        make_dir(tmp_path / "a" / "b")
+        raise WriteError("refused")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # a/b and a gone; kept was there before
 
 
 def test_a_failed_block_keeps_a_folder_that_holds_a_file_and_a_successful_one_keeps_all(tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        with removed_if_left_empty(tmp_path / "a" / "run"):
-            write_text(tmp_path / "a" / "run" / "kmeans.json", "{}")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), removed_if_left_empty(tmp_path / "a" / "run"):
+        write_text(tmp_path / "a" / "run" / "kmeans.json", "{}")
+        raise KeyboardInterrupt
     assert (tmp_path / "a" / "run" / "kmeans.json").read_text() == "{}"
     with removed_if_left_empty(tmp_path / "b"):
         make_dir(tmp_path / "b")
