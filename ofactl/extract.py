@@ -213,7 +213,9 @@ def plan_batches(order: Sequence[int], n_samples: Sequence[int] | np.ndarray, bu
 # ----------------------------------------------------------------------------- result
 @dataclass
 class GroupResult:
-    """What one rate group holds after a run: utterances written, reused, skipped; the rate achieved."""
+    """What one rate group holds after a run: utterances written and reused by this run, the inputs
+    it records as skipped (by this run or an earlier one, as ``ofactl info`` lists them); the rate
+    achieved."""
 
     rate: float
     group: str
@@ -276,8 +278,9 @@ class ExtractResult:
 
     @property
     def warnings(self) -> int:
-        """How many inputs were skipped (bad audio, too short), for the one-line warning."""
-        return sum(g.skipped for g in self.groups) + len(self.corpus_problems)
+        """How many inputs the store lacks (bad audio, too short), for the one-line warning: every
+        group records the same ones, since the audio is decoded once for all rates."""
+        return max((g.skipped for g in self.groups), default=len(self.corpus_problems))
 
     def quiet_warning(self, setting: str = "--level-db ") -> str | None:
         """One line when recordings this run decoded were quiet and nothing levelled them;
@@ -300,7 +303,7 @@ class ExtractResult:
             "groups": [g.to_json() for g in self.groups], "audio_seconds": round(self.audio_seconds, 3),
             "wall_seconds": round(self.wall_seconds, 3), "model_seconds": round(self.model_seconds, 3),
             "realtime_factor": round(self.audio_seconds / self.wall_seconds, 2) if self.wall_seconds else None,
-            "skipped_inputs": len(self.corpus_problems) + sum(g.skipped for g in self.groups),
+            "skipped_inputs": self.warnings,
             "loudness": {**self.loudness.to_json(), "levelled": self.levelled},
         }
 
@@ -802,6 +805,7 @@ def _finalize(st: GroupState, utts: list[Utterance], t_in: np.ndarray, problems:
         g.update_attrs(complete=True, achieved_rate=achieved, frames=frames,
                        achieved_frame_period_ms=(g.attrs["input_frame_ms"] / achieved) if achieved else None,
                        errors={**g.attrs.get("corpus_errors", {}), **errors})
-    return GroupResult(st.rate, g.name, len(done), st.written, st.reused, st.skipped, frames, complete,
+    skipped = {**g.attrs.get("corpus_errors", {}), **errors}  # what `ofactl info` lists for the group
+    return GroupResult(st.rate, g.name, len(done), st.written, st.reused, len(skipped), frames, complete,
                        round(achieved, 5) if achieved else None,
                        round(g.attrs["input_frame_ms"] / achieved, 3) if achieved else None)
