@@ -237,10 +237,10 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
         sha = file_sha256(Path(ckpt)) if Path(ckpt).is_file() else None  # a missing one is load_student's error
         compare = (Path(compare_sweep), sha)
         sweep_rows_for(*compare, task=cfg.task)
-    out_dir = make_dir(Path(out_dir))
-    save_resolved(cfg, "adapt", out_dir / "config.yaml")
+    out_dir = make_dir(Path(out_dir))  # a bad --out fails now; config.yaml once the inputs are known good
     seed_all(cfg.seed)
     job = _setup_adapt(cfg, ckpt, corpus, device, progress)
+    save_resolved(cfg, "adapt", out_dir / "config.yaml")
     job.train(progress)
     if not cfg.restarts:
         return _finish_adapt(job, _outcome(job), out_dir, compare, t0)

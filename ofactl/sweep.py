@@ -205,13 +205,15 @@ def rate_plan(label: str, ckpt: Path, rates: Sequence[float]) -> RatePlan:
 
 def _setup_sweep(cfg: SweepConfig, corpus: str | Path | Corpus, out_dir: Path, overwrite: bool,
                  progress: Progress, device: torch.device) -> _Sweep:
-    """Write config.yaml, read the corpus and build the task's splits."""
-    make_dir(out_dir / "rows")
-    save_resolved(cfg, "sweep", out_dir / "config.yaml")
+    """Read the corpus and build the task's splits, then write config.yaml: a refused corpus or
+    task leaves no record of a sweep that never ran (a bad --out still fails first)."""
+    make_dir(out_dir)
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus, on_error=cfg.extract.on_error)
     task = build_task(cfg.task, cps, cfg.label_column or None, cfg.seed)
     if task.note():
         progress.log(str(task.note()))
+    make_dir(out_dir / "rows")
+    save_resolved(cfg, "sweep", out_dir / "config.yaml")
     return _Sweep(cfg, cps, task, out_dir, overwrite, progress, device)
 
 

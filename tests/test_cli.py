@@ -360,10 +360,13 @@ def test_an_out_folder_under_a_file_is_one_error_on_every_command(cmd, tmp_path,
     assert "Traceback" not in r.output and (tmp_path / "f").read_text() == ""
 
 
-@pytest.mark.parametrize("cmd", ["distill", "pretrain"])
-def test_a_refused_corpus_leaves_no_empty_run_folder(tmp_path, cmd):
+@pytest.mark.parametrize("cmd", ["distill", "pretrain", "sweep", "adapt"])
+def test_a_refused_corpus_leaves_no_run_folder(tmp_path, student_ckpt, cmd):
+    """Neither an empty folder nor one holding only the config of a run that never ran."""
     listing = tmp_path / "list.txt"
     listing.write_text("missing.wav\n")
-    r = runner.invoke(app, [cmd, "--corpus", str(listing), "--out", str(tmp_path / "runs" / "x"), "--device", "cpu"])
+    student = ["--ckpt", str(student_ckpt[0]), "--task", "ks"] if cmd in ("sweep", "adapt") else []
+    r = runner.invoke(app, [cmd, "--corpus", str(listing), *student, "--out", str(tmp_path / "runs" / "x"),
+                            "--device", "cpu"])
     assert r.exit_code == 1 and "missing.wav: file not found" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["list.txt"]
