@@ -39,8 +39,8 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
-    """Describe what ``path`` holds: a feature store, a student checkpoint, a teacher file, or the
-    run folder of ``distill`` (its student.pt) or ``pretrain`` (its teacher); ``verify`` checks a
+    """Describe what ``path`` holds: a feature store, a student checkpoint, a teacher file, an audio
+    file, or the run folder of ``distill`` (its student.pt) or ``pretrain`` (its teacher); ``verify`` checks a
     store's checksums (see :func:`ofactl.storage.describe_store`)."""
     from ofactl.model.teacher import PRETRAIN_TEACHER
 
@@ -62,11 +62,41 @@ def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
         from ofactl.errors import ConfigError
 
         raise ConfigError(f"--verify checks a feature store; {p} is not one")
+    from ofactl.audio import AUDIO_SUFFIXES
+
+    if p.suffix.lower() in AUDIO_SUFFIXES:
+        return describe_audio(p)
     if p.suffix == ".safetensors":  # students are .pt; a .safetensors file is a teacher's weights
         return describe_teacher(str(p))
     from ofactl.checkpoint import describe_checkpoint
 
     return describe_checkpoint(p)
+
+
+def describe_audio(path: Path) -> dict[str, Any]:
+    """What every command makes of one recording: its header, what the models get (16 kHz mono),
+    its level, and whether a HuBERT CNN (400 samples per frame) can take it. Decoding it whole
+    checks it as ``extract`` would (truncation, NaN)."""
+    from ofactl.audio import audio_info, level_dbfs, load_audio
+    from ofactl.extract import QUIET_DBFS
+    from ofactl.model.blocks import BASE_CONV
+    from ofactl.model.windowed import min_input_samples
+    from ofactl.runtime import SAMPLE_RATE
+
+    info = audio_info(path)
+    wav = load_audio(path)
+    level = level_dbfs(wav)
+    need = min_input_samples(BASE_CONV)
+    notes = [f"resampled from {info.sample_rate} Hz to {SAMPLE_RATE} Hz"] if info.sample_rate != SAMPLE_RATE else []
+    notes += [f"{info.channels} channels mixed down to mono"] if info.channels > 1 else []
+    if level < QUIET_DBFS:
+        notes.append(f"quieter than {QUIET_DBFS:g} dBFS: --level-db levels it (docs/models.md, 'Loudness')")
+    if wav.numel() < need:
+        notes.append(f"too short: the models need at least {need} samples at {SAMPLE_RATE // 1000} kHz")
+    return {"kind": "audio", "seconds": round(info.n_samples / info.sample_rate, 3),
+            "sample_rate": info.sample_rate, "channels": info.channels, "samples_16k": int(wav.numel()),
+            "frames_20ms": max(0, (int(wav.numel()) - need) // 320 + 1), "level_dbfs": round(level, 1),
+            "notes": notes}
 
 
 def describe_teacher(spec: str, trust: bool = False) -> dict[str, Any]:

@@ -104,12 +104,18 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: empty file, not a checkpoint")
     if not zipfile.is_zipfile(p):
+        from ofactl.audio import AUDIO_SUFFIXES
+
         with open(p, "rb") as f:
             head = f.read(9)
         if len(head) == 9 and head[8:9] == b"{":  # a safetensors header: weights, not a student
             raise CheckpointError(f"{p}: safetensors weights (a teacher's?), not an ofactl student checkpoint; "
                                   "teachers go to --teacher, students come from 'ofactl distill'")
-        raise CheckpointError(f"{p}: corrupt or truncated checkpoint (not a torch archive)")
+        if head[:4] in (b"RIFF", b"fLaC", b"OggS") or p.suffix.lower() in AUDIO_SUFFIXES:
+            raise CheckpointError(f"{p}: an audio file, not a student checkpoint; students come from 'ofactl distill'")
+        if p.suffix.lower() in (".pt", ".pth", ".ckpt"):
+            raise CheckpointError(f"{p}: corrupt or truncated checkpoint (not a torch archive)")
+        raise CheckpointError(f"{p}: not a student checkpoint (not a torch archive); students come from 'ofactl distill'")
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

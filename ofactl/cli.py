@@ -573,17 +573,18 @@ def adapt(
 
 @app.command()
 def info(
-    path: Annotated[Path | None, typer.Argument(help="What to describe: a student checkpoint, a teacher file, a feature store, or a distill or pretrain run folder.")] = None,
+    path: Annotated[Path | None, typer.Argument(help="What to describe: a student checkpoint, a teacher file, an audio file, a feature store, or a distill or pretrain run folder.")] = None,
     teacher: Annotated[str | None, typer.Option("--teacher", help="Describe a teacher instead: any --teacher value (builtin:NAME, random:tiny|base, a HuBERT file or folder, a pretrain run folder).")] = None,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow loading pickle-based (fairseq) checkpoints.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Check every extracted utterance of a store against its checksum; damaged ones are listed and marked for the next extract (exit code 1).")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Show the version and the compute available, or describe a checkpoint, teacher, store or run.
+    """Show the version and the compute available, or describe a checkpoint, teacher, recording, store or run.
 
     The compute: torch, CUDA and bf16. A store's description lists the inputs it skipped, and
-    --verify checks every extracted utterance against its checksum.
+    --verify checks every extracted utterance against its checksum. A recording's description says
+    what the models get from it: 16 kHz mono, its level, its 20 ms frames.
     """
     from ofactl.about import describe_path, describe_teacher, environment
 
@@ -616,6 +617,10 @@ def info(
             for c, val in extra.items():
                 out.print(f"[bold]{c}[/bold]: {val}", highlight=False)
             _print_group_notes(out, v)
+            continue
+        if k == "notes" and isinstance(v, list):  # one line each, as every other note
+            for note in v:
+                out.print(f"[bold]note[/bold]: {note}", highlight=False)
             continue
         if isinstance(v, (dict, list)):
             v = json.dumps(v, default=str)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -84,6 +85,32 @@ def test_info_json():
 def test_info_missing_path(tmp_path):
     r = runner.invoke(app, ["info", str(tmp_path / "nothing.pt")])
     assert r.exit_code == 1 and "no such file" in r.stderr
+
+
+def test_info_describes_a_recording_as_the_models_get_it(tmp_path, write_wav):
+    stereo = write_wav("tel.wav", seconds=1.0, sr=8000, channels=2)
+    doc = json.loads(runner.invoke(app, ["info", str(stereo), "--json"]).stdout)
+    assert doc == {"kind": "audio", "seconds": 1.0, "sample_rate": 8000, "channels": 2, "samples_16k": 16000,
+                   "frames_20ms": 49, "level_dbfs": pytest.approx(-13.5, abs=0.1),
+                   "notes": ["resampled from 8000 Hz to 16000 Hz", "2 channels mixed down to mono"]}
+    import soundfile as sf
+
+    sf.write(str(tmp_path / "blip.flac"), 0.001 * np.ones(200, dtype=np.float32), 16000)
+    r = runner.invoke(app, ["info", str(tmp_path / "blip.flac")])
+    assert r.exit_code == 0 and "frames_20ms: 0" in r.stdout
+    assert "note: quieter than -35 dBFS" in r.stdout and "note: too short: the models need at least 400 samples" in r.stdout
+
+
+def test_an_audio_or_text_file_given_as_a_checkpoint_is_named_for_what_it_is(tmp_path, write_wav):
+    wav = write_wav("a.wav")
+    r = runner.invoke(app, ["extract", "--ckpt", str(wav), "--corpus", str(tmp_path), "--out", str(tmp_path / "f.zarr")])
+    assert r.exit_code == 1 and "a.wav: an audio file, not a student checkpoint" in r.stderr, r.output
+    (tmp_path / "preset.yaml").write_text("distill:\n  steps: 3\n")
+    r = runner.invoke(app, ["info", str(tmp_path / "preset.yaml")])
+    assert r.exit_code == 1 and "preset.yaml: not a student checkpoint (not a torch archive)" in r.stderr
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 cut short")
+    r = runner.invoke(app, ["info", str(tmp_path / "cut.pt")])
+    assert r.exit_code == 1 and "cut.pt: corrupt or truncated checkpoint" in r.stderr
 
 
 @pytest.mark.slow
