@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -76,14 +77,18 @@ PrecisionOpt = Annotated[Precision | None, typer.Option(
 
 
 class RichProgress:
-    """:class:`ofactl.progress.Progress` on a rich progress bar (stderr)."""
+    """:class:`ofactl.progress.Progress` on a rich progress bar (stderr). Off a terminal (a log
+    file, a pipe, CI) there is no bar: a stage prints its name, then one plain line every
+    ``every_s`` seconds with its count, speed, time left and latest metrics, as a job's log needs."""
 
-    def __init__(self, enabled: bool, quiet: bool) -> None:
+    def __init__(self, enabled: bool, quiet: bool, every_s: float = 60.0) -> None:
         self.enabled = enabled
         self.quiet = quiet
         self._bar: Any = None
         self._task: Any = None
         self._metrics = ""
+        self._plain: _PlainLines | None = None
+        self.every_s = every_s
 
     def start(self, stage: str, total: int | None = None) -> None:
         """Begin a stage: a bar when ``total`` is known, a spinner otherwise."""
@@ -91,6 +96,7 @@ class RichProgress:
         if not self.enabled:
             if not self.quiet:
                 err_console.print(f"[bold]{stage}[/bold]" + (f" ({total})" if total else ""))
+                self._plain = _PlainLines(stage, total, self.every_s)
             return
         from rich.progress import (
             BarColumn,
@@ -112,10 +118,12 @@ class RichProgress:
 
     def advance(self, n: int = 1, **metrics: Any) -> None:
         """Move the bar by ``n`` and show the latest metrics."""
-        if self._bar is None:
-            return
         if metrics:
             self._metrics = "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        if self._plain is not None:
+            self._plain.advance(n, self._metrics)
+        if self._bar is None:
+            return
         self._bar.update(self._task, advance=n, metrics=self._metrics)
 
     def log(self, message: str) -> None:
@@ -128,7 +136,43 @@ class RichProgress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
-            self._metrics = ""
+        self._plain = None
+        self._metrics = ""
+
+
+class _PlainLines:
+    """A stage's progress as a plain line every ``every_s`` seconds: done/total, units per second
+    and time left, both from this run's own progress (a resumed job jumps to its step first)."""
+
+    def __init__(self, stage: str, total: int | None, every_s: float) -> None:
+        self.stage, self.total, self.every_s = stage, total, every_s
+        self.done = 0
+        self.t0: float | None = None
+        self.n0 = 0
+        self.last = time.monotonic()
+
+    def advance(self, n: int, metrics: str) -> None:
+        now = time.monotonic()
+        self.done += n
+        if self.t0 is None:  # the first report sets the origin: a resumed run's jump does not count as speed
+            self.t0, self.n0 = now, self.done
+            return
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = (self.done - self.n0) / max(now - self.t0, 1e-9)
+        count = f"{self.done}/{self.total} ({100 * self.done / self.total:.0f}%)" if self.total else f"{self.done}"
+        left = f", {_duration((self.total - self.done) / rate)} left" if self.total and rate > 0 else ""
+        err_console.print(f"{self.stage}: {count}, {rate:.3g}/s{left}" + (f"  {metrics}" if metrics else ""),
+                          markup=False, highlight=False)
+
+
+def _duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``42s``."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _fmt(v: Any) -> str:

@@ -397,3 +397,30 @@ def test_a_refused_corpus_leaves_no_run_folder(tmp_path, student_ckpt, cmd):
                             "--device", "cpu"])
     assert r.exit_code == 1 and "missing.wav: file not found" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["list.txt"]
+
+
+def test_off_a_terminal_progress_is_a_plain_line_every_so_often(capsys):
+    import re
+    import time
+
+    from ofactl.cli import RichProgress
+
+    p = RichProgress(enabled=False, quiet=False, every_s=0.0)
+    p.start("pretraining", 100)
+    before = time.monotonic()
+    p.advance(40)  # a resumed run jumps to its step first: the origin of the speed, not part of it
+    time.sleep(0.05)
+    p.advance(10, loss=2.5)
+    after = time.monotonic()
+    p.finish()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == "pretraining (100)" and len(lines) == 2, lines
+    assert re.fullmatch(r"pretraining: 50/100 \(50%\), [\d.]+/s, \d+s left  loss=2\.5", lines[1]), lines[1]
+    rate = float(lines[1].split(", ")[1].removesuffix("/s"))
+    assert 0.98 * 10 / (after - before) <= rate <= 1.02 * 10 / 0.05  # 10 steps in at least 0.05 s, not 50
+    for p in (RichProgress(enabled=False, quiet=False), RichProgress(enabled=False, quiet=True, every_s=0.0)):
+        p.start("extracting", 3)
+        p.advance(1)
+        p.advance(2)
+        p.finish()
+    assert capsys.readouterr().err.strip().splitlines() == ["extracting (3)"]  # once a minute; quiet: nothing
