@@ -211,8 +211,7 @@ def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Na
     """Learned rate and test metric of one adapt run, compared with ``sweep`` (reused when done;
     None with ``--report`` when it has not run). Runs on another variant than the default carry
     its name."""
-    variant = "" if args.adapt_variant == "ofactl" else f"{args.adapt_variant}-"
-    out = Path(args.out) / "adapt" / f"{variant}{unit(task, args)}-{grad}{adapt_suffix(args)}-s{seed}"
+    out = adapt_dir(task, grad, seed, args)
     done = (out / "summary.json").is_file()
     if args.report:
         return json.loads((out / "summary.json").read_text()) if done else None
@@ -230,6 +229,12 @@ def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Na
                      "name the settings it ran with in --adapt-set")
         return json.loads((out / "summary.json").read_text())
     return run_adapt(cfg, ckpt, corpus_of_task, out, sweep if sweep.is_dir() else None).to_json()
+
+
+def adapt_dir(task: str, grad: str, seed: int, args: argparse.Namespace) -> Path:
+    """The folder of one adapt run; runs on another variant than the default carry its name."""
+    variant = "" if args.adapt_variant == "ofactl" else f"{args.adapt_variant}-"
+    return Path(args.out) / "adapt" / f"{variant}{unit(task, args)}-{grad}{adapt_suffix(args)}-s{seed}"
 
 
 def adapt_suffix(args: argparse.Namespace) -> str:
@@ -487,6 +492,8 @@ def adapt_results(tasks: list[str], grads: list[str], seeds: list[int], args: ar
             runs = []
             for s in seeds:
                 ckpt = Path(args.out) / "students" / f"{name}-s{s}" / "student.pt"
+                if not (ckpt.is_file() or args.report or (adapt_dir(task, grad, s, args) / "summary.json").is_file()):
+                    ckpt = distill_student(name, s, args, corpus)  # gone while its sweeps were kept: see collect
                 sweep = sweep_dir(args, name, s, task)
                 doc = adapt_student(ckpt, task, grad, s, args, corpus, sweep)
                 if doc is None:
@@ -569,21 +576,37 @@ def collect(names: list[str], seeds: list[int], tasks: list[str], args: argparse
     missing: list[str] = []
     for name in names:
         for seed in seeds:
-            ckpt = None if args.report else distill_student(name, seed, args, corpus)
-            for task in tasks:
-                for label, adaptive in ((name, False), ("ofactl-adaptive-length", True)):
-                    if adaptive and (name != "ofactl" or args.no_adaptive_sweeps):
-                        continue
-                    done = sweep_dir(args, name, seed, task, adaptive) / "sweep.json"
-                    if ckpt is not None:
-                        rows = sweep_student(name, seed, ckpt, task, args, corpus, adaptive=adaptive)
-                    elif done.is_file():
-                        rows = load_rows(done)
-                    else:
-                        missing.append(str(done.parent))
-                        continue
-                    curves.setdefault(label, {}).setdefault(task, {})[seed] = rows
+            units = sweep_units(name, tasks, args)
+            ckpt = None if args.report or swept_without_student(name, seed, units, args) \
+                else distill_student(name, seed, args, corpus)
+            for task, label, adaptive in units:
+                done = sweep_dir(args, name, seed, task, adaptive) / "sweep.json"
+                if ckpt is not None:
+                    rows = sweep_student(name, seed, ckpt, task, args, corpus, adaptive=adaptive)
+                elif done.is_file():
+                    rows = load_rows(done)
+                else:
+                    missing.append(str(done.parent))
+                    continue
+                curves.setdefault(label, {}).setdefault(task, {})[seed] = rows
     return curves, missing
+
+
+def sweep_units(name: str, tasks: list[str], args: argparse.Namespace) -> list[tuple[str, str, bool]]:
+    """(task, label in the tables, adaptive lengths) of every sweep of one variant's students: the
+    default's students are also swept with content-adaptive lengths."""
+    both = name == "ofactl" and not args.no_adaptive_sweeps
+    return [(task, label, adaptive) for task in tasks
+            for label, adaptive in ((name, False), ("ofactl-adaptive-length", True)) if both or not adaptive]
+
+
+def swept_without_student(name: str, seed: int, units: list[tuple[str, str, bool]], args: argparse.Namespace) -> bool:
+    """Every sweep of this student has finished but its checkpoint is gone (a new checkout that
+    kept only the small result files: sweep.json, adapt's summary.json): its rows are read as
+    they are, not distilled and swept again."""
+    if (Path(args.out) / "students" / f"{name}-s{seed}" / "student.pt").is_file():
+        return False  # kept: distill_student checks it is still this variant's recipe
+    return all((sweep_dir(args, name, seed, task, adaptive) / "sweep.json").is_file() for task, _, adaptive in units)
 
 
 def _corpus(args: argparse.Namespace) -> Path:

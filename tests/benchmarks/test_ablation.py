@@ -48,3 +48,23 @@ def test_sweeps_with_several_probes_are_kept_beside_the_one_probe_sweeps(ablatio
     assert ablation.sweep_dir(args, "ofactl", 3, "sid", probe_runs=1).name == "ofactl-s3-sid"
     assert ablation.report_stem(args) == "ablation-probes5"
     assert ablation.report_stem(argparse.Namespace(pr_head="conv", probe_runs=1, adapt_set=[])) == "ablation"
+
+
+def test_a_student_gone_with_its_sweeps_kept_is_read_not_distilled_again(ablation, tmp_path):
+    import argparse
+
+    args = argparse.Namespace(out=str(tmp_path), pr_head="conv", probe_runs=1, adapt_set=[], no_adaptive_sweeps=False)
+    units = ablation.sweep_units("ofactl", ["pr", "ks"], args)
+    assert units == [("pr", "ofactl", False), ("pr", "ofactl-adaptive-length", True),
+                     ("ks", "ofactl", False), ("ks", "ofactl-adaptive-length", True)]
+    assert ablation.sweep_units("upsample", ["pr"], args) == [("pr", "upsample", False)]
+    for task, _, adaptive in units:
+        assert not ablation.swept_without_student("ofactl", 0, units, args)  # a sweep still to run
+        done = ablation.sweep_dir(args, "ofactl", 0, task, adaptive)
+        done.mkdir(parents=True)
+        (done / "sweep.json").write_text("{}")
+    assert ablation.swept_without_student("ofactl", 0, units, args)
+    kept = tmp_path / "students" / "ofactl-s0" / "student.pt"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"")
+    assert not ablation.swept_without_student("ofactl", 0, units, args)  # kept: its recipe is checked first
