@@ -48,10 +48,13 @@ def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
     if not p.exists():
         raise OfactlError(f"{p}: no such file or folder")
     is_store = (p / "zarr.json").is_file() or p.suffix in (".zarr", ".h5", ".hdf5")
-    if p.is_dir() and not is_store:  # a run folder: what it made
+    if p.is_dir() and not is_store:  # a run folder: what it made, or how far it has got
         for made in ("student.pt", PRETRAIN_TEACHER):
             if (p / made).is_file():
                 return describe_path(p / made, verify)
+        unfinished = describe_unfinished_run(p)
+        if unfinished is not None:
+            return unfinished
         raise OfactlError(f"{p}: not a feature store (no zarr.json), nor the run folder of distill "
                           f"(student.pt) or pretrain ({PRETRAIN_TEACHER})")
     if is_store:
@@ -71,6 +74,66 @@ def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
     from ofactl.checkpoint import describe_checkpoint
 
     return describe_checkpoint(p)
+
+
+def describe_unfinished_run(run: Path) -> dict[str, Any] | None:
+    """How far a ``distill`` or ``pretrain`` run that has not finished has got: its steps, the
+    newest checkpoint (where ``--resume`` goes on from), the last held-out evaluation, and its
+    speed and time left from ``metrics.jsonl``; None for a folder that is no such run."""
+    import re
+
+    from ofactl.config import load_yaml
+    from ofactl.errors import ConfigError
+
+    try:
+        saved = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
+    except ConfigError:
+        return None
+    section = next((s for s in ("distill", "pretrain") if isinstance(saved.get(s), dict)), None)
+    if section is None:
+        return None
+    steps = saved[section].get("steps")
+    saved_steps = sorted(int(m.group(1)) for f in (run / "checkpoints").glob("step-*.pt")
+                         if (m := re.fullmatch(r"step-(\d+)\.pt", f.name)))
+    newest = saved_steps[-1] if saved_steps else 0
+    doc: dict[str, Any] = {"kind": f"{section} run, unfinished", "steps": steps, "newest_checkpoint_step": newest}
+    doc.update(_progress_from_metrics(run / "metrics.jsonl", steps, newest))
+    doc["resume"] = (f"the same 'ofactl {section}' command with --resume goes on from step {newest}" if newest
+                     else f"no checkpoint yet: the same 'ofactl {section}' command with --resume starts at step 0")
+    return doc
+
+
+RECENT = 50  # metrics records the speed is read from: the current speed, not the run's average
+
+
+def _progress_from_metrics(path: Path, steps: Any, newest: int) -> dict[str, Any]:
+    """The last logged step, the last held-out evaluation, and the seconds per step over the last
+    ``RECENT`` records of the current stretch of training, with the time left at that speed."""
+    import json
+
+    try:
+        recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    train = [r for r in recs if isinstance(r, dict) and "elapsed_s" in r and "step" in r]
+    evals = [r for r in recs if isinstance(r, dict) and isinstance(r.get("eval"), dict)]
+    out: dict[str, Any] = {}
+    if evals:
+        out["held_out"] = {"step": evals[-1]["step"], **evals[-1]["eval"]}
+    if not train:
+        return out
+    out["logged_step"] = train[-1]["step"]
+    first = len(train) - 1
+    while first > max(0, len(train) - RECENT) and train[first - 1]["elapsed_s"] < train[first]["elapsed_s"]:
+        first -= 1  # back over the recent records of this stretch of training (elapsed_s restarts with each)
+    a, b = train[first], train[-1]
+    if b["step"] > a["step"]:
+        per = (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
+        out["s_per_step"] = round(per, 3)
+        if isinstance(steps, int) and steps > newest:
+            left = int(per * (steps - newest))
+            out["time_left"] = f"{left // 3600}h{left % 3600 // 60:02d}m"
+    return out
 
 
 def describe_audio(path: Path) -> dict[str, Any]:

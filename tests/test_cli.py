@@ -424,3 +424,27 @@ def test_off_a_terminal_progress_is_a_plain_line_every_so_often(capsys):
         p.advance(2)
         p.finish()
     assert capsys.readouterr().err.strip().splitlines() == ["extracting (3)"]  # once a minute; quiet: nothing
+
+
+def test_info_tells_how_far_an_unfinished_run_has_got(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("pretrain:\n  steps: 100\n")
+    for step in (20, 40):
+        (run / "checkpoints" / f"step-{step:08d}.pt").write_bytes(b"")
+    first = [{"step": s, "loss": 1.0, "elapsed_s": float(s)} for s in (10, 20, 30)]  # killed after step 30
+    again = [{"step": s, "loss": 1.0, "elapsed_s": 2.0 * (s - 20)} for s in (30, 40, 50)]  # resumed at 20: 2 s a step
+    lines = [*first, {"step": 20, "eval": {"acc_masked": 0.25}}, *again]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    doc = json.loads(runner.invoke(app, ["info", str(run), "--json"]).stdout)
+    assert doc == {"kind": "pretrain run, unfinished", "steps": 100, "newest_checkpoint_step": 40,
+                   "held_out": {"step": 20, "acc_masked": 0.25}, "logged_step": 50, "s_per_step": 2.0,
+                   "time_left": "0h02m", "resume": "the same 'ofactl pretrain' command with --resume goes on from step 40"}
+    for f in (run / "checkpoints").iterdir():
+        f.unlink()
+    (run / "metrics.jsonl").unlink()
+    doc = json.loads(runner.invoke(app, ["info", str(run), "--json"]).stdout)
+    assert doc["newest_checkpoint_step"] == 0 and "starts at step 0" in doc["resume"] and "s_per_step" not in doc
+    (run / "config.yaml").write_text("adapt:\n  task: pr\n")  # not a training run: as before
+    r = runner.invoke(app, ["info", str(run)])
+    assert r.exit_code == 1 and "nor the run folder of distill" in r.stderr
