@@ -96,7 +96,7 @@ def fixed_rate(name: str) -> float | None:
 
 def distill_student(name: str, seed: int, args: argparse.Namespace, corpus: Path) -> Path:
     """The student of one variant and seed (reused when its run finished)."""
-    run = Path(args.out) / "students" / f"{name}-s{seed}"
+    run = student_dir(args, name, seed)
     overrides, fixed = VARIANTS[name]
     flags = [Flag("teacher", "--teacher", args.teacher), Flag("seed", "--seed", seed),
              Flag("steps", "--steps", args.steps), Flag("device", "--device", args.device)]
@@ -107,6 +107,11 @@ def distill_student(name: str, seed: int, args: argparse.Namespace, corpus: Path
         return same_recipe(run, cfg) / "student.pt"
     resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step-*.pt"))
     return run_distill(cfg, corpus, run, resume=resume, overwrite=not resume).student
+
+
+def student_dir(args: argparse.Namespace, name: str, seed: int) -> Path:
+    """The distill run folder of one variant's student and seed."""
+    return Path(args.out) / "students" / f"{name}-s{seed}"
 
 
 def kept_settings(run: Path, section: str) -> dict[str, Any]:
@@ -491,7 +496,7 @@ def adapt_results(tasks: list[str], grads: list[str], seeds: list[int], args: ar
         for grad in grads:
             runs = []
             for s in seeds:
-                ckpt = Path(args.out) / "students" / f"{name}-s{s}" / "student.pt"
+                ckpt = student_dir(args, name, s) / "student.pt"
                 if not (ckpt.is_file() or args.report or (adapt_dir(task, grad, s, args) / "summary.json").is_file()):
                     ckpt = distill_student(name, s, args, corpus)  # gone while its sweeps were kept: see collect
                 sweep = sweep_dir(args, name, s, task)
@@ -604,7 +609,7 @@ def swept_without_student(name: str, seed: int, units: list[tuple[str, str, bool
     """Every sweep of this student has finished but its checkpoint is gone (a new checkout that
     kept only the small result files: sweep.json, adapt's summary.json): its rows are read as
     they are, not distilled and swept again."""
-    if (Path(args.out) / "students" / f"{name}-s{seed}" / "student.pt").is_file():
+    if (student_dir(args, name, seed) / "student.pt").is_file():
         return False  # kept: distill_student checks it is still this variant's recipe
     return all((sweep_dir(args, name, seed, task, adaptive) / "sweep.json").is_file() for task, _, adaptive in units)
 

@@ -333,7 +333,9 @@ def run_extract(
         format = "hdf5" if Path(out).suffix.lower() in (".h5", ".hdf5") else "zarr"
     if format not in ("zarr", "hdf5"):
         raise ConfigError(f"--format {format}: expected zarr or hdf5")
-    store = Path(out) if format == "zarr" else Path(str(out) + ".zarr")
+    from ofactl.storage.zarr_store import export_store
+
+    store = Path(out) if format == "zarr" else export_store(Path(out))
     student, payload = load_student(Path(ckpt))
     trained = rates_trained(payload)
     outside = [r for r in cfg.rates if not covers(trained, r)]

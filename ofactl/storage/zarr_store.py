@@ -417,10 +417,15 @@ class FeatureGroup:
         self._g.attrs.update({**kw, "updated": now()})
 
 
+def export_store(out: Path) -> Path:
+    """The Zarr store an HDF5 export ``out`` is extracted into and kept beside: ``out.zarr``."""
+    return Path(str(out) + ".zarr")
+
+
 def _check_new_store_path(path: Path) -> None:
     """A store is made only in a new or empty folder: never over a file, never among other files."""
     if path.exists() and not path.is_dir():
-        beside = path.with_name(path.name + ".zarr")  # where `extract --out x.h5` keeps the store it exports
+        beside = export_store(path)  # where `extract --out x.h5` keeps the store it exports
         hint = f"the store beside it is {beside}" if (beside / "zarr.json").is_file() else "choose another path for the store"
         raise StoreError(f"{path} is a file, not a feature store folder; {hint}")
     if path.is_dir() and not (path / "zarr.json").is_file() and any(path.iterdir()):
