@@ -40,8 +40,9 @@ def _cpu_has_native_bf16() -> bool:
 
 def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
     """Describe what ``path`` holds: a feature store, a student checkpoint, a teacher file, an audio
-    file, or the run folder of ``distill`` (its student.pt) or ``pretrain`` (its teacher); ``verify`` checks a
-    store's checksums (see :func:`ofactl.storage.describe_store`)."""
+    file, the folder of ``sweep`` or ``adapt`` (what it measured), or the run folder of ``distill``
+    (its student.pt) or ``pretrain`` (its teacher); ``verify`` checks a store's checksums (see
+    :func:`ofactl.storage.describe_store`)."""
     from ofactl.model.teacher import PRETRAIN_TEACHER
 
     p = Path(path)
@@ -52,11 +53,11 @@ def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
         for made in ("student.pt", PRETRAIN_TEACHER):
             if (p / made).is_file():
                 return describe_path(p / made, verify)
-        unfinished = describe_unfinished_run(p)
-        if unfinished is not None:
-            return unfinished
-        raise OfactlError(f"{p}: not a feature store (no zarr.json), nor the run folder of distill "
-                          f"(student.pt) or pretrain ({PRETRAIN_TEACHER})")
+        found = describe_result_folder(p) or describe_unfinished_run(p)
+        if found is not None:
+            return found
+        raise OfactlError(f"{p}: not a feature store (no zarr.json), nor the folder of sweep (sweep.json), "
+                          f"adapt (summary.json), distill (student.pt) or pretrain ({PRETRAIN_TEACHER})")
     if is_store:
         from ofactl.storage import describe_store
 
@@ -76,23 +77,70 @@ def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
     return describe_checkpoint(p)
 
 
-def describe_unfinished_run(run: Path) -> dict[str, Any] | None:
-    """How far a ``distill`` or ``pretrain`` run that has not finished has got: its steps, the
-    newest checkpoint (where ``--resume`` goes on from), the last held-out evaluation, and its
-    speed and time left from ``metrics.jsonl``; None for a folder that is no such run."""
-    import re
+def describe_result_folder(folder: Path) -> dict[str, Any] | None:
+    """What a ``sweep`` folder measured (its sweep.json; the rows finished so far while it has not
+    finished) or what an ``adapt`` folder learned (its summary.json); None for any other folder."""
+    from ofactl.sweep import rows_from_json
 
+    if (folder / "sweep.json").is_file():
+        doc = _read_result(folder / "sweep.json", "sweep")
+        rows_from_json(doc.get("rows", []), folder / "sweep.json")  # readable rows, or one error naming the file
+        return {"kind": "sweep", "task": doc.get("task"), "rows": doc.get("rows", []),
+                "not_scored": doc.get("not_scored", [])}
+    if (folder / "summary.json").is_file() and (folder / "rate.yaml").is_file():
+        return {"kind": "adapt", **_read_result(folder / "summary.json", "adapt")}
+    if (folder / "rows").is_dir() and _saved_settings(folder)[0] == "sweep":
+        rows = []
+        for f in sorted((folder / "rows").glob("*.json")):
+            try:
+                row = _read_result(f, "sweep")
+                rows_from_json([row], f)
+            except OfactlError:  # a row cut short is measured again by the next run, as sweep itself does
+                continue
+            rows.append(row)
+        return {"kind": "sweep, unfinished", "rows": rows,
+                "resume": "the same 'ofactl sweep' command goes on, reusing the rows finished"}
+    return None
+
+
+def _read_result(path: Path, command: str) -> dict[str, Any]:
+    """A result file as a JSON object, or one error naming it."""
+    import json
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise OfactlError(f"{path}: unreadable ({type(e).__name__}); expected the JSON that '{command}' "
+                          "writes: run it again to write it whole") from None
+    if not isinstance(doc, dict):
+        raise OfactlError(f"{path}: expected a JSON object as '{command}' writes, got {type(doc).__name__}")
+    return doc
+
+
+def _saved_settings(run: Path) -> tuple[str, dict[str, Any]]:
+    """The command whose settings a folder's config.yaml holds (distill, pretrain, sweep or adapt)
+    and those settings; ("", {}) for a folder without one."""
     from ofactl.config import load_yaml
     from ofactl.errors import ConfigError
 
     try:
         saved = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
     except ConfigError:
+        return "", {}
+    return next(((s, saved[s]) for s in ("distill", "pretrain", "sweep", "adapt") if isinstance(saved.get(s), dict)),
+                ("", {}))
+
+
+def describe_unfinished_run(run: Path) -> dict[str, Any] | None:
+    """How far a ``distill`` or ``pretrain`` run that has not finished has got: its steps, the
+    newest checkpoint (where ``--resume`` goes on from), the last held-out evaluation, and its
+    speed and time left from ``metrics.jsonl``; None for a folder that is no such run."""
+    import re
+
+    section, settings = _saved_settings(run)
+    if section not in ("distill", "pretrain"):
         return None
-    section = next((s for s in ("distill", "pretrain") if isinstance(saved.get(s), dict)), None)
-    if section is None:
-        return None
-    steps = saved[section].get("steps")
+    steps = settings.get("steps")
     saved_steps = sorted(int(m.group(1)) for f in (run / "checkpoints").glob("step-*.pt")
                          if (m := re.fullmatch(r"step-(\d+)\.pt", f.name)))
     newest = saved_steps[-1] if saved_steps else 0

@@ -546,7 +546,7 @@ def sweep_rows_for(path: Path, ckpt_sha: str | None = None, *, task: str) -> lis
     doc = p / "sweep.json" if p.is_dir() else p
     try:
         rows = load_rows(doc)
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, ConfigError) as e:
         why = "not found" if isinstance(e, FileNotFoundError) else f"unreadable ({type(e).__name__}: {e})"
         raise ConfigError(f"--compare-sweep {path}: {doc} {why}; expected a sweep folder or its sweep.json") from None
     rows = sorted((r for r in rows if r.task == task), key=lambda r: r.achieved_rate)

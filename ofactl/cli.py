@@ -549,20 +549,26 @@ def sweep(
         return
     if quiet:
         return
-    t = _table(["label", "rate", "achieved", "ms", res.rows[0].metric if res.rows else "metric", "GMAC/s", "s/audio-s",
-                "probe s", "MB", "infeasible"], f"{res.rows[0].task if res.rows else ''} sweep ({res.reused} row(s) reused)")
-    for r in res.rows:
+    _show_sweep_rows(err_console, res.rows, res.not_scored, f"({res.reused} row(s) reused)")
+    err_console.print(f"wrote {res.csv}, {res.json}" + (f", {res.png}" if res.png else ""), highlight=False)
+
+
+def _show_sweep_rows(console: Console, rows: list[Any], not_scored: list[dict[str, Any]], note: str) -> None:
+    """A sweep's table (one row per checkpoint and rate), then what was not scored and why: what
+    ``sweep`` prints when it finishes and ``info SWEEP_FOLDER`` prints again."""
+    t = _table(["label", "rate", "achieved", "ms", rows[0].metric if rows else "metric", "GMAC/s", "s/audio-s",
+                "probe s", "MB", "infeasible"], f"{rows[0].task if rows else ''} sweep {note}".strip())
+    for r in rows:
         t.add_row(r.label, f"{r.requested_rate:g}" + ("*" if r.outside_training_range else ""),
                   f"{r.achieved_rate:.3f}", f"{r.frame_period_ms:.1f}",
                   _metric_cell(r.test, r.test_sd, 4),
                   f"{r.upstream_gmacs_per_s:.2f}", f"{r.extract_s_per_audio_s:.4f}", f"{r.probe_train_s:.1f}",
                   f"{r.store_mb:.1f}", "-" if r.infeasible_test is None else str(r.infeasible_test))
-    _show(err_console, t)
-    for n in res.not_scored:
-        err_console.print(f"{n['label']} at rate {n['rate']:g}: not scored ({n['reason']})", highlight=False)
-    for label, trained in dict.fromkeys((r.label, r.trained_rates) for r in res.rows if r.outside_training_range):
-        err_console.print(f"* outside the rates {label} was {trained}", highlight=False)
-    err_console.print(f"wrote {res.csv}, {res.json}" + (f", {res.png}" if res.png else ""), highlight=False)
+    _show(console, t)
+    for n in not_scored:
+        console.print(f"{n['label']} at rate {n['rate']:g}: not scored ({n['reason']})", highlight=False)
+    for label, trained in dict.fromkeys((r.label, r.trained_rates) for r in rows if r.outside_training_range):
+        console.print(f"* outside the rates {label} was {trained}", highlight=False)
 
 
 @app.command()
@@ -617,7 +623,7 @@ def adapt(
 
 @app.command()
 def info(
-    path: Annotated[Path | None, typer.Argument(help="What to describe: a student checkpoint, a teacher file, an audio file, a feature store, or a distill or pretrain run folder.")] = None,
+    path: Annotated[Path | None, typer.Argument(help="What to describe: a student checkpoint, a teacher file, an audio file, a feature store, a sweep or adapt folder, or a distill or pretrain run folder.")] = None,
     teacher: Annotated[str | None, typer.Option("--teacher", help="Describe a teacher instead: any --teacher value (builtin:NAME, random:tiny|base, a HuBERT file or folder, a pretrain run folder).")] = None,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow loading pickle-based (fairseq) checkpoints.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Check every extracted utterance of a store against its checksum; damaged ones are listed and marked for the next extract (exit code 1).")] = False,
@@ -628,7 +634,8 @@ def info(
 
     The compute: torch, CUDA and bf16. A store's description lists the inputs it skipped, and
     --verify checks every extracted utterance against its checksum. A recording's description says
-    what the models get from it: 16 kHz mono, its level, its 20 ms frames.
+    what the models get from it: 16 kHz mono, its level, its 20 ms frames. A sweep folder shows its
+    table again (the rows finished so far, while it runs); an adapt folder, what it learned.
     """
     from ofactl.about import describe_path, describe_teacher, environment
 
@@ -645,6 +652,11 @@ def info(
             raise typer.Exit(1)
         return
     out = Console(soft_wrap=True)
+    if str(doc.get("kind", "")).startswith("sweep"):
+        from ofactl.sweep import rows_from_json
+
+        _show_sweep_rows(out, rows_from_json(doc.pop("rows"), path or Path()), doc.pop("not_scored", []),
+                         "" if doc["kind"] == "sweep" else "(unfinished)")
     for k, v in doc.items():
         if k == "groups" and isinstance(v, list) and v:
             short = {"group": "group", "utterances": "utts", "done": "done", "frames": "frames",

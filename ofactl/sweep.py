@@ -496,4 +496,14 @@ def parse_rates(text: str) -> tuple[float, ...]:
 def load_rows(path: Path) -> list[SweepRow]:
     """The rows of a ``sweep.json``."""
     doc = json.loads(Path(path).read_text())
-    return [SweepRow(**r) for r in doc["rows"]]
+    return rows_from_json(doc["rows"], Path(path))
+
+
+def rows_from_json(rows: list[dict[str, Any]], source: Path) -> list[SweepRow]:
+    """Rows as ``SweepRow.to_json`` wrote them; a row missing a field, or with one this version
+    does not know, fails naming ``source`` and the field (ConfigError)."""
+    try:
+        return [SweepRow(**r) for r in rows]
+    except TypeError as e:
+        raise ConfigError(f"{source}: a sweep row this version cannot read ({e}); "
+                          "rerun the sweep with this version") from None

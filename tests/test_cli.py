@@ -163,7 +163,7 @@ def test_info_describes_a_teacher_file_and_the_run_folders_of_distill_and_pretra
         assert json.loads(r.stdout)[key] == want, args
     (tmp_path / "empty").mkdir()
     r = runner.invoke(app, ["info", str(tmp_path / "empty")])
-    assert r.exit_code == 1 and "nor the run folder of distill (student.pt) or pretrain" in r.stderr
+    assert r.exit_code == 1 and "adapt (summary.json), distill (student.pt) or pretrain" in r.stderr
 
 
 def test_docs_cli_md_is_current():
@@ -447,4 +447,45 @@ def test_info_tells_how_far_an_unfinished_run_has_got(tmp_path):
     assert doc["newest_checkpoint_step"] == 0 and "starts at step 0" in doc["resume"] and "s_per_step" not in doc
     (run / "config.yaml").write_text("adapt:\n  task: pr\n")  # not a training run: as before
     r = runner.invoke(app, ["info", str(run)])
-    assert r.exit_code == 1 and "nor the run folder of distill" in r.stderr
+    assert r.exit_code == 1 and "nor the folder of sweep" in r.stderr
+
+
+def _row(rate: float, test: float) -> dict:
+    from ofactl.sweep import SweepRow
+
+    return SweepRow(label="ofa", checkpoint_sha256="ab" * 32, store_group=f"r{rate}", task="ks", requested_rate=rate,
+                    achieved_rate=rate, frame_period_ms=20 / rate, metric="accuracy", test=test, dev=test,
+                    extra_metrics={}, upstream_gmacs_per_s=rate, upstream_cnn_gmacs_per_s=0.1,
+                    extract_s_per_audio_s=0.01, probe_train_s=1.5, probe_params=10, probe_mmacs_per_s=0.1,
+                    store_mb=1.0, infeasible_test=None, layer_weights=[1.0], seed=0).to_json()
+
+
+def test_info_shows_what_a_sweep_or_adapt_folder_measured(tmp_path):
+    sw = tmp_path / "sw"
+    (sw / "rows").mkdir(parents=True)
+    (sw / "config.yaml").write_text("sweep:\n  task: ks\n")
+    (sw / "rows" / "ofa__r1__ks.json").write_text(json.dumps(_row(1.0, 0.9)))
+    (sw / "rows" / "ofa__r0.5__ks.json").write_text(json.dumps(_row(1.0, 0.9))[:30])  # cut short by a kill
+    doc = json.loads(runner.invoke(app, ["info", str(sw), "--json"]).stdout)
+    assert doc["kind"] == "sweep, unfinished" and [r["test"] for r in doc["rows"]] == [0.9]
+    assert "goes on" in doc["resume"]
+    (sw / "sweep.json").write_text(json.dumps({"task": "ks", "rows": [_row(1.0, 0.9), _row(0.5, 0.8125)],
+                                               "not_scored": [{"label": "fixed", "rate": 0.25, "reason": "x"}]}))
+    doc = json.loads(runner.invoke(app, ["info", str(sw), "--json"]).stdout)
+    assert doc["kind"] == "sweep" and [r["requested_rate"] for r in doc["rows"]] == [1.0, 0.5]
+    r = runner.invoke(app, ["info", str(sw)])
+    assert r.exit_code == 0 and "0.8125" in r.stdout and "40.0" in r.stdout, r.output  # the table: metric, ms
+    assert "fixed at rate 0.25: not scored" in r.stdout
+    (sw / "sweep.json").write_text(json.dumps({"task": "ks", "rows": [{**_row(1.0, 0.9), "new_field": 1}]}))
+    r = runner.invoke(app, ["info", str(sw)])
+    assert r.exit_code == 1 and "sweep.json" in r.stderr and "new_field" in r.stderr and "Traceback" not in r.output
+    (sw / "sweep.json").write_text("{")
+    r = runner.invoke(app, ["info", str(sw)])
+    assert r.exit_code == 1 and "sweep.json: unreadable" in r.stderr, r.output
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "summary.json").write_text(json.dumps({"task": "pr", "learned_rate": 0.75, "metric": "per"}))
+    (ad / "rate.yaml").write_text("extract:\n  rates: [0.75]\n")
+    doc = json.loads(runner.invoke(app, ["info", str(ad), "--json"]).stdout)
+    assert doc == {"kind": "adapt", "task": "pr", "learned_rate": 0.75, "metric": "per"}
+    assert "learned_rate: 0.75" in runner.invoke(app, ["info", str(ad)]).stdout
