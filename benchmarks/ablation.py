@@ -42,11 +42,11 @@ from _util import emit, machine
 
 from ofactl.adapt import AdaptConfig, RateCost, compare_with_sweep, run_adapt
 from ofactl.choices import CtcHead
-from ofactl.config import Flag, load_config, to_dict
+from ofactl.config import Flag, load_config, parse_numbers, to_dict
 from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
 from ofactl.errors import CheckpointError
 from ofactl.probe import ProbeConfig
-from ofactl.sweep import SweepConfig, SweepRow, load_rows, parse_rates, plot_tradeoff, run_sweep
+from ofactl.sweep import SweepConfig, SweepRow, load_rows, plot_tradeoff, run_sweep
 from ofactl.training import changed_settings, saved_settings
 
 # name -> (--set overrides on distill-tiny, fixed rate or None). "ofactl" is the default recipe.
@@ -544,7 +544,7 @@ def main() -> None:
     ap.add_argument("--report", action="store_true",
                     help="train nothing: write the report from the finished students, sweeps and adapt runs")
     args = ap.parse_args()
-    args.rates = list(parse_rates(args.rates))
+    args.rates = list(parse_numbers([args.rates], "--rates"))
     seeds = [int(s) for s in args.seeds.split(",")]
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     tasks = args.tasks.split(",")

@@ -446,8 +446,8 @@ def extract(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="Student checkpoint (student.pt from 'ofactl distill').")],
     corpus: Annotated[str, typer.Option("--corpus", help="Folder (through its manifest.tsv if it has one), LibriSpeech tree, .tsv manifest, list file, or - for stdin.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Zarr store to create or complete (one group per rate).")] = Path("feats.zarr"),
-    rate: Annotated[list[float] | None, typer.Option("--rate", "-r", help="Rate in (0, 1]: output frames per 20 ms frame (repeatable).")] = None,
-    frame_ms: Annotated[list[float] | None, typer.Option("--frame-ms", help="Average frame period in ms (>= 20), instead of --rate (repeatable).")] = None,
+    rate: Annotated[list[str] | None, typer.Option("--rate", "-r", help="Rate in (0, 1]: output frames per 20 ms frame; a comma list (1,0.5) or repeated.")] = None,
+    frame_ms: Annotated[list[str] | None, typer.Option("--frame-ms", help="Average frame period in ms (>= 20), instead of --rate; a comma list (40,60) or repeated.")] = None,
     layers: Annotated[str | None, typer.Option("--layers", help="'all' or hidden-state indices, e.g. 0,2.")] = None,
     dtype: Annotated[FeatureDtype | None, typer.Option("--dtype", help="float16 (default) or float32.")] = None,
     device: DeviceOpt = None,
@@ -470,12 +470,13 @@ def extract(
 
     Reruns skip utterances already extracted; a killed run resumes where it stopped.
     """
-    from ofactl.config import Flag, load_config
+    from ofactl.config import Flag, load_config, parse_numbers
     from ofactl.extract import ExtractConfig, parse_level, parse_shard, requested_rates, run_extract
 
     def go() -> Any:
-        typed = " ".join([*(f"--rate {r:g}" for r in rate or ()), *(f"--frame-ms {m:g}" for m in frame_ms or ())])
-        flags = [Flag("rates", "--rate", requested_rates(rate or (), frame_ms or ()), typed),
+        typed = " ".join([*(f"--rate {r}" for r in rate or ()), *(f"--frame-ms {m}" for m in frame_ms or ())])
+        asked = requested_rates(parse_numbers(rate or (), "--rate"), parse_numbers(frame_ms or (), "--frame-ms"))
+        flags = [Flag("rates", "--rate", asked, typed),
                  Flag("layers", "--layers", layers), Flag("dtype", "--dtype", dtype), Flag("device", "--device", device),
                  Flag("precision", "--precision", precision), Flag("batch_seconds", "--batch-seconds", batch_seconds),
                  Flag("num_workers", "--workers", workers), Flag("on_error", "--on-error", on_error),
@@ -532,11 +533,12 @@ def sweep(
     Extracts missing rates (reusing cached groups), trains the probe per rate, and writes a
     table, sweep.csv, sweep.json and tradeoff.png.
     """
-    from ofactl.config import Flag, load_config
-    from ofactl.sweep import SweepConfig, parse_ckpts, parse_rates, run_sweep
+    from ofactl.config import Flag, load_config, parse_numbers
+    from ofactl.sweep import SweepConfig, parse_ckpts, run_sweep
 
     def go() -> Any:
-        flags = [Flag("task", "--task", task), Flag("rates", "--rates", None if rates is None else parse_rates(rates), f"--rates {rates}"),
+        asked = None if rates is None else parse_numbers([rates], "--rates")
+        flags = [Flag("task", "--task", task), Flag("rates", "--rates", asked, f"--rates {rates}"),
                  Flag("label_column", "--label-column", label_column), Flag("probe_runs", "--probe-runs", probe_runs),
                  Flag("device", "--device", device)]
         cfg = load_config(SweepConfig, "sweep", config, set_ or [], flags)

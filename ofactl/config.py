@@ -332,6 +332,19 @@ class Flag:
         return f"{self.name} {v}"
 
 
+def parse_numbers(texts: Sequence[str], flag: str) -> tuple[float, ...]:
+    """The numbers a flag was given, each value a comma-separated list, the flag possibly repeated:
+    ``--rate 1,0.5 --rate 0.25`` -> (1.0, 0.5, 0.25); anything else fails naming the flag."""
+    out: list[float] = []
+    for text in texts:
+        try:
+            out += [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"{flag} {text}: expected numbers, comma-separated or with {flag} repeated, "
+                              "e.g. 1,0.5,0.25") from None
+    return tuple(out)
+
+
 def _apply_flags(cls: type, data: dict[str, Any], flags: Sequence[Flag]) -> dict[str, Any]:
     """A copy of ``data`` with each flag's value checked against its key's type and set."""
     out: dict[str, Any] = _deepcopy(data)

@@ -485,14 +485,6 @@ def parse_ckpts(values: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def parse_rates(text: str) -> tuple[float, ...]:
-    """``--rates 1,0.5,0.25`` -> (1.0, 0.5, 0.25); anything else fails naming the flag."""
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"--rates {text}: expected comma-separated numbers, e.g. 1,0.5,0.25") from None
-
-
 def load_rows(path: Path) -> list[SweepRow]:
     """The rows of a ``sweep.json``."""
     doc = json.loads(Path(path).read_text())

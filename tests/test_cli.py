@@ -318,6 +318,17 @@ def test_a_bad_flag_is_named_as_typed(tmp_path):
     assert r.exit_code == 1 and "--frame-ms must be >= 20" in r.stderr
     r = runner.invoke(app, ["extract", "--ckpt", "x.pt", "--corpus", "x", "--rate", "0.5", "--frame-ms", "40"])
     assert r.exit_code == 1 and "--rate 0.5 --frame-ms 40: rates [0.5, 0.5] collide" in r.stderr
+    r = runner.invoke(app, ["extract", "--ckpt", "x.pt", "--corpus", "x", "--rate", "1,half"])
+    assert r.exit_code == 1 and "--rate 1,half: expected numbers, comma-separated or with --rate repeated" in r.stderr
+    r = runner.invoke(app, ["sweep", "--ckpt", "x.pt", "--corpus", "x", "--rates", "1;0.5"])
+    assert r.exit_code == 1 and "--rates 1;0.5: expected numbers" in r.stderr
+
+
+def test_extract_takes_rates_as_a_comma_list_or_repeated(monkeypatch):
+    seen = _capture(monkeypatch, "ofactl.extract", "run_extract")
+    _invoke_captured(["extract", "--ckpt", ODD, "--corpus", ODD, "--rate", "1,0.5", "--rate", "0.25",
+                      "--frame-ms", "100,200"])
+    assert seen["cfg"].rates == (1.0, 0.5, 0.25, 0.2, 0.1)
     r = runner.invoke(app, ["extract", "--ckpt", "x.pt", "--corpus", "x", "--dtype", "int8"])
     assert r.exit_code == 2 and "float16" in r.output  # a fixed choice is checked by the parser
 
