@@ -278,7 +278,7 @@ def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, devi
         p.requires_grad_(False)
     from ofactl.training import read_train_corpus
 
-    cps = read_train_corpus(corpus, student.cfg.arch.conv_layers)  # too short for the CNN: with the other bad files
+    cps = read_train_corpus(corpus, student.cfg.arch.conv_layers, progress=progress)  # too short for the CNN: a bad file
     task = build_task(cfg.task, cps, cfg.label_column or None, cfg.seed)
     if task.note():
         progress.log(str(task.note()))

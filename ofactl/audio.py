@@ -160,6 +160,9 @@ def median_level_db(utts: Sequence[Utterance], sample: int = 256, seed: int = 0)
 
 
 # --------------------------------------------------------------------------- corpora
+NARROWBAND_HZ = 8000  # telephone speech, the lowest rate in the bundled teachers' data (FSDD)
+
+
 @dataclass(frozen=True)
 class Utterance:
     """One input file. ``n_samples`` and ``sample_rate`` are the file's own (before resampling)."""
@@ -217,6 +220,17 @@ class Corpus:
     def seconds(self) -> float:
         """Total duration in seconds."""
         return sum(u.seconds for u in self.utterances)
+
+    def narrowband_note(self) -> str | None:
+        """One line when recordings are sampled below ``NARROWBAND_HZ``: resampled to 16 kHz they
+        still hold nothing above half their own rate, where speech has most of its consonants."""
+        low = [u for u in self.utterances if u.sample_rate < NARROWBAND_HZ]
+        if not low:
+            return None
+        worst = min(low, key=lambda u: (u.sample_rate, str(u.path)))
+        return (f"{len(low)} of {len(self.utterances)} recording(s) are sampled below {NARROWBAND_HZ} Hz (lowest "
+                f"{worst.sample_rate} Hz: {worst.path}); resampled to {SAMPLE_RATE} Hz they still hold nothing above "
+                f"{worst.sample_rate // 2} Hz, less than the telephone band the models were trained on")
 
     def fingerprint(self) -> str:
         """sha256 over (id, n_samples, sample_rate) of every utterance, in order."""

@@ -356,7 +356,7 @@ def run_distill(
     progress = progress or NullProgress()
     cfg = replace(cfg)  # _build may fill in student.teacher_dim: the caller's config stays as given
     su = tr.setup_run(cfg, Path(run_dir), resume, overwrite)
-    cps = tr.read_train_corpus(corpus, cfg.student.arch.conv_layers)
+    cps = tr.read_train_corpus(corpus, cfg.student.arch.conv_layers, progress=progress)
     trn, held = split_held_out(list(cps), cfg.eval_utts, cfg.seed)
     seed_all(cfg.seed)
     teacher, student = _build(cfg, trust_checkpoint, su.device, progress)

@@ -401,6 +401,8 @@ def extract_with_student(
     amp = autocast_dtype(cfg.precision, device)
     arch = student.cfg.arch
     cps, utts, n16, t_in = _inputs(corpus, stdin, cfg, arch)
+    if note := cps.narrowband_note():
+        progress.log(f"note: {note}")
     student = student.to(device).eval()
     layers = parse_layers(cfg.layers, student.num_hidden)
     with contextlib.ExitStack() as stack:

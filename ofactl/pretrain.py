@@ -361,7 +361,7 @@ def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path
     from ofactl import training as tr
 
     progress = progress or NullProgress()
-    cps = tr.read_train_corpus(corpus, cfg.arch.conv_layers, cfg.speed_perturb)
+    cps = tr.read_train_corpus(corpus, cfg.arch.conv_layers, cfg.speed_perturb, progress)
     source = FeatureSource(cfg, torch.device("cpu"), trust_checkpoint)  # checks --from before any folder
     su = tr.setup_run(cfg, Path(run_dir), resume, overwrite)
     if resume:  # before k-means and unit targets, the slow part of a start

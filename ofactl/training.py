@@ -382,16 +382,20 @@ def held_batches(held: list[Utterance], crop: int, budget: int = 60 * SR) -> lis
     return [(torch.nn.utils.rnn.pad_sequence(b, batch_first=True), torch.tensor([len(w) for w in b])) for b in out]
 
 
-def read_train_corpus(corpus: str | Path | Corpus, conv_layers: Any, speeds: Sequence[float] = ()) -> Corpus:
+def read_train_corpus(corpus: str | Path | Corpus, conv_layers: Any, speeds: Sequence[float] = (),
+                      progress: Progress | None = None) -> Corpus:
     """The training corpus, every bad file reported in one CorpusError before any work; a Corpus
     passes as it is. Too short counts: below one frame of the CNN ``conv_layers`` once sped up by
-    the fastest of ``speeds`` (speed perturbation shortens audio by its factor)."""
+    the fastest of ``speeds`` (speed perturbation shortens audio by its factor). Recordings
+    sampled below 8 kHz are noted on ``progress``."""
     from ofactl.audio import read_corpus
     from ofactl.model.windowed import min_input_samples
 
-    if isinstance(corpus, Corpus):
-        return corpus
-    return read_corpus(corpus, min_samples_16k=min_input_samples(conv_layers, max((1.0, *speeds))))
+    if not isinstance(corpus, Corpus):
+        corpus = read_corpus(corpus, min_samples_16k=min_input_samples(conv_layers, max((1.0, *speeds))))
+    if progress is not None and (note := corpus.narrowband_note()):
+        progress.log(f"note: {note}")
+    return corpus
 
 
 def split_held_out(utts: list[Utterance], n_eval: int, seed: int) -> tuple[list[Utterance], list[Utterance]]:

@@ -663,3 +663,17 @@ def test_cli_level_db_flag_and_its_bounds(tmp_path, student_ckpt):
     r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "e.zarr"), "--level-db", "auto"])
     assert r.exit_code == 1 and "--level-db auto:" in r.output and "does not record" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "d.zarr").exists() and not (tmp_path / "e.zarr").exists()
+
+
+def test_recordings_sampled_below_8khz_are_noted_and_still_extracted(tmp_path, student_ckpt, write_wav):
+    ckpt, _ = student_ckpt
+    for name, sr in (("a.wav", 16000), ("b.wav", 8000), ("c.wav", 4000), ("d.wav", 2000)):
+        write_wav(f"in/{name}", seconds=0.5, sr=sr)
+    r = CliRunner().invoke(app, ["extract", "--ckpt", str(ckpt), "--corpus", str(tmp_path / "in"), "--out",
+                                 str(tmp_path / "f.zarr"), "--rate", "1", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert (f"note: 2 of 4 recording(s) are sampled below 8000 Hz (lowest 2000 Hz: {tmp_path / 'in' / 'd.wav'}); "
+            "resampled to 16000 Hz they still hold nothing above 1000 Hz") in r.stderr
+    g = open_store(tmp_path / "f.zarr").group(1.0)
+    assert g.complete and sorted(g.utt_ids) == ["a", "b", "c", "d"] and g["d"].shape[0] == 24  # 0.5 s, 20 ms frames
+    assert read_corpus(tmp_path / "in").subset(["a", "b"]).narrowband_note() is None  # 8 kHz, the telephone band: fine

@@ -166,6 +166,20 @@ def test_a_training_corpus_too_short_for_the_cnn_once_sped_up_is_one_error(write
         read_train_corpus(tmp_path / "list.txt", conv, speeds=(0.9, 1.1))  # 1.1x: 364 samples
 
 
+def test_a_training_corpus_sampled_below_8khz_is_noted(write_wav, tmp_path):
+    from ofactl.progress import NullProgress
+    from ofactl.training import read_train_corpus
+
+    conv = DistillConfig().student.arch.conv_layers
+    write_wav("in/wide.wav", sr=16000)
+    write_wav("in/narrow.wav", sr=6000)
+    progress = NullProgress()
+    read_train_corpus(tmp_path / "in", conv, progress=progress)
+    assert progress.messages == [f"note: 1 of 2 recording(s) are sampled below 8000 Hz (lowest 6000 Hz: "
+                                 f"{tmp_path / 'in' / 'narrow.wav'}); resampled to 16000 Hz they still hold nothing "
+                                 "above 3000 Hz, less than the telephone band the models were trained on"]
+
+
 @pytest.mark.parametrize("command", ["distill", "pretrain"])
 def test_a_one_utterance_corpus_is_one_error_not_a_run_without_training_data(command, write_wav, tmp_path):
     from typer.testing import CliRunner
