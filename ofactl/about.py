@@ -159,6 +159,8 @@ def _progress_from_metrics(path: Path, steps: Any, newest: int) -> dict[str, Any
     ``RECENT`` records of the current stretch of training, with the time left at that speed."""
     import json
 
+    from ofactl.progress import duration_text
+
     try:
         recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, ValueError):
@@ -179,8 +181,7 @@ def _progress_from_metrics(path: Path, steps: Any, newest: int) -> dict[str, Any
         per = (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
         out["s_per_step"] = round(per, 3)
         if isinstance(steps, int) and steps > newest:
-            left = int(per * (steps - newest))
-            out["time_left"] = f"{left // 3600}h{left % 3600 // 60:02d}m"
+            out["time_left"] = duration_text(per * (steps - newest))
     return out
 
 

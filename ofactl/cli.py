@@ -21,6 +21,7 @@ from rich.console import Console
 from ofactl import __version__
 from ofactl.choices import CompressorKind, CostForm, FeatureDtype, OnError, Precision, StoreFormat, Task
 from ofactl.errors import OfactlError
+from ofactl.progress import duration_text
 
 T = TypeVar("T")
 
@@ -162,17 +163,9 @@ class _PlainLines:
         self.last = now
         rate = (self.done - self.n0) / max(now - self.t0, 1e-9)
         count = f"{self.done}/{self.total} ({100 * self.done / self.total:.0f}%)" if self.total else f"{self.done}"
-        left = f", {_duration((self.total - self.done) / rate)} left" if self.total and rate > 0 else ""
+        left = f", {duration_text((self.total - self.done) / rate)} left" if self.total and rate > 0 else ""
         err_console.print(f"{self.stage}: {count}, {rate:.3g}/s{left}" + (f"  {metrics}" if metrics else ""),
                           markup=False, highlight=False)
-
-
-def _duration(seconds: float) -> str:
-    """``1h02m``, ``3m05s`` or ``42s``."""
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _fmt(v: Any) -> str:

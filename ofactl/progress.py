@@ -10,6 +10,14 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 
+def duration_text(seconds: float) -> str:
+    """A time left or taken as every command prints it: ``1h02m``, ``3m05s`` or ``42s``."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class Progress(Protocol):
     """What library code reports progress through; the CLI draws it, tests ignore it."""
 

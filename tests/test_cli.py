@@ -450,7 +450,7 @@ def test_info_tells_how_far_an_unfinished_run_has_got(tmp_path):
     doc = json.loads(runner.invoke(app, ["info", str(run), "--json"]).stdout)
     assert doc == {"kind": "pretrain run, unfinished", "steps": 100, "newest_checkpoint_step": 40,
                    "held_out": {"step": 20, "acc_masked": 0.25}, "logged_step": 50, "s_per_step": 2.0,
-                   "time_left": "0h02m", "resume": "the same 'ofactl pretrain' command with --resume goes on from step 40"}
+                   "time_left": "2m00s", "resume": "the same 'ofactl pretrain' command with --resume goes on from step 40"}
     for f in (run / "checkpoints").iterdir():
         f.unlink()
     (run / "metrics.jsonl").unlink()
