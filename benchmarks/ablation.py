@@ -35,13 +35,13 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import emit, machine
 
 from ofactl.adapt import AdaptConfig, RateCost, compare_with_sweep, run_adapt
-from ofactl.choices import CtcHead
+from ofactl.choices import CtcHead, Task
 from ofactl.config import Flag, load_config, parse_numbers, to_dict
 from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
 from ofactl.errors import CheckpointError
@@ -139,12 +139,12 @@ def same_recipe(run: Path, cfg: DistillConfig) -> Path:
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
 
 
-def task_corpus(task: str, args: argparse.Namespace, corpus: Path) -> tuple[str, str | Path]:
+def task_corpus(task: str, args: argparse.Namespace, corpus: Path) -> tuple[Task, str | Path]:
     """The ofactl task and corpus of an ablation task: ``ks-fsdd`` is keyword spotting on real
     recorded digits (FSDD, whole speakers held out), the rest run on synth-tiny."""
     if task == "ks-fsdd":
         return "ks", fsdd_manifest(args)
-    return task, corpus
+    return cast(Task, task), corpus  # the other ablation tasks are ofactl's own (--tasks is checked)
 
 
 def fsdd_manifest(args: argparse.Namespace) -> Path:
@@ -301,7 +301,8 @@ def _against_default(table: dict[str, Any], default: str = "ofactl") -> dict[str
         tasks: dict[str, Any] = {}
         for task, cur in by_task.items():
             ref, sign = base.get(task, {}).get("rates", {}), (1 if cur["metric"] in LOWER_IS_BETTER else -1)
-            better, worse = [], []
+            better: list[str] = []
+            worse: list[str] = []
             for r, cell in cur["rates"].items():
                 if r in ref:
                     gain, noise = sign * (ref[r]["mean"] - cell["mean"]), max(cell["spread"], ref[r]["spread"])
@@ -328,7 +329,9 @@ def _paired(by_task: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for task, cur in by_task.items():
         ref, sign = base.get(task, {}).get("rates", {}), (1 if cur["metric"] in LOWER_IS_BETTER else -1)
-        better, worse, counts = [], [], {}
+        better: list[str] = []
+        worse: list[str] = []
+        counts: dict[str, dict[str, int]] = {}
         for r, cell in cur["rates"].items():
             mine, theirs = cell.get("by_seed", {}), ref.get(r, {}).get("by_seed", {})
             shared = sorted(set(mine) & set(theirs))
@@ -548,6 +551,9 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     tasks = args.tasks.split(",")
+    unknown = [t for t in tasks if t != "ks-fsdd" and t not in get_args(Task)]
+    if unknown:
+        ap.error(f"--tasks: unknown {', '.join(unknown)}; expected ks-fsdd or one of {', '.join(get_args(Task))}")
     skipped = []
     if "ks-fsdd" in tasks and not Path(args.fsdd).is_dir():
         tasks.remove("ks-fsdd")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import cast, get_args
 
 import torch
 import torchaudio
@@ -19,6 +21,7 @@ import torchaudio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import emit, timeit
 
+from ofactl.choices import Frontend
 from ofactl.model.blocks import HubertArch
 from ofactl.model.student import Student, student_config
 from ofactl.model.teacher import Teacher
@@ -53,14 +56,14 @@ def main() -> None:
         t_teacher = timeit(lambda: teacher.extract_features(wav), args.repeats)
         t_teacher_ours = timeit(lambda: ours_teacher(wav, L), args.repeats)
         t_cnn = timeit(lambda: student.cnn_features(wav, L), args.repeats)
-        rates = {}
+        rates: dict[str, dict[str, float]] = {}
         for r in (1.0, 0.5, 0.25):
-            t_enc = timeit(lambda r=r: student.encode(feats, n, rate=r), args.repeats)
+            t_enc = timeit(partial(student.encode, feats, n, rate=r), args.repeats)
             rates[str(r)] = {"encode_s": round(t_enc, 4)}
         base = rates["1.0"]["encode_s"]
-        for r in rates:
-            rates[r]["encode_rel_to_rate1"] = round(rates[r]["encode_s"] / base, 3)
-            rates[r]["forward_rel_to_rate1"] = round((t_cnn + rates[r]["encode_s"]) / (t_cnn + base), 3)
+        for cell in rates.values():
+            cell["encode_rel_to_rate1"] = round(cell["encode_s"] / base, 3)
+            cell["forward_rel_to_rate1"] = round((t_cnn + cell["encode_s"]) / (t_cnn + base), 3)
 
         ref = student(wav, L, rate=0.5, with_heads=False).hidden.states[:, :, -1].float()
 
@@ -90,11 +93,20 @@ def main() -> None:
         "target": "cosine >= 0.99",
     }
     if args.frontends:
-        out["front_ends"] = front_end_figures(args.frontends.split(","), wav, L, t_teacher, args.repeats)
+        out["front_ends"] = front_end_figures(front_ends(args.frontends, ap), wav, L, t_teacher, args.repeats)
     emit(out)
 
 
-def front_end_figures(frontends: list[str], wav: torch.Tensor, L: torch.Tensor, t_teacher: float,
+def front_ends(text: str, ap: argparse.ArgumentParser) -> list[Frontend]:
+    """``--frontends cnn,fbank`` as front-end names; an unknown one is refused naming the flag."""
+    names = text.split(",")
+    bad = [n for n in names if n not in get_args(Frontend)]
+    if bad:
+        ap.error(f"--frontends: unknown {', '.join(bad)}; expected some of {', '.join(get_args(Frontend))}")
+    return [cast(Frontend, n) for n in names]
+
+
+def front_end_figures(frontends: list[Frontend], wav: torch.Tensor, L: torch.Tensor, t_teacher: float,
                       repeats: int) -> dict:
     """Base-size student forward seconds per front end and rate (fp32 and bf16), as ratios to the
     cnn student at rate 1 and to torchaudio's hubert_base, with the analytic GMAC per second."""
@@ -108,7 +120,7 @@ def front_end_figures(frontends: list[str], wav: torch.Tensor, L: torch.Tensor, 
         row: dict = {}
         for r in (1.0, 0.5, 0.25):
             with torch.inference_mode():
-                t32 = timeit(lambda s=s, r=r: s(wav, L, rate=r, with_heads=False), repeats)
+                t32 = timeit(partial(s, wav, L, rate=r, with_heads=False), repeats)
 
                 def bf16(s: Student = s, r: float = r) -> None:
                     with torch.autocast("cpu", dtype=torch.bfloat16):

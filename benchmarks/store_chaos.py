@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from ofactl.model.student import Student, student_config
 from ofactl.storage import open_store
 
 RATES = (1.0, 0.5, 0.33)
-CFG = dict(rates=RATES, num_workers=0, block_utts=8, chunk_frames=64, batch_seconds=4.0, dtype="float16")
+CFG: dict[str, Any] = dict(rates=RATES, num_workers=0, block_utts=8, chunk_frames=64, batch_seconds=4.0, dtype="float16")
 RUN = """
 import sys
 from ofactl.extract import ExtractConfig, run_extract
@@ -91,7 +92,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", script, str(ckpt), corpus, str(work / "clean.zarr")], check=True)
     clean_s = time.perf_counter() - t0
     clean = features(work / "clean.zarr")
-    trials = []
+    trials: list[dict[str, Any]] = []
     for k in range(args.trials):
         store = work / f"t{k}.zarr"
         proc = subprocess.Popen([sys.executable, "-c", script, str(ckpt), corpus, str(store)])

@@ -34,6 +34,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,7 +142,7 @@ def pr_by_period(task: TaskData, feats: dict[str, Features], layer: int, cfg: Pr
 def probe_task(task: TaskData, feats: dict[str, Features], cfg: ProbeConfig) -> dict:
     """Every layer of each source probed on ``task``; the best layers of the teacher and random:tiny."""
     t0 = time.perf_counter()
-    res = {"metric": task.metric, "splits": {k: len(v) for k, v in task.splits.items()}}
+    res: dict[str, Any] = {"metric": task.metric, "splits": {k: len(v) for k, v in task.splits.items()}}
     res["log_mel"] = per_layer(task, feats["log_mel"], cfg)[0]
     for label in ("random_tiny", "teacher"):
         res[label] = per_layer(task, feats[label], cfg)
