@@ -108,15 +108,17 @@ def settings_sha(cfg: Any, **inputs: str) -> str:
 
 
 def teacher_identity(spec: str) -> str:
-    """What identifies a teacher for reuse: its name, or the sha256 of the file a path names (a
-    teacher retrained at the same path distills again)."""
+    """What identifies a teacher for reuse: its name, the sha256 of the file a path names, or of
+    the files of a HuggingFace folder (a teacher retrained at the same path distills again)."""
     from ofactl.checkpoint import file_sha256
     from ofactl.model.teacher import teacher_file
 
     if spec.startswith(("builtin:", "random:")):
         return spec
     p = teacher_file(Path(spec))
-    return file_sha256(p) if p.is_file() else spec  # a HuggingFace folder by its path; a missing one: distill says so
+    if p.is_dir():  # config and weights, by name and bytes
+        return doc_sha({f.name: file_sha256(f) for f in sorted(p.iterdir()) if f.is_file()})
+    return file_sha256(p) if p.is_file() else spec  # a missing one: distill says so
 
 
 def adapt_sha(acfg: AdaptConfig, student_sha: str, sweep_sha: str = "none") -> str:

@@ -169,6 +169,13 @@ def test_teacher_identity_is_the_name_or_the_bytes_of_the_file(tmp_path):
     assert first == teacher_identity(str(run / "teacher.safetensors")) and len(first) == 64
     (run / "teacher.safetensors").write_bytes(b"retrained")  # the same path, another teacher: distilled again
     assert teacher_identity(str(run)) != first
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"first")
+    first = teacher_identity(str(hf))
+    (hf / "model.safetensors").write_bytes(b"retrained")  # a HuggingFace folder: by its files' bytes too
+    assert teacher_identity(str(hf)) != first != str(hf)
 
 
 def test_a_teacher_that_cannot_be_loaded_fails_before_any_stage(tmp_path):
