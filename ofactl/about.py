@@ -80,7 +80,9 @@ def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
 def describe_result_folder(folder: Path) -> dict[str, Any] | None:
     """What a ``sweep`` folder measured (its sweep.json; the rows finished so far while it has not
     finished) or what an ``adapt`` folder learned (its summary.json); None for any other folder."""
-    from ofactl.sweep import rows_from_json
+    if not any((folder / f).exists() for f in ("sweep.json", "summary.json", "rows")):
+        return None
+    from ofactl.sweep import rows_from_json  # torch and the probes: only for a folder that may be a sweep
 
     if (folder / "sweep.json").is_file():
         doc = _read_result(folder / "sweep.json", "sweep")
