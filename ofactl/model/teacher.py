@@ -2,9 +2,9 @@
 
 Accepted ``--teacher`` values:
 
-- ``builtin:hubert-tiny`` (the default) and ``builtin:hubert-small``: small HuBERTs that ship inside
-  the package, pretrained by ``ofactl pretrain -c pretrain-tiny`` (docs/models.md), each checked
-  against its recorded sha256;
+- ``builtin:hubert-tiny`` (the default), ``builtin:hubert-small`` and ``builtin:hubert-tiny-v2``:
+  small HuBERTs that ship inside the package, pretrained by ``ofactl pretrain -c pretrain-tiny``
+  (docs/models.md), each checked against its recorded sha256;
 - ``random:tiny`` / ``random:base``: an untrained model of that shape (only when named);
 - a torchaudio state dict (``hubert_base``-style keys) in a ``.pt``/``.pth``/``.safetensors``
   file, loaded with ``weights_only=True``; optionally ``{"state_dict": ..., "config": {...}}``;
@@ -46,9 +46,10 @@ from ofactl.model.blocks import (
 )
 from ofactl.model.student import TINY_CONV
 
-ACCEPTED = ("builtin:hubert-tiny, builtin:hubert-small, random:tiny, random:base, a torchaudio state dict "
-            "(.pt/.pth/.safetensors), a HuggingFace HubertModel/Wav2Vec2Model folder (config.json + weights), or a fairseq "
-            "HuBERT/wav2vec 2.0 .pt checkpoint (with --trust-checkpoint), or an 'ofactl pretrain' run folder")
+ACCEPTED = ("builtin:hubert-tiny, builtin:hubert-small, builtin:hubert-tiny-v2, random:tiny, random:base, "
+            "a torchaudio state dict (.pt/.pth/.safetensors), a HuggingFace HubertModel/Wav2Vec2Model folder "
+            "(config.json + weights), or a fairseq HuBERT/wav2vec 2.0 .pt checkpoint (with --trust-checkpoint), "
+            "or an 'ofactl pretrain' run folder")
 PRETRAIN_TEACHER = "teacher.safetensors"  # what an ``ofactl pretrain`` run folder exports
 
 RANDOM_ARCHS = {
@@ -107,6 +108,10 @@ BUILTIN = {
     "hubert-small": {  # trained on a GPU: 5 x 192-d layers, the same 64-channel CNN; opt-in
         "file": "hubert-small.safetensors",
         "sha256": "6aafb638595786d999c3d5273104e661319201cf8595812eb54f3602c932642c",
+    },
+    "hubert-tiny-v2": {  # hubert-tiny's shape, normalised waveform, speed-perturbed, 16,000 steps; opt-in
+        "file": "hubert-tiny-v2.safetensors",
+        "sha256": "8e3ae96dff183e03feaa7e120fd9fb456bddc8ba61037dc32ce8ad5c1835d606",
     },
 }
 

@@ -275,7 +275,17 @@ def test_huggingface_bin_honours_trust(tmp_path):
     assert load_teacher(d).arch.num_layers == 1
 
 
-@pytest.mark.parametrize("name,arch", [("hubert-tiny", (128, 4, 4, 64, 512)), ("hubert-small", (192, 5, 4, 64, 768))])
+BUILTIN_ARCHS = {"hubert-tiny": (128, 4, 4, 64, 512, False), "hubert-small": (192, 5, 4, 64, 768, False),
+                 "hubert-tiny-v2": (128, 4, 4, 64, 512, True)}  # embed, layers, heads, CNN, FFN, normalised waveform
+
+
+def test_every_builtin_teacher_is_tested():
+    from ofactl.model.teacher import BUILTIN
+
+    assert set(BUILTIN) == set(BUILTIN_ARCHS)
+
+
+@pytest.mark.parametrize("name,arch", list(BUILTIN_ARCHS.items()))
 def test_builtin_teacher_loads_with_its_recorded_checksum_and_architecture(name, arch):
     from ofactl.checkpoint import file_sha256
     from ofactl.model.teacher import BUILTIN, builtin_path
@@ -285,7 +295,8 @@ def test_builtin_teacher_loads_with_its_recorded_checksum_and_architecture(name,
     assert file_sha256(p) == BUILTIN[name]["sha256"]
     t = load_teacher(f"builtin:{name}")
     assert t.source == f"builtin:{name}" and t.format == "builtin"
-    assert (t.arch.embed_dim, t.arch.num_layers, t.arch.num_heads, t.arch.cnn_dim, t.arch.ffn_dim) == arch
+    assert (t.arch.embed_dim, t.arch.num_layers, t.arch.num_heads, t.arch.cnn_dim, t.arch.ffn_dim,
+            t.arch.normalize_waveform) == arch
     x = wav(16000)
     h = t(x, torch.tensor([16000]))
     assert h.states.shape == (1, 49, arch[1] + 1, arch[0]) and torch.isfinite(h.states).all()
