@@ -79,7 +79,8 @@ def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
 
 def describe_result_folder(folder: Path) -> dict[str, Any] | None:
     """What a ``sweep`` folder measured (its sweep.json; the rows finished so far while it has not
-    finished) or what an ``adapt`` folder learned (its summary.json); None for any other folder."""
+    finished), what an ``adapt`` folder learned, or a ``quickstart`` folder's summary (their
+    summary.json); None for any other folder."""
     if not any((folder / f).exists() for f in ("sweep.json", "summary.json", "rows")):
         return None
     from ofactl.sweep import rows_from_json  # torch and the probes: only for a folder that may be a sweep
@@ -89,6 +90,13 @@ def describe_result_folder(folder: Path) -> dict[str, Any] | None:
         rows_from_json(doc.get("rows", []), folder / "sweep.json")  # readable rows, or one error naming the file
         return {"kind": "sweep", "task": doc.get("task"), "rows": doc.get("rows", []),
                 "not_scored": doc.get("not_scored", [])}
+    if (folder / "summary.json").is_file() and (folder / "quickstart.yaml").is_file():
+        doc = _read_result(folder / "summary.json", "quickstart")
+        missing = [k for k in ("rows", "adapt", "paths", "stage_seconds", "note") if k not in doc]
+        if missing:
+            raise OfactlError(f"{folder / 'summary.json'}: no {', '.join(missing)}; expected the summary that "
+                              "'quickstart' writes: rerun it to write it whole")
+        return {"kind": "quickstart", **doc}
     if (folder / "summary.json").is_file() and (folder / "rate.yaml").is_file():
         return {"kind": "adapt", **_read_result(folder / "summary.json", "adapt")}
     if (folder / "rows").is_dir() and _saved_settings(folder)[0] == "sweep":

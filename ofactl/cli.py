@@ -290,26 +290,32 @@ def quickstart(
     if as_json:
         _emit_json(res.to_json())
         return
-    if quiet:
-        return
-    tasks = list(dict.fromkeys(r["task"] for r in res.rows))
-    t = _table(["rate", "frame ms", "GMAC/s", *[f"{k} {next(r['metric'] for r in res.rows if r['task'] == k)}" for k in tasks]],
+    if not quiet:
+        _show_quickstart(err_console, res.to_json())
+
+
+def _show_quickstart(console: Console, doc: dict[str, Any]) -> None:
+    """The quickstart's summary (its summary.json): the trade-off table, each task's learned rate,
+    the paths, the stage seconds and the teacher note; ``info QUICKSTART_FOLDER`` prints it again."""
+    rows = doc["rows"]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    t = _table(["rate", "frame ms", "GMAC/s", *[f"{k} {next(r['metric'] for r in rows if r['task'] == k)}" for k in tasks]],
                "once-for-all trade-off (test metrics per rate)")
-    for rate in sorted({r["requested_rate"] for r in res.rows}, reverse=True):
-        by = {r["task"]: r for r in res.rows if r["requested_rate"] == rate}
+    for rate in sorted({r["requested_rate"] for r in rows}, reverse=True):
+        by = {r["task"]: r for r in rows if r["requested_rate"] == rate}
         first = next(iter(by.values()))
         t.add_row(f"{rate:g}", f"{first['frame_period_ms']:.1f}", f"{first['upstream_gmacs_per_s']:.3f}",
                   *[_metric_cell(by[k]["test"], by[k]["test_sd"], 3) if k in by else "-" for k in tasks])
-    _show(err_console, t)
-    for a in res.adapt.values():
+    _show(console, t)
+    for a in doc["adapt"].values():
         there = (f"the sweep there: {a['metric']} {a['comparison']['sweep_at_learned_rate']:.3f}" if a.get("comparison")
                  else f"test {a['metric']} {a['test']:.3f} ({a.get('final_probe', 'joint')} probe)")
-        err_console.print(f"adapt --task {a['task']}: learned rate {a['learned_rate']:.3f} ({a['frame_period_ms']:.1f} ms), "
-                          f"{there}", highlight=False)
-    for k, v in res.paths.items():
-        err_console.print(f"  {k}: {v}", highlight=False)
-    err_console.print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in res.stage_seconds.items()), highlight=False)
-    err_console.print(f"[yellow]note:[/yellow] {res.note}", highlight=False)
+        console.print(f"adapt --task {a['task']}: learned rate {a['learned_rate']:.3f} ({a['frame_period_ms']:.1f} ms), "
+                      f"{there}", highlight=False)
+    for k, v in doc["paths"].items():
+        console.print(f"  {k}: {v}", highlight=False)
+    console.print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in doc["stage_seconds"].items()), highlight=False)
+    console.print(f"[yellow]note:[/yellow] {doc['note']}", highlight=False)
 
 
 @app.command()
@@ -618,7 +624,7 @@ def adapt(
 
 @app.command()
 def info(
-    path: Annotated[Path | None, typer.Argument(help="What to describe: a student checkpoint, a teacher file, an audio file, a feature store, a sweep or adapt folder, or a distill or pretrain run folder.")] = None,
+    path: Annotated[Path | None, typer.Argument(help="What to describe: a student checkpoint, a teacher file, an audio file, a feature store, a sweep, adapt or quickstart folder, or a distill or pretrain run folder.")] = None,
     teacher: Annotated[str | None, typer.Option("--teacher", help="Describe a teacher instead: any --teacher value (builtin:NAME, random:tiny|base, a HuBERT file or folder, a pretrain run folder).")] = None,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow loading pickle-based (fairseq) checkpoints.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Check every extracted utterance of a store against its checksum; damaged ones are listed and marked for the next extract (exit code 1).")] = False,
@@ -630,7 +636,8 @@ def info(
     The compute: torch, CUDA and bf16. A store's description lists the inputs it skipped, and
     --verify checks every extracted utterance against its checksum. A recording's description says
     what the models get from it: 16 kHz mono, its level, its 20 ms frames. A sweep folder shows its
-    table again (the rows finished so far, while it runs); an adapt folder, what it learned.
+    table again (the rows finished so far, while it runs); an adapt folder, what it learned; a
+    quickstart folder, its summary.
     """
     from ofactl.about import describe_path, describe_teacher, environment
 
@@ -647,6 +654,9 @@ def info(
             raise typer.Exit(1)
         return
     out = Console(soft_wrap=True)
+    if doc.get("kind") == "quickstart":
+        _show_quickstart(out, doc)
+        return
     if str(doc.get("kind", "")).startswith("sweep"):
         from ofactl.sweep import rows_from_json
 

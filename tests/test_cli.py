@@ -471,7 +471,7 @@ def _row(rate: float, test: float) -> dict:
                     store_mb=1.0, infeasible_test=None, layer_weights=[1.0], seed=0).to_json()
 
 
-def test_info_shows_what_a_sweep_or_adapt_folder_measured(tmp_path):
+def test_info_shows_what_a_sweep_adapt_or_quickstart_folder_measured(tmp_path):
     sw = tmp_path / "sw"
     (sw / "rows").mkdir(parents=True)
     (sw / "config.yaml").write_text("sweep:\n  task: ks\n")
@@ -500,3 +500,17 @@ def test_info_shows_what_a_sweep_or_adapt_folder_measured(tmp_path):
     doc = json.loads(runner.invoke(app, ["info", str(ad), "--json"]).stdout)
     assert doc == {"kind": "adapt", "task": "pr", "learned_rate": 0.75, "metric": "per"}
     assert "learned_rate: 0.75" in runner.invoke(app, ["info", str(ad)]).stdout
+    qs = tmp_path / "qs"
+    qs.mkdir()
+    (qs / "quickstart.yaml").write_text("quickstart:\n  tasks: [ks]\n")
+    adapt = {"task": "ks", "metric": "accuracy", "learned_rate": 0.3, "frame_period_ms": 66.7, "test": 0.9}
+    summary = {"rows": [{**_row(1.0, 0.9), "test_sd": 0.01}, _row(0.5, 0.8125)], "adapt": {"ks": adapt},
+               "paths": {"store": "qs/feats.zarr"}, "stage_seconds": {"synth": 10.0}, "note": "the teacher is x"}
+    (qs / "summary.json").write_text(json.dumps(summary))
+    r = runner.invoke(app, ["info", str(qs)])
+    assert r.exit_code == 0 and "0.900 ± 0.010" in r.stdout and "0.812" in r.stdout, r.output  # the trade-off table
+    assert "adapt --task ks: learned rate 0.300 (66.7 ms)" in r.stdout and "store: qs/feats.zarr" in r.stdout
+    assert json.loads(runner.invoke(app, ["info", str(qs), "--json"]).stdout)["kind"] == "quickstart"
+    (qs / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "paths"}))
+    r = runner.invoke(app, ["info", str(qs)])
+    assert r.exit_code == 1 and "summary.json: no paths" in r.stderr and "Traceback" not in r.output
