@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -143,25 +144,29 @@ class RichProgress:
 
 class _PlainLines:
     """A stage's progress as a plain line every ``every_s`` seconds: done/total, units per second
-    and time left, both from this run's own progress (a resumed job jumps to its step first)."""
+    and time left, both from this run's own progress (a resumed job jumps to its step first) over
+    the last ``SPEED_LINES`` lines, so a pause or a busy spell stops counting once it is that old."""
+
+    SPEED_LINES = 10  # about ten minutes at one line a minute
 
     def __init__(self, stage: str, total: int | None, every_s: float) -> None:
         self.stage, self.total, self.every_s = stage, total, every_s
         self.done = 0
-        self.t0: float | None = None
-        self.n0 = 0
+        self.marks: deque[tuple[float, int]] = deque(maxlen=self.SPEED_LINES)  # (time, done) of recent lines
         self.last = time.monotonic()
 
     def advance(self, n: int, metrics: str) -> None:
         now = time.monotonic()
         self.done += n
-        if self.t0 is None:  # the first report sets the origin: a resumed run's jump does not count as speed
-            self.t0, self.n0 = now, self.done
+        if not self.marks:  # the first report sets the origin: a resumed run's jump does not count as speed
+            self.marks.append((now, self.done))
             return
         if now - self.last < self.every_s:
             return
         self.last = now
-        rate = (self.done - self.n0) / max(now - self.t0, 1e-9)
+        t0, n0 = self.marks[0]
+        self.marks.append((now, self.done))
+        rate = (self.done - n0) / max(now - t0, 1e-9)
         count = f"{self.done}/{self.total} ({100 * self.done / self.total:.0f}%)" if self.total else f"{self.done}"
         left = f", {duration_text((self.total - self.done) / rate)} left" if self.total and rate > 0 else ""
         err_console.print(f"{self.stage}: {count}, {rate:.3g}/s{left}" + (f"  {metrics}" if metrics else ""),

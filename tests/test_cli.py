@@ -437,6 +437,24 @@ def test_off_a_terminal_progress_is_a_plain_line_every_so_often(capsys):
     assert capsys.readouterr().err.strip().splitlines() == ["extracting (3)"]  # once a minute; quiet: nothing
 
 
+def test_the_plain_lines_speed_forgets_a_pause_once_it_is_ten_lines_old(capsys, monkeypatch):
+    from ofactl import cli
+
+    clock = [0.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    p = cli.RichProgress(enabled=False, quiet=False, every_s=60.0)
+    p.start("pretraining", 10_000)
+    p.advance(100)  # the origin
+    speeds = []
+    for minute in range(1, 25):
+        clock[0] += 60.0 + (600.0 if minute == 3 else 0.0)  # 60 steps a minute; a 10-minute pause before the third
+        p.advance(60)
+        speeds.append(float(capsys.readouterr().err.strip().split(", ")[1].removesuffix("/s")))
+    p.finish()
+    assert speeds[0] == 1.0 and speeds[2] < 0.3  # just after the pause it counts
+    assert speeds[11] < 1.0 and speeds[12:] == [1.0] * 12  # ten lines after the third it no longer does
+
+
 def test_info_tells_how_far_an_unfinished_run_has_got(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
