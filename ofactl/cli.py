@@ -658,31 +658,23 @@ def info(
         if damaged:
             raise typer.Exit(1)
         return
-    out = Console(soft_wrap=True)
+    _show_description(Console(soft_wrap=True), doc, path or Path())
+
+
+def _show_description(out: Console, doc: dict[str, Any], path: Path) -> None:
+    """What ``info`` found, for a person: a quickstart's summary or a sweep's table as those
+    commands print them, a store's groups as a table, then every other field on a line."""
     if doc.get("kind") == "quickstart":
         _show_quickstart(out, doc)
         return
     if str(doc.get("kind", "")).startswith("sweep"):
         from ofactl.sweep import rows_from_json
 
-        _show_sweep_rows(out, rows_from_json(doc.pop("rows"), path or Path()), doc.pop("not_scored", []),
+        _show_sweep_rows(out, rows_from_json(doc.pop("rows"), path), doc.pop("not_scored", []),
                          "" if doc["kind"] == "sweep" else "(unfinished)")
     for k, v in doc.items():
         if k == "groups" and isinstance(v, list) and v:
-            short = {"group": "group", "utterances": "utts", "done": "done", "frames": "frames",
-                     "achieved_rate": "rate", "frame_period_ms": "ms", "size_mb": "MB",
-                     "skipped_inputs": "skipped", "complete": "complete"}
-            cols = [c for c in short if any(c in g for g in v)]
-            t = _table([short[c] for c in cols])
-            for g in v:
-                t.add_row(*[f"{g[c]:.4g}" if isinstance(g.get(c), float) else str(g.get(c, "-")) for c in cols])
-            _show(out, t)
-            first = next((g for g in v if "dim" in g), v[0])
-            extra = {c: first[c] for c in ("mode", "level_db", "layers", "dim", "dtype", "student_sha256")
-                     if c in first}
-            for c, val in extra.items():
-                out.print(f"[bold]{c}[/bold]: {val}", highlight=False)
-            _print_group_notes(out, v)
+            _show_store_groups(out, v)
             continue
         if k == "notes" and isinstance(v, list):  # one line each, as every other note
             for note in v:
@@ -691,6 +683,23 @@ def info(
         if isinstance(v, (dict, list)):
             v = json.dumps(v, default=str)
         out.print(f"[bold]{k}[/bold]: {v}", highlight=False)
+
+
+def _show_store_groups(out: Console, groups: list[dict[str, Any]]) -> None:
+    """A store's rate groups as a table, the settings they share, then each group's notes."""
+    short = {"group": "group", "utterances": "utts", "done": "done", "frames": "frames",
+             "achieved_rate": "rate", "frame_period_ms": "ms", "size_mb": "MB",
+             "skipped_inputs": "skipped", "complete": "complete"}
+    cols = [c for c in short if any(c in g for g in groups)]
+    t = _table([short[c] for c in cols])
+    for g in groups:
+        t.add_row(*[f"{g[c]:.4g}" if isinstance(g.get(c), float) else str(g.get(c, "-")) for c in cols])
+    _show(out, t)
+    first = next((g for g in groups if "dim" in g), groups[0])
+    extra = {c: first[c] for c in ("mode", "level_db", "layers", "dim", "dtype", "student_sha256") if c in first}
+    for c, val in extra.items():
+        out.print(f"[bold]{c}[/bold]: {val}", highlight=False)
+    _print_group_notes(out, groups)
 
 
 def _print_group_notes(out: Console, groups: list[dict[str, Any]]) -> None:
