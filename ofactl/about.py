@@ -40,7 +40,7 @@ def _cpu_has_native_bf16() -> bool:
 
 def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
     """Describe what ``path`` holds: a feature store, a student checkpoint, a teacher file, an audio
-    file, the folder of ``sweep`` or ``adapt`` (what it measured), or the run folder of ``distill``
+    file, the folder of ``sweep``, ``adapt`` or ``quickstart`` (what it measured), or the run folder of ``distill``
     (its student.pt) or ``pretrain`` (its teacher); ``verify`` checks a store's checksums (see
     :func:`ofactl.storage.describe_store`)."""
     from ofactl.model.teacher import PRETRAIN_TEACHER
