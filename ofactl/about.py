@@ -88,8 +88,14 @@ def describe_result_folder(folder: Path) -> dict[str, Any] | None:
     if (folder / "sweep.json").is_file():
         doc = _read_result(folder / "sweep.json", "sweep")
         rows_from_json(doc.get("rows", []), folder / "sweep.json")  # readable rows, or one error naming the file
-        return {"kind": "sweep", "task": doc.get("task"), "rows": doc.get("rows", []),
-                "not_scored": doc.get("not_scored", [])}
+        found = {"kind": "sweep", "task": doc.get("task"), "rows": doc.get("rows", []),
+                 "not_scored": doc.get("not_scored", [])}
+        later = _rows_measured_after(folder, found["rows"])
+        if later:
+            found["later_rows"] = (f"{later} row(s) in {folder / 'rows'} were measured after sweep.json was written: "
+                                   "a sweep is running or was stopped in this folder; it rewrites sweep.json "
+                                   "when it finishes")
+        return found
     if (folder / "summary.json").is_file() and (folder / "quickstart.yaml").is_file():
         doc = _read_result(folder / "summary.json", "quickstart")
         missing = [k for k in ("rows", "adapt", "paths", "stage_seconds", "note") if k not in doc]
@@ -111,6 +117,24 @@ def describe_result_folder(folder: Path) -> dict[str, Any] | None:
         return {"kind": "sweep, unfinished", "rows": rows,
                 "resume": "the same 'ofactl sweep' command goes on, reusing the rows finished"}
     return None
+
+
+def _rows_measured_after(folder: Path, finished: list[Any]) -> int:
+    """How many rows in ``folder/rows`` a later sweep measured: written after sweep.json and not
+    among its rows (both, so a folder copied file by file does not look busy)."""
+    import json
+
+    since = (folder / "sweep.json").stat().st_mtime_ns
+    known = {json.dumps(r, sort_keys=True) for r in finished}
+    later = 0
+    for f in (folder / "rows").glob("*.json"):
+        try:
+            if f.stat().st_mtime_ns > since and json.dumps(json.loads(f.read_text(encoding="utf-8")),
+                                                           sort_keys=True) not in known:
+                later += 1
+        except (OSError, UnicodeDecodeError, ValueError):  # a row cut short: the running sweep measures it again
+            continue
+    return later
 
 
 def _read_result(path: Path, command: str) -> dict[str, Any]:

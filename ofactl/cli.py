@@ -641,8 +641,8 @@ def info(
     The compute: torch, CUDA and bf16. A store's description lists the inputs it skipped, and
     --verify checks every extracted utterance against its checksum. A recording's description says
     what the models get from it: 16 kHz mono, its level, its 20 ms frames. A sweep folder shows its
-    table again (the rows finished so far, while it runs); an adapt folder, what it learned; a
-    quickstart folder, its summary.
+    table again (the rows finished so far, while it runs; and how many rows a later sweep in the
+    folder has measured since); an adapt folder, what it learned; a quickstart folder, its summary.
     """
     from ofactl.about import describe_path, describe_teacher, environment
 

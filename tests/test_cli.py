@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -502,6 +503,16 @@ def test_info_shows_what_a_sweep_adapt_or_quickstart_folder_measured(tmp_path):
                                                "not_scored": [{"label": "fixed", "rate": 0.25, "reason": "x"}]}))
     doc = json.loads(runner.invoke(app, ["info", str(sw), "--json"]).stdout)
     assert doc["kind"] == "sweep" and [r["requested_rate"] for r in doc["rows"]] == [1.0, 0.5]
+    assert "later_rows" not in doc
+    later = (sw / "sweep.json").stat().st_mtime + 60  # rows measured after sweep.json: one copied over, one a new sweep's
+    (sw / "rows" / "ofa__r0.5__ks.json").write_text(json.dumps(_row(0.5, 0.8125)))
+    (sw / "rows" / "ofa__r0.25__ks.json").write_text(json.dumps(_row(0.25, 0.75)))
+    (sw / "rows" / "ofa__r1__sid.json").write_text(json.dumps(_row(1.0, 0.5)))  # an earlier sweep's row
+    for f, t in (("ofa__r0.5__ks.json", later), ("ofa__r0.25__ks.json", later), ("ofa__r1__sid.json", later - 120)):
+        os.utime(sw / "rows" / f, (t, t))
+    doc = json.loads(runner.invoke(app, ["info", str(sw), "--json"]).stdout)
+    assert doc["later_rows"].startswith("1 row(s)") and "running or was stopped" in doc["later_rows"], doc
+    assert [r["requested_rate"] for r in doc["rows"]] == [1.0, 0.5]  # the finished sweep's table
     r = runner.invoke(app, ["info", str(sw)])
     assert r.exit_code == 0 and "0.8125" in r.stdout and "40.0" in r.stdout, r.output  # the table: metric, ms
     assert "fixed at rate 0.25: not scored" in r.stdout
