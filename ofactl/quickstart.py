@@ -109,15 +109,20 @@ def settings_sha(cfg: Any, **inputs: str) -> str:
 
 def teacher_identity(spec: str) -> str:
     """What identifies a teacher for reuse: its name, the sha256 of the file a path names, or of
-    the files of a HuggingFace folder (a teacher retrained at the same path distills again)."""
+    the config and weights a HuggingFace folder's teacher is loaded from (a teacher retrained at
+    the same path distills again; the folder's other files are not read)."""
     from ofactl.checkpoint import file_sha256
-    from ofactl.model.teacher import teacher_file
+    from ofactl.errors import CheckpointError
+    from ofactl.model.teacher import hf_files, teacher_file
 
     if spec.startswith(("builtin:", "random:")):
         return spec
     p = teacher_file(Path(spec))
-    if p.is_dir():  # config and weights, by name and bytes
-        return doc_sha({f.name: file_sha256(f) for f in sorted(p.iterdir()) if f.is_file()})
+    if p.is_dir():
+        try:
+            return file_sha256(*hf_files(p))  # the teacher's fingerprint, as 'info --teacher' shows it
+        except CheckpointError:
+            return spec  # not a teacher folder: distill says so
     return file_sha256(p) if p.is_file() else spec  # a missing one: distill says so
 
 

@@ -174,8 +174,12 @@ def test_teacher_identity_is_the_name_or_the_bytes_of_the_file(tmp_path):
     (hf / "config.json").write_text("{}")
     (hf / "model.safetensors").write_bytes(b"first")
     first = teacher_identity(str(hf))
+    (hf / "tf_model.h5").write_bytes(b"other weights")  # files the loader does not read: the same teacher
+    assert teacher_identity(str(hf)) == first
     (hf / "model.safetensors").write_bytes(b"retrained")  # a HuggingFace folder: by its files' bytes too
     assert teacher_identity(str(hf)) != first != str(hf)
+    (hf / "config.json").write_text('{"num_hidden_layers": 2}')
+    assert teacher_identity(str(hf)) not in (first, str(hf))
 
 
 def test_a_teacher_that_cannot_be_loaded_fails_before_any_stage(tmp_path):

@@ -402,18 +402,24 @@ def _hf_to_torchaudio(sd: dict[str, Tensor], feat_proj_layer_norm: bool = True) 
     return out
 
 
-def _load_hf_dir(p: Path, trust: bool = False) -> Teacher:
+def hf_files(p: Path) -> tuple[Path, Path]:
+    """The two files of a HuggingFace folder that make the teacher: config.json and its weights
+    (model.safetensors before pytorch_model.bin); the folder's other files play no part."""
     cfg_path = p / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{p}: folder has no config.json, so it is not a HuggingFace model; accepted: {ACCEPTED}")
+    weights = [w for w in (p / "model.safetensors", p / "pytorch_model.bin") if w.is_file()]
+    if not weights:
+        raise CheckpointError(f"{p}: no model.safetensors or pytorch_model.bin next to config.json")
+    return cfg_path, weights[0]
+
+
+def _load_hf_dir(p: Path, trust: bool = False) -> Teacher:
+    cfg_path, w = hf_files(p)
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: unreadable ({e})") from None
-    weights = [w for w in (p / "model.safetensors", p / "pytorch_model.bin") if w.is_file()]
-    if not weights:
-        raise CheckpointError(f"{p}: no model.safetensors or pytorch_model.bin next to config.json")
-    w = weights[0]
     # pytorch_model.bin is a torch.save archive: tensors load as they are, and one that holds
     # other objects loads with --trust-checkpoint like any pickle
     sd = _load_safetensors(w) if w.suffix == ".safetensors" else _torch_load(w, trust)
