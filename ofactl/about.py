@@ -47,6 +47,8 @@ def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
 
     p = Path(path)
     if not p.exists():
+        if str(path).startswith(("builtin:", "random:")):
+            raise OfactlError(f"{path} is a teacher name, not a path: 'ofactl info --teacher {path}' describes it")
         raise OfactlError(f"{p}: no such file or folder")
     is_store = (p / "zarr.json").is_file() or p.suffix in (".zarr", ".h5", ".hdf5")
     if p.is_dir() and not is_store:  # a run folder: what it made, or how far it has got

@@ -98,6 +98,9 @@ def rates_phrase(rates: list[float]) -> str:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load and check a student checkpoint's payload (weights_only=True)."""
     p = Path(path)
+    if not p.exists() and str(path).startswith(("builtin:", "random:")):
+        raise CheckpointError(f"{path} is a teacher, not a student checkpoint; students come from "
+                              f"'ofactl distill --teacher {path}'")
     if not p.is_file():
         what = "is a folder, not a checkpoint file (student.pt)" if p.is_dir() else "not found"
         raise CheckpointError(f"checkpoint {p} {what}")

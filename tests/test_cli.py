@@ -106,6 +106,11 @@ def test_an_audio_or_text_file_given_as_a_checkpoint_is_named_for_what_it_is(tmp
     wav = write_wav("a.wav")
     r = runner.invoke(app, ["extract", "--ckpt", str(wav), "--corpus", str(tmp_path), "--out", str(tmp_path / "f.zarr")])
     assert r.exit_code == 1 and "a.wav: an audio file, not a student checkpoint" in r.stderr, r.output
+    r = runner.invoke(app, ["sweep", "--ckpt", "builtin:hubert-tiny", "--corpus", str(tmp_path), "--task", "ks"])
+    assert r.exit_code == 1 and "builtin:hubert-tiny is a teacher, not a student checkpoint" in r.stderr, r.output
+    assert "ofactl distill --teacher builtin:hubert-tiny" in r.stderr
+    r = runner.invoke(app, ["info", "builtin:hubert-tiny"])
+    assert r.exit_code == 1 and "'ofactl info --teacher builtin:hubert-tiny' describes it" in r.stderr, r.output
     (tmp_path / "preset.yaml").write_text("distill:\n  steps: 3\n")
     r = runner.invoke(app, ["info", str(tmp_path / "preset.yaml")])
     assert r.exit_code == 1 and "preset.yaml: not a student checkpoint (not a torch archive)" in r.stderr
