@@ -18,6 +18,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ofactl import __version__
 from ofactl.choices import CompressorKind, CostForm, FeatureDtype, OnError, Precision, StoreFormat, Task
@@ -240,7 +241,7 @@ def _fail(message: str, code: int, kind: str, as_json: bool) -> NoReturn:
     if code == 130 and message == "interrupted":
         err_console.print("[yellow]interrupted[/yellow]")
     else:
-        err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
     if as_json:
         _emit_json({"error": message, "exit_code": code, "kind": kind})
     raise typer.Exit(code)
@@ -316,11 +317,11 @@ def _show_quickstart(console: Console, doc: dict[str, Any]) -> None:
         there = (f"the sweep there: {a['metric']} {a['comparison']['sweep_at_learned_rate']:.3f}" if a.get("comparison")
                  else f"test {a['metric']} {a['test']:.3f} ({a.get('final_probe', 'joint')} probe)")
         console.print(f"adapt --task {a['task']}: learned rate {a['learned_rate']:.3f} ({a['frame_period_ms']:.1f} ms), "
-                      f"{there}", highlight=False)
+                      f"{there}", markup=False, highlight=False)
     for k, v in doc["paths"].items():
-        console.print(f"  {k}: {v}", highlight=False)
+        console.print(f"  {k}: {v}", markup=False, highlight=False)
     console.print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in doc["stage_seconds"].items()), highlight=False)
-    console.print(f"[yellow]note:[/yellow] {doc['note']}", highlight=False)
+    console.print(f"[yellow]note:[/yellow] {escape(str(doc['note']))}", highlight=False)
 
 
 @app.command()
@@ -352,7 +353,7 @@ def synth(
         verb = "reused" if res.reused else "wrote"
         err_console.print(
             f"{verb} {res.n_utterances} utterances from {res.n_speakers} speakers "
-            f"({res.seconds / 60:.1f} min of audio) -> {res.manifest}", highlight=False)
+            f"({res.seconds / 60:.1f} min of audio) -> {res.manifest}", markup=False, highlight=False)
 
 
 @app.command()
@@ -396,11 +397,11 @@ def distill(
     if as_json:
         _emit_json(res.to_json())
     elif not quiet:
-        err_console.print(f"student: {res.student} ({res.steps} steps)", highlight=False)
+        err_console.print(f"student: {res.student} ({res.steps} steps)", markup=False, highlight=False)
         for r, after in res.eval_after.items():
             before = res.eval_before.get(r)
             b = f"{before:.4f} -> " if before is not None else ""
-            err_console.print(f"  held-out loss at rate {r}: {b}{after:.4f}", highlight=False)
+            err_console.print(f"  held-out loss at rate {r}: {b}{after:.4f}", markup=False, highlight=False)
 
 
 @app.command()
@@ -442,7 +443,7 @@ def pretrain(
         _emit_json(res.to_json())
     elif not quiet:
         ev = ", ".join(f"{k} {v:.4f}" for k, v in res.eval.items())
-        err_console.print(f"teacher: {res.teacher} ({res.steps} steps); held-out {ev}", highlight=False)
+        err_console.print(f"teacher: {res.teacher} ({res.steps} steps); held-out {ev}", markup=False, highlight=False)
 
 
 @app.command()
@@ -496,10 +497,10 @@ def extract(
     elif not quiet:
         _print_extract(res)
     if res.warnings and not quiet:
-        err_console.print(f"[yellow]warning:[/yellow] {res.warnings} input(s) skipped; see 'ofactl info {out}'")
+        err_console.print(f"[yellow]warning:[/yellow] {res.warnings} input(s) skipped; see 'ofactl info {escape(str(out))}'")
     level_warning = res.quiet_warning()
     if level_warning and not quiet:
-        err_console.print(f"[yellow]warning:[/yellow] {level_warning}", highlight=False)
+        err_console.print(f"[yellow]warning:[/yellow] {escape(level_warning)}", highlight=False)
 
 
 def _print_extract(res: Any) -> None:
@@ -556,7 +557,7 @@ def sweep(
     if quiet:
         return
     _show_sweep_rows(err_console, res.rows, res.not_scored, f"({res.reused} row(s) reused)")
-    err_console.print(f"wrote {res.csv}, {res.json}" + (f", {res.png}" if res.png else ""), highlight=False)
+    err_console.print(f"wrote {res.csv}, {res.json}" + (f", {res.png}" if res.png else ""), markup=False, highlight=False)
 
 
 def _show_sweep_rows(console: Console, rows: list[Any], not_scored: list[dict[str, Any]], note: str) -> None:
@@ -572,9 +573,9 @@ def _show_sweep_rows(console: Console, rows: list[Any], not_scored: list[dict[st
                   f"{r.store_mb:.1f}", "-" if r.infeasible_test is None else str(r.infeasible_test))
     _show(console, t)
     for n in not_scored:
-        console.print(f"{n['label']} at rate {n['rate']:g}: not scored ({n['reason']})", highlight=False)
+        console.print(f"{n['label']} at rate {n['rate']:g}: not scored ({n['reason']})", markup=False, highlight=False)
     for label, trained in dict.fromkeys((r.label, r.trained_rates) for r in rows if r.outside_training_range):
-        console.print(f"* outside the rates {label} was {trained}", highlight=False)
+        console.print(f"* outside the rates {label} was {trained}", markup=False, highlight=False)
 
 
 @app.command()
@@ -618,13 +619,13 @@ def adapt(
     elif not quiet:
         err_console.print(f"{res.task}: learned rate {res.learned_rate:.3f} ({res.frame_period_ms:.1f} ms frames, "
                           f"lambda {res.learned_lambda:.3f}); test {res.metric} {res.test:.4f} "
-                          f"({res.final_probe} probe; the joint probe {res.joint_test:.4f})", highlight=False)
+                          f"({res.final_probe} probe; the joint probe {res.joint_test:.4f})", markup=False, highlight=False)
         if res.comparison:
             c = res.comparison
             err_console.print(f"sweep at that rate: {c['sweep_at_learned_rate']:.4f}; near-flat region "
                               f"{c['near_flat_region']}; adapt {c['adapt_seconds']:.0f} s vs "
-                              f"{c['sweep_probe_trainings']} sweep probe trainings", highlight=False)
-        err_console.print(f"extract at this rate: ofactl extract -c {res.out_dir / 'rate.yaml'} ...", highlight=False)
+                              f"{c['sweep_probe_trainings']} sweep probe trainings", markup=False, highlight=False)
+        err_console.print(f"extract at this rate: ofactl extract -c {res.out_dir / 'rate.yaml'} ...", markup=False, highlight=False)
 
 
 @app.command()
@@ -678,11 +679,11 @@ def _show_description(out: Console, doc: dict[str, Any], path: Path) -> None:
             continue
         if k == "notes" and isinstance(v, list):  # one line each, as every other note
             for note in v:
-                out.print(f"[bold]note[/bold]: {note}", highlight=False)
+                out.print(f"[bold]note[/bold]: {escape(str(note))}", highlight=False)
             continue
         if isinstance(v, (dict, list)):
             v = json.dumps(v, default=str)
-        out.print(f"[bold]{k}[/bold]: {v}", highlight=False)
+        out.print(f"[bold]{k}[/bold]: {escape(str(v))}", highlight=False)
 
 
 def _show_store_groups(out: Console, groups: list[dict[str, Any]]) -> None:
@@ -698,7 +699,7 @@ def _show_store_groups(out: Console, groups: list[dict[str, Any]]) -> None:
     first = next((g for g in groups if "dim" in g), groups[0])
     extra = {c: first[c] for c in ("mode", "level_db", "layers", "dim", "dtype", "student_sha256") if c in first}
     for c, val in extra.items():
-        out.print(f"[bold]{c}[/bold]: {val}", highlight=False)
+        out.print(f"[bold]{c}[/bold]: {escape(str(val))}", highlight=False)
     _print_group_notes(out, groups)
 
 
@@ -707,13 +708,13 @@ def _print_group_notes(out: Console, groups: list[dict[str, Any]]) -> None:
     damaged utterances."""
     for g in groups:
         if "state" in g:
-            out.print(f"[yellow]{g['group']}[/yellow]: {g['state']}", highlight=False)
+            out.print(f"[yellow]{g['group']}[/yellow]: {escape(str(g['state']))}", highlight=False)
         for uid, why in (g.get("skipped") or {}).items():
-            out.print(f"{g['group']}: skipped {uid}: {why}", highlight=False)
+            out.print(f"{g['group']}: skipped {uid}: {why}", markup=False, highlight=False)
         if "damaged" in g:
             if g["damaged"]:
                 for d in g["damaged"]:
-                    out.print(f"[red]{g['group']}: damaged {d['id']}[/red] ({d['reason']})", highlight=False)
+                    out.print(f"[red]{g['group']}: damaged {escape(str(d['id']))}[/red] ({escape(str(d['reason']))})", highlight=False)
             else:
                 out.print(f"{g['group']}: verified, every extracted utterance matches its checksum", highlight=False)
     n = sum(len(g.get("damaged", [])) for g in groups)
@@ -744,7 +745,7 @@ def _one_line_warnings() -> None:
     def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
              line: str | None = None) -> None:
         first = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
-        err_console.print(f"[yellow]warning:[/yellow] {first}", highlight=False, markup=True)
+        err_console.print(f"[yellow]warning:[/yellow] {escape(first)}", highlight=False, markup=True)
 
     warnings.showwarning = show
 

@@ -328,6 +328,8 @@ def test_a_bad_flag_is_named_as_typed(tmp_path):
     assert r.exit_code == 1 and "--rate 1,half: expected numbers, comma-separated or with --rate repeated" in r.stderr
     r = runner.invoke(app, ["sweep", "--ckpt", "x.pt", "--corpus", "x", "--rates", "1;0.5"])
     assert r.exit_code == 1 and "--rates 1;0.5: expected numbers" in r.stderr
+    r = runner.invoke(app, ["quickstart", "--out", "q", "--set", "tasks=[zz]"])  # brackets are text, not style
+    assert r.exit_code == 1 and "with --set tasks=[zz]: expected 'ks'" in r.stderr, r.output
 
 
 def test_extract_takes_rates_as_a_comma_list_or_repeated(monkeypatch):
