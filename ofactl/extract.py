@@ -627,7 +627,10 @@ def _wait_for_group(store: Any, rate: float, progress: Progress, timeout: float 
 def _check_disk(out: Path, plans: list[_GroupPlan], cfg: ExtractConfig, shard: tuple[int, int] | None,
                 n_layers: int, dim: int, free: int) -> None:
     """Refuse, before anything is created, when the features still to write (this process's
-    blocks of every group) do not fit on the store's disk."""
+    blocks of every group) do not fit on the store's disk. Uncompressed chunks are stored whole,
+    so a block's last, part-filled chunk costs a full one (a small store needs more than its frames)."""
+    from ofactl.storage.zarr_store import UTT_ARRAYS
+
     per_frame = n_layers * dim * (2 if cfg.dtype == "float16" else 4)
     need = 0
     for p in plans:
@@ -635,7 +638,11 @@ def _check_disk(out: Path, plans: list[_GroupPlan], cfg: ExtractConfig, shard: t
         if shard is not None:
             block = np.arange(p.layout.n_utts) // cfg.block_utts
             to_write &= block % shard[1] == shard[0]
-        need += int(p.layout.reserve[to_write].sum()) * per_frame
+        frames = (p.layout.chunks_holding(to_write) * p.layout.chunk_frames if cfg.compress == "none"
+                  else int(p.layout.reserve[to_write].sum()))  # compressed: the padding takes next to nothing
+        # each small file (metadata, the per-utterance arrays' chunk of each block) takes a whole
+        # disk block; 4 KiB is the common size
+        need += frames * per_frame + (8 + len(UTT_ARRAYS) * p.layout.n_blocks) * 4096
     if need > free:
         raise StoreError(f"{out}: these features need about {need / 1e6:,.2f} MB, but only {free / 1e6:,.2f} MB "
                          "are free on that disk; nothing was written (free space or choose another --out)")

@@ -229,6 +229,34 @@ def test_disk_full_is_refused_up_front(tmp_path, synth_corpus, student_ckpt, mon
     assert not (tmp_path / "f.zarr").exists() and not (tmp_path / "f.zarr.locks").exists()  # nothing created
 
 
+def test_the_disk_check_counts_the_whole_chunks_a_store_writes(tmp_path, synth_corpus, student_ckpt, monkeypatch):
+    ckpt, _ = student_ckpt
+    import ofactl.storage.zarr_store as zs
+
+    cfg = replace(CFG, rates=(0.5,), chunk_frames=64)  # blocks of 4 utterances end in part-filled chunks
+    extract(tmp_path, synth_corpus, cfg=cfg, name="a.zarr", ckpt=ckpt)
+    chunks = [f for f in (tmp_path / "a.zarr").rglob("*") if f.is_file() and "/feats/c/" in f.as_posix()]
+    written = sum(f.stat().st_size for f in chunks)
+    g = open_store(tmp_path / "a.zarr").group(0.5)
+    (_, layers, dim), _, _ = g.feats_layout()
+    assert written > g.frames * layers * dim * 4  # float32 frames, and the padding of part-filled chunks
+    monkeypatch.setattr(zs, "disk_free", lambda p: written - 1)
+    with pytest.raises(StoreError, match=r"b.zarr: these features need about [\d.]+ MB") as e:
+        extract(tmp_path, synth_corpus, cfg=cfg, name="b.zarr", ckpt=ckpt)
+    assert float(str(e.value).split("need about ")[1].split(" MB")[0]) >= round(written / 1e6, 2)
+
+
+def test_layout_counts_the_chunks_that_hold_an_utterance():
+    from ofactl.storage.zarr_store import make_layout
+
+    lay = make_layout(["a", "b", "c", "d"], [10, 10, 2000, 0], block_utts=2, chunk_frames=1024)
+    assert lay.offsets.tolist() == [0, 10, 1024, 3024]  # the second block starts on a chunk boundary
+    assert lay.chunks_holding(np.ones(4, dtype=bool)) == 3
+    assert lay.chunks_holding(np.array([True, True, False, False])) == 1  # both in chunk 0
+    assert lay.chunks_holding(np.array([False, False, True, True])) == 2  # 1024..3023: chunks 1 and 2
+    assert lay.chunks_holding(np.zeros(4, dtype=bool)) == 0
+
+
 @pytest.mark.slow
 def test_write_error_stops_cleanly_and_resumes(tmp_path, synth_corpus, student_ckpt, monkeypatch):
     ckpt, _ = student_ckpt

@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - a declared dependency
 FORMAT = "ofactl-features"
 FORMAT_VERSION = 1
 CHECKSUM = "crc32(id, error, length, feature bytes)"  # group attr "checksum"; absent in older groups
-_UTT_ARRAYS = ("offsets", "lengths", "done", "utt_id", "error", "checksum")
+UTT_ARRAYS = ("offsets", "lengths", "done", "utt_id", "error", "checksum")
 _STAGING = ".creating-"  # prefix of a group being created; renamed into place when complete
 
 
@@ -97,6 +97,19 @@ class Layout:
     def block_range(self, b: int) -> tuple[int, int]:
         """Utterance index range [lo, hi) of block ``b``."""
         return b * self.block_utts, min(self.n_utts, (b + 1) * self.block_utts)
+
+    def chunks_holding(self, which: np.ndarray) -> int:
+        """How many ``feats`` chunks hold frames of the utterances ``which`` (bool [n]) selects:
+        what writing them takes on disk when chunks are stored whole, a part-filled one included."""
+        sel = np.asarray(which, dtype=bool) & (self.reserve > 0)
+        if not sel.any():
+            return 0
+        first = self.offsets[sel] // self.chunk_frames
+        last = (self.offsets[sel] + self.reserve[sel] - 1) // self.chunk_frames
+        edges = np.zeros(int(last.max()) + 2, dtype=np.int64)  # +1 where a span starts, -1 after it ends
+        np.add.at(edges, first, 1)
+        np.add.at(edges, last + 1, -1)
+        return int((np.cumsum(edges)[:-1] > 0).sum())
 
     @property
     def total_frames(self) -> int:
@@ -301,7 +314,7 @@ class FeatureGroup:
 
     def read_utt_arrays(self, lo: int, hi: int) -> dict[str, np.ndarray]:
         """Per-utterance entries [lo, hi) as stored (the writer updates a block's range)."""
-        names = _UTT_ARRAYS if "checksum" in self._g.array_keys() else _UTT_ARRAYS[:-1]
+        names = UTT_ARRAYS if "checksum" in self._g.array_keys() else UTT_ARRAYS[:-1]
         return {k: np.asarray(self._g[k][lo:hi]) for k in names}
 
     def write_utt_arrays(self, lo: int, hi: int, *, done: np.ndarray | None = None,
