@@ -9,6 +9,7 @@ one :class:`~ofactl.errors.WriteError` (or the caller's error class) naming the 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,10 +39,21 @@ def atomic_path(path: Path, error: type[OfactlError] = WriteError) -> Iterator[P
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise error(f"cannot write {path}: {e.strerror or e}") from None
+        raise error(f"cannot write {path}: {_write_reason(e)}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_reason(e: OSError) -> str:
+    """The OS's words for a failed write. HDF5 reports its errors as one long text holding
+    ``errno = N`` and no strerror: that number's words, not the text."""
+    if e.strerror:
+        return e.strerror
+    found = re.search(r"errno = (\d+)", str(e))
+    if found:
+        return os.strerror(int(found.group(1)))
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _umask() -> int:

@@ -27,6 +27,16 @@ def test_a_full_disk_keeps_the_old_file_and_names_the_new_one(tmp_path, monkeypa
     assert p.read_text() == "old\n" and [f.name for f in tmp_path.iterdir()] == ["config.yaml"]
 
 
+def test_hdf5s_long_error_text_is_told_in_the_os_words(tmp_path):
+    hdf5 = ("Can't close file (file write failed: time = Sun Dec  6 06:21:57 2026\n, filename = '/x/.s.h5.tmp-1', "
+            "file descriptor = 6, errno = 28, error message = 'No space left on device', buf = 0x5)")
+    with pytest.raises(WriteError) as e, atomic_path(tmp_path / "s.h5"):
+        raise OSError(hdf5)
+    assert str(e.value) == f"cannot write {tmp_path / 's.h5'}: No space left on device"
+    with pytest.raises(WriteError, match=r"s.h5: Can't close file \(unknown\)$"), atomic_path(tmp_path / "s.h5"):
+        raise OSError("Can't close file (unknown)\nmore")
+
+
 def test_the_callers_error_class_is_raised(tmp_path):
     with pytest.raises(CheckpointError, match="student.pt"), atomic_path(tmp_path / "student.pt", CheckpointError) as tmp:
         raise OSError(13, "Permission denied", str(tmp))
