@@ -48,12 +48,11 @@ def atomic_path(path: Path, error: type[OfactlError] = WriteError) -> Iterator[P
 def _write_reason(e: OSError) -> str:
     """The OS's words for a failed write. HDF5 reports its errors as one long text holding
     ``errno = N`` and no strerror: that number's words, not the text."""
-    if e.strerror:
-        return e.strerror
-    found = re.search(r"errno = (\d+)", str(e))
+    text = str(e.strerror or e).strip()
+    found = re.search(r"errno = (\d+)", text)
     if found:
         return os.strerror(int(found.group(1)))
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _umask() -> int:

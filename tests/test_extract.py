@@ -257,6 +257,48 @@ def test_layout_counts_the_chunks_that_hold_an_utterance():
     assert lay.chunks_holding(np.zeros(4, dtype=bool)) == 0
 
 
+def test_an_hdf5_export_that_cannot_fit_is_refused_before_writing(tmp_path, synth_corpus, student_ckpt, monkeypatch):
+    ckpt, _ = student_ckpt
+    import ofactl.storage.zarr_store as zs
+    from ofactl.storage.hdf5_export import export_hdf5
+
+    extract(tmp_path, synth_corpus, ckpt=ckpt)
+    real = zs.disk_free
+    monkeypatch.setattr(zs, "disk_free", lambda p: 1000)
+    with pytest.raises(StoreError, match=r"f.h5: the HDF5 export needs about [\d.]+ MB, but only 0.00 MB") as e:
+        export_hdf5(tmp_path / "f.zarr", tmp_path / "f.h5")
+    assert "f.zarr is kept" in str(e.value) and not (tmp_path / "f.h5").exists()
+    monkeypatch.setattr(zs, "disk_free", real)
+    size = export_hdf5(tmp_path / "f.zarr", tmp_path / "f.h5").stat().st_size
+    assert float(str(e.value).split("needs about ")[1].split(" MB")[0]) >= round(size / 1e6, 2)  # it fits
+
+
+def test_h5pys_tracebacks_after_a_failed_write_are_left_to_the_one_error(tmp_path, capsys):
+    import importlib.util
+    import sys
+
+    from ofactl.storage.hdf5_export import _quiet_h5py_cleanup
+
+    def raised_in(path: Path):  # an error whose traceback runs through ``path``
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("def free():\n    raise RuntimeError('freed')\n")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        try:
+            mod.free()
+        except RuntimeError as e:
+            return e
+
+    h5py_error, own_error = raised_in(tmp_path / "h5py" / "_objects.py"), raised_in(tmp_path / "ofactl" / "own.py")
+    with _quiet_h5py_cleanup():
+        sys.excepthook(RuntimeError, h5py_error, h5py_error.__traceback__)
+        sys.excepthook(RuntimeError, own_error, own_error.__traceback__)
+    err = capsys.readouterr().err
+    assert err.count("RuntimeError: freed") == 1 and "ofactl/own.py" in err and "_objects.py" not in err
+    assert sys.excepthook is sys.__excepthook__ or "quiet" not in sys.excepthook.__name__  # put back
+
+
 @pytest.mark.slow
 def test_write_error_stops_cleanly_and_resumes(tmp_path, synth_corpus, student_ckpt, monkeypatch):
     ckpt, _ = student_ckpt

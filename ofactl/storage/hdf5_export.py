@@ -7,7 +7,12 @@ strings and listed in the ``json_attrs`` attribute.
 
 from __future__ import annotations
 
+import gc
 import json
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +54,63 @@ def _get_attrs(obj: Any) -> dict[str, Any]:
 
 
 def export_hdf5(store_path: Path, h5_path: Path, rates: list[float] | None = None) -> Path:
-    """Copy complete rate groups of a Zarr store into ``h5_path`` (written to a temp name first)."""
+    """Copy complete rate groups of a Zarr store into ``h5_path`` (written to a temp name first),
+    once the disk is known to hold it."""
     store = open_store(store_path)
     names = store.group_names() if rates is None else [f"rate={r:.3f}" for r in rates]
-    with atomic_path(h5_path, StoreError) as tmp, h5py.File(tmp, "w") as f:
+    groups = [store.group(name) for name in names]
+    for name, g in zip(names, groups):
+        if not g.complete:
+            raise StoreError(f"{store_path}/{name} is not complete; finish the extraction before exporting")
+    _check_disk(store_path, h5_path, groups)
+    with _quiet_h5py_cleanup(), atomic_path(h5_path, StoreError) as tmp, h5py.File(tmp, "w") as f:
         _put_attrs(f, store.attrs)
-        for name in names:
-            g = store.group(name)
-            if not g.complete:
-                raise StoreError(f"{store_path}/{name} is not complete; finish the extraction before exporting")
+        for name, g in zip(names, groups):
             _copy_group(f.create_group(name), g)
     return Path(h5_path)
+
+
+def _check_disk(store_path: Path, h5_path: Path, groups: list[Any]) -> None:
+    """Refuse before writing when the HDF5 file cannot fit: its feature chunks are stored whole,
+    as the Zarr store's are, plus the per-utterance arrays."""
+    from ofactl.storage.zarr_store import disk_free
+
+    need = 0
+    for g in groups:
+        shape, dtype, chunks = g.feats_layout()
+        frames = -(-shape[0] // max(1, min(chunks[0], shape[0]))) * min(chunks[0], shape[0])
+        need += frames * shape[1] * shape[2] * dtype.itemsize + 64 * len(g.utt_ids) + 65536
+    free = disk_free(h5_path.parent)
+    if need > free:
+        raise StoreError(f"{h5_path}: the HDF5 export needs about {need / 1e6:,.2f} MB, but only {free / 1e6:,.2f} MB "
+                         f"are free on that disk; {store_path} is kept: free space and rerun the same command to "
+                         "export it (nothing is extracted again)")
+
+
+@contextmanager
+def _quiet_h5py_cleanup() -> Iterator[None]:
+    """After a failed write, h5py's handles report the same failure again as they are freed, as
+    tracebacks (through both hooks: "Exception ignored in ObjectID.__dealloc__"); the write's own
+    error says it once."""
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+    def from_h5py(tb: Any) -> bool:
+        return any("h5py" in Path(frame.filename).parts for frame in traceback.extract_tb(tb))
+
+    def quiet_unraisable(u: Any) -> None:
+        if not (from_h5py(u.exc_traceback) or "h5py" in repr(u.object)):
+            unraisable(u)
+
+    def quiet_excepthook(kind: Any, value: Any, tb: Any) -> None:
+        if not from_h5py(tb):
+            excepthook(kind, value, tb)
+
+    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
+    try:
+        yield
+    finally:
+        gc.collect()  # free the handles while the hooks still listen
+        sys.unraisablehook, sys.excepthook = unraisable, excepthook
 
 
 def _copy_group(hg: Any, g: Any) -> None:
