@@ -8,8 +8,10 @@ one :class:`~ofactl.errors.WriteError` (or the caller's error class) naming the 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,19 +42,45 @@ def atomic_path(path: Path, error: type[OfactlError] = WriteError) -> Iterator[P
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise error(f"cannot write {path}: {_write_reason(e)}") from None
+    except Exception as e:  # writers that wrap the OS's error in their own: torch.save, safetensors
+        reason = _wrapped_write_reason(e, tmp.parent)  # read before the temporary frees its space
+        tmp.unlink(missing_ok=True)
+        if reason is None:
+            raise  # no write failure: a bug, whose traceback is the honest report
+        raise error(f"cannot write {path}: {reason}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _os_error_number(text: str) -> int | None:
+    """The errno a library's error text quotes: HDF5's ``errno = 28``, Rust's ``os error 28``."""
+    found = re.search(r"(?:errno =|os error) (\d+)", text)
+    return int(found.group(1)) if found else None
 
 
 def _write_reason(e: OSError) -> str:
     """The OS's words for a failed write. HDF5 reports its errors as one long text holding
     ``errno = N`` and no strerror: that number's words, not the text."""
     text = str(e.strerror or e).strip()
-    found = re.search(r"errno = (\d+)", text)
-    if found:
-        return os.strerror(int(found.group(1)))
+    number = _os_error_number(text)
+    if number is not None:
+        return os.strerror(number)
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _wrapped_write_reason(e: Exception, folder: Path) -> str | None:
+    """Why a writer's own error (not an OSError) failed the write: the errno its text quotes
+    (safetensors), or a full disk, seen as less than 1 MiB left where it wrote (torch.save says
+    only "unexpected pos"); None for an error that is no write failure."""
+    number = _os_error_number(str(e))
+    if number is not None:
+        return os.strerror(number)
+    try:
+        full = shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return None
+    return os.strerror(errno.ENOSPC) if full else None
 
 
 def _umask() -> int:

@@ -37,6 +37,27 @@ def test_hdf5s_long_error_text_is_told_in_the_os_words(tmp_path):
         raise OSError("Can't close file (unknown)\nmore")
 
 
+def test_a_writers_own_error_for_a_full_disk_is_told_in_the_os_words(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    with pytest.raises(WriteError, match=r"x.safetensors: No space left on device$"), \
+            atomic_path(tmp_path / "x.safetensors") as tmp:  # safetensors quotes the errno
+        tmp.write_bytes(b"part")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 20, 10 << 20, 4096))
+    with pytest.raises(WriteError, match=r"step-3.pt: No space left on device$"), \
+            atomic_path(tmp_path / "step-3.pt") as tmp:  # torch.save says only this, with the disk full
+        tmp.write_bytes(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 1 << 30, 9 << 30))
+    with pytest.raises(ValueError, match="a bug"), atomic_path(tmp_path / "step-4.pt") as tmp:
+        tmp.write_bytes(b"part")
+        raise ValueError("a bug")  # no write failure: its own traceback
+    assert list(tmp_path.iterdir()) == []  # no temporary is left behind
+
+
 def test_the_callers_error_class_is_raised(tmp_path):
     with pytest.raises(CheckpointError, match="student.pt"), atomic_path(tmp_path / "student.pt", CheckpointError) as tmp:
         raise OSError(13, "Permission denied", str(tmp))
