@@ -239,12 +239,26 @@ def describe_audio(path: Path) -> dict[str, Any]:
     notes += [f"{info.channels} channels mixed down to mono"] if info.channels > 1 else []
     if level < QUIET_DBFS:
         notes.append(f"quieter than {QUIET_DBFS:g} dBFS: --level-db levels it (docs/models.md, 'Loudness')")
+    notes += _full_scale_notes(wav)
     if wav.numel() < need:
         notes.append(f"too short: the models need at least {need} samples at {SAMPLE_RATE // 1000} kHz")
     return {"kind": "audio", "seconds": round(info.n_samples / info.sample_rate, 3),
             "sample_rate": info.sample_rate, "channels": info.channels, "samples_16k": int(wav.numel()),
             "frames_20ms": max(0, (int(wav.numel()) - need) // 320 + 1), "level_dbfs": round(level, 1),
             "notes": notes}
+
+
+def _full_scale_notes(wav: Any) -> list[str]:
+    """Samples past full scale (a float file outside [-1, 1]) or clipped at it (at least 0.1% of
+    them within 0.1% of full scale): the models take them as they are, distortion and all."""
+    if not wav.numel():
+        return []
+    peak = float(wav.abs().max())
+    if peak > 1.0:
+        return [f"samples reach {peak:.2f}, past full scale (a float file outside [-1, 1]); the models take them "
+                "as they are"]
+    clipped = float((wav.abs() >= 0.999).float().mean())
+    return [f"clipped: {clipped:.1%} of the samples are at full scale"] if clipped >= 0.001 else []
 
 
 def describe_teacher(spec: str, trust: bool = False) -> dict[str, Any]:

@@ -100,6 +100,13 @@ def test_info_describes_a_recording_as_the_models_get_it(tmp_path, write_wav):
     r = runner.invoke(app, ["info", str(tmp_path / "blip.flac")])
     assert r.exit_code == 0 and "frames_20ms: 0" in r.stdout
     assert "note: quieter than -35 dBFS" in r.stdout and "note: too short: the models need at least 400 samples" in r.stdout
+    tone = np.sin(np.linspace(0, 200 * np.pi, 16000)).astype(np.float32)
+    sf.write(str(tmp_path / "hot.wav"), 1.5 * tone, 16000, subtype="FLOAT")
+    notes = json.loads(runner.invoke(app, ["info", str(tmp_path / "hot.wav"), "--json"]).stdout)["notes"]
+    assert notes == ["samples reach 1.50, past full scale (a float file outside [-1, 1]); the models take them as they are"]
+    sf.write(str(tmp_path / "clipped.wav"), np.clip(1.5 * tone, -1, 1), 16000, subtype="PCM_16")
+    notes = json.loads(runner.invoke(app, ["info", str(tmp_path / "clipped.wav"), "--json"]).stdout)["notes"]
+    assert len(notes) == 1 and notes[0].startswith("clipped: ") and "of the samples are at full scale" in notes[0]
 
 
 def test_an_audio_or_text_file_given_as_a_checkpoint_is_named_for_what_it_is(tmp_path, write_wav):
