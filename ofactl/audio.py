@@ -11,7 +11,9 @@ Corpus specifications accepted by :func:`read_corpus`:
 - a LibriSpeech-style tree (``*.trans.txt`` next to ``*.flac``), with ``text``, ``speaker``
   and ``split`` columns;
 - ``FILE.tsv``: a manifest with a header row; ``id`` and ``path`` required, any other column
-  becomes a label (``speaker``, ``label``, ``text``, ``phones``, ``split`` ...);
+  becomes a label (``speaker``, ``label``, ``text``, ``phones``, ``split`` ...). A fairseq
+  wav2vec/HuBERT manifest (a root folder on the first line, then ``relative/path<TAB>samples``)
+  is read too: each file's id is its stem, and a relative root is taken from the manifest's folder;
 - ``FILE`` (any other suffix) or ``-`` (stdin): one audio path per line (``#`` comments and
   blank lines skipped); stdin may also carry a TSV manifest with an ``id``/``path`` header.
 """
@@ -319,7 +321,18 @@ def _read_manifest(path: Path) -> list[_Entry]:
     body = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
     if not body:
         raise CorpusError(f"manifest {path} is empty (expected a header row with id and path)")
+    if _is_fairseq_manifest(body):
+        root = _resolve(path.parent, body[0].strip())
+        return [_Entry(None, _resolve(root, ln.split("\t")[0]), {}) for ln in body[1:]]
     return _parse_tsv(body, path.parent, str(path))
+
+
+def _is_fairseq_manifest(lines: Sequence[str]) -> bool:
+    """fairseq's audio manifest: a root folder alone on the first line, then ``path<TAB>samples``."""
+    if "\t" in lines[0] or len(lines) < 2:
+        return False
+    fields = lines[1].split("\t")
+    return len(fields) == 2 and fields[1].strip().isdigit()
 
 
 def _parse_tsv(lines: Sequence[str], base: Path, name: str) -> list[_Entry]:

@@ -130,6 +130,22 @@ def test_librispeech_layout(write_wav, tmp_path):
     assert c[1].labels == {"speaker": "84", "text": "BUT IN LESS THAN FIVE MINUTES", "split": "dev"}
 
 
+def test_a_fairseq_manifest_reads_its_root_and_relative_paths(write_wav, tmp_path):
+    write_wav("fs/audio/84/a.flac", seconds=0.3)
+    write_wav("fs/audio/85/b.flac", seconds=0.5)
+    man = tmp_path / "fs/train.tsv"
+    man.write_text(f"{tmp_path / 'fs/audio'}\n84/a.flac\t4800\n85/b.flac\t8000\n")  # absolute root
+    c = read_corpus(man)
+    assert [u.id for u in c] == ["a", "b"] and c[1].path == tmp_path / "fs/audio/85/b.flac"
+    assert [u.n_samples for u in c] == [4800, 8000] and c[0].labels == {}
+    man.write_text("audio\n84/a.flac\t4800\n85/gone.flac\t8000\n")  # a relative root: from the manifest's folder
+    with pytest.raises(CorpusError, match=r"(?s)1 problem.*fs/audio/85/gone.flac: file not found"):
+        read_corpus(man)
+    man.write_text("audio\n")  # a root alone is no fairseq manifest: the header error says what is expected
+    with pytest.raises(CorpusError, match="header lacks column"):
+        read_corpus(man)
+
+
 def test_manifest_and_errors_reported_together(write_wav, tmp_path):
     write_wav("m/a.wav")
     (tmp_path / "m/bad.wav").write_text("nope")
