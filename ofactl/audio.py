@@ -14,6 +14,8 @@ Corpus specifications accepted by :func:`read_corpus`:
   becomes a label (``speaker``, ``label``, ``text``, ``phones``, ``split`` ...). A fairseq
   wav2vec/HuBERT manifest (a root folder on the first line, then ``relative/path<TAB>samples``)
   is read too: each file's id is its stem, and a relative root is taken from the manifest's folder;
+- a Kaldi data folder (``wav.scp``, and ``utt2spk`` and ``text`` as labels) or its ``wav.scp``
+  (:mod:`ofactl.corpus_kaldi`);
 - ``FILE`` (any other suffix) or ``-`` (stdin): one audio path per line (``#`` comments and
   blank lines skipped); stdin may also carry a TSV manifest with an ``id``/``path`` header.
 """
@@ -35,6 +37,7 @@ import numpy as np
 import soundfile as sf
 
 from ofactl.atomic import write_text
+from ofactl.corpus_kaldi import is_kaldi_folder, read_kaldi
 from ofactl.errors import AudioError, CorpusError
 from ofactl.runtime import SAMPLE_RATE
 
@@ -277,9 +280,11 @@ def read_corpus(
     else:
         p = Path(spec_s)
         if not p.exists():
-            raise CorpusError(f"corpus not found: {p} (expected a directory, a .tsv manifest, a list file or '-')")
+            raise CorpusError(f"corpus not found: {p} (expected a directory, a .tsv manifest, a Kaldi wav.scp, a list file or '-')")
         if p.is_dir() and (p / MANIFEST_NAME).is_file():
             entries = _read_manifest(p / MANIFEST_NAME)  # a folder ofactl made: its labels too
+        elif (p.is_dir() and is_kaldi_folder(p)) or p.suffix.lower() == ".scp":
+            entries = [_Entry(uid, path, labels) for uid, path, labels in read_kaldi(p)]
         elif p.is_dir():
             entries = _read_librispeech(p) if _is_librispeech(p) else _read_dir(p)
         elif p.suffix.lower() == ".tsv":

@@ -67,9 +67,9 @@ DebugOpt = Annotated[
 
 
 TrainCorpusOpt = Annotated[str, typer.Option(
-    "--corpus", help="Training audio: folder (through its manifest.tsv if it has one), LibriSpeech tree, .tsv manifest (ofactl's or fairseq's) or list.")]
+    "--corpus", help="Training audio: folder (through its manifest.tsv if it has one), LibriSpeech tree, Kaldi data folder, .tsv manifest (ofactl's or fairseq's) or list.")]
 LabelledCorpusOpt = Annotated[str, typer.Option(
-    "--corpus", help="Labelled corpus: a .tsv manifest, a folder holding manifest.tsv, or folder::pattern.")]
+    "--corpus", help="Labelled corpus: a .tsv manifest, a folder holding manifest.tsv, a Kaldi data folder, or folder::pattern.")]
 TaskOpt = Annotated[Task | None, typer.Option("--task", help="The downstream task.")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out (step 0 if it has none yet, as for a requeued job).")]
@@ -449,7 +449,7 @@ def pretrain(
 @app.command()
 def extract(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="Student checkpoint (student.pt from 'ofactl distill').")],
-    corpus: Annotated[str, typer.Option("--corpus", help="Folder (through its manifest.tsv if it has one), LibriSpeech tree, .tsv manifest (ofactl's or fairseq's), list file, or - for stdin.")],
+    corpus: Annotated[str, typer.Option("--corpus", help="Folder (through its manifest.tsv if it has one), LibriSpeech tree, Kaldi data folder, .tsv manifest (ofactl's or fairseq's), list file, or - for stdin.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Zarr store to create or complete (one group per rate).")] = Path("feats.zarr"),
     rate: Annotated[list[str] | None, typer.Option("--rate", "-r", help="Rate in (0, 1]: output frames per 20 ms frame; a comma list (1,0.5) or repeated.")] = None,
     frame_ms: Annotated[list[str] | None, typer.Option("--frame-ms", help="Average frame period in ms (>= 20), instead of --rate; a comma list (40,60) or repeated.")] = None,
