@@ -1,9 +1,10 @@
-"""The README's promises: its set-up commands, its images, and a figures table that matches
-the committed benchmark results."""
+"""The README's promises: its set-up commands, its images, a figures table that matches the
+committed benchmark results, and (with docs/) commands whose flags exist."""
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import re
 from pathlib import Path
@@ -33,3 +34,82 @@ def test_figures_table_matches_benchmark_results():
     assert mod.with_table(README, doc) == README, "README figures are stale: python benchmarks/readme_table.py"
     for cmd in ("python benchmarks/model_bench.py", "python benchmarks/extract_bench.py", "python benchmarks/distill_bench.py"):
         assert f"`{cmd}`" in README
+
+
+def _shell_blocks(text: str) -> list[str]:
+    """The shell code blocks of a markdown text (bash, sh, console or unnamed), continuations joined."""
+    blocks, current, lang = [], [], None
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if lang is None:
+                lang = line[3:].strip()
+                current = []
+            else:
+                if lang in ("", "bash", "sh", "console"):
+                    blocks.append(re.sub(r"\\\n\s*", " ", "\n".join(current)))
+                lang = None
+        elif lang is not None:
+            current.append(line)
+    return blocks
+
+
+def _ofactl_calls(block: str) -> list[list[str]]:
+    """Each ``ofactl SUBCOMMAND ...`` of a shell block as words, comments and other commands of a
+    pipeline left out."""
+    calls = []
+    for line in block.splitlines():
+        for part in re.split(r"\|\||&&|\||;|\$\(", line.split(" #")[0]):
+            words = part.split()
+            if "ofactl" in words and len(words) > words.index("ofactl") + 1:
+                calls.append(words[words.index("ofactl") + 1 :])
+    return calls
+
+
+def test_every_documented_command_uses_flags_that_exist():
+    import typer.main
+
+    from ofactl.cli import app
+
+    group = typer.main.get_command(app)
+    stale = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in _shell_blocks(doc.read_text()):
+            for sub, *args in _ofactl_calls(block):
+                if sub.startswith(("-", "[")):  # ofactl --version, a usage line's [OPTIONS]
+                    continue
+                cmd = group.commands.get(sub)  # type: ignore[attr-defined]
+                if cmd is None:
+                    stale.append(f"{doc.name}: ofactl {sub}: no such command")
+                    continue
+                flags = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+                stale += [f"{doc.name}: ofactl {sub} {w}" for w in args
+                          if w.startswith("-") and w != "-" and w.split("=")[0].strip("'\"") not in flags]
+    assert not stale, "documented flags that do not exist:\n" + "\n".join(stale)
+    assert len([1 for block in _shell_blocks(README) for _ in _ofactl_calls(block)]) > 10  # the README was read
+
+
+def test_every_documented_preset_and_set_item_loads():
+    import shlex
+
+    from ofactl.config import SECTION_CLASSES, load_config, section_class
+    from ofactl.errors import OfactlError
+
+    presets = {p.stem for p in (ROOT / "presets").glob("*.yaml")}
+    checked, stale = 0, []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in _shell_blocks(doc.read_text()):
+            for sub, *args in _ofactl_calls(block):
+                if sub not in SECTION_CLASSES:
+                    continue
+                words = shlex.split(" ".join(args))
+                preset = next((b for a, b in itertools.pairwise(words) if a in ("-c", "--config")), None)
+                sets = [b for a, b in itertools.pairwise(words) if a == "--set"]
+                if (preset is not None and preset not in presets) or any("$" in s for s in sets):
+                    continue  # a file of the reader's own, or a shell variable: nothing to load here
+                try:
+                    load_config(section_class(sub), sub, preset, sets)
+                except OfactlError as e:
+                    stale.append(f"{doc.name}: ofactl {sub} {' '.join(args)}: {e}")
+                checked += 1
+    assert not stale, "documented settings that do not load:\n" + "\n".join(stale)
+    assert checked > 30
