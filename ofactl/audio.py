@@ -280,7 +280,8 @@ def read_corpus(
     else:
         p = Path(spec_s)
         if not p.exists():
-            raise CorpusError(f"corpus not found: {p} (expected a directory, a .tsv manifest, a Kaldi wav.scp, a list file or '-')")
+            raise CorpusError(f"corpus not found: {p} (expected a directory, a .tsv manifest, a Kaldi wav.scp, "
+                              "a list file or '-')")
         if p.is_dir() and (p / MANIFEST_NAME).is_file():
             entries = _read_manifest(p / MANIFEST_NAME)  # a folder ofactl made: its labels too
         elif (p.is_dir() and is_kaldi_folder(p)) or p.suffix.lower() == ".scp":

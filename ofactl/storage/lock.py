@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# A lock is written within microseconds of its creation; one still empty or unreadable after
+# this long was left by a writer killed in between, and is stale.
+UNREADABLE_STALE_S = 60.0
+
+
 def _read(path: Path) -> dict[str, Any] | None:
     try:
         return dict(json.loads(path.read_text()))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         return {"pid": -1, "host": "?"}  # being written right now, or garbage: treat as held
+
+
+def _unreadable_and_old(path: Path, info: dict[str, Any]) -> bool:
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        return False
+    return info == {"pid": -1, "host": "?"} and age > UNREADABLE_STALE_S
 
 
 class GroupLock:
@@ -62,8 +76,9 @@ class GroupLock:
         info = _read(path)
         if info is None:
             return None
-        if info.get("host") == socket.gethostname() and int(info.get("pid", -1)) > 0 \
-                and not _alive(int(info["pid"])):
+        dead = info.get("host") == socket.gethostname() and int(info.get("pid", -1)) > 0 \
+            and not _alive(int(info["pid"]))
+        if dead or _unreadable_and_old(path, info):
             self._take_over(path, info)
             return None
         return info
@@ -75,7 +90,8 @@ class GroupLock:
         except FileNotFoundError:
             return
         if _read(aside) == info:
-            self.progress.log(f"warning: taking over a stale lock {path} left by dead process {info.get('pid')}")
+            who = f"dead process {info.get('pid')}" if info.get("pid", -1) > 0 else "a writer killed as it made it"
+            self.progress.log(f"warning: taking over a stale lock {path} left by {who}")
             aside.unlink(missing_ok=True)
         else:  # a live writer's fresh lock slipped in between: put it back
             os.replace(aside, path)

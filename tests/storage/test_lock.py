@@ -88,3 +88,19 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     with GroupLock(store, "rate=0.500", None, prog):
         assert json.loads((locks / "rate=0.500.lock").read_text())["pid"] == os.getpid()
     assert any("stale lock" in m for m in prog.messages)
+
+
+def test_an_empty_lock_left_by_a_writer_killed_as_it_made_it_is_taken_over_once_old(tmp_path):
+    store = tmp_path / "f.zarr"
+    locks = tmp_path / "f.zarr.locks"
+    locks.mkdir()
+    lock = locks / "rate=0.500.lock"
+    lock.write_text("")  # killed between creating the file and writing its pid
+    with pytest.raises(StoreError, match="being written by process -1"):  # a writer may be writing it now
+        GroupLock(store, "rate=0.500", None, NullProgress()).__enter__()
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    prog = NullProgress()
+    with GroupLock(store, "rate=0.500", None, prog):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert any("left by a writer killed as it made it" in m for m in prog.messages)
