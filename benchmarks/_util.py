@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmark scripts (each prints one JSON document)."""
+"""Timing helpers and paths shared by the benchmark scripts (each prints one JSON document)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+
+# FSDD's recordings in the shared data folder beside the checkout (real speech, 8 kHz)
+FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
 
 
 def timeit(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:

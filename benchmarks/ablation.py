@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, cast, get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import emit, machine
+from _util import FSDD, emit, machine
 
 from ofactl.adapt import AdaptConfig, RateCost, compare_with_sweep, run_adapt
 from ofactl.choices import CtcHead, Task
@@ -134,9 +134,6 @@ def same_recipe(run: Path, cfg: DistillConfig) -> Path:
         sys.exit(f"{run} holds a student of other settings than this variant's ({diff}); "
                  "move it away or use another --out")
     return run
-
-
-FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
 
 
 def task_corpus(task: str, args: argparse.Namespace, corpus: Path) -> tuple[Task, str | Path]:

@@ -16,11 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import emit
+from _util import FSDD, emit
 
 from ofactl.distill import DistillConfig, run_distill
-
-FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
 
 
 def main() -> None:

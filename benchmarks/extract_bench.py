@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import emit
+from _util import FSDD, emit
 
 from ofactl.audio import read_corpus
 from ofactl.extract import ExtractConfig, extract_with_student
 from ofactl.model.student import Student, student_config
-
-FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import emit
+from _util import FSDD, emit
 
 from ofactl.audio import Corpus, level_dbfs, load_audio, read_corpus, set_level
 from ofactl.errors import ConfigError
@@ -49,9 +49,6 @@ from ofactl.model.fbank import log_mel
 from ofactl.model.teacher import load_teacher
 from ofactl.probe import ProbeConfig, build_task, train_probe
 from ofactl.probe.tasks import TaskData
-
-FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
-
 
 Waves = dict[str, torch.Tensor]
 
