@@ -42,6 +42,9 @@ def atomic_path(path: Path, error: type[OfactlError] = WriteError) -> Iterator[P
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise error(f"cannot write {path}: {_write_reason(e)}") from None
+    except OfactlError:  # the caller's own refusal, said as it is
+        tmp.unlink(missing_ok=True)
+        raise
     except Exception as e:  # writers that wrap the OS's error in their own: torch.save, safetensors
         reason = _wrapped_write_reason(e, tmp.parent)  # read before the temporary frees its space
         tmp.unlink(missing_ok=True)

@@ -55,6 +55,10 @@ def test_a_writers_own_error_for_a_full_disk_is_told_in_the_os_words(tmp_path, m
     with pytest.raises(ValueError, match="a bug"), atomic_path(tmp_path / "step-4.pt") as tmp:
         tmp.write_bytes(b"part")
         raise ValueError("a bug")  # no write failure: its own traceback
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 20, 10 << 20, 4096))
+    with pytest.raises(CheckpointError, match="the caller's own"), atomic_path(tmp_path / "step-5.pt") as tmp:
+        tmp.write_bytes(b"part")
+        raise CheckpointError("the caller's own refusal")  # not taken for a full disk, however full
     assert list(tmp_path.iterdir()) == []  # no temporary is left behind
 
 
