@@ -2,13 +2,15 @@
 the ``speaker`` and ``text`` labels when they are there.
 
 ofactl runs no commands: a ``wav.scp`` line that pipes audio through a program (``... |``) is
-refused, except the plain FLAC decode of Kaldi's LibriSpeech recipe (``flac -c -d -s FILE |``),
-whose file is read directly, since decoding it is all that command does. Relative paths are
-taken from the current folder, as Kaldi's tools take them (recipes run from their top folder).
+refused, as is a place in an archive (``x.ark:123``), except the plain FLAC decode of Kaldi's
+LibriSpeech recipe (``flac -c -d -s FILE |``), whose file is read directly, since decoding it is
+all that command does. Relative paths are taken from the current folder, as Kaldi's tools take
+them (recipes run from their top folder).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ofactl.errors import CorpusError
@@ -37,6 +39,9 @@ def read_kaldi(spec: Path) -> list[tuple[str, Path, dict[str, str]]]:
         path = _audio_path(rest.strip())
         if not rest.strip():
             problems.append(f"line {lineno}: an id without audio")
+        elif re.search(r"\.ark:\d+$", rest.strip()):
+            problems.append(f"line {lineno}: '{rest.strip()[:80]}' is a place in a Kaldi archive; ofactl reads "
+                            "audio files: list those")
         elif path is None:
             problems.append(f"line {lineno}: '{rest.strip()[:80]}' runs a command; ofactl runs none: write "
                             "the audio to files and list those")

@@ -27,11 +27,12 @@ def test_a_kaldi_folder_reads_ids_audio_speakers_and_text(write_wav, tmp_path, m
 
 def test_commands_segments_and_bare_ids_are_refused_naming_the_lines(tmp_path):
     scp = tmp_path / "wav.scp"
-    scp.write_text("u1 sox a.wav -t wav - speed 0.9 |\nu2\nu3 flac -c -d -s a.flac b.flac |\n")
+    scp.write_text("u1 sox a.wav -t wav - speed 0.9 |\nu2\nu3 flac -c -d -s a.flac b.flac |\nu4 dump/wav.ark:1234\n")
     with pytest.raises(CorpusError) as e:
         read_corpus(scp)
     msg = str(e.value)
-    assert msg.startswith(f"{scp}: 3 line(s) ofactl cannot read")
+    assert msg.startswith(f"{scp}: 4 line(s) ofactl cannot read")
+    assert "line 4: 'dump/wav.ark:1234' is a place in a Kaldi archive" in msg
     assert "line 1: 'sox a.wav -t wav - speed 0.9 |' runs a command; ofactl runs none" in msg  # an effect, not a decode
     assert "line 2: an id without audio" in msg and "line 3: 'flac -c -d -s a.flac b.flac |'" in msg
     (tmp_path / "segments").write_text("u1 rec1 0.0 1.5\n")
