@@ -131,11 +131,12 @@ def _rows_measured_after(folder: Path, finished: list[Any]) -> int:
     later = 0
     for f in (folder / "rows").glob("*.json"):
         try:
-            if f.stat().st_mtime_ns > since and json.dumps(json.loads(f.read_text(encoding="utf-8")),
-                                                           sort_keys=True) not in known:
-                later += 1
-        except (OSError, UnicodeDecodeError, ValueError):  # a row cut short: the running sweep measures it again
+            if f.stat().st_mtime_ns <= since:
+                continue
+            row = _read_result(f, "sweep")
+        except (OSError, OfactlError):  # gone, or cut short: the running sweep measures it again
             continue
+        later += json.dumps(row, sort_keys=True) not in known
     return later
 
 

@@ -39,6 +39,7 @@ def _alive(pid: int) -> bool:
 # A lock is written within microseconds of its creation; one still empty or unreadable after
 # this long was left by a writer killed in between, and is stale.
 UNREADABLE_STALE_S = 60.0
+UNREADABLE = {"pid": -1, "host": "?"}  # what a lock being written, or garbage, reads as: held
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -47,7 +48,7 @@ def _read(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError):
-        return {"pid": -1, "host": "?"}  # being written right now, or garbage: treat as held
+        return dict(UNREADABLE)
 
 
 def _unreadable_and_old(path: Path, info: dict[str, Any]) -> bool:
@@ -55,7 +56,7 @@ def _unreadable_and_old(path: Path, info: dict[str, Any]) -> bool:
         age = time.time() - path.stat().st_mtime
     except OSError:
         return False
-    return info == {"pid": -1, "host": "?"} and age > UNREADABLE_STALE_S
+    return info == UNREADABLE and age > UNREADABLE_STALE_S
 
 
 class GroupLock:
@@ -90,7 +91,7 @@ class GroupLock:
         except FileNotFoundError:
             return
         if _read(aside) == info:
-            who = f"dead process {info.get('pid')}" if info.get("pid", -1) > 0 else "a writer killed as it made it"
+            who = "a writer killed as it made it" if info == UNREADABLE else f"dead process {info.get('pid')}"
             self.progress.log(f"warning: taking over a stale lock {path} left by {who}")
             aside.unlink(missing_ok=True)
         else:  # a live writer's fresh lock slipped in between: put it back
