@@ -342,7 +342,8 @@ def run_extract(
     if outside and progress is not None:  # extracted all the same: a user may want to look past the range
         progress.log(f"note: {ckpt} was {describe_rates(trained)}; {rates_phrase(outside)} outside that range")
     res = extract_with_student(cfg, student, file_sha256(Path(ckpt)), corpus, store, shard=shard,
-                               overwrite=overwrite, stdin=stdin, progress=progress, ckpt_path=str(ckpt))
+                               overwrite=overwrite, stdin=stdin, progress=progress, ckpt_path=str(ckpt),
+                               export=Path(out) if format == "hdf5" else None)
     if format == "hdf5" and all(g.complete for g in res.groups):
         from ofactl.storage.hdf5_export import export_hdf5
 
@@ -384,9 +385,11 @@ def extract_with_student(
     stdin: TextIO | None = None,
     progress: Progress | None = None,
     ckpt_path: str = "",
+    export: Path | None = None,
 ) -> ExtractResult:
     """Extract with a student in memory; ``out=None`` runs the model and discards the features
-    (used to measure store overhead). Steps: read and check the inputs, lock and plan every
+    (used to measure store overhead); ``export``: the HDF5 file the store is copied to afterwards,
+    counted in the disk check. Steps: read and check the inputs, lock and plan every
     rate group (nothing is created before the disk check passes), run the batches, finalise."""
     progress = progress or NullProgress()
     t_start = time.perf_counter()
@@ -408,7 +411,7 @@ def extract_with_student(
     with contextlib.ExitStack() as stack:
         states = {} if out is None else _open_groups(
             stack, Path(out), cfg, utts, t_in, layers, student, student_id, ckpt_path, cps, shard, overwrite,
-            progress)
+            progress, export)
         plan = _plan(utts, n16, states, cfg, shard, discard=out is None, progress=progress)
         pending = [i for batch in plan for i in batch]
         audio_s = float(n16[pending].sum()) / SR if pending else 0.0
@@ -464,12 +467,12 @@ class _GroupPlan:
 def _open_groups(stack: contextlib.ExitStack, out: Path, cfg: ExtractConfig, utts: list[Utterance],
                  t_in: np.ndarray, layers: list[int], student: Any, student_id: str, ckpt_path: str,
                  cps: Corpus, shard: tuple[int, int] | None, overwrite: bool,
-                 progress: Progress) -> dict[float, GroupState]:
+                 progress: Progress, export: Path | None) -> dict[float, GroupState]:
     """Lock every group first (two writers of a new store meet at the lock), decide what each
     group needs, check the disk, and only then create or replace groups."""
     from ofactl.storage.lock import GroupLock
     from ofactl.storage.writer import GroupState
-    from ofactl.storage.zarr_store import FeatureStore, disk_free, make_layout, rate_key
+    from ofactl.storage.zarr_store import FeatureStore, make_layout, rate_key
 
     for rate in cfg.rates:
         stack.enter_context(GroupLock(out, rate_key(rate), shard, progress))
@@ -480,7 +483,7 @@ def _open_groups(stack: contextlib.ExitStack, out: Path, cfg: ExtractConfig, utt
         layout = make_layout([u.id for u in utts], reserve, cfg.block_utts, cfg.chunk_frames)
         attrs = _group_attrs(cfg, rate, layers, student, student_id, ckpt_path, cps, student.cfg.arch.hop, t_in)
         plans.append(_plan_group(existing, rate, layout, attrs, cfg, shard, overwrite))
-    _check_disk(out, plans, cfg, shard, len(layers), int(student.cfg.arch.embed_dim), disk_free(out))
+    _check_disk(out, plans, cfg, shard, len(layers), int(student.cfg.arch.embed_dim), export)
     store = FeatureStore(out, mode="a")
     states = {}
     for p in plans:
@@ -625,27 +628,49 @@ def _wait_for_group(store: Any, rate: float, progress: Progress, timeout: float 
 
 
 def _check_disk(out: Path, plans: list[_GroupPlan], cfg: ExtractConfig, shard: tuple[int, int] | None,
-                n_layers: int, dim: int, free: int) -> None:
+                n_layers: int, dim: int, export: Path | None) -> None:
     """Refuse, before anything is created, when the features still to write (this process's
-    blocks of every group) do not fit on the store's disk. Uncompressed chunks are stored whole,
-    so a block's last, part-filled chunk costs a full one (a small store needs more than its frames)."""
-    from ofactl.storage.zarr_store import UTT_ARRAYS
+    blocks of every group), and the HDF5 copy of every group when ``export`` is asked for, do not
+    fit on their disks. Uncompressed chunks are stored whole, so a block's last, part-filled chunk
+    costs a full one (a small store needs more than its frames)."""
+    from ofactl.storage.zarr_store import disk_free, same_disk
 
     per_frame = n_layers * dim * (2 if cfg.dtype == "float16" else 4)
-    need = 0
-    for p in plans:
-        to_write = ~p.group.done if p.action == "reuse" else np.ones(p.layout.n_utts, dtype=bool)
-        if shard is not None:
-            block = np.arange(p.layout.n_utts) // cfg.block_utts
-            to_write &= block % shard[1] == shard[0]
-        frames = (p.layout.chunks_holding(to_write) * p.layout.chunk_frames if cfg.compress == "none"
-                  else int(p.layout.reserve[to_write].sum()))  # compressed: the padding takes next to nothing
-        # each small file (metadata, the per-utterance arrays' chunk of each block) takes a whole
-        # disk block; 4 KiB is the common size
-        need += frames * per_frame + (8 + len(UTT_ARRAYS) * p.layout.n_blocks) * 4096
+    need = sum(_store_bytes(p, cfg, shard, per_frame) for p in plans)
+    h5 = 0
+    if export is not None:
+        from ofactl.storage.hdf5_export import hdf5_bytes
+
+        h5 = sum(hdf5_bytes(p.layout.total_frames, p.layout.chunk_frames, per_frame, p.layout.n_utts) for p in plans)
+        if not same_disk(out, export):
+            _refuse_if_short(export, h5, disk_free(export), "the HDF5 copy")
+            h5 = 0
+    _refuse_if_short(out, need + h5, disk_free(out), f"{h5 / 1e6:,.2f} MB of them for the HDF5 copy {export}"
+                     if h5 else "")
+
+
+def _store_bytes(p: _GroupPlan, cfg: ExtractConfig, shard: tuple[int, int] | None, per_frame: int) -> int:
+    """Bytes one group's blocks still to write take in the store, chunks whole when uncompressed."""
+    from ofactl.storage.zarr_store import UTT_ARRAYS
+
+    to_write = ~p.group.done if p.action == "reuse" else np.ones(p.layout.n_utts, dtype=bool)
+    if shard is not None:
+        block = np.arange(p.layout.n_utts) // cfg.block_utts
+        to_write &= block % shard[1] == shard[0]
+    frames = (p.layout.chunks_holding(to_write) * p.layout.chunk_frames if cfg.compress == "none"
+              else int(p.layout.reserve[to_write].sum()))  # compressed: the padding takes next to nothing
+    # each small file (metadata, the per-utterance arrays' chunk of each block) takes a whole disk
+    # block; 4 KiB is the common size
+    return frames * per_frame + (8 + len(UTT_ARRAYS) * p.layout.n_blocks) * 4096
+
+
+def _refuse_if_short(path: Path, need: int, free: int, part: str) -> None:
+    """One error naming ``path`` when ``need`` bytes exceed the ``free`` bytes of its disk."""
     if need > free:
-        raise StoreError(f"{out}: these features need about {need / 1e6:,.2f} MB, but only {free / 1e6:,.2f} MB "
-                         "are free on that disk; nothing was written (free space or choose another --out)")
+        of_which = f" ({part})" if part else ""
+        raise StoreError(f"{path}: these features need about {need / 1e6:,.2f} MB{of_which}, but only "
+                         f"{free / 1e6:,.2f} MB are free on that disk; nothing was written (free space or "
+                         "choose another --out)")
 
 
 def _run_batches(plan: list[list[int]], utts: list[Utterance], t_in: np.ndarray,

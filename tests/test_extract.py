@@ -273,6 +273,31 @@ def test_an_hdf5_export_that_cannot_fit_is_refused_before_writing(tmp_path, synt
     assert float(str(e.value).split("needs about ")[1].split(" MB")[0]) >= round(size / 1e6, 2)  # it fits
 
 
+def test_an_hdf5_extraction_counts_the_copy_before_anything_is_computed(tmp_path, synth_corpus, student_ckpt,
+                                                                         monkeypatch):
+    ckpt, _ = student_ckpt
+    import ofactl.storage.zarr_store as zs
+
+    cfg = replace(CFG, rates=(0.5,))
+    extract(tmp_path, synth_corpus, cfg=cfg, name="a.h5", ckpt=ckpt)
+    store = sum(f.stat().st_size for f in (tmp_path / "a.h5.zarr").rglob("*") if f.is_file())
+    h5 = (tmp_path / "a.h5").stat().st_size
+    monkeypatch.setattr(zs, "disk_free", lambda p: store + h5 // 2)  # room for the store, not for both
+    with pytest.raises(StoreError, match=r"b.h5.zarr: these features need about [\d.]+ MB \(([\d.]+) MB of them for "
+                       r"the HDF5 copy .*b.h5\)") as e:
+        extract(tmp_path, synth_corpus, cfg=cfg, name="b.h5", ckpt=ckpt)
+    assert float(e.value.args[0].split("(")[1].split(" MB")[0]) >= round(h5 / 1e6, 2)
+    assert not (tmp_path / "b.h5.zarr").exists() and not (tmp_path / "b.h5").exists()  # nothing computed
+    monkeypatch.setattr(zs, "same_disk", lambda a, b: False)  # the copy's own disk is checked on its own
+    monkeypatch.setattr(zs, "disk_free", lambda p: 0 if p.name == "b.h5" else 10**12)
+    with pytest.raises(StoreError, match=r"b.h5: these features need about [\d.]+ MB \(the HDF5 copy\), but only "
+                       r"0.00 MB"):
+        extract(tmp_path, synth_corpus, cfg=cfg, name="b.h5", ckpt=ckpt)
+    monkeypatch.setattr(zs, "disk_free", lambda p: store + h5 + 10**6)
+    extract(tmp_path, synth_corpus, cfg=cfg, name="b.h5", ckpt=ckpt)  # both fit: written
+    assert (tmp_path / "b.h5").is_file()
+
+
 def test_h5pys_tracebacks_after_a_failed_write_are_left_to_the_one_error(tmp_path, capsys):
     import importlib.util
     import sys

@@ -78,13 +78,19 @@ def _check_disk(store_path: Path, h5_path: Path, groups: list[Any]) -> None:
     need = 0
     for g in groups:
         shape, dtype, chunks = g.feats_layout()
-        frames = -(-shape[0] // max(1, min(chunks[0], shape[0]))) * min(chunks[0], shape[0])
-        need += frames * shape[1] * shape[2] * dtype.itemsize + 64 * len(g.utt_ids) + 65536
+        need += hdf5_bytes(shape[0], chunks[0], shape[1] * shape[2] * dtype.itemsize, len(g.utt_ids))
     free = disk_free(h5_path.parent)
     if need > free:
         raise StoreError(f"{h5_path}: the HDF5 export needs about {need / 1e6:,.2f} MB, but only {free / 1e6:,.2f} MB "
                          f"are free on that disk; {store_path} is kept: free space and rerun the same command to "
                          "export it (nothing is extracted again)")
+
+
+def hdf5_bytes(frames: int, chunk_frames: int, frame_bytes: int, n_utts: int) -> int:
+    """Bytes the HDF5 copy of one rate group takes: ``frames`` reserved frames of ``frame_bytes``
+    each in whole chunks of ``chunk_frames``, the per-utterance arrays, and the headers."""
+    chunk = max(1, min(chunk_frames, frames))
+    return -(-frames // chunk) * chunk * frame_bytes + 64 * n_utts + 65536
 
 
 @contextmanager

@@ -577,9 +577,19 @@ def open_store(path: str | Path) -> FeatureStore:
     return FeatureStore(path, "r")
 
 
-def disk_free(path: Path) -> int:
-    """Free bytes on the file system holding ``path`` (or its nearest existing parent)."""
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent."""
     p = Path(path)
     while not p.exists():
         p = p.parent
-    return shutil.disk_usage(p).free
+    return p
+
+
+def disk_free(path: Path) -> int:
+    """Free bytes on the file system holding ``path`` (or its nearest existing parent)."""
+    return shutil.disk_usage(_existing(path)).free
+
+
+def same_disk(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` (or their nearest existing parents) are on one file system."""
+    return _existing(a).stat().st_dev == _existing(b).stat().st_dev
