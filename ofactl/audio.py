@@ -76,9 +76,38 @@ def audio_info(path: str | Path) -> AudioInfo:
         info = sf.info(str(p))
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError subclasses
         raise AudioError(f"{p}: not a readable audio file ({_sf_reason(e)})") from None
+    declared = _wav_declared_frames(p, size)
+    if declared is not None and declared > info.frames:  # libsndfile reads what is there, silently
+        raise AudioError(f"{p}: truncated or corrupt: header says {declared} samples, the file holds {info.frames}")
     if info.frames <= 0:
         raise AudioError(f"{p}: holds no audio samples")
     return AudioInfo(int(info.frames), int(info.samplerate), int(info.channels))
+
+
+def _wav_declared_frames(p: Path, size: int) -> int | None:
+    """The frames a RIFF WAV's header declares when its data chunk runs past the end of the file
+    (a copy or download cut short); None when it fits, for a header written before its length was
+    known (0 or 0xFFFFFFFF), and for any other format."""
+    block, pos = 0, 12
+    with open(p, "rb") as f:
+        head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        for _ in range(64):  # a few chunks (fmt, fact, LIST ...) come before the samples
+            f.seek(pos)
+            chunk = f.read(24)
+            if len(chunk) < 8:
+                return None
+            n = int.from_bytes(chunk[4:8], "little")
+            if chunk[:4] == b"fmt " and len(chunk) >= 22:
+                block = int.from_bytes(chunk[20:22], "little")  # bytes per frame, all channels
+            if chunk[:4] == b"data":
+                held = size - pos - 8
+                if n in (0, 0xFFFFFFFF) or n <= held or block <= 0:
+                    return None
+                return n // block
+            pos += 8 + n + (n & 1)  # chunks are padded to an even length
+    return None
 
 
 def _sf_reason(e: Exception) -> str:

@@ -66,6 +66,27 @@ def test_bad_files_named(tmp_path, write_wav):
         load_audio(tmp_path / "missing.wav")
 
 
+def test_a_wav_cut_short_is_named_with_what_its_header_declares(tmp_path, write_wav):
+    full = write_wav("full.wav", seconds=1.0, sr=8000)  # 8,000 frames of 16-bit samples
+    data = full.read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) - 4000])  # 2,000 frames lost
+    with pytest.raises(AudioError, match=r"cut\.wav: truncated or corrupt: header says 8000 samples, the file "
+                       r"holds 6000"):
+        audio_info(tmp_path / "cut.wav")
+    assert audio_info(full).n_samples == 8000  # whole: read as before
+    stream = bytearray(data)  # a header written before the length was known: read to the end
+    at = data.index(b"data") + 4
+    stream[at : at + 4] = (0xFFFFFFFF).to_bytes(4, "little")
+    (tmp_path / "stream.wav").write_bytes(bytes(stream[: len(data) - 4000]))
+    assert audio_info(tmp_path / "stream.wav").n_samples == 6000
+    stereo = write_wav("stereo.wav", seconds=1.0, sr=8000, channels=2, subtype="PCM_24")  # 6 bytes a frame
+    (tmp_path / "cut2.wav").write_bytes(stereo.read_bytes()[:-600])
+    with pytest.raises(AudioError, match=r"cut2\.wav: .* header says 8000 samples, the file holds 7900"):
+        audio_info(tmp_path / "cut2.wav")
+    with pytest.raises(CorpusError, match=r"cut\.wav: truncated"):  # a corpus names it before any work
+        read_corpus(tmp_path)
+
+
 def test_directory_corpus_and_pattern(write_wav, tmp_path):
     write_wav("d/3_anna_0.wav")
     write_wav("d/sub/5_bob_1.flac", sr=8000)
