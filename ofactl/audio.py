@@ -292,13 +292,15 @@ def read_corpus(
     stdin: TextIO | None = None,
     on_error: Literal["fail", "skip"] = "fail",
     min_samples_16k: int = 0,
+    skip_hint: str = "",
 ) -> Corpus:
     """Read and validate a corpus (see module docstring for the forms of ``spec``).
 
     Duplicate ids, missing, empty and unreadable files, and files shorter than
     ``min_samples_16k`` samples at 16 kHz are all reported in one :class:`CorpusError` before
     any long work; with ``on_error="skip"`` the files are left out and listed in
-    ``Corpus.problems`` instead (duplicates always fail).
+    ``Corpus.problems`` instead (duplicates always fail). ``skip_hint``: a last line for a failure
+    that skipping would have passed (the caller's flag that does so).
     """
     spec_s = str(spec)
     pattern = None
@@ -330,7 +332,7 @@ def read_corpus(
     if pattern:
         _apply_pattern(entries, pattern)
     _assign_ids(entries)
-    return _validate(spec_s, entries, on_error, min_samples_16k)
+    return _validate(spec_s, entries, on_error, min_samples_16k, skip_hint)
 
 
 def _read_stream(stream: TextIO, base: Path, name: str) -> list[_Entry]:
@@ -461,7 +463,8 @@ def _assign_ids(entries: list[_Entry]) -> None:
         e.id = e.path.stem if unique else str(e.path.with_suffix("")).lstrip("/")
 
 
-def _validate(spec: str, entries: list[_Entry], on_error: str, min_samples_16k: int = 0) -> Corpus:
+def _validate(spec: str, entries: list[_Entry], on_error: str, min_samples_16k: int = 0,
+              skip_hint: str = "") -> Corpus:
     if not entries:
         raise CorpusError(f"corpus {spec} lists no utterances")
     seen: dict[str, Path] = {}
@@ -492,7 +495,7 @@ def _validate(spec: str, entries: list[_Entry], on_error: str, min_samples_16k: 
     if dups:  # never skippable, but named together with every other problem
         raise CorpusError(_listing(f"corpus {spec}", dups + list(problems.values())))
     if problems and on_error == "fail":
-        raise CorpusError(_listing(f"corpus {spec}", list(problems.values())))
+        raise CorpusError(_listing(f"corpus {spec}", list(problems.values())) + (f"\n{skip_hint}" if skip_hint else ""))
     if not utts:
         raise CorpusError(_listing(f"corpus {spec}: no readable audio", list(problems.values())))
     return Corpus(spec, utts, problems)

@@ -69,6 +69,14 @@ class ExtractConfig:
         check_level(self.level_db)
 
 
+ON_ERROR_SKIP = "--on-error skip"  # extract's flag that records a bad file and goes on
+
+
+def skip_hint(flag: str) -> str:
+    """The last line of a corpus failure that ``flag`` (on_error: skip) would have passed."""
+    return f"{flag} leaves these files out, records why in the store, and goes on"
+
+
 def check_level(level: float | str | None) -> None:
     """Raise ValueError for a ``level_db`` outside -80..0 dBFS (``auto`` and none pass)."""
     if isinstance(level, (int, float)) and not -80 <= level <= 0:
@@ -386,10 +394,12 @@ def extract_with_student(
     progress: Progress | None = None,
     ckpt_path: str = "",
     export: Path | None = None,
+    skip_flag: str = ON_ERROR_SKIP,
 ) -> ExtractResult:
     """Extract with a student in memory; ``out=None`` runs the model and discards the features
     (used to measure store overhead); ``export``: the HDF5 file the store is copied to afterwards,
-    counted in the disk check. Steps: read and check the inputs, lock and plan every
+    counted in the disk check; ``skip_flag``: the caller's setting for on_error skip, named when a
+    bad file stops the run. Steps: read and check the inputs, lock and plan every
     rate group (nothing is created before the disk check passes), run the batches, finalise."""
     progress = progress or NullProgress()
     t_start = time.perf_counter()
@@ -403,7 +413,7 @@ def extract_with_student(
     device = resolve_device(local_device(cfg.device))  # torchrun: each rank its own GPU
     amp = autocast_dtype(cfg.precision, device)
     arch = student.cfg.arch
-    cps, utts, n16, t_in = _inputs(corpus, stdin, cfg, arch)
+    cps, utts, n16, t_in = _inputs(corpus, stdin, cfg, arch, skip_flag)
     if note := cps.narrowband_note():
         progress.log(f"note: {note}")
     student = student.to(device).eval()
@@ -416,8 +426,12 @@ def extract_with_student(
         pending = [i for batch in plan for i in batch]
         audio_s = float(n16[pending].sum()) / SR if pending else 0.0
         loudness = Loudness()
-        model_s = _run_batches(plan, utts, t_in, states, cfg, student, device, amp, layers, progress,
-                               discard=out is None, loudness=loudness)
+        try:
+            model_s = _run_batches(plan, utts, t_in, states, cfg, student, device, amp, layers, progress,
+                                   discard=out is None, loudness=loudness)
+        except AudioError as e:  # on_error fail: a file undecodable past its header stopped the run
+            raise AudioError(f"{e}; the features written so far are kept ({skip_flag} records such a file in the "
+                             "store and goes on)") from None
     results = [_finalize(st, utts, t_in, cps.problems) for st in states.values()]
     levelled = cfg.level_db is not None or not student.cfg.hears_level
     return ExtractResult(Path(out) if out else Path(), results, audio_s, time.perf_counter() - t_start,
@@ -429,7 +443,7 @@ def _too_short(u: Utterance) -> str:
 
 
 def _inputs(corpus: str | Path | Corpus, stdin: TextIO | None, cfg: ExtractConfig,
-            arch: Any) -> tuple[Corpus, list[Utterance], np.ndarray, np.ndarray]:
+            arch: Any, skip_flag: str) -> tuple[Corpus, list[Utterance], np.ndarray, np.ndarray]:
     """The corpus in store order (sorted by length, ties by id), sample and frame counts.
 
     Every bad input knowable from the headers (missing, empty, unreadable, too short for one
@@ -442,13 +456,14 @@ def _inputs(corpus: str | Path | Corpus, stdin: TextIO | None, cfg: ExtractConfi
         cps = corpus
     else:
         # header checks, the CNN's minimum length included, all reported in one error
-        cps = read_corpus(corpus, stdin=stdin, on_error=cfg.on_error, min_samples_16k=min_input_samples(arch.conv_layers))
+        cps = read_corpus(corpus, stdin=stdin, on_error=cfg.on_error, min_samples_16k=min_input_samples(arch.conv_layers),
+                          skip_hint=skip_hint(skip_flag))
     utts = sorted(cps.utterances, key=lambda u: (u.n_samples_16k, u.id))
     n16 = np.array([u.n_samples_16k for u in utts], dtype=np.int64)
     t_in = cnn_lengths(arch, torch.from_numpy(n16)).numpy()
     short = [u for u, t in zip(utts, t_in) if t <= 0]
     if short and cfg.on_error == "fail":  # a Corpus built by the caller
-        raise AudioError(_too_short(short[0]))
+        raise AudioError(f"{_too_short(short[0])}\n{skip_hint(skip_flag)}")
     return cps, utts, n16, t_in
 
 

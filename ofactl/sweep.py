@@ -35,6 +35,7 @@ from ofactl.extract import (
     parse_layers,
     resolve_level,
     settings_differ,
+    skip_hint,
 )
 from ofactl.probe import ProbeConfig, build_task, train_probes
 from ofactl.progress import NullProgress, Progress
@@ -47,6 +48,8 @@ from ofactl.runtime import (
     resolve_device,
     synchronize,
 )
+
+SWEEP_SKIP = "--set extract.on_error=skip"  # sweep's way to record a bad file and go on
 
 
 @dataclass
@@ -208,7 +211,8 @@ def _setup_sweep(cfg: SweepConfig, corpus: str | Path | Corpus, out_dir: Path, o
     """Read the corpus and build the task's splits, then write config.yaml: a refused corpus or
     task leaves no record of a sweep that never ran (a bad --out still fails first)."""
     make_dir(out_dir)
-    cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus, on_error=cfg.extract.on_error)
+    cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus, on_error=cfg.extract.on_error,
+                                                                skip_hint=skip_hint(SWEEP_SKIP))
     task = build_task(cfg.task, cps, cfg.label_column or None, cfg.seed)
     if task.note():
         progress.log(str(task.note()))
@@ -295,7 +299,7 @@ class _Sweep:
             # the whole corpus, so one store serves every task
             ecfg = replace(features, rates=(r,), layers=cfg.layers)
             ext = extract_with_student(ecfg, student, sha, self.corpus, st_path, progress=self.progress,
-                                       ckpt_path=str(ckpt), overwrite=self.overwrite)
+                                       ckpt_path=str(ckpt), overwrite=self.overwrite, skip_flag=SWEEP_SKIP)
             warning = ext.quiet_warning("--set extract.level_db=")
             if warning and label not in self.warned:  # once per checkpoint, not per rate
                 self.warned.add(label)

@@ -190,8 +190,9 @@ def test_fail_stops_naming_the_file(tmp_path, bad_corpus, student_ckpt):
     from ofactl.errors import CorpusError
 
     ckpt, _ = student_ckpt
-    with pytest.raises(CorpusError, match="zero.wav: empty file"):
+    with pytest.raises(CorpusError, match="zero.wav: empty file") as e:
         extract(tmp_path, bad_corpus, ckpt=ckpt)
+    assert str(e.value).endswith("\n--on-error skip leaves these files out, records why in the store, and goes on")
 
 
 @pytest.mark.slow
@@ -210,7 +211,8 @@ def test_decode_failure_mid_run_keeps_written_work(tmp_path, synth_corpus, stude
         return real(path)
 
     monkeypatch.setattr(ex, "load_audio", flaky)
-    with pytest.raises(AudioError, match=f"{victim}.wav: truncated"):
+    with pytest.raises(AudioError, match=f"{victim}.wav: truncated or corrupt; the features written so far are kept "
+                       r"\(--on-error skip records such a file"):
         extract(tmp_path, synth_corpus, cfg=replace(CFG, rates=(0.5,)), ckpt=ckpt)
     g = open_store(tmp_path / "f.zarr").group(0.5)
     assert 0 < int(g.done.sum()) < len(g)

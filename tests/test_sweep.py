@@ -149,6 +149,18 @@ def test_a_fixed_rate_checkpoint_refuses_other_rates(tmp_path, synth_corpus):
     assert not (tmp_path / "sw").exists()  # refused before any work
 
 
+def test_a_bad_file_names_sweeps_own_setting_that_goes_on(tmp_path, synth_corpus):
+    torch.manual_seed(0)
+    ckpt = save_student(tmp_path / "s.pt", Student(student_config("tiny")))
+    lst = tmp_path / "list.txt"
+    (tmp_path / "zero.wav").write_bytes(b"")
+    lst.write_text(f"{tmp_path / 'zero.wav'}\n{next(synth_corpus.parent.rglob('*.wav'))}\n")
+    r = CliRunner().invoke(app, ["sweep", "--ckpt", str(ckpt), "--corpus", str(lst), "--task", "sid",
+                                 "--rates", "1", "--out", str(tmp_path / "sw")])
+    assert r.exit_code == 1 and "zero.wav: empty file" in r.stderr, r.stderr
+    assert "--set extract.on_error=skip leaves these files out" in r.stderr
+
+
 @pytest.mark.slow
 def test_fixed_rate_checkpoints_are_scored_at_their_own_rate_only(tmp_path, synth_corpus):
     from ofactl.probe import ProbeConfig
