@@ -337,7 +337,9 @@ def synth(
     """Synthesise the built-in labelled speech corpus with espeak-ng.
 
     Writes 16 kHz WAVs and a TSV manifest (id, path, speaker, label, kind, text, phones,
-    phone_times, accent, split) usable as --corpus by every other command.
+    phone_times, accent, split) usable as --corpus by every other command. A rerun with the
+    same settings reuses a finished corpus and goes on with an interrupted one, keeping the
+    speakers it finished.
     """
     from ofactl.config import load_config
     from ofactl.synth import SynthConfig, run_synth

@@ -428,7 +428,8 @@ def run_synth(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False,
     """Synthesise the corpus into ``out_dir`` (reused as is when its config matches).
 
     ``synth.yaml`` is written first and ``manifest.tsv`` last, so a folder with the first and not
-    the second is an unfinished run: a rerun with the same config starts it again unasked.
+    the second is an unfinished run: a rerun with the same config goes on unasked, keeping each
+    speaker finished before (``wavs/SPEAKER/rows.json``, removed once the manifest is written).
     ``workers`` processes synthesise speakers in parallel (default: CPU count, at most 4); the
     output does not depend on it.
     """
@@ -442,8 +443,7 @@ def run_synth(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False,
         return _reuse_corpus(out_dir, manifest, progress)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (overwrite or same):
         raise OfactlError(f"{out_dir} is not empty and holds another corpus; pass --overwrite or choose another --out")
-    if same and not overwrite:
-        progress.log(f"{out_dir}: an unfinished synth with the same config; starting it again")
+    resume = same and not overwrite
     items = plan(cfg)
     engine = Espeak.get()  # voices are checked here; synthesis runs in fresh worker processes
     for voice in sorted({f"{it.speaker.accent}+{it.speaker.variant}" for it in items}):
@@ -451,8 +451,10 @@ def run_synth(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False,
     make_dir(out_dir)  # a bad --out fails now, not after the first speaker is synthesised
     manifest.unlink(missing_ok=True)  # an older corpus's manifest must not vouch for this run's files
     save_resolved(cfg, "synth", cfg_path)
-    rows, total_s = _synthesise(cfg, items, out_dir, workers or min(4, os.cpu_count() or 1), progress)
+    rows, total_s = _synthesise(cfg, items, out_dir, workers or min(4, os.cpu_count() or 1), progress, resume)
     write_manifest(manifest, rows, MANIFEST_COLUMNS)
+    for done in (out_dir / "wavs").glob(f"*/{_DONE}"):  # the manifest holds every row now
+        done.unlink()
     n_spk = len({r["speaker"] for r in rows})
     return SynthResult(out_dir, manifest, len(rows), n_spk, total_s, False)
 
@@ -477,38 +479,81 @@ def _reuse_corpus(out_dir: Path, manifest: Path, progress: Progress) -> SynthRes
 
 
 def _synthesise(cfg: SynthConfig, items: list[_Item], out_dir: Path, workers: int,
-                progress: Progress) -> tuple[list[dict[str, str]], float]:
-    """Every item as a 16-bit WAV under ``out_dir/wavs/SPEAKER/``; manifest rows and seconds."""
-    import soundfile as sf
-    import torch
-
-    from ofactl.audio import resample
-
+                progress: Progress, resume: bool) -> tuple[list[dict[str, str]], float]:
+    """Every item as a 16-bit WAV under ``out_dir/wavs/SPEAKER/``; manifest rows and seconds.
+    Each speaker's rows are kept beside its WAVs once all are written; with ``resume`` a speaker
+    whose rows are there is not synthesised again (each speaker is made by a fresh engine, so
+    the corpus equals an uninterrupted run's)."""
     by_speaker: dict[str, list[_Item]] = {}
     for it in items:
         by_speaker.setdefault(it.speaker.id, []).append(it)
-    jobs = [[_job(cfg, it) for it in group] for group in by_speaker.values()]
-    rows: list[dict[str, str]] = []
-    total_s = 0.0
+    key = hashlib.sha256(repr(to_dict(cfg)).encode()).hexdigest()
+    done = {spk: _finished_rows(out_dir, spk, group, key) if resume else None for spk, group in by_speaker.items()}
+    todo = [spk for spk in by_speaker if done[spk] is None]
     progress.start("synthesising speech", len(items))
-    for group, results in zip(by_speaker.values(), _map_fresh(jobs, workers)):
-        for it, s in zip(group, results):
-            wav = resample(torch.from_numpy(s.samples), s.sample_rate, cfg.sample_rate).numpy()
-            peak = float(np.abs(wav).max())
-            if peak > 0.99:  # resampling can overshoot full scale; keep 16-bit PCM unclipped
-                wav = wav * (0.99 / peak)
-            rel = Path("wavs") / it.speaker.id / f"{it.id}.wav"
-            buf = io.BytesIO()  # encoded in memory, written atomically: a full disk is one error naming the file
-            sf.write(buf, wav, cfg.sample_rate, subtype="PCM_16", format="WAV")
-            with atomic_path(out_dir / rel) as tmp:
-                tmp.write_bytes(buf.getvalue())
-            total_s += len(wav) / cfg.sample_rate
-            rows.append({
-                "id": it.id, "path": str(rel), "speaker": it.speaker.id, "label": it.label,
-                "kind": it.kind, "text": it.text, "phones": " ".join(s.phones),
-                "phone_times": " ".join(f"{1000 * t:.1f}" for t in s.phone_starts_s),
-                "accent": it.speaker.accent, "split": it.speaker.split,
-            })
-            progress.advance()
+    if resume:
+        progress.log(f"{out_dir}: an unfinished synth with the same config; going on ({len(by_speaker) - len(todo)} "
+                     f"of {len(by_speaker)} speakers were finished)")
+        progress.advance(sum(len(by_speaker[spk]) for spk in by_speaker if spk not in todo))
+    jobs = [[_job(cfg, it) for it in by_speaker[spk]] for spk in todo]
+    for spk, results in zip(todo, _map_fresh(jobs, workers)):
+        done[spk] = _write_speaker(cfg, by_speaker[spk], results, out_dir, key, progress)
     progress.finish()
-    return rows, total_s
+    rows = [row for spk in by_speaker for row in done[spk] or []]
+    total_s = sum(float(r["seconds"]) for r in rows)
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows], total_s
+
+
+_DONE = "rows.json"  # a speaker's manifest rows, written after its last WAV
+
+
+def _finished_rows(out_dir: Path, speaker: str, group: list[_Item], key: str) -> list[dict[str, str]] | None:
+    """The rows of a speaker an earlier run of this config finished (every WAV on disk), or None."""
+    import json
+
+    path = out_dir / "wavs" / speaker / _DONE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("config_sha256") != key:
+        return None
+    rows = doc.get("rows")
+    if (not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows)
+            or [r.get("id") for r in rows] != [it.id for it in group]
+            or not all((out_dir / r["path"]).is_file() for r in rows)):
+        return None
+    return rows
+
+
+def _write_speaker(cfg: SynthConfig, group: list[_Item], results: list[Synthesis], out_dir: Path, key: str,
+                   progress: Progress) -> list[dict[str, str]]:
+    """One speaker's WAVs, then its rows (with each utterance's seconds) beside them."""
+    import json
+
+    import soundfile as sf
+    import torch
+
+    from ofactl.atomic import write_text
+    from ofactl.audio import resample
+
+    rows: list[dict[str, str]] = []
+    for it, s in zip(group, results):
+        wav = resample(torch.from_numpy(s.samples), s.sample_rate, cfg.sample_rate).numpy()
+        peak = float(np.abs(wav).max())
+        if peak > 0.99:  # resampling can overshoot full scale; keep 16-bit PCM unclipped
+            wav = wav * (0.99 / peak)
+        rel = Path("wavs") / it.speaker.id / f"{it.id}.wav"
+        buf = io.BytesIO()  # encoded in memory, written atomically: a full disk is one error naming the file
+        sf.write(buf, wav, cfg.sample_rate, subtype="PCM_16", format="WAV")
+        with atomic_path(out_dir / rel) as tmp:
+            tmp.write_bytes(buf.getvalue())
+        rows.append({
+            "id": it.id, "path": str(rel), "speaker": it.speaker.id, "label": it.label,
+            "kind": it.kind, "text": it.text, "phones": " ".join(s.phones),
+            "phone_times": " ".join(f"{1000 * t:.1f}" for t in s.phone_starts_s),
+            "accent": it.speaker.accent, "split": it.speaker.split, "seconds": repr(len(wav) / cfg.sample_rate),
+        })
+        progress.advance()
+    write_text(out_dir / "wavs" / group[0].speaker.id / _DONE, json.dumps({"config_sha256": key, "rows": rows}))
+    return rows

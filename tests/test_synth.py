@@ -94,8 +94,10 @@ def _interrupt_after_first_speaker(monkeypatch):
     monkeypatch.setattr(synth, "atomic_path", once)
 
 
-def test_an_interrupted_synth_starts_again_unasked_and_never_reuses_a_stale_manifest(
+def test_an_interrupted_synth_goes_on_unasked_and_never_reuses_a_stale_manifest(
         tmp_path, small_synth_cfg, synth_corpus, monkeypatch):
+    import ofactl.synth as synth
+
     out = tmp_path / "c"
     _interrupt_after_first_speaker(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
@@ -103,6 +105,31 @@ def test_an_interrupted_synth_starts_again_unasked_and_never_reuses_a_stale_mani
     assert (out / "synth.yaml").is_file() and not (out / "manifest.tsv").exists()
     res = run_synth(small_synth_cfg, out)  # the same config: no --overwrite needed
     assert not res.reused and digest(out) == digest(synth_corpus.parent)
+    # interrupted after two whole speakers: they are kept, the rest made, the corpus the same
+    first_two = {u.labels["speaker"] for u in read_corpus(synth_corpus)}
+    first_two = set(sorted(first_two)[:2])
+    real = synth._map_fresh
+
+    def two_then_stop(jobs, workers):
+        for k, res in enumerate(real(jobs, workers)):
+            if k == 2:
+                raise KeyboardInterrupt
+            yield res
+
+    monkeypatch.setattr(synth, "_map_fresh", two_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_synth(small_synth_cfg, out, overwrite=True)
+    assert {p.parent.name for p in out.glob("wavs/*/rows.json")} == first_two
+    made = []
+
+    def counted(jobs, workers):
+        made.append(len(jobs))
+        return real(jobs, workers)
+
+    monkeypatch.setattr(synth, "_map_fresh", counted)
+    run_synth(small_synth_cfg, out)
+    assert made == [len(plan_speakers(small_synth_cfg)) - 2]  # only the speakers not finished
+    assert digest(out) == digest(synth_corpus.parent) and not list(out.glob("wavs/*/rows.json"))
     # --overwrite with another config, interrupted: the first corpus's manifest is gone with it
     other = replace(small_synth_cfg, seed=9)
     _interrupt_after_first_speaker(monkeypatch)
@@ -112,6 +139,10 @@ def test_an_interrupted_synth_starts_again_unasked_and_never_reuses_a_stale_mani
     with pytest.raises(OfactlError, match="not empty"):
         run_synth(small_synth_cfg, out)  # the folder now holds the other config's unfinished run
     assert not run_synth(other, out).reused
+
+
+def plan_speakers(cfg):
+    return {it.speaker.id for it in plan(cfg)}
 
 
 def test_wavs_are_16k_pcm16(synth_corpus):
