@@ -1,4 +1,4 @@
-"""Self-descriptions for ``ofactl info``: the environment, a checkpoint, or a feature store."""
+"""Self-descriptions for ``ofactl info``: the environment, a checkpoint, a corpus, a feature store or a run."""
 
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ def _cpu_has_native_bf16() -> bool:
 
 def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
     """Describe what ``path`` holds: a feature store, a student checkpoint, a teacher file, an audio
-    file, the folder of ``sweep``, ``adapt`` or ``quickstart`` (what it measured), or the run folder of ``distill``
-    (its student.pt) or ``pretrain`` (its teacher); ``verify`` checks a store's checksums (see
+    file, a corpus (:func:`describe_corpus`), the folder of ``sweep``, ``adapt`` or ``quickstart``
+    (what it measured), or the run folder of ``distill`` (its student.pt), ``pretrain`` (its
+    teacher) or ``synth`` (while unfinished); ``verify`` checks a store's checksums (see
     :func:`ofactl.storage.describe_store`)."""
     from ofactl.model.teacher import PRETRAIN_TEACHER
 
@@ -55,11 +56,15 @@ def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
         for made in ("student.pt", PRETRAIN_TEACHER):
             if (p / made).is_file():
                 return describe_path(p / made, verify)
-        found = describe_result_folder(p) or describe_unfinished_run(p)
+        found = (describe_result_folder(p) or describe_unfinished_run(p) or describe_unfinished_synth(p)
+                 or _unfinished_quickstart(p))
         if found is not None:
             return found
+        if _holds_audio(p):
+            return describe_corpus(p)
         raise OfactlError(f"{p}: not a feature store (no zarr.json), nor the folder of sweep (sweep.json), "
-                          f"adapt (summary.json), distill (student.pt) or pretrain ({PRETRAIN_TEACHER})")
+                          f"adapt (summary.json), distill (student.pt) or pretrain ({PRETRAIN_TEACHER}), "
+                          "nor a corpus (no audio files below it)")
     if is_store:
         from ofactl.storage import describe_store
 
@@ -74,6 +79,8 @@ def describe_path(path: Path, verify: bool = False) -> dict[str, Any]:
         return describe_audio(p)
     if p.suffix == ".safetensors":  # students are .pt; a .safetensors file is a teacher's weights
         return describe_teacher(str(p))
+    if p.suffix.lower() in CORPUS_SUFFIXES:
+        return describe_corpus(p)
     from ofactl.checkpoint import describe_checkpoint
 
     return describe_checkpoint(p)
@@ -166,6 +173,105 @@ def _saved_settings(run: Path) -> tuple[str, dict[str, Any]]:
         return "", {}
     return next(((s, saved[s]) for s in ("distill", "pretrain", "sweep", "adapt") if isinstance(saved.get(s), dict)),
                 ("", {}))
+
+
+CORPUS_SUFFIXES = (".tsv", ".scp", ".txt", ".lst", ".list")  # manifests, Kaldi wav.scp, lists of paths
+
+
+def _holds_audio(folder: Path) -> bool:
+    """Whether a folder is one ``--corpus`` reads: a manifest, a Kaldi data folder or audio below it."""
+    from ofactl.audio import AUDIO_SUFFIXES, MANIFEST_NAME
+
+    if (folder / MANIFEST_NAME).is_file() or (folder / "wav.scp").is_file():
+        return True
+    return any(f.suffix.lower() in AUDIO_SUFFIXES for f in folder.rglob("*"))
+
+
+def describe_corpus(spec: Path) -> dict[str, Any]:
+    """What every command reads from ``--corpus spec``: utterances, hours, speakers and splits when
+    labelled, sample rates, durations, and the files a command would refuse (named, a few)."""
+    import numpy as np
+
+    from ofactl.audio import read_corpus
+    from ofactl.model.blocks import BASE_CONV
+    from ofactl.model.windowed import min_input_samples
+
+    cps = read_corpus(spec, on_error="skip")
+    secs = np.array([u.seconds for u in cps])
+    doc: dict[str, Any] = {"kind": "corpus", "utterances": len(cps), "seconds": round(float(secs.sum()), 1),
+                           "hours": round(float(secs.sum()) / 3600, 3),
+                           "seconds_min_median_max": [round(float(f(secs)), 2) for f in (np.min, np.median, np.max)],
+                           "columns": cps.columns}
+    for column in ("speaker", "split"):
+        values = [u.labels[column] for u in cps if column in u.labels]
+        if values:
+            doc[f"{column}s"] = len(set(values)) if column == "speaker" else _counts(values)
+    doc["sample_rates"] = _counts([str(u.sample_rate) for u in cps])
+    need = min_input_samples(BASE_CONV)
+    short = sum(u.n_samples_16k < need for u in cps)
+    notes = [f"{short} recording(s) shorter than the {need} samples at 16 kHz a HuBERT CNN needs"] if short else []
+    notes += [n] if (n := cps.narrowband_note()) else []
+    notes += _same_files_note(cps)
+    if cps.problems:
+        listed = list(cps.problems.values())
+        notes.append(f"{len(listed)} file(s) unreadable (refused by every command, left out with extract's "
+                     f"--on-error skip): " + "; ".join(listed[:5]) + ("; ..." if len(listed) > 5 else ""))
+    doc["notes"] = notes
+    doc["fingerprint"] = cps.fingerprint()
+    return doc
+
+
+def _same_files_note(cps: Any) -> list[str]:
+    """One note when utterances read the same file (a link, or a path listed twice under two ids):
+    the same audio in a probe's train and test splits would flatter it."""
+    first: dict[Path, str] = {}
+    pairs = []
+    for u in cps:
+        real = Path(u.path).resolve()
+        if real in first:
+            pairs.append(f"{first[real]} and {u.id}")
+        else:
+            first[real] = u.id
+    if not pairs:
+        return []
+    return [f"{len(pairs)} utterance(s) read a file another one reads too (through a link or a second listing), "
+            f"e.g. {pairs[0]}"]
+
+
+def _unfinished_quickstart(folder: Path) -> dict[str, Any] | None:
+    """A quickstart folder without its summary yet (running, or stopped); None for any other."""
+    if not (folder / "quickstart.yaml").is_file():
+        return None
+    return {"kind": "quickstart, unfinished",
+            "resume": "the same 'ofactl quickstart' command goes on, reusing the stages finished"}
+
+
+def _counts(values: list[str]) -> dict[str, int]:
+    """How often each value occurs, most common first."""
+    from collections import Counter
+
+    return dict(Counter(values).most_common())
+
+
+def describe_unfinished_synth(folder: Path) -> dict[str, Any] | None:
+    """How far an interrupted ``synth`` has got (speakers finished, from their row files); None
+    for a folder that is no unfinished synth."""
+    from ofactl.audio import MANIFEST_NAME
+    from ofactl.config import build_config, load_yaml
+    from ofactl.errors import ConfigError
+
+    if not (folder / "synth.yaml").is_file() or (folder / MANIFEST_NAME).is_file():
+        return None
+    from ofactl.synth import SynthConfig, plan
+
+    try:
+        cfg = build_config(SynthConfig, load_yaml(folder / "synth.yaml").get("synth", {}), str(folder / "synth.yaml"))
+    except (ConfigError, AttributeError):
+        return None  # not one this version can go on with: described as a folder of audio
+    speakers = {it.speaker.id for it in plan(cfg)}
+    finished = sum((folder / "wavs" / spk / "rows.json").is_file() for spk in speakers)
+    return {"kind": "synth, unfinished", "speakers": len(speakers), "speakers_finished": finished,
+            "resume": "the same 'ofactl synth' command goes on, keeping the speakers finished"}
 
 
 def describe_unfinished_run(run: Path) -> dict[str, Any] | None:

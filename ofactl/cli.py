@@ -632,7 +632,7 @@ def adapt(
 
 @app.command()
 def info(
-    path: Annotated[Path | None, typer.Argument(help="What to describe: a student checkpoint, a teacher file, an audio file, a feature store, a sweep, adapt or quickstart folder, or a distill or pretrain run folder.")] = None,
+    path: Annotated[Path | None, typer.Argument(help="What to describe: a student checkpoint, a teacher file, an audio file, a corpus (any --corpus but '-'), a feature store, a sweep, adapt or quickstart folder, or a distill, pretrain or synth run folder.")] = None,
     teacher: Annotated[str | None, typer.Option("--teacher", help="Describe a teacher instead: any --teacher value (builtin:NAME, random:tiny|base, a HuBERT file or folder, a pretrain run folder).")] = None,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow loading pickle-based (fairseq) checkpoints.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Check every extracted utterance of a store against its checksum; damaged ones are listed and marked for the next extract (exit code 1).")] = False,
@@ -643,7 +643,9 @@ def info(
 
     The compute: torch, CUDA and bf16. A store's description lists the inputs it skipped, and
     --verify checks every extracted utterance against its checksum. A recording's description says
-    what the models get from it: 16 kHz mono, its level, its 20 ms frames. A sweep folder shows its
+    what the models get from it: 16 kHz mono, its level, its 20 ms frames. A corpus's, what every
+    command reads from it: utterances, hours, speakers and splits, sample rates, durations, and the
+    files a command would refuse or that are listed twice. A sweep folder shows its
     table again (the rows finished so far, while it runs; and how many rows a later sweep in the
     folder has measured since); an adapt folder, what it learned; a quickstart folder, its summary.
     """

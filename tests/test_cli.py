@@ -139,6 +139,44 @@ def test_python_dash_m():
     assert out.returncode == 0 and __version__ in out.stdout
 
 
+def test_info_describes_a_corpus_as_every_command_reads_it(tmp_path, write_wav, synth_corpus):
+    for i, sr in enumerate((16000, 16000, 8000)):
+        write_wav(f"rec/r{i}.wav", seconds=0.5 + i, sr=sr)
+    (tmp_path / "rec" / "same.wav").symlink_to(tmp_path / "rec" / "r0.wav")
+    (tmp_path / "rec" / "zero.wav").write_bytes(b"")
+    doc = json.loads(runner.invoke(app, ["info", str(tmp_path / "rec"), "--json"]).stdout)
+    assert doc["kind"] == "corpus" and doc["utterances"] == 4 and doc["seconds"] == 5.0  # 0.5 twice, 1.5, 2.5
+    assert doc["seconds_min_median_max"] == [0.5, 1.0, 2.5] and doc["sample_rates"] == {"16000": 3, "8000": 1}
+    assert any("1 utterance(s) read a file another one reads too" in n and "r0 and same" in n for n in doc["notes"])
+    assert any("1 file(s) unreadable" in n and "zero.wav: empty file" in n for n in doc["notes"])
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{tmp_path / 'rec' / 'r1.wav'}\n{tmp_path / 'rec' / 'r2.wav'}\n")
+    doc = json.loads(runner.invoke(app, ["info", str(lst), "--json"]).stdout)
+    assert doc["utterances"] == 2 and doc["seconds"] == 4.0 and doc["notes"] == []
+    r = runner.invoke(app, ["info", str(synth_corpus)])  # a manifest: its labels summed up
+    assert r.exit_code == 0 and "speakers: 6" in r.stdout and '"train": ' in r.stdout, r.stdout
+    assert json.loads(runner.invoke(app, ["info", str(synth_corpus.parent), "--json"]).stdout)["speakers"] == 6
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["info", str(tmp_path / "empty")])
+    assert r.exit_code == 1 and "nor a corpus (no audio files below it)" in r.stderr
+
+
+def test_info_tells_how_far_an_unfinished_synth_or_quickstart_has_got(tmp_path, small_synth_cfg):
+    from ofactl.config import save_resolved
+
+    out = tmp_path / "syn"
+    out.mkdir()
+    save_resolved(small_synth_cfg, "synth", out / "synth.yaml")
+    (out / "wavs" / "spk001").mkdir(parents=True)
+    (out / "wavs" / "spk001" / "rows.json").write_text("{}")
+    doc = json.loads(runner.invoke(app, ["info", str(out), "--json"]).stdout)
+    assert doc["kind"] == "synth, unfinished" and (doc["speakers"], doc["speakers_finished"]) == (6, 1)
+    (tmp_path / "qs").mkdir()
+    (tmp_path / "qs" / "quickstart.yaml").write_text("quickstart: {}\n")
+    r = runner.invoke(app, ["info", str(tmp_path / "qs")])
+    assert "kind: quickstart, unfinished" in r.stdout and "goes on, reusing the stages finished" in r.stdout
+
+
 def test_info_describes_checkpoint_and_teacher(tmp_path):
     import torch
 
