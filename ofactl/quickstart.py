@@ -113,14 +113,14 @@ def teacher_identity(spec: str) -> str:
     the same path distills again; the folder's other files are not read)."""
     from ofactl.checkpoint import file_sha256
     from ofactl.errors import CheckpointError
-    from ofactl.model.teacher import hf_files, teacher_file
+    from ofactl.model.teacher import hf_fingerprint, teacher_file
 
     if spec.startswith(("builtin:", "random:")):
         return spec
     p = teacher_file(Path(spec))
     if p.is_dir():
         try:
-            return file_sha256(*hf_files(p))  # the teacher's fingerprint, as 'info --teacher' shows it
+            return hf_fingerprint(p)  # as 'info --teacher' shows it
         except CheckpointError:
             return spec  # not a teacher folder: distill says so
     return file_sha256(p) if p.is_file() else spec  # a missing one: distill says so

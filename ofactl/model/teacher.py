@@ -414,6 +414,11 @@ def hf_files(p: Path) -> tuple[Path, Path]:
     return cfg_path, weights[0]
 
 
+def hf_fingerprint(p: Path) -> str:
+    """A HuggingFace teacher's identity: the sha256 of the two files it is made from."""
+    return file_sha256(*hf_files(p))
+
+
 def _load_hf_dir(p: Path, trust: bool = False) -> Teacher:
     cfg_path, w = hf_files(p)
     try:
@@ -441,7 +446,7 @@ def _load_hf_dir(p: Path, trust: bool = False) -> Teacher:
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: missing or invalid field {e}") from None
     sd = _hf_to_torchaudio(sd, cfg.get("feat_proj_layer_norm", True))
-    return _build(arch, sd, p, "huggingface", file_sha256(cfg_path, w))
+    return _build(arch, sd, p, "huggingface", hf_fingerprint(p))
 
 
 def parse_conv_layers(spec: str) -> tuple[tuple[int, int, int], ...]:
