@@ -92,7 +92,7 @@ def describe_result_folder(folder: Path) -> dict[str, Any] | None:
     summary.json); None for any other folder."""
     if not any((folder / f).exists() for f in ("sweep.json", "summary.json", "rows")):
         return None
-    from ofactl.sweep import rows_from_json  # torch and the probes: only for a folder that may be a sweep
+    from ofactl.sweep import read_row, rows_from_json  # torch and the probes: only for a folder that may be a sweep
 
     if (folder / "sweep.json").is_file():
         doc = _read_result(folder / "sweep.json", "sweep")
@@ -115,14 +115,8 @@ def describe_result_folder(folder: Path) -> dict[str, Any] | None:
     if (folder / "summary.json").is_file() and (folder / "rate.yaml").is_file():
         return {"kind": "adapt", **_read_result(folder / "summary.json", "adapt")}
     if (folder / "rows").is_dir() and _saved_settings(folder)[0] == "sweep":
-        rows = []
-        for f in sorted((folder / "rows").glob("*.json")):
-            try:
-                row = _read_result(f, "sweep")
-                rows_from_json([row], f)
-            except OfactlError:  # a row cut short is measured again by the next run, as sweep itself does
-                continue
-            rows.append(row)
+        # a row cut short is measured again by the next run, as sweep itself does: left out
+        rows = [row.to_json() for f in sorted((folder / "rows").glob("*.json")) if (row := read_row(f))]
         return {"kind": "sweep, unfinished", "rows": rows,
                 "resume": "the same 'ofactl sweep' command goes on, reusing the rows finished"}
     return None
@@ -133,6 +127,8 @@ def _rows_measured_after(folder: Path, finished: list[Any]) -> int:
     among its rows (both, so a folder copied file by file does not look busy)."""
     import json
 
+    from ofactl.sweep import read_row
+
     since = (folder / "sweep.json").stat().st_mtime_ns
     known = {json.dumps(r, sort_keys=True) for r in finished}
     later = 0
@@ -140,10 +136,10 @@ def _rows_measured_after(folder: Path, finished: list[Any]) -> int:
         try:
             if f.stat().st_mtime_ns <= since:
                 continue
-            row = _read_result(f, "sweep")
-        except (OSError, OfactlError):  # gone, or cut short: the running sweep measures it again
+        except OSError:  # gone: the running sweep is rewriting it
             continue
-        later += json.dumps(row, sort_keys=True) not in known
+        row = read_row(f)  # None when cut short: the running sweep measures it again
+        later += row is not None and json.dumps(row.to_json(), sort_keys=True) not in known
     return later
 
 

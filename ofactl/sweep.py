@@ -270,16 +270,13 @@ class _Sweep:
         cache = self.row_file(label, r)
         if self.overwrite or not cache.is_file():
             return None
-        key = ("checkpoint_sha256", "seed", "probe_config_sha", "task_sha")
-        try:
-            doc = json.loads(cache.read_text(encoding="utf-8"))
-            if tuple(doc.get(k) for k in key) != (sha, self.cfg.seed, self.probe_sha, self.task_sha):
-                return None  # another student, seed, probe or corpus: measured again
-            row = SweepRow(**doc)
-        except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError):
-            # a damaged record (written by a version before atomic writes, or edited) vouches for nothing
+        row = read_row(cache)
+        if row is None:
             self.progress.log(f"{label} rate={r:.3f}: {cache} is unreadable; measuring the row again")
             return None
+        if (row.checkpoint_sha256, row.seed, row.probe_config_sha, row.task_sha) != (
+                sha, self.cfg.seed, self.probe_sha, self.task_sha):
+            return None  # another student, seed, probe or corpus: measured again
         self.reused += 1
         self.progress.log(f"{label} rate={r:.3f}: reusing the finished row")
         return row
@@ -493,6 +490,15 @@ def load_rows(path: Path) -> list[SweepRow]:
     """The rows of a ``sweep.json``."""
     doc = json.loads(Path(path).read_text())
     return rows_from_json(doc["rows"], Path(path))
+
+
+def read_row(path: Path) -> SweepRow | None:
+    """A finished row's file (``rows/*.json``); None for one cut short, edited, or written by
+    another version: such a record vouches for nothing, and a sweep measures its row again."""
+    try:
+        return SweepRow(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return None
 
 
 def rows_from_json(rows: list[dict[str, Any]], source: Path) -> list[SweepRow]:
