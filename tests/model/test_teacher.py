@@ -302,3 +302,19 @@ def test_builtin_teacher_loads_with_its_recorded_checksum_and_architecture(name,
     assert h.states.shape == (1, 49, arch[1] + 1, arch[0]) and torch.isfinite(h.states).all()
     with pytest.raises(CheckpointError, match="unknown built-in teacher"):
         load_teacher("builtin:hubert-huge")
+
+
+def test_a_run_folder_that_holds_no_teacher_is_named_for_what_it_is(tmp_path):
+    pre, dist = tmp_path / "pre", tmp_path / "dist"
+    for run, section in ((pre, "pretrain"), (dist, "distill")):
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "config.yaml").write_text(f"{section}:\n  steps: 100\n")
+    with pytest.raises(CheckpointError, match=r"pre: an 'ofactl pretrain' run that has not finished: its teacher "
+                       r"\(teacher.safetensors\) is written when it ends; 'ofactl info .*pre' shows how far"):
+        load_teacher(str(pre))
+    with pytest.raises(CheckpointError, match=r"dist: an 'ofactl distill' run folder; its student.pt is a student, "
+                       r"not a teacher \(pass it as --ckpt\)"):
+        load_teacher(str(dist))
+    (tmp_path / "other").mkdir()
+    with pytest.raises(CheckpointError, match="folder has no config.json"):  # any other folder: as before
+        load_teacher(str(tmp_path / "other"))
