@@ -95,14 +95,44 @@ def rates_phrase(rates: list[float]) -> str:
     return f"rate {listed} lies" if len(rates) == 1 else f"rates {listed} lie"
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load and check a student checkpoint's payload (weights_only=True)."""
+def student_file(path: Path) -> Path:
+    """The student a ``distill`` run folder made (its student.pt); any other path as given. The
+    folder of a run that has not finished is refused, naming its newest checkpoint (a student too)."""
     p = Path(path)
+    if not p.is_dir():
+        return p
+    if (p / "student.pt").is_file():
+        return p / "student.pt"
+    steps = sorted((p / "checkpoints").glob("step-*.pt"))
+    if steps and _run_section(p) == "distill":
+        raise CheckpointError(f"{p}: an 'ofactl distill' run that has not finished (student.pt is written when it "
+                              f"ends); its newest checkpoint, {steps[-1]}, is a student too")
+    if _run_section(p) == "pretrain":
+        raise CheckpointError(f"{p}: an 'ofactl pretrain' run folder; it makes a teacher (--teacher), not a student")
+    return p
+
+
+def _run_section(run: Path) -> str:
+    """``distill`` or ``pretrain`` when ``run/config.yaml`` holds that command's settings, else ""."""
+    from ofactl.config import load_yaml
+
+    try:
+        saved = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
+    except ConfigError:
+        return ""
+    return next((s for s in ("distill", "pretrain") if isinstance(saved.get(s), dict)), "")
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and check a student checkpoint's payload (weights_only=True); a ``distill`` run
+    folder stands for its student.pt (:func:`student_file`)."""
+    p = student_file(Path(path))
     if not p.exists() and str(path).startswith(("builtin:", "random:")):
         raise CheckpointError(f"{path} is a teacher, not a student checkpoint; students come from "
                               f"'ofactl distill --teacher {path}'")
     if not p.is_file():
-        what = "is a folder, not a checkpoint file (student.pt)" if p.is_dir() else "not found"
+        what = "is a folder, not a checkpoint file (nor a distill run folder holding student.pt)" if p.is_dir() \
+            else "not found"
         raise CheckpointError(f"checkpoint {p} {what}")
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: empty file, not a checkpoint")

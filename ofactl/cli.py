@@ -450,7 +450,7 @@ def pretrain(
 
 @app.command()
 def extract(
-    ckpt: Annotated[Path, typer.Option("--ckpt", help="Student checkpoint (student.pt from 'ofactl distill').")],
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="Student checkpoint (student.pt from 'ofactl distill', or its run folder).")],
     corpus: Annotated[str, typer.Option("--corpus", help="Folder (through its manifest.tsv if it has one), LibriSpeech tree, Kaldi data folder, .tsv manifest (ofactl's or fairseq's), list file, or - for stdin.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Zarr store to create or complete (one group per rate).")] = Path("feats.zarr"),
     rate: Annotated[list[str] | None, typer.Option("--rate", "-r", help="Rate in (0, 1]: output frames per 20 ms frame; a comma list (1,0.5) or repeated.")] = None,
@@ -477,6 +477,7 @@ def extract(
 
     Reruns skip utterances already extracted; a killed run resumes where it stopped.
     """
+    from ofactl.checkpoint import student_file
     from ofactl.config import Flag, load_config, parse_numbers
     from ofactl.extract import ExtractConfig, parse_level, parse_shard, requested_rates, run_extract
 
@@ -490,7 +491,7 @@ def extract(
                  Flag("adaptive_length", "--adaptive-length", adaptive_length or None),
                  Flag("level_db", "--level-db", parse_level(level_db))]
         cfg = load_config(ExtractConfig, "extract", config, set_ or [], flags)
-        return run_extract(cfg, ckpt, corpus, out, shard=parse_shard(shard), overwrite=overwrite, format=fmt,
+        return run_extract(cfg, student_file(ckpt), corpus, out, shard=parse_shard(shard), overwrite=overwrite, format=fmt,
                            progress=_progress(quiet, as_json))
 
     res = _call(debug, go, as_json, out)
@@ -519,7 +520,7 @@ def _print_extract(res: Any) -> None:
 
 @app.command()
 def sweep(
-    ckpt: Annotated[list[str], typer.Option("--ckpt", help="Student checkpoint, or LABEL=PATH; repeat to compare checkpoints.")],
+    ckpt: Annotated[list[str], typer.Option("--ckpt", help="Student checkpoint (or its distill run folder), or LABEL=PATH; repeat to compare checkpoints.")],
     corpus: LabelledCorpusOpt,
     task: TaskOpt = None,
     rates: Annotated[str | None, typer.Option("--rates", help="Comma-separated rates, e.g. 1,0.75,0.5,0.33,0.25.")] = None,
@@ -582,7 +583,7 @@ def _show_sweep_rows(console: Console, rows: list[Any], not_scored: list[dict[st
 
 @app.command()
 def adapt(
-    ckpt: Annotated[Path, typer.Option("--ckpt", help="Once-for-all (cif) student checkpoint.")],
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="Once-for-all (cif) student checkpoint (or its distill run folder).")],
     corpus: LabelledCorpusOpt,
     task: TaskOpt = None,
     cost: Annotated[float | None, typer.Option("--cost", help="gamma: expected error (0.05 = 5 points) accepted for all of the compute after the CNN (--cost-form linear) or per halving of the frame rate (log2).")] = None,
@@ -604,6 +605,7 @@ def adapt(
     Writes rate.yaml, so 'ofactl extract -c OUT/rate.yaml' extracts at the learned rate.
     """
     from ofactl.adapt import AdaptConfig, run_adapt
+    from ofactl.checkpoint import student_file
     from ofactl.config import Flag, load_config
     from ofactl.extract import parse_level
 
@@ -613,7 +615,7 @@ def adapt(
                  Flag("init_rate", "--init-rate", init_rate), Flag("device", "--device", device),
                  Flag("level_db", "--level-db", parse_level(level_db))]
         cfg = load_config(AdaptConfig, "adapt", config, set_ or [], flags)
-        return run_adapt(cfg, ckpt, corpus, out, compare_sweep, progress=_progress(quiet, as_json))
+        return run_adapt(cfg, student_file(ckpt), corpus, out, compare_sweep, progress=_progress(quiet, as_json))
 
     res = _call(debug, go, as_json, out)
     if as_json:

@@ -472,16 +472,19 @@ def plot_tradeoff(rows: list[SweepRow], path: Path, title: str | None = None) ->
 
 
 def parse_ckpts(values: list[str]) -> list[tuple[str, Path]]:
-    """``--ckpt PATH`` or ``--ckpt LABEL=PATH`` (repeatable) -> (label, path) pairs.
+    """``--ckpt PATH`` or ``--ckpt LABEL=PATH`` (repeatable) -> (label, path) pairs; a distill run
+    folder stands for its student.pt, and names the row by default.
 
     A label has no ``/``; an existing file whose name holds ``=`` is taken as a path.
     """
+    from ofactl.checkpoint import student_file
+
     out = []
     for v in values:
         label, sep, path = v.partition("=")
         if not sep or not label or "/" in label or Path(v).exists():
             label, path = "", v
-        p = Path(path)
+        p = student_file(Path(path))
         out.append((label or p.parent.name or p.stem, p))
     return out
 

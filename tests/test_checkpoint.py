@@ -124,3 +124,30 @@ def test_the_training_level_survives_save_and_load_and_older_files_have_none(tmp
     torch.save(payload, tmp_path / "old.pt")
     assert load_student(tmp_path / "old.pt")[0].input_level_db is None
     assert describe_checkpoint(tmp_path / "old.pt")["input_level_db"] is None
+
+
+def test_a_distill_run_folder_stands_for_its_student(tmp_path):
+    from ofactl.checkpoint import file_sha256, student_file
+    from ofactl.sweep import parse_ckpts
+
+    torch.manual_seed(0)
+    run = tmp_path / "tiny"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("distill:\n  steps: 10\n")
+    for step in (4, 8):
+        save_student(run / "checkpoints" / f"step-{step:08d}.pt", Student(student_config("tiny")), step=step)
+    with pytest.raises(CheckpointError, match=r"tiny: an 'ofactl distill' run that has not finished \(student.pt is "
+                       r"written when it ends\); its newest checkpoint, .*step-00000008.pt, is a student too"):
+        load_student(run)
+    assert read_checkpoint(run / "checkpoints" / "step-00000008.pt")["step"] == 8  # which loads as one
+    save_student(run / "student.pt", Student(student_config("tiny")), step=10)
+    assert student_file(run) == run / "student.pt" and load_student(run)[1]["step"] == 10
+    assert parse_ckpts([str(run), f"b={run}"]) == [("tiny", run / "student.pt"), ("b", run / "student.pt")]
+    assert file_sha256(student_file(run)) == file_sha256(run / "student.pt")
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    (pre / "config.yaml").write_text("pretrain:\n  steps: 10\n")
+    with pytest.raises(CheckpointError, match=r"pre: an 'ofactl pretrain' run folder; it makes a teacher"):
+        load_student(pre)
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file \(nor a distill run folder"):
+        load_student(tmp_path)
