@@ -227,6 +227,15 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
     """Train a probe and lambda together on a frozen once-for-all student, then test at the
     learned rate. Writes config.yaml, trajectory.jsonl/.png, rate.yaml and summary.json to
     ``out_dir``; ``compare_sweep`` adds where a sweep of the same task puts that rate."""
+    from ofactl.pidlock import run_folder_lock
+
+    with run_folder_lock(out_dir, "adapt", progress or NullProgress()):
+        return _run_adapt(cfg, ckpt, corpus, out_dir, compare_sweep, progress)
+
+
+def _run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir: Path,
+              compare_sweep: Path | None = None, progress: Progress | None = None) -> AdaptResult:
+    """:func:`run_adapt` under its run folder's lock."""
     progress = progress or NullProgress()
     t0 = time.perf_counter()
     device = resolve_device(cfg.device if cfg.probe.device == "auto" else cfg.probe.device)  # before any folder

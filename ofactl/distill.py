@@ -351,6 +351,24 @@ def run_distill(
 ) -> DistillResult:
     """Distill a once-for-all student: set up, build teacher and student, train on the shared
     scaffold (:mod:`ofactl.training`), then save, evaluate and summarise."""
+    from ofactl.pidlock import run_folder_lock
+
+    with run_folder_lock(run_dir, "distill", progress or NullProgress()):
+        return _run_distill(cfg, corpus, run_dir, resume=resume, overwrite=overwrite,
+                            trust_checkpoint=trust_checkpoint, progress=progress)
+
+
+def _run_distill(
+    cfg: DistillConfig,
+    corpus: str | Path | Corpus,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    trust_checkpoint: bool = False,
+    progress: Progress | None = None,
+) -> DistillResult:
+    """:func:`run_distill` under its run folder's lock."""
     from ofactl import training as tr
 
     progress = progress or NullProgress()

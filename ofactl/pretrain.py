@@ -358,6 +358,17 @@ def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path
                  progress: Progress | None = None) -> PretrainResult:
     """Pretrain: set up, targets (k-means fitted once, reused on resume), train on the shared
     scaffold, then export ``teacher.safetensors``."""
+    from ofactl.pidlock import run_folder_lock
+
+    with run_folder_lock(run_dir, "pretrain", progress or NullProgress()):
+        return _run_pretrain(cfg, corpus, run_dir, resume=resume, overwrite=overwrite,
+                             trust_checkpoint=trust_checkpoint, progress=progress)
+
+
+def _run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path, *, resume: bool = False,
+                 overwrite: bool = False, trust_checkpoint: bool = False,
+                 progress: Progress | None = None) -> PretrainResult:
+    """:func:`run_pretrain` under its run folder's lock."""
     from ofactl import training as tr
 
     progress = progress or NullProgress()

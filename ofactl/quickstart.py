@@ -177,6 +177,15 @@ def run_quickstart(cfg: QuickstartConfig, out_dir: Path, progress: Progress | No
     """synth -> distill -> extract -> sweep -> adapt -> summary; each stage reused when its
     settings and inputs match an earlier run's (``stages.json``). ``trust_checkpoint`` allows a
     pickle-based ``cfg.teacher``."""
+    from ofactl.pidlock import run_folder_lock
+
+    with run_folder_lock(out_dir, "quickstart", progress or NullProgress()):
+        return _run_quickstart(cfg, out_dir, progress, trust_checkpoint=trust_checkpoint)
+
+
+def _run_quickstart(cfg: QuickstartConfig, out_dir: Path, progress: Progress | None = None, *,
+                   trust_checkpoint: bool = False) -> QuickstartResult:
+    """:func:`run_quickstart` under its run folder's lock."""
     from ofactl.runtime import resolve_device
 
     progress = progress or NullProgress()

@@ -151,6 +151,16 @@ def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pat
     """Probe ``cfg.task`` at every rate for each (label, checkpoint) pair: extract what is not
     cached (one store per checkpoint, ``store`` for a single one), train the probe, time the
     student, and write sweep.csv, sweep.json and tradeoff.png. Finished rows are reused."""
+    from ofactl.pidlock import run_folder_lock
+
+    with run_folder_lock(out_dir, "sweep", progress or NullProgress()):
+        return _run_sweep(cfg, ckpts, corpus, out_dir, store, overwrite=overwrite, progress=progress)
+
+
+def _run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Path | Corpus, out_dir: Path,
+              store: Path | None = None, *, overwrite: bool = False,
+              progress: Progress | None = None) -> SweepResult:
+    """:func:`run_sweep` under its run folder's lock."""
     t0 = time.perf_counter()
     labels = [lab for lab, _ in ckpts]
     if len(set(labels)) != len(labels):

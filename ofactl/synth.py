@@ -433,6 +433,15 @@ def run_synth(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False,
     ``workers`` processes synthesise speakers in parallel (default: CPU count, at most 4); the
     output does not depend on it.
     """
+    from ofactl.pidlock import run_folder_lock
+
+    with run_folder_lock(out_dir, "synth", progress or NullProgress()):
+        return _run_synth(cfg, out_dir, overwrite=overwrite, progress=progress, workers=workers)
+
+
+def _run_synth(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False,
+              progress: Progress | None = None, workers: int | None = None) -> SynthResult:
+    """:func:`run_synth` under its run folder's lock."""
     from ofactl.audio import MANIFEST_NAME, write_manifest
 
     progress = progress or NullProgress()
