@@ -234,7 +234,7 @@ def run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir
 
 
 def _run_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, out_dir: Path,
-              compare_sweep: Path | None = None, progress: Progress | None = None) -> AdaptResult:
+               compare_sweep: Path | None, progress: Progress | None) -> AdaptResult:
     """:func:`run_adapt` under its run folder's lock."""
     progress = progress or NullProgress()
     t0 = time.perf_counter()

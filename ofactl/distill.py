@@ -354,20 +354,11 @@ def run_distill(
     from ofactl.pidlock import run_folder_lock
 
     with run_folder_lock(run_dir, "distill", progress or NullProgress()):
-        return _run_distill(cfg, corpus, run_dir, resume=resume, overwrite=overwrite,
-                            trust_checkpoint=trust_checkpoint, progress=progress)
+        return _run_distill(cfg, corpus, run_dir, resume, overwrite, trust_checkpoint, progress)
 
 
-def _run_distill(
-    cfg: DistillConfig,
-    corpus: str | Path | Corpus,
-    run_dir: Path,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    trust_checkpoint: bool = False,
-    progress: Progress | None = None,
-) -> DistillResult:
+def _run_distill(cfg: DistillConfig, corpus: str | Path | Corpus, run_dir: Path, resume: bool, overwrite: bool,
+                 trust_checkpoint: bool, progress: Progress | None) -> DistillResult:
     """:func:`run_distill` under its run folder's lock."""
     from ofactl import training as tr
 

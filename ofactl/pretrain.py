@@ -361,13 +361,11 @@ def run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path
     from ofactl.pidlock import run_folder_lock
 
     with run_folder_lock(run_dir, "pretrain", progress or NullProgress()):
-        return _run_pretrain(cfg, corpus, run_dir, resume=resume, overwrite=overwrite,
-                             trust_checkpoint=trust_checkpoint, progress=progress)
+        return _run_pretrain(cfg, corpus, run_dir, resume, overwrite, trust_checkpoint, progress)
 
 
-def _run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path, *, resume: bool = False,
-                 overwrite: bool = False, trust_checkpoint: bool = False,
-                 progress: Progress | None = None) -> PretrainResult:
+def _run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Path, resume: bool, overwrite: bool,
+                  trust_checkpoint: bool, progress: Progress | None) -> PretrainResult:
     """:func:`run_pretrain` under its run folder's lock."""
     from ofactl import training as tr
 

@@ -180,11 +180,11 @@ def run_quickstart(cfg: QuickstartConfig, out_dir: Path, progress: Progress | No
     from ofactl.pidlock import run_folder_lock
 
     with run_folder_lock(out_dir, "quickstart", progress or NullProgress()):
-        return _run_quickstart(cfg, out_dir, progress, trust_checkpoint=trust_checkpoint)
+        return _run_quickstart(cfg, out_dir, progress, trust_checkpoint)
 
 
-def _run_quickstart(cfg: QuickstartConfig, out_dir: Path, progress: Progress | None = None, *,
-                   trust_checkpoint: bool = False) -> QuickstartResult:
+def _run_quickstart(cfg: QuickstartConfig, out_dir: Path, progress: Progress | None,
+                    trust_checkpoint: bool) -> QuickstartResult:
     """:func:`run_quickstart` under its run folder's lock."""
     from ofactl.runtime import resolve_device
 

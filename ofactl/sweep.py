@@ -154,12 +154,11 @@ def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pat
     from ofactl.pidlock import run_folder_lock
 
     with run_folder_lock(out_dir, "sweep", progress or NullProgress()):
-        return _run_sweep(cfg, ckpts, corpus, out_dir, store, overwrite=overwrite, progress=progress)
+        return _run_sweep(cfg, ckpts, corpus, out_dir, store, overwrite, progress)
 
 
 def _run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Path | Corpus, out_dir: Path,
-              store: Path | None = None, *, overwrite: bool = False,
-              progress: Progress | None = None) -> SweepResult:
+               store: Path | None, overwrite: bool, progress: Progress | None) -> SweepResult:
     """:func:`run_sweep` under its run folder's lock."""
     t0 = time.perf_counter()
     labels = [lab for lab, _ in ckpts]

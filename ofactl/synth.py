@@ -436,11 +436,11 @@ def run_synth(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False,
     from ofactl.pidlock import run_folder_lock
 
     with run_folder_lock(out_dir, "synth", progress or NullProgress()):
-        return _run_synth(cfg, out_dir, overwrite=overwrite, progress=progress, workers=workers)
+        return _run_synth(cfg, out_dir, overwrite, progress, workers)
 
 
-def _run_synth(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False,
-              progress: Progress | None = None, workers: int | None = None) -> SynthResult:
+def _run_synth(cfg: SynthConfig, out_dir: Path, overwrite: bool, progress: Progress | None,
+               workers: int | None) -> SynthResult:
     """:func:`run_synth` under its run folder's lock."""
     from ofactl.audio import MANIFEST_NAME, write_manifest
 
