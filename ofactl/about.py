@@ -104,7 +104,7 @@ def describe_result_folder(folder: Path) -> dict[str, Any] | None:
             found["later_rows"] = (f"{later} row(s) in {folder / 'rows'} were measured after sweep.json was written: "
                                    "a sweep is running or was stopped in this folder; it rewrites sweep.json "
                                    "when it finishes")
-        return found
+        return _with_writer(found, folder)
     if (folder / "summary.json").is_file() and (folder / "quickstart.yaml").is_file():
         doc = _read_result(folder / "summary.json", "quickstart")
         missing = [k for k in ("rows", "adapt", "paths", "stage_seconds", "note") if k not in doc]
@@ -117,8 +117,8 @@ def describe_result_folder(folder: Path) -> dict[str, Any] | None:
     if (folder / "rows").is_dir() and _saved_settings(folder)[0] == "sweep":
         # a row cut short is measured again by the next run, as sweep itself does: left out
         rows = [row.to_json() for f in sorted((folder / "rows").glob("*.json")) if (row := read_row(f))]
-        return {"kind": "sweep, unfinished", "rows": rows,
-                "resume": "the same 'ofactl sweep' command goes on, reusing the rows finished"}
+        return _with_writer({"kind": "sweep, unfinished", "rows": rows,
+                             "resume": "the same 'ofactl sweep' command goes on, reusing the rows finished"}, folder)
     return None
 
 
@@ -238,8 +238,8 @@ def _unfinished_quickstart(folder: Path) -> dict[str, Any] | None:
     """A quickstart folder without its summary yet (running, or stopped); None for any other."""
     if not (folder / "quickstart.yaml").is_file():
         return None
-    return {"kind": "quickstart, unfinished",
-            "resume": "the same 'ofactl quickstart' command goes on, reusing the stages finished"}
+    return _with_writer({"kind": "quickstart, unfinished",
+                         "resume": "the same 'ofactl quickstart' command goes on, reusing the stages finished"}, folder)
 
 
 def _counts(values: list[str]) -> dict[str, int]:
@@ -266,8 +266,8 @@ def describe_unfinished_synth(folder: Path) -> dict[str, Any] | None:
         return None  # not one this version can go on with: described as a folder of audio
     speakers = {it.speaker.id for it in plan(cfg)}
     finished = sum((folder / "wavs" / spk / "rows.json").is_file() for spk in speakers)
-    return {"kind": "synth, unfinished", "speakers": len(speakers), "speakers_finished": finished,
-            "resume": "the same 'ofactl synth' command goes on, keeping the speakers finished"}
+    return _with_writer({"kind": "synth, unfinished", "speakers": len(speakers), "speakers_finished": finished,
+                         "resume": "the same 'ofactl synth' command goes on, keeping the speakers finished"}, folder)
 
 
 def describe_unfinished_run(run: Path) -> dict[str, Any] | None:
@@ -287,7 +287,15 @@ def describe_unfinished_run(run: Path) -> dict[str, Any] | None:
     doc.update(_progress_from_metrics(run / "metrics.jsonl", steps, newest))
     doc["resume"] = (f"the same 'ofactl {section}' command with --resume goes on from step {newest}" if newest
                      else f"no checkpoint yet: the same 'ofactl {section}' command with --resume starts at step 0")
-    return doc
+    return _with_writer(doc, run)
+
+
+def _with_writer(doc: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``doc`` with ``writing``: the command writing ``folder`` now, when its lock says so."""
+    from ofactl.pidlock import run_writer
+
+    writer = run_writer(folder)
+    return {**doc, "writing": f"{writer} (running now)"} if writer else doc
 
 
 RECENT = 50  # metrics records the speed is read from: the current speed, not the run's average

@@ -48,6 +48,28 @@ def read_lock(path: Path) -> dict[str, Any] | None:
         return dict(UNREADABLE)
 
 
+def _stale(path: Path, info: dict[str, Any]) -> bool:
+    """Left by a dead process on this host, or by one killed as it made the lock."""
+    dead = info.get("host") == socket.gethostname() and int(info.get("pid", -1)) > 0 and not _alive(int(info["pid"]))
+    return dead or _unreadable_and_old(path, info)
+
+
+def live_holder(path: Path) -> dict[str, Any] | None:
+    """The record of a live holder of the lock ``path``; None when there is none or it is stale
+    (left as it is: a reader takes nothing over)."""
+    info = read_lock(path)
+    return None if info is None or _stale(path, info) else info
+
+
+def run_writer(run_dir: Path) -> str | None:
+    """Who is writing a run folder now ("ofactl pretrain, process 123 on host"), from its lock."""
+    run_dir = Path(run_dir).resolve()
+    info = live_holder(run_dir.parent / f"{run_dir.name}.lock")
+    if info is None:
+        return None
+    return f"{info.get('what') or 'an ofactl command'}, process {info.get('pid')} on {info.get('host')}"
+
+
 def _unreadable_and_old(path: Path, info: dict[str, Any]) -> bool:
     try:
         age = time.time() - path.stat().st_mtime
@@ -70,9 +92,7 @@ class PidLock:
         info = read_lock(path)
         if info is None:
             return None
-        dead = info.get("host") == socket.gethostname() and int(info.get("pid", -1)) > 0 \
-            and not _alive(int(info["pid"]))
-        if dead or _unreadable_and_old(path, info):
+        if _stale(path, info):
             self._take_over(path, info)
             return None
         return info

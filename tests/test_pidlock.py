@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -81,3 +82,18 @@ def test_a_second_distill_into_a_running_ones_folder_is_refused_and_changes_noth
                                  "--overwrite"])
     assert r.exit_code == 1 and "is being written by ofactl distill" in r.stderr, r.output
     assert (run / "keep.txt").read_text() == "the running job's"  # --overwrite did not clear it
+
+
+def test_info_names_the_command_writing_a_run_folder_now(tmp_path):
+    from ofactl.about import describe_path
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("pretrain:\n  steps: 100\n")
+    assert "writing" not in describe_path(run)
+    with run_folder_lock(run, "pretrain", NullProgress()):
+        assert describe_path(run)["writing"] == f"ofactl pretrain, process {os.getpid()} on {socket.gethostname()} " \
+            "(running now)"
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _lock_of(int(proc.stdout), tmp_path / "run.lock", "ofactl pretrain")  # left by a process that is gone
+    assert "writing" not in describe_path(run) and (tmp_path / "run.lock").exists()  # info takes nothing over
