@@ -641,7 +641,7 @@ def info(
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Show the version and the compute available, or describe a checkpoint, teacher, recording, store or run.
+    """Show the version and the compute available, or describe a checkpoint, teacher, recording, corpus, store or run.
 
     The compute: torch, CUDA and bf16. A store's description lists the inputs it skipped, and
     --verify checks every extracted utterance against its checksum. A recording's description says
