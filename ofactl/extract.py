@@ -69,7 +69,26 @@ class ExtractConfig:
         check_level(self.level_db)
 
 
-ON_ERROR_SKIP = "--on-error skip"  # extract's flag that records a bad file and goes on
+@dataclass(frozen=True)
+class CallerFlags:
+    """How the command that extracts names the settings its messages point to: ``extract``'s own
+    flags by default; ``sweep`` sets its own (``--set extract.on_error=skip``, ``--store``)."""
+
+    skip: str = "--on-error skip"  # records a bad file and goes on
+    out: str = "--out"  # the store
+    level: str = "--level-db"
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where extraction writes: the store, this process's shard, whether to replace groups made
+    another way, the HDF5 file it is copied to afterwards, and the caller's flag names."""
+
+    out: Path
+    shard: tuple[int, int] | None
+    overwrite: bool
+    export: Path | None
+    flags: CallerFlags
 
 
 def skip_hint(flag: str) -> str:
@@ -394,12 +413,12 @@ def extract_with_student(
     progress: Progress | None = None,
     ckpt_path: str = "",
     export: Path | None = None,
-    skip_flag: str = ON_ERROR_SKIP,
+    flags: CallerFlags = CallerFlags(),
 ) -> ExtractResult:
     """Extract with a student in memory; ``out=None`` runs the model and discards the features
     (used to measure store overhead); ``export``: the HDF5 file the store is copied to afterwards,
-    counted in the disk check; ``skip_flag``: the caller's setting for on_error skip, named when a
-    bad file stops the run. Steps: read and check the inputs, lock and plan every
+    counted in the disk check; ``flags``: the caller's names for the settings its errors point
+    to. Steps: read and check the inputs, lock and plan every
     rate group (nothing is created before the disk check passes), run the batches, finalise."""
     progress = progress or NullProgress()
     t_start = time.perf_counter()
@@ -413,15 +432,15 @@ def extract_with_student(
     device = resolve_device(local_device(cfg.device))  # torchrun: each rank its own GPU
     amp = autocast_dtype(cfg.precision, device)
     arch = student.cfg.arch
-    cps, utts, n16, t_in = _inputs(corpus, stdin, cfg, arch, skip_flag)
+    cps, utts, n16, t_in = _inputs(corpus, stdin, cfg, arch, flags.skip)
     if note := cps.narrowband_note():
         progress.log(f"note: {note}")
     student = student.to(device).eval()
     layers = parse_layers(cfg.layers, student.num_hidden)
     with contextlib.ExitStack() as stack:
         states = {} if out is None else _open_groups(
-            stack, Path(out), cfg, utts, t_in, layers, student, student_id, ckpt_path, cps, shard, overwrite,
-            progress, export)
+            stack, _Target(Path(out), shard, overwrite, export, flags), cfg, utts, t_in, layers, student, student_id,
+            ckpt_path, cps, progress)
         plan = _plan(utts, n16, states, cfg, shard, discard=out is None, progress=progress)
         pending = [i for batch in plan for i in batch]
         audio_s = float(n16[pending].sum()) / SR if pending else 0.0
@@ -430,7 +449,7 @@ def extract_with_student(
             model_s = _run_batches(plan, utts, t_in, states, cfg, student, device, amp, layers, progress,
                                    discard=out is None, loudness=loudness)
         except AudioError as e:  # on_error fail: a file undecodable past its header stopped the run
-            raise AudioError(f"{e}; the features written so far are kept ({skip_flag} records such a file in the "
+            raise AudioError(f"{e}; the features written so far are kept ({flags.skip} records such a file in the "
                              "store and goes on)") from None
     results = [_finalize(st, utts, t_in, cps.problems) for st in states.values()]
     levelled = cfg.level_db is not None or not student.cfg.hears_level
@@ -479,10 +498,9 @@ class _GroupPlan:
     group: Any = None
 
 
-def _open_groups(stack: contextlib.ExitStack, out: Path, cfg: ExtractConfig, utts: list[Utterance],
+def _open_groups(stack: contextlib.ExitStack, to: _Target, cfg: ExtractConfig, utts: list[Utterance],
                  t_in: np.ndarray, layers: list[int], student: Any, student_id: str, ckpt_path: str,
-                 cps: Corpus, shard: tuple[int, int] | None, overwrite: bool,
-                 progress: Progress, export: Path | None) -> dict[float, GroupState]:
+                 cps: Corpus, progress: Progress) -> dict[float, GroupState]:
     """Lock every group first (two writers of a new store meet at the lock), decide what each
     group needs, check the disk, and only then create or replace groups."""
     from ofactl.storage.lock import GroupLock
@@ -490,16 +508,16 @@ def _open_groups(stack: contextlib.ExitStack, out: Path, cfg: ExtractConfig, utt
     from ofactl.storage.zarr_store import FeatureStore, make_layout, rate_key
 
     for rate in cfg.rates:
-        stack.enter_context(GroupLock(out, rate_key(rate), shard, progress))
-    existing = FeatureStore(out, mode="r") if (out / "zarr.json").is_file() else None
+        stack.enter_context(GroupLock(to.out, rate_key(rate), to.shard, progress))
+    existing = FeatureStore(to.out, mode="r") if (to.out / "zarr.json").is_file() else None
     plans = []
     for rate in cfg.rates:
         reserve = t_in if cfg.adaptive_length else _exact_lengths(t_in, rate)
         layout = make_layout([u.id for u in utts], reserve, cfg.block_utts, cfg.chunk_frames)
         attrs = _group_attrs(cfg, rate, layers, student, student_id, ckpt_path, cps, student.cfg.arch.hop, t_in)
-        plans.append(_plan_group(existing, rate, layout, attrs, cfg, shard, overwrite))
-    _check_disk(out, plans, cfg, shard, len(layers), int(student.cfg.arch.embed_dim), export)
-    store = FeatureStore(out, mode="a")
+        plans.append(_plan_group(existing, rate, layout, attrs, cfg, to))
+    _check_disk(to, plans, cfg, len(layers), int(student.cfg.arch.embed_dim))
+    store = FeatureStore(to.out, mode="a")
     states = {}
     for p in plans:
         grp = _apply(store, p, cfg, len(layers), int(student.cfg.arch.embed_dim), progress)
@@ -586,11 +604,11 @@ def settings_differ(attrs: Any, cfg: ExtractConfig) -> list[str]:
 
 
 def _plan_group(existing: Any, rate: float, layout: Any, attrs: dict[str, Any], cfg: ExtractConfig,
-                shard: tuple[int, int] | None, overwrite: bool) -> _GroupPlan:
+                to: _Target) -> _GroupPlan:
     from ofactl.storage.zarr_store import rate_key
 
     name = rate_key(rate)
-    creator = shard is None or shard[0] == 0
+    creator = to.shard is None or to.shard[0] == 0
     if existing is None or name not in existing.group_names():
         return _GroupPlan(rate, layout, attrs, "create" if creator else "wait")
     if not existing.is_complete_group(name):
@@ -601,11 +619,11 @@ def _plan_group(existing: Any, rate: float, layout: Any, attrs: dict[str, Any], 
     diff = [k for k in _MUST_MATCH if _recorded(a, k, want.get(k)) != want.get(k)]
     if not diff:
         return _GroupPlan(rate, layout, attrs, "reuse", grp)
-    if not overwrite:
-        what = {"student_sha256": "another checkpoint", "layers": "another layer set",
-                "corpus_fingerprint": "another corpus", "level_db": "another --level-db"}.get(diff[0], f"another {diff[0]}")
+    if not to.overwrite:
+        what = {"student_sha256": "another checkpoint", "layers": "another layer set", "corpus_fingerprint":
+                "another corpus", "level_db": f"another {to.flags.level}"}.get(diff[0], f"another {diff[0]}")
         raise StoreError(f"{existing.path}/{name} was made with {what} ({diff[0]}: {a.get(diff[0])!r} vs "
-                         f"{want.get(diff[0])!r}); pass --overwrite to replace it or use another --out")
+                         f"{want.get(diff[0])!r}); pass --overwrite to replace it or use another {to.flags.out}")
     return _GroupPlan(rate, layout, attrs, "replace")
 
 
@@ -642,8 +660,7 @@ def _wait_for_group(store: Any, rate: float, progress: Progress, timeout: float 
     raise StoreError(f"{store.path}: shard 0 did not create {rate_key(rate)} within {timeout:.0f} s; start shard 0")
 
 
-def _check_disk(out: Path, plans: list[_GroupPlan], cfg: ExtractConfig, shard: tuple[int, int] | None,
-                n_layers: int, dim: int, export: Path | None) -> None:
+def _check_disk(to: _Target, plans: list[_GroupPlan], cfg: ExtractConfig, n_layers: int, dim: int) -> None:
     """Refuse, before anything is created, when the features still to write (this process's
     blocks of every group), and the HDF5 copy of every group when ``export`` is asked for, do not
     fit on their disks. Uncompressed chunks are stored whole, so a block's last, part-filled chunk
@@ -651,17 +668,17 @@ def _check_disk(out: Path, plans: list[_GroupPlan], cfg: ExtractConfig, shard: t
     from ofactl.storage.zarr_store import disk_free, same_disk
 
     per_frame = n_layers * dim * (2 if cfg.dtype == "float16" else 4)
-    need = sum(_store_bytes(p, cfg, shard, per_frame) for p in plans)
+    need = sum(_store_bytes(p, cfg, to.shard, per_frame) for p in plans)
     h5 = 0
-    if export is not None:
+    if to.export is not None:
         from ofactl.storage.hdf5_export import hdf5_bytes
 
         h5 = sum(hdf5_bytes(p.layout.total_frames, p.layout.chunk_frames, per_frame, p.layout.n_utts) for p in plans)
-        if not same_disk(out, export):
-            _refuse_if_short(export, h5, disk_free(export), "the HDF5 copy")
+        if not same_disk(to.out, to.export):
+            _refuse_if_short(to.export, h5, disk_free(to.export), "the HDF5 copy", to.flags.out)
             h5 = 0
-    _refuse_if_short(out, need + h5, disk_free(out), f"{h5 / 1e6:,.2f} MB of them for the HDF5 copy {export}"
-                     if h5 else "")
+    _refuse_if_short(to.out, need + h5, disk_free(to.out), f"{h5 / 1e6:,.2f} MB of them for the HDF5 copy {to.export}"
+                     if h5 else "", to.flags.out)
 
 
 def _store_bytes(p: _GroupPlan, cfg: ExtractConfig, shard: tuple[int, int] | None, per_frame: int) -> int:
@@ -679,13 +696,13 @@ def _store_bytes(p: _GroupPlan, cfg: ExtractConfig, shard: tuple[int, int] | Non
     return frames * per_frame + (8 + len(UTT_ARRAYS) * p.layout.n_blocks) * 4096
 
 
-def _refuse_if_short(path: Path, need: int, free: int, part: str) -> None:
+def _refuse_if_short(path: Path, need: int, free: int, part: str, out_flag: str) -> None:
     """One error naming ``path`` when ``need`` bytes exceed the ``free`` bytes of its disk."""
     if need > free:
         of_which = f" ({part})" if part else ""
         raise StoreError(f"{path}: these features need about {need / 1e6:,.2f} MB{of_which}, but only "
                          f"{free / 1e6:,.2f} MB are free on that disk; nothing was written (free space or "
-                         "choose another --out)")
+                         f"choose another {out_flag})")
 
 
 def _run_batches(plan: list[list[int]], utts: list[Utterance], t_in: np.ndarray,

@@ -28,6 +28,7 @@ from ofactl.choices import Task
 from ofactl.config import doc_sha, save_resolved, to_dict
 from ofactl.errors import ConfigError
 from ofactl.extract import (
+    CallerFlags,
     ExtractConfig,
     check_group_rates,
     extract_with_student,
@@ -49,7 +50,8 @@ from ofactl.runtime import (
     synchronize,
 )
 
-SWEEP_SKIP = "--set extract.on_error=skip"  # sweep's way to record a bad file and go on
+# how sweep names the extraction settings its errors point to
+SWEEP_FLAGS = CallerFlags(skip="--set extract.on_error=skip", out="--out", level="--set extract.level_db")
 
 
 @dataclass
@@ -169,6 +171,8 @@ def _run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pa
     plans = [rate_plan(label, Path(ckpt), cfg.rates) for label, ckpt in ckpts]  # refusals before any work
     sw = _setup_sweep(cfg, corpus, Path(out_dir), overwrite, progress or NullProgress(), device)
     rows: list[SweepRow] = []
+    if store is not None and len(ckpts) == 1:
+        sw.flags = replace(SWEEP_FLAGS, out="--store")
     for (label, ckpt), plan in zip(ckpts, plans):
         st_path = Path(store) if (store is not None and len(ckpts) == 1) else sw.out_dir / f"feats-{label}.zarr"
         if plan.not_scored:
@@ -221,7 +225,7 @@ def _setup_sweep(cfg: SweepConfig, corpus: str | Path | Corpus, out_dir: Path, o
     task leaves no record of a sweep that never ran (a bad --out still fails first)."""
     make_dir(out_dir)
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus, on_error=cfg.extract.on_error,
-                                                                skip_hint=skip_hint(SWEEP_SKIP))
+                                                                skip_hint=skip_hint(SWEEP_FLAGS.skip))
     task = build_task(cfg.task, cps, cfg.label_column or None, cfg.seed)
     if task.note():
         progress.log(str(task.note()))
@@ -243,6 +247,7 @@ class _Sweep:
     device: torch.device
     reused: int = 0
     warned: set[str] = field(default_factory=set)  # labels whose quiet recordings were reported
+    flags: CallerFlags = SWEEP_FLAGS  # --store, not --out, names the store the user gave
 
     def __post_init__(self) -> None:
         self.task_ids = set(self.task.ids)
@@ -305,7 +310,7 @@ class _Sweep:
             # the whole corpus, so one store serves every task
             ecfg = replace(features, rates=(r,), layers=cfg.layers)
             ext = extract_with_student(ecfg, student, sha, self.corpus, st_path, progress=self.progress,
-                                       ckpt_path=str(ckpt), overwrite=self.overwrite, skip_flag=SWEEP_SKIP)
+                                       ckpt_path=str(ckpt), overwrite=self.overwrite, flags=self.flags)
             warning = ext.quiet_warning("--set extract.level_db=")
             if warning and label not in self.warned:  # once per checkpoint, not per rate
                 self.warned.add(label)

@@ -161,6 +161,19 @@ def test_a_bad_file_names_sweeps_own_setting_that_goes_on(tmp_path, synth_corpus
     assert "--set extract.on_error=skip leaves these files out" in r.stderr
 
 
+def test_a_store_of_another_checkpoint_names_sweeps_own_flags(tmp_path, synth_corpus):
+    from ofactl.extract import ExtractConfig, run_extract
+
+    torch.manual_seed(0)
+    a = save_student(tmp_path / "a.pt", Student(student_config("tiny")))
+    b = save_student(tmp_path / "b.pt", Student(student_config("tiny")))
+    run_extract(ExtractConfig(rates=(1.0,), num_workers=0, device="cpu"), a, synth_corpus, tmp_path / "f.zarr")
+    r = CliRunner().invoke(app, ["sweep", "--ckpt", str(b), "--corpus", str(synth_corpus), "--task", "sid",
+                                 "--rates", "1", "--store", str(tmp_path / "f.zarr"), "--out", str(tmp_path / "sw")])
+    assert r.exit_code == 1 and "f.zarr/rate=1.000 was made with another checkpoint" in r.stderr, r.stderr
+    assert "pass --overwrite to replace it or use another --store" in r.stderr
+
+
 @pytest.mark.slow
 def test_fixed_rate_checkpoints_are_scored_at_their_own_rate_only(tmp_path, synth_corpus):
     from ofactl.probe import ProbeConfig
