@@ -528,11 +528,22 @@ def _finished_rows(out_dir: Path, speaker: str, group: list[_Item], key: str) ->
     if not isinstance(doc, dict) or doc.get("config_sha256") != key:
         return None
     rows = doc.get("rows")
-    if (not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows)
-            or [r.get("id") for r in rows] != [it.id for it in group]
-            or not all((out_dir / r["path"]).is_file() for r in rows)):
+    if (not isinstance(rows, list) or not all(_whole_row(r, out_dir) for r in rows)
+            or [r["id"] for r in rows] != [it.id for it in group]):
         return None
     return rows
+
+
+def _whole_row(row: Any, out_dir: Path) -> bool:
+    """A kept row with every field as text, its seconds a number, and its WAV on disk."""
+    need = ("id", "path", "seconds", *MANIFEST_COLUMNS)
+    if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in need):
+        return False
+    try:
+        float(row["seconds"])
+    except ValueError:
+        return False
+    return (out_dir / row["path"]).is_file()
 
 
 def _write_speaker(cfg: SynthConfig, group: list[_Item], results: list[Synthesis], out_dir: Path, key: str,
