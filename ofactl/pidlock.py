@@ -41,7 +41,9 @@ UNREADABLE = {"pid": -1, "host": "?"}  # what a lock being written, or garbage, 
 def read_lock(path: Path) -> dict[str, Any] | None:
     """A lock's record; None when there is none, UNREADABLE while it is being written (or garbage)."""
     try:
-        return dict(json.loads(path.read_text()))
+        info = dict(json.loads(path.read_text()))
+        int(info.get("pid", -1))  # a pid that is no number is garbage too
+        return info
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError):
