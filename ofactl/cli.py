@@ -715,6 +715,8 @@ def _print_group_notes(out: Console, groups: list[dict[str, Any]]) -> None:
     for g in groups:
         if "state" in g:
             out.print(f"[yellow]{g['group']}[/yellow]: {escape(str(g['state']))}", highlight=False)
+        if "writing" in g:  # an unfinished group is still being extracted, or was stopped (no live writer)
+            out.print(f"{g['group']}: being written now by {g['writing']}", markup=False, highlight=False)
         for uid, why in (g.get("skipped") or {}).items():
             out.print(f"{g['group']}: skipped {uid}: {why}", markup=False, highlight=False)
         if "damaged" in g:

@@ -35,13 +35,15 @@ def describe_store(path: Path, verify: bool = False) -> dict[str, Any]:
 
 def _describe_group(store: FeatureStore, name: str, verify: bool) -> dict[str, Any]:
     from ofactl.errors import StoreError
+    from ofactl.storage.lock import group_writers
 
+    writing = {"writing": "; ".join(w)} if (w := group_writers(store.path, name)) else {}
     if not store.is_complete_group(name):
-        return {"group": name, "state": "half-created (no features; the next extract rebuilds it)"}
+        return {"group": name, "state": "half-created (no features; the next extract rebuilds it)", **writing}
     g = store.group(name)
     a = g.attrs
     doc: dict[str, Any] = {"group": name, "requested_rate": a.get("requested_rate"), "mode": a.get("mode"),
-                           "level_db": a.get("level_db"), "utterances": len(g)}
+                           "level_db": a.get("level_db"), "utterances": len(g), **writing}
     if verify:
         doc["damaged"] = _verify(store, g)
         a = g.attrs

@@ -19,7 +19,7 @@ from typing import Any
 
 from ofactl.atomic import make_dir
 from ofactl.errors import StoreError
-from ofactl.pidlock import PidLock
+from ofactl.pidlock import PidLock, live_holder
 from ofactl.progress import Progress
 
 
@@ -69,3 +69,16 @@ class GroupLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def group_writers(store: Path, group: str) -> list[str]:
+    """Who is writing ``group`` of ``store`` now, from the live locks ("process 12 on host", or
+    "shard 1/4, process 12 on host"); empty when nothing holds it (a stale lock counts for nothing)."""
+    locks = Path(str(store) + ".locks")
+    plain = locks / f"{group}.lock"
+    found = []
+    for lock in [plain, *sorted(locks.glob(f"{group}.shard-*.lock"))]:
+        if (info := live_holder(lock)) is not None:
+            shard = "" if lock == plain else lock.name[len(f"{group}.shard-"):-len(".lock")].replace("-of-", "/")
+            found.append(f"{'shard ' + shard + ', ' if shard else ''}process {info.get('pid')} on {info.get('host')}")
+    return found

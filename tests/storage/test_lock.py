@@ -104,3 +104,21 @@ def test_an_empty_lock_left_by_a_writer_killed_as_it_made_it_is_taken_over_once_
     with GroupLock(store, "rate=0.500", None, prog):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert any("left by a writer killed as it made it" in m for m in prog.messages)
+
+
+def test_info_names_a_groups_live_writers(tmp_path, synth_corpus, student_ckpt):
+    import os
+    import socket
+
+    from ofactl.extract import ExtractConfig, run_extract
+    from ofactl.storage import describe_store
+
+    store = tmp_path / "f.zarr"
+    run_extract(ExtractConfig(rates=(0.5,), num_workers=0, device="cpu"), student_ckpt[0], synth_corpus, store)
+    assert "writing" not in describe_store(store)["groups"][0]
+    with GroupLock(store, "rate=0.500", (1, 4), NullProgress()):
+        g = describe_store(store)["groups"][0]
+        assert g["writing"] == f"shard 1/4, process {os.getpid()} on {socket.gethostname()}"
+    with GroupLock(store, "rate=0.500", None, NullProgress()):
+        assert describe_store(store)["groups"][0]["writing"] == f"process {os.getpid()} on {socket.gethostname()}"
+    assert "writing" not in describe_store(store)["groups"][0]
