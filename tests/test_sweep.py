@@ -70,7 +70,7 @@ def test_sweep_outputs_and_resume(tmp_path, synth_corpus):
     # groups nor the rows are taken for them
     levelled = args[:-1] + ["--set", "extract.level_db=-25"]
     r5 = CliRunner().invoke(app, levelled)
-    assert r5.exit_code == 1 and "another --level-db" in r5.stderr and "--overwrite" in r5.stderr, r5.output
+    assert r5.exit_code == 1 and "another --set extract.level_db" in r5.stderr and "--overwrite" in r5.stderr, r5.output
     r6 = CliRunner().invoke(app, levelled + ["--overwrite"])
     assert r6.exit_code == 0 and "(0 row(s) reused)" in r6.stderr, r6.output
     assert CliRunner().invoke(app, levelled).stderr.count("reusing the finished row") == 2
