@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ofactl import __version__
+from ofactl.config import run_settings
 from ofactl.errors import OfactlError
 
 
@@ -114,7 +115,7 @@ def describe_result_folder(folder: Path) -> dict[str, Any] | None:
         return {"kind": "quickstart", **doc}
     if (folder / "summary.json").is_file() and (folder / "rate.yaml").is_file():
         return {"kind": "adapt", **_read_result(folder / "summary.json", "adapt")}
-    if (folder / "rows").is_dir() and _saved_settings(folder)[0] == "sweep":
+    if (folder / "rows").is_dir() and run_settings(folder)[0] == "sweep":
         # a row cut short is measured again by the next run, as sweep itself does: left out
         rows = [row.to_json() for f in sorted((folder / "rows").glob("*.json")) if (row := read_row(f))]
         return _with_writer({"kind": "sweep, unfinished", "rows": rows,
@@ -155,20 +156,6 @@ def _read_result(path: Path, command: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise OfactlError(f"{path}: expected a JSON object as '{command}' writes, got {type(doc).__name__}")
     return doc
-
-
-def _saved_settings(run: Path) -> tuple[str, dict[str, Any]]:
-    """The command whose settings a folder's config.yaml holds (distill, pretrain, sweep or adapt)
-    and those settings; ("", {}) for a folder without one."""
-    from ofactl.config import load_yaml
-    from ofactl.errors import ConfigError
-
-    try:
-        saved = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
-    except ConfigError:
-        return "", {}
-    return next(((s, saved[s]) for s in ("distill", "pretrain", "sweep", "adapt") if isinstance(saved.get(s), dict)),
-                ("", {}))
 
 
 CORPUS_SUFFIXES = (".tsv", ".scp", ".txt", ".lst", ".list")  # manifests, Kaldi wav.scp, lists of paths
@@ -276,7 +263,7 @@ def describe_unfinished_run(run: Path) -> dict[str, Any] | None:
     speed and time left from ``metrics.jsonl``; None for a folder that is no such run."""
     import re
 
-    section, settings = _saved_settings(run)
+    section, settings = run_settings(run)
     if section not in ("distill", "pretrain"):
         return None
     steps = settings.get("steps")

@@ -103,24 +103,16 @@ def student_file(path: Path) -> Path:
         return p
     if (p / "student.pt").is_file():
         return p / "student.pt"
+    from ofactl.config import run_settings
+
+    section = run_settings(p)[0]
     steps = sorted((p / "checkpoints").glob("step-*.pt"))
-    if steps and _run_section(p) == "distill":
+    if steps and section == "distill":
         raise CheckpointError(f"{p}: an 'ofactl distill' run that has not finished (student.pt is written when it "
                               f"ends); its newest checkpoint, {steps[-1]}, is a student too")
-    if _run_section(p) == "pretrain":
+    if section == "pretrain":
         raise CheckpointError(f"{p}: an 'ofactl pretrain' run folder; it makes a teacher (--teacher), not a student")
     return p
-
-
-def _run_section(run: Path) -> str:
-    """``distill`` or ``pretrain`` when ``run/config.yaml`` holds that command's settings, else ""."""
-    from ofactl.config import load_yaml
-
-    try:
-        saved = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
-    except ConfigError:
-        return ""
-    return next((s for s in ("distill", "pretrain") if isinstance(saved.get(s), dict)), "")
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

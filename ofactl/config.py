@@ -103,6 +103,17 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def run_settings(run: Path) -> tuple[str, dict[str, Any]]:
+    """The command whose settings a run folder's config.yaml holds (distill, pretrain, sweep or
+    adapt) and those settings; ("", {}) for a folder without one, or with one that is unreadable."""
+    try:
+        saved = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
+    except ConfigError:
+        return "", {}
+    return next(((s, saved[s]) for s in ("distill", "pretrain", "sweep", "adapt") if isinstance(saved.get(s), dict)),
+                ("", {}))
+
+
 # --------------------------------------------------------------------------- typed building
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)

@@ -174,18 +174,14 @@ def teacher_file(p: Path) -> Path:
 def _refuse_run_folder(p: Path) -> None:
     """One clear error for the run folder of a ``pretrain`` that has not finished (its teacher is
     written at the end) or of a ``distill`` (a student, not a teacher); nothing for other folders."""
-    from ofactl.config import load_yaml
-    from ofactl.errors import ConfigError
+    from ofactl.config import run_settings
 
-    try:
-        saved = load_yaml(p / "config.yaml") if (p / "config.yaml").is_file() else {}
-    except ConfigError:
-        return
-    if isinstance(saved.get("pretrain"), dict):
+    section = run_settings(p)[0]
+    if section == "pretrain":
         raise CheckpointError(f"{p}: an 'ofactl pretrain' run that has not finished: its teacher ({PRETRAIN_TEACHER}) "
                               f"is written when it ends; 'ofactl info {p}' shows how far it has got, and the same "
                               "command with --resume goes on")
-    if isinstance(saved.get("distill"), dict):
+    if section == "distill":
         raise CheckpointError(f"{p}: an 'ofactl distill' run folder; its student.pt is a student, not a teacher "
                               "(pass it as --ckpt)")
 
