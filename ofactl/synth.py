@@ -498,14 +498,14 @@ def _synthesise(cfg: SynthConfig, items: list[_Item], out_dir: Path, workers: in
         by_speaker.setdefault(it.speaker.id, []).append(it)
     key = hashlib.sha256(repr(to_dict(cfg)).encode()).hexdigest()
     done = {spk: _finished_rows(out_dir, spk, group, key) if resume else None for spk, group in by_speaker.items()}
-    todo = [spk for spk in by_speaker if done[spk] is None]
+    to_make = [spk for spk in by_speaker if done[spk] is None]
     progress.start("synthesising speech", len(items))
     if resume:
-        progress.log(f"{out_dir}: an unfinished synth with the same config; going on ({len(by_speaker) - len(todo)} "
+        progress.log(f"{out_dir}: an unfinished synth with the same config; going on ({len(by_speaker) - len(to_make)} "
                      f"of {len(by_speaker)} speakers were finished)")
-        progress.advance(sum(len(by_speaker[spk]) for spk in by_speaker if spk not in todo))
-    jobs = [[_job(cfg, it) for it in by_speaker[spk]] for spk in todo]
-    for spk, results in zip(todo, _map_fresh(jobs, workers)):
+        progress.advance(sum(len(by_speaker[spk]) for spk in by_speaker if spk not in to_make))
+    jobs = [[_job(cfg, it) for it in by_speaker[spk]] for spk in to_make]
+    for spk, results in zip(to_make, _map_fresh(jobs, workers)):
         done[spk] = _write_speaker(cfg, by_speaker[spk], results, out_dir, key, progress)
     progress.finish()
     rows = [row for spk in by_speaker for row in done[spk] or []]
