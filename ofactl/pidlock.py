@@ -65,11 +65,16 @@ def live_holder(path: Path) -> dict[str, Any] | None:
 
 def run_writer(run_dir: Path) -> str | None:
     """Who is writing a run folder now ("ofactl pretrain, process 123 on host"), from its lock."""
-    run_dir = Path(run_dir).resolve()
-    info = live_holder(run_dir.parent / f"{run_dir.name}.lock")
+    info = live_holder(_run_lock_path(run_dir))
     if info is None:
         return None
     return f"{info.get('what') or 'an ofactl command'}, process {info.get('pid')} on {info.get('host')}"
+
+
+def _run_lock_path(run_dir: Path) -> Path:
+    """A run folder's lock: ``RUN.lock`` beside it (an --overwrite clears the folder itself)."""
+    run_dir = Path(run_dir).resolve()
+    return run_dir.parent / f"{run_dir.name}.lock"
 
 
 def _unreadable_and_old(path: Path, info: dict[str, Any]) -> bool:
@@ -154,7 +159,7 @@ def run_folder_lock(run_dir: Path, command: str, progress: Progress) -> Iterator
     run_dir = Path(run_dir).resolve()
     made = [d for d in (run_dir.parent, *run_dir.parent.parents) if not d.exists()]  # deepest first
     make_dir(run_dir.parent)
-    lock = PidLock(run_dir.parent / f"{run_dir.name}.lock", progress, f"ofactl {command}")
+    lock = PidLock(_run_lock_path(run_dir), progress, f"ofactl {command}")
     try:
         holder = lock.acquire()
         if holder is not None:
