@@ -217,9 +217,9 @@ def _progress(quiet: bool, as_json: bool) -> RichProgress:
 
 
 def _call(debug: bool, fn: Callable[[], T], as_json: bool = False, out: Path | None = None) -> T:
-    """Run library code: an OfactlError becomes one line on stderr and its exit code (1, or 130
-    when interrupted); under ``--json`` stdout also gets one JSON error document, so a pipeline
-    (``... --json | jq``) sees the failure. A failed command leaves no empty ``out`` folder behind."""
+    """Run library code: an OfactlError becomes one line on stderr and its exit code (1; 130 after
+    Ctrl-C, 143 after SIGTERM); under ``--json`` stdout also gets one JSON error document, so a
+    pipeline (``... --json | jq``) sees the failure. A failed command leaves no empty ``out`` folder behind."""
     from ofactl.atomic import removed_if_left_empty
 
     try:
@@ -229,17 +229,24 @@ def _call(debug: bool, fn: Callable[[], T], as_json: bool = False, out: Path | N
         if debug:
             err_console.print_exception()
         _fail(str(e), e.exit_code, type(e).__name__, as_json)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130, "KeyboardInterrupt", as_json)
+    except KeyboardInterrupt as e:
+        _fail(*_stopped(e), as_json)
     except Exception as e:  # a bug: the traceback is the honest report, the JSON says it failed
         if as_json:
             _emit_json({"error": f"internal error: {type(e).__name__}: {e}", "exit_code": 1, "kind": "internal"})
         raise
 
 
+def _stopped(e: KeyboardInterrupt) -> tuple[str, int, str]:
+    """A stop by signal outside a training loop: its message, exit code and JSON kind."""
+    from ofactl.progress import Terminated
+
+    return ("terminated", 143, "Terminated") if isinstance(e, Terminated) else ("interrupted", 130, "KeyboardInterrupt")
+
+
 def _fail(message: str, code: int, kind: str, as_json: bool) -> NoReturn:
-    if code == 130 and message == "interrupted":
-        err_console.print("[yellow]interrupted[/yellow]")
+    if (message, code) in (("interrupted", 130), ("terminated", 143)):
+        err_console.print(f"[yellow]{message}[/yellow]")
     else:
         err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
     if as_json:
@@ -758,17 +765,14 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The console script. Usage errors (a missing or unknown option) are click's; under
-    ``--json`` they also print a JSON error document on stdout, like every other failure."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" not in args:
-        _one_line_warnings()
+def _run_app(args: list[str]) -> Any:
+    """The command's return value; a stop by signal and click's usage errors exit here."""
     try:
-        rv = typer.main.get_command(app).main(args=args, prog_name="ofactl", standalone_mode=False)
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/yellow]")
-        sys.exit(130)
+        return typer.main.get_command(app).main(args=args, prog_name="ofactl", standalone_mode=False)
+    except KeyboardInterrupt as e:
+        message, stop_code, _ = _stopped(e)
+        err_console.print(f"[yellow]{message}[/yellow]")
+        sys.exit(stop_code)
     except Exception as e:
         # click's usage errors (typer may ship its own copy of click, so matched by interface)
         code = getattr(e, "exit_code", None)
@@ -779,6 +783,18 @@ def main(argv: list[str] | None = None) -> None:
             _emit_json({"error": msg or "usage error", "exit_code": code, "kind": "usage"})
         e.show()
         sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script. Usage errors (a missing or unknown option) are click's; under
+    ``--json`` they also print a JSON error document on stdout, like every other failure."""
+    from ofactl.progress import sigterm_as_interrupt
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" not in args:
+        _one_line_warnings()
+    with sigterm_as_interrupt():
+        rv = _run_app(args)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

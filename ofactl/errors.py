@@ -41,3 +41,9 @@ class InterruptedRun(OfactlError):
     """Ctrl-C: the work done so far was saved; exit code 130 like other interrupted commands."""
 
     exit_code = 130
+
+
+class TerminatedRun(InterruptedRun):
+    """SIGTERM: the work done so far was saved; exit code 143 (128 + 15), as a shell reports it."""
+
+    exit_code = 143

@@ -57,29 +57,61 @@ class NullProgress:
         pass
 
 
-def ignore_sigint_in_worker(_: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: Ctrl-C is handled by the main process alone (it saves the
-    work done), so workers ignore SIGINT instead of printing their own tracebacks."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a cluster scheduler's preemption) in the main thread: a
+    command stops as on Ctrl-C, keeping the work done, and exits with 143 instead of 130."""
 
 
-class StopRequest:
-    """Set by Ctrl-C inside :func:`deferred_sigint`; long loops check it between steps."""
-
-    def __init__(self) -> None:
-        self.requested = False
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 @contextlib.contextmanager
-def deferred_sigint() -> Iterator[StopRequest]:
-    """Turn the first Ctrl-C into a request that the loop honours at its next step boundary.
+def sigterm_as_interrupt() -> Iterator[None]:
+    """The console script's SIGTERM handler: raise :class:`Terminated`, so that what runs on
+    Ctrl-C (checkpoints saved, locks released, partial files removed) runs on SIGTERM too. Python
+    would otherwise die at once. A SIGTERM ignored or handled by whoever started us is left alone,
+    and so is the handler after the block (tests call the console script in-process)."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def ignore_stop_signals_in_worker(_: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C and SIGTERM are handled by the main process alone (it
+    saves the work done), so workers ignore them instead of printing their own tracebacks or
+    dying under it. A scheduler signals every process of a job; the main process then shuts its
+    workers down itself."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class StopRequest:
+    """Set by Ctrl-C or SIGTERM inside :func:`deferred_stop`; long loops check it between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.terminated = False  # the request came from SIGTERM
+
+
+@contextlib.contextmanager
+def deferred_stop() -> Iterator[StopRequest]:
+    """Turn the first Ctrl-C or SIGTERM into a request that the loop honours at its next step
+    boundary.
 
     A KeyboardInterrupt raised at an arbitrary bytecode can land while the main process is
     receiving a batch from a DataLoader worker, and multiprocessing's helper threads then print
-    their own tracebacks. With the handler below the signal only sets a flag; a second Ctrl-C
-    stops at once. A SIGINT that was ignored when the process started (a background job of a
+    their own tracebacks. With the handler below the signal only sets a flag; a second one stops
+    at once. A signal that was ignored when the process started (SIGINT in a background job of a
     non-interactive shell) stays ignored, and off the main thread nothing changes.
     """
     import signal
@@ -89,18 +121,19 @@ def deferred_sigint() -> Iterator[StopRequest]:
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is signal.SIG_IGN:
-        yield stop
-        return
 
     def handler(signum: int, frame: Any) -> None:
         if stop.requested:
-            raise KeyboardInterrupt
-        stop.requested = True
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        stop.requested, stop.terminated = True, signum == signal.SIGTERM
 
-    signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    taken = [s for s, h in previous.items() if h is not signal.SIG_IGN]
+    for s in taken:
+        signal.signal(s, handler)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s in taken:
+            # None: a handler not set from Python, which cannot be put back; the default is closest
+            signal.signal(s, previous[s] if previous[s] is not None else signal.SIG_DFL)

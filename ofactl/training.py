@@ -9,7 +9,8 @@ checkpoint holds, and an evaluation; the scaffold owns everything around them:
 - AdamW with linear warm-up and decay, gradient accumulation and clipping, fp16 scaling;
 - ``metrics.jsonl`` (cut back to the checkpoint's step on resume), evaluation every
   ``eval_every`` steps, atomic checkpoints every ``ckpt_every`` steps (the last
-  ``keep_checkpoints`` kept), and Ctrl-C: saved at the next step boundary, exit code 130;
+  ``keep_checkpoints`` kept), and Ctrl-C or SIGTERM: saved at the next step boundary, exit code
+  130 or 143;
 - the audio read (all ranks) and wall time, per invocation and, carried by checkpoints, per run.
 
 Runs are reproducible: every random draw of a step comes from a generator seeded by
@@ -36,8 +37,8 @@ from torch import Tensor
 from ofactl.atomic import make_dir, write_text
 from ofactl.audio import Corpus, Utterance, load_audio
 from ofactl.choices import Precision
-from ofactl.errors import CheckpointError, CorpusError, InterruptedRun, OfactlError
-from ofactl.progress import Progress, deferred_sigint, ignore_sigint_in_worker
+from ofactl.errors import CheckpointError, CorpusError, InterruptedRun, OfactlError, TerminatedRun
+from ofactl.progress import Progress, Terminated, deferred_stop, ignore_stop_signals_in_worker
 from ofactl.runtime import SAMPLE_RATE as SR
 from ofactl.runtime import rng_state, set_rng_state
 
@@ -580,7 +581,8 @@ def starting_step(job: Job, optim: Optimisation, setup: Setup, resume: bool, pro
 def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader: Any, start: int,
           progress: Progress) -> LoopResult:
     """The optimisation loop: micro-batches, accumulation, clipping, logging, evaluation,
-    checkpoints, and Ctrl-C saved at the next step boundary (raised as InterruptedRun)."""
+    checkpoints, and Ctrl-C or SIGTERM saved at the next step boundary (raised as InterruptedRun,
+    TerminatedRun for SIGTERM)."""
     metrics = _open_metrics(setup, start)
     meter = _Meter(optim.totals)
     step, step_audio = start, 0.0  # step_audio: this rank's audio in the step under way
@@ -589,7 +591,7 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
     if start:
         progress.advance(start)
     job.model.train()
-    with deferred_sigint() as stop:
+    with deferred_stop() as stop:
         try:
             for batch in loader:
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + batch["step"] + 17)
@@ -620,12 +622,14 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
                     _save_checkpoint(job, cfg, setup, optim, step)
                 if stop_now:
                     raise KeyboardInterrupt
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             progress.finish()
+            term = stop.terminated or isinstance(e, Terminated)
+            error, how = (TerminatedRun, "terminated (SIGTERM)") if term else (InterruptedRun, "interrupted")
             if setup.main and step > start:
                 _save_checkpoint(job, cfg, setup, optim, step)
-                raise InterruptedRun(f"interrupted at step {step}; checkpoint saved, continue with --resume") from None
-            raise InterruptedRun(f"interrupted at step {step}, before any new step; nothing new to save") from None
+                raise error(f"{how} at step {step}; checkpoint saved, continue with --resume") from None
+            raise error(f"{how} at step {step}, before any new step; nothing new to save") from None
         finally:
             progress.finish()
             if metrics is not None:
@@ -743,4 +747,4 @@ def make_loader(schedule: list[tuple[int, list[int]]], utts: list[Utterance], cf
         # its own generator: creating the iterator must not draw from the global RNG, or a
         # resumed run's dropout would diverge from an uninterrupted one
         generator=torch.Generator().manual_seed(cfg.seed + start),
-        worker_init_fn=ignore_sigint_in_worker if cfg.num_workers else None)
+        worker_init_fn=ignore_stop_signals_in_worker if cfg.num_workers else None)

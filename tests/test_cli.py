@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -595,3 +597,22 @@ def test_info_shows_what_a_sweep_adapt_or_quickstart_folder_measured(tmp_path):
     (qs / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "paths"}))
     r = runner.invoke(app, ["info", str(qs)])
     assert r.exit_code == 1 and "summary.json: no paths" in r.stderr and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_command_stopped_by_a_signal_exits_with_the_shell_s_code(monkeypatch, capsys, sig, code, word):
+    import ofactl.about
+    from ofactl.cli import main
+
+    def stopped() -> dict:
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler raises at the next bytecode
+        return {}
+
+    monkeypatch.setattr(ofactl.about, "environment", stopped)
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--json"])
+    assert e.value.code == code
+    assert json.loads(capsys.readouterr().out) == {"error": word, "exit_code": code,
+                                                   "kind": "Terminated" if code == 143 else "KeyboardInterrupt"}
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

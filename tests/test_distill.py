@@ -339,8 +339,10 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, synth_corpus):
     assert summary["total_audio_seconds"] == pytest.approx(summary["audio_seconds"], abs=1e-2)
 
 
-def _ctrl_c_once(out: Path, corpus: Path) -> str:
-    """Start a distill with a DataLoader worker, wait until it logs steps, Ctrl-C it; its stderr."""
+def _stop_once(out: Path, corpus: Path, sig: int = signal.SIGINT, group: bool = False) -> tuple[int, str]:
+    """Start a distill with a DataLoader worker, wait until it logs steps, send ``sig`` (to the
+    whole process group, worker included, with ``group``: as a cluster scheduler does); its exit
+    code and stderr."""
     cmd = [sys.executable, "-m", "ofactl", "distill", "-c", "distill-tiny", "--corpus", str(corpus),
            "--out", str(out), "--steps", "5000", "--boundaries", "none", "--set", "batch_seconds=6",
            "--set", "crop_seconds=2", "--set", "num_workers=1", "--set", "eval_utts=4", "--set", "eval_rates=[1.0]",
@@ -349,7 +351,7 @@ def _ctrl_c_once(out: Path, corpus: Path) -> str:
     # script's '&', nohup) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     # faulthandler: a crash in native code (seen once, exit -11 under heavy load) shows its stack
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), start_new_session=group)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while p.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
@@ -357,19 +359,34 @@ def _ctrl_c_once(out: Path, corpus: Path) -> str:
             p.kill()
             pytest.fail("distill logged no steps within 180 s: " + p.communicate()[1][-2000:])
         time.sleep(0.05)
-    assert p.poll() is None, "the run ended before Ctrl-C: " + p.communicate()[1][-2000:]
-    p.send_signal(signal.SIGINT)
+    assert p.poll() is None, "the run ended before the signal: " + p.communicate()[1][-2000:]
+    if group:
+        os.killpg(p.pid, sig)
+    else:
+        p.send_signal(sig)
     err = p.communicate(timeout=120)[1]
-    assert p.returncode == 130, err[-2000:]
-    return err
+    return p.returncode, err
 
 
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, synth_corpus):
     out = tmp_path / "int"
-    err = _ctrl_c_once(out, synth_corpus)
+    code, err = _stop_once(out, synth_corpus)
+    assert code == 130, err[-2000:]
     assert "checkpoint saved, continue with --resume" in err and "Traceback" not in err, err[-2000:]
     assert list((out / "checkpoints").glob("step-*.pt"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_saves_a_checkpoint_and_exits_143(tmp_path, synth_corpus):
+    # a scheduler's preemption (SLURM, Kubernetes) signals the job's processes, DataLoader workers too
+    out = tmp_path / "term"
+    code, err = _stop_once(out, synth_corpus, signal.SIGTERM, group=True)
+    assert code == 143, err[-2000:]
+    assert "terminated (SIGTERM) at step" in err and "checkpoint saved, continue with --resume" in err, err[-2000:]
+    assert "Traceback" not in err and "exited unexpectedly" not in err, err[-2000:]
+    assert list((out / "checkpoints").glob("step-*.pt"))
+    assert not Path(f"{out}.lock").exists()  # released on the way out, as after Ctrl-C
 
 
 def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):

@@ -1,0 +1,41 @@
+import os
+import signal
+import time
+
+import pytest
+
+from ofactl.progress import Terminated, deferred_stop, duration_text, sigterm_as_interrupt
+
+
+def test_duration_text():
+    assert [duration_text(s) for s in (42, 185, 3725)] == ["42s", "3m05s", "1h02m"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_first_stop_signal_is_a_request_and_a_second_stops_at_once(sig):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(KeyboardInterrupt) as e, deferred_stop() as stop:
+        os.kill(os.getpid(), sig)
+        assert stop.requested and stop.terminated == (sig == signal.SIGTERM)
+        os.kill(os.getpid(), sig)
+        pytest.fail("a second signal should have stopped the block")
+    assert isinstance(e.value, Terminated) == (sig == signal.SIGTERM)
+    assert {s: signal.getsignal(s) for s in before} == before  # both handlers put back
+
+
+def test_an_ignored_signal_stays_ignored():
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with deferred_stop() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert not stop.requested and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_raises_terminated_inside_the_console_script_only():
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode; this never returns
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
