@@ -22,7 +22,7 @@ from ofactl.audio import Corpus, Utterance, level_dbfs, load_audio, read_corpus,
 from ofactl.choices import FeatureDtype, OnError, Precision, StoreCompression
 from ofactl.config import to_dict
 from ofactl.errors import AudioError, ConfigError, OfactlError, StoreError
-from ofactl.progress import NullProgress, Progress, ignore_stop_signals_in_worker
+from ofactl.progress import NullProgress, Progress, worker_init
 from ofactl.runtime import SAMPLE_RATE as SR
 from ofactl.runtime import autocast, autocast_dtype, check_device_name, resolve_device
 
@@ -748,7 +748,7 @@ def _loader(plan: list[list[int]], utts: list[Utterance], cfg: ExtractConfig) ->
     return torch.utils.data.DataLoader(
         _BatchSource(plan, utts, cfg.level_db), batch_size=None, shuffle=False, num_workers=cfg.num_workers,
         pin_memory=False, prefetch_factor=4 if cfg.num_workers else None,
-        persistent_workers=False, worker_init_fn=ignore_stop_signals_in_worker if cfg.num_workers else None,
+        persistent_workers=False, worker_init_fn=worker_init() if cfg.num_workers else None,
     )
 
 

@@ -6,7 +6,7 @@ The CLI passes a rich-backed implementation; library callers get :class:`NullPro
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 
@@ -84,15 +84,46 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def ignore_stop_signals_in_worker(_: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: Ctrl-C and SIGTERM are handled by the main process alone (it
-    saves the work done), so workers ignore them instead of printing their own tracebacks or
-    dying under it. A scheduler signals every process of a job; the main process then shuts its
-    workers down itself."""
+def worker_init() -> Callable[[int], None]:
+    """A DataLoader ``worker_init_fn`` that leaves stop signals to this (the main) process."""
+    import functools
+    import os
+
+    return functools.partial(_worker_signals, os.getpid())
+
+
+def _worker_signals(main_pid: int, worker_id: int = 0) -> None:
+    """In a DataLoader worker: stop signals are the main process's to handle (it saves the work
+    done first).
+
+    Ctrl-C reaches the whole foreground group; workers ignore it. SIGTERM is left to the main
+    process when someone else sends it (a scheduler signals every process of a job), but still
+    kills the worker when the main process sends it: that is how it shuts down workers it could
+    not stop otherwise, at exit included, so ignoring it outright could leave it waiting forever.
+    Where the sender cannot be known (no ``sigwaitinfo``: macOS), SIGTERM kills a worker as before.
+    """
     import signal
+    import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, inherited by fork
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    # blocked here, so in every thread started from here: SIGTERM waits for the thread below
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_sigterm_from, args=(main_pid,), name="ofactl-sigterm", daemon=True).start()
+
+
+def _sigterm_from(main_pid: int) -> None:
+    """A worker's SIGTERM sender check: the main process's kills the worker (the default action,
+    delivered to this thread alone once it unblocks it); anyone else's is dropped."""
+    import os
+    import signal
+
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_pid:
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class StopRequest:

@@ -37,8 +37,8 @@ from torch import Tensor
 from ofactl.atomic import make_dir, write_text
 from ofactl.audio import Corpus, Utterance, load_audio
 from ofactl.choices import Precision
-from ofactl.errors import CheckpointError, CorpusError, InterruptedRun, OfactlError, TerminatedRun
-from ofactl.progress import Progress, Terminated, deferred_stop, ignore_stop_signals_in_worker
+from ofactl.errors import AudioError, CheckpointError, CorpusError, InterruptedRun, OfactlError, TerminatedRun
+from ofactl.progress import Progress, Terminated, deferred_stop, worker_init
 from ofactl.runtime import SAMPLE_RATE as SR
 from ofactl.runtime import rng_state, set_rng_state
 
@@ -309,7 +309,10 @@ class CropBatches(torch.utils.data.Dataset):
         wavs, arrs = [], []
         for i in idx:
             u = self.utts[i]
-            w = load_audio(u.path)
+            try:
+                w = load_audio(u.path)
+            except AudioError as e:  # gone bad since the run started: said by the main process, as it is
+                return {"step": step, "error": e}
             a = self.aligned[u.id] if self.aligned is not None else None
             if self.speeds:  # drawn only when asked, so runs without it see the same crops as before
                 factor = self.speeds[int(torch.randint(len(self.speeds), (1,), generator=g))]
@@ -591,9 +594,12 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
     if start:
         progress.advance(start)
     job.model.train()
+    boundary_rng = rng_state() if cfg.optim.accum > 1 else None  # a step of several micro-batches
     with deferred_stop() as stop:
         try:
             for batch in loader:
+                if "error" in batch:
+                    raise _UnreadableBatch(batch["error"])
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + batch["step"] + 17)
                 loss, m = job.step_loss(batch, gen)
                 optim.scaler.scale(loss / cfg.optim.accum).backward()
@@ -614,22 +620,16 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
                 shown = {k: v for k, v in mean.items() if k in job.progress_keys}
                 progress.advance(1, **shown, h_per_s=round(meter.audio / 3600 / max(meter.wall, 1e-9), 4))
                 acc = []
-                if job.evaluate and cfg.eval_every and step % cfg.eval_every == 0 and setup.main and step < cfg.steps:
-                    ev = job.evaluate()
-                    job.model.train()
-                    _write(metrics, {"step": step, "eval": ev})
-                if step % cfg.ckpt_every == 0 and step < cfg.steps:
-                    _save_checkpoint(job, cfg, setup, optim, step)
+                boundary_rng = rng_state() if boundary_rng is not None else None
+                _evaluate_and_save_when_due(job, cfg, setup, optim, metrics, step)
                 if stop_now:
                     raise KeyboardInterrupt
-        except KeyboardInterrupt as e:
+        except (KeyboardInterrupt, _UnreadableBatch) as e:
             progress.finish()
-            term = stop.terminated or isinstance(e, Terminated)
-            error, how = (TerminatedRun, "terminated (SIGTERM)") if term else (InterruptedRun, "interrupted")
-            if setup.main and step > start:
-                _save_checkpoint(job, cfg, setup, optim, step)
-                raise error(f"{how} at step {step}; checkpoint saved, continue with --resume") from None
-            raise error(f"{how} at step {step}, before any new step; nothing new to save") from None
+            saved = setup.main and step > start
+            if saved:  # the steps finished, with the RNG as it stood after the last of them
+                _save_checkpoint(job, cfg, setup, optim, step, boundary_rng if acc else None)
+            raise _stop_error(e, stop.terminated, step, saved) from None
         finally:
             progress.finish()
             if metrics is not None:
@@ -675,11 +675,45 @@ class _Meter:
         return {"audio_s_per_s": round(speed, 2), "elapsed_s": round(self.wall, 2)}
 
 
-def _save_checkpoint(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, at: int) -> None:
-    """Rank 0: ``checkpoints/step-N.pt``, keeping the newest ``keep_checkpoints``."""
+def _evaluate_and_save_when_due(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, metrics: Any,
+                                step: int) -> None:
+    """After ``step``: the held-out evaluation (rank 0) and the checkpoint, each when its interval
+    says so; the last step's are the caller's."""
+    if job.evaluate and cfg.eval_every and step % cfg.eval_every == 0 and setup.main and step < cfg.steps:
+        ev = job.evaluate()
+        job.model.train()
+        _write(metrics, {"step": step, "eval": ev})
+    if step % cfg.ckpt_every == 0 and step < cfg.steps:
+        _save_checkpoint(job, cfg, setup, optim, step)
+
+
+class _UnreadableBatch(Exception):
+    """A recording of the batch could not be read (``error``: the AudioError saying why)."""
+
+    def __init__(self, error: AudioError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _stop_error(e: BaseException, terminated: bool, step: int, saved: bool) -> OfactlError:
+    """What a loop stopped at ``step`` raises: by Ctrl-C, SIGTERM or an unreadable recording."""
+    if isinstance(e, _UnreadableBatch):
+        then = f"checkpoint saved at step {step}" if saved else "nothing new to save"
+        return type(e.error)(f"{e.error}; {then}, continue with --resume once it reads again")
+    error, how = (TerminatedRun, "terminated (SIGTERM)") if terminated or isinstance(e, Terminated) \
+        else (InterruptedRun, "interrupted")
+    if saved:
+        return error(f"{how} at step {step}; checkpoint saved, continue with --resume")
+    return error(f"{how} at step {step}, before any new step; nothing new to save")
+
+
+def _save_checkpoint(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, at: int,
+                     rng: dict[str, Any] | None = None) -> None:
+    """Rank 0: ``checkpoints/step-N.pt``, keeping the newest ``keep_checkpoints``; ``rng``: the
+    RNG state to record instead of the current one (a step's, saved after part of the next)."""
     if not setup.main:
         return
-    job.save(setup.ckpt_dir / f"step-{at:08d}.pt", at, optim.state(cfg.seed))
+    job.save(setup.ckpt_dir / f"step-{at:08d}.pt", at, {**optim.state(cfg.seed), **(rng or {})})
     for p in sorted(setup.ckpt_dir.glob("step-*.pt"))[: -max(1, cfg.keep_checkpoints)]:
         p.unlink(missing_ok=True)
 
@@ -747,4 +781,4 @@ def make_loader(schedule: list[tuple[int, list[int]]], utts: list[Utterance], cf
         # its own generator: creating the iterator must not draw from the global RNG, or a
         # resumed run's dropout would diverge from an uninterrupted one
         generator=torch.Generator().manual_seed(cfg.seed + start),
-        worker_init_fn=ignore_stop_signals_in_worker if cfg.num_workers else None)
+        worker_init_fn=worker_init() if cfg.num_workers else None)

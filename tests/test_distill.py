@@ -19,7 +19,7 @@ from ofactl.audio import Corpus, median_level_db, read_corpus
 from ofactl.checkpoint import load_student, read_checkpoint
 from ofactl.config import load_config
 from ofactl.distill import DistillConfig, distill_loss, run_distill, sample_rates, train_step_loss
-from ofactl.errors import CheckpointError, ConfigError, OfactlError
+from ofactl.errors import AudioError, CheckpointError, ConfigError, OfactlError
 from ofactl.model.student import Student
 from ofactl.model.teacher import load_teacher
 from ofactl.progress import NullProgress
@@ -316,6 +316,37 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, synth_corpus):
     # the log of the resumed run holds each step once, as the uninterrupted run's does
     steps = [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+
+
+def test_a_recording_gone_bad_mid_run_keeps_the_steps_done_and_resumes_exactly(tmp_path, synth_corpus, monkeypatch):
+    import ofactl.training as training
+
+    cfg = tiny_cfg(ckpt_every=100)
+    cfg.optim = replace(cfg.optim, accum=2)
+    plain = run_distill(cfg, synth_corpus, tmp_path / "plain")
+    bad = {"on": False}
+    real_item, real_load = training.CropBatches.__getitem__, training.load_audio
+
+    def item(self, k):
+        bad["on"] = k == 5  # the sixth micro-batch, the second of step 3: step 3 is under way
+        return real_item(self, k)
+
+    def load(path):
+        if bad["on"]:
+            raise AudioError(f"{path}: truncated or corrupt")
+        return real_load(path)
+
+    monkeypatch.setattr(training.CropBatches, "__getitem__", item)
+    monkeypatch.setattr(training, "load_audio", load)
+    with pytest.raises(AudioError, match="truncated or corrupt; checkpoint saved at step 2, continue with --resume "
+                                         "once it reads again$"):
+        run_distill(cfg, synth_corpus, tmp_path / "bad")
+    assert [p.name for p in (tmp_path / "bad/checkpoints").glob("*.pt")] == ["step-00000002.pt"]
+    monkeypatch.undo()
+    again = run_distill(cfg, synth_corpus, tmp_path / "bad", resume=True)
+    assert again.resumed_from == 2
+    a, b = (load_student(r.student)[0].state_dict() for r in (plain, again))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the RNG saved is step 2's, not step 3's half
 
 
 @pytest.mark.slow

@@ -1,10 +1,13 @@
+import multiprocessing
 import os
+import shutil
 import signal
+import subprocess
 import time
 
 import pytest
 
-from ofactl.progress import Terminated, deferred_stop, duration_text, sigterm_as_interrupt
+from ofactl.progress import Terminated, deferred_stop, duration_text, sigterm_as_interrupt, worker_init
 
 
 def test_duration_text():
@@ -39,3 +42,25 @@ def test_sigterm_raises_terminated_inside_the_console_script_only():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises at the next bytecode; this never returns
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def _worker(init) -> None:
+    init(0)
+    time.sleep(60)
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the sender of a signal is known only with sigwaitinfo")
+def test_a_worker_leaves_others_sigterm_to_the_main_process_and_dies_of_the_main_process_s():
+    w = multiprocessing.get_context("fork").Process(target=_worker, args=(worker_init(),), daemon=True)
+    w.start()
+    try:
+        time.sleep(1)  # its init has run
+        subprocess.run([shutil.which("kill") or "kill", "-TERM", str(w.pid)], check=True)  # a scheduler's
+        w.join(1)
+        assert w.is_alive()
+        os.kill(w.pid, signal.SIGTERM)  # the main process shutting its workers down (at exit, too)
+        w.join(10)
+        assert w.exitcode == -signal.SIGTERM
+    finally:
+        if w.is_alive():
+            w.kill()
