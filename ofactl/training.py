@@ -626,10 +626,9 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
                     raise KeyboardInterrupt
         except (KeyboardInterrupt, _UnreadableBatch) as e:
             progress.finish()
-            saved = setup.main and step > start
-            if saved:  # the steps finished, with the RNG as it stood after the last of them
+            if setup.main and step > start:  # the steps finished, with the RNG as it stood after the last
                 _save_checkpoint(job, cfg, setup, optim, step, boundary_rng if acc else None)
-            raise _stop_error(e, stop.terminated, step, saved) from None
+            raise _stop_error(e, stop.terminated, step, _what_was_saved(setup, step > start)) from None
         finally:
             progress.finish()
             if metrics is not None:
@@ -695,16 +694,21 @@ class _UnreadableBatch(Exception):
         self.error = error
 
 
-def _stop_error(e: BaseException, terminated: bool, step: int, saved: bool) -> OfactlError:
-    """What a loop stopped at ``step`` raises: by Ctrl-C, SIGTERM or an unreadable recording."""
+def _what_was_saved(setup: Setup, took_steps: bool) -> str:
+    """How a stopped rank's message ends: rank 0 saves the steps taken, the others say so."""
+    if not took_steps:
+        return "nothing new to save (no step since the start)"
+    return "checkpoint saved" if setup.main else "rank 0 saves the checkpoint"
+
+
+def _stop_error(e: BaseException, terminated: bool, step: int, saved: str) -> OfactlError:
+    """What a loop stopped at ``step`` raises: by Ctrl-C, SIGTERM or an unreadable recording;
+    ``saved``: what happened to the steps taken (:func:`_what_was_saved`)."""
     if isinstance(e, _UnreadableBatch):
-        then = f"checkpoint saved at step {step}" if saved else "nothing new to save"
-        return type(e.error)(f"{e.error}; {then}, continue with --resume once it reads again")
+        return type(e.error)(f"{e.error}; at step {step}: {saved}, continue with --resume once it reads again")
     error, how = (TerminatedRun, "terminated (SIGTERM)") if terminated or isinstance(e, Terminated) \
         else (InterruptedRun, "interrupted")
-    if saved:
-        return error(f"{how} at step {step}; checkpoint saved, continue with --resume")
-    return error(f"{how} at step {step}, before any new step; nothing new to save")
+    return error(f"{how} at step {step}; {saved}, continue with --resume")
 
 
 def _save_checkpoint(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, at: int,

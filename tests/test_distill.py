@@ -338,7 +338,7 @@ def test_a_recording_gone_bad_mid_run_keeps_the_steps_done_and_resumes_exactly(t
 
     monkeypatch.setattr(training.CropBatches, "__getitem__", item)
     monkeypatch.setattr(training, "load_audio", load)
-    with pytest.raises(AudioError, match="truncated or corrupt; checkpoint saved at step 2, continue with --resume "
+    with pytest.raises(AudioError, match="truncated or corrupt; at step 2: checkpoint saved, continue with --resume "
                                          "once it reads again$"):
         run_distill(cfg, synth_corpus, tmp_path / "bad")
     assert [p.name for p in (tmp_path / "bad/checkpoints").glob("*.pt")] == ["step-00000002.pt"]
