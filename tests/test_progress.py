@@ -44,22 +44,25 @@ def test_sigterm_raises_terminated_inside_the_console_script_only():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def _worker(init) -> None:
+def _worker(init, ready) -> None:
     init(0)
+    ready.set()
     time.sleep(60)
 
 
 @pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the sender of a signal is known only with sigwaitinfo")
 def test_a_worker_leaves_others_sigterm_to_the_main_process_and_dies_of_the_main_process_s():
-    w = multiprocessing.get_context("fork").Process(target=_worker, args=(worker_init(),), daemon=True)
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    w = ctx.Process(target=_worker, args=(worker_init(), ready), daemon=True)
     w.start()
     try:
-        time.sleep(1)  # its init has run
+        assert ready.wait(60)  # its init has run
         subprocess.run([shutil.which("kill") or "kill", "-TERM", str(w.pid)], check=True)  # a scheduler's
         w.join(1)
         assert w.is_alive()
         os.kill(w.pid, signal.SIGTERM)  # the main process shutting its workers down (at exit, too)
-        w.join(10)
+        w.join(60)
         assert w.exitcode == -signal.SIGTERM
     finally:
         if w.is_alive():
