@@ -171,11 +171,11 @@ def _run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pa
     plans = [rate_plan(label, Path(ckpt), cfg.rates) for label, ckpt in ckpts]  # refusals before any work
     sw = _setup_sweep(cfg, corpus, Path(out_dir), overwrite, progress or NullProgress(), device)
     rows: list[SweepRow] = []
-    users_store = store is not None and len(ckpts) == 1
-    if users_store:
+    users_store = Path(store) if store is not None and len(ckpts) == 1 else None  # --store, used for one checkpoint
+    if users_store is not None:
         sw.flags = replace(SWEEP_FLAGS, out="--store")
     for (label, ckpt), plan in zip(ckpts, plans):
-        st_path = Path(store) if users_store and store is not None else sw.out_dir / f"feats-{label}.zarr"
+        st_path = users_store if users_store is not None else sw.out_dir / f"feats-{label}.zarr"
         if plan.not_scored:
             sw.progress.log(f"{label}: {plan.trained_text}; rates {', '.join(f'{r:g}' for r in plan.not_scored)} "
                             "are not scored for it")
