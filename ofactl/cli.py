@@ -218,8 +218,9 @@ def _progress(quiet: bool, as_json: bool) -> RichProgress:
 
 def _call(debug: bool, fn: Callable[[], T], as_json: bool = False, out: Path | None = None) -> T:
     """Run library code: an OfactlError becomes one line on stderr and its exit code (1; 130 after
-    Ctrl-C, 143 after SIGTERM); under ``--json`` stdout also gets one JSON error document, so a
-    pipeline (``... --json | jq``) sees the failure. A failed command leaves no empty ``out`` folder behind."""
+    Ctrl-C, 143 after SIGTERM, 129 after SIGHUP); under ``--json`` stdout also gets one JSON error
+    document, so a pipeline (``... --json | jq``) sees the failure. A failed command leaves no
+    empty ``out`` folder behind."""
     from ofactl.atomic import removed_if_left_empty
 
     try:
@@ -230,7 +231,7 @@ def _call(debug: bool, fn: Callable[[], T], as_json: bool = False, out: Path | N
             err_console.print_exception()
         _fail(str(e), e.exit_code, type(e).__name__, as_json)
     except KeyboardInterrupt as e:
-        _fail(*_stopped(e), as_json)
+        _fail(*_stopped(e), as_json, stopped=True)
     except Exception as e:  # a bug: the traceback is the honest report, the JSON says it failed
         if as_json:
             _emit_json({"error": f"internal error: {type(e).__name__}: {e}", "exit_code": 1, "kind": "internal"})
@@ -239,14 +240,17 @@ def _call(debug: bool, fn: Callable[[], T], as_json: bool = False, out: Path | N
 
 def _stopped(e: KeyboardInterrupt) -> tuple[str, int, str]:
     """A stop by signal outside a training loop: its message, exit code and JSON kind."""
-    from ofactl.progress import Terminated
+    from ofactl.progress import Terminated, how_stopped
 
-    return ("terminated", 143, "Terminated") if isinstance(e, Terminated) else ("interrupted", 130, "KeyboardInterrupt")
+    how, code = how_stopped(e.signum if isinstance(e, Terminated) else None)
+    message = how.split(" (")[0]  # the signal's name is said by the exit code
+    return message, code, {130: "KeyboardInterrupt", 129: "HungUp"}.get(code, "Terminated")
 
 
-def _fail(message: str, code: int, kind: str, as_json: bool) -> NoReturn:
-    if (message, code) in (("interrupted", 130), ("terminated", 143)):
-        err_console.print(f"[yellow]{message}[/yellow]")
+def _fail(message: str, code: int, kind: str, as_json: bool, stopped: bool = False) -> NoReturn:
+    """Print the error (a stop by signal in yellow), under ``--json`` its document too, and exit."""
+    if stopped:
+        err_console.print(f"[yellow]{escape(message)}[/yellow]")
     else:
         err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
     if as_json:
@@ -788,12 +792,12 @@ def _run_app(args: list[str]) -> Any:
 def main(argv: list[str] | None = None) -> None:
     """The console script. Usage errors (a missing or unknown option) are click's; under
     ``--json`` they also print a JSON error document on stdout, like every other failure."""
-    from ofactl.progress import sigterm_as_interrupt
+    from ofactl.progress import stop_signals_as_interrupt
 
     args = list(sys.argv[1:] if argv is None else argv)
     if "--debug" not in args:
         _one_line_warnings()
-    with sigterm_as_interrupt():
+    with stop_signals_as_interrupt():
         rv = _run_app(args)
     sys.exit(rv if isinstance(rv, int) else 0)
 

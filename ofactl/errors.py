@@ -47,3 +47,9 @@ class TerminatedRun(InterruptedRun):
     """SIGTERM: the work done so far was saved; exit code 143 (128 + 15), as a shell reports it."""
 
     exit_code = 143
+
+
+class HungUpRun(InterruptedRun):
+    """SIGHUP (the terminal closed): the work done so far was saved; exit code 129 (128 + 1)."""
+
+    exit_code = 129

@@ -6,6 +6,7 @@ The CLI passes a rich-backed implementation; library callers get :class:`NullPro
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -58,30 +59,83 @@ class NullProgress:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, ``timeout``, a cluster scheduler's preemption) in the main thread: a
-    command stops as on Ctrl-C, keeping the work done, and exits with 143 instead of 130."""
+    """SIGTERM (``kill``, ``timeout``, a cluster scheduler's preemption) or SIGHUP (the terminal
+    closed) in the main thread: a command stops as on Ctrl-C, keeping the work done, and exits
+    with 128 + the signal's number (143, 129) instead of 130."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.signum = int(signum)
+
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals besides Ctrl-C that a command stops on as on Ctrl-C: SIGTERM, and SIGHUP where
+    the platform has it."""
+    return (signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
+
+
+def how_stopped(signum: int | None) -> tuple[str, int]:
+    """A stop's words and exit code: ``interrupted`` and 130 for Ctrl-C (``None`` or SIGINT),
+    ``terminated (SIGTERM)`` and 143, ``hung up (SIGHUP)`` and 129."""
+    if signum is None or signum == signal.SIGINT:
+        return "interrupted", 130
+    words = "hung up" if signum == getattr(signal, "SIGHUP", None) else "terminated"
+    return f"{words} ({signal.Signals(signum).name})", 128 + signum
+
+
+def _quiet_lost_outputs() -> None:
+    """After SIGHUP: stdout and stderr that lead to a terminal that hung up, or into a pipe or
+    socket (whose reader, ``tee`` say, got the same SIGHUP), go to /dev/null from here on, so
+    that no write error (EIO, EPIPE) stops the checkpoint and the cleanup that follow. Files and
+    a terminal still there are kept."""
+    import os
+    import stat
+
+    for fd in (1, 2):
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            continue
+        if stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not _hung_up(fd)):
+            continue
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+
+
+def _hung_up(fd: int) -> bool:
+    """Whether writing to ``fd`` (a character device) can only fail: a terminal that hung up
+    polls as an error."""
+    import select
+
+    if not hasattr(select, "poll"):
+        return True
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated
+    if signum == getattr(signal, "SIGHUP", None):
+        _quiet_lost_outputs()
+    raise Terminated(signum)
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """The console script's SIGTERM handler: raise :class:`Terminated`, so that what runs on
-    Ctrl-C (checkpoints saved, locks released, partial files removed) runs on SIGTERM too. Python
-    would otherwise die at once. A SIGTERM ignored or handled by whoever started us is left alone,
-    and so is the handler after the block (tests call the console script in-process)."""
-    import signal
-
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-    signal.signal(signal.SIGTERM, _raise_terminated)
+def stop_signals_as_interrupt() -> Iterator[None]:
+    """The console script's SIGTERM and SIGHUP handler: raise :class:`Terminated`, so that what
+    runs on Ctrl-C (checkpoints saved, locks released, partial files removed) runs on these too.
+    Python would otherwise die at once. A signal ignored or handled by whoever started us
+    (``nohup`` ignores SIGHUP) is left alone, and so are the handlers after the block (tests call
+    the console script in-process)."""
+    taken = [s for s in stop_signals() if signal.getsignal(s) is signal.SIG_DFL]
+    for s in taken:
+        signal.signal(s, _raise_terminated)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for s in taken:
+            signal.signal(s, signal.SIG_DFL)
 
 
 def worker_init() -> Callable[[int], None]:
@@ -101,11 +155,14 @@ def _worker_signals(main_pid: int, worker_id: int = 0) -> None:
     kills the worker when the main process sends it: that is how it shuts down workers it could
     not stop otherwise, at exit included, so ignoring it outright could leave it waiting forever.
     Where the sender cannot be known (no ``sigwaitinfo``: macOS), SIGTERM kills a worker as before.
+    SIGHUP (a terminal that closed signals its whole job) is ignored: the main process never
+    sends it, and a worker whose main process is gone stops by itself.
     """
-    import signal
     import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, inherited by fork
     if not hasattr(signal, "sigwaitinfo"):
         return
@@ -118,7 +175,6 @@ def _sigterm_from(main_pid: int) -> None:
     """A worker's SIGTERM sender check: the main process's kills the worker (the default action,
     delivered to this thread alone once it unblocks it); anyone else's is dropped."""
     import os
-    import signal
 
     while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_pid:
         pass
@@ -127,16 +183,17 @@ def _sigterm_from(main_pid: int) -> None:
 
 
 class StopRequest:
-    """Set by Ctrl-C or SIGTERM inside :func:`deferred_stop`; long loops check it between steps."""
+    """Set by Ctrl-C, SIGTERM or SIGHUP inside :func:`deferred_stop`; long loops check it between
+    steps."""
 
     def __init__(self) -> None:
         self.requested = False
-        self.terminated = False  # the request came from SIGTERM
+        self.signum: int | None = None  # the signal that asked (None: none did)
 
 
 @contextlib.contextmanager
 def deferred_stop() -> Iterator[StopRequest]:
-    """Turn the first Ctrl-C or SIGTERM into a request that the loop honours at its next step
+    """Turn the first Ctrl-C, SIGTERM or SIGHUP into a request that the loop honours at its next step
     boundary.
 
     A KeyboardInterrupt raised at an arbitrary bytecode can land while the main process is
@@ -145,7 +202,6 @@ def deferred_stop() -> Iterator[StopRequest]:
     at once. A signal that was ignored when the process started (SIGINT in a background job of a
     non-interactive shell) stays ignored, and off the main thread nothing changes.
     """
-    import signal
     import threading
 
     stop = StopRequest()
@@ -154,11 +210,13 @@ def deferred_stop() -> Iterator[StopRequest]:
         return
 
     def handler(signum: int, frame: Any) -> None:
+        if signum == getattr(signal, "SIGHUP", None):
+            _quiet_lost_outputs()
         if stop.requested:
-            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-        stop.requested, stop.terminated = True, signum == signal.SIGTERM
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+        stop.requested, stop.signum = True, signum
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, *stop_signals())}
     taken = [s for s, h in previous.items() if h is not signal.SIG_IGN]
     for s in taken:
         signal.signal(s, handler)

@@ -9,8 +9,8 @@ checkpoint holds, and an evaluation; the scaffold owns everything around them:
 - AdamW with linear warm-up and decay, gradient accumulation and clipping, fp16 scaling;
 - ``metrics.jsonl`` (cut back to the checkpoint's step on resume), evaluation every
   ``eval_every`` steps, atomic checkpoints every ``ckpt_every`` steps (the last
-  ``keep_checkpoints`` kept), and Ctrl-C or SIGTERM: saved at the next step boundary, exit code
-  130 or 143;
+  ``keep_checkpoints`` kept), and Ctrl-C, SIGTERM or SIGHUP: saved at the next step boundary,
+  exit code 130, 143 or 129;
 - the audio read (all ranks) and wall time, per invocation and, carried by checkpoints, per run.
 
 Runs are reproducible: every random draw of a step comes from a generator seeded by
@@ -37,8 +37,8 @@ from torch import Tensor
 from ofactl.atomic import make_dir, write_text
 from ofactl.audio import Corpus, Utterance, load_audio
 from ofactl.choices import Precision
-from ofactl.errors import AudioError, CheckpointError, CorpusError, InterruptedRun, OfactlError, TerminatedRun
-from ofactl.progress import Progress, Terminated, deferred_stop, worker_init
+from ofactl.errors import AudioError, CheckpointError, CorpusError, HungUpRun, InterruptedRun, OfactlError, TerminatedRun
+from ofactl.progress import Progress, Terminated, deferred_stop, how_stopped, worker_init
 from ofactl.runtime import SAMPLE_RATE as SR
 from ofactl.runtime import rng_state, set_rng_state
 
@@ -584,8 +584,8 @@ def starting_step(job: Job, optim: Optimisation, setup: Setup, resume: bool, pro
 def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader: Any, start: int,
           progress: Progress) -> LoopResult:
     """The optimisation loop: micro-batches, accumulation, clipping, logging, evaluation,
-    checkpoints, and Ctrl-C or SIGTERM saved at the next step boundary (raised as InterruptedRun,
-    TerminatedRun for SIGTERM)."""
+    checkpoints, and Ctrl-C, SIGTERM or SIGHUP saved at the next step boundary (raised as
+    InterruptedRun, TerminatedRun for SIGTERM, HungUpRun for SIGHUP)."""
     metrics = _open_metrics(setup, start)
     meter = _Meter(optim.totals)
     step, step_audio = start, 0.0  # step_audio: this rank's audio in the step under way
@@ -628,7 +628,7 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
             progress.finish()
             if setup.main and step > start:  # the steps finished, with the RNG as it stood after the last
                 _save_checkpoint(job, cfg, setup, optim, step, boundary_rng if acc else None)
-            raise _stop_error(e, stop.terminated, step, _what_was_saved(setup, step > start)) from None
+            raise _stop_error(e, stop.signum, step, _what_was_saved(setup, step > start)) from None
         finally:
             progress.finish()
             if metrics is not None:
@@ -701,13 +701,14 @@ def _what_was_saved(setup: Setup, took_steps: bool) -> str:
     return "checkpoint saved" if setup.main else "rank 0 saves the checkpoint"
 
 
-def _stop_error(e: BaseException, terminated: bool, step: int, saved: str) -> OfactlError:
-    """What a loop stopped at ``step`` raises: by Ctrl-C, SIGTERM or an unreadable recording;
-    ``saved``: what happened to the steps taken (:func:`_what_was_saved`)."""
+def _stop_error(e: BaseException, signum: int | None, step: int, saved: str) -> OfactlError:
+    """What a loop stopped at ``step`` raises: by Ctrl-C, SIGTERM, SIGHUP (``signum``: the signal
+    that asked for the stop, None for none) or an unreadable recording; ``saved``: what happened
+    to the steps taken (:func:`_what_was_saved`)."""
     if isinstance(e, _UnreadableBatch):
         return type(e.error)(f"{e.error}; at step {step}: {saved}, continue with --resume once it reads again")
-    error, how = (TerminatedRun, "terminated (SIGTERM)") if terminated or isinstance(e, Terminated) \
-        else (InterruptedRun, "interrupted")
+    how, code = how_stopped(e.signum if isinstance(e, Terminated) else signum)
+    error = {TerminatedRun.exit_code: TerminatedRun, HungUpRun.exit_code: HungUpRun}.get(code, InterruptedRun)
     return error(f"{how} at step {step}; {saved}, continue with --resume")
 
 

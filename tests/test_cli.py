@@ -599,9 +599,12 @@ def test_info_shows_what_a_sweep_adapt_or_quickstart_folder_measured(tmp_path):
     assert r.exit_code == 1 and "summary.json: no paths" in r.stderr and "Traceback" not in r.output
 
 
-@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
-def test_a_command_stopped_by_a_signal_exits_with_the_shell_s_code(monkeypatch, capsys, sig, code, word):
+@pytest.mark.parametrize("sig,code,word,kind", [(signal.SIGTERM, 143, "terminated", "Terminated"),
+                                               (signal.SIGHUP, 129, "hung up", "HungUp"),
+                                               (signal.SIGINT, 130, "interrupted", "KeyboardInterrupt")])
+def test_a_command_stopped_by_a_signal_exits_with_the_shell_s_code(monkeypatch, capsys, sig, code, word, kind):
     import ofactl.about
+    import ofactl.progress
     from ofactl.cli import main
 
     def stopped() -> dict:
@@ -610,9 +613,9 @@ def test_a_command_stopped_by_a_signal_exits_with_the_shell_s_code(monkeypatch, 
         return {}
 
     monkeypatch.setattr(ofactl.about, "environment", stopped)
+    monkeypatch.setattr(ofactl.progress, "_quiet_lost_outputs", lambda: None)  # not this test process's outputs
     with pytest.raises(SystemExit) as e:
         main(["info", "--json"])
     assert e.value.code == code
-    assert json.loads(capsys.readouterr().out) == {"error": word, "exit_code": code,
-                                                   "kind": "Terminated" if code == 143 else "KeyboardInterrupt"}
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert json.loads(capsys.readouterr().out) == {"error": word, "exit_code": code, "kind": kind}
+    assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGHUP) is signal.SIG_DFL

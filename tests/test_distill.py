@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -291,6 +293,7 @@ def test_light_student_preset_trains_from_the_teacher_without_its_cnn(tmp_path, 
 
 _SCRIPT = """
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from ofactl.config import load_config
 from ofactl.distill import DistillConfig, run_distill
@@ -370,27 +373,38 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, synth_corpus):
     assert summary["total_audio_seconds"] == pytest.approx(summary["audio_seconds"], abs=1e-2)
 
 
-def _stop_once(out: Path, corpus: Path, sig: int = signal.SIGINT, group: bool = False) -> tuple[int, str]:
-    """Start a distill with a DataLoader worker, wait until it logs steps, send ``sig`` (to the
-    whole process group, worker included, with ``group``: as a cluster scheduler does); its exit
-    code and stderr."""
-    cmd = [sys.executable, "-m", "ofactl", "distill", "-c", "distill-tiny", "--corpus", str(corpus),
-           "--out", str(out), "--steps", "5000", "--boundaries", "none", "--set", "batch_seconds=6",
-           "--set", "crop_seconds=2", "--set", "num_workers=1", "--set", "eval_utts=4", "--set", "eval_rates=[1.0]",
-           "--set", "ckpt_every=100000", "--set", "log_every=1"]
-    # like a terminal's Ctrl-C: a job started in the background by a non-interactive shell (a CI
-    # script's '&', nohup) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
-    # faulthandler: a crash in native code (seen once, exit -11 under heavy load) shows its stack
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), start_new_session=group)
+def _long_distill(out: Path, corpus: Path) -> list[str]:
+    """A distill with a DataLoader worker that logs every step and would run for long."""
+    return [sys.executable, "-m", "ofactl", "distill", "-c", "distill-tiny", "--corpus", str(corpus),
+            "--out", str(out), "--steps", "5000", "--boundaries", "none", "--set", "batch_seconds=6",
+            "--set", "crop_seconds=2", "--set", "num_workers=1", "--set", "eval_utts=4", "--set", "eval_rates=[1.0]",
+            "--set", "ckpt_every=100000", "--set", "log_every=1"]
+
+
+def _wait_for_steps(p: subprocess.Popen, out: Path, output: Callable[[], str]) -> None:
+    """Wait until the run ``p`` writing ``out`` has logged three steps; fail with ``output()`` if
+    it ends or takes too long."""
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while p.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         if time.monotonic() > deadline:
             p.kill()
-            pytest.fail("distill logged no steps within 180 s: " + p.communicate()[1][-2000:])
+            pytest.fail("distill logged no steps within 180 s: " + output())
         time.sleep(0.05)
-    assert p.poll() is None, "the run ended before the signal: " + p.communicate()[1][-2000:]
+    assert p.poll() is None, "the run ended before the signal: " + output()
+
+
+def _stop_once(out: Path, corpus: Path, sig: int = signal.SIGINT, group: bool = False) -> tuple[int, str]:
+    """Start a distill with a DataLoader worker, wait until it logs steps, send ``sig`` (to the
+    whole process group, worker included, with ``group``: as a cluster scheduler does); its exit
+    code and stderr."""
+    cmd = _long_distill(out, corpus)
+    # like a terminal's Ctrl-C: a job started in the background by a non-interactive shell (a CI
+    # script's '&', nohup) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+    # faulthandler: a crash in native code (seen once, exit -11 under heavy load) shows its stack
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), start_new_session=group)
+    _wait_for_steps(p, out, lambda: p.communicate()[1][-2000:])
     if group:
         os.killpg(p.pid, sig)
     else:
@@ -418,6 +432,43 @@ def test_sigterm_to_every_process_saves_a_checkpoint_and_exits_143(tmp_path, syn
     assert "Traceback" not in err and "exited unexpectedly" not in err, err[-2000:]
     assert list((out / "checkpoints").glob("step-*.pt"))
     assert not Path(f"{out}.lock").exists()  # released on the way out, as after Ctrl-C
+
+
+@pytest.mark.slow
+def test_a_terminal_that_closes_saves_a_checkpoint_and_exits_129(tmp_path, synth_corpus):
+    # an ssh session that drops: the terminal hangs up, SIGHUP reaches the whole job, the `tee`
+    # its output goes through dies of it too, and what the run prints from then on goes nowhere
+    import pty
+    import select
+    import threading
+
+    out = tmp_path / "hup"
+    terminal, tty = pty.openpty()
+    tee, stdout = os.pipe()
+    p = subprocess.Popen(_long_distill(out, synth_corpus), stdout=stdout, stderr=tty, start_new_session=True,
+                         env={**os.environ, "PYTHONFAULTHANDLER": "1", "COLUMNS": "100"})
+    os.close(tty)
+    os.close(stdout)
+    shown: list[bytes] = []
+    closing = threading.Event()
+
+    def show() -> None:  # a terminal reads what it is sent, or the run blocks on a full buffer
+        while not closing.is_set():
+            if select.select([terminal], [], [], 0.05)[0]:
+                with contextlib.suppress(OSError):
+                    shown.append(os.read(terminal, 65536))
+
+    reader = threading.Thread(target=show, daemon=True)
+    reader.start()
+    _wait_for_steps(p, out, lambda: b"".join(shown).decode(errors="replace")[-2000:])
+    closing.set()
+    reader.join()  # a read still waiting on it would hold the terminal open past close()
+    os.close(terminal)  # the terminal hangs up: writes to it fail with EIO from now on
+    os.close(tee)  # and so does the pipe's reader: writes to it fail with EPIPE
+    os.killpg(p.pid, signal.SIGHUP)
+    assert p.wait(timeout=120) == 129, b"".join(shown).decode(errors="replace")[-2000:]
+    assert list((out / "checkpoints").glob("step-*.pt"))
+    assert not Path(f"{out}.lock").exists()
 
 
 def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):

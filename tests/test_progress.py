@@ -7,23 +7,41 @@ import time
 
 import pytest
 
-from ofactl.progress import Terminated, deferred_stop, duration_text, sigterm_as_interrupt, worker_init
+import ofactl.progress
+from ofactl.progress import Terminated, deferred_stop, duration_text, how_stopped, stop_signals_as_interrupt, worker_init
 
 
 def test_duration_text():
     assert [duration_text(s) for s in (42, 185, 3725)] == ["42s", "3m05s", "1h02m"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_first_stop_signal_is_a_request_and_a_second_stops_at_once(sig):
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+@pytest.fixture
+def quieted(monkeypatch) -> list[bool]:
+    """Records the SIGHUP handler's call to send lost outputs to /dev/null, instead of doing it to
+    the test process's own stdout and stderr."""
+    calls: list[bool] = []
+    monkeypatch.setattr(ofactl.progress, "_quiet_lost_outputs", lambda: calls.append(True))
+    return calls
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_first_stop_signal_is_a_request_and_a_second_stops_at_once(sig, quieted):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     with pytest.raises(KeyboardInterrupt) as e, deferred_stop() as stop:
         os.kill(os.getpid(), sig)
-        assert stop.requested and stop.terminated == (sig == signal.SIGTERM)
+        assert stop.requested and stop.signum == sig
         os.kill(os.getpid(), sig)
         pytest.fail("a second signal should have stopped the block")
-    assert isinstance(e.value, Terminated) == (sig == signal.SIGTERM)
-    assert {s: signal.getsignal(s) for s in before} == before  # both handlers put back
+    assert isinstance(e.value, Terminated) == (sig != signal.SIGINT)
+    assert getattr(e.value, "signum", signal.SIGINT) == sig
+    assert {s: signal.getsignal(s) for s in before} == before  # every handler put back
+    assert quieted == ([True, True] if sig == signal.SIGHUP else [])
+
+
+def test_how_a_stop_reads():
+    assert how_stopped(None) == how_stopped(signal.SIGINT) == ("interrupted", 130)
+    assert how_stopped(signal.SIGTERM) == ("terminated (SIGTERM)", 143)
+    assert how_stopped(signal.SIGHUP) == ("hung up (SIGHUP)", 129)
 
 
 def test_an_ignored_signal_stays_ignored():
@@ -36,12 +54,43 @@ def test_an_ignored_signal_stays_ignored():
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_sigterm_raises_terminated_inside_the_console_script_only():
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    with pytest.raises(Terminated), sigterm_as_interrupt():
-        os.kill(os.getpid(), signal.SIGTERM)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_raises_terminated_inside_the_console_script_only(sig, quieted):
+    assert signal.getsignal(sig) is signal.SIG_DFL
+    with pytest.raises(Terminated) as e, stop_signals_as_interrupt():
+        os.kill(os.getpid(), sig)
         time.sleep(5)  # the handler raises at the next bytecode; this never returns
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert e.value.signum == sig and signal.getsignal(sig) is signal.SIG_DFL
+    assert quieted == ([True] if sig == signal.SIGHUP else [])
+
+
+def test_a_sighup_ignored_by_nohup_stays_ignored():
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stop_signals_as_interrupt():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_terminal_that_hung_up_is_told_from_one_still_there():
+    import pty
+
+    from ofactl.progress import _hung_up
+
+    master, slave = pty.openpty()
+    try:
+        assert not _hung_up(slave)
+        os.close(master)
+        master = -1
+        assert _hung_up(slave)  # writes to it fail with EIO from now on
+    finally:
+        os.close(slave)
+        if master >= 0:
+            os.close(master)
 
 
 def _worker(init, ready) -> None:
@@ -51,7 +100,7 @@ def _worker(init, ready) -> None:
 
 
 @pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the sender of a signal is known only with sigwaitinfo")
-def test_a_worker_leaves_others_sigterm_to_the_main_process_and_dies_of_the_main_process_s():
+def test_a_worker_leaves_others_stop_signals_to_the_main_process_and_dies_of_the_main_process_s():
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
     w = ctx.Process(target=_worker, args=(worker_init(), ready), daemon=True)
@@ -59,6 +108,7 @@ def test_a_worker_leaves_others_sigterm_to_the_main_process_and_dies_of_the_main
     try:
         assert ready.wait(60)  # its init has run
         subprocess.run([shutil.which("kill") or "kill", "-TERM", str(w.pid)], check=True)  # a scheduler's
+        os.kill(w.pid, signal.SIGHUP)  # a closed terminal's, which reaches the whole job
         w.join(1)
         assert w.is_alive()
         os.kill(w.pid, signal.SIGTERM)  # the main process shutting its workers down (at exit, too)
