@@ -598,8 +598,7 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
     with deferred_stop() as stop:
         try:
             for batch in loader:
-                if "error" in batch:
-                    raise _UnreadableBatch(batch["error"])
+                _check_readable(batch, setup)
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + batch["step"] + 17)
                 loss, m = job.step_loss(batch, gen)
                 optim.scaler.scale(loss / cfg.optim.accum).backward()
@@ -692,6 +691,25 @@ class _UnreadableBatch(Exception):
     def __init__(self, error: AudioError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _check_readable(batch: dict[str, Any], setup: Setup) -> None:
+    """Raise :class:`_UnreadableBatch` when a recording of this micro-batch could not be read: on
+    this rank or, under DDP, on any (one all-reduce of a flag per rank, before any rank starts the
+    backward whose gradient all-reduce the others would wait in), so every rank stops at the same
+    micro-batch and rank 0 saves the steps finished."""
+    error: AudioError | None = batch.get("error")
+    if setup.world > 1:
+        import torch.distributed as dist
+
+        flags = torch.zeros(setup.world, device=setup.device)
+        flags[setup.rank] = float(error is not None)
+        dist.all_reduce(flags)
+        if error is None and bool(flags.any()):
+            error = AudioError(f"rank {int(flags.nonzero()[0, 0])} could not read a recording of its batch "
+                               f"(its own error names it)")
+    if error is not None:
+        raise _UnreadableBatch(error)
 
 
 def _what_was_saved(setup: Setup, took_steps: bool) -> str:

@@ -373,6 +373,47 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, synth_corpus):
     assert summary["total_audio_seconds"] == pytest.approx(summary["audio_seconds"], abs=1e-2)
 
 
+_RANK_1_READS_BADLY = """
+import os, sys
+from ofactl import training
+from ofactl.cli import main
+from ofactl.errors import AudioError
+
+real_item, real_load, bad = training.CropBatches.__getitem__, training.load_audio, {"on": False}
+
+def item(self, k):
+    bad["on"] = os.environ["RANK"] == "1" and k == 2  # rank 1's third batch: step 3
+    return real_item(self, k)
+
+def load(path):
+    if bad["on"]:
+        raise AudioError(f"{path}: truncated or corrupt")
+    return real_load(path)
+
+training.CropBatches.__getitem__, training.load_audio = item, load
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_ddp_a_recording_gone_bad_on_one_rank_stops_every_rank_with_the_steps_saved(tmp_path, synth_corpus):
+    # without the ranks agreeing on it, rank 0 waited in its gradient all-reduce for a rank that
+    # had stopped, until torchrun killed it, and the steps since the last checkpoint were lost
+    entry = tmp_path / "entry.py"
+    entry.write_text(_RANK_1_READS_BADLY)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(entry),
+           "distill", "-c", "distill-tiny", "--corpus", str(synth_corpus), "--out", str(out), "--steps", "6",
+           "--boundaries", "none", "--device", "cpu", "--quiet", "--set", "batch_seconds=6", "--set", "crop_seconds=2",
+           "--set", "num_workers=0", "--set", "eval_utts=4", "--set", "eval_rates=[1.0]", "--set", "ckpt_every=100"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert ("rank 1 could not read a recording of its batch (its own error names it); at step 2: checkpoint saved, "
+            "continue with --resume once it reads again") in r.stderr, r.stderr[-3000:]
+    assert "truncated or corrupt; at step 2: rank 0 saves the checkpoint, continue with --resume" in r.stderr
+    assert [p.name for p in (out / "checkpoints").glob("*.pt")] == ["step-00000002.pt"]
+
+
 def _long_distill(out: Path, corpus: Path) -> list[str]:
     """A distill with a DataLoader worker that logs every step and would run for long."""
     return [sys.executable, "-m", "ofactl", "distill", "-c", "distill-tiny", "--corpus", str(corpus),
