@@ -155,20 +155,26 @@ def _worker_signals(main_pid: int, worker_id: int = 0) -> None:
     kills the worker when the main process sends it: that is how it shuts down workers it could
     not stop otherwise, at exit included, so ignoring it outright could leave it waiting forever.
     Where the sender cannot be known (no ``sigwaitinfo``: macOS), SIGTERM kills a worker as before.
-    SIGHUP (a terminal that closed signals its whole job) is ignored: the main process never
-    sends it, and a worker whose main process is gone stops by itself.
+    SIGHUP (a terminal that closed signals its whole job) does not stop a worker, which the main
+    process stops in turn; it only sends the worker's lost outputs to /dev/null, as it does the
+    main process's, so that a warning printed later does not fail the batch.
     """
     import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, _quiet_on_hangup)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, inherited by fork
     if not hasattr(signal, "sigwaitinfo"):
         return
     # blocked here, so in every thread started from here: SIGTERM waits for the thread below
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_sigterm_from, args=(main_pid,), name="ofactl-sigterm", daemon=True).start()
+
+
+def _quiet_on_hangup(signum: int, frame: Any) -> None:
+    """A worker's SIGHUP handler: outputs to /dev/null (:func:`_quiet_lost_outputs`), no stop."""
+    _quiet_lost_outputs()
 
 
 def _sigterm_from(main_pid: int) -> None:

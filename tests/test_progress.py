@@ -117,3 +117,38 @@ def test_a_worker_leaves_others_stop_signals_to_the_main_process_and_dies_of_the
     finally:
         if w.is_alive():
             w.kill()
+
+
+def _writes_after_hangup(init, master: int, slave: int, ready, go, wrote) -> None:
+    os.close(master)  # the terminal's side stays with the test alone
+    os.dup2(slave, 2)  # the worker's stderr is the terminal
+    init(0)
+    ready.set()
+    go.wait(60)
+    try:
+        os.write(2, b"a warning printed after the terminal closed\n")
+        wrote.set()
+    except OSError:
+        pass
+
+
+def test_a_worker_survives_sighup_and_its_later_output_does_not_fail():
+    import pty
+
+    ctx = multiprocessing.get_context("fork")
+    ready, go, wrote = ctx.Event(), ctx.Event(), ctx.Event()
+    master, slave = pty.openpty()
+    w = ctx.Process(target=_writes_after_hangup, args=(worker_init(), master, slave, ready, go, wrote), daemon=True)
+    w.start()
+    os.close(slave)
+    try:
+        assert ready.wait(60)
+        os.close(master)  # the terminal closes: writes to it fail with EIO
+        os.kill(w.pid, signal.SIGHUP)
+        time.sleep(0.5)  # the handler runs before the worker goes on
+        go.set()
+        w.join(60)
+        assert w.exitcode == 0 and wrote.is_set()  # alive, and its write went to /dev/null
+    finally:
+        if w.is_alive():
+            w.kill()
