@@ -108,7 +108,11 @@ class PredictionHeads(nn.Module):
         """(B, T, D) -> (B, T, H, Dt): one linear head per predicted teacher layer."""
         B, T, D = x.shape
         h = nn.functional.gelu(self.expand(x)).view(B, T, self.n_heads, D)
-        return torch.einsum("bthd,hdo->btho", h, self.weight) + self.bias
+        # one head: the einsum's gradient for a (1, D, Dt) weight has stride Dt, not D * Dt, in
+        # its size-1 dimension, which DDP reports as a layout mismatch on every rank; through
+        # the (D, Dt) view the gradient comes back laid out as the weight (the same numbers)
+        weight = self.weight[0].unsqueeze(0) if self.n_heads == 1 else self.weight
+        return torch.einsum("bthd,hdo->btho", h, weight) + self.bias
 
 
 @dataclass

@@ -126,3 +126,15 @@ def test_a_normalising_student_hears_a_quiet_recording_as_a_loud_one():
         with torch.no_grad():
             loud, quiet = s(wav, n).hidden.states, s(wav * 0.01, n).hidden.states
         assert torch.allclose(loud, quiet, atol=1e-3) is same
+
+
+@pytest.mark.parametrize("n_heads", [1, 3])
+def test_prediction_heads_gradients_are_laid_out_as_their_weights(n_heads):
+    # DDP's reducer compares every stride, a size-1 dimension's too: a mismatch was reported as a
+    # warning on every rank for the one-head log-mel predictor
+    from ofactl.model.student import PredictionHeads
+
+    heads = PredictionHeads(8, 5, n_heads)
+    heads(torch.randn(2, 7, 8)).pow(2).sum().backward()
+    for p in heads.parameters():
+        assert p.grad is not None and p.grad.stride() == p.stride()
