@@ -139,6 +139,12 @@ class PretrainModel(nn.Module):
         self.arch = arch
         self.temp = logit_temp
         self.encoder = Teacher(arch).model  # Wav2Vec2Model: feature_extractor + encoder
+        transformer = self.encoder.encoder.transformer
+        if not transformer.layer_norm_first:  # torchaudio's flag, negated: a pre-LN encoder
+            # the objective reads the last layer's output as the hidden states give it, before
+            # the final layer norm: frozen, so that DDP does not wait for its gradient (AdamW
+            # never moved it anyway, and the optimiser still lists it: checkpoints stay as they were)
+            transformer.layer_norm.requires_grad_(False)
         self.mask_emb = nn.Parameter(torch.empty(arch.embed_dim).uniform_())
         self.final_proj = nn.Linear(arch.embed_dim, final_dim)
         self.label_embs = nn.Parameter(torch.empty(n_units, final_dim).uniform_(-1, 1))
@@ -347,6 +353,7 @@ class PretrainResult:
     audio_seconds: float  # audio read by this invocation (every rank's), from step resumed_from on:
     wall_seconds: float  # a resumed run reports its last stretch, so audio_s_per_s is that stretch's speed
     totals: RunTotals | None = None  # the whole run's, over every invocation; None: unknown
+    ranks_in_sync: bool | None = None  # under DDP: every rank ended with the same weights; None: one process
 
     def to_json(self) -> dict[str, Any]:
         """The result as JSON-safe data (``summary.json``, ``--json``)."""
@@ -498,8 +505,9 @@ def _finish(cfg: PretrainConfig, su: Any, model: PretrainModel, trn: list[Uttera
             targets: dict[str, np.ndarray], loop: Any) -> PretrainResult:
     """teacher.safetensors (with the median level of the training audio, as distill records in
     student.pt), held-out unit accuracy, summary.json (rank 0)."""
-    from ofactl.training import finish_distributed
+    from ofactl.training import finish_distributed, ranks_in_sync
 
+    in_sync = ranks_in_sync(model) if su.world > 1 else None
     teacher = su.run_dir / "teacher.safetensors"
     ev: dict[str, float] = {}
     if su.main:
@@ -508,7 +516,7 @@ def _finish(cfg: PretrainConfig, su: Any, model: PretrainModel, trn: list[Uttera
         export_teacher(model, teacher, {"targets": cfg.targets, "steps": str(loop.step)}
                        | ({} if level is None else {"input_level_db": str(level)}))
     res = PretrainResult(su.run_dir, teacher, loop.step, loop.start, ev, loop.audio_seconds, loop.wall_seconds,
-                         loop.totals)
+                         loop.totals, in_sync)
     if su.main:
         write_text(su.run_dir / "summary.json", json.dumps(res.to_json(), indent=2))
     finish_distributed(su.world)

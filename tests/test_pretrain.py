@@ -183,3 +183,40 @@ def test_bad_settings_are_one_clear_error(tmp_path, synth_corpus):
     second = run_pretrain(tiny_cfg(steps=2, targets="layer:1", from_ckpt=str(tmp_path / "it1")), synth_corpus,
                           tmp_path / "it2")
     assert second.steps == 2
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_every_trained_parameter_gets_a_gradient_from_the_objective(pre_ln):
+    # DDP waits for a gradient of every parameter that requires one: a pre-LN encoder's final
+    # layer norm, which the objective does not read, stopped torchrun at its second step
+    from ofactl.pretrain import PretrainModel, unit_loss
+
+    torch.manual_seed(0)
+    model = PretrainModel(replace(ARCH, layer_norm_first=pre_ln), 12, 16).train()
+    wav, lengths = torch.randn(2, 16000), torch.tensor([16000, 12000])
+    mask = span_mask(torch.tensor([49, 37]), 0.2, 3, torch.Generator().manual_seed(0))
+    logits, n = model(wav, lengths, mask)
+    loss, _ = unit_loss(logits, torch.randint(0, 12, logits.shape[:2]), mask, n, 0.0)
+    loss.backward()
+    missing = [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    frozen = [k for k, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == (["encoder.encoder.transformer.layer_norm.weight", "encoder.encoder.transformer.layer_norm.bias"]
+                      if pre_ln else [])
+
+
+@pytest.mark.slow
+def test_ddp_pretraining_of_a_pre_ln_model_runs_on_two_cpu_processes(tmp_path, synth_corpus):
+    import yaml
+
+    from ofactl.config import to_dict
+
+    preset = tmp_path / "pt.yaml"
+    preset.write_text(yaml.safe_dump({"pretrain": to_dict(tiny_cfg(steps=3, arch=replace(ARCH, layer_norm_first=True)))}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ofactl",
+           "pretrain", "-c", str(preset), "--corpus", str(synth_corpus), "--out", str(tmp_path / "ddp"), "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp/summary.json").read_text())
+    assert summary["steps"] == 3 and summary["ranks_in_sync"] is True
+    assert (tmp_path / "ddp/teacher.safetensors").is_file() and "warning" not in r.stderr, r.stderr[-2000:]
