@@ -394,15 +394,15 @@ def distill(
     Multi-GPU/multi-process: launch with torchrun; rank 0 writes checkpoints and logs.
     """
     from ofactl.config import Flag, load_config
-    from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
+    from ofactl.distill import DistillConfig, rate_flags, run_distill
 
     def go() -> Any:
         flags = [Flag("teacher", "--teacher", teacher), Flag("guidance.boundaries", "--boundaries", boundaries),
                  Flag("steps", "--steps", steps), Flag("device", "--device", device),
                  Flag("precision", "--precision", precision), Flag("student.compressor", "--compressor", compressor)]
-        cfg = load_config(DistillConfig, "distill", config, set_ or [], flags)
-        if rate is not None:  # what --rate sets depends on the resolved student's compressor
-            cfg = with_fixed_rate(cfg, rate)
+        # what --rate sets depends on the compressor the preset, --set and --compressor resolve to
+        cfg = load_config(DistillConfig, "distill", config, set_ or [], flags,
+                          rate_flags(rate) if rate is not None else None)
         return run_distill(cfg, corpus, out, resume=resume, overwrite=overwrite,
                            trust_checkpoint=trust_checkpoint, progress=_progress(quiet, as_json))
 

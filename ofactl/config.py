@@ -16,7 +16,7 @@ import json
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -390,23 +390,30 @@ def load_config(
     preset: str | Path | None = None,
     overrides: Sequence[str] = (),
     flags: Sequence[Flag] = (),
+    derived: Callable[[dict[str, Any]], Sequence[Flag]] | None = None,
 ) -> T:
     """Defaults <- preset section <- ``--set`` overrides <- typed flags, validated into ``cls``.
 
-    An error names where the bad value came from: the preset file, the ``--set`` items, or the
-    one flag that makes the config invalid (``--rate 1.5: rate 1.5 is outside (0, 1] ...``).
+    ``derived``: flags whose keys depend on the settings given before them, read from the raw
+    settings with the other flags applied (``distill --rate``: an avgpool student's pooling
+    rate, another's fixed rate). Only the result must be valid: ``--set student.compressor=none``
+    needs the fixed rate 1 that ``--rate 1`` gives it. An error names where the bad value came
+    from: the preset file, the ``--set`` items, or the one flag that makes the config invalid
+    (``--rate 1.5: rate 1.5 is outside (0, 1] ...``).
     """
     data, source = _preset_data(cls, section, preset)
     if overrides:
         data = apply_overrides(cls, data, overrides)
         source = f"{source} with --set {' '.join(overrides)}"
     given = [f for f in flags if f.value is not None]
+    if derived is not None:
+        given += derived(_apply_flags(cls, data, given))
     if not given:
         return _build(cls, data, source)
-    _build(cls, data, source)  # preset and --set errors are reported against them, not a flag
     try:
         return _build(cls, _apply_flags(cls, data, given), " ".join(f.shown() for f in given))
     except ConfigError:
+        _build(cls, data, source)  # preset and --set errors are reported against them, not a flag
         for f in given:  # the flag that is wrong on its own is named alone
             _build(cls, _apply_flags(cls, data, [f]), f.shown())
         raise

@@ -14,6 +14,7 @@ scaler and global RNG state, so ``--resume`` continues exactly as an uninterrupt
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from torch import Tensor
 from ofactl.atomic import atomic_path, write_text
 from ofactl.audio import Corpus, Utterance, load_audio, median_level_db
 from ofactl.choices import Alignment, CompressWeight, Precision, RateDraw, RateKind, SpectralAlignment
-from ofactl.config import to_dict
+from ofactl.config import Flag, to_dict
 from ofactl.errors import ConfigError
 from ofactl.model.compress import expected_ratio, length_mask, rate_to_lambda
 from ofactl.model.student import Student, StudentConfig, student_config
@@ -138,7 +139,8 @@ class DistillConfig:
         if self.optim.accum < 1:
             raise ValueError("optim.accum must be >= 1")
         if self.student.compressor == "none" and (self.rates.kind != "fixed" or self.rates.rate != 1.0):
-            raise ValueError("a student without compressor trains at rate 1: set rates.kind=fixed, rates.rate=1")
+            raise ValueError("a student without compressor trains at rate 1: add --rate 1, or set rates.kind=fixed, "
+                             "rates.rate=1")
         if self.compress_weight != "frame" and self.alignment != "compress":
             why = ("scores every 20 ms frame alike already" if self.alignment == "upsample"
                    else "weighs its compress half by frame")
@@ -503,18 +505,35 @@ def trained_rates(cfg: DistillConfig, alpha_mean: float) -> dict[str, Any]:
     return {"kind": "range", "min": round(lo, 4), "max": round(hi, 4)}
 
 
-def with_fixed_rate(cfg: DistillConfig, rate: float) -> DistillConfig:
-    """``distill --rate R``: train at one rate, whatever the resolved student's compressor is
-    (avgpool: its pooling rate; cif: rates.kind=fixed; none: rate 1 only)."""
-    from dataclasses import replace
-
+def fixed_rate_settings(compressor: str, rate: float) -> dict[str, Any]:
+    """What training at one rate sets, by the student's compressor: an avgpool student's pooling
+    rate (``compressor_rate``), another's fixed rate (``rates.kind``, ``rates.rate``); a student
+    without compressor runs at rate 1 only."""
     if not 0 < rate <= 1:
         raise ConfigError(f"--rate {rate}: expected a rate in (0, 1]")
-    kind = cfg.student.compressor
-    if kind == "avgpool":
-        return replace(cfg, compressor_rate=rate)
-    if kind == "none" and rate != 1.0:
+    if compressor == "avgpool":
+        return {"compressor_rate": rate}
+    if compressor == "none" and rate != 1.0:
         raise ConfigError(f"--rate {rate}: a student without compressor runs at rate 1 only")
+    return {"rates.kind": "fixed", "rates.rate": rate}
+
+
+def rate_flags(rate: float) -> Callable[[dict[str, Any]], list[Flag]]:
+    """``distill --rate R`` as flags for :func:`~ofactl.config.load_config`'s ``derived``: their
+    keys follow the compressor the other settings resolve to (:func:`fixed_rate_settings`)."""
+    def flags(data: dict[str, Any]) -> list[Flag]:
+        compressor = (data.get("student") or {}).get("compressor", StudentConfig().compressor)
+        return [Flag(key, "--rate", value, typed=f"--rate {rate:g}")
+                for key, value in fixed_rate_settings(str(compressor), rate).items()]
+
+    return flags
+
+
+def with_fixed_rate(cfg: DistillConfig, rate: float) -> DistillConfig:
+    """``cfg`` trained at one rate, whatever its student's compressor (:func:`fixed_rate_settings`)."""
+    settings = fixed_rate_settings(cfg.student.compressor, rate)
+    if "compressor_rate" in settings:
+        return replace(cfg, compressor_rate=rate)
     out = replace(cfg, rates=replace(cfg.rates, kind="fixed", rate=rate))
     out.validate()
     return out

@@ -549,6 +549,17 @@ def test_rate_flag_follows_the_resolved_compressor(tmp_path, monkeypatch):
     assert seen["cfg"].rates.kind == "fixed" and seen["cfg"].rates.rate == 0.4
     with pytest.raises(ConfigError, match=r"--rate 1.5: expected a rate in \(0, 1\]"):
         with_fixed_rate(seen["cfg"], 1.5)
+    # a student without compressor (DistilHuBERT's 20 ms baseline) needs the fixed rate 1 that
+    # --rate 1 gives it, whether --compressor or --set asks for it
+    for ask in (["--compressor", "none"], ["--set", "student.compressor=none"]):
+        seen.clear()
+        r = CliRunner().invoke(app, ["distill", "-c", "distill-tiny", "--corpus", "x", *ask, "--rate", "1"])
+        assert "stopped before training" in r.output, r.output
+        assert seen["cfg"].student.compressor == "none" and (seen["cfg"].rates.kind, seen["cfg"].rates.rate) == ("fixed", 1)
+    r = CliRunner().invoke(app, ["distill", "-c", "distill-tiny", "--corpus", "x", "--compressor", "none", "--rate", "0.5"])
+    assert r.exit_code == 1 and "--rate 0.5: a student without compressor runs at rate 1 only" in r.output
+    r = CliRunner().invoke(app, ["distill", "-c", "distill-tiny", "--corpus", "x", "--compressor", "none"])
+    assert r.exit_code == 1 and "--compressor none: a student without compressor trains at rate 1" in r.output
 
 
 def test_spectral_head_adds_a_weighted_loss(synth_corpus):
