@@ -534,7 +534,7 @@ def sweep(
     ckpt: Annotated[list[str], typer.Option("--ckpt", help="Student checkpoint (or its distill run folder), or LABEL=PATH; repeat to compare checkpoints.")],
     corpus: LabelledCorpusOpt,
     task: TaskOpt = None,
-    rates: Annotated[str | None, typer.Option("--rates", help="Comma-separated rates, e.g. 1,0.75,0.5,0.33,0.25.")] = None,
+    rates: Annotated[list[str] | None, typer.Option("--rates", "--rate", "-r", help="Rates in (0, 1]: a comma list (1,0.5,0.33,0.25) or the flag repeated, as extract's --rate.")] = None,
     store: Annotated[Path | None, typer.Option("--store", help="Feature store to reuse/extend (one checkpoint).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: sweep.csv, sweep.json, tradeoff.png, rows/.")] = Path("sweep"),
     label_column: Annotated[str | None, typer.Option("--label-column", help="Label column for --task cls.")] = None,
@@ -556,8 +556,8 @@ def sweep(
     from ofactl.sweep import SweepConfig, parse_ckpts, run_sweep
 
     def go() -> Any:
-        asked = None if rates is None else parse_numbers([rates], "--rates")
-        flags = [Flag("task", "--task", task), Flag("rates", "--rates", asked, f"--rates {rates}"),
+        asked = parse_numbers(rates, "--rates") if rates else None
+        flags = [Flag("task", "--task", task), Flag("rates", "--rates", asked, " ".join(f"--rates {r}" for r in rates or ())),
                  Flag("label_column", "--label-column", label_column), Flag("probe_runs", "--probe-runs", probe_runs),
                  Flag("device", "--device", device)]
         cfg = load_config(SweepConfig, "sweep", config, set_ or [], flags)

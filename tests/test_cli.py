@@ -394,6 +394,9 @@ def test_sweep_and_adapt_flags_are_values(monkeypatch):
                       "--task", "pr", "--out", ODD])
     assert seen["cfg"].rates == (1.0, 0.5) and seen["cfg"].task == "pr"
     assert [(label, str(p)) for label, p in seen["args"][0]] == [("fixed", ODD), ("hubert #2", ODD)]
+    seen = _capture(monkeypatch, "ofactl.sweep", "run_sweep")  # extract's spelling works too
+    _invoke_captured(["sweep", "--ckpt", ODD, "--corpus", ODD, "--rate", "1,0.5", "-r", "0.25", "--out", ODD])
+    assert seen["cfg"].rates == (1.0, 0.5, 0.25)
     seen = _capture(monkeypatch, "ofactl.adapt", "run_adapt")
     _invoke_captured(["adapt", "--ckpt", ODD, "--corpus", ODD, "--task", "ks", "--cost", "0.1", "--cost-form", "linear",
                       "--out", ODD])
