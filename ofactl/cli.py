@@ -539,6 +539,7 @@ def sweep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: sweep.csv, sweep.json, tradeoff.png, rows/.")] = Path("sweep"),
     label_column: Annotated[str | None, typer.Option("--label-column", help="Label column for --task cls.")] = None,
     probe_runs: Annotated[int | None, typer.Option("--probe-runs", help="Probes per rate with successive seeds; the row reports their mean and standard deviation.")] = None,
+    level_db: Annotated[str | None, typer.Option("--level-db", help="Scale each recording to this RMS level in dBFS (e.g. -25), or auto (the level each student was distilled at), as extract does.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute finished rows (and replace mismatched groups).")] = False,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
@@ -553,13 +554,14 @@ def sweep(
     table, sweep.csv, sweep.json and tradeoff.png.
     """
     from ofactl.config import Flag, load_config, parse_numbers
+    from ofactl.extract import parse_level
     from ofactl.sweep import SweepConfig, parse_ckpts, run_sweep
 
     def go() -> Any:
         asked = parse_numbers(rates, "--rates") if rates else None
         flags = [Flag("task", "--task", task), Flag("rates", "--rates", asked, " ".join(f"--rates {r}" for r in rates or ())),
                  Flag("label_column", "--label-column", label_column), Flag("probe_runs", "--probe-runs", probe_runs),
-                 Flag("device", "--device", device)]
+                 Flag("extract.level_db", "--level-db", parse_level(level_db)), Flag("device", "--device", device)]
         cfg = load_config(SweepConfig, "sweep", config, set_ or [], flags)
         return run_sweep(cfg, parse_ckpts(ckpt), corpus, out, store, overwrite=overwrite,
                          progress=_progress(quiet, as_json))

@@ -51,7 +51,7 @@ from ofactl.runtime import (
 )
 
 # how sweep names the extraction settings its errors point to
-SWEEP_FLAGS = CallerFlags(skip="--set extract.on_error=skip", out="--out", level="--set extract.level_db")
+SWEEP_FLAGS = CallerFlags(skip="--set extract.on_error=skip", out="--out", level="--level-db")
 
 
 @dataclass
@@ -312,7 +312,7 @@ class _Sweep:
             ecfg = replace(features, rates=(r,), layers=cfg.layers)
             ext = extract_with_student(ecfg, student, sha, self.corpus, st_path, progress=self.progress,
                                        ckpt_path=str(ckpt), overwrite=self.overwrite, flags=self.flags)
-            warning = ext.quiet_warning("--set extract.level_db=")
+            warning = ext.quiet_warning("--level-db ")
             if warning and label not in self.warned:  # once per checkpoint, not per rate
                 self.warned.add(label)
                 self.progress.log(f"warning: {warning}")

@@ -68,9 +68,9 @@ def test_sweep_outputs_and_resume(tmp_path, synth_corpus):
     assert CliRunner().invoke(app, args[:-1]).stderr.count("reusing the finished row") == 0  # r4 replaced them
     # features taken otherwise (here: levelled) are another experiment: neither the store's
     # groups nor the rows are taken for them
-    levelled = args[:-1] + ["--set", "extract.level_db=-25"]
+    levelled = args[:-1] + ["--level-db", "-25"]
     r5 = CliRunner().invoke(app, levelled)
-    assert r5.exit_code == 1 and "another --set extract.level_db" in r5.stderr and "--overwrite" in r5.stderr, r5.output
+    assert r5.exit_code == 1 and "another --level-db" in r5.stderr and "--overwrite" in r5.stderr, r5.output
     r6 = CliRunner().invoke(app, levelled + ["--overwrite"])
     assert r6.exit_code == 0 and "(0 row(s) reused)" in r6.stderr, r6.output
     assert CliRunner().invoke(app, levelled).stderr.count("reusing the finished row") == 2
@@ -233,7 +233,7 @@ def test_quiet_recordings_are_reported_once_per_checkpoint_with_the_sweeps_own_s
     warnings = [m for m in progress.messages if m.startswith("warning:")]
     assert len(warnings) == 1, warnings  # two rates extracted, one report
     assert "2 of 8 recording(s) are quieter than -35 dBFS" in warnings[0]
-    assert "--set extract.level_db=-25 levels every recording" in warnings[0]
+    assert "--level-db -25 levels every recording" in warnings[0]
     # a student that records its training level: the warning offers auto, and auto levels each
     # checkpoint's recordings to its own level
     s = Student(student_config("tiny"))
@@ -242,7 +242,7 @@ def test_quiet_recordings_are_reported_once_per_checkpoint_with_the_sweeps_own_s
     progress = NullProgress()
     run_sweep(cfg, [("known", known)], tmp_path / "m.tsv", tmp_path / "sw2", progress=progress)
     warnings = [m for m in progress.messages if m.startswith("warning:")]
-    assert len(warnings) == 1 and "--set extract.level_db=auto (the -20 dBFS" in warnings[0]
+    assert len(warnings) == 1 and "--level-db auto (the -20 dBFS" in warnings[0]
     cfg.extract.level_db = "auto"
     progress = NullProgress()
     res = run_sweep(cfg, [("known", known)], tmp_path / "m.tsv", tmp_path / "sw3", progress=progress)
