@@ -258,6 +258,17 @@ def _fail(message: str, code: int, kind: str, as_json: bool, stopped: bool = Fal
     raise typer.Exit(code)
 
 
+def _rates_flag(rate: list[str] | None, frame_ms: list[str] | None, name: str) -> Any:
+    """The rates that ``name`` (``--rate``, ``--rates``) and ``--frame-ms`` ask for, each a comma
+    list or repeated, as one flag for the ``rates`` key (its value None when neither was given)."""
+    from ofactl.config import Flag, parse_numbers
+    from ofactl.extract import requested_rates
+
+    typed = " ".join([*(f"{name} {r}" for r in rate or ()), *(f"--frame-ms {m}" for m in frame_ms or ())])
+    asked = requested_rates(parse_numbers(rate or (), name), parse_numbers(frame_ms or (), "--frame-ms"))
+    return Flag("rates", name, asked, typed)
+
+
 def _emit_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
     sys.stdout.flush()
@@ -489,13 +500,11 @@ def extract(
     Reruns skip utterances already extracted; a killed run resumes where it stopped.
     """
     from ofactl.checkpoint import student_file
-    from ofactl.config import Flag, load_config, parse_numbers
-    from ofactl.extract import ExtractConfig, parse_level, parse_shard, requested_rates, run_extract
+    from ofactl.config import Flag, load_config
+    from ofactl.extract import ExtractConfig, parse_level, parse_shard, run_extract
 
     def go() -> Any:
-        typed = " ".join([*(f"--rate {r}" for r in rate or ()), *(f"--frame-ms {m}" for m in frame_ms or ())])
-        asked = requested_rates(parse_numbers(rate or (), "--rate"), parse_numbers(frame_ms or (), "--frame-ms"))
-        flags = [Flag("rates", "--rate", asked, typed),
+        flags = [_rates_flag(rate, frame_ms, "--rate"),
                  Flag("layers", "--layers", layers), Flag("dtype", "--dtype", dtype), Flag("device", "--device", device),
                  Flag("precision", "--precision", precision), Flag("batch_seconds", "--batch-seconds", batch_seconds),
                  Flag("num_workers", "--workers", workers), Flag("on_error", "--on-error", on_error),
@@ -540,6 +549,8 @@ def sweep(
     label_column: Annotated[str | None, typer.Option("--label-column", help="Label column for --task cls.")] = None,
     probe_runs: Annotated[int | None, typer.Option("--probe-runs", help="Probes per rate with successive seeds; the row reports their mean and standard deviation.")] = None,
     level_db: Annotated[str | None, typer.Option("--level-db", help="Scale each recording to this RMS level in dBFS (e.g. -25), or auto (the level each student was distilled at), as extract does.")] = None,
+    frame_ms: Annotated[list[str] | None, typer.Option("--frame-ms", help="Average frame periods in ms (>= 20), instead of or beside --rates; a comma list (40,60,80) or repeated.")] = None,
+    adaptive_length: Annotated[bool, typer.Option("--adaptive-length", help="Content-dependent lengths instead of round(rate*T), as extract's.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute finished rows (and replace mismatched groups).")] = False,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
@@ -553,15 +564,16 @@ def sweep(
     Extracts missing rates (reusing cached groups), trains the probe per rate, and writes a
     table, sweep.csv, sweep.json and tradeoff.png.
     """
-    from ofactl.config import Flag, load_config, parse_numbers
+    from ofactl.config import Flag, load_config
     from ofactl.extract import parse_level
     from ofactl.sweep import SweepConfig, parse_ckpts, run_sweep
 
     def go() -> Any:
-        asked = parse_numbers(rates, "--rates") if rates else None
-        flags = [Flag("task", "--task", task), Flag("rates", "--rates", asked, " ".join(f"--rates {r}" for r in rates or ())),
+        flags = [Flag("task", "--task", task), _rates_flag(rates, frame_ms, "--rates"),
                  Flag("label_column", "--label-column", label_column), Flag("probe_runs", "--probe-runs", probe_runs),
-                 Flag("extract.level_db", "--level-db", parse_level(level_db)), Flag("device", "--device", device)]
+                 Flag("extract.level_db", "--level-db", parse_level(level_db)),
+                 Flag("extract.adaptive_length", "--adaptive-length", adaptive_length or None),
+                 Flag("device", "--device", device)]
         cfg = load_config(SweepConfig, "sweep", config, set_ or [], flags)
         return run_sweep(cfg, parse_ckpts(ckpt), corpus, out, store, overwrite=overwrite,
                          progress=_progress(quiet, as_json))

@@ -397,6 +397,13 @@ def test_sweep_and_adapt_flags_are_values(monkeypatch):
     seen = _capture(monkeypatch, "ofactl.sweep", "run_sweep")  # extract's spelling works too
     _invoke_captured(["sweep", "--ckpt", ODD, "--corpus", ODD, "--rate", "1,0.5", "-r", "0.25", "--out", ODD])
     assert seen["cfg"].rates == (1.0, 0.5, 0.25)
+    seen = _capture(monkeypatch, "ofactl.sweep", "run_sweep")  # and extract's other feature flags
+    _invoke_captured(["sweep", "--ckpt", ODD, "--corpus", ODD, "--rates", "1", "--frame-ms", "40,80", "--adaptive-length",
+                      "--level-db", "-25", "--out", ODD])
+    ext = seen["cfg"].extract
+    assert seen["cfg"].rates == (1.0, 0.5, 0.25) and ext.adaptive_length is True and ext.level_db == -25
+    r = runner.invoke(app, ["sweep", "--ckpt", "x.pt", "--corpus", "x", "--rates", "0.5", "--frame-ms", "40"])
+    assert r.exit_code == 1 and "--rates 0.5 --frame-ms 40: rates [0.5, 0.5] collide" in r.stderr, r.output
     seen = _capture(monkeypatch, "ofactl.adapt", "run_adapt")
     _invoke_captured(["adapt", "--ckpt", ODD, "--corpus", ODD, "--task", "ks", "--cost", "0.1", "--cost-form", "linear",
                       "--out", ODD])
