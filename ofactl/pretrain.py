@@ -22,6 +22,7 @@ accepts everywhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -340,6 +341,59 @@ def unit_targets(utts: list[Utterance], units: Units, source: FeatureSource, pro
     return out
 
 
+TARGETS_FILE = "unit-targets.npz"
+TARGETS_VERSION = 1  # raised when the features or the assignment change, so older files are not read
+
+
+def targets_key(units: Units, utts: list[Utterance], from_ckpt: str | None) -> str:
+    """What a run's unit targets depend on: the units, the utterances (id, path, length) and the
+    model a ``layer:N`` target reads."""
+    from ofactl.config import doc_sha
+
+    h = hashlib.sha256()
+    for t in (units.centroids, units.mean, units.std):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return doc_sha({"version": TARGETS_VERSION, "units": h.hexdigest(), "targets": units.targets,
+                    "from": from_ckpt, "utts": [(u.id, str(u.path), u.n_samples) for u in utts]})
+
+
+def cached_unit_targets(utts: list[Utterance], units: Units, source: FeatureSource, path: Path, key: str,
+                        write: bool, progress: Progress) -> dict[str, np.ndarray]:
+    """:func:`unit_targets`, read back from ``path`` (``unit-targets.npz``) when it holds the same
+    ``key`` (a resume; at paper scale the assignment takes hours), else computed and, with
+    ``write`` (rank 0), kept there."""
+    cached = _read_targets(path, key, progress)
+    if cached is not None:
+        progress.log(f"using the unit targets in {path}")
+        return cached
+    out = unit_targets(utts, units, source, progress)
+    if write:
+        ids = list(out)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, key=np.array(key), ids=np.array(ids), lengths=np.array([len(out[i]) for i in ids]),
+                     units=np.concatenate([out[i] for i in ids]) if ids else np.zeros(0, np.int16))
+    return out
+
+
+def _read_targets(path: Path, key: str, progress: Progress) -> dict[str, np.ndarray] | None:
+    """The targets kept in ``path`` if it holds ``key``; None when absent, made for other units or
+    utterances, or unreadable (said, then computed again)."""
+    import zipfile
+
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            ids, lengths, flat = z["ids"].tolist(), z["lengths"], z["units"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # cut short, or not such a file
+        progress.log(f"warning: {path}: unreadable ({type(e).__name__}); assigning the units again")
+        return None
+    ends = np.cumsum(lengths)
+    return {i: flat[e - n:e] for i, n, e in zip(ids, lengths.tolist(), ends.tolist(), strict=True)}
+
+
 # ----------------------------------------------------------------------------- run
 @dataclass
 class PretrainResult:
@@ -385,7 +439,8 @@ def _run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Pat
     utts = list(cps)
     trn, held = split_held_out(utts, cfg.eval_utts, cfg.seed)
     units = _units(cfg, su.run_dir, trn, source, progress)
-    targets = unit_targets(utts, units, source, progress)
+    targets = cached_unit_targets(utts, units, source, su.run_dir / TARGETS_FILE,
+                                  targets_key(units, utts, cfg.from_ckpt), su.main, progress)
     seed_all(cfg.seed)
     model = PretrainModel(cfg.arch, cfg.n_units, cfg.final_dim, cfg.logit_temp).to(su.device)
     if su.main:

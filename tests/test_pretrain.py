@@ -152,6 +152,7 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path, synth_corpus):
 
     a, b = load_file(str(full / "teacher.safetensors")), load_file(str(killed / "teacher.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (killed / "unit-targets.npz").is_file()  # the resume read its targets back: the same run still
     steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
     # the summary's totals cover the whole run: the killed one read the same audio over two invocations
@@ -220,3 +221,39 @@ def test_ddp_pretraining_of_a_pre_ln_model_runs_on_two_cpu_processes(tmp_path, s
     summary = json.loads((tmp_path / "ddp/summary.json").read_text())
     assert summary["steps"] == 3 and summary["ranks_in_sync"] is True
     assert (tmp_path / "ddp/teacher.safetensors").is_file() and "warning" not in r.stderr, r.stderr[-2000:]
+
+
+def test_unit_targets_are_kept_and_read_back_for_the_same_units_and_utterances(tmp_path, synth_corpus, monkeypatch):
+    import ofactl.pretrain as pretrain
+    from ofactl.pretrain import TARGETS_FILE, cached_unit_targets, targets_key, unit_targets
+
+    cfg = tiny_cfg()
+    utts = list(read_corpus(synth_corpus))[:12]
+    src = FeatureSource(cfg, torch.device("cpu"))
+    units = fit_units(replace(cfg, kmeans_utts=6), utts, src, NullProgress())
+    path, key = tmp_path / TARGETS_FILE, targets_key(units, utts, None)
+    made = cached_unit_targets(utts, units, src, path, key, True, NullProgress())
+    assert path.is_file() and made.keys() == {u.id for u in utts}
+
+    def assigned_again(*args, **kwargs):
+        raise AssertionError("the units were assigned again")
+
+    monkeypatch.setattr(pretrain, "unit_targets", assigned_again)
+    progress = NullProgress()
+    again = cached_unit_targets(utts, units, src, path, key, True, progress)
+    assert progress.messages == [f"using the unit targets in {path}"]
+    assert all(np.array_equal(again[k], made[k]) and again[k].dtype == np.int16 for k in made)
+    monkeypatch.undo()
+    # other utterances or other units: another key, assigned again (and the file rewritten)
+    assert targets_key(units, utts[:-1], None) != key != targets_key(units, utts, "it1/teacher.safetensors")
+    other = fit_units(replace(cfg, kmeans_utts=6, seed=1), utts, src, NullProgress())
+    assert targets_key(other, utts, None) != key
+    # a file cut short (a kill mid-write cannot leave one: it is written whole, then renamed) or
+    # not such a file: said, and assigned again
+    for bad in (path.read_bytes()[:200], b"not a zip"):
+        path.write_bytes(bad)
+        progress = NullProgress()
+        redone = cached_unit_targets(utts, units, src, path, key, False, progress)
+        assert any("unreadable" in m for m in progress.messages), progress.messages
+        assert all(np.array_equal(redone[k], made[k]) for k in made)
+    assert unit_targets(utts[:2], units, src, NullProgress()).keys() == {u.id for u in utts[:2]}
