@@ -241,6 +241,14 @@ class FeatureSource:
                 raise ConfigError(f"--targets {cfg.targets}: {cfg.from_ckpt} has hidden states "
                                   f"0..{self.model.num_hidden - 1}")
 
+    def to(self, device: torch.device) -> FeatureSource:
+        """Run the earlier model of ``layer:N`` targets on ``device`` (the run's, once known: on a
+        GPU, iteration 2's features for a large corpus take minutes instead of CPU days)."""
+        if self.model is not None:
+            self.model = self.model.to(device)
+        self.device = device
+        return self
+
     @torch.no_grad()
     def __call__(self, utt: Utterance) -> Tensor:
         """The features to cluster for one utterance: (T, D) on the model's 20 ms frame grid."""
@@ -438,9 +446,11 @@ def _run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Pat
         tr.check_resume(cfg, "pretrain", su.run_dir, cps)
     utts = list(cps)
     trn, held = split_held_out(utts, cfg.eval_utts, cfg.seed)
+    source.to(su.device)
     units = _units(cfg, su.run_dir, trn, source, progress)
     targets = cached_unit_targets(utts, units, source, su.run_dir / TARGETS_FILE,
                                   targets_key(units, utts, cfg.from_ckpt), su.main, progress)
+    del source  # the earlier model, if any, is not needed for training
     seed_all(cfg.seed)
     model = PretrainModel(cfg.arch, cfg.n_units, cfg.final_dim, cfg.logit_temp).to(su.device)
     if su.main:

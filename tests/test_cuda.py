@@ -1,4 +1,5 @@
-"""The CUDA paths against the CPU: extraction (fp32 and bf16) and a bf16 distillation run.
+"""The CUDA paths against the CPU: extraction (fp32 and bf16), a bf16 distillation run and the
+features of iteration-2 pretraining targets.
 
 Marked ``gpu`` and skipped without a CUDA device (CI has none); run on a GPU machine with
 ``pytest -m gpu``.
@@ -58,3 +59,20 @@ def test_bf16_distillation_on_cuda_trains_and_loads_on_the_cpu(tmp_path, synth_c
     student, _ = load_student(res.student)  # saved from CUDA, read on the CPU
     out = student(torch.randn(1, 16000), torch.tensor([16000]), rate=0.5)
     assert out.hidden.lengths.tolist() == [25]
+
+
+def test_iteration_2_features_run_on_the_gpu_and_match_the_cpu(tmp_path, synth_corpus):
+    from test_pretrain import ARCH, tiny_cfg
+
+    from ofactl.audio import read_corpus
+    from ofactl.pretrain import FeatureSource, PretrainModel, export_teacher
+
+    torch.manual_seed(0)
+    export_teacher(PretrainModel(ARCH, 12, 16), tmp_path / "it1.safetensors")
+    cfg = tiny_cfg(targets="layer:1", from_ckpt=str(tmp_path / "it1.safetensors"))
+    utt = next(iter(read_corpus(synth_corpus)))
+    on_cpu = FeatureSource(cfg, torch.device("cpu"))(utt)
+    source = FeatureSource(cfg, torch.device("cpu")).to(torch.device("cuda"))
+    on_gpu = source(utt)
+    assert next(source.model.parameters()).is_cuda and on_gpu.device.type == "cpu"
+    assert on_gpu.shape == on_cpu.shape and torch.allclose(on_gpu, on_cpu, atol=1e-3)
