@@ -431,7 +431,7 @@ def distill(
 @app.command()
 def pretrain(
     corpus: TrainCorpusOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: kmeans.safetensors, checkpoints/, metrics.jsonl, teacher.safetensors.")] = Path("runs/pretrain"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: kmeans.safetensors, unit-targets.npz, checkpoints/, metrics.jsonl, teacher.safetensors.")] = Path("runs/pretrain"),
     targets: Annotated[str | None, typer.Option("--targets", help="Unit targets: mfcc (iteration 1) or layer:N of --from (iteration 2).")] = None,
     from_ckpt: Annotated[str | None, typer.Option("--from", help="The earlier model for --targets layer:N (a teacher file or a pretrain run folder).")] = None,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow a pickle-based --from checkpoint.")] = False,
