@@ -118,6 +118,8 @@ def _hung_up(fd: int) -> bool:
 def _raise_terminated(signum: int, frame: Any) -> None:
     if signum == getattr(signal, "SIGHUP", None):
         _quiet_lost_outputs()
+        # a hangup comes twice (the kernel's and the shell's): the second must not cut the cleanup
+        signal.signal(signum, signal.SIG_IGN)
     raise Terminated(signum)
 
 
@@ -205,7 +207,7 @@ def deferred_stop() -> Iterator[StopRequest]:
     A KeyboardInterrupt raised at an arbitrary bytecode can land while the main process is
     receiving a batch from a DataLoader worker, and multiprocessing's helper threads then print
     their own tracebacks. With the handler below the signal only sets a flag; a second one stops
-    at once. A signal that was ignored when the process started (SIGINT in a background job of a
+    at once (a repeated SIGHUP does not). A signal that was ignored when the process started (SIGINT in a background job of a
     non-interactive shell) stays ignored, and off the main thread nothing changes.
     """
     import threading
@@ -218,6 +220,8 @@ def deferred_stop() -> Iterator[StopRequest]:
     def handler(signum: int, frame: Any) -> None:
         if signum == getattr(signal, "SIGHUP", None):
             _quiet_lost_outputs()
+            if stop.requested:  # a hangup comes twice (the kernel's and the shell's): not a second request
+                return
         if stop.requested:
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
         stop.requested, stop.signum = True, signum
