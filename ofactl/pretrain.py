@@ -39,7 +39,7 @@ from ofactl.atomic import atomic_path, write_text
 from ofactl.audio import Corpus, Utterance, load_audio, median_level_db
 from ofactl.choices import Precision
 from ofactl.config import to_dict
-from ofactl.errors import CheckpointError, ConfigError
+from ofactl.errors import CheckpointError, ConfigError, OfactlError
 from ofactl.model.blocks import (
     HubertArch,
     cnn_forward,
@@ -337,11 +337,12 @@ def fit_units(cfg: PretrainConfig, utts: list[Utterance], source: FeatureSource,
     return Units(cent, mean, std, cfg.targets)
 
 
-def unit_targets(utts: list[Utterance], units: Units, source: FeatureSource, progress: Progress
-                 ) -> dict[str, np.ndarray]:
-    """Units of every utterance (T frames each, int16)."""
+def unit_targets(utts: list[Utterance], units: Units, source: FeatureSource, progress: Progress,
+                 into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Units of every utterance (T frames each, int16), added to ``into`` (or a new dict) one
+    utterance at a time, so that a stop part way keeps those assigned."""
     progress.start("assigning units", len(utts))
-    out = {}
+    out = {} if into is None else into
     for u in utts:
         out[u.id] = units.assign(source(u))
         progress.advance(1)
@@ -367,20 +368,38 @@ def targets_key(units: Units, utts: list[Utterance], from_ckpt: str | None) -> s
 
 def cached_unit_targets(utts: list[Utterance], units: Units, source: FeatureSource, path: Path, key: str,
                         write: bool, progress: Progress) -> dict[str, np.ndarray]:
-    """:func:`unit_targets`, read back from ``path`` (``unit-targets.npz``) when it holds the same
-    ``key`` (a resume; at paper scale the assignment takes hours), else computed and, with
-    ``write`` (rank 0), kept there."""
-    cached = _read_targets(path, key, progress)
-    if cached is not None:
+    """:func:`unit_targets`, kept in ``path`` (``unit-targets.npz``, with ``write``: rank 0) and
+    read back for the same ``key``: a resume assigns nothing (at paper scale the assignment takes
+    hours), and a start stopped while assigning goes on with the utterances it had not reached."""
+    done = _read_targets(path, key, progress) or {}
+    todo = [u for u in utts if u.id not in done]
+    if not todo:
         progress.log(f"using the unit targets in {path}")
-        return cached
-    out = unit_targets(utts, units, source, progress)
+        return {u.id: done[u.id] for u in utts}
+    if done:
+        progress.log(f"using the units of {len(done)} utterance(s) kept in {path}; assigning the other {len(todo)}")
+    kept = len(done)
+    try:
+        unit_targets(todo, units, source, progress, into=done)
+    except BaseException:  # Ctrl-C, SIGTERM, a bad recording: what was assigned is kept for the next start
+        if write and len(done) > kept:
+            try:
+                _write_targets(path, key, done)
+                progress.log(f"kept the units of {len(done)} of {len(utts)} utterance(s) in {path}")
+            except OfactlError as e:  # a full disk: said, and the stop's own cause goes on
+                progress.log(f"warning: {e}")
+        raise
     if write:
-        ids = list(out)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, key=np.array(key), ids=np.array(ids), lengths=np.array([len(out[i]) for i in ids]),
-                     units=np.concatenate([out[i] for i in ids]) if ids else np.zeros(0, np.int16))
-    return out
+        _write_targets(path, key, done)
+    return {u.id: done[u.id] for u in utts}
+
+
+def _write_targets(path: Path, key: str, targets: dict[str, np.ndarray]) -> None:
+    """``targets`` as one npz: the key, the utterance ids, their lengths and every unit in a row."""
+    ids = list(targets)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, key=np.array(key), ids=np.array(ids), lengths=np.array([len(targets[i]) for i in ids]),
+                 units=np.concatenate([targets[i] for i in ids]) if ids else np.zeros(0, np.int16))
 
 
 def _read_targets(path: Path, key: str, progress: Progress) -> dict[str, np.ndarray] | None:

@@ -257,3 +257,25 @@ def test_unit_targets_are_kept_and_read_back_for_the_same_units_and_utterances(t
         assert any("unreadable" in m for m in progress.messages), progress.messages
         assert all(np.array_equal(redone[k], made[k]) for k in made)
     assert unit_targets(utts[:2], units, src, NullProgress()).keys() == {u.id for u in utts[:2]}
+    # a stop while assigning (Ctrl-C, SIGTERM) keeps the utterances done; the next start assigns the rest
+    path.unlink()
+    calls: list[str] = []
+    stopping = [True]
+
+    def stopped_at_the_fifth(u):  # the first time only
+        calls.append(u.id)
+        if stopping[0] and len(calls) == 5:
+            stopping[0] = False
+            raise KeyboardInterrupt
+        return src(u)
+
+    progress = NullProgress()
+    with pytest.raises(KeyboardInterrupt):
+        cached_unit_targets(utts, units, stopped_at_the_fifth, path, key, True, progress)
+    assert progress.messages == [f"kept the units of 4 of 12 utterance(s) in {path}"]
+    calls.clear()
+    progress = NullProgress()
+    resumed = cached_unit_targets(utts, units, stopped_at_the_fifth, path, key, True, progress)
+    assert len(calls) == 8 and f"using the units of 4 utterance(s) kept in {path}; assigning the other 8" in progress.messages
+    assert list(resumed) == [u.id for u in utts] and all(np.array_equal(resumed[k], made[k]) for k in made)
+    assert cached_unit_targets(utts, units, src, path, key, True, NullProgress()).keys() == made.keys()
