@@ -466,7 +466,7 @@ def _run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Pat
     utts = list(cps)
     trn, held = split_held_out(utts, cfg.eval_utts, cfg.seed)
     source.to(su.device)
-    units = _units(cfg, su.run_dir, trn, source, progress)
+    units = _units(cfg, su.run_dir, trn, source, su.main, progress)
     targets = cached_unit_targets(utts, units, source, su.run_dir / TARGETS_FILE,
                                   targets_key(units, utts, cfg.from_ckpt), su.main, progress)
     del source  # the earlier model, if any, is not needed for training
@@ -487,9 +487,11 @@ def _run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Pat
     return _finish(cfg, su, model, trn, held, targets, loop)
 
 
-def _units(cfg: PretrainConfig, run_dir: Path, utts: list[Utterance], source: FeatureSource,
+def _units(cfg: PretrainConfig, run_dir: Path, utts: list[Utterance], source: FeatureSource, write: bool,
            progress: Progress) -> Units:
-    """The run's k-means (``kmeans.safetensors``): fitted once, read back on resume."""
+    """The run's k-means (``kmeans.safetensors``, written by rank 0 alone, ``write``: ranks on
+    several machines may share a process id, and with it a temporary file's name): fitted once,
+    read back on resume."""
     path = run_dir / "kmeans.safetensors"
     if path.is_file():
         units = Units.load(path)
@@ -497,7 +499,8 @@ def _units(cfg: PretrainConfig, run_dir: Path, utts: list[Utterance], source: Fe
             progress.log(f"using the k-means units in {path}")
             return units
     units = fit_units(cfg, utts, source, progress)
-    units.save(path)
+    if write:
+        units.save(path)
     return units
 
 

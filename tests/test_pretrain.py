@@ -221,6 +221,7 @@ def test_ddp_pretraining_of_a_pre_ln_model_runs_on_two_cpu_processes(tmp_path, s
     summary = json.loads((tmp_path / "ddp/summary.json").read_text())
     assert summary["steps"] == 3 and summary["ranks_in_sync"] is True
     assert (tmp_path / "ddp/teacher.safetensors").is_file() and "warning" not in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "ddp/kmeans.safetensors").is_file() and (tmp_path / "ddp/unit-targets.npz").is_file()
 
 
 def test_unit_targets_are_kept_and_read_back_for_the_same_units_and_utterances(tmp_path, synth_corpus, monkeypatch):
