@@ -707,7 +707,7 @@ def _check_readable(batch: dict[str, Any], setup: Setup) -> None:
         dist.all_reduce(flags)
         if error is None and bool(flags.any()):
             error = AudioError(f"rank {int(flags.nonzero()[0, 0])} could not read a recording of its batch "
-                               f"(its own error names it)")
+                               "(its own error names it)")
     if error is not None:
         raise _UnreadableBatch(error)
 
