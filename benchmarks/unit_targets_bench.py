@@ -65,7 +65,7 @@ def main() -> None:
     emit({"benchmark": "unit_targets", "run": str(args.run), "utterances": len(utts), "audio_s": round(audio, 1),
           "targets": cfg.targets, "threads": args.threads, "assign_and_write_s": round(assign, 2),
           "read_s": round(read, 3), "assign_x_real_time": round(audio / assign, 1),
-          "read_over_assign": round(read / assign, 4), "file_mb": round(size / 1e6, 2), "machine": machine()})
+          "read_over_assign": round(read / assign, 4), "file_bytes": size, "machine": machine()})
 
 
 if __name__ == "__main__":
