@@ -409,6 +409,7 @@ def test_cli_pipeline_from_stdin_json(tmp_path, synth_corpus, student_ckpt):
 _KILL_SCRIPT = """
 import sys, torch
 from ofactl.extract import ExtractConfig, run_extract
+torch.set_num_threads(int(sys.argv[4]))  # the test's own: another count sums in another order
 cfg = ExtractConfig(rates=(1.0, 0.5), num_workers=0, block_utts=4, chunk_frames=16, batch_seconds=1.0, dtype="float32",
                     device="cpu")
 run_extract(cfg, sys.argv[1], sys.argv[2], sys.argv[3])
@@ -423,7 +424,8 @@ def test_sigkill_then_resume_equals_clean_run(tmp_path, synth_corpus):
     cfg.arch.conv_layers = tuple((384, k, s) for _, k, s in cfg.arch.conv_layers)
     ckpt = save_student(tmp_path / "slow.pt", Student(cfg))
     store = tmp_path / "k.zarr"
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(ckpt), str(synth_corpus), str(store)])
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(ckpt), str(synth_corpus), str(store),
+                             str(torch.get_num_threads())])
     import zarr
 
     deadline = time.monotonic() + 120

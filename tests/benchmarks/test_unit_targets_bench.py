@@ -20,8 +20,9 @@ def test_unit_targets_bench_reads_back_what_it_assigned(load_benchmark, monkeypa
     fit_units(cfg, list(read_corpus(synth_corpus)), FeatureSource(cfg, torch.device("cpu")),
               NullProgress()).save(run / "kmeans.safetensors")
     bench = load_benchmark("unit_targets_bench")
+    # the thread count it sets is the process's: this one's, so later tests run as before
     monkeypatch.setattr(sys, "argv", ["unit_targets_bench.py", "--run", str(run), "--corpus", str(synth_corpus),
-                                      "--every", "3"])
+                                      "--every", "3", "--threads", str(torch.get_num_threads())])
     bench.main()
     doc = json.loads(capsys.readouterr().out)
     assert doc["utterances"] == len(range(0, len(read_corpus(synth_corpus)), 3)) and doc["audio_s"] > 0
