@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,6 +24,9 @@ from ofactl import __version__
 from ofactl.choices import CompressorKind, CostForm, FeatureDtype, OnError, Precision, StoreFormat, Task
 from ofactl.errors import OfactlError
 from ofactl.progress import duration_text
+
+if TYPE_CHECKING:
+    from ofactl.config import Flag
 
 T = TypeVar("T")
 
@@ -258,7 +261,7 @@ def _fail(message: str, code: int, kind: str, as_json: bool, stopped: bool = Fal
     raise typer.Exit(code)
 
 
-def _rates_flag(rate: list[str] | None, frame_ms: list[str] | None, name: str) -> Any:
+def _rates_flag(rate: list[str] | None, frame_ms: list[str] | None, name: str) -> Flag:
     """The rates that ``name`` (``--rate``, ``--rates``) and ``--frame-ms`` ask for, each a comma
     list or repeated, as one flag for the ``rates`` key (its value None when neither was given)."""
     from ofactl.config import Flag, parse_numbers
