@@ -372,15 +372,15 @@ def cached_unit_targets(utts: list[Utterance], units: Units, source: FeatureSour
     read back for the same ``key``: a resume assigns nothing (at paper scale the assignment takes
     hours), and a start stopped while assigning goes on with the utterances it had not reached."""
     done = _read_targets(path, key, progress) or {}
-    todo = [u for u in utts if u.id not in done]
-    if not todo:
+    left = [u for u in utts if u.id not in done]
+    if not left:
         progress.log(f"using the unit targets in {path}")
         return {u.id: done[u.id] for u in utts}
     if done:
-        progress.log(f"using the units of {len(done)} utterance(s) kept in {path}; assigning the other {len(todo)}")
+        progress.log(f"using the units of {len(done)} utterance(s) kept in {path}; assigning the other {len(left)}")
     kept = len(done)
     try:
-        unit_targets(todo, units, source, progress, into=done)
+        unit_targets(left, units, source, progress, into=done)
     except BaseException:  # Ctrl-C, SIGTERM, a bad recording: what was assigned is kept for the next start
         if write and len(done) > kept:
             try:

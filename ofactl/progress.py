@@ -58,6 +58,10 @@ class NullProgress:
         pass
 
 
+# None where the platform has no SIGHUP (Windows)
+SIGHUP: int | None = getattr(signal, "SIGHUP", None)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, ``timeout``, a cluster scheduler's preemption) or SIGHUP (the terminal
     closed) in the main thread: a command stops as on Ctrl-C, keeping the work done, and exits
@@ -71,7 +75,7 @@ class Terminated(KeyboardInterrupt):
 def stop_signals() -> tuple[int, ...]:
     """The signals besides Ctrl-C that a command stops on as on Ctrl-C: SIGTERM, and SIGHUP where
     the platform has it."""
-    return (signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
+    return (signal.SIGTERM, *((SIGHUP,) if SIGHUP is not None else ()))
 
 
 def how_stopped(signum: int | None) -> tuple[str, int]:
@@ -79,7 +83,7 @@ def how_stopped(signum: int | None) -> tuple[str, int]:
     ``terminated (SIGTERM)`` and 143, ``hung up (SIGHUP)`` and 129."""
     if signum is None or signum == signal.SIGINT:
         return "interrupted", 130
-    words = "hung up" if signum == getattr(signal, "SIGHUP", None) else "terminated"
+    words = "hung up" if signum == SIGHUP else "terminated"
     return f"{words} ({signal.Signals(signum).name})", 128 + signum
 
 
@@ -116,7 +120,7 @@ def _hung_up(fd: int) -> bool:
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    if signum == getattr(signal, "SIGHUP", None):
+    if signum == SIGHUP:
         _quiet_lost_outputs()
         # a hangup comes twice (the kernel's and the shell's): the second must not cut the cleanup
         signal.signal(signum, signal.SIG_IGN)
@@ -164,8 +168,8 @@ def _worker_signals(main_pid: int, worker_id: int = 0) -> None:
     import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, _quiet_on_hangup)
+    if SIGHUP is not None:
+        signal.signal(SIGHUP, _quiet_on_hangup)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, inherited by fork
     if not hasattr(signal, "sigwaitinfo"):
         return
@@ -218,7 +222,7 @@ def deferred_stop() -> Iterator[StopRequest]:
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if signum == getattr(signal, "SIGHUP", None):
+        if signum == SIGHUP:
             _quiet_lost_outputs()
             if stop.requested:  # a hangup comes twice (the kernel's and the shell's): not a second request
                 return
