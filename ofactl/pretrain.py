@@ -22,7 +22,6 @@ accepts everywhere.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -36,10 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ofactl.atomic import atomic_path, write_text
-from ofactl.audio import Corpus, Utterance, load_audio, median_level_db
+from ofactl.audio import Corpus, Utterance, median_level_db
 from ofactl.choices import Precision
 from ofactl.config import to_dict
-from ofactl.errors import CheckpointError, ConfigError, OfactlError
+from ofactl.errors import CheckpointError
 from ofactl.model.blocks import (
     HubertArch,
     cnn_forward,
@@ -51,6 +50,16 @@ from ofactl.model.compress import length_mask
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import SAMPLE_RATE, autocast, seed_all
 from ofactl.training import OptimConfig, RunTotals, held_batches, result_json, split_held_out
+from ofactl.units import (
+    TARGETS_FILE,
+    FeatureSource,
+    Shard,
+    Units,
+    cached_unit_targets,
+    fit_units,
+    parse_targets,
+    targets_key,
+)
 
 FORMAT = "ofactl-pretrain"
 TEACHER_META = "ofactl_teacher_arch"  # safetensors metadata key holding the architecture (JSON)
@@ -88,7 +97,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup=0.08, grad_clip=10.0))
     device: str = "auto"  # auto, cpu, cuda or cuda:N (auto under torchrun: this rank's GPU)
     precision: Precision = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA)
-    num_workers: int = 1  # audio decoding worker processes
+    num_workers: int = 1  # audio decoding worker processes (they also make mfcc targets' k-means features and units)
     seed: int = 0  # seeds k-means, initialisation, masks, data order and crops
     ckpt_every: int = 200  # steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept
@@ -114,18 +123,6 @@ class PretrainConfig:
         bad = [f for f in self.speed_perturb if not 0.5 <= f <= 2.0]
         if bad:
             raise ValueError(f"speed_perturb: factors must lie in [0.5, 2] (got {', '.join(map(str, bad))})")
-
-
-def parse_targets(spec: str) -> int | None:
-    """``mfcc`` -> None; ``layer:N`` -> N."""
-    if spec == "mfcc":
-        return None
-    if spec.startswith("layer:"):
-        try:
-            return int(spec.split(":", 1)[1])
-        except ValueError:
-            pass
-    raise ConfigError(f"--targets {spec!r}: expected mfcc or layer:N (with --from CKPT)")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -211,216 +208,6 @@ def unit_loss(logits: Tensor, units: Tensor, mask: Tensor, lengths: Tensor, unma
 
 
 # ----------------------------------------------------------------------------- targets
-def mfcc_features(wav: Tensor, n_frames: int) -> Tensor:
-    """(N,) 16 kHz samples -> (n_frames, 39) MFCC + deltas + delta-deltas on the 20 ms grid."""
-    import torchaudio
-
-    if len(wav) < 400:
-        return torch.zeros(n_frames, 39)
-    m = torchaudio.compliance.kaldi.mfcc(wav[None] * 32768.0, num_ceps=13, frame_length=25.0, frame_shift=10.0,
-                                         sample_frequency=float(SAMPLE_RATE), dither=0.0)  # (F, 13), F at 100 Hz
-    d1 = torchaudio.functional.compute_deltas(m.T)
-    d2 = torchaudio.functional.compute_deltas(d1)
-    x = torch.cat([m.T, d1, d2]).T[::2]  # frame 2t starts at sample 320 t, like CNN frame t
-    if len(x) < n_frames:
-        x = torch.cat([x, x[-1:].expand(n_frames - len(x), -1)])
-    return x[:n_frames]
-
-
-class FeatureSource:
-    """Frame features on the 20 ms grid for units: MFCC, or a layer of an earlier model."""
-
-    def __init__(self, cfg: PretrainConfig, device: torch.device, trust: bool = False) -> None:
-        self.layer = parse_targets(cfg.targets)
-        self.arch = cfg.arch
-        self.device = device
-        self.model: Any = None
-        if self.layer is not None:
-            self.model = _load_earlier(cfg, device, trust)
-            if not 0 <= self.layer < self.model.num_hidden:
-                raise ConfigError(f"--targets {cfg.targets}: {cfg.from_ckpt} has hidden states "
-                                  f"0..{self.model.num_hidden - 1}")
-
-    def to(self, device: torch.device) -> FeatureSource:
-        """Run the earlier model of ``layer:N`` targets on ``device`` (the run's, once known: on a
-        GPU, iteration 2's features for a large corpus take minutes instead of CPU days)."""
-        if self.model is not None:
-            self.model = self.model.to(device)
-        self.device = device
-        return self
-
-    @torch.no_grad()
-    def __call__(self, utt: Utterance) -> Tensor:
-        """The features to cluster for one utterance: (T, D) on the model's 20 ms frame grid."""
-        wav = load_audio(utt.path)
-        n = int(cnn_lengths(self.arch, torch.tensor([len(wav)]))[0])
-        if self.layer is None:
-            return mfcc_features(wav, n)
-        h = self.model(wav[None].to(self.device), torch.tensor([len(wav)], device=self.device))
-        return h.states[0, :n, self.layer].float().cpu()
-
-
-def _load_earlier(cfg: PretrainConfig, device: torch.device, trust: bool) -> Any:
-    from ofactl.model.teacher import load_teacher
-
-    if not cfg.from_ckpt:
-        raise ConfigError(f"--targets {cfg.targets} needs --from CKPT (the earlier model, e.g. "
-                          "RUN/teacher.safetensors of the mfcc iteration)")
-    src = Path(cfg.from_ckpt)
-    spec = src / "teacher.safetensors" if src.is_dir() else src
-    model = load_teacher(spec, trust=trust)
-    if asdict(model.arch) != asdict(cfg.arch):
-        theirs, ours = model.arch, cfg.arch
-        raise ConfigError(f"--from {cfg.from_ckpt}: another architecture ({theirs.num_layers} layers of "
-                          f"{theirs.embed_dim}-d, CNN {theirs.conv_layers[0][0]} channels) than this run's "
-                          f"({ours.num_layers} x {ours.embed_dim}-d, CNN {ours.conv_layers[0][0]}); "
-                          "iteration 2 keeps the architecture: set arch to match")
-    return model.to(device)
-
-
-@dataclass
-class Units:
-    """k-means on a feature sample: centroids (K, D) over standardised features."""
-
-    centroids: Tensor
-    mean: Tensor
-    std: Tensor
-    targets: str
-
-    def assign(self, x: Tensor) -> np.ndarray:
-        """Standardise x (N, D) and return each row's nearest unit (N,) as int16."""
-        from ofactl.model.segment import assign_units
-
-        return assign_units((x - self.mean) / self.std, self.centroids).numpy().astype(np.int16)
-
-    def save(self, path: Path) -> None:
-        """Write centroids, standardisation and the target spec to a safetensors file."""
-        from safetensors.torch import save_file
-
-        with atomic_path(path) as tmp:
-            save_file({"centroids": self.centroids.contiguous(), "mean": self.mean, "std": self.std}, str(tmp),
-                      metadata={"targets": self.targets})
-
-    @classmethod
-    def load(cls, path: Path) -> Units:
-        """Read units written by :meth:`save`."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors file, not a dict
-            meta = f.metadata() or {}
-        return cls(t["centroids"], t["mean"], t["std"], meta.get("targets", ""))
-
-
-def fit_units(cfg: PretrainConfig, utts: list[Utterance], source: FeatureSource, progress: Progress) -> Units:
-    """k-means++ and Lloyd iterations on up to ``kmeans_frames`` frames of ``kmeans_utts``
-    utterances drawn with the run's seed (deterministic)."""
-    from ofactl.model.segment import kmeans
-
-    rng = np.random.default_rng(cfg.seed)
-    pick = sorted(rng.choice(len(utts), size=min(cfg.kmeans_utts, len(utts)), replace=False).tolist())
-    progress.start(f"k-means units of {cfg.targets}", len(pick))
-    feats = []
-    for i in pick:
-        feats.append(source(utts[i]))
-        progress.advance(1)
-    progress.finish()
-    x = torch.cat(feats)
-    if len(x) > cfg.kmeans_frames:
-        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.kmeans_frames]
-        x = x[keep.sort().values]
-    if len(x) < cfg.n_units:
-        raise ConfigError(f"n_units={cfg.n_units} is more than the {len(x)} frames sampled for k-means "
-                          f"(kmeans_utts={cfg.kmeans_utts}); use fewer units or more audio")
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-5)
-    cent = kmeans((x - mean) / std, cfg.n_units, iters=cfg.kmeans_iters, seed=cfg.seed)
-    return Units(cent, mean, std, cfg.targets)
-
-
-def unit_targets(utts: list[Utterance], units: Units, source: FeatureSource, progress: Progress,
-                 into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Units of every utterance (T frames each, int16), added to ``into`` (or a new dict) one
-    utterance at a time, so that a stop part way keeps those assigned."""
-    progress.start("assigning units", len(utts))
-    out = {} if into is None else into
-    for u in utts:
-        out[u.id] = units.assign(source(u))
-        progress.advance(1)
-    progress.finish()
-    return out
-
-
-TARGETS_FILE = "unit-targets.npz"
-TARGETS_VERSION = 1  # raised when the features or the assignment change, so older files are not read
-
-
-def targets_key(units: Units, utts: list[Utterance], from_ckpt: str | None) -> str:
-    """What a run's unit targets depend on: the units, the utterances (id, path, length) and the
-    model a ``layer:N`` target reads."""
-    from ofactl.config import doc_sha
-
-    h = hashlib.sha256()
-    for t in (units.centroids, units.mean, units.std):
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return doc_sha({"version": TARGETS_VERSION, "units": h.hexdigest(), "targets": units.targets,
-                    "from": from_ckpt, "utts": [(u.id, str(u.path), u.n_samples) for u in utts]})
-
-
-def cached_unit_targets(utts: list[Utterance], units: Units, source: FeatureSource, path: Path, key: str,
-                        write: bool, progress: Progress) -> dict[str, np.ndarray]:
-    """:func:`unit_targets`, kept in ``path`` (``unit-targets.npz``, with ``write``: rank 0) and
-    read back for the same ``key``: a resume assigns nothing (at paper scale the assignment takes
-    hours), and a start stopped while assigning goes on with the utterances it had not reached."""
-    done = _read_targets(path, key, progress) or {}
-    left = [u for u in utts if u.id not in done]
-    if not left:
-        progress.log(f"using the unit targets in {path}")
-        return {u.id: done[u.id] for u in utts}
-    if done:
-        progress.log(f"using the units of {len(done)} utterance(s) kept in {path}; assigning the other {len(left)}")
-    kept = len(done)
-    try:
-        unit_targets(left, units, source, progress, into=done)
-    except BaseException:  # Ctrl-C, SIGTERM, a bad recording: what was assigned is kept for the next start
-        if write and len(done) > kept:
-            try:
-                _write_targets(path, key, done)
-                progress.log(f"kept the units of {len(done)} of {len(utts)} utterance(s) in {path}")
-            except OfactlError as e:  # a full disk: said, and the stop's own cause goes on
-                progress.log(f"warning: {e}")
-        raise
-    if write:
-        _write_targets(path, key, done)
-    return {u.id: done[u.id] for u in utts}
-
-
-def _write_targets(path: Path, key: str, targets: dict[str, np.ndarray]) -> None:
-    """``targets`` as one npz: the key, the utterance ids, their lengths and every unit in a row."""
-    ids = list(targets)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, key=np.array(key), ids=np.array(ids), lengths=np.array([len(targets[i]) for i in ids]),
-                 units=np.concatenate([targets[i] for i in ids]) if ids else np.zeros(0, np.int16))
-
-
-def _read_targets(path: Path, key: str, progress: Progress) -> dict[str, np.ndarray] | None:
-    """The targets kept in ``path`` if it holds ``key``; None when absent, made for other units or
-    utterances, or unreadable (said, then computed again)."""
-    import zipfile
-
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["key"]) != key:
-                return None
-            ids, lengths, flat = z["ids"].tolist(), z["lengths"], z["units"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # cut short, or not such a file
-        progress.log(f"warning: {path}: unreadable ({type(e).__name__}); assigning the units again")
-        return None
-    ends = np.cumsum(lengths)
-    return {i: flat[e - n:e] for i, n, e in zip(ids, lengths.tolist(), ends.tolist(), strict=True)}
-
-
 # ----------------------------------------------------------------------------- run
 @dataclass
 class PretrainResult:
@@ -466,9 +253,10 @@ def _run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Pat
     utts = list(cps)
     trn, held = split_held_out(utts, cfg.eval_utts, cfg.seed)
     source.to(su.device)
-    units = _units(cfg, su.run_dir, trn, source, su.main, progress)
+    shard = Shard(su.rank, su.world)
+    units = _units(cfg, su.run_dir, trn, source, shard, progress)
     targets = cached_unit_targets(utts, units, source, su.run_dir / TARGETS_FILE,
-                                  targets_key(units, utts, cfg.from_ckpt), su.main, progress)
+                                  targets_key(units, utts, cfg.from_ckpt), su.main, progress, shard, cfg.num_workers)
     del source  # the earlier model, if any, is not needed for training
     seed_all(cfg.seed)
     model = PretrainModel(cfg.arch, cfg.n_units, cfg.final_dim, cfg.logit_temp).to(su.device)
@@ -487,19 +275,26 @@ def _run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Pat
     return _finish(cfg, su, model, trn, held, targets, loop)
 
 
-def _units(cfg: PretrainConfig, run_dir: Path, utts: list[Utterance], source: FeatureSource, write: bool,
+def _units(cfg: PretrainConfig, run_dir: Path, utts: list[Utterance], source: FeatureSource, shard: Shard,
            progress: Progress) -> Units:
-    """The run's k-means (``kmeans.safetensors``, written by rank 0 alone, ``write``: ranks on
-    several machines may share a process id, and with it a temporary file's name): fitted once,
-    read back on resume."""
+    """The run's k-means (``kmeans.safetensors``): fitted once, read back on resume. Under
+    torchrun the ranks share the features and each fits the same frames; rank 0's units are
+    then sent to all, so no rank could train on units of its own, and rank 0 alone writes the
+    file (ranks on several machines may share a process id, and with it a temporary file's name)."""
     path = run_dir / "kmeans.safetensors"
     if path.is_file():
         units = Units.load(path)
         if units.targets == cfg.targets and units.centroids.shape[0] == cfg.n_units:
             progress.log(f"using the k-means units in {path}")
             return units
-    units = fit_units(cfg, utts, source, progress)
-    if write:
+    units = fit_units(cfg, utts, source, progress, shard)
+    if shard.world > 1:
+        import torch.distributed as dist
+
+        sent = [units]
+        dist.broadcast_object_list(sent, src=0)
+        units = sent[0]
+    if shard.rank == 0:
         units.save(path)
     return units
 

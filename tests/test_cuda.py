@@ -65,7 +65,8 @@ def test_iteration_2_features_run_on_the_gpu_and_match_the_cpu(tmp_path, synth_c
     from test_pretrain import ARCH, tiny_cfg
 
     from ofactl.audio import read_corpus
-    from ofactl.pretrain import FeatureSource, PretrainModel, export_teacher
+    from ofactl.pretrain import PretrainModel, export_teacher
+    from ofactl.units import FeatureSource
 
     torch.manual_seed(0)
     export_teacher(PretrainModel(ARCH, 12, 16), tmp_path / "it1.safetensors")

@@ -11,20 +11,15 @@ import pytest
 import torch
 from conftest import kill_when_exists
 
-from ofactl.audio import read_corpus
 from ofactl.errors import CheckpointError, ConfigError
 from ofactl.model.blocks import HubertArch
 from ofactl.model.student import TINY_CONV
 from ofactl.pretrain import (
-    FeatureSource,
     PretrainConfig,
     expected_masked_fraction,
-    fit_units,
-    mfcc_features,
     run_pretrain,
     span_mask,
 )
-from ofactl.progress import NullProgress
 
 ARCH = HubertArch(conv_layers=TINY_CONV, embed_dim=32, num_layers=2, num_heads=2, ffn_dim=64, pos_conv_kernel=16,
                   pos_conv_groups=4)
@@ -36,23 +31,6 @@ def tiny_cfg(**kw):
                           device="cpu")
     base.optim = replace(base.optim, lr=3e-3, warmup=0.1)
     return replace(base, **kw)
-
-
-@pytest.mark.slow
-def test_mfcc_and_units_are_deterministic(synth_corpus):
-    utts = list(read_corpus(synth_corpus))
-    cfg = tiny_cfg()
-    src = FeatureSource(cfg, torch.device("cpu"))
-    x = src(utts[0])
-    from ofactl.model.blocks import cnn_lengths
-
-    assert x.shape == (int(cnn_lengths(ARCH, torch.tensor([utts[0].n_samples_16k]))[0]), 39)
-    assert torch.equal(x, src(utts[0]))
-    a, b = fit_units(cfg, utts, src, NullProgress()), fit_units(cfg, utts, src, NullProgress())
-    assert a.centroids.shape == (12, 39) and torch.equal(a.centroids, b.centroids)
-    c = fit_units(replace(cfg, seed=1), utts, src, NullProgress())
-    assert not torch.equal(a.centroids, c.centroids)
-    assert mfcc_features(torch.zeros(100), 0).shape == (0, 39)
 
 
 def test_span_mask_matches_its_settings():
@@ -222,61 +200,3 @@ def test_ddp_pretraining_of_a_pre_ln_model_runs_on_two_cpu_processes(tmp_path, s
     assert summary["steps"] == 3 and summary["ranks_in_sync"] is True
     assert (tmp_path / "ddp/teacher.safetensors").is_file() and "warning" not in r.stderr, r.stderr[-2000:]
     assert (tmp_path / "ddp/kmeans.safetensors").is_file() and (tmp_path / "ddp/unit-targets.npz").is_file()
-
-
-def test_unit_targets_are_kept_and_read_back_for_the_same_units_and_utterances(tmp_path, synth_corpus, monkeypatch):
-    import ofactl.pretrain as pretrain
-    from ofactl.pretrain import TARGETS_FILE, cached_unit_targets, targets_key, unit_targets
-
-    cfg = tiny_cfg()
-    utts = list(read_corpus(synth_corpus))[:12]
-    src = FeatureSource(cfg, torch.device("cpu"))
-    units = fit_units(replace(cfg, kmeans_utts=6), utts, src, NullProgress())
-    path, key = tmp_path / TARGETS_FILE, targets_key(units, utts, None)
-    made = cached_unit_targets(utts, units, src, path, key, True, NullProgress())
-    assert path.is_file() and made.keys() == {u.id for u in utts}
-
-    def assigned_again(*args, **kwargs):
-        raise AssertionError("the units were assigned again")
-
-    monkeypatch.setattr(pretrain, "unit_targets", assigned_again)
-    progress = NullProgress()
-    again = cached_unit_targets(utts, units, src, path, key, True, progress)
-    assert progress.messages == [f"using the unit targets in {path}"]
-    assert all(np.array_equal(again[k], made[k]) and again[k].dtype == np.int16 for k in made)
-    monkeypatch.undo()
-    # other utterances or other units: another key, assigned again (and the file rewritten)
-    assert targets_key(units, utts[:-1], None) != key != targets_key(units, utts, "it1/teacher.safetensors")
-    other = fit_units(replace(cfg, kmeans_utts=6, seed=1), utts, src, NullProgress())
-    assert targets_key(other, utts, None) != key
-    # a file cut short (a kill mid-write cannot leave one: it is written whole, then renamed) or
-    # not such a file: said, and assigned again
-    for bad in (path.read_bytes()[:200], b"not a zip"):
-        path.write_bytes(bad)
-        progress = NullProgress()
-        redone = cached_unit_targets(utts, units, src, path, key, False, progress)
-        assert any("unreadable" in m for m in progress.messages), progress.messages
-        assert all(np.array_equal(redone[k], made[k]) for k in made)
-    assert unit_targets(utts[:2], units, src, NullProgress()).keys() == {u.id for u in utts[:2]}
-    # a stop while assigning (Ctrl-C, SIGTERM) keeps the utterances done; the next start assigns the rest
-    path.unlink()
-    calls: list[str] = []
-    stopping = [True]
-
-    def stopped_at_the_fifth(u):  # the first time only
-        calls.append(u.id)
-        if stopping[0] and len(calls) == 5:
-            stopping[0] = False
-            raise KeyboardInterrupt
-        return src(u)
-
-    progress = NullProgress()
-    with pytest.raises(KeyboardInterrupt):
-        cached_unit_targets(utts, units, stopped_at_the_fifth, path, key, True, progress)
-    assert progress.messages == [f"kept the units of 4 of 12 utterance(s) in {path}"]
-    calls.clear()
-    progress = NullProgress()
-    resumed = cached_unit_targets(utts, units, stopped_at_the_fifth, path, key, True, progress)
-    assert len(calls) == 8 and f"using the units of 4 utterance(s) kept in {path}; assigning the other 8" in progress.messages
-    assert list(resumed) == [u.id for u in utts] and all(np.array_equal(resumed[k], made[k]) for k in made)
-    assert cached_unit_targets(utts, units, src, path, key, True, NullProgress()).keys() == made.keys()
