@@ -87,6 +87,9 @@ class PretrainConfig:
     logit_temp: float = 0.1  # temperature of the cosine-similarity logits
     final_dim: int = 64  # width of the projection compared with unit embeddings
     unmasked_weight: float = 0.0  # weight of the loss on unmasked frames (HuBERT: 0)
+    final_norm: bool = True  # pre-LN encoders (arch.layer_norm_first) only: the objective reads the last layer
+    # after the encoder's final layer norm, as fairseq's HuBERT does; false reads it before and
+    # freezes that norm (pretrain-tiny: the recipe of the teachers shipped so far)
     feature_grad_mult: float = 0.1  # scale of the gradient reaching the CNN (HuBERT: 0.1 over 400k steps)
     steps: int = 2000  # optimizer steps
     batch_seconds: float = 60.0  # audio seconds per batch (before padding)
@@ -130,7 +133,8 @@ class PretrainModel(nn.Module):
     """A HuBERT encoder (torchaudio modules, the layout teachers load) plus what pretraining
     alone needs: the mask embedding, the final projection and the unit embeddings."""
 
-    def __init__(self, arch: HubertArch, n_units: int, final_dim: int, logit_temp: float = 0.1) -> None:
+    def __init__(self, arch: HubertArch, n_units: int, final_dim: int, logit_temp: float = 0.1,
+                 final_norm: bool = True) -> None:
         super().__init__()
         from ofactl.model.teacher import Teacher
 
@@ -138,10 +142,12 @@ class PretrainModel(nn.Module):
         self.temp = logit_temp
         self.encoder = Teacher(arch).model  # Wav2Vec2Model: feature_extractor + encoder
         transformer = self.encoder.encoder.transformer
-        if not transformer.layer_norm_first:  # torchaudio's flag, negated: a pre-LN encoder
-            # the objective reads the last layer's output as the hidden states give it, before
-            # the final layer norm: frozen, so that DDP does not wait for its gradient (AdamW
-            # never moved it anyway, and the optimiser still lists it: checkpoints stay as they were)
+        # torchaudio's flag is the encoder's negated: False here is a pre-LN encoder, whose final
+        # layer norm follows the last layer
+        self.final_norm = final_norm and not transformer.layer_norm_first
+        if not transformer.layer_norm_first and not final_norm:
+            # the objective does not read the final norm: frozen, so that DDP does not wait for
+            # its gradient (AdamW never moved it anyway, and the optimiser still lists it)
             transformer.layer_norm.requires_grad_(False)
         self.mask_emb = nn.Parameter(torch.empty(arch.embed_dim).uniform_())
         self.final_proj = nn.Linear(arch.embed_dim, final_dim)
@@ -164,7 +170,10 @@ class PretrainModel(nn.Module):
         x, n = self.frames(wav, lengths, grad_mult)
         if mask is not None:
             x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
-        h = transformer_states(self.encoder.encoder.transformer, x, n)[-1]
+        transformer = self.encoder.encoder.transformer
+        h = transformer_states(transformer, x, n)[-1]
+        if self.final_norm:
+            h = transformer.layer_norm(h)
         z = F.normalize(self.final_proj(h).float(), dim=-1)
         e = F.normalize(self.label_embs.float(), dim=-1)
         return z @ e.T / self.temp, n
@@ -250,6 +259,7 @@ def _run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Pat
     su = tr.setup_run(cfg, Path(run_dir), resume, overwrite)
     if resume:  # before k-means and unit targets, the slow part of a start
         tr.check_resume(cfg, "pretrain", su.run_dir, cps)
+        _check_earlier_objective(cfg, su.run_dir)
     utts = list(cps)
     trn, held = split_held_out(utts, cfg.eval_utts, cfg.seed)
     source.to(su.device)
@@ -259,7 +269,7 @@ def _run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Pat
                                   targets_key(units, utts, cfg.from_ckpt), su.main, progress, shard, cfg.num_workers)
     del source  # the earlier model, if any, is not needed for training
     seed_all(cfg.seed)
-    model = PretrainModel(cfg.arch, cfg.n_units, cfg.final_dim, cfg.logit_temp).to(su.device)
+    model = PretrainModel(cfg.arch, cfg.n_units, cfg.final_dim, cfg.logit_temp, cfg.final_norm).to(su.device)
     if su.main:
         tr.record_run(cfg, "pretrain", su.run_dir, cps)
     optim = tr.make_optimisation(model.parameters(), cfg, su.amp)
@@ -327,6 +337,21 @@ def _pretrain_job(cfg: PretrainConfig, model: PretrainModel, held: list[Utteranc
               evaluate=lambda: evaluate(model, held, targets, cfg, su.device, su.amp),
               progress_keys=("loss", "acc_masked"))
     return job
+
+
+def _check_earlier_objective(cfg: PretrainConfig, run_dir: Path) -> None:
+    """Refuse ``--resume`` of a pre-LN run recorded before ``final_norm`` existed (its objective
+    read the last layer before the final norm) unless this run sets ``final_norm: false``;
+    checked before the settings are recorded again, which would name the new value."""
+    from ofactl.training import saved_settings
+
+    if not (run_dir / "config.yaml").is_file() or not cfg.arch.layer_norm_first or not cfg.final_norm:
+        return
+    if "final_norm" not in saved_settings(run_dir, "pretrain"):
+        raise CheckpointError(f"--resume: {run_dir} was trained with final_norm=false (recorded before the "
+                              "setting existed: its objective read the last layer before the final norm), this "
+                              "run sets final_norm=true; continue it with --set final_norm=false or start over "
+                              "with --overwrite")
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:

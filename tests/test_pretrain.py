@@ -142,6 +142,25 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path, synth_corpus):
 
 
 @pytest.mark.slow
+def test_a_pre_ln_run_of_the_earlier_objective_resumes_only_with_final_norm_false(tmp_path, synth_corpus):
+    import yaml
+
+    pre = replace(ARCH, layer_norm_first=True)
+    run = tmp_path / "run"
+    run_pretrain(tiny_cfg(steps=2, arch=pre, final_norm=False), synth_corpus, run)
+    # as an ofactl that knew no final_norm recorded it
+    cfg_doc = yaml.safe_load((run / "config.yaml").read_text())
+    del cfg_doc["pretrain"]["final_norm"]
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg_doc))
+    with pytest.raises(CheckpointError, match=r"run was trained with final_norm=false \(recorded before the setting "
+                                              r"existed.*this run sets final_norm=true; continue it with --set "
+                                              "final_norm=false"):
+        run_pretrain(tiny_cfg(steps=4, arch=pre), synth_corpus, run, resume=True)
+    assert "final_norm" not in (run / "config.yaml").read_text()  # refused before the settings are recorded
+    assert run_pretrain(tiny_cfg(steps=4, arch=pre, final_norm=False), synth_corpus, run, resume=True).steps == 4
+
+
+@pytest.mark.slow
 def test_bad_settings_are_one_clear_error(tmp_path, synth_corpus):
     with pytest.raises(ConfigError, match=r"n_units=5000 is more than the \d+ frames sampled"):
         run_pretrain(tiny_cfg(n_units=5000, kmeans_utts=2), synth_corpus, tmp_path / "a")
@@ -164,14 +183,15 @@ def test_bad_settings_are_one_clear_error(tmp_path, synth_corpus):
     assert second.steps == 2
 
 
-@pytest.mark.parametrize("pre_ln", [False, True])
-def test_every_trained_parameter_gets_a_gradient_from_the_objective(pre_ln):
+@pytest.mark.parametrize(("pre_ln", "final_norm"), [(False, True), (True, True), (True, False)])
+def test_every_trained_parameter_gets_a_gradient_and_the_objective_reads_the_final_norm_as_set(pre_ln, final_norm):
     # DDP waits for a gradient of every parameter that requires one: a pre-LN encoder's final
-    # layer norm, which the objective does not read, stopped torchrun at its second step
+    # layer norm, when the objective does not read it, stopped torchrun at its second step
+    from ofactl.model.blocks import transformer_states
     from ofactl.pretrain import PretrainModel, unit_loss
 
     torch.manual_seed(0)
-    model = PretrainModel(replace(ARCH, layer_norm_first=pre_ln), 12, 16).train()
+    model = PretrainModel(replace(ARCH, layer_norm_first=pre_ln), 12, 16, final_norm=final_norm).train()
     wav, lengths = torch.randn(2, 16000), torch.tensor([16000, 12000])
     mask = span_mask(torch.tensor([49, 37]), 0.2, 3, torch.Generator().manual_seed(0))
     logits, n = model(wav, lengths, mask)
@@ -180,8 +200,19 @@ def test_every_trained_parameter_gets_a_gradient_from_the_objective(pre_ln):
     missing = [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
     frozen = [k for k, p in model.named_parameters() if not p.requires_grad]
-    assert frozen == (["encoder.encoder.transformer.layer_norm.weight", "encoder.encoder.transformer.layer_norm.bias"]
-                      if pre_ln else [])
+    reads_norm = pre_ln and final_norm  # HuBERT's objective (fairseq's encoder output); a post-LN
+    # encoder's "final" norm is applied to its input instead
+    assert frozen == ([] if reads_norm or not pre_ln else
+                      ["encoder.encoder.transformer.layer_norm.weight", "encoder.encoder.transformer.layer_norm.bias"])
+    model.eval()
+    with torch.no_grad():  # the logits against the last hidden state, through the final norm when read
+        x, n = model.frames(wav, lengths)
+        transformer = model.encoder.encoder.transformer
+        h = transformer_states(transformer, x, n)[-1]
+        h = transformer.layer_norm(h) if reads_norm else h
+        z = torch.nn.functional.normalize(model.final_proj(h), dim=-1)
+        want = z @ torch.nn.functional.normalize(model.label_embs, dim=-1).T / model.temp
+        assert torch.allclose(model(wav, lengths, None)[0], want, atol=1e-5)
 
 
 @pytest.mark.slow
