@@ -263,7 +263,7 @@ def fit_units(cfg: PretrainConfig, utts: list[Utterance], source: FeatureSource,
     rng = np.random.default_rng(cfg.seed)
     pick = sorted(rng.choice(len(utts), size=min(cfg.kmeans_utts, len(utts)), replace=False).tolist())
     mine = _features(shard.of([utts[i] for i in pick]), source, cfg.num_workers, progress,
-                     f"k-means units of {cfg.targets}", len(pick))
+                     f"k-means units of {cfg.targets}")
     x = _sampled_frames(mine, cfg, shard)
     if len(x) < cfg.n_units:
         raise ConfigError(f"n_units={cfg.n_units} is more than the {len(x)} frames sampled for k-means "
@@ -273,11 +273,12 @@ def fit_units(cfg: PretrainConfig, utts: list[Utterance], source: FeatureSource,
     return Units(cent, mean, std, cfg.targets)
 
 
-def _features(utts: list[Utterance], source: FeatureSource, workers: int, progress: Progress, title: str,
-              total: int) -> list[Tensor] | OfactlError:
-    """This rank's features for k-means, or the error of the first recording it could not read
-    (raised once the ranks have gathered, so that none waits for another that has stopped)."""
-    progress.start(title, total)
+def _features(utts: list[Utterance], source: FeatureSource, workers: int, progress: Progress, title: str
+              ) -> list[Tensor] | OfactlError:
+    """This rank's features for k-means (its progress counts its share), or the error of the
+    first recording it could not read (raised once the ranks have gathered, so that none waits
+    for another that has stopped)."""
+    progress.start(title, len(utts))
     feats: list[Tensor] = []
     for _, got in computed(utts, source, None, workers):
         if isinstance(got, OfactlError):
