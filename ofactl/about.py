@@ -263,7 +263,14 @@ def describe_unfinished_run(run: Path) -> dict[str, Any] | None:
     speed and time left from ``metrics.jsonl``; None for a folder that is no such run."""
     import re
 
+    from ofactl.units import TARGETS_FILE
+
     section, settings = run_settings(run)
+    if not section and ((run / "kmeans.safetensors").is_file() or (run / TARGETS_FILE).is_file()):
+        # a first start stopped before its settings were recorded: k-means and unit targets
+        return _with_writer({"kind": "pretrain run, unfinished (first start: units)", **_units_state(run),
+                             "resume": "the same 'ofactl pretrain' command with --resume goes on, reusing the "
+                                       "k-means and the unit targets kept"}, run)
     if section not in ("distill", "pretrain"):
         return None
     steps = settings.get("steps")
@@ -272,9 +279,43 @@ def describe_unfinished_run(run: Path) -> dict[str, Any] | None:
     newest = saved_steps[-1] if saved_steps else 0
     doc: dict[str, Any] = {"kind": f"{section} run, unfinished", "steps": steps, "newest_checkpoint_step": newest}
     doc.update(_progress_from_metrics(run / "metrics.jsonl", steps, newest))
+    if section == "pretrain":
+        doc.update(_units_state(run))
     doc["resume"] = (f"the same 'ofactl {section}' command with --resume goes on from step {newest}" if newest
                      else f"no checkpoint yet: the same 'ofactl {section}' command with --resume starts at step 0")
     return _with_writer(doc, run)
+
+
+def _units_state(run: Path) -> dict[str, Any]:
+    """A pretrain run's k-means and unit targets as far as its first start got (a start stopped
+    while assigning keeps what it assigned): ``kmeans`` and ``unit_targets``, for the files there."""
+    import json
+    import zipfile
+
+    import numpy as np
+
+    from ofactl.units import TARGETS_FILE, Units
+
+    out: dict[str, Any] = {}
+    if (run / "kmeans.safetensors").is_file():
+        try:
+            units = Units.load(run / "kmeans.safetensors")
+            out["kmeans"] = f"fitted: {units.centroids.shape[0]} units of {units.targets}"
+        except Exception as e:  # safetensors raises its own errors for a damaged file
+            out["kmeans"] = f"unreadable ({type(e).__name__}): fitted again at the next start"
+    if (run / TARGETS_FILE).is_file():
+        try:
+            with np.load(run / TARGETS_FILE, allow_pickle=False) as z:
+                done = len(z["lengths"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            out["unit_targets"] = f"unreadable ({type(e).__name__}): assigned again at the next start"
+            return out
+        try:
+            total = int(json.loads((run / "corpus.json").read_text(encoding="utf-8"))["utterances"])
+            out["unit_targets"] = f"{done} of {total} utterances assigned"
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            out["unit_targets"] = f"{done} utterances assigned"
+    return out
 
 
 def _with_writer(doc: dict[str, Any], folder: Path) -> dict[str, Any]:

@@ -544,6 +544,32 @@ def test_info_tells_how_far_an_unfinished_run_has_got(tmp_path):
     assert r.exit_code == 1 and "nor the folder of sweep" in r.stderr
 
 
+def test_info_tells_how_far_a_pretrain_run_got_with_its_units(tmp_path):
+    import torch
+
+    from ofactl.units import TARGETS_FILE, Units, _write_targets
+
+    run = tmp_path / "run"
+    run.mkdir()
+    Units(torch.randn(4, 39), torch.zeros(39), torch.ones(39), "mfcc").save(run / "kmeans.safetensors")
+    _write_targets(run / TARGETS_FILE, "k", {f"u{i}": np.zeros(5, np.int16) for i in range(3)})
+    # a first start stopped while assigning: no settings recorded yet, the units kept
+    doc = json.loads(runner.invoke(app, ["info", str(run), "--json"]).stdout)
+    assert doc == {"kind": "pretrain run, unfinished (first start: units)", "kmeans": "fitted: 4 units of mfcc",
+                   "unit_targets": "3 utterances assigned",
+                   "resume": "the same 'ofactl pretrain' command with --resume goes on, reusing the k-means and "
+                             "the unit targets kept"}
+    (run / "config.yaml").write_text("pretrain:\n  steps: 100\n")
+    (run / "corpus.json").write_text(json.dumps({"utterances": 5}))
+    (run / TARGETS_FILE).write_bytes((run / TARGETS_FILE).read_bytes()[:100])  # cut short
+    doc = json.loads(runner.invoke(app, ["info", str(run), "--json"]).stdout)
+    assert doc["kind"] == "pretrain run, unfinished" and doc["kmeans"] == "fitted: 4 units of mfcc"
+    assert doc["unit_targets"] == "unreadable (BadZipFile): assigned again at the next start"
+    _write_targets(run / TARGETS_FILE, "k", {f"u{i}": np.zeros(5, np.int16) for i in range(5)})
+    assert json.loads(runner.invoke(app, ["info", str(run), "--json"]).stdout)["unit_targets"] == \
+        "5 of 5 utterances assigned"
+
+
 def _row(rate: float, test: float) -> dict:
     from ofactl.sweep import SweepRow
 
