@@ -288,9 +288,8 @@ def _run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Pat
 def _units(cfg: PretrainConfig, run_dir: Path, utts: list[Utterance], source: FeatureSource, shard: Shard,
            progress: Progress) -> Units:
     """The run's k-means (``kmeans.safetensors``): fitted once, read back on resume. Under
-    torchrun the ranks share the features and each fits the same frames; rank 0's units are
-    then sent to all, so no rank could train on units of its own, and rank 0 alone writes the
-    file (ranks on several machines may share a process id, and with it a temporary file's name)."""
+    torchrun rank 0 fits and sends its units to every rank, and alone writes the file (ranks on
+    several machines may share a process id, and with it a temporary file's name)."""
     path = run_dir / "kmeans.safetensors"
     if path.is_file():
         units = Units.load(path)
@@ -298,12 +297,6 @@ def _units(cfg: PretrainConfig, run_dir: Path, utts: list[Utterance], source: Fe
             progress.log(f"using the k-means units in {path}")
             return units
     units = fit_units(cfg, utts, source, progress, shard)
-    if shard.world > 1:
-        import torch.distributed as dist
-
-        sent = [units]
-        dist.broadcast_object_list(sent, src=0)
-        units = sent[0]
     if shard.rank == 0:
         units.save(path)
     return units

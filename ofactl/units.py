@@ -257,20 +257,47 @@ def fit_units(cfg: PretrainConfig, utts: list[Utterance], source: FeatureSource,
               shard: Shard = ONE) -> Units:
     """k-means++ and Lloyd iterations on up to ``kmeans_frames`` frames of ``kmeans_utts``
     utterances drawn with the run's seed (deterministic; the same for any number of workers and
-    ranks, every rank fitting the same frames)."""
-    from ofactl.model.segment import kmeans
-
+    ranks). Under torchrun the ranks featurise their shares, rank 0 alone fits (k-means on
+    every rank at once would share one machine's cores N ways) and sends its units to all."""
     rng = np.random.default_rng(cfg.seed)
     pick = sorted(rng.choice(len(utts), size=min(cfg.kmeans_utts, len(utts)), replace=False).tolist())
     mine = _features(shard.of([utts[i] for i in pick]), source, cfg.num_workers, progress,
                      f"k-means units of {cfg.targets}")
     x = _sampled_frames(mine, cfg, shard)
+    fitted: Units | OfactlError | None = None
+    if shard.rank == 0:
+        try:
+            fitted = _fit(x, cfg)
+        except OfactlError as e:  # said by every rank, which all wait for rank 0's units
+            fitted = e
+    fitted = _from_rank_0(fitted, shard)
+    _raise_first([fitted if isinstance(fitted, OfactlError) else None])
+    assert isinstance(fitted, Units)
+    return fitted
+
+
+def _fit(x: Tensor | None, cfg: PretrainConfig) -> Units:
+    """k-means of the standardised frames x (N, D)."""
+    from ofactl.model.segment import kmeans
+
+    assert x is not None
     if len(x) < cfg.n_units:
         raise ConfigError(f"n_units={cfg.n_units} is more than the {len(x)} frames sampled for k-means "
                           f"(kmeans_utts={cfg.kmeans_utts}); use fewer units or more audio")
     mean, std = x.mean(0), x.std(0).clamp(min=1e-5)
     cent = kmeans((x - mean) / std, cfg.n_units, iters=cfg.kmeans_iters, seed=cfg.seed)
     return Units(cent, mean, std, cfg.targets)
+
+
+def _from_rank_0(obj: Any, shard: Shard) -> Any:
+    """Rank 0's ``obj`` on every rank (this one's outside torchrun)."""
+    if shard.world == 1:
+        return obj
+    import torch.distributed as dist
+
+    sent = [obj]
+    dist.broadcast_object_list(sent, src=0)
+    return sent[0]
 
 
 def _features(utts: list[Utterance], source: FeatureSource, workers: int, progress: Progress, title: str
@@ -290,9 +317,10 @@ def _features(utts: list[Utterance], source: FeatureSource, workers: int, progre
     return feats
 
 
-def _sampled_frames(mine: list[Tensor] | OfactlError, cfg: PretrainConfig, shard: Shard) -> Tensor:
-    """The frames k-means fits, (N, D): every frame of the picked utterances, or ``kmeans_frames``
-    of them drawn with the seed, in utterance order; each rank sends only its kept rows."""
+def _sampled_frames(mine: list[Tensor] | OfactlError, cfg: PretrainConfig, shard: Shard) -> Tensor | None:
+    """On rank 0, the frames k-means fits, (N, D): every frame of the picked utterances, or
+    ``kmeans_frames`` of them drawn with the seed, in utterance order (each rank sends only its
+    kept rows); None on the other ranks."""
     told = _all_gather(mine if isinstance(mine, OfactlError) else [len(f) for f in mine], shard)
     _raise_first([t if isinstance(t, OfactlError) else None for t in told])
     assert not isinstance(mine, OfactlError)
@@ -310,8 +338,22 @@ def _sampled_frames(mine: list[Tensor] | OfactlError, cfg: PretrainConfig, shard
             lo, hi = int(ends[j]) - len(f), int(ends[j])
             rows = keep[torch.searchsorted(keep, lo):torch.searchsorted(keep, hi)] - lo
             kept.append(f[rows])
-    rows_all = _interleaved(_all_gather(kept, shard))
+    parts = _to_rank_0(kept, shard)
+    if parts is None:
+        return None
+    rows_all = _interleaved(parts)
     return torch.cat(rows_all) if rows_all else torch.zeros(0, 39)
+
+
+def _to_rank_0(obj: Any, shard: Shard) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order, on rank 0; None on the others."""
+    if shard.world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] | None = [None] * shard.world if shard.rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 # ----------------------------------------------------------------------------- assignment

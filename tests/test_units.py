@@ -51,7 +51,7 @@ def test_a_shard_takes_every_world_th_item_and_the_shares_interleave_back():
 
 
 def test_worker_processes_make_the_same_features_and_units_as_one_process(synth_corpus):
-    cfg = tiny_cfg(kmeans_utts=8, kmeans_frames=300)
+    cfg = tiny_cfg(kmeans_utts=8, kmeans_frames=100)
     utts = list(read_corpus(synth_corpus))[:10]
     src = FeatureSource(cfg, torch.device("cpu"))
     alone = fit_units(cfg, utts, src, NullProgress())
@@ -147,7 +147,7 @@ RANKS = textwrap.dedent("""
     shard = U.Shard(rank, 2)
     read, calls = U.load_audio, []
     U.load_audio = lambda p: calls.append(str(p)) or read(p)
-    cfg = tiny_cfg(kmeans_utts=9, kmeans_frames=300)
+    cfg = tiny_cfg(kmeans_utts=9, kmeans_frames=200)
     utts = list(read_corpus(sys.argv[1]))[:11]
     src = U.FeatureSource(cfg, torch.device("cpu"))
     units = U.fit_units(cfg, utts, src, NullProgress(), shard)
@@ -155,6 +155,10 @@ RANKS = textwrap.dedent("""
     made = U.unit_targets(utts, units, src, NullProgress(), shard=shard)
     np.savez(out / f"rank{rank}.npz", centroids=units.centroids.numpy(), **made)
     told = {"fit_reads": fit_calls, "assign_reads": len(calls) - fit_calls}
+    try:  # rank 0 alone fits: its error reaches every rank, none waits for units that never come
+        U.fit_units(replace(cfg, n_units=100000), utts, src, NullProgress(), shard)
+    except OfactlError as e:
+        told["fit_error"] = str(e)
     # one recording gone (the eighth: rank 1's fourth), two utterances a round: both ranks stop
     # in the second round, rank 0 keeps what the ranks had gathered (rank 1's third included)
     U.ROUND = 2
@@ -177,7 +181,7 @@ def test_two_ranks_share_the_reading_and_end_with_the_units_of_one_process(tmp_p
            str(synth_corpus), str(tmp_path), os.path.dirname(__file__)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    cfg = tiny_cfg(kmeans_utts=9, kmeans_frames=300)
+    cfg = tiny_cfg(kmeans_utts=9, kmeans_frames=200)
     utts = list(read_corpus(synth_corpus))[:11]
     src = FeatureSource(cfg, torch.device("cpu"))
     units = fit_units(cfg, utts, src, NullProgress())
@@ -188,6 +192,8 @@ def test_two_ranks_share_the_reading_and_end_with_the_units_of_one_process(tmp_p
             assert all(np.array_equal(z[k], alone[k]) for k in alone) and len(z.files) == 12
     told = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [t["fit_reads"] for t in told] == [5, 4] and [t["assign_reads"] for t in told] == [6, 5]
+    assert [t["fit_error"] for t in told] == ["n_units=100000 is more than the 200 frames sampled for k-means "
+                                              "(kmeans_utts=9); use fewer units or more audio"] * 2
     gone = str(synth_corpus.parent / "no-such.wav")
     assert [t["error"] for t in told] == [f"{gone}: file not found"] * 2
     with np.load(tmp_path / "kept.npz") as z:  # the first round, and the second up to the recording gone
