@@ -290,11 +290,8 @@ def _units_state(run: Path) -> dict[str, Any]:
     """A pretrain run's k-means and unit targets as far as its first start got (a start stopped
     while assigning keeps what it assigned): ``kmeans`` and ``unit_targets``, for the files there."""
     import json
-    import zipfile
 
-    import numpy as np
-
-    from ofactl.units import TARGETS_FILE, Units
+    from ofactl.units import TARGETS_FILE, TargetsUnreadable, Units, read_targets_file
 
     out: dict[str, Any] = {}
     if (run / "kmeans.safetensors").is_file():
@@ -305,10 +302,9 @@ def _units_state(run: Path) -> dict[str, Any]:
             out["kmeans"] = f"unreadable ({type(e).__name__}): fitted again at the next start"
     if (run / TARGETS_FILE).is_file():
         try:
-            with np.load(run / TARGETS_FILE, allow_pickle=False) as z:
-                done = len(z["lengths"])
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            out["unit_targets"] = f"unreadable ({type(e).__name__}): assigned again at the next start"
+            done = len(read_targets_file(run / TARGETS_FILE, "lengths")[0])
+        except TargetsUnreadable as e:
+            out["unit_targets"] = f"unreadable ({e}): assigned again at the next start"
             return out
         try:
             total = int(json.loads((run / "corpus.json").read_text(encoding="utf-8"))["utterances"])

@@ -442,20 +442,33 @@ def _write_targets(path: Path, key: str, targets: dict[str, np.ndarray]) -> None
                  units=np.concatenate([targets[i] for i in ids]) if ids else np.zeros(0, np.int16))
 
 
+class TargetsUnreadable(Exception):
+    """A unit-targets file cut short or of another format; its message is the error's kind."""
+
+
+def read_targets_file(path: Path, *names: str) -> list[np.ndarray]:
+    """The named arrays of the unit-targets file ``path`` (``key``, ``ids``, ``lengths``, ``units``).
+    Raises ``TargetsUnreadable`` when the file is cut short or not such a file."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return [z[name] for name in names]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # cut short, or not such a file
+        raise TargetsUnreadable(type(e).__name__) from e
+
+
 def _read_targets(path: Path, key: str, progress: Progress) -> dict[str, np.ndarray] | None:
     """The targets kept in ``path`` if it holds ``key``; None when absent, made for other units or
     utterances, or unreadable (said, then computed again)."""
-    import zipfile
-
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["key"]) != key:
-                return None
-            ids, lengths, flat = z["ids"].tolist(), z["lengths"], z["units"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # cut short, or not such a file
-        progress.log(f"warning: {path}: unreadable ({type(e).__name__}); assigning the units again")
+        kept, ids, lengths, flat = read_targets_file(path, "key", "ids", "lengths", "units")
+    except TargetsUnreadable as e:
+        progress.log(f"warning: {path}: unreadable ({e}); assigning the units again")
+        return None
+    if str(kept) != key:
         return None
     ends = np.cumsum(lengths)
-    return {i: flat[e - n:e] for i, n, e in zip(ids, lengths.tolist(), ends.tolist(), strict=True)}
+    return {i: flat[e - n:e] for i, n, e in zip(ids.tolist(), lengths.tolist(), ends.tolist(), strict=True)}
