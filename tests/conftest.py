@@ -9,6 +9,19 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start from the stop signals' default dispositions. A test run launched under ``nohup`` or
+    as a background job of a script inherits SIGHUP or SIGINT ignored, and ofactl, by design,
+    leaves an ignored signal alone; the tests of its stop handling (in this process and in the
+    commands they start, which inherit the dispositions) are about the default case."""
+    import signal
+
+    for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGHUP, signal.SIG_DFL),
+                         (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            signal.signal(sig, default)
+
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
