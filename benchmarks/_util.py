@@ -43,6 +43,15 @@ def machine() -> dict[str, Any]:
     }
 
 
+def default_teacher() -> str:
+    """The built-in default's teacher (the ``distill-tiny`` preset's): the benchmarks' ``--teacher``
+    default, so a new default teacher is one preset line."""
+    from ofactl.config import load_config
+    from ofactl.distill import DistillConfig
+
+    return load_config(DistillConfig, "distill", "distill-tiny").teacher
+
+
 def emit(doc: dict[str, Any]) -> None:
     doc.setdefault("machine", machine())
     json.dump(doc, sys.stdout, indent=2)

@@ -1,6 +1,6 @@
 """The open choices of the method side by side, and OFA against fixed-rate students, in miniature.
 
-    python benchmarks/ablation.py [--teacher builtin:hubert-tiny] [--seeds 0,1] [--out runs/ablation]
+    python benchmarks/ablation.py [--teacher TEACHER] [--seeds 0,1] [--out runs/ablation]
                                   [--variants all] [--tasks pr,ks,sid,ks-fsdd] [--rates 1,0.5,0.33,0.25]
 
 Every student is distill-tiny-sized and distilled from ``--teacher`` on synth-tiny (made if
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, cast, get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import FSDD, emit, machine
+from _util import FSDD, default_teacher, emit, machine
 
 from ofactl.adapt import AdaptConfig, RateCost, compare_with_sweep, run_adapt
 from ofactl.choices import CtcHead, Task
@@ -515,7 +515,7 @@ def adapt_results(tasks: list[str], grads: list[str], seeds: list[int], args: ar
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default="builtin:hubert-tiny")
+    ap.add_argument("--teacher", default=default_teacher(), help="default: the distill-tiny preset's teacher (%(default)s)")
     ap.add_argument("--preset", default="distill-tiny")
     ap.add_argument("--set", dest="set_", action="append", default=[], help="distill --set for every variant")
     ap.add_argument("--corpus", default=None, help="a synth-tiny folder (made under --out if absent)")

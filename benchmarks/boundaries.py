@@ -1,6 +1,6 @@
 """How good are distill's pseudo-phone boundaries (``guidance.boundaries: auto``)?
 
-    python benchmarks/boundaries.py [--teacher builtin:hubert-tiny] [--corpus runs/ablation/synth-tiny]
+    python benchmarks/boundaries.py [--teacher TEACHER] [--corpus runs/ablation/synth-tiny]
                                     [--k 30] [--fit-utts 150] [--layer -1] [--penalties 0.25,0.5,1,2]
 
 On a corpus with oracle phone start times (an ``ofactl synth`` corpus), fits k-means on one
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import emit, machine
+from _util import default_teacher, emit, machine
 
 from ofactl.audio import load_audio, read_corpus
 from ofactl.model import segment as seg
@@ -52,7 +52,7 @@ def predicted_boundaries(ckpt: Path, utts: list) -> dict[str, np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--teacher", default="builtin:hubert-tiny")
+    ap.add_argument("--teacher", default=default_teacher(), help="default: the distill-tiny preset's teacher (%(default)s)")
     ap.add_argument("--corpus", default="runs/ablation/synth-tiny")
     ap.add_argument("--k", type=int, default=30, help="k-means units (distill-tiny's guidance.kmeans_k)")
     ap.add_argument("--fit-utts", type=int, default=150, help="utterances k-means is fitted on")

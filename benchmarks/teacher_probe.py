@@ -1,7 +1,7 @@
 """How much speech a teacher knows: linear probes on each of its layers against log-mel frames
 and the untrained ``random:tiny``.
 
-    python benchmarks/teacher_probe.py [--teacher builtin:hubert-tiny] [--synth DIR] [--fsdd DIR]
+    python benchmarks/teacher_probe.py [--teacher TEACHER] [--synth DIR] [--fsdd DIR]
                                       [--periods [--period-heads linear,conv]] [--ks-seen-speakers]
                                       [--input-level-db -25] [--group-norm-eps 1e-9] [--probe-seed 1]
 
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import FSDD, emit
+from _util import FSDD, default_teacher, emit
 
 from ofactl.audio import Corpus, level_dbfs, load_audio, read_corpus, set_level
 from ofactl.errors import ConfigError
@@ -175,7 +175,7 @@ def input_level(value: str | None, teacher: str) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--teacher", default="builtin:hubert-tiny")
+    ap.add_argument("--teacher", default=default_teacher(), help="default: the distill-tiny preset's teacher (%(default)s)")
     ap.add_argument("--synth", default=None, help="a synth-tiny folder (made in a temporary folder if absent)")
     ap.add_argument("--fsdd", default=str(FSDD))
     ap.add_argument("--epochs", type=int, default=40)
