@@ -2,9 +2,9 @@
 an earlier model), the k-means fit on a sample, the assignment of every utterance, and its cache
 (``unit-targets.npz``).
 
-Reading and featurising the audio is the slow part at scale (LibriSpeech's 960 h at about 70x
-real time on one core is some 14 hours), so it is spread two ways, with the same result as one
-process reading every file in turn:
+Reading and featurising the audio is the slow part at scale (LibriSpeech's 960 h at about 500x
+real time on one core, ``benchmarks/unit_targets_bench.py``, is some 2 hours), so it is spread two
+ways, with the same result as one process reading every file in turn:
 
 - over ``num_workers`` DataLoader processes of each rank: MFCC features are computed, and their
   units assigned, in the workers; for ``layer:N`` targets the workers read the audio and the
