@@ -441,11 +441,11 @@ def _stop_once(out: Path, corpus: Path, sig: int = signal.SIGINT, group: bool = 
     whole process group, worker included, with ``group``: as a cluster scheduler does); its exit
     code and stderr."""
     cmd = _long_distill(out, corpus)
-    # like a terminal's Ctrl-C: a job started in the background by a non-interactive shell (a CI
-    # script's '&', nohup) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
-    # faulthandler: a crash in native code (seen once, exit -11 under heavy load) shows its stack
+    # SIGINT reaches it with its default disposition even when the test run was started in the
+    # background (conftest.pytest_configure); faulthandler: a crash in native code (seen once,
+    # exit -11 under heavy load) shows its stack
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), start_new_session=group)
+                         start_new_session=group)
     _wait_for_steps(p, out, lambda: p.communicate()[1][-2000:])
     if group:
         os.killpg(p.pid, sig)
