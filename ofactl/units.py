@@ -464,11 +464,12 @@ def _read_targets(path: Path, key: str, progress: Progress) -> dict[str, np.ndar
     if not path.is_file():
         return None
     try:
-        kept, ids, lengths, flat = read_targets_file(path, "key", "ids", "lengths", "units")
+        (kept,) = read_targets_file(path, "key")
+        if str(kept) != key:
+            return None  # made for other units: its arrays are not read (an npz reads each on access)
+        ids, lengths, flat = read_targets_file(path, "ids", "lengths", "units")
     except TargetsUnreadable as e:
         progress.log(f"warning: {path}: unreadable ({e}); assigning the units again")
-        return None
-    if str(kept) != key:
         return None
     ends = np.cumsum(lengths)
     return {i: flat[e - n:e] for i, n, e in zip(ids.tolist(), lengths.tolist(), ends.tolist(), strict=True)}

@@ -90,6 +90,13 @@ def test_unit_targets_are_kept_and_read_back_for_the_same_units_and_utterances(t
     assert targets_key(units, utts[:-1], None) != key != targets_key(units, utts, "it1/teacher.safetensors")
     other = fit_units(replace(cfg, kmeans_utts=6, seed=1), utts, src, NullProgress())
     assert targets_key(other, utts, None) != key
+    # a file made for other units is set aside on its key alone: its arrays are not read
+    asked: list[tuple[str, ...]] = []
+    real = units_mod.read_targets_file
+    monkeypatch.setattr(units_mod, "read_targets_file", lambda p, *names: asked.append(names) or real(p, *names))
+    assert units_mod._read_targets(path, "another key", NullProgress()) is None and asked == [("key",)]
+    assert units_mod._read_targets(path, key, NullProgress()) is not None and asked[1:] == [("key",), ("ids", "lengths", "units")]
+    monkeypatch.undo()
     # a file cut short (a kill mid-write cannot leave one: it is written whole, then renamed) or
     # not such a file: said, and assigned again
     for bad in (path.read_bytes()[:200], b"not a zip"):
