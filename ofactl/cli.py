@@ -387,7 +387,7 @@ def synth(
 def distill(
     corpus: TrainCorpusOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: config, metrics.jsonl, checkpoints/, student.pt.")] = Path("runs/distill"),
-    teacher: Annotated[str | None, typer.Option("--teacher", help="builtin:hubert-tiny, builtin:hubert-small or builtin:hubert-tiny-v2, a HuBERT file/folder, or random:tiny|random:base (untrained).")] = None,
+    teacher: Annotated[str | None, typer.Option("--teacher", help="builtin:hubert-tiny, builtin:hubert-small, builtin:hubert-tiny-v2 or builtin:hubert-tiny-v3, a HuBERT file/folder, or random:tiny|random:base (untrained).")] = None,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow pickle-based (fairseq) teacher checkpoints.")] = False,
     boundaries: Annotated[str | None, typer.Option("--boundaries", help="Alpha guidance: auto, none, phone_times, or a TSV file.")] = None,
     compressor: Annotated[CompressorKind | None, typer.Option("--compressor", help="cif (once-for-all), avgpool (fixed-rate baseline) or none.")] = None,

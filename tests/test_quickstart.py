@@ -153,7 +153,7 @@ def test_the_note_names_the_teacher_the_student_learnt_from():
     from ofactl.quickstart import UNTRAINED_NOTE, teacher_note
 
     assert teacher_note("random:tiny") == UNTRAINED_NOTE
-    for name in ("hubert-tiny", "hubert-small", "hubert-tiny-v2"):
+    for name in ("hubert-tiny", "hubert-small", "hubert-tiny-v2", "hubert-tiny-v3"):
         assert teacher_note(f"builtin:{name}").startswith(f"the teacher is builtin:{name}, a small HuBERT")
     assert teacher_note("/m/hubert.pt") == "the teacher is /m/hubert.pt"
 

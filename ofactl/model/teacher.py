@@ -2,7 +2,8 @@
 
 Accepted ``--teacher`` values:
 
-- ``builtin:hubert-tiny`` (the default), ``builtin:hubert-small`` and ``builtin:hubert-tiny-v2``:
+- ``builtin:hubert-tiny`` (the default), ``builtin:hubert-small``, ``builtin:hubert-tiny-v2`` and
+  ``builtin:hubert-tiny-v3``:
   small HuBERTs that ship inside the package, pretrained by ``ofactl pretrain -c pretrain-tiny``
   (docs/models.md), each checked against its recorded sha256;
 - ``random:tiny`` / ``random:base``: an untrained model of that shape (only when named);
@@ -46,7 +47,8 @@ from ofactl.model.blocks import (
 )
 from ofactl.model.student import TINY_CONV
 
-ACCEPTED = ("builtin:hubert-tiny, builtin:hubert-small, builtin:hubert-tiny-v2, random:tiny, random:base, "
+ACCEPTED = ("builtin:hubert-tiny, builtin:hubert-small, builtin:hubert-tiny-v2, builtin:hubert-tiny-v3, "
+            "random:tiny, random:base, "
             "a torchaudio state dict (.pt/.pth/.safetensors), a HuggingFace HubertModel/Wav2Vec2Model folder "
             "(config.json + weights), or a fairseq HuBERT/wav2vec 2.0 .pt checkpoint (with --trust-checkpoint), "
             "or an 'ofactl pretrain' run folder")
@@ -112,6 +114,10 @@ BUILTIN = {
     "hubert-tiny-v2": {  # hubert-tiny's shape, normalised waveform, speed-perturbed, 16,000 steps; opt-in
         "file": "hubert-tiny-v2.safetensors",
         "sha256": "8e3ae96dff183e03feaa7e120fd9fb456bddc8ba61037dc32ce8ad5c1835d606",
+    },
+    "hubert-tiny-v3": {  # hubert-tiny-v2's recipe at 32,000 steps; opt-in
+        "file": "hubert-tiny-v3.safetensors",
+        "sha256": "f17ad29a49d5f70eb2fe0abc7cfaed374c23ac44244662b573585086a7238df5",
     },
 }
 

@@ -276,7 +276,7 @@ def test_huggingface_bin_honours_trust(tmp_path):
 
 
 BUILTIN_ARCHS = {"hubert-tiny": (128, 4, 4, 64, 512, False), "hubert-small": (192, 5, 4, 64, 768, False),
-                 "hubert-tiny-v2": (128, 4, 4, 64, 512, True)}  # embed, layers, heads, CNN, FFN, normalised waveform
+                 "hubert-tiny-v2": (128, 4, 4, 64, 512, True), "hubert-tiny-v3": (128, 4, 4, 64, 512, True)}  # embed, layers, heads, CNN, FFN, normalised waveform
 
 
 def test_every_builtin_teacher_is_tested():
