@@ -81,6 +81,7 @@ VARIANTS: dict[str, tuple[list[str], float | None]] = {
     "avgpool-0.25": (["student.compressor=avgpool"], 0.25),
     "cif-fixed-0.5": ([], 0.5),
     "cif-fixed-0.25": ([], 0.25),
+    "no-mel": (["student.spectral_bins=0"], None),  # no log-mel head: the teacher's states alone (docs/models.md)
     # The light front ends: trained from scratch (no part of the tiny teacher fits them).
     "cnn-thin": (["student.frontend=cnn-thin"], None),
     "fbank": (["student.frontend=fbank"], None),
