@@ -123,14 +123,24 @@ def kept_settings(run: Path, section: str) -> dict[str, Any]:
         sys.exit(f"ablation: {run} was kept, but its settings cannot be checked ({e}); move it away or use another --out")
 
 
+def with_teacher_derived(cfg: DistillConfig, saved_student: dict[str, Any]) -> DistillConfig:
+    """``cfg`` with the student settings that distill derives from its teacher taken from a kept
+    run's record: the width that a preset's ``teacher_dim: 0`` stands for, and waveform
+    normalisation, which a normalising teacher turns on (a changed teacher shows in ``teacher``)."""
+    student = cfg.student
+    if student.teacher_dim == 0:
+        student = replace(student, teacher_dim=saved_student.get("teacher_dim", 0))
+    if not student.arch.normalize_waveform and saved_student.get("arch", {}).get("normalize_waveform"):
+        student = replace(student, arch=replace(student.arch, normalize_waveform=True))
+    return replace(cfg, student=student)
+
+
 def same_recipe(run: Path, cfg: DistillConfig) -> Path:
     """``run`` when its finished student was distilled with ``cfg``'s settings; otherwise exit
     naming what differs (a variant's meaning or a preset changed since): a student of another
     recipe is never scored under this one's name."""
     saved = kept_settings(run, "distill")
-    if cfg.student.teacher_dim == 0:  # the preset's "the teacher's width", which distill records as a number
-        cfg = replace(cfg, student=replace(cfg.student, teacher_dim=saved.get("student", {}).get("teacher_dim", 0)))
-    diff = changed_settings(saved, cfg)
+    diff = changed_settings(saved, with_teacher_derived(cfg, saved.get("student", {})))
     if diff:
         sys.exit(f"{run} holds a student of other settings than this variant's ({diff}); "
                  "move it away or use another --out")

@@ -21,6 +21,14 @@ def test_a_kept_student_of_the_same_recipe_is_reused(ablation, tmp_path):
     save_resolved(saved, "distill", tmp_path / "config.yaml")
     assert cfg.student.teacher_dim == 0
     assert ablation.same_recipe(tmp_path, cfg) == tmp_path
+    # a normalising teacher (builtin:hubert-tiny-v2, -v3) turns the student's normalisation on
+    arch = replace(saved.student.arch, normalize_waveform=True)
+    save_resolved(replace(saved, student=replace(saved.student, arch=arch)), "distill", tmp_path / "config.yaml")
+    assert not cfg.student.arch.normalize_waveform and ablation.same_recipe(tmp_path, cfg) == tmp_path
+    # which a student of a teacher without it has off: the record of such a student is not mistaken
+    save_resolved(saved, "distill", tmp_path / "config.yaml")
+    with pytest.raises(SystemExit, match="normalize_waveform: False -> True"):
+        ablation.same_recipe(tmp_path, replace(cfg, student=replace(cfg.student, arch=arch)))
 
 
 def test_a_kept_student_of_another_recipe_is_refused_naming_the_setting(ablation, tmp_path):
