@@ -90,7 +90,7 @@ class DistillConfig:
     """Settings of ``ofactl distill``: teacher, student, rate sampling, alignment, guidance and training."""
 
     student: StudentConfig = field(default_factory=lambda: student_config("base"))
-    teacher: str = "random:base"  # builtin:hubert-tiny, random:tiny|base, or a HuBERT file/folder
+    teacher: str = "random:base"  # builtin:NAME (hubert-tiny-v3, ...), random:tiny|base, or a HuBERT file/folder
     init_from_teacher: bool = True  # copy the teacher's CNN, projection and first layers where shapes match
     compressor_rate: float = 0.5  # the rate of a fixed-rate avgpool student
     steps: int = 1000  # optimizer steps

@@ -1,6 +1,6 @@
 """``ofactl quickstart``: the whole pipeline on the built-in default, with no data and no weights.
 
-synth (espeak-ng corpus) -> distill (OFA tiny student from the bundled teacher builtin:hubert-tiny)
+synth (espeak-ng corpus) -> distill (OFA tiny student from the bundled teacher builtin:hubert-tiny-v3)
 -> extract (several rates, one pass) -> sweep (keyword spotting, speaker ID, phonemes) -> adapt
 (each task learns its rate) -> summary. Every stage reuses its finished output, so a rerun is quick.
 """

@@ -37,7 +37,7 @@ def distilled(tmp_path_factory, medium_corpus):
 
     synth_corpus = medium_corpus
     # pinned to the untrained teacher these adapt tests were written against (deterministic and
-    # cheap); from builtin:hubert-tiny, a 60-step student leaves pr's lambda rising as well
+    # cheap); from builtin:hubert-tiny (the preset's teacher before v3), a 60-step student leaves pr's lambda rising as well
     cfg = load_config(DistillConfig, "distill", "distill-tiny", ["teacher=random:tiny", "student.teacher_dim=64"])
     cfg = replace(cfg, steps=60, batch_seconds=12.0, crop_seconds=2.0, num_workers=0, eval_utts=4, ckpt_every=1000,
                   eval_rates=(1.0,))

@@ -2,8 +2,8 @@
 
 Accepted ``--teacher`` values:
 
-- ``builtin:hubert-tiny`` (the default), ``builtin:hubert-small``, ``builtin:hubert-tiny-v2`` and
-  ``builtin:hubert-tiny-v3``:
+- ``builtin:hubert-tiny-v3`` (the tiny presets' default), ``builtin:hubert-tiny``,
+  ``builtin:hubert-small`` and ``builtin:hubert-tiny-v2``:
   small HuBERTs that ship inside the package, pretrained by ``ofactl pretrain -c pretrain-tiny``
   (docs/models.md), each checked against its recorded sha256;
 - ``random:tiny`` / ``random:base``: an untrained model of that shape (only when named);
@@ -103,7 +103,7 @@ class Teacher(nn.Module):
 # Teachers that ship inside the package (``builtin:NAME``): file and checksum, checked at load.
 # The model card (docs/models.md) says how each was made.
 BUILTIN = {
-    "hubert-tiny": {
+    "hubert-tiny": {  # the first: 5,000 steps; the tiny presets' teacher before v3
         "file": "hubert-tiny.safetensors",
         "sha256": "969a859ceaa213614ba35c6edcb14162ff09ce3eb0503dabc32de73255a1f13f",
     },
@@ -115,7 +115,7 @@ BUILTIN = {
         "file": "hubert-tiny-v2.safetensors",
         "sha256": "8e3ae96dff183e03feaa7e120fd9fb456bddc8ba61037dc32ce8ad5c1835d606",
     },
-    "hubert-tiny-v3": {  # hubert-tiny-v2's recipe at 32,000 steps; opt-in
+    "hubert-tiny-v3": {  # hubert-tiny-v2's recipe at 32,000 steps; the tiny presets' teacher
         "file": "hubert-tiny-v3.safetensors",
         "sha256": "f17ad29a49d5f70eb2fe0abc7cfaed374c23ac44244662b573585086a7238df5",
     },
