@@ -43,7 +43,7 @@ from _util import FSDD, default_teacher, emit, machine
 from ofactl.adapt import AdaptConfig, RateCost, compare_with_sweep, run_adapt
 from ofactl.choices import CtcHead, Task
 from ofactl.config import Flag, load_config, parse_numbers, to_dict
-from ofactl.distill import DistillConfig, run_distill, with_fixed_rate
+from ofactl.distill import DistillConfig, run_distill, teacher_derived, with_fixed_rate
 from ofactl.errors import CheckpointError
 from ofactl.probe import ProbeConfig
 from ofactl.sweep import SweepConfig, SweepRow, load_rows, plot_tradeoff, run_sweep
@@ -124,15 +124,11 @@ def kept_settings(run: Path, section: str) -> dict[str, Any]:
 
 
 def with_teacher_derived(cfg: DistillConfig, saved_student: dict[str, Any]) -> DistillConfig:
-    """``cfg`` with the student settings that distill derives from its teacher taken from a kept
-    run's record: the width that a preset's ``teacher_dim: 0`` stands for, and waveform
-    normalisation, which a normalising teacher turns on (a changed teacher shows in ``teacher``)."""
-    student = cfg.student
-    if student.teacher_dim == 0:
-        student = replace(student, teacher_dim=saved_student.get("teacher_dim", 0))
-    if not student.arch.normalize_waveform and saved_student.get("arch", {}).get("normalize_waveform"):
-        student = replace(student, arch=replace(student.arch, normalize_waveform=True))
-    return replace(cfg, student=student)
+    """``cfg`` as distill resolved it for a kept run: the settings distill derives from its
+    teacher (:func:`ofactl.distill.teacher_derived`), with the teacher's width and waveform
+    normalisation read from the run's record (a changed teacher shows in ``teacher``)."""
+    normalised = bool(saved_student.get("arch", {}).get("normalize_waveform"))
+    return replace(cfg, student=teacher_derived(cfg.student, saved_student.get("teacher_dim", 0), normalised))
 
 
 def same_recipe(run: Path, cfg: DistillConfig) -> Path:
@@ -570,7 +566,7 @@ def main() -> None:
     t0 = time.perf_counter()
     corpus = _corpus(args)
     curves, missing = collect(names, seeds, tasks, args, corpus)
-    out: dict[str, Any] = {"benchmark": "ablation", "teacher": args.teacher, "preset": args.preset, "seeds": seeds,
+    out: dict[str, Any] = {"benchmark": "ablation", "teacher": args.teacher, "preset": args.preset, "set": args.set_, "seeds": seeds,
                            "rates": args.rates, "pr_head": args.pr_head, "variants": {n: VARIANTS[n][0] for n in names},
                            "adapt_variant": args.adapt_variant, "adapt_set": args.adapt_set, "skipped": skipped, "missing": missing,
                            "machine": machine()}

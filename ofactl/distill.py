@@ -388,17 +388,27 @@ def _run_distill(cfg: DistillConfig, corpus: str | Path | Corpus, run_dir: Path,
     return _finish(cfg, su, student, teacher, trn, held, loop, eval_before)
 
 
+def teacher_derived(student: StudentConfig, teacher_dim: int, normalize_waveform: bool) -> StudentConfig:
+    """``student`` with the settings distill derives from its teacher (of width ``teacher_dim``,
+    normalising each waveform or not): the width that ``teacher_dim: 0`` stands for, so presets
+    fit any teacher, and waveform normalisation, which a normalising teacher turns on (its targets
+    come from normalised audio, and a copied CNN learned on it)."""
+    if student.teacher_dim == 0:
+        student = replace(student, teacher_dim=teacher_dim)
+    if normalize_waveform and not student.arch.normalize_waveform:
+        student = replace(student, arch=replace(student.arch, normalize_waveform=True))
+    return student
+
+
 def _build(cfg: DistillConfig, trust: bool, device: torch.device, progress: Progress) -> tuple[Any, Student]:
     """The frozen teacher and the student (initialised from the teacher where shapes allow)."""
     from ofactl.model.teacher import load_teacher
 
     teacher = load_teacher(cfg.teacher, trust=trust, seed=cfg.seed).to(device)
-    if cfg.student.teacher_dim == 0:  # the teacher's width: presets then fit any teacher
-        cfg.student = replace(cfg.student, teacher_dim=teacher.arch.embed_dim)
-    if teacher.arch.normalize_waveform and not cfg.student.arch.normalize_waveform:
-        # the targets come from normalised audio, and a copied CNN learned on it
-        cfg.student = replace(cfg.student, arch=replace(cfg.student.arch, normalize_waveform=True))
+    derived = teacher_derived(cfg.student, teacher.arch.embed_dim, teacher.arch.normalize_waveform)
+    if derived.arch.normalize_waveform != cfg.student.arch.normalize_waveform:
         progress.log("note: the teacher normalises each waveform (arch.normalize_waveform), so the student does too")
+    cfg.student = derived
     student = Student(cfg.student)
     if cfg.init_from_teacher:
         copied = student.init_from_teacher(teacher, partial=True)

@@ -727,3 +727,16 @@ def test_a_student_of_a_normalising_teacher_normalises_too(tmp_path, synth_corpu
     s, _ = load_student(res.student)
     assert s.cfg.arch.normalize_waveform and "normalize_waveform: true" in (tmp_path / "run/config.yaml").read_text()
     assert not cfg.student.arch.normalize_waveform  # the caller's config stays as given
+
+
+def test_teacher_derived_fills_the_width_and_turns_normalisation_on_only():
+    from ofactl.distill import teacher_derived
+
+    base = load_config(DistillConfig, "distill", "distill-tiny").student
+    assert base.teacher_dim == 0 and not base.arch.normalize_waveform
+    got = teacher_derived(base, 128, True)
+    assert got.teacher_dim == 128 and got.arch.normalize_waveform
+    assert base.teacher_dim == 0 and not base.arch.normalize_waveform  # the given config is left as it was
+    assert teacher_derived(replace(base, teacher_dim=64), 128, False).teacher_dim == 64  # a width given by hand stays
+    on = replace(base, arch=replace(base.arch, normalize_waveform=True))
+    assert teacher_derived(on, 128, False).arch.normalize_waveform  # a student may normalise for a teacher that does not
