@@ -551,6 +551,7 @@ def sweep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: sweep.csv, sweep.json, tradeoff.png, rows/.")] = Path("sweep"),
     label_column: Annotated[str | None, typer.Option("--label-column", help="Label column for --task cls.")] = None,
     probe_runs: Annotated[int | None, typer.Option("--probe-runs", help="Probes per rate with successive seeds; the row reports their mean and standard deviation.")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Probes trained at once, each rate's in its own CPU process with the cores shared out (1: in turn). The rows are the same.")] = None,
     level_db: Annotated[str | None, typer.Option("--level-db", help="Scale each recording to this RMS level in dBFS (e.g. -25), or auto (the level each student was distilled at), as extract does.")] = None,
     frame_ms: Annotated[list[str] | None, typer.Option("--frame-ms", help="Average frame periods in ms (>= 20), instead of or beside --rates; a comma list (40,60,80) or repeated.")] = None,
     adaptive_length: Annotated[bool, typer.Option("--adaptive-length", help="Content-dependent lengths instead of round(rate*T), as extract's.")] = False,
@@ -574,7 +575,7 @@ def sweep(
     def go() -> Any:
         flags = [Flag("task", "--task", task), _rates_flag(rates, frame_ms, "--rates"),
                  Flag("label_column", "--label-column", label_column), Flag("probe_runs", "--probe-runs", probe_runs),
-                 Flag("extract.level_db", "--level-db", parse_level(level_db)),
+                 Flag("jobs", "--jobs", jobs), Flag("extract.level_db", "--level-db", parse_level(level_db)),
                  Flag("extract.adaptive_length", "--adaptive-length", adaptive_length or None),
                  Flag("device", "--device", device)]
         cfg = load_config(SweepConfig, "sweep", config, set_ or [], flags)

@@ -58,6 +58,8 @@ class QuickstartConfig:
     pr_conv_hidden: int = 128  # channels of the conv pr head: half the probe default, a third less probe time
     pr_max_frames: int = 1_000_000  # the pr head's training budget in frames: half the probe default, which
     # trims the rate-1 row on synth-tiny (13 epochs instead of 26) and keeps the quickstart within its time
+    pr_jobs: int = 0  # pr probes trained at once, one rate per CPU process (sweep.jobs): 0, as many as
+    # there are cores, up to the rates (the BiLSTM head uses a second thread poorly), or 1 on a GPU
     probe_runs: int = 3  # probes per rate for utterance tasks (ks, sid), their mean the row (seeds probe.seed,
     # +1, ...): one sid probe's accuracy moves by points with its seed on 120 test utterances; CTC tasks
     # (pr, asr) keep one (slow heads)
@@ -75,6 +77,8 @@ class QuickstartConfig:
             raise ValueError(f"pr_max_frames must be >= 0 (0: no budget), got {self.pr_max_frames}")
         if self.probe_runs < 1:
             raise ValueError(f"probe_runs must be >= 1 (probes per rate for utterance tasks), got {self.probe_runs}")
+        if self.pr_jobs < 0:
+            raise ValueError(f"pr_jobs must be >= 0 (0: one per core on a CPU), got {self.pr_jobs}")
 
 
 @dataclass
@@ -278,11 +282,25 @@ class _Quickstart:
         from ofactl.probe.tasks import task_kind
         from ofactl.sweep import SweepConfig
 
+        ctc = task_kind(task) == "ctc"
         sw = SweepConfig(task=task, rates=tuple(self.cfg.rates), device=self.cfg.device,
-                         probe_runs=1 if task_kind(task) == "ctc" else self.cfg.probe_runs)
+                         probe_runs=1 if ctc else self.cfg.probe_runs, jobs=self.pr_jobs() if ctc else 1)
         sw.probe = replace(self.pr_probe(sw.probe), cls_epochs=self.cfg.probe_epochs)
         sw.extract = replace(sw.extract, num_workers=1)
         return sw
+
+    def pr_jobs(self) -> int:
+        """How many CTC probes the sweep trains at once: ``pr_jobs``, or on a CPU one per core up to
+        the rates (utterance probes take a second or two: a process would cost more than it saves)."""
+        import torch
+
+        from ofactl.runtime import resolve_device
+
+        if self.cfg.pr_jobs:
+            return self.cfg.pr_jobs
+        if resolve_device(self.cfg.device).type != "cpu":
+            return 1
+        return max(1, min(len(self.cfg.rates), torch.get_num_threads()))
 
     def sweep(self, corpus: Path, student: Path, store: Path) -> dict[str, Any]:
         from ofactl.sweep import run_sweep

@@ -38,7 +38,7 @@ from ofactl.extract import (
     settings_differ,
     skip_hint,
 )
-from ofactl.probe import ProbeConfig, build_task, train_probes
+from ofactl.probe import ProbeConfig, ProbeResult, build_task, train_probes
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import (
     SAMPLE_RATE,
@@ -49,6 +49,7 @@ from ofactl.runtime import (
     resolve_device,
     synchronize,
 )
+from ofactl.workers import run_in_processes
 
 # how sweep names the extraction settings its errors point to
 SWEEP_FLAGS = CallerFlags(skip="--set extract.on_error=skip", out="--out", level="--level-db")
@@ -66,6 +67,8 @@ class SweepConfig:
     probe_runs: int = 1  # probes trained per rate, seeded probe.seed, probe.seed + 1, ...: a row's test and dev
     # are their mean, test_runs and test_sd each one's and their spread (the first is the one-probe row)
     timing_utts: int = 16  # utterances timed per rate (student forward seconds per audio second)
+    jobs: int = 1  # probes trained at once, each rate's in its own CPU process with the cores shared out
+    # (threads = cores / jobs): small heads use many threads poorly. 1: in turn, in this process
     device: str = "auto"  # extraction, timing and probes (unless probe.device / extract.device say otherwise)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     extract: ExtractConfig = field(default_factory=lambda: ExtractConfig(dtype="float16"))
@@ -75,6 +78,8 @@ class SweepConfig:
         check_group_rates(self.rates)
         if self.probe_runs < 1:
             raise ValueError(f"probe_runs must be >= 1 (probes trained per rate), got {self.probe_runs}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1 (probes trained at once), got {self.jobs}")
         check_device_name(self.device)
         self.probe.validate()
 
@@ -168,6 +173,9 @@ def _run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Pa
         raise ConfigError(f"checkpoint labels must differ, got {labels}")
     cfg = cfg.on_device()
     device = resolve_device(cfg.extract.device)  # a bad --device is refused first
+    if cfg.jobs > 1 and resolve_device(cfg.probe.device).type != "cpu":
+        raise ConfigError(f"sweep.jobs={cfg.jobs} trains probes in CPU processes, but the probes run on "
+                          f"{cfg.probe.device}: use jobs 1 there (a GPU trains one probe at a time quickly)")
     plans = [rate_plan(label, Path(ckpt), cfg.rates) for label, ckpt in ckpts]  # refusals before any work
     sw = _setup_sweep(cfg, corpus, Path(out_dir), overwrite, progress or NullProgress(), device)
     rows: list[SweepRow] = []
@@ -267,12 +275,20 @@ class _Sweep:
         plan.payload = None  # the student holds the weights now
         n16 = torch.tensor([u.n_samples_16k for u in self.sub])
         in_frames = dict(zip([u.id for u in self.sub], cnn_lengths(student.cfg.arch, n16).tolist()))
-        rows = []
-        for r in plan.scored:
-            row = self.cached_row(label, r, sha) or self.measure_row(label, ckpt, student, sha, st_path, r, in_frames)
-            rows.append(replace(row, trained_rates=plan.trained_text, fixed_rate=plan.fixed,
-                                outside_training_range=r in plan.outside))
-        return rows
+        done = {r: row for r in plan.scored if (row := self.cached_row(label, r, sha)) is not None}
+        # every group extracted and timed before any probe trains: probes in other processes
+        # would share the cores with the timing
+        preps = [self.prepare_rate(label, ckpt, student, sha, st_path, r) for r in plan.scored if r not in done]
+        jobs = [_ProbeJob(self.task, str(p.store), p.rate, self.task_ids, self.cfg.probe, self.cfg.probe_runs,
+                          in_frames) for p in preps]
+        probes = "probe" if self.cfg.probe_runs == 1 else f"probe {self.cfg.probe_runs} times"
+        for p in preps:
+            self.progress.log(f"{label} rate={p.rate:.3f}: training the {self.cfg.task} {probes} on "
+                              f"{len(self.task.splits['train'])} utterances")
+        for i, res in run_in_processes(_train_rate, jobs, self.cfg.jobs):
+            done[preps[i].rate] = self.finish_row(preps[i], res)  # saved as each finishes
+        return [replace(done[r], trained_rates=plan.trained_text, fixed_rate=plan.fixed,
+                        outside_training_range=r in plan.outside) for r in plan.scored]
 
     def row_file(self, label: str, r: float) -> Path:
         """Where a finished row is kept (reused by a rerun with the same checkpoint and probe)."""
@@ -296,15 +312,13 @@ class _Sweep:
         self.progress.log(f"{label} rate={r:.3f}: reusing the finished row")
         return row
 
-    def measure_row(self, label: str, ckpt: Path, student: Any, sha: str, st_path: Path, r: float,
-                    in_frames: dict[str, int]) -> SweepRow:
-        """Extract the rate if the store lacks it, train the probe, time the student; save the row.
-        ``in_frames``: each utterance's 20 ms frame count (the CTC feasibility check)."""
+    def prepare_rate(self, label: str, ckpt: Path, student: Any, sha: str, st_path: Path, r: float) -> _RatePrep:
+        """Extract the rate if the store lacks it and time the student there: all of a row but
+        the probe's results."""
         from ofactl.model.macs import student_gmacs_per_second
         from ofactl.storage import open_store
-        from ofactl.storage.zarr_store import rate_key
 
-        cfg, task, arch = self.cfg, self.task, student.cfg.arch
+        cfg = self.cfg
         features = resolve_level(cfg.extract, student, str(ckpt))  # level_db auto: this student's level
         if not _group_covers(st_path, r, sha, parse_layers(cfg.layers, student.num_hidden), self.task_ids,
                               features):
@@ -319,29 +333,72 @@ class _Sweep:
         else:
             self.progress.log(f"{label} rate={r:.3f}: using the cached group in {st_path}")
         g = open_store(st_path).group(r)
-        feats = {u: x for u, x in g if u in self.task_ids}
-        probes = "probe" if cfg.probe_runs == 1 else f"probe {cfg.probe_runs} times"
-        self.progress.log(f"{label} rate={r:.3f}: training the {cfg.task} {probes} on {len(task.splits['train'])} utterances")
-        res = train_probes(task, feats, cfg.probe, cfg.probe_runs, in_frames)
-        mac = student_gmacs_per_second(student.cfg, r)
         achieved = float(g.attrs.get("achieved_rate") or r)
+        return _RatePrep(label=label, sha=sha, store=st_path, rate=r, achieved=achieved,
+                         frame_ms=g.attrs["input_frame_ms"] / achieved, hop=student.cfg.arch.hop,
+                         gmacs=student_gmacs_per_second(student.cfg, r),
+                         extract_s=_time_extract(student, self.sub, r, cfg.timing_utts, cfg.extract.precision),
+                         store_mb=open_store(st_path).size_bytes(r) / 1e6)
+
+    def finish_row(self, p: _RatePrep, res: ProbeResult) -> SweepRow:
+        """The row of one rate from its preparation and its probe's result; saved in ``rows/``."""
+        from ofactl.storage.zarr_store import rate_key
+
+        cfg = self.cfg
         row = SweepRow(
-            label=label, checkpoint_sha256=sha, store_group=f"{st_path}/{rate_key(r)}", task=cfg.task,
-            requested_rate=r, achieved_rate=round(achieved, 5),
-            frame_period_ms=round(g.attrs["input_frame_ms"] / achieved, 3), metric=res.metric,
+            label=p.label, checkpoint_sha256=p.sha, store_group=f"{p.store}/{rate_key(p.rate)}", task=cfg.task,
+            requested_rate=p.rate, achieved_rate=round(p.achieved, 5),
+            frame_period_ms=round(p.frame_ms, 3), metric=res.metric,
             test=round(res.test[res.metric], 5), dev=round(res.dev[res.metric], 5),
             extra_metrics={k: round(v, 5) for k, v in res.test.items() if k != res.metric},
-            upstream_gmacs_per_s=round(mac["total"], 4), upstream_cnn_gmacs_per_s=round(mac["cnn"], 4),
-            extract_s_per_audio_s=round(_time_extract(student, self.sub, r, cfg.timing_utts, cfg.extract.precision), 5),
+            upstream_gmacs_per_s=round(p.gmacs["total"], 4), upstream_cnn_gmacs_per_s=round(p.gmacs["cnn"], 4),
+            extract_s_per_audio_s=round(p.extract_s, 5),
             probe_train_s=round(res.train_seconds, 4), probe_params=res.params,
-            probe_mmacs_per_s=round(_probe_macs(res.params, achieved, arch.hop) / 1e6, 3),
-            store_mb=round(open_store(st_path).size_bytes(r) / 1e6, 2),
+            probe_mmacs_per_s=round(_probe_macs(res.params, p.achieved, p.hop) / 1e6, 3),
+            store_mb=round(p.store_mb, 2),
             infeasible_test=res.infeasible.get("test") if res.infeasible else None,
             layer_weights=res.layer_weights, seed=cfg.seed, probe_config_sha=self.probe_sha,
             task_sha=self.task_sha, test_runs=[round(v, 5) for v in res.test_runs],
             test_sd=round(float(np.std(res.test_runs, ddof=1)), 5) if len(res.test_runs) > 1 else None)
-        write_text(self.row_file(label, r), json.dumps(row.to_json(), indent=2))
+        write_text(self.row_file(p.label, p.rate), json.dumps(row.to_json(), indent=2))
         return row
+
+
+@dataclass
+class _RatePrep:
+    """One rate of one checkpoint, extracted and timed: everything of its row but the probe."""
+
+    label: str
+    sha: str
+    store: Path
+    rate: float
+    achieved: float
+    frame_ms: float
+    hop: int
+    gmacs: dict[str, float]
+    extract_s: float
+    store_mb: float
+
+
+@dataclass
+class _ProbeJob:
+    """One rate's probe training, whole: it runs here or in a worker process (``sweep.jobs``)."""
+
+    task: Any
+    store: str
+    rate: float
+    ids: set[str]
+    probe: ProbeConfig
+    runs: int
+    in_frames: dict[str, int]
+
+
+def _train_rate(job: _ProbeJob) -> ProbeResult:
+    """Train one rate's probe(s) on the task's utterances of its store group."""
+    from ofactl.storage import open_store
+
+    feats = {u: x for u, x in open_store(job.store).group(job.rate) if u in job.ids}
+    return train_probes(job.task, feats, job.probe, job.runs, job.in_frames)
 
 
 def _write_sweep(sw: _Sweep, rows: list[SweepRow], seconds: float, not_scored: list[dict[str, Any]]) -> SweepResult:

@@ -274,3 +274,31 @@ def test_probe_runs_report_the_mean_of_successive_probe_seeds(tmp_path, synth_co
     assert again.exit_code == 0 and "(0 row(s) reused)" in again.stderr and "±" in again.stderr, again.output
     bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "bad"), "--probe-runs", "0"])
     assert bad.exit_code == 1 and "--probe-runs 0" in bad.stderr and "probe_runs must be >= 1" in bad.stderr, bad.output
+
+
+@pytest.mark.slow
+def test_probes_trained_at_once_give_the_rows_of_probes_in_turn(tmp_path, synth_corpus):
+    from ofactl.probe import ProbeConfig
+    from ofactl.sweep import SweepConfig, run_sweep
+
+    torch.manual_seed(0)
+    ckpt = save_student(tmp_path / "s.pt", Student(student_config("tiny")))
+    cfg = SweepConfig(task="pr", rates=(1.0, 0.5, 0.25), probe=ProbeConfig(epochs=2, min_epochs=1))
+    cfg.extract.num_workers = 0
+    store = tmp_path / "feats.zarr"  # one store: the second sweep trains on the groups the first extracted
+    one = run_sweep(cfg, [("s", ckpt)], synth_corpus, tmp_path / "one", store)
+    cfg.jobs = 2
+    two = run_sweep(cfg, [("s", ckpt)], synth_corpus, tmp_path / "two", store)
+    assert [r.requested_rate for r in two.rows] == [1.0, 0.5, 0.25]  # in rate order, whichever finished first
+    for a, b in zip(one.rows, two.rows):
+        assert (a.test, a.dev, a.probe_params) == pytest.approx((b.test, b.dev, b.probe_params), abs=2e-3)
+    assert len(list((tmp_path / "two" / "rows").glob("*.json"))) == 3  # each row saved
+
+
+def test_sweep_jobs_must_be_positive():
+    from ofactl.config import load_config
+    from ofactl.errors import ConfigError
+    from ofactl.sweep import SweepConfig
+
+    with pytest.raises(ConfigError, match="jobs must be >= 1"):
+        load_config(SweepConfig, "sweep", None, ["jobs=0"])
