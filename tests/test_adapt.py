@@ -36,9 +36,11 @@ def distilled(tmp_path_factory, medium_corpus):
     from ofactl.distill import DistillConfig, run_distill
 
     synth_corpus = medium_corpus
-    # pinned to the untrained teacher these adapt tests were written against (deterministic and
-    # cheap); from builtin:hubert-tiny (the preset's teacher before v3), a 60-step student leaves pr's lambda rising as well
-    cfg = load_config(DistillConfig, "distill", "distill-tiny", ["teacher=random:tiny", "student.teacher_dim=64"])
+    # pinned to the untrained teacher and the log-mel head these adapt tests were written against
+    # (deterministic and cheap; the head is what such a student learns phones from); from
+    # builtin:hubert-tiny (the preset's teacher before v3), a 60-step student leaves pr's lambda rising as well
+    cfg = load_config(DistillConfig, "distill", "distill-tiny", ["teacher=random:tiny", "student.teacher_dim=64",
+                                                                 "student.spectral_bins=64"])
     cfg = replace(cfg, steps=60, batch_seconds=12.0, crop_seconds=2.0, num_workers=0, eval_utts=4, ckpt_every=1000,
                   eval_rates=(1.0,))
     cfg.guidance = replace(cfg.guidance, boundaries="phone_times")
