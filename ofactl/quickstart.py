@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from ofactl.probe import ProbeConfig
     from ofactl.sweep import SweepConfig
 
-UNTRAINED_NOTE = ("the teacher is random:tiny, an UNTRAINED HuBERT-shaped model; the student also learns "
-                  "log-mel frames, so its features carry acoustic structure, not HuBERT's. For real "
+UNTRAINED_NOTE = ("the teacher is random:tiny, an UNTRAINED HuBERT-shaped model: its student learns no "
+                  "speech unless a log-mel head gives it an acoustic target (a distill preset with "
+                  "student.spectral_bins: 64; the tiny presets have none). For real "
                   "features distill from a HuBERT checkpoint, e.g. "
                   "'ofactl distill -c distilhubert-ofa --teacher /path/hubert_base_ls960.pt --trust-checkpoint ...'")
 BUILTIN_NOTE = ("the teacher is builtin:{name}, a small HuBERT that ofactl pretrained on about 3 hours of "
@@ -58,8 +59,8 @@ class QuickstartConfig:
     pr_conv_hidden: int = 128  # channels of the conv pr head: half the probe default, a third less probe time
     pr_max_frames: int = 1_000_000  # the pr head's training budget in frames: half the probe default, which
     # trims the rate-1 row on synth-tiny (13 epochs instead of 26) and keeps the quickstart within its time
-    pr_jobs: int = 0  # pr probes trained at once, one rate per CPU process (sweep.jobs): 0, as many as
-    # there are cores, up to the rates (the BiLSTM head uses a second thread poorly), or 1 on a GPU
+    jobs: int = 0  # CPU processes for the pr probes (sweep.jobs, one rate each) and for the adapt runs
+    # (one task each): 0, one per core up to the work (small models use a second thread poorly), 1 on a GPU
     probe_runs: int = 3  # probes per rate for utterance tasks (ks, sid), their mean the row (seeds probe.seed,
     # +1, ...): one sid probe's accuracy moves by points with its seed on 120 test utterances; CTC tasks
     # (pr, asr) keep one (slow heads)
@@ -77,8 +78,8 @@ class QuickstartConfig:
             raise ValueError(f"pr_max_frames must be >= 0 (0: no budget), got {self.pr_max_frames}")
         if self.probe_runs < 1:
             raise ValueError(f"probe_runs must be >= 1 (probes per rate for utterance tasks), got {self.probe_runs}")
-        if self.pr_jobs < 0:
-            raise ValueError(f"pr_jobs must be >= 0 (0: one per core on a CPU), got {self.pr_jobs}")
+        if self.jobs < 0:
+            raise ValueError(f"jobs must be >= 0 (0: one per core on a CPU), got {self.jobs}")
 
 
 @dataclass
@@ -211,6 +212,25 @@ def _run_quickstart(cfg: QuickstartConfig, out_dir: Path, progress: Progress | N
     return q.summary(corpus, student, store, sweeps, adapts, teacher)
 
 
+@dataclass
+class _AdaptJob:
+    """One task's adapt run, whole: it runs here or in a worker process."""
+
+    cfg: AdaptConfig
+    student: Path
+    corpus: Path
+    out_dir: Path
+    sweep: Path | None  # the quickstart's sweep of the task, to compare the learned rate with
+    progress: Progress | None = None  # live progress where it runs here
+
+
+def _run_adapt_job(job: _AdaptJob) -> dict[str, Any]:
+    """Run one adapt job; its summary as JSON-safe data."""
+    from ofactl.adapt import run_adapt
+
+    return run_adapt(job.cfg, job.student, job.corpus, job.out_dir, job.sweep, progress=job.progress).to_json()
+
+
 class _Quickstart:
     """The stages of :func:`run_quickstart`, sharing the output folder, timings and stamps."""
 
@@ -247,6 +267,10 @@ class _Quickstart:
 
         dcfg = load_config(DistillConfig, "distill", self.cfg.distill_preset, [f"device={self.cfg.device}"],
                            [Flag("teacher", "--teacher", self.cfg.teacher)])
+        if self.small_cpu():
+            # a loader process takes a core from the two training threads: 0.87x the time without it
+            # on the 2-core CPU, the same student (the worker count keys nothing)
+            dcfg.num_workers = 0
         self.progress.log("note: " + teacher_note(dcfg.teacher))
         run_dir = self.out / "distill"
         student = run_dir / "student.pt"
@@ -284,23 +308,32 @@ class _Quickstart:
 
         ctc = task_kind(task) == "ctc"
         sw = SweepConfig(task=task, rates=tuple(self.cfg.rates), device=self.cfg.device,
-                         probe_runs=1 if ctc else self.cfg.probe_runs, jobs=self.pr_jobs() if ctc else 1)
+                         probe_runs=1 if ctc else self.cfg.probe_runs, jobs=self.jobs(len(self.cfg.rates)) if ctc else 1)
         sw.probe = replace(self.pr_probe(sw.probe), cls_epochs=self.cfg.probe_epochs)
         sw.extract = replace(sw.extract, num_workers=1)
         return sw
 
-    def pr_jobs(self) -> int:
-        """How many CTC probes the sweep trains at once: ``pr_jobs``, or on a CPU one per core up to
-        the rates (utterance probes take a second or two: a process would cost more than it saves)."""
+    def small_cpu(self) -> bool:
+        """Whether the quickstart runs on a CPU of two cores or fewer."""
         import torch
 
         from ofactl.runtime import resolve_device
 
-        if self.cfg.pr_jobs:
-            return self.cfg.pr_jobs
+        return resolve_device(self.cfg.device).type == "cpu" and torch.get_num_threads() <= 2
+
+    def jobs(self, work: int) -> int:
+        """How many processes share ``work`` independent pieces (the CTC probes of a sweep, the adapt
+        runs): ``jobs``, or on a CPU one per core up to the work. Utterance probes stay in turn: they
+        take a second or two, less than starting a process."""
+        import torch
+
+        from ofactl.runtime import resolve_device
+
+        if self.cfg.jobs:
+            return self.cfg.jobs
         if resolve_device(self.cfg.device).type != "cpu":
             return 1
-        return max(1, min(len(self.cfg.rates), torch.get_num_threads()))
+        return max(1, min(work, torch.get_num_threads()))
 
     def sweep(self, corpus: Path, student: Path, store: Path) -> dict[str, Any]:
         from ofactl.sweep import run_sweep
@@ -315,31 +348,46 @@ class _Quickstart:
         return sweeps
 
     def adapt(self, corpus: Path, student: Path) -> dict[str, dict[str, Any]]:
-        from ofactl.adapt import AdaptConfig, run_adapt
+        """Each adapt task's summary: reused when its settings, student and sweep match, otherwise
+        run, the tasks at once in CPU processes (``jobs``) or in turn with live progress."""
         from ofactl.checkpoint import file_sha256
+        from ofactl.workers import run_in_processes
 
         out: dict[str, dict[str, Any]] = {}
+        todo: list[_AdaptJob] = []
         for task in self.cfg.adapt_tasks:
-            # the joint probe's figure: a fresh probe would add ~50 s for pr on a CPU; the summary
-            # reads the quickstart's own sweep at the learned rate instead (compare_sweep)
-            acfg = AdaptConfig(task=task, epochs=self.cfg.adapt_epochs, device=self.cfg.device, final_probe="joint")
-            acfg.probe = self.pr_probe(acfg.probe)
-            ad_dir = self.out / f"adapt-{task}"
-            summary = ad_dir / "summary.json"
-            swept = self.out / f"sweep-{task}" / "sweep.json"
-            sha = adapt_sha(acfg, file_sha256(student), sweep_rows_sha(swept))
+            job = self.adapt_job(task, corpus, student)
+            summary = job.out_dir / "summary.json"
+            sha = adapt_sha(job.cfg, file_sha256(student), sweep_rows_sha(job.sweep or Path("-")))
             if self.stamps.matches(f"adapt-{task}", sha) and summary.is_file():
                 out[task] = json.loads(summary.read_text())
                 self.progress.log(f"reusing {summary} (made with the same adapt settings, student and sweep)")
                 self.reused.append(f"adapt-{task}")
                 continue
             if summary.is_file():
-                self.progress.log(f"{ad_dir}: made with other adapt settings, another student or another "
+                self.progress.log(f"{job.out_dir}: made with other adapt settings, another student or another "
                                   "sweep to compare with; adapting again")
             self.stamps.set(f"adapt-{task}", sha)
-            out[task] = run_adapt(acfg, student, corpus, ad_dir, swept if swept.is_file() else None,
-                                  progress=self.progress).to_json()
-        return out
+            todo.append(job)
+        workers = self.jobs(len(todo))
+        if workers > 1:
+            self.progress.log(f"adapting {', '.join(j.cfg.task for j in todo)} at once, in {workers} processes")
+        else:
+            todo = [replace(j, progress=self.progress) for j in todo]  # in turn, here: live progress
+        for i, res in run_in_processes(_run_adapt_job, todo, workers):
+            out[todo[i].cfg.task] = res
+        return {t: out[t] for t in self.cfg.adapt_tasks}
+
+    def adapt_job(self, task: Task, corpus: Path, student: Path) -> _AdaptJob:
+        """One task's adapt run as the quickstart makes it."""
+        from ofactl.adapt import AdaptConfig
+
+        # the joint probe's figure: a fresh probe would add ~50 s for pr on a CPU; the summary
+        # reads the quickstart's own sweep at the learned rate instead (compare_sweep)
+        acfg = AdaptConfig(task=task, epochs=self.cfg.adapt_epochs, device=self.cfg.device, final_probe="joint")
+        acfg.probe = self.pr_probe(acfg.probe)
+        swept = self.out / f"sweep-{task}" / "sweep.json"
+        return _AdaptJob(acfg, student, corpus, self.out / f"adapt-{task}", swept if swept.is_file() else None)
 
     def summary(self, corpus: Path, student: Path, store: Path, sweeps: dict[str, Any],
                 adapts: dict[str, dict[str, Any]], teacher: str) -> QuickstartResult:
@@ -347,7 +395,7 @@ class _Quickstart:
 
         rows = [r.to_json() for res in sweeps.values() for r in res.rows]
         note = teacher_note(teacher)
-        label = "untrained teacher + log-mel head" if note == UNTRAINED_NOTE else teacher
+        label = "untrained teacher" if note == UNTRAINED_NOTE else teacher
         png = plot_tradeoff([r for res in sweeps.values() for r in res.rows], self.out / "tradeoff.png",
                             f"quickstart: tiny OFA student ({label}), synthetic speech")
         paths = {"corpus": str(corpus), "student": str(student), "store": str(store), "tradeoff_plot": str(png)}

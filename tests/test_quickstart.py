@@ -150,18 +150,20 @@ def test_utterance_tasks_average_probe_runs_and_pr_trains_one(tmp_path):
         QuickstartConfig(probe_runs=0).validate()
 
 
-def test_pr_probes_train_one_per_core_on_a_cpu_and_utterance_probes_in_turn(tmp_path, monkeypatch):
+def test_pr_probes_and_adapt_runs_take_one_process_per_core_on_a_cpu(tmp_path, monkeypatch):
     from ofactl.progress import NullProgress
     from ofactl.quickstart import QuickstartConfig, _Quickstart
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     q = _Quickstart(QuickstartConfig(device="cpu"), tmp_path, NullProgress())
     assert {t: q.sweep_config(t).jobs for t in ("ks", "sid", "pr")} == {"ks": 1, "sid": 1, "pr": 2}
+    assert q.small_cpu()  # distill without a loader process there
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
     assert q.sweep_config("pr").jobs == 4  # no more than the rates
-    assert _Quickstart(QuickstartConfig(device="cpu", pr_jobs=1), tmp_path, NullProgress()).sweep_config("pr").jobs == 1
-    with pytest.raises(ValueError, match="pr_jobs must be >= 0"):
-        QuickstartConfig(pr_jobs=-1).validate()
+    assert _Quickstart(QuickstartConfig(device="cpu", jobs=1), tmp_path, NullProgress()).sweep_config("pr").jobs == 1
+    assert q.jobs(3) == 3 and not q.small_cpu()  # the adapt runs: one per core up to the tasks
+    with pytest.raises(ValueError, match="jobs must be >= 0"):
+        QuickstartConfig(jobs=-1).validate()
 
 
 def test_the_note_names_the_teacher_the_student_learnt_from():
