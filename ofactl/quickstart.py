@@ -220,7 +220,7 @@ class _AdaptJob:
     student: Path
     corpus: Path
     out_dir: Path
-    sweep: Path | None  # the quickstart's sweep of the task, to compare the learned rate with
+    sweep: Path  # the quickstart's sweep.json of the task, to compare the learned rate with (if made)
     progress: Progress | None = None  # live progress where it runs here
 
 
@@ -228,7 +228,8 @@ def _run_adapt_job(job: _AdaptJob) -> dict[str, Any]:
     """Run one adapt job; its summary as JSON-safe data."""
     from ofactl.adapt import run_adapt
 
-    return run_adapt(job.cfg, job.student, job.corpus, job.out_dir, job.sweep, progress=job.progress).to_json()
+    swept = job.sweep if job.sweep.is_file() else None
+    return run_adapt(job.cfg, job.student, job.corpus, job.out_dir, swept, progress=job.progress).to_json()
 
 
 class _Quickstart:
@@ -313,27 +314,23 @@ class _Quickstart:
         sw.extract = replace(sw.extract, num_workers=1)
         return sw
 
-    def small_cpu(self) -> bool:
-        """Whether the quickstart runs on a CPU of two cores or fewer."""
+    def cpu_threads(self) -> int:
+        """The torch threads (cores) the quickstart has on a CPU; 0 on a GPU."""
         import torch
 
         from ofactl.runtime import resolve_device
 
-        return resolve_device(self.cfg.device).type == "cpu" and torch.get_num_threads() <= 2
+        return torch.get_num_threads() if resolve_device(self.cfg.device).type == "cpu" else 0
+
+    def small_cpu(self) -> bool:
+        """Whether the quickstart runs on a CPU of two cores or fewer."""
+        return 0 < self.cpu_threads() <= 2
 
     def jobs(self, work: int) -> int:
         """How many processes share ``work`` independent pieces (the CTC probes of a sweep, the adapt
-        runs): ``jobs``, or on a CPU one per core up to the work. Utterance probes stay in turn: they
-        take a second or two, less than starting a process."""
-        import torch
-
-        from ofactl.runtime import resolve_device
-
-        if self.cfg.jobs:
-            return self.cfg.jobs
-        if resolve_device(self.cfg.device).type != "cpu":
-            return 1
-        return max(1, min(work, torch.get_num_threads()))
+        runs), never more than the pieces: ``jobs``, or on a CPU one per core, or 1 on a GPU.
+        Utterance probes stay in turn: they take a second or two, less than starting a process."""
+        return max(1, min(work, self.cfg.jobs or self.cpu_threads() or 1))
 
     def sweep(self, corpus: Path, student: Path, store: Path) -> dict[str, Any]:
         from ofactl.sweep import run_sweep
@@ -354,11 +351,11 @@ class _Quickstart:
         from ofactl.workers import run_in_processes
 
         out: dict[str, dict[str, Any]] = {}
-        todo: list[_AdaptJob] = []
+        pending: list[_AdaptJob] = []
         for task in self.cfg.adapt_tasks:
             job = self.adapt_job(task, corpus, student)
             summary = job.out_dir / "summary.json"
-            sha = adapt_sha(job.cfg, file_sha256(student), sweep_rows_sha(job.sweep or Path("-")))
+            sha = adapt_sha(job.cfg, file_sha256(student), sweep_rows_sha(job.sweep))
             if self.stamps.matches(f"adapt-{task}", sha) and summary.is_file():
                 out[task] = json.loads(summary.read_text())
                 self.progress.log(f"reusing {summary} (made with the same adapt settings, student and sweep)")
@@ -368,14 +365,14 @@ class _Quickstart:
                 self.progress.log(f"{job.out_dir}: made with other adapt settings, another student or another "
                                   "sweep to compare with; adapting again")
             self.stamps.set(f"adapt-{task}", sha)
-            todo.append(job)
-        workers = self.jobs(len(todo))
+            pending.append(job)
+        workers = self.jobs(len(pending))
         if workers > 1:
-            self.progress.log(f"adapting {', '.join(j.cfg.task for j in todo)} at once, in {workers} processes")
+            self.progress.log(f"adapting {', '.join(j.cfg.task for j in pending)} at once, in {workers} processes")
         else:
-            todo = [replace(j, progress=self.progress) for j in todo]  # in turn, here: live progress
-        for i, res in run_in_processes(_run_adapt_job, todo, workers):
-            out[todo[i].cfg.task] = res
+            pending = [replace(j, progress=self.progress) for j in pending]  # in turn, here: live progress
+        for i, res in run_in_processes(_run_adapt_job, pending, workers):
+            out[pending[i].cfg.task] = res
         return {t: out[t] for t in self.cfg.adapt_tasks}
 
     def adapt_job(self, task: Task, corpus: Path, student: Path) -> _AdaptJob:
@@ -386,8 +383,7 @@ class _Quickstart:
         # reads the quickstart's own sweep at the learned rate instead (compare_sweep)
         acfg = AdaptConfig(task=task, epochs=self.cfg.adapt_epochs, device=self.cfg.device, final_probe="joint")
         acfg.probe = self.pr_probe(acfg.probe)
-        swept = self.out / f"sweep-{task}" / "sweep.json"
-        return _AdaptJob(acfg, student, corpus, self.out / f"adapt-{task}", swept if swept.is_file() else None)
+        return _AdaptJob(acfg, student, corpus, self.out / f"adapt-{task}", self.out / f"sweep-{task}" / "sweep.json")
 
     def summary(self, corpus: Path, student: Path, store: Path, sweeps: dict[str, Any],
                 adapts: dict[str, dict[str, Any]], teacher: str) -> QuickstartResult:
