@@ -551,7 +551,7 @@ def sweep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: sweep.csv, sweep.json, tradeoff.png, rows/.")] = Path("sweep"),
     label_column: Annotated[str | None, typer.Option("--label-column", help="Label column for --task cls.")] = None,
     probe_runs: Annotated[int | None, typer.Option("--probe-runs", help="Probes per rate with successive seeds; the row reports their mean and standard deviation.")] = None,
-    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Probes trained at once, each rate's in its own CPU process with the cores shared out (1: in turn). The rows match --jobs 1, up to the last digits a thread count can move.")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Probes trained at once in CPU processes, every checkpoint's rates in one pool, the slowest first, with the cores shared out (1: in turn). The rows match --jobs 1, up to the last digits a thread count can move.")] = None,
     level_db: Annotated[str | None, typer.Option("--level-db", help="Scale each recording to this RMS level in dBFS (e.g. -25), or auto (the level each student was distilled at), as extract does.")] = None,
     frame_ms: Annotated[list[str] | None, typer.Option("--frame-ms", help="Average frame periods in ms (>= 20), instead of or beside --rates; a comma list (40,60,80) or repeated.")] = None,
     adaptive_length: Annotated[bool, typer.Option("--adaptive-length", help="Content-dependent lengths instead of round(rate*T), as extract's.")] = False,

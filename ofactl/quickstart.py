@@ -59,8 +59,9 @@ class QuickstartConfig:
     pr_conv_hidden: int = 128  # channels of the conv pr head: half the probe default, a third less probe time
     pr_max_frames: int = 1_000_000  # the pr head's training budget in frames: half the probe default, which
     # trims the rate-1 row on synth-tiny (13 epochs instead of 26) and keeps the quickstart within its time
-    jobs: int = 0  # CPU processes for the pr probes (sweep.jobs, one rate each) and for the adapt runs
-    # (one task each): 0, one per core up to the work (small models use a second thread poorly), 1 on a GPU
+    jobs: int = 0  # CPU processes for the sweep's probes (one pool for every task's rates: sweep.jobs) and for
+    # the adapt runs (one task each): 0, one per core up to the work (small models use a second thread
+    # poorly), 1 on a GPU
     probe_runs: int = 3  # probes per rate for utterance tasks (ks, sid), their mean the row (seeds probe.seed,
     # +1, ...): one sid probe's accuracy moves by points with its seed on 120 test utterances; CTC tasks
     # (pr, asr) keep one (slow heads)
@@ -303,16 +304,21 @@ class _Quickstart:
     def sweep_config(self, task: Task) -> SweepConfig:
         """The sweep of one task: the quickstart's rates, probe epochs and heads; utterance tasks
         average ``probe_runs`` probes per rate, CTC tasks train one (their heads take most of the
-        sweep's time)."""
+        sweep's time). Every task's probes share one pool of ``sweep_jobs`` processes."""
         from ofactl.probe.tasks import task_kind
         from ofactl.sweep import SweepConfig
 
         ctc = task_kind(task) == "ctc"
         sw = SweepConfig(task=task, rates=tuple(self.cfg.rates), device=self.cfg.device,
-                         probe_runs=1 if ctc else self.cfg.probe_runs, jobs=self.jobs(len(self.cfg.rates)) if ctc else 1)
+                         probe_runs=1 if ctc else self.cfg.probe_runs, jobs=self.sweep_jobs())
         sw.probe = replace(self.pr_probe(sw.probe), cls_epochs=self.cfg.probe_epochs)
         sw.extract = replace(sw.extract, num_workers=1)
         return sw
+
+    def sweep_jobs(self) -> int:
+        """Processes for the sweep stage's probes, every task's rates in one pool: the slow CTC
+        probes start first and the utterance probes (seconds each) fill the gaps beside them."""
+        return self.jobs(len(self.cfg.rates) * len(self.cfg.tasks))
 
     def cpu_threads(self) -> int:
         """The torch threads (cores) the quickstart has on a CPU; 0 on a GPU."""
@@ -327,22 +333,20 @@ class _Quickstart:
         return 0 < self.cpu_threads() <= 2
 
     def jobs(self, work: int) -> int:
-        """How many processes share ``work`` independent pieces (the CTC probes of a sweep, the adapt
-        runs), never more than the pieces: ``jobs``, or on a CPU one per core, or 1 on a GPU.
-        Utterance probes stay in turn: they take a second or two, less than starting a process."""
+        """How many processes share ``work`` independent pieces (the sweep's probes, the adapt runs),
+        never more than the pieces: ``jobs``, or on a CPU one per core, or 1 on a GPU."""
         return max(1, min(work, self.cfg.jobs or self.cpu_threads() or 1))
 
     def sweep(self, corpus: Path, student: Path, store: Path) -> dict[str, Any]:
-        from ofactl.sweep import run_sweep
+        from ofactl.sweep import SweepSpec, run_sweeps
 
-        sweeps: dict[str, Any] = {}
-        for task in self.cfg.tasks:
-            res = run_sweep(self.sweep_config(task), [("ofa-tiny", student)], corpus, self.out / f"sweep-{task}", store,
-                            progress=self.progress)
-            sweeps[task] = res
+        specs = [SweepSpec(self.sweep_config(task), [("ofa-tiny", student)], corpus, self.out / f"sweep-{task}", store)
+                 for task in self.cfg.tasks]
+        results = run_sweeps(specs, self.sweep_jobs(), self.progress)
+        for task, res in zip(self.cfg.tasks, results):
             if res.rows and res.reused == len(res.rows):
                 self.reused.append(f"sweep-{task}")
-        return sweeps
+        return dict(zip(self.cfg.tasks, results))
 
     def adapt(self, corpus: Path, student: Path) -> dict[str, dict[str, Any]]:
         """Each adapt task's summary: reused when its settings, student and sweep match, otherwise

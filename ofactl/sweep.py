@@ -13,6 +13,7 @@ import io
 import json
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from ofactl.extract import (
     settings_differ,
     skip_hint,
 )
+from ofactl.pidlock import run_folder_lock
 from ofactl.probe import ProbeConfig, ProbeResult, build_task, train_probes
 from ofactl.progress import NullProgress, Progress
 from ofactl.runtime import (
@@ -67,8 +69,8 @@ class SweepConfig:
     probe_runs: int = 1  # probes trained per rate, seeded probe.seed, probe.seed + 1, ...: a row's test and dev
     # are their mean, test_runs and test_sd each one's and their spread (the first is the one-probe row)
     timing_utts: int = 16  # utterances timed per rate (student forward seconds per audio second)
-    jobs: int = 1  # probes trained at once, each rate's in its own CPU process with the cores shared out
-    # (threads = cores / jobs): small heads use many threads poorly. 1: in turn, in this process
+    jobs: int = 1  # probes trained at once in CPU processes, every checkpoint's rates in one pool with the cores
+    # shared out (threads = cores / jobs): small heads use many threads poorly. 1: in turn, in this process
     device: str = "auto"  # extraction, timing and probes (unless probe.device / extract.device say otherwise)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     extract: ExtractConfig = field(default_factory=lambda: ExtractConfig(dtype="float16"))
@@ -152,48 +154,72 @@ class SweepResult:
                 "png": None if self.png is None else str(self.png), "wall_seconds": round(self.wall_seconds, 3)}
 
 
+@dataclass
+class SweepSpec:
+    """One sweep of :func:`run_sweeps`: a task's settings, its (label, checkpoint) pairs, the corpus,
+    the output folder and ``store`` (the feature store of a single checkpoint)."""
+
+    cfg: SweepConfig
+    ckpts: list[tuple[str, Path]]
+    corpus: str | Path | Corpus
+    out_dir: Path
+    store: Path | None = None
+    overwrite: bool = False
+
+
 def run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Path | Corpus, out_dir: Path,
               store: Path | None = None, *, overwrite: bool = False,
               progress: Progress | None = None) -> SweepResult:
     """Probe ``cfg.task`` at every rate for each (label, checkpoint) pair: extract what is not
     cached (one store per checkpoint, ``store`` for a single one), train the probe, time the
     student, and write sweep.csv, sweep.json and tradeoff.png. Finished rows are reused."""
-    from ofactl.pidlock import run_folder_lock
-
-    with run_folder_lock(out_dir, "sweep", progress or NullProgress()):
-        return _run_sweep(cfg, ckpts, corpus, out_dir, store, overwrite, progress)
+    spec = SweepSpec(cfg, ckpts, corpus, Path(out_dir), store, overwrite)
+    return run_sweeps([spec], cfg.jobs, progress)[0]
 
 
-def _run_sweep(cfg: SweepConfig, ckpts: list[tuple[str, Path]], corpus: str | Path | Corpus, out_dir: Path,
-               store: Path | None, overwrite: bool, progress: Progress | None) -> SweepResult:
-    """:func:`run_sweep` under its run folder's lock."""
+def run_sweeps(specs: Sequence[SweepSpec], jobs: int = 1, progress: Progress | None = None) -> list[SweepResult]:
+    """Several sweeps (tasks, checkpoints) whose probes share one pool of ``jobs`` CPU processes
+    (1: in turn, here): every group of every sweep is extracted and timed first, while the cores
+    are free, then the probes train, the slowest first (CTC heads, higher rates), and each sweep's
+    files are written as its last row comes in. Each result's ``wall_seconds`` counts from the start."""
+    progress = progress or NullProgress()
+    with ExitStack() as locks:
+        for spec in specs:
+            locks.enter_context(run_folder_lock(Path(spec.out_dir), "sweep", progress))
+        return _run_sweeps(specs, jobs, progress)
+
+
+def _run_sweeps(specs: Sequence[SweepSpec], jobs: int, progress: Progress) -> list[SweepResult]:
+    """:func:`run_sweeps` under the run folders' locks."""
     t0 = time.perf_counter()
-    labels = [lab for lab, _ in ckpts]
+    checked = [_check_spec(spec, jobs) for spec in specs]  # every refusal before any work
+    sweeps = [_setup_sweep(cfg, spec, progress, plans) for spec, (cfg, plans) in zip(specs, checked)]
+    for sw in sweeps:
+        sw.prepare()
+    work = sorted(((k, i) for k, sw in enumerate(sweeps) for i in range(len(sw.jobs))),
+                  key=lambda ki: sweeps[ki[0]].jobs[ki[1]].weight(), reverse=True)
+    results = {k: sw.write(time.perf_counter() - t0) for k, sw in enumerate(sweeps) if not sw.jobs}
+    left = [len(sw.jobs) for sw in sweeps]
+    for n, res in run_in_processes(_train_rate, [sweeps[k].jobs[i] for k, i in work], jobs):
+        k, i = work[n]
+        sweeps[k].finish_job(i, res)  # saved as each finishes
+        left[k] -= 1
+        if left[k] == 0:
+            results[k] = sweeps[k].write(time.perf_counter() - t0)
+    return [results[k] for k in range(len(sweeps))]
+
+
+def _check_spec(spec: SweepSpec, jobs: int) -> tuple[SweepConfig, list[RatePlan]]:
+    """The sweep's settings on their devices and each checkpoint's rate plan, or one clear error."""
+    labels = [lab for lab, _ in spec.ckpts]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"checkpoint labels must differ, got {labels}")
-    cfg = cfg.on_device()
-    device = resolve_device(cfg.extract.device)  # a bad --device is refused first
-    if cfg.jobs > 1 and resolve_device(cfg.probe.device).type != "cpu":
-        raise ConfigError(f"sweep.jobs={cfg.jobs} trains probes in CPU processes, but the probes run on "
+    cfg = spec.cfg.on_device()
+    resolve_device(cfg.extract.device)  # a bad --device is refused first
+    if jobs > 1 and resolve_device(cfg.probe.device).type != "cpu":
+        raise ConfigError(f"sweep.jobs={jobs} trains probes in CPU processes, but the probes run on "
                           f"{cfg.probe.device}: use jobs 1 there (a GPU trains one probe at a time quickly)")
-    plans = [rate_plan(label, Path(ckpt), cfg.rates) for label, ckpt in ckpts]  # refusals before any work
-    sw = _setup_sweep(cfg, corpus, Path(out_dir), overwrite, progress or NullProgress(), device)
-    rows: list[SweepRow] = []
-    users_store = Path(store) if store is not None and len(ckpts) == 1 else None  # --store, used for one checkpoint
-    if users_store is not None:
-        sw.flags = replace(SWEEP_FLAGS, out="--store")
-    for (label, ckpt), plan in zip(ckpts, plans):
-        st_path = users_store if users_store is not None else sw.out_dir / f"feats-{label}.zarr"
-        if plan.not_scored:
-            sw.progress.log(f"{label}: {plan.trained_text}; rates {', '.join(f'{r:g}' for r in plan.not_scored)} "
-                            "are not scored for it")
-        if plan.outside:
-            sw.progress.log(f"{label}: {plan.trained_text}; {rates_phrase(plan.outside)} outside that range "
-                            "(scored, and marked as such)")
-        rows += sw.checkpoint_rows(label, Path(ckpt), st_path, plan)
-    rows.sort(key=lambda x: (labels.index(x.label), -x.requested_rate))
-    not_scored = [{"label": p.label, "rate": r, "reason": p.trained_text} for p in plans for r in p.not_scored]
-    return _write_sweep(sw, rows, time.perf_counter() - t0, not_scored)
+    return cfg, [rate_plan(label, Path(ckpt), cfg.rates) for label, ckpt in spec.ckpts]
 
 
 @dataclass
@@ -202,6 +228,7 @@ class RatePlan:
     (those outside its training range flagged), only its own for a fixed-rate one."""
 
     label: str
+    ckpt: Path
     scored: list[float]
     not_scored: list[float]
     outside: list[float]
@@ -224,15 +251,16 @@ def rate_plan(label: str, ckpt: Path, rates: Sequence[float]) -> RatePlan:
             own = ", ".join(f"{r:g}" for r in trained["rates"])
             raise ConfigError(f"--ckpt {label}: a fixed-rate student {text}; --rates asks for "
                               f"{', '.join(f'{r:g}' for r in rates)}: add {own} to score it")
-        return RatePlan(label, scored, [r for r in rates if r not in scored], [], text, True, payload)
-    return RatePlan(label, list(rates), [], [r for r in rates if not covers(trained, r)], text, False, payload)
+        return RatePlan(label, ckpt, scored, [r for r in rates if r not in scored], [], text, True, payload)
+    return RatePlan(label, ckpt, list(rates), [], [r for r in rates if not covers(trained, r)], text, False, payload)
 
 
-def _setup_sweep(cfg: SweepConfig, corpus: str | Path | Corpus, out_dir: Path, overwrite: bool,
-                 progress: Progress, device: torch.device) -> _Sweep:
+def _setup_sweep(cfg: SweepConfig, spec: SweepSpec, progress: Progress, plans: list[RatePlan]) -> _Sweep:
     """Read the corpus and build the task's splits, then write config.yaml: a refused corpus or
     task leaves no record of a sweep that never ran (a bad --out still fails first)."""
+    out_dir = Path(spec.out_dir)
     make_dir(out_dir)
+    corpus = spec.corpus
     cps = corpus if isinstance(corpus, Corpus) else read_corpus(corpus, on_error=cfg.extract.on_error,
                                                                 skip_hint=skip_hint(SWEEP_FLAGS.skip))
     task = build_task(cfg.task, cps, cfg.label_column or None, cfg.seed)
@@ -240,12 +268,18 @@ def _setup_sweep(cfg: SweepConfig, corpus: str | Path | Corpus, out_dir: Path, o
         progress.log(str(task.note()))
     make_dir(out_dir / "rows")
     save_resolved(cfg, "sweep", out_dir / "config.yaml")
-    return _Sweep(cfg, cps, task, out_dir, overwrite, progress, device)
+    device = resolve_device(cfg.extract.device)
+    users_store = Path(spec.store) if spec.store is not None and len(spec.ckpts) == 1 else None  # --store, one checkpoint
+    sw = _Sweep(cfg, cps, task, out_dir, spec.overwrite, progress, device, plans, users_store)
+    if users_store is not None:
+        sw.flags = replace(SWEEP_FLAGS, out="--store")
+    return sw
 
 
 @dataclass
 class _Sweep:
-    """One sweep's settings and inputs; makes the rows of each checkpoint."""
+    """One sweep's settings and inputs: extracts and times its checkpoints' rates (``prepare``),
+    holds the probe jobs they leave (``jobs``), and makes the rows as the jobs finish."""
 
     cfg: SweepConfig
     corpus: Corpus
@@ -254,9 +288,14 @@ class _Sweep:
     overwrite: bool
     progress: Progress
     device: torch.device
+    plans: list[RatePlan]
+    users_store: Path | None = None  # --store: the store of the sweep's one checkpoint
     reused: int = 0
     warned: set[str] = field(default_factory=set)  # labels whose quiet recordings were reported
     flags: CallerFlags = SWEEP_FLAGS  # --store, not --out, names the store the user gave
+    jobs: list[_ProbeJob] = field(default_factory=list)  # probes still to train, one per prepared rate
+    preps: list[_RatePrep] = field(default_factory=list)  # the rate of each job
+    done: dict[tuple[str, float], SweepRow] = field(default_factory=dict)  # (label, rate) -> finished row
 
     def __post_init__(self) -> None:
         self.task_ids = set(self.task.ids)
@@ -264,31 +303,59 @@ class _Sweep:
         self.probe_sha = _probe_sha(self.cfg, self.task.kind)
         self.task_sha = _task_sha(self.task)
 
-    def checkpoint_rows(self, label: str, ckpt: Path, st_path: Path, plan: RatePlan) -> list[SweepRow]:
-        """The rows of one checkpoint at the rates its plan scores."""
+    def prepare(self) -> None:
+        """Every checkpoint's rates: finished rows reused, the others extracted (if the store lacks
+        them) and timed, their probes left in ``jobs``."""
+        for plan in self.plans:
+            if plan.not_scored:
+                self.progress.log(f"{plan.label}: {plan.trained_text}; rates "
+                                  f"{', '.join(f'{r:g}' for r in plan.not_scored)} are not scored for it")
+            if plan.outside:
+                self.progress.log(f"{plan.label}: {plan.trained_text}; {rates_phrase(plan.outside)} outside that "
+                                  "range (scored, and marked as such)")
+            st_path = self.users_store or self.out_dir / f"feats-{plan.label}.zarr"
+            self.prepare_checkpoint(plan, st_path)
+
+    def prepare_checkpoint(self, plan: RatePlan, st_path: Path) -> None:
+        """One checkpoint's rates: reused rows into ``done``, the rest prepared into ``jobs``."""
         from ofactl.checkpoint import file_sha256, load_student
         from ofactl.model.blocks import cnn_lengths
 
+        label, ckpt = plan.label, plan.ckpt
         sha = file_sha256(ckpt)
         # on the extraction device from the start: timing runs there too, cached group or not
         student, _ = load_student(ckpt, self.device, payload=plan.payload)
         plan.payload = None  # the student holds the weights now
         n16 = torch.tensor([u.n_samples_16k for u in self.sub])
         in_frames = dict(zip([u.id for u in self.sub], cnn_lengths(student.cfg.arch, n16).tolist()))
-        done = {r: row for r in plan.scored if (row := self.cached_row(label, r, sha)) is not None}
-        # every group extracted and timed before any probe trains: probes in other processes
-        # would share the cores with the timing
-        preps = [self.prepare_rate(label, ckpt, student, sha, st_path, r) for r in plan.scored if r not in done]
-        jobs = [_ProbeJob(self.task, str(p.store), p.rate, self.task_ids, self.cfg.probe, self.cfg.probe_runs,
-                          in_frames) for p in preps]
+        for r in plan.scored:
+            if (row := self.cached_row(label, r, sha)) is not None:
+                self.done[label, r] = row
+        preps = [self.prepare_rate(label, ckpt, student, sha, st_path, r) for r in plan.scored
+                 if (label, r) not in self.done]
         probes = "probe" if self.cfg.probe_runs == 1 else f"probe {self.cfg.probe_runs} times"
         for p in preps:
             self.progress.log(f"{label} rate={p.rate:.3f}: training the {self.cfg.task} {probes} on "
                               f"{len(self.task.splits['train'])} utterances")
-        for i, res in run_in_processes(_train_rate, jobs, self.cfg.jobs):
-            done[preps[i].rate] = self.finish_row(preps[i], res)  # saved as each finishes
-        return [replace(done[r], trained_rates=plan.trained_text, fixed_rate=plan.fixed,
-                        outside_training_range=r in plan.outside) for r in plan.scored]
+            self.jobs.append(_ProbeJob(self.task, str(p.store), p.rate, self.task_ids, self.cfg.probe,
+                                       self.cfg.probe_runs, in_frames))
+            self.preps.append(p)
+
+    def finish_job(self, i: int, res: ProbeResult) -> None:
+        """The row of job ``i`` from its probe's result, saved in ``rows/`` and reported."""
+        row = self.finish_row(self.preps[i], res)
+        self.done[row.label, row.requested_rate] = row
+        self.progress.log(f"{row.label} rate={row.requested_rate:.3f}: {row.task} test {row.metric} "
+                          f"{row.test:.4f} (dev {row.dev:.4f})")
+
+    def write(self, seconds: float) -> SweepResult:
+        """sweep.csv, sweep.json and tradeoff.png from every checkpoint's rows."""
+        labels = [p.label for p in self.plans]
+        rows = [replace(self.done[p.label, r], trained_rates=p.trained_text, fixed_rate=p.fixed,
+                        outside_training_range=r in p.outside) for p in self.plans for r in p.scored]
+        rows.sort(key=lambda x: (labels.index(x.label), -x.requested_rate))
+        not_scored = [{"label": p.label, "rate": r, "reason": p.trained_text} for p in self.plans for r in p.not_scored]
+        return _write_sweep(self, rows, seconds, not_scored)
 
     def row_file(self, label: str, r: float) -> Path:
         """Where a finished row is kept (reused by a rerun with the same checkpoint and probe)."""
@@ -391,6 +458,11 @@ class _ProbeJob:
     probe: ProbeConfig
     runs: int
     in_frames: dict[str, int]
+
+    def weight(self) -> tuple[bool, float]:
+        """Orders a pool's jobs, the slowest first: CTC heads (a BiLSTM over every frame) before
+        utterance heads (seconds), higher rates (more frames) first."""
+        return self.task.kind == "ctc", self.rate
 
 
 def _train_rate(job: _ProbeJob) -> ProbeResult:

@@ -150,17 +150,18 @@ def test_utterance_tasks_average_probe_runs_and_pr_trains_one(tmp_path):
         QuickstartConfig(probe_runs=0).validate()
 
 
-def test_pr_probes_and_adapt_runs_take_one_process_per_core_on_a_cpu(tmp_path, monkeypatch):
+def test_sweep_probes_and_adapt_runs_take_one_process_per_core_on_a_cpu(tmp_path, monkeypatch):
     from ofactl.progress import NullProgress
     from ofactl.quickstart import QuickstartConfig, _Quickstart
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     q = _Quickstart(QuickstartConfig(device="cpu"), tmp_path, NullProgress())
-    assert {t: q.sweep_config(t).jobs for t in ("ks", "sid", "pr")} == {"ks": 1, "sid": 1, "pr": 2}
+    assert q.sweep_jobs() == 2  # one pool for every task's probes
+    assert {t: q.sweep_config(t).jobs for t in ("ks", "sid", "pr")} == {"ks": 2, "sid": 2, "pr": 2}
     assert q.small_cpu()  # distill without a loader process there
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
-    assert q.sweep_config("pr").jobs == 4  # no more than the rates
-    assert _Quickstart(QuickstartConfig(device="cpu", jobs=1), tmp_path, NullProgress()).sweep_config("pr").jobs == 1
+    assert q.sweep_jobs() == 12  # no more than the probes (4 rates, 3 tasks)
+    assert _Quickstart(QuickstartConfig(device="cpu", jobs=1), tmp_path, NullProgress()).sweep_jobs() == 1
     assert q.jobs(3) == 3 and not q.small_cpu()  # the adapt runs: one per core up to the tasks
     with pytest.raises(ValueError, match="jobs must be >= 0"):
         QuickstartConfig(jobs=-1).validate()

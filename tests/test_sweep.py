@@ -295,6 +295,36 @@ def test_probes_trained_at_once_give_the_rows_of_probes_in_turn(tmp_path, synth_
     assert len(list((tmp_path / "two" / "rows").glob("*.json"))) == 3  # each row saved
 
 
+@pytest.mark.slow
+def test_sweeps_of_several_tasks_share_one_pool_slowest_probes_first(tmp_path, synth_corpus):
+    from ofactl.probe import ProbeConfig
+    from ofactl.progress import NullProgress
+    from ofactl.sweep import SweepConfig, SweepSpec, run_sweep, run_sweeps
+
+    torch.manual_seed(0)
+    ckpt = save_student(tmp_path / "s.pt", Student(student_config("tiny")))
+    store = tmp_path / "feats.zarr"  # one store for every sweep, as in the quickstart
+    probe = ProbeConfig(epochs=2, min_epochs=1, cls_epochs=3)
+    cfgs = [SweepConfig(task=t, rates=(1.0, 0.5), probe=probe, timing_utts=2) for t in ("ks", "pr")]
+    for c in cfgs:
+        c.extract.num_workers = 0
+    alone = [run_sweep(c, [("s", ckpt)], synth_corpus, tmp_path / f"alone-{c.task}", store) for c in cfgs]
+    for jobs in (1, 2):
+        progress = NullProgress()
+        specs = [SweepSpec(c, [("s", ckpt)], synth_corpus, tmp_path / f"pool{jobs}-{c.task}", store) for c in cfgs]
+        pooled = run_sweeps(specs, jobs, progress)
+        assert [r.rows[0].task for r in pooled] == ["ks", "pr"]  # one result per sweep, in the order given
+        for a, b in zip(alone, pooled):
+            assert [r.requested_rate for r in b.rows] == [1.0, 0.5]
+            assert json.loads((b.out_dir / "sweep.json").read_text())["task"] == b.rows[0].task
+            for x, y in zip(a.rows, b.rows):
+                assert (x.test, x.dev) == pytest.approx((y.test, y.dev), abs=2e-3)
+        finished = [m.split(":")[0] + " " + m.split()[2] for m in progress.messages if " test " in m]
+        assert len(finished) == 4  # a line per finished probe
+        if jobs == 1:  # in turn: the CTC probes first, the higher rate first
+            assert finished == ["s rate=1.000 pr", "s rate=0.500 pr", "s rate=1.000 ks", "s rate=0.500 ks"]
+
+
 def test_sweep_jobs_must_be_positive():
     from ofactl.config import load_config
     from ofactl.errors import ConfigError
