@@ -446,7 +446,8 @@ def _adapt_markdown(adapt: dict[str, Any], variant: str = "ofactl", adapt_set: l
     lines = ["", f"**adapt** on the `{variant}` students ({settings}; per seed: learned "
              "rate, and the sweep's metric there minus its best, interpolated)", "",
              "| task | lambda gradient | learned rate | test metric | sweep at learned - best | in near-flat region "
-             "| objective at learned - lowest (its rate) | adapt s | sweep probe s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| objective at learned - lowest (its rate) | grid search on dev: rate (in region) | adapt s | sweep probe s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for task, by_grad in adapt.items():
         for grad, runs in by_grad.items():
             if not runs:
@@ -457,6 +458,8 @@ def _adapt_markdown(adapt: dict[str, Any], variant: str = "ofactl", adapt_set: l
                     [str(c.get("learned_rate_in_flat_region", "-")).lower() for c in comp],
                     [f"{c['objective_gap']:.3f} ({c['best_objective_rate']:.2f})" if "objective_gap" in c else "-"
                      for c in comp],
+                    [f"{c['dev_choice_rate']:.2f} ({str(c['dev_choice_in_flat_region']).lower()})" if "dev_choice_rate" in c
+                     else "-" for c in comp],
                     [f"{r['wall_seconds']:.0f}" for r in runs], [str(c.get("sweep_probe_seconds", "-")) for c in comp]]
             lines.append(f"| {task} | {grad} | " + " | ".join(" / ".join(c) for c in cols) + " |")
     return lines
@@ -511,8 +514,8 @@ def adapt_results(tasks: list[str], grads: list[str], seeds: list[int], args: ar
                 if doc is None:
                     continue
                 comp = doc.get("comparison")
-                if comp and sweep.is_dir() and ("objective_gap" not in comp or args.probe_runs > 1):
-                    # a run from before the field, or one compared with the one-probe sweep: the learned
+                if comp and sweep.is_dir() and ("dev_choice_rate" not in comp or args.probe_runs > 1):
+                    # a run from before the fields, or one compared with the one-probe sweep: the learned
                     # rate stands, the yardstick is the sweep of this report
                     doc["comparison"] = _compare_again(doc, task, sweep, args, corpus)
                 runs.append({k: doc.get(k) for k in ("learned_rate", "test", "metric", "wall_seconds", "comparison")})

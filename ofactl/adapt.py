@@ -581,6 +581,10 @@ def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, a
     With ``cost``, also what adapt minimises, on the same curve: the error (1 - accuracy) plus
     the rate cost; ``objective_gap`` is its value at the learned rate minus its lowest. With
     ``ckpt_sha``, only that checkpoint's rows form the curve.
+
+    ``dev_choice_*``: the swept rate a grid search picks without seeing the test split (the lowest
+    dev objective, or the best dev metric without a cost), its test metric and whether that lies
+    in the near-flat region: what adapt is up against, since both choose on dev.
     """
     rows = sweep_rows_for(path, ckpt_sha, task=task.task)
     xs = [r.achieved_rate for r in rows]
@@ -599,15 +603,28 @@ def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, a
     at_rate = float(np.interp(rate, xs, ys))
     in_range = xs[0] - 0.01 <= rate <= xs[-1] + 0.01  # the sweep's achieved rates round a little
     objective = {} if cost is None else _objective_on_curve(grid, xs, ys, task.higher_better, rate, cost)
+    pick = _dev_choice(rows, task.higher_better, cost)
     return objective | {
         "sweep_rates": xs, "sweep_metric": ys, "sweep_at_learned_rate": round(at_rate, 5),
         "adapt_metric": metric, "best_sweep_metric": best, "tolerance": round(tol, 4),
         "near_flat_region": [round(min(flat), 4), round(max(flat), 4)] if flat else None,
         "learned_rate_in_flat_region": bool(in_range and near(at_rate)),
+        "sweep_dev_metric": [r.dev for r in rows], "dev_choice_rate": pick.achieved_rate,
+        "dev_choice_test": pick.test, "dev_choice_in_flat_region": near(pick.test),
         "sweep_probe_trainings": len(rows), "adapt_probe_trainings": 1,
         "sweep_probe_seconds": round(sum(r.probe_train_s for r in rows), 2),
         "adapt_seconds": round(adapt_s, 2),
     }
+
+
+def _dev_choice(rows: list[SweepRow], higher_better: bool, cost: RateCost | None) -> SweepRow:
+    """The row of ``rows`` (by rate, ascending) a grid search on the dev split picks: the lowest
+    dev error plus ``cost`` at its rate (the best dev metric without a cost); a tie goes to the
+    higher rate."""
+    dev = np.array([r.dev for r in rows])
+    rates = np.array([r.achieved_rate for r in rows])
+    score = _objective(dev, higher_better, rates, cost) if cost is not None else (1.0 - dev if higher_better else dev)
+    return rows[len(rows) - 1 - int(np.argmin(score[::-1]))]
 
 
 def _plot(traj: list[dict[str, Any]], path: Path, task: str) -> None:

@@ -658,6 +658,8 @@ def adapt(
             err_console.print(f"sweep at that rate: {c['sweep_at_learned_rate']:.4f}; near-flat region "
                               f"{c['near_flat_region']}; adapt {c['adapt_seconds']:.0f} s vs "
                               f"{c['sweep_probe_trainings']} sweep probe trainings", markup=False, highlight=False)
+            err_console.print(f"a grid search on the sweep's dev split picks rate {c['dev_choice_rate']:.3f} "
+                              f"(test {c['dev_choice_test']:.4f})", markup=False, highlight=False)
         err_console.print(f"extract at this rate: ofactl extract -c {res.out_dir / 'rate.yaml'} ...", markup=False, highlight=False)
 
 

@@ -382,6 +382,10 @@ def test_compare_with_sweep_uses_the_interpolated_curve_and_test_set_noise(tmp_p
     assert o["best_objective_rate"] == pytest.approx(0.5, abs=2e-3) and o["best_objective"] == pytest.approx(0.59, abs=1e-3)
     assert o["objective_gap"] == pytest.approx(0.672 + 0.05 * math.log2(0.45) - 0.59, abs=1e-3)
     assert "objective_gap" not in c  # only with a cost
+    # a grid search on dev (here dev = test): the best dev metric without a cost, rate 1 ...
+    assert (c["dev_choice_rate"], c["dev_choice_test"], c["dev_choice_in_flat_region"]) == (1.0, 0.40, True)
+    # ... and with log2's cost 0.64 - 0.05 at 0.5 beats 0.60 at 1; the test there is what counts
+    assert (o["dev_choice_rate"], o["dev_choice_test"]) == (0.5, 0.36)
     near_one = compare_with_sweep(tmp_path, task, 1.0, 0.4, 5.0, cost=RateCost(0.05, "linear", target_rate=1.0))
     assert near_one["best_objective_rate"] == 1.0 and near_one["objective_gap"] == pytest.approx(0.0, abs=1e-9)
     # linear: error + 0.05 * (rate - 1) is 0.60 at 1, 0.615 at 0.5: the lowest is at rate 1, where
@@ -389,6 +393,26 @@ def test_compare_with_sweep_uses_the_interpolated_curve_and_test_set_noise(tmp_p
     lin = compare_with_sweep(tmp_path, task, 0.45, 0.3, 5.0, cost=RateCost(0.05, "linear"))
     assert lin["best_objective_rate"] == 1.0 and lin["best_objective"] == pytest.approx(0.60, abs=1e-9)
     assert lin["objective_gap"] == pytest.approx(0.672 + 0.05 * (0.45 - 1) - 0.60, abs=1e-3)
+
+
+def test_a_grid_search_on_dev_can_pick_a_rate_the_test_curve_rules_out(tmp_path):
+    from dataclasses import replace
+
+    from ofactl.adapt import compare_with_sweep
+    from ofactl.probe.tasks import TaskData
+
+    # speaker ID as one ablation student measured it: level on dev, best at 0.25 there; a test
+    # peak at 0.5 that dev does not show
+    test = {1.0: 0.692, 0.5: 0.792, 0.33: 0.708, 0.25: 0.658}
+    dev = {1.0: 0.650, 0.5: 0.658, 0.33: 0.650, 0.25: 0.700}
+    rows = [replace(sweep_row(r, test[r]), dev=dev[r]) for r in test]
+    (tmp_path / "sweep.json").write_text(json.dumps({"rows": [r.to_json() for r in rows]}))
+    ids = [f"u{i}" for i in range(120)]
+    task = TaskData("sid", "cls", "accuracy", True, {"train": [], "dev": [], "test": ids}, {u: [0] for u in ids}, ["a"])
+    c = compare_with_sweep(tmp_path, task, 0.253, 0.65, 5.0, cost=RateCost(0.05, "linear"))
+    assert c["sweep_dev_metric"] == [0.700, 0.650, 0.658, 0.650]  # by rate, ascending
+    assert (c["dev_choice_rate"], c["dev_choice_test"]) == (0.25, 0.658)
+    assert not c["dev_choice_in_flat_region"] and not c["learned_rate_in_flat_region"]
 
 
 @pytest.mark.parametrize("key, value, message", [
