@@ -183,6 +183,10 @@ def run_sweeps(specs: Sequence[SweepSpec], jobs: int = 1, progress: Progress | N
     are free, then the probes train, the slowest first (CTC heads, higher rates), and each sweep's
     files are written as its last row comes in. Each result's ``wall_seconds`` counts from the start."""
     progress = progress or NullProgress()
+    dirs = [Path(spec.out_dir).resolve() for spec in specs]
+    if len(set(dirs)) != len(dirs):
+        twice = sorted({str(d) for d in dirs if dirs.count(d) > 1})
+        raise ConfigError(f"sweeps run together need a folder each; {', '.join(twice)} is given to more than one")
     with ExitStack() as locks:
         for spec in specs:
             locks.enter_context(run_folder_lock(Path(spec.out_dir), "sweep", progress))

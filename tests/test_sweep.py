@@ -325,6 +325,17 @@ def test_sweeps_of_several_tasks_share_one_pool_slowest_probes_first(tmp_path, s
             assert finished == ["s rate=1.000 pr", "s rate=0.500 pr", "s rate=1.000 ks", "s rate=0.500 ks"]
 
 
+def test_sweeps_run_together_need_a_folder_each(tmp_path):
+    from ofactl.errors import ConfigError
+    from ofactl.sweep import SweepConfig, SweepSpec, run_sweeps
+
+    specs = [SweepSpec(SweepConfig(task=t), [("s", tmp_path / "s.pt")], tmp_path / "m.tsv", tmp_path / "sw")
+             for t in ("ks", "sid")]
+    with pytest.raises(ConfigError, match=r"need a folder each; .*sw is given to more than one"):
+        run_sweeps(specs)
+    assert not (tmp_path / "sw").exists()  # refused before any folder or lock
+
+
 def test_sweep_jobs_must_be_positive():
     from ofactl.config import load_config
     from ofactl.errors import ConfigError
