@@ -377,11 +377,16 @@ def figures(curves: Curves, tasks: list[str], seeds: list[int], args: argparse.N
     for fig, names in FIGURES.items():
         for task in tasks:
             rows = [row for n in names for row in mean_rows(curves, n, task, seeds)]
-            path = plot_tradeoff(rows, Path(args.out) / f"{fig}-{unit(task, args)}.png",
-                                 f"{unit(task, args)}: {fig} (mean of seeds {seeds})")
+            path = plot_tradeoff(rows, figure_path(args, fig, task), f"{unit(task, args)}: {fig} (mean of seeds {seeds})")
             if path is not None and len({r.label for r in rows}) > 1:
                 written.append(str(path))
     return written
+
+
+def figure_path(args: argparse.Namespace, fig: str, task: str) -> Path:
+    """Where one figure goes; those of several probes per rate are kept beside the one-probe ones."""
+    more = f"-probes{args.probe_runs}" if args.probe_runs > 1 else ""
+    return Path(args.out) / f"{fig}-{unit(task, args)}{more}.png"
 
 
 def markdown(doc: dict[str, Any]) -> str:

@@ -48,7 +48,7 @@ def test_a_damaged_record_is_one_clear_exit(ablation, tmp_path):
         ablation.same_recipe(tmp_path, cfg)
 
 
-def test_sweeps_with_several_probes_are_kept_beside_the_one_probe_sweeps(ablation, tmp_path):
+def test_sweeps_and_figures_with_several_probes_are_kept_beside_the_one_probe_ones(ablation, tmp_path):
     import argparse
 
     args = argparse.Namespace(out=str(tmp_path), pr_head="conv", probe_runs=5, adapt_set=[])
@@ -56,6 +56,9 @@ def test_sweeps_with_several_probes_are_kept_beside_the_one_probe_sweeps(ablatio
     assert ablation.sweep_dir(args, "ofactl", 3, "sid", probe_runs=1).name == "ofactl-s3-sid"
     assert ablation.report_stem(args) == "ablation-probes5"
     assert ablation.report_stem(argparse.Namespace(pr_head="conv", probe_runs=1, adapt_set=[])) == "ablation"
+    assert ablation.figure_path(args, "ofa-vs-fixed", "sid").name == "ofa-vs-fixed-sid-probes5.png"
+    args.probe_runs = 1
+    assert ablation.figure_path(args, "ofa-vs-fixed", "pr").name == "ofa-vs-fixed-pr-conv.png"
 
 
 def test_a_student_gone_with_its_sweeps_kept_is_read_not_distilled_again(ablation, tmp_path):
