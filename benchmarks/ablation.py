@@ -6,7 +6,9 @@
 Every student is distill-tiny-sized and distilled from ``--teacher`` on synth-tiny (made if
 absent). ``pr``, ``ks`` and ``sid`` run on synth-tiny; ``ks-fsdd`` is keyword spotting on real
 recorded digits (FSDD; one speaker-independent split for every seed, test speaker theo), since
-synth-tiny's keywords are too easy to tell variants apart. Each variant changes one setting of
+synth-tiny's keywords are too easy to tell variants apart; ``sid-large`` (not in the default
+tasks) is speaker ID on synth-tiny's 24 voices reading 200 sentences each, 552 test utterances
+instead of 120 (made under ``--out`` once). Each variant changes one setting of
 the default recipe (see VARIANTS); every variant is distilled once per seed and swept on every
 task at every rate (exact lengths), and the default recipe also with content-adaptive lengths.
 ``adapt`` then learns each task's rate with the pathwise and the finite-difference lambda
@@ -143,12 +145,33 @@ def same_recipe(run: Path, cfg: DistillConfig) -> Path:
     return run
 
 
+# Tasks of the ablation beyond ofactl's own, each an ofactl task on another corpus (task_corpus).
+EXTRA_TASKS = ("ks-fsdd", "sid-large")
+
+# synth-tiny's voices with more to say: speaker ID's test split on synth-tiny has 120 utterances,
+# a binomial standard error of about 4 points (docs/method.md, "Speaker ID on more utterances")
+SID_LARGE = ["sentences_per_speaker=200", "n_sentences=1500"]
+
+
 def task_corpus(task: str, args: argparse.Namespace, corpus: Path) -> tuple[Task, str | Path]:
     """The ofactl task and corpus of an ablation task: ``ks-fsdd`` is keyword spotting on real
-    recorded digits (FSDD, whole speakers held out), the rest run on synth-tiny."""
+    recorded digits (FSDD, whole speakers held out), ``sid-large`` speaker ID on the larger
+    corpus of synth-tiny's voices (``sid_large_manifest``); the rest run on synth-tiny."""
     if task == "ks-fsdd":
         return "ks", fsdd_manifest(args)
+    if task == "sid-large":
+        return "sid", sid_large_manifest(args)
     return cast(Task, task), corpus  # the other ablation tasks are ofactl's own (--tasks is checked)
+
+
+def sid_large_manifest(args: argparse.Namespace) -> Path:
+    """synth-tiny's settings (seed, 24 voices, keywords) with 200 sentences per speaker from a
+    pool of 1,500: 5,520 utterances, so speaker ID's per-speaker 80/10/10 split tests on 552.
+    Made under ``--out`` once; ``run_synth`` reuses it while its settings match."""
+    from ofactl.synth import SynthConfig, run_synth
+
+    cfg = load_config(SynthConfig, "synth", "synth-tiny", SID_LARGE)
+    return run_synth(cfg, Path(args.out) / "synth-sid-large").manifest
 
 
 def fsdd_manifest(args: argparse.Namespace) -> Path:
@@ -537,7 +560,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--variants", default="all")
-    ap.add_argument("--tasks", default="pr,ks,sid,ks-fsdd", help="ks-fsdd: ks on FSDD (skipped without --fsdd)")
+    ap.add_argument("--tasks", default="pr,ks,sid,ks-fsdd", help="ks-fsdd: ks on FSDD (skipped without --fsdd); sid-large: speaker ID on 552 test "
+                         "utterances of synth-tiny's voices")
     ap.add_argument("--fsdd", default=str(FSDD), help="the FSDD recordings folder")
     ap.add_argument("--rates", default="1,0.5,0.33,0.25")
     ap.add_argument("--steps", type=int, default=None, help="distill steps (default: the preset's)")
@@ -563,9 +587,9 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     tasks = args.tasks.split(",")
-    unknown = [t for t in tasks if t != "ks-fsdd" and t not in get_args(Task)]
+    unknown = [t for t in tasks if t not in EXTRA_TASKS and t not in get_args(Task)]
     if unknown:
-        ap.error(f"--tasks: unknown {', '.join(unknown)}; expected ks-fsdd or one of {', '.join(get_args(Task))}")
+        ap.error(f"--tasks: unknown {', '.join(unknown)}; expected one of {', '.join(EXTRA_TASKS + get_args(Task))}")
     skipped = []
     if "ks-fsdd" in tasks and not Path(args.fsdd).is_dir():
         tasks.remove("ks-fsdd")

@@ -79,3 +79,25 @@ def test_a_student_gone_with_its_sweeps_kept_is_read_not_distilled_again(ablatio
     kept.parent.mkdir(parents=True)
     kept.write_bytes(b"")
     assert not ablation.swept_without_student("ofactl", 0, units, args)  # kept: its recipe is checked first
+
+
+def test_sid_large_is_speaker_id_on_synth_tinys_voices_with_more_sentences(ablation, tmp_path, monkeypatch):
+    import argparse
+    from types import SimpleNamespace
+
+    import ofactl.synth
+
+    made = []
+
+    def fake_synth(cfg, out_dir, **_):
+        made.append(cfg)
+        return SimpleNamespace(manifest=out_dir / "manifest.tsv")
+
+    monkeypatch.setattr(ofactl.synth, "run_synth", fake_synth)
+    args = argparse.Namespace(out=str(tmp_path))
+    task, corpus = ablation.task_corpus("sid-large", args, tmp_path / "synth-tiny")
+    assert (task, corpus) == ("sid", tmp_path / "synth-sid-large" / "manifest.tsv")
+    cfg = made[0]
+    # synth-tiny's voices and keywords (the same seed and speakers), 200 sentences each: 24 x 230 utterances
+    assert (cfg.seed, cfg.n_speakers, cfg.keyword_takes, cfg.sentences_per_speaker) == (0, 24, 3, 200)
+    assert ablation.task_corpus("sid", args, tmp_path / "synth-tiny") == ("sid", tmp_path / "synth-tiny")
