@@ -400,8 +400,10 @@ def figures(curves: Curves, tasks: list[str], seeds: list[int], args: argparse.N
     for fig, names in FIGURES.items():
         for task in tasks:
             rows = [row for n in names for row in mean_rows(curves, n, task, seeds)]
+            if len({r.label for r in rows}) < 2:
+                continue  # nothing to compare; a run of one variant leaves the full figure as it is
             path = plot_tradeoff(rows, figure_path(args, fig, task), f"{unit(task, args)}: {fig} (mean of seeds {seeds})")
-            if path is not None and len({r.label for r in rows}) > 1:
+            if path is not None:
                 written.append(str(path))
     return written
 

@@ -101,3 +101,19 @@ def test_sid_large_is_speaker_id_on_synth_tinys_voices_with_more_sentences(ablat
     # synth-tiny's voices and keywords (the same seed and speakers), 200 sentences each: 24 x 230 utterances
     assert (cfg.seed, cfg.n_speakers, cfg.keyword_takes, cfg.sentences_per_speaker) == (0, 24, 3, 200)
     assert ablation.task_corpus("sid", args, tmp_path / "synth-tiny") == ("sid", tmp_path / "synth-tiny")
+
+
+def test_a_figure_needs_two_variants_so_a_run_of_one_leaves_the_full_figure(ablation, tmp_path):
+    import argparse
+
+    from conftest import sweep_row
+
+    args = argparse.Namespace(out=str(tmp_path), pr_head="conv", probe_runs=1)
+    rows = {s: [sweep_row(1.0, 0.8), sweep_row(0.5, 0.7)] for s in (0, 1)}
+    full = tmp_path / "ofa-vs-fixed-sid.png"
+    full.write_bytes(b"the figure of every variant")
+    assert ablation.figures({"ofactl": {"sid": rows}}, ["sid"], [0, 1], args) == []
+    assert full.read_bytes() == b"the figure of every variant"
+    fixed = {s: [sweep_row(0.5, 0.6)] for s in (0, 1)}
+    written = ablation.figures({"ofactl": {"sid": rows}, "avgpool-0.5": {"sid": fixed}}, ["sid"], [0, 1], args)
+    assert written == [str(full)] and full.read_bytes().startswith(b"\x89PNG")
