@@ -30,6 +30,7 @@ runs are reused and compared with those sweeps).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -150,7 +151,7 @@ EXTRA_TASKS = ("ks-fsdd", "sid-large")
 
 # synth-tiny's voices with more to say: speaker ID's test split on synth-tiny has 120 utterances,
 # a binomial standard error of about 4 points (docs/method.md, "Speaker ID on more utterances")
-SID_LARGE = ["sentences_per_speaker=200", "n_sentences=1500"]
+SID_LARGE = ("sentences_per_speaker=200", "n_sentences=1500")
 
 
 def task_corpus(task: str, args: argparse.Namespace, corpus: Path) -> tuple[Task, str | Path]:
@@ -167,11 +168,17 @@ def task_corpus(task: str, args: argparse.Namespace, corpus: Path) -> tuple[Task
 def sid_large_manifest(args: argparse.Namespace) -> Path:
     """synth-tiny's settings (seed, 24 voices, keywords) with 200 sentences per speaker from a
     pool of 1,500: 5,520 utterances, so speaker ID's per-speaker 80/10/10 split tests on 552.
-    Made under ``--out`` once; ``run_synth`` reuses it while its settings match."""
+    Made under ``--out`` once."""
+    return synth_manifest(Path(args.out) / "synth-sid-large", SID_LARGE)
+
+
+@functools.cache
+def synth_manifest(folder: Path, overrides: tuple[str, ...] = ()) -> Path:
+    """The manifest of synth-tiny (with ``overrides``) in ``folder``: made if absent, and checked
+    by ``run_synth`` once per run (its reuse reads every recording's header), not per student."""
     from ofactl.synth import SynthConfig, run_synth
 
-    cfg = load_config(SynthConfig, "synth", "synth-tiny", SID_LARGE)
-    return run_synth(cfg, Path(args.out) / "synth-sid-large").manifest
+    return run_synth(load_config(SynthConfig, "synth", "synth-tiny", list(overrides)), folder).manifest
 
 
 def fsdd_manifest(args: argparse.Namespace) -> Path:
@@ -662,10 +669,7 @@ def _corpus(args: argparse.Namespace) -> Path:
     """The manifest of ``--corpus``, or of a synth-tiny made under ``--out``."""
     if args.corpus:
         return Path(args.corpus) / "manifest.tsv" if Path(args.corpus).is_dir() else Path(args.corpus)
-    from ofactl.synth import SynthConfig, run_synth
-
-    folder = Path(args.out) / "synth-tiny" if args.out else Path(tempfile.mkdtemp()) / "synth-tiny"
-    return run_synth(load_config(SynthConfig, "synth", "synth-tiny"), folder).manifest
+    return synth_manifest(Path(args.out) / "synth-tiny" if args.out else Path(tempfile.mkdtemp()) / "synth-tiny")
 
 
 if __name__ == "__main__":

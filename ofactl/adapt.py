@@ -623,7 +623,7 @@ def _dev_choice(rows: list[SweepRow], higher_better: bool, cost: RateCost | None
     higher rate."""
     dev = np.array([r.dev for r in rows])
     rates = np.array([r.achieved_rate for r in rows])
-    score = _objective(dev, higher_better, rates, cost) if cost is not None else (1.0 - dev if higher_better else dev)
+    score = _objective(dev, higher_better, rates, cost or RateCost(0.0, "linear"))  # no cost: the dev error alone
     return rows[len(rows) - 1 - int(np.argmin(score[::-1]))]
 
 
