@@ -200,13 +200,13 @@ def _run_sweeps(specs: Sequence[SweepSpec], jobs: int, progress: Progress) -> li
     sweeps = [_setup_sweep(cfg, spec, progress, plans) for spec, (cfg, plans) in zip(specs, checked)]
     for sw in sweeps:
         sw.prepare()
-    work = sorted(((k, i) for k, sw in enumerate(sweeps) for i in range(len(sw.jobs))),
-                  key=lambda ki: sweeps[ki[0]].jobs[ki[1]].weight(), reverse=True)
-    results = {k: sw.write(time.perf_counter() - t0) for k, sw in enumerate(sweeps) if not sw.jobs}
-    left = [len(sw.jobs) for sw in sweeps]
-    for n, res in run_in_processes(_train_rate, [sweeps[k].jobs[i] for k, i in work], jobs):
-        k, i = work[n]
-        sweeps[k].finish_job(i, res)  # saved as each finishes
+    work = sorted(((k, prep, job) for k, sw in enumerate(sweeps) for prep, job in sw.pending),
+                  key=lambda w: w[2].weight(), reverse=True)
+    results = {k: sw.write(time.perf_counter() - t0) for k, sw in enumerate(sweeps) if not sw.pending}
+    left = [len(sw.pending) for sw in sweeps]
+    for n, res in run_in_processes(_train_rate, [job for _, _, job in work], jobs):
+        k, prep, _ = work[n]
+        sweeps[k].finish_job(prep, res)  # saved as each finishes
         left[k] -= 1
         if left[k] == 0:
             results[k] = sweeps[k].write(time.perf_counter() - t0)
@@ -283,7 +283,7 @@ def _setup_sweep(cfg: SweepConfig, spec: SweepSpec, progress: Progress, plans: l
 @dataclass
 class _Sweep:
     """One sweep's settings and inputs: extracts and times its checkpoints' rates (``prepare``),
-    holds the probe jobs they leave (``jobs``), and makes the rows as the jobs finish."""
+    holds the probe jobs they leave (``pending``), and makes the rows as the jobs finish."""
 
     cfg: SweepConfig
     corpus: Corpus
@@ -297,8 +297,7 @@ class _Sweep:
     reused: int = 0
     warned: set[str] = field(default_factory=set)  # labels whose quiet recordings were reported
     flags: CallerFlags = SWEEP_FLAGS  # --store, not --out, names the store the user gave
-    jobs: list[_ProbeJob] = field(default_factory=list)  # probes still to train, one per prepared rate
-    preps: list[_RatePrep] = field(default_factory=list)  # the rate of each job
+    pending: list[tuple[_RatePrep, _ProbeJob]] = field(default_factory=list)  # each prepared rate, its probe to train
     done: dict[tuple[str, float], SweepRow] = field(default_factory=dict)  # (label, rate) -> finished row
 
     def __post_init__(self) -> None:
@@ -309,7 +308,7 @@ class _Sweep:
 
     def prepare(self) -> None:
         """Every checkpoint's rates: finished rows reused, the others extracted (if the store lacks
-        them) and timed, their probes left in ``jobs``."""
+        them) and timed, their probes left in ``pending``."""
         for plan in self.plans:
             if plan.not_scored:
                 self.progress.log(f"{plan.label}: {plan.trained_text}; rates "
@@ -321,7 +320,7 @@ class _Sweep:
             self.prepare_checkpoint(plan, st_path)
 
     def prepare_checkpoint(self, plan: RatePlan, st_path: Path) -> None:
-        """One checkpoint's rates: reused rows into ``done``, the rest prepared into ``jobs``."""
+        """One checkpoint's rates: reused rows into ``done``, the rest prepared into ``pending``."""
         from ofactl.checkpoint import file_sha256, load_student
         from ofactl.model.blocks import cnn_lengths
 
@@ -341,13 +340,12 @@ class _Sweep:
         for p in preps:
             self.progress.log(f"{label} rate={p.rate:.3f}: training the {self.cfg.task} {probes} on "
                               f"{len(self.task.splits['train'])} utterances")
-            self.jobs.append(_ProbeJob(self.task, str(p.store), p.rate, self.task_ids, self.cfg.probe,
-                                       self.cfg.probe_runs, in_frames))
-            self.preps.append(p)
+            self.pending.append((p, _ProbeJob(self.task, str(p.store), p.rate, self.task_ids, self.cfg.probe,
+                                              self.cfg.probe_runs, in_frames)))
 
-    def finish_job(self, i: int, res: ProbeResult) -> None:
-        """The row of job ``i`` from its probe's result, saved in ``rows/`` and reported."""
-        row = self.finish_row(self.preps[i], res)
+    def finish_job(self, p: _RatePrep, res: ProbeResult) -> None:
+        """The row of the rate ``p`` from its probe's result, saved in ``rows/`` and reported."""
+        row = self.finish_row(p, res)
         self.done[row.label, row.requested_rate] = row
         self.progress.log(f"{row.label} rate={row.requested_rate:.3f}: {row.task} test {row.metric} "
                           f"{row.test:.4f} (dev {row.dev:.4f})")
