@@ -13,8 +13,9 @@ the default recipe (see VARIANTS); every variant is distilled once per seed and 
 task at every rate (exact lengths), and the default recipe also with content-adaptive lengths.
 ``adapt`` then learns each task's rate with the pathwise and the finite-difference lambda
 gradient. Every unit of work (a student, a sweep, an adapt run) is kept under ``--out`` and
-reused, so a killed run continues where it stopped; ``--report`` trains nothing and writes the
-report from what has finished.
+reused, so a killed run continues where it stopped; a run of some variants, seeds or tasks adds
+them to the report already in ``--out``; ``--report`` trains nothing and writes the report of what
+it names from what has finished.
 
 Prints one JSON document: per variant, task and rate the metric of each seed, their mean and
 spread; OFA against the fixed-rate students at their own rates; the smoothness of each curve;
@@ -560,7 +561,8 @@ def adapt_results(tasks: list[str], grads: list[str], seeds: list[int], args: ar
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line of this script."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default=default_teacher(), help="default: the distill-tiny preset's teacher (%(default)s)")
     ap.add_argument("--preset", default="distill-tiny")
@@ -591,8 +593,33 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--report", action="store_true",
                     help="train nothing: write the report from the finished students, sweeps and adapt runs")
+    return ap
+
+
+def main() -> None:
+    ap = parser()
     args = ap.parse_args()
     args.rates = list(parse_numbers([args.rates], "--rates"))
+    names, seeds, tasks, skipped = asked(ap, args)
+    if fixed_rate(args.adapt_variant) is not None or args.adapt_variant not in VARIANTS:
+        ap.error(f"--adapt-variant: {args.adapt_variant!r} is not a once-for-all variant")
+    grads = [g for g in args.adapt.split(",") if g] if args.adapt_variant in names else []
+    t0 = time.perf_counter()
+    corpus = _corpus(args)
+    if not args.report:  # train what is asked, then report on it and on what the folder's report kept
+        collect(names, seeds, tasks, args, corpus)
+        adapt_results(tasks, grads, seeds, args, corpus)
+        names, seeds, tasks, grads = kept_coverage(args, names, seeds, tasks, grads)
+        args = argparse.Namespace(**{**vars(args), "report": True})
+    out = report(args, names, seeds, tasks, grads, skipped, corpus)
+    out["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    (Path(args.out) / f"{report_stem(args)}.json").write_text(json.dumps(out, indent=2))
+    (Path(args.out) / f"{report_stem(args)}.md").write_text(markdown(out))
+    emit(out)
+
+
+def asked(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], list[int], list[str], list[str]]:
+    """The variants, seeds and tasks a run asks for, and the tasks it cannot run (and why)."""
     seeds = [int(s) for s in args.seeds.split(",")]
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     tasks = args.tasks.split(",")
@@ -604,24 +631,50 @@ def main() -> None:
         tasks.remove("ks-fsdd")
         skipped.append(f"ks-fsdd: no FSDD recordings at {args.fsdd}")
         print(f"ablation: skipping ks-fsdd, no FSDD recordings at {args.fsdd}", file=sys.stderr)
-    t0 = time.perf_counter()
-    corpus = _corpus(args)
+    return names, seeds, tasks, skipped
+
+
+def kept_coverage(args: argparse.Namespace, names: list[str], seeds: list[int], tasks: list[str],
+                  grads: list[str]) -> tuple[list[str], list[int], list[str], list[str]]:
+    """This run's variants, seeds, tasks and adapt gradients with those the report in ``--out``
+    (of the same name) already covers: a run of some of them adds to the folder's report instead
+    of narrowing it. ``--report`` writes exactly what it names."""
+    path = Path(args.out) / f"{report_stem(args)}.json"
+    if not path.is_file():
+        return names, seeds, tasks, grads
+    try:
+        doc = json.loads(path.read_text())
+        old_names = [n for n in doc["variants"] if n in VARIANTS]
+        old_seeds = [int(s) for s in doc["seeds"]]
+        old_tasks = [t for t in doc.get("tasks") or dict.fromkeys(t for by in doc["table"].values() for t in by)
+                     if (t in EXTRA_TASKS or t in get_args(Task)) and (t != "ks-fsdd" or Path(args.fsdd).is_dir())]
+        same_students = doc.get("adapt_variant", "ofactl") == args.adapt_variant
+        old_grads = [g for by in doc.get("adapt", {}).values() for g in by] if same_students else []
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        print(f"ablation: {path} is unreadable ({type(e).__name__}: {e}); the new report covers this run only",
+              file=sys.stderr)
+        return names, seeds, tasks, grads
+    wide = (list(dict.fromkeys([*old_names, *names])), sorted({*old_seeds, *seeds}),
+            list(dict.fromkeys([*old_tasks, *tasks])), list(dict.fromkeys([*old_grads, *grads])))
+    if wide != (names, seeds, tasks, grads):
+        print(f"ablation: {path} also covered variants {','.join(wide[0])}, seeds {','.join(map(str, wide[1]))}, "
+              f"tasks {','.join(wide[2])}: the new report keeps them (--report names a narrower one)", file=sys.stderr)
+    return wide
+
+
+def report(args: argparse.Namespace, names: list[str], seeds: list[int], tasks: list[str], grads: list[str],
+           skipped: list[str], corpus: Path) -> dict[str, Any]:
+    """The report's document from the finished students, sweeps and adapt runs (``args.report``)."""
     curves, missing = collect(names, seeds, tasks, args, corpus)
-    out: dict[str, Any] = {"benchmark": "ablation", "teacher": args.teacher, "preset": args.preset, "set": args.set_, "seeds": seeds,
-                           "rates": args.rates, "pr_head": args.pr_head, "variants": {n: VARIANTS[n][0] for n in names},
-                           "adapt_variant": args.adapt_variant, "adapt_set": args.adapt_set, "skipped": skipped, "missing": missing,
-                           "machine": machine()}
+    out: dict[str, Any] = {"benchmark": "ablation", "teacher": args.teacher, "preset": args.preset, "set": args.set_,
+                           "seeds": seeds, "tasks": tasks, "rates": args.rates, "pr_head": args.pr_head,
+                           "variants": {n: VARIANTS[n][0] for n in names}, "adapt_variant": args.adapt_variant,
+                           "adapt_set": args.adapt_set, "skipped": skipped, "missing": missing, "machine": machine()}
     out.update(summarise(curves, seeds))
-    if fixed_rate(args.adapt_variant) is not None or args.adapt_variant not in VARIANTS:
-        ap.error(f"--adapt-variant: {args.adapt_variant!r} is not a once-for-all variant")
-    grads = [g for g in args.adapt.split(",") if g] if args.adapt_variant in names else []
     out["adapt"] = adapt_results(tasks, grads, seeds, args, corpus)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out["figures"] = figures(curves, tasks, seeds, args)
-    out["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    (Path(args.out) / f"{report_stem(args)}.json").write_text(json.dumps(out, indent=2))
-    (Path(args.out) / f"{report_stem(args)}.md").write_text(markdown(out))
-    emit(out)
+    return out
 
 
 def collect(names: list[str], seeds: list[int], tasks: list[str], args: argparse.Namespace,

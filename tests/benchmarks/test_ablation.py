@@ -117,3 +117,51 @@ def test_a_figure_needs_two_variants_so_a_run_of_one_leaves_the_full_figure(abla
     fixed = {s: [sweep_row(0.5, 0.6)] for s in (0, 1)}
     written = ablation.figures({"ofactl": {"sid": rows}, "avgpool-0.5": {"sid": fixed}}, ["sid"], [0, 1], args)
     assert written == [str(full)] and full.read_bytes().startswith(b"\x89PNG")
+
+
+def _run_main(ablation, monkeypatch, tmp_path, argv):
+    """main() with the work replaced by records: the (report mode, variants, seeds, tasks) of each pass."""
+    import sys
+
+    passes = []
+
+    def fake_collect(names, seeds, tasks, args, corpus):
+        passes.append((args.report, list(names), list(seeds), list(tasks)))
+        return {}, []
+
+    monkeypatch.setattr(ablation, "collect", fake_collect)
+    monkeypatch.setattr(ablation, "adapt_results", lambda *a: {})
+    monkeypatch.setattr(ablation, "_corpus", lambda args: tmp_path / "manifest.tsv")
+    monkeypatch.setattr(ablation, "emit", lambda doc: None)
+    monkeypatch.setattr(sys, "argv", ["ablation.py", "--out", str(tmp_path), "--adapt", "", "--fsdd", str(tmp_path), *argv])
+    ablation.main()
+    return passes
+
+
+def test_a_run_of_some_seeds_adds_to_the_folders_report_and_report_names_a_narrower_one(ablation, tmp_path,
+                                                                                     monkeypatch, capsys):
+    import json
+
+    passes = _run_main(ablation, monkeypatch, tmp_path, ["--seeds", "0,1", "--variants", "ofactl,avgpool-0.5",
+                                                         "--tasks", "pr,sid"])
+    assert passes == [(False, ["ofactl", "avgpool-0.5"], [0, 1], ["pr", "sid"]),
+                      (True, ["ofactl", "avgpool-0.5"], [0, 1], ["pr", "sid"])]
+    doc = json.loads((tmp_path / "ablation.json").read_text())
+    assert (doc["seeds"], list(doc["variants"]), doc["tasks"]) == ([0, 1], ["ofactl", "avgpool-0.5"], ["pr", "sid"])
+    # a later run of one seed, variant and task trains only those and keeps the rest in the report
+    passes = _run_main(ablation, monkeypatch, tmp_path, ["--seeds", "2", "--variants", "ofactl", "--tasks", "ks"])
+    assert passes == [(False, ["ofactl"], [2], ["ks"]), (True, ["ofactl", "avgpool-0.5"], [0, 1, 2], ["pr", "sid", "ks"])]
+    assert "also covered variants ofactl,avgpool-0.5, seeds 0,1,2, tasks pr,sid,ks" in capsys.readouterr().err
+    doc = json.loads((tmp_path / "ablation.json").read_text())
+    assert (doc["seeds"], list(doc["variants"]), doc["tasks"]) == ([0, 1, 2], ["ofactl", "avgpool-0.5"], ["pr", "sid", "ks"])
+    # --report writes what it names
+    assert _run_main(ablation, monkeypatch, tmp_path, ["--seeds", "2", "--variants", "ofactl", "--tasks", "ks",
+                                                       "--report"]) == [(True, ["ofactl"], [2], ["ks"])]
+    # another report name (another adapt setting) is a report of its own
+    assert _run_main(ablation, monkeypatch, tmp_path, ["--seeds", "3", "--variants", "ofactl", "--tasks", "ks",
+                                                       "--adapt-set", "cost=0.1"])[-1] == (True, ["ofactl"], [3], ["ks"])
+    # an unreadable report is replaced by one of this run, saying so
+    (tmp_path / "ablation.json").write_text("{not json")
+    assert _run_main(ablation, monkeypatch, tmp_path, ["--seeds", "4", "--variants", "ofactl", "--tasks", "ks"])[-1] == (
+        True, ["ofactl"], [4], ["ks"])
+    assert "ablation.json is unreadable (JSONDecodeError" in capsys.readouterr().err
