@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import FSDD, default_teacher, emit, machine
 
 from ofactl.adapt import AdaptConfig, RateCost, compare_with_sweep, run_adapt
+from ofactl.atomic import write_text
 from ofactl.choices import CtcHead, Task
 from ofactl.config import Flag, load_config, parse_numbers, to_dict
 from ofactl.distill import DistillConfig, run_distill, teacher_derived, with_fixed_rate
@@ -613,8 +614,9 @@ def main() -> None:
         args = argparse.Namespace(**{**vars(args), "report": True})
     out = report(args, names, seeds, tasks, grads, skipped, corpus)
     out["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    (Path(args.out) / f"{report_stem(args)}.json").write_text(json.dumps(out, indent=2))
-    (Path(args.out) / f"{report_stem(args)}.md").write_text(markdown(out))
+    # atomic: a run beside this one in the same --out reads the report to keep what it covers
+    write_text(Path(args.out) / f"{report_stem(args)}.json", json.dumps(out, indent=2))
+    write_text(Path(args.out) / f"{report_stem(args)}.md", markdown(out))
     emit(out)
 
 
