@@ -64,16 +64,16 @@ VARIANTS: dict[str, tuple[list[str], float | None]] = {
     "upsample-detached": (["alignment=upsample", "upsample_alpha_grad=false"], None),  # the loss reaches alpha only as with compress
     "compress-audio": (["compress_weight=audio"], None),  # compressed targets, every second of audio alike
     "full-0.25": (["rates.full_fraction=0.25"], None),  # a quarter of the utterances at rate 1 (the 20 ms model)
-    # The two recipes that met the fixed-rate target, together (docs/method.md, "Both together")
+    # The two recipes that met the fixed-rate target, together (docs/ablation.md, "Both together")
     "upsample-detached-full": (["alignment=upsample", "upsample_alpha_grad=false", "rates.full_fraction=0.25"], None),
     # Half of each: compress's loss (which keeps real keywords) plus upsample-detached's (which keeps
-    # phonemes at 60-80 ms); docs/method.md, "Half of each"
+    # phonemes at 60-80 ms); docs/ablation.md, "Half of each"
     "both-detached": (["alignment=both", "upsample_alpha_grad=false"], None),
     # Periods up to 120 ms (rates down to 0.167): 80 ms (rate 0.25) inside the drawn range rather than
-    # near its 90 ms edge; docs/method.md, "A wider range"
+    # near its 90 ms edge; docs/ablation.md, "A wider range"
     "period-120": (["rates.max_ms=120"], None),
     # upsample-detached for the teacher heads, compress for the log-mel head: averaged log-mel frames keep
-    # an utterance's spectral statistics; docs/method.md, "Each head its own alignment"
+    # an utterance's spectral statistics; docs/ablation.md, "Each head its own alignment"
     "upsample-detached-mel-compress": (["alignment=upsample", "upsample_alpha_grad=false",
                                         "spectral_alignment=compress"], None),
     # Pseudo-phone length: penalty 1 gives 110 ms segments on synth-tiny against the default's 256 ms
@@ -152,7 +152,7 @@ def same_recipe(run: Path, cfg: DistillConfig) -> Path:
 EXTRA_TASKS = ("ks-fsdd", "sid-large")
 
 # synth-tiny's voices with more to say: speaker ID's test split on synth-tiny has 120 utterances,
-# a binomial standard error of about 4 points (docs/method.md, "Speaker ID on more utterances")
+# a binomial standard error of about 4 points (docs/ablation.md, "Speaker ID on more utterances")
 SID_LARGE = ("sentences_per_speaker=200", "n_sentences=1500")
 
 
@@ -218,7 +218,7 @@ def report_stem(args: argparse.Namespace) -> str:
     return ("ablation" if args.pr_head == PR_HEAD else f"ablation-pr-{args.pr_head}") + adapt_suffix(args) + probes
 
 
-# Every table in docs/method.md was measured with CTC probes on plain random batches, before
+# Every table in docs/ablation.md was measured with CTC probes on plain random batches, before
 # length buckets became the probe default: new seeds and variants stay comparable with them.
 ABLATION_SORT_POOL = 1
 

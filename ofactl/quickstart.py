@@ -48,14 +48,14 @@ class QuickstartConfig:
     """Settings of ``ofactl quickstart``: which presets, rates and tasks, and how long to train probes."""
 
     synth_preset: str = "synth-tiny"  # synth preset of the corpus
-    distill_preset: str = "distill-tiny-fbank"  # distill preset of the student (the light one: best in docs/method.md)
+    distill_preset: str = "distill-tiny-fbank"  # distill preset of the student (the light one: best in docs/ablation.md)
     teacher: str | None = None  # distill from this teacher instead of the preset's (builtin:NAME, a teacher
     # file, an 'ofactl pretrain' run folder): the trade-off of a teacher of one's own
     rates: tuple[float, ...] = (1.0, 0.5, 0.33, 0.25)  # rates extracted and swept
     tasks: tuple[Task, ...] = ("ks", "sid", "pr")  # the tasks swept over the rates
     pr_head: CtcHead = "lstm"  # the CTC head of pr sweeps and adapt: lstm (sees the whole utterance at
     # every rate), conv (five frames: 100 ms at rate 1, 200 ms at 0.5, so it favours 40 ms frames;
-    # docs/method.md), linear (one frame at a time: favours 40 ms frames more, docs/models.md)
+    # docs/ablation.md), linear (one frame at a time: favours 40 ms frames more, docs/models.md)
     pr_conv_hidden: int = 128  # channels of the conv pr head: half the probe default, a third less probe time
     pr_max_frames: int = 1_000_000  # the pr head's training budget in frames: half the probe default, which
     # trims the rate-1 row on synth-tiny (13 epochs instead of 26) and keeps the quickstart within its time
