@@ -352,10 +352,9 @@ class _Sweep:
 
     def write(self, seconds: float) -> SweepResult:
         """sweep.csv, sweep.json and tradeoff.png from every checkpoint's rows."""
-        labels = [p.label for p in self.plans]
         rows = [replace(self.done[p.label, r], trained_rates=p.trained_text, fixed_rate=p.fixed,
-                        outside_training_range=r in p.outside) for p in self.plans for r in p.scored]
-        rows.sort(key=lambda x: (labels.index(x.label), -x.requested_rate))
+                        outside_training_range=r in p.outside)
+                for p in self.plans for r in sorted(p.scored, reverse=True)]  # checkpoints as given, rates falling
         not_scored = [{"label": p.label, "rate": r, "reason": p.trained_text} for p in self.plans for r in p.not_scored]
         return _write_sweep(self, rows, seconds, not_scored)
 
