@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from ofactl.config import load_config, save_resolved
@@ -165,3 +166,35 @@ def test_a_run_of_some_seeds_adds_to_the_folders_report_and_report_names_a_narro
     assert _run_main(ablation, monkeypatch, tmp_path, ["--seeds", "4", "--variants", "ofactl", "--tasks", "ks"])[-1] == (
         True, ["ofactl"], [4], ["ks"])
     assert "ablation.json is unreadable (JSONDecodeError" in capsys.readouterr().err
+
+
+def _adapt_run(seed: int, rate: float, curve: list[float]) -> dict:
+    """An adapt run's kept fields, compared with a sweep at rates 0.25 / 0.33 / 0.5 / 1."""
+    xs = [0.25, 0.33, 0.5, 1.0]
+    return {"seed": seed, "learned_rate": rate, "cost": 0.05, "comparison": {
+        "sweep_rates": xs, "sweep_metric": curve, "best_sweep_metric": max(curve),
+        "sweep_at_learned_rate": float(np.interp(rate, xs, curve)), "dev_choice_rate": 0.25}}
+
+
+def test_the_second_target_orders_ks_and_sid_below_pr_and_holds_each_run_to_its_cost(ablation):
+    pr = [_adapt_run(s, 0.48, [0.74, 0.89, 0.92, 0.9]) for s in (0, 1)]  # 1 - PER: its best at 0.5
+    sid = [_adapt_run(0, 0.25, [0.66, 0.71, 0.79, 0.69]),  # 13 points below the best: missed
+           _adapt_run(1, 0.36, [0.66, 0.69, 0.68, 0.66])]
+    ks = [_adapt_run(0, 0.27, [1.0] * 4), _adapt_run(1, 0.6, [1.0] * 4)]  # seed 1 above pr: missed
+    fsdd = [_adapt_run(s, 0.8, [0.85, 0.87, 0.88, 0.88]) for s in (0, 1)]  # the cost alone counts
+    adapt = {"pr": {"difference": pr}, "sid": {"difference": sid}, "ks": {"difference": ks},
+             "ks-fsdd": {"difference": fsdd}}
+
+    got = ablation.second_target(adapt)["difference"]
+
+    assert got["met_every_seed"] == {"pr": True, "sid": False, "ks": False, "ks-fsdd": True}
+    miss = got["tasks"]["sid"]["0"]
+    assert not miss["met"] and miss["below_pr"] and miss["below_best"] == pytest.approx(0.13)
+    lo, hi = miss["test_window"][0]  # where sid is within 5 points of 0.79 and below pr's 0.48
+    assert len(miss["test_window"]) == 1 and 0.39 < lo < 0.42 and 0.47 < hi < 0.48
+    assert got["tasks"]["sid"]["1"]["met"] and got["tasks"]["ks"]["0"]["met"]
+    assert not got["tasks"]["ks"]["1"]["below_pr"] and not got["tasks"]["ks"]["1"]["met"]
+    assert got["tasks"]["ks-fsdd"]["0"]["test_window"] == [[0.25, 1.0]]  # not bounded by pr's rate
+    table = "\n".join(ablation._target_markdown(ablation.second_target(adapt)))
+    assert "| sid | 0 | 0.250 | 13.0 | true | **no** | 0.39-0.48 | 0.25 |" in table
+    assert "Met with every seed: pr yes, sid no, ks no, ks-fsdd yes." in table
