@@ -90,7 +90,8 @@ class DistillConfig:
     """Settings of ``ofactl distill``: teacher, student, rate sampling, alignment, guidance and training."""
 
     student: StudentConfig = field(default_factory=lambda: student_config("base"))
-    teacher: str = "random:base"  # builtin:NAME (hubert-tiny-v3, ...), random:tiny|base, or a HuBERT file/folder
+    teacher: str = ""  # builtin:NAME (hubert-tiny-v3, ...), random:tiny|base, or a HuBERT file/folder; none by
+    # default: distill refuses to start without one rather than learn from an untrained model unasked
     init_from_teacher: bool = True  # copy the teacher's CNN, projection and first layers where shapes match
     compressor_rate: float = 0.5  # the rate of a fixed-rate avgpool student
     steps: int = 1000  # optimizer steps
@@ -355,8 +356,19 @@ def run_distill(
     scaffold (:mod:`ofactl.training`), then save, evaluate and summarise."""
     from ofactl.pidlock import run_folder_lock
 
+    check_teacher_named(cfg)
     with run_folder_lock(run_dir, "distill", progress or NullProgress()):
         return _run_distill(cfg, corpus, run_dir, resume, overwrite, trust_checkpoint, progress)
+
+
+def check_teacher_named(cfg: DistillConfig) -> None:
+    """ConfigError when neither ``--teacher`` nor the preset names a teacher. A preset may leave
+    it to the command line (``distilhubert-ofa``: a HuBERT Base checkpoint the user has)."""
+    if not cfg.teacher.strip():
+        raise ConfigError("distill needs a teacher: --teacher builtin:hubert-tiny-v3 (the bundled one), a HuBERT "
+                          "checkpoint file or folder (fairseq .pt with --trust-checkpoint), or random:tiny / "
+                          "random:base for an untrained model of that shape; or a preset that names one "
+                          "(-c distill-tiny)")
 
 
 def _run_distill(cfg: DistillConfig, corpus: str | Path | Corpus, run_dir: Path, resume: bool, overwrite: bool,

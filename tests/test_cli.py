@@ -267,6 +267,15 @@ def test_bad_device_is_one_line_on_every_command(cmd, device, tmp_path):
     assert not (tmp_path / "o").exists()  # refused before any work
 
 
+@pytest.mark.parametrize("preset", [[], ["-c", "distilhubert-ofa"]])
+def test_distill_without_a_teacher_is_refused_naming_the_flag(preset, tmp_path):
+    # distilhubert-ofa leaves the teacher to --teacher: forgetting it must not train on an untrained model
+    r = runner.invoke(app, ["distill", *preset, "--corpus", "x", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1, r.output
+    assert r.stderr.count("\n") == 1 and "distill needs a teacher: --teacher builtin:hubert-tiny-v3" in r.stderr
+    assert not (tmp_path / "o").exists()  # refused before the run folder is made
+
+
 def test_json_failure_prints_an_error_document(tmp_path):
     r = runner.invoke(app, ["extract", "--ckpt", str(tmp_path / "none.pt"), "--corpus", "x", "--json"])
     assert r.exit_code == 1
@@ -469,6 +478,7 @@ def test_a_refused_corpus_leaves_no_run_folder(tmp_path, student_ckpt, cmd):
     listing = tmp_path / "list.txt"
     listing.write_text("missing.wav\n")
     student = ["--ckpt", str(student_ckpt[0]), "--task", "ks"] if cmd in ("sweep", "adapt") else []
+    student += ["--teacher", "random:tiny"] if cmd == "distill" else []
     r = runner.invoke(app, [cmd, "--corpus", str(listing), *student, "--out", str(tmp_path / "runs" / "x"),
                             "--device", "cpu"])
     assert r.exit_code == 1 and "missing.wav: file not found" in r.output
