@@ -510,9 +510,10 @@ def _adapt_markdown(adapt: dict[str, Any], variant: str = "ofactl", adapt_set: l
 def _target_markdown(target: dict[str, Any]) -> list[str]:
     """The second target per lambda gradient: a row per task and seed, then the tasks it holds for."""
     lines: list[str] = []
+    below = ", ".join(f"`{name}`" for name in BELOW_PR)
     for grad, t in target.items():
         lines += ["", f"**adapt against the second target** (`{grad}`: `pr` settles at a higher rate than each "
-                  f"of {', '.join(f'`{t}`' for t in BELOW_PR)}, and each learned rate lies where its sweep is within "
+                  f"of {below}, and each learned rate lies where its sweep is within "
                   "the cost of its best; the test window: the swept rates where it would hold; the dev choice: a grid "
                   "search on dev with the same cost)", "", "| task | seed | learned rate | below the best (points) | below `pr` | met "
                   "| test window | dev choice |", "|---|---|---|---|---|---|---|---|"]
@@ -587,13 +588,13 @@ def adapt_results(tasks: list[str], grads: list[str], seeds: list[int], args: ar
     return out
 
 
-# The tasks the second target orders below pr (the issue names ks and sid; sid-large is sid on more
-# utterances); on the others (ks-fsdd) it asks for the cost alone.
+# The tasks the second target (docs/ablation.md) orders below pr (ks and sid; sid-large is sid on
+# more utterances); on the others (ks-fsdd) it asks for the cost alone.
 BELOW_PR = ("ks", "sid", "sid-large")
 
 
 def second_target(adapt: dict[str, Any], pr: str = "pr") -> dict[str, Any]:
-    """adapt against the issue's second target, per lambda gradient: with every seed, ``pr``
+    """adapt against the ablation's second target, per lambda gradient: with every seed, ``pr``
     settles at a higher rate than each task of BELOW_PR, and each learned rate lies where its
     sweep (interpolated) is within the run's cost of its best. Per task and seed: the learned
     rate, the points below the best, whether the target holds, and the test window: the swept
