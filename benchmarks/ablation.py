@@ -601,11 +601,10 @@ def second_target(adapt: dict[str, Any], pr: str = "pr") -> dict[str, Any]:
     rates where it would hold, as ``[low, high]`` segments."""
     out: dict[str, Any] = {}
     for grad in sorted({g for by_grad in adapt.values() for g in by_grad}):
-        pr_rate = {r["seed"]: r["learned_rate"] for r in adapt.get(pr, {}).get(grad, []) if "seed" in r}
+        pr_rate = {r["seed"]: r["learned_rate"] for r in adapt.get(pr, {}).get(grad, [])}
         tasks: dict[str, Any] = {}
-        for task, by_grad in adapt.items():
-            runs = [r for r in by_grad.get(grad, []) if r.get("comparison") and r.get("cost") is not None
-                    and "seed" in r and (task not in BELOW_PR or r["seed"] in pr_rate)]
+        for task, by_grad in adapt.items():  # runs without a sweep to compare with cannot be read
+            runs = [r for r in by_grad.get(grad, []) if r["comparison"] and (task not in BELOW_PR or r["seed"] in pr_rate)]
             if runs:
                 tasks[task] = {str(r["seed"]): _target_run(r, pr_rate.get(r["seed"]) if task in BELOW_PR else None)
                                for r in runs}
@@ -617,14 +616,16 @@ def _target_run(run: dict[str, Any], pr_rate: float | None) -> dict[str, Any]:
     """One adapt run against the second target; ``pr_rate`` None where the cost alone counts."""
     comp, cost = run["comparison"], run["cost"]
     xs, ys, best = comp["sweep_rates"], comp["sweep_metric"], comp["best_sweep_metric"]
-    below = abs(comp["sweep_at_learned_rate"] - best)
+
+    def within(y: Any) -> Any:  # the sweep's metric (a value or an array) within the cost of its best
+        return np.abs(y - best) <= cost + 1e-9
+
     under_pr = pr_rate is None or run["learned_rate"] < pr_rate
     grid = np.linspace(xs[0], xs[-1], 401)
-    ok = np.abs(np.interp(grid, xs, ys) - best) <= cost + 1e-9
-    if pr_rate is not None:
-        ok &= grid < pr_rate
-    return {"learned_rate": run["learned_rate"], "below_best": round(below, 4), "below_pr": under_pr,
-            "met": bool(under_pr and below <= cost + 1e-9), "test_window": _segments(grid, ok),
+    ok = within(np.interp(grid, xs, ys)) & (grid < (pr_rate if pr_rate is not None else np.inf))
+    return {"learned_rate": run["learned_rate"], "below_best": round(abs(comp["sweep_at_learned_rate"] - best), 4),
+            "below_pr": under_pr, "met": bool(under_pr and within(comp["sweep_at_learned_rate"])),
+            "test_window": _segments(grid, ok),
             "dev_choice_rate": comp.get("dev_choice_rate")}
 
 
