@@ -392,7 +392,6 @@ def _run_distill(cfg: DistillConfig, corpus: str | Path | Corpus, run_dir: Path,
         if cfg.student.compressor == "cif" else None
     if su.main:
         tr.record_run(cfg, "distill", su.run_dir, cps)
-    job.model = _ddp(student, su)
     eval_before = evaluate(student, teacher, held, cfg, su.device, su.amp) if start == 0 and su.main else {}
     loader = tr.make_loader(tr.schedule_from(trn, cfg, start, su.world, su.rank), trn, cfg, su, segids,
                          cfg.student.arch.hop, start)
@@ -439,14 +438,6 @@ def _build(cfg: DistillConfig, trust: bool, device: torch.device, progress: Prog
     if cfg.student.teacher_dim != teacher.arch.embed_dim:
         raise ConfigError(f"student.teacher_dim={cfg.student.teacher_dim} but the teacher is {teacher.arch.embed_dim}-d")
     return teacher, student
-
-
-def _ddp(model: torch.nn.Module, su: Any) -> torch.nn.Module:
-    if su.world == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(model, device_ids=[su.device.index] if su.device.type == "cuda" else None)
 
 
 def _distill_job(cfg: DistillConfig, student: Student, teacher: Any, held: list[Utterance], su: Any) -> Any:

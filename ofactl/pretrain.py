@@ -275,10 +275,6 @@ def _run_pretrain(cfg: PretrainConfig, corpus: str | Path | Corpus, run_dir: Pat
     optim = tr.make_optimisation(model.parameters(), cfg, su.amp)
     job = _pretrain_job(cfg, model, held, targets, su)
     start = tr.starting_step(job, optim, su, resume, progress)
-    if su.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        job.model = DDP(model, device_ids=[su.device.index] if su.device.type == "cuda" else None)
     loader = tr.make_loader(tr.schedule_from(trn, cfg, start, su.world, su.rank), trn, cfg, su, targets,
                          cfg.arch.hop, start, speeds=cfg.speed_perturb)
     loop = tr.train(job, cfg, su, optim, loader, start, progress)

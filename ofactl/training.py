@@ -20,12 +20,15 @@ resumed run continues exactly as an uninterrupted one (CPU).
 
 from __future__ import annotations
 
+import atexit
+import gc
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -118,6 +121,8 @@ def setup_run(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool) ->
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            if device.type != "cuda":  # a stopped run leaves the group before the interpreter's teardown
+                atexit.register(_leave_group)
     # each rank looks for itself: prepare_run_dir touches no checkpoint under --resume, so all agree
     return Setup(run_dir, device, autocast_dtype(cfg.precision, device), world, rank, local,
                  resume=resume and has_checkpoint(run_dir))
@@ -261,6 +266,15 @@ def _flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _leave_group() -> None:
+    """At exit: the gloo process group a run that stopped with an error did not leave (a finished
+    run leaves it in :func:`finish_distributed`; then this does nothing)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def finish_distributed(world: int) -> None:
@@ -529,7 +543,7 @@ class Job:
     """
 
     name: str
-    model: torch.nn.Module  # the module whose parameters train (DDP-wrapped by the caller if needed)
+    model: torch.nn.Module  # the module whose parameters train (:func:`train` wraps it in DDP under torchrun)
     params: Any
     step_loss: Callable[[dict[str, Any], torch.Generator], tuple[Tensor, dict[str, float]]]
     save: Callable[[Path, int, dict[str, Any]], None]
@@ -593,9 +607,9 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
     progress.start(job.name, cfg.steps)
     if start:
         progress.advance(start)
-    job.model.train()
     boundary_rng = rng_state() if cfg.optim.accum > 1 else None  # a step of several micro-batches
-    with deferred_stop() as stop:
+    with data_parallel(job, setup), deferred_stop() as stop:
+        job.model.train()
         try:
             for batch in loader:
                 _check_readable(batch, setup)
@@ -635,6 +649,26 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
     optim.totals = meter.add(0.0)
     _save_checkpoint(job, cfg, setup, optim, step)
     return LoopResult(step, start, meter.audio, meter.wall, optim.totals)
+
+
+@contextmanager
+def data_parallel(job: Job, setup: Setup) -> Iterator[None]:
+    """``job.model`` wrapped in DDP for the loop under torchrun, and itself again after the loop,
+    however the loop ends. The wrapper goes with the loop: its reducer holds the process group, so
+    a wrapper left in the job kept the group alive past :func:`finish_distributed` into the
+    interpreter's teardown, where gloo's threads can abort a rank that did everything right."""
+    if setup.world == 1:
+        yield
+        return
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    plain = job.model
+    job.model = DDP(plain, device_ids=[setup.device.index] if setup.device.type == "cuda" else None)
+    try:
+        yield
+    finally:
+        job.model = plain
+        gc.collect()  # should anything still cycle through the wrapper, it goes now, not at exit
 
 
 def _open_metrics(setup: Setup, start: int) -> Any:

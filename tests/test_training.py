@@ -198,3 +198,45 @@ def test_a_schedule_without_training_utterances_is_an_error_not_an_endless_loop(
 
     with pytest.raises(CorpusError, match="no training utterances"):
         schedule_from([], replace(DistillConfig(), steps=2), 0, 1, 0)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_loop_hands_back_its_model_with_no_ddp_wrapper_left_holding_the_process_group(tmp_path, fails):
+    """Under torchrun the wrapper lives only as long as the loop, however the loop ends: a wrapper
+    left to the interpreter's exit keeps the gloo group alive through teardown."""
+    import gc
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from ofactl.training import Job, Setup, data_parallel
+
+    model = torch.nn.Linear(3, 2)
+    job = Job("t", model, list(model.parameters()), lambda b, g: (job.model(b).sum(), {}),  # a cycle, as real jobs have
+              lambda p, s, t: None, lambda p: {}, lambda o: {})
+    setup = Setup(Path(tmp_path), torch.device("cpu"), None, world=2, rank=0, local=0)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError) if fails else nullcontext(), data_parallel(job, setup):
+            assert isinstance(job.model, DDP)
+            job.step_loss(torch.randn(4, 3), torch.Generator())[0].backward()
+            if fails:
+                raise RuntimeError("a step failed")
+        assert job.model is model
+        assert not [o for o in gc.get_objects() if type(o) is DDP]  # type(): isinstance trips a torch warning
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_process_group_a_run_did_not_leave_is_left_at_exit_once():
+    import torch.distributed as dist
+
+    from ofactl.training import _leave_group
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    _leave_group()
+    assert not dist.is_initialized()
+    _leave_group()  # a finished run already left it: nothing to do, no error
