@@ -604,11 +604,11 @@ def train(job: Job, cfg: TrainConfig, setup: Setup, optim: Optimisation, loader:
     meter = _Meter(optim.totals)
     step, step_audio = start, 0.0  # step_audio: this rank's audio in the step under way
     acc: list[dict[str, float]] = []
-    progress.start(job.name, cfg.steps)
-    if start:
-        progress.advance(start)
     boundary_rng = rng_state() if cfg.optim.accum > 1 else None  # a step of several micro-batches
     with data_parallel(job, setup), deferred_stop() as stop:
+        progress.start(job.name, cfg.steps)  # after DDP's start, which can fail, so no bar is left open
+        if start:
+            progress.advance(start)
         job.model.train()
         try:
             for batch in loader:
