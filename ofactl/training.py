@@ -21,7 +21,6 @@ resumed run continues exactly as an uninterrupted one (CPU).
 from __future__ import annotations
 
 import atexit
-import gc
 import hashlib
 import json
 import os
@@ -667,8 +666,7 @@ def data_parallel(job: Job, setup: Setup) -> Iterator[None]:
     try:
         yield
     finally:
-        job.model = plain
-        gc.collect()  # should anything still cycle through the wrapper, it goes now, not at exit
+        job.model = plain  # the job held the only reference: the wrapper goes now, not at exit
 
 
 def _open_metrics(setup: Setup, start: int) -> Any:
