@@ -8,7 +8,8 @@ absent). ``pr``, ``ks`` and ``sid`` run on synth-tiny; ``ks-fsdd`` is keyword sp
 recorded digits (FSDD; one speaker-independent split for every seed, test speaker theo), since
 synth-tiny's keywords are too easy to tell variants apart; ``sid-large`` (not in the default
 tasks) is speaker ID on synth-tiny's 24 voices reading 200 sentences each, 552 test utterances
-instead of 120 (made under ``--out`` once). Each variant changes one setting of
+instead of 120 (made under ``--out`` once); ``sid-fsdd`` (not in the default tasks either) is
+speaker ID on FSDD's six recorded speakers. Each variant changes one setting of
 the default recipe (see VARIANTS); every variant is distilled once per seed and swept on every
 task at every rate (exact lengths), and the default recipe also with content-adaptive lengths.
 ``adapt`` then learns each task's rate with the pathwise and the finite-difference lambda
@@ -151,7 +152,9 @@ def same_recipe(run: Path, cfg: DistillConfig) -> Path:
 
 
 # Tasks of the ablation beyond ofactl's own, each an ofactl task on another corpus (task_corpus).
-EXTRA_TASKS = ("ks-fsdd", "sid-large")
+EXTRA_TASKS = ("ks-fsdd", "sid-large", "sid-fsdd")
+# The extra tasks on FSDD's recordings, left out (and said so) where --fsdd is not a folder.
+FSDD_TASKS = ("ks-fsdd", "sid-fsdd")
 
 # synth-tiny's voices with more to say: speaker ID's test split on synth-tiny has 120 utterances,
 # a binomial standard error of about 4 points (docs/ablation.md, "Speaker ID on more utterances")
@@ -160,10 +163,11 @@ SID_LARGE = ("sentences_per_speaker=200", "n_sentences=1500")
 
 def task_corpus(task: str, args: argparse.Namespace, corpus: Path) -> tuple[Task, str | Path]:
     """The ofactl task and corpus of an ablation task: ``ks-fsdd`` is keyword spotting on real
-    recorded digits (FSDD, whole speakers held out), ``sid-large`` speaker ID on the larger
-    corpus of synth-tiny's voices (``sid_large_manifest``); the rest run on synth-tiny."""
-    if task == "ks-fsdd":
-        return "ks", fsdd_manifest(args)
+    recorded digits (FSDD, whole speakers held out), ``sid-fsdd`` speaker ID on the same
+    recordings, ``sid-large`` speaker ID on the larger corpus of synth-tiny's voices
+    (``sid_large_manifest``); the rest run on synth-tiny."""
+    if task in FSDD_TASKS:
+        return cast(Task, task.removesuffix("-fsdd")), fsdd_manifest(args, task)
     if task == "sid-large":
         return "sid", sid_large_manifest(args)
     return cast(Task, task), corpus  # the other ablation tasks are ofactl's own (--tasks is checked)
@@ -185,21 +189,25 @@ def synth_manifest(folder: Path, overrides: tuple[str, ...] = ()) -> Path:
     return run_synth(load_config(SynthConfig, "synth", "synth-tiny", list(overrides)), folder).manifest
 
 
-def fsdd_manifest(args: argparse.Namespace) -> Path:
-    """FSDD as a manifest with one fixed speaker-independent split, the probe's seed-0 split (test
-    speaker theo, dev lucas: both held out of the bundled teacher's pretraining), so that every
-    seed and variant is tested on the same speaker; the seeds vary the student and the probe."""
+def fsdd_manifest(args: argparse.Namespace, task: str = "ks-fsdd") -> Path:
+    """FSDD as a manifest for ``ks-fsdd`` or ``sid-fsdd``. For keywords, one fixed
+    speaker-independent split, the probe's seed-0 split (test speaker theo, dev lucas: both held
+    out of the bundled teacher's pretraining), so that every seed and variant is tested on the same
+    speaker; the seeds vary the student and the probe. Speaker ID has no split column: ofactl's sid
+    splits each speaker's recordings 80/10/10 by the probe's seed (300 test utterances)."""
     from ofactl.audio import read_corpus
     from ofactl.probe import build_task
 
-    path = Path(args.out) / "fsdd-ks.tsv"
+    path = Path(args.out) / f"fsdd-{task.removesuffix('-fsdd')}.tsv"
     if path.is_file():
         return path
     corpus = read_corpus(f"{args.fsdd}::{{label}}_{{speaker}}_{{take}}")
-    split_of = {u: s for s, ids in build_task("ks", corpus, seed=0).splits.items() for u in ids}
-    lines = ["id\tpath\tlabel\tspeaker\tsplit"] + [
-        f"{u.id}\t{Path(u.path).resolve()}\t{u.labels['label']}\t{u.labels['speaker']}\t{split_of[u.id]}"
-        for u in corpus if u.id in split_of]
+    header = ["id", "path", "label", "speaker"]
+    rows = [[u.id, str(Path(u.path).resolve()), u.labels["label"], u.labels["speaker"]] for u in corpus]
+    if task == "ks-fsdd":
+        split_of = {u: s for s, ids in build_task("ks", corpus, seed=0).splits.items() for u in ids}
+        header, rows = [*header, "split"], [[*r, split_of[r[0]]] for r in rows if r[0] in split_of]
+    lines = ["\t".join(r) for r in (header, *rows)]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
@@ -589,8 +597,8 @@ def adapt_results(tasks: list[str], grads: list[str], seeds: list[int], args: ar
 
 
 # The tasks the second target (docs/ablation.md) orders below pr (ks and sid; sid-large is sid on
-# more utterances); on the others (ks-fsdd) it asks for the cost alone.
-BELOW_PR = ("ks", "sid", "sid-large")
+# more utterances, sid-fsdd on recorded speech); on the others (ks-fsdd) it asks for the cost alone.
+BELOW_PR = ("ks", "sid", "sid-large", "sid-fsdd")
 
 
 def second_target(adapt: dict[str, Any], pr: str = "pr") -> dict[str, Any]:
@@ -650,8 +658,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--variants", default="all")
-    ap.add_argument("--tasks", default="pr,ks,sid,ks-fsdd", help="ks-fsdd: ks on FSDD (skipped without --fsdd); sid-large: speaker ID on 552 test "
-                         "utterances of synth-tiny's voices")
+    ap.add_argument("--tasks", default="pr,ks,sid,ks-fsdd", help="ks-fsdd, sid-fsdd: ks and speaker ID on FSDD (skipped without --fsdd); sid-large: "
+                         "speaker ID on 552 test utterances of synth-tiny's voices")
     ap.add_argument("--fsdd", default=str(FSDD), help="the FSDD recordings folder")
     ap.add_argument("--rates", default="1,0.5,0.33,0.25")
     ap.add_argument("--steps", type=int, default=None, help="distill steps (default: the preset's)")
@@ -707,10 +715,10 @@ def asked(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[s
     if unknown:
         ap.error(f"--tasks: unknown {', '.join(unknown)}; expected one of {', '.join(EXTRA_TASKS + get_args(Task))}")
     skipped = []
-    if "ks-fsdd" in tasks and not Path(args.fsdd).is_dir():
-        tasks.remove("ks-fsdd")
-        skipped.append(f"ks-fsdd: no FSDD recordings at {args.fsdd}")
-        print(f"ablation: skipping ks-fsdd, no FSDD recordings at {args.fsdd}", file=sys.stderr)
+    for task in [t for t in tasks if t in FSDD_TASKS and not Path(args.fsdd).is_dir()]:
+        tasks.remove(task)
+        skipped.append(f"{task}: no FSDD recordings at {args.fsdd}")
+        print(f"ablation: skipping {task}, no FSDD recordings at {args.fsdd}", file=sys.stderr)
     return names, seeds, tasks, skipped
 
 
@@ -727,7 +735,7 @@ def kept_coverage(args: argparse.Namespace, names: list[str], seeds: list[int], 
         old_names = [n for n in doc["variants"] if n in VARIANTS]
         old_seeds = [int(s) for s in doc["seeds"]]
         old_tasks = [t for t in doc.get("tasks") or dict.fromkeys(t for by in doc["table"].values() for t in by)
-                     if (t in EXTRA_TASKS or t in get_args(Task)) and (t != "ks-fsdd" or Path(args.fsdd).is_dir())]
+                     if (t in EXTRA_TASKS or t in get_args(Task)) and (t not in FSDD_TASKS or Path(args.fsdd).is_dir())]
         same_students = doc.get("adapt_variant", "ofactl") == args.adapt_variant
         old_grads = [g for by in doc.get("adapt", {}).values() for g in by] if same_students else []
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -104,6 +104,37 @@ def test_sid_large_is_speaker_id_on_synth_tinys_voices_with_more_sentences(ablat
     assert ablation.task_corpus("sid", args, tmp_path / "synth-tiny") == ("sid", tmp_path / "synth-tiny")
 
 
+def test_sid_fsdd_is_speaker_id_on_fsdds_speakers_split_by_the_probes_seed(ablation, tmp_path):
+    import argparse
+
+    import soundfile as sf
+
+    from ofactl.audio import read_corpus
+    from ofactl.probe import build_task
+
+    rec = tmp_path / "recordings"
+    rec.mkdir()
+    for speaker in ("jackson", "theo", "lucas"):
+        for take in range(10):
+            sf.write(rec / f"{take % 3}_{speaker}_{take}.wav", np.zeros(800, dtype=np.float32), 8000)
+    args = argparse.Namespace(out=str(tmp_path / "out"), fsdd=str(rec))
+
+    task, manifest = ablation.task_corpus("sid-fsdd", args, tmp_path / "synth-tiny")
+
+    assert (task, manifest) == ("sid", tmp_path / "out" / "fsdd-sid.tsv")
+    assert manifest.read_text().splitlines()[0] == "id\tpath\tlabel\tspeaker"  # no split: sid draws its own
+    corpus = read_corpus(str(manifest))
+    assert len(corpus) == 30
+    for seed in (0, 1):  # every speaker in every split, 80/10/10 of its ten recordings
+        splits = build_task("sid", corpus, seed=seed).splits
+        for split, n in (("train", 8), ("dev", 1), ("test", 1)):
+            speakers = [i.split("_")[1] for i in splits[split]]
+            assert sorted(speakers) == sorted(["jackson", "lucas", "theo"] * n)
+    assert build_task("sid", corpus, seed=0).splits["test"] != build_task("sid", corpus, seed=1).splits["test"]
+    ks, ks_manifest = ablation.task_corpus("ks-fsdd", args, tmp_path / "synth-tiny")
+    assert ks == "ks" and ks_manifest.read_text().splitlines()[0].endswith("\tsplit")
+
+
 def test_a_figure_needs_two_variants_so_a_run_of_one_leaves_the_full_figure(ablation, tmp_path):
     import argparse
 
@@ -182,12 +213,14 @@ def test_the_second_target_orders_ks_and_sid_below_pr_and_holds_each_run_to_its_
            _adapt_run(1, 0.36, [0.66, 0.69, 0.68, 0.66])]
     ks = [_adapt_run(0, 0.27, [1.0] * 4), _adapt_run(1, 0.6, [1.0] * 4)]  # seed 1 above pr: missed
     fsdd = [_adapt_run(s, 0.8, [0.85, 0.87, 0.88, 0.88]) for s in (0, 1)]  # the cost alone counts
+    sid_fsdd = [_adapt_run(s, 0.8, [0.97, 0.98, 0.98, 0.98]) for s in (0, 1)]  # flat, but above pr
     adapt = {"pr": {"difference": pr}, "sid": {"difference": sid}, "ks": {"difference": ks},
-             "ks-fsdd": {"difference": fsdd}}
+             "ks-fsdd": {"difference": fsdd}, "sid-fsdd": {"difference": sid_fsdd}}
 
     got = ablation.second_target(adapt)["difference"]
 
-    assert got["met_every_seed"] == {"pr": True, "sid": False, "ks": False, "ks-fsdd": True}
+    assert got["met_every_seed"] == {"pr": True, "sid": False, "ks": False, "ks-fsdd": True, "sid-fsdd": False}
+    assert not got["tasks"]["sid-fsdd"]["0"]["below_pr"]
     miss = got["tasks"]["sid"]["0"]
     assert not miss["met"] and miss["below_pr"] and miss["below_best"] == pytest.approx(0.13)
     lo, hi = miss["test_window"][0]  # where sid is within 5 points of 0.79 and below pr's 0.48
@@ -197,4 +230,4 @@ def test_the_second_target_orders_ks_and_sid_below_pr_and_holds_each_run_to_its_
     assert got["tasks"]["ks-fsdd"]["0"]["test_window"] == [[0.25, 1.0]]  # not bounded by pr's rate
     table = "\n".join(ablation._target_markdown(ablation.second_target(adapt)))
     assert "| sid | 0 | 0.250 | 13.0 | true | **no** | 0.39-0.48 | 0.25 |" in table
-    assert "Met with every seed: pr yes, sid no, ks no, ks-fsdd yes." in table
+    assert "Met with every seed: pr yes, sid no, ks no, ks-fsdd yes, sid-fsdd no." in table
