@@ -518,8 +518,8 @@ def _adapt_markdown(adapt: dict[str, Any], variant: str = "ofactl", adapt_set: l
 def _target_markdown(target: dict[str, Any]) -> list[str]:
     """The second target per lambda gradient: a row per task and seed, then the tasks it holds for."""
     lines: list[str] = []
-    below = ", ".join(f"`{name}`" for name in BELOW_PR)
     for grad, t in target.items():
+        below = ", ".join(f"`{name}`" for name in t["tasks"] if name in BELOW_PR) or "the tasks it orders (none here)"
         lines += ["", f"**adapt against the second target** (`{grad}`: `pr` settles at a higher rate than each "
                   f"of {below}, and each learned rate lies where its sweep is within "
                   "the cost of its best; the test window: the swept rates where it would hold; the dev choice: a grid "

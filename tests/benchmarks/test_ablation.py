@@ -230,4 +230,5 @@ def test_the_second_target_orders_ks_and_sid_below_pr_and_holds_each_run_to_its_
     assert got["tasks"]["ks-fsdd"]["0"]["test_window"] == [[0.25, 1.0]]  # not bounded by pr's rate
     table = "\n".join(ablation._target_markdown(ablation.second_target(adapt)))
     assert "| sid | 0 | 0.250 | 13.0 | true | **no** | 0.39-0.48 | 0.25 |" in table
+    assert "`pr` settles at a higher rate than each of `sid`, `ks`, `sid-fsdd`," in table  # those it holds
     assert "Met with every seed: pr yes, sid no, ks no, ks-fsdd yes, sid-fsdd no." in table
