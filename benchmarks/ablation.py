@@ -451,9 +451,20 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {name} | {seeds} | " + " | ".join(
                 f"{cells[r]['mean']:.3f} ({cells[r]['spread']:.3f})" if r in cells else "-" for r in rates) + " |")
         lines.append("")
-    lines += ["**Against the default recipe** (rates where a variant is better or worse than `ofactl` by more "
-              "than either one's seed spread; it wins with two or more better rates on two or more tasks and "
-              "no worse rate)", "", "| variant | " + " | ".join(tasks) + " | wins |", "|---|" + "---|" * (len(tasks) + 1)]
+    lines.pop()  # each section below opens with its own blank line
+    lines += _against_default_markdown(doc, tasks, rates) + _ofa_vs_fixed_markdown(doc)
+    adapt_lines = _adapt_markdown(doc.get("adapt", {}), doc.get("adapt_variant", "ofactl"), doc.get("adapt_set"))
+    return "\n".join(lines + adapt_lines + _target_markdown(doc.get("second_target", {}))) + "\n"
+
+
+def _against_default_markdown(doc: dict[str, Any], tasks: list[str], rates: list[str]) -> list[str]:
+    """Each variant against the default recipe, by the spread and seed by seed; nothing for a
+    report of the default alone."""
+    if not doc["against_default"]:
+        return []
+    lines = ["", "**Against the default recipe** (rates where a variant is better or worse than `ofactl` by more "
+             "than either one's seed spread; it wins with two or more better rates on two or more tasks and "
+             "no worse rate)", "", "| variant | " + " | ".join(tasks) + " | wins |", "|---|" + "---|" * (len(tasks) + 1)]
     for name, v in doc["against_default"].items():
         cells = [v["tasks"].get(t) for t in tasks]
         lines.append(f"| {name} | " + " | ".join(
@@ -468,15 +479,22 @@ def markdown(doc: dict[str, Any]) -> str:
         cells = [v.get("paired", {}).get(t) for t in tasks]
         lines.append(f"| {name} | " + " | ".join("-" if c is None else _paired_cell(c, rates) for c in cells)
                      + f" | {'yes' if v.get('wins_paired') else 'no'} |")
-    lines += ["", "**Once-for-all against the fixed-rate students at their own rates** (OFA minus fixed)", "",
-              "| OFA recipe | task | fixed student | rate | fixed | OFA | OFA - fixed |", "|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _ofa_vs_fixed_markdown(doc: dict[str, Any]) -> list[str]:
+    """Each once-for-all recipe against the fixed-rate students at their own rates; nothing for a
+    report without fixed-rate students."""
+    if not any(rows for by_task in doc["ofa_vs_fixed"].values() for rows in by_task.values()):
+        return []
+    lines = ["", "**Once-for-all against the fixed-rate students at their own rates** (OFA minus fixed)", "",
+             "| OFA recipe | task | fixed student | rate | fixed | OFA | OFA - fixed |", "|---|---|---|---|---|---|---|"]
     for ofa, by_task in doc["ofa_vs_fixed"].items():
         for task, rows in by_task.items():
             for name, r in rows.items():
                 lines.append(f"| {ofa} | {task} ({r['metric']}) | {name} | {r['rate']:g} | {r['fixed']:.3f} | "
                              f"{r['ofa']:.3f} | {r['ofa_minus_fixed']:+.3f} |")
-    adapt_lines = _adapt_markdown(doc.get("adapt", {}), doc.get("adapt_variant", "ofactl"), doc.get("adapt_set"))
-    return "\n".join(lines + adapt_lines + _target_markdown(doc.get("second_target", {}))) + "\n"
+    return lines
 
 
 def _paired_cell(c: dict[str, Any], rates: list[str]) -> str:

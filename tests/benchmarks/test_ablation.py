@@ -232,3 +232,19 @@ def test_the_second_target_orders_ks_and_sid_below_pr_and_holds_each_run_to_its_
     assert "| sid | 0 | 0.250 | 13.0 | true | **no** | 0.39-0.48 | 0.25 |" in table
     assert "`pr` settles at a higher rate than each of `sid`, `ks`, `sid-fsdd`," in table  # those it holds
     assert "Met with every seed: pr yes, sid no, ks no, ks-fsdd yes, sid-fsdd no." in table
+
+
+def test_a_report_of_the_default_alone_has_no_empty_comparison_tables(ablation):
+    cells = {"rates": {"1": {"mean": 0.9, "spread": 0.01, "seeds": [0.9, 0.89]}}, "metric": "accuracy"}
+    alone = {"rates": [1.0], "table": {"ofactl": {"ks": cells}}, "against_default": {},
+             "ofa_vs_fixed": {"ofactl": {"ks": {}}}}
+    fixed_row = {"metric": "accuracy", "rate": 0.5, "fixed": 0.91, "ofa": 0.9, "ofa_minus_fixed": -0.01}
+    both = alone | {"table": {"ofactl": {"ks": cells}, "avgpool-0.5": {"ks": cells}},
+                    "ofa_vs_fixed": {"ofactl": {"ks": {"avgpool-0.5": fixed_row}}}}
+
+    text, with_fixed = ablation.markdown(alone), ablation.markdown(both)
+
+    assert "Against the default" not in text and "Once-for-all against" not in text and "\n\n\n" not in text
+    assert "| ofactl | 2 | 0.900 (0.010) |" in text
+    assert "\n\n**Once-for-all against" in with_fixed and "| ofactl | ks (accuracy) | avgpool-0.5 | 0.5 | 0.910 | 0.900 | -0.010 |" in with_fixed
+    assert "\n\n\n" not in with_fixed
