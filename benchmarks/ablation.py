@@ -207,12 +207,7 @@ def fsdd_manifest(args: argparse.Namespace, task: str = "ks-fsdd") -> Path:
     if task == "ks-fsdd":
         split_of = {u: s for s, ids in build_task("ks", corpus, seed=0).splits.items() for u in ids}
         header, rows = [*header, "split"], [[*r, split_of[r[0]]] for r in rows if r[0] in split_of]
-    lines = ["\t".join(r) for r in (header, *rows)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text(path, "".join("\t".join(r) + "\n" for r in (header, *rows)))
 
 
 def unit(task: str, args: argparse.Namespace) -> str:
