@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ofactl.atomic import make_dir, save_figure, write_text
 from ofactl.audio import Corpus, load_audio, set_level
-from ofactl.choices import CostForm, FinalProbe, LambdaData, LambdaGrad, LambdaLoss, Task
+from ofactl.choices import BandEdges, CostForm, FinalProbe, LambdaData, LambdaGrad, LambdaLoss, Task
 from ofactl.config import save_resolved
 from ofactl.errors import ConfigError
 from ofactl.extract import check_level, level_for
@@ -90,6 +90,9 @@ class AdaptConfig:
     difference_step: float = 0.1  # lambda half-step of the central difference (0.1 ~ 0.09 of rate)
     probe_band: float = 0.3  # the probe trains at per-utterance lambdas within +-band of the current one,
     # so its loss does not favour the rate it happens to sit at
+    band_edges: BandEdges = "clamp"  # near an end of lambda's range [0, top]: clamp, draws past it land on it
+    # (a point mass there, which the probe comes to favour); inside, draws are uniform over the part of
+    # the band inside the range (docs/ablation.md, "The probe's band at the ends of lambda's range")
     refine: float = 0.2  # share of the epochs at the end: lambda frozen, the probe trains at the learned rate
     min_rate: float = 0.25  # lowest rate lambda may reach (80 ms; OFA students are distilled on 20-90 ms,
     # and the edge of that range is the least trained)
@@ -158,6 +161,16 @@ class RateCost:
         if self.form == "linear":
             return self.gamma * (ratio - 1.0)
         return self.gamma * torch.log2(ratio.clamp(min=1e-4))
+
+
+def band_draws(lam: Tensor, u: Tensor, band: float, top: float, edges: BandEdges) -> Tensor:
+    """(B,) per-utterance lambdas for the probe around ``lam`` (B,) from uniform draws ``u`` in
+    [0, 1): within +-``band`` of it and inside [0, top]. ``clamp`` moves the draws past an end onto
+    it; ``inside`` spreads them uniformly over the part of the band inside the range."""
+    if edges == "clamp":
+        return (lam + (u * 2 - 1) * band).clamp(0.0, top)
+    lo, hi = (lam - band).clamp(min=0.0), (lam + band).clamp(max=top)
+    return lo + u * (hi - lo)
 
 
 class LearnableLambda(torch.nn.Module):
@@ -364,8 +377,8 @@ class _AdaptJob:
         joint = learn_lam and not self.dev and cfg.lambda_grad == "pathwise"  # one loss trains both
         lam_b = (lm if joint else lm.detach()).expand(len(ids))
         if cfg.probe_band > 0 and not refining:
-            jitter = (torch.rand(len(ids), generator=self.gen) * 2 - 1).to(self.device) * cfg.probe_band
-            lam_b = (lam_b + jitter).clamp(0.0, lam.top)
+            lam_b = band_draws(lam_b, torch.rand(len(ids), generator=self.gen).to(self.device), cfg.probe_band,
+                               lam.top, cfg.band_edges)
         hidden, comp = self.student.encode(x, n, rate=None, lam=lam_b, exact=False)
         loss = task_loss(self.probe, self.task, ids, hidden.states, hidden.lengths, charge_infeasible=True)
         self.opt.zero_grad()

@@ -9,7 +9,7 @@ import torch
 from conftest import sweep_row
 from typer.testing import CliRunner
 
-from ofactl.adapt import AdaptConfig, LearnableLambda, RateCost, run_adapt
+from ofactl.adapt import AdaptConfig, LearnableLambda, RateCost, band_draws, run_adapt
 from ofactl.audio import read_corpus
 from ofactl.cli import app
 from ofactl.config import load_config
@@ -118,6 +118,49 @@ def test_each_lambda_step_reads_lambda_batch_size_dev_utterances(tmp_path, disti
     n_dev = len(build_task("sid", read_corpus(medium_corpus), None, 0).splits["dev"])
     assert seen and {len(b) for b in seen} == {expected or n_dev}  # 0: the probe's batch; capped at the dev split
     assert 0 < res.learned_rate <= 1
+
+
+def test_band_draws_inside_the_range_put_no_mass_on_its_ends():
+    """Near the top of lambda's range, clamped draws pile up on it; ``inside`` draws spread
+    uniformly over the part of the band inside [0, top], and both keep to the band."""
+    top, band = 0.818, 0.3
+    u = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
+    for lam, end in ((0.69, top), (0.1, 0.0)):
+        at = torch.full_like(u, lam)
+        clamp, inside = band_draws(at, u, band, top, "clamp"), band_draws(at, u, band, top, "inside")
+        lo, hi = max(lam - band, 0.0), min(lam + band, top)
+        for d in (clamp, inside):
+            assert float(d.min()) >= lo - 1e-6 and float(d.max()) <= hi + 1e-6
+        share_past_end = (lam + band - top) / (2 * band) if end == top else (band - lam) / (2 * band)
+        assert float((clamp == end).float().mean()) == pytest.approx(share_past_end, abs=0.01)  # 28% / 33%
+        assert float((inside == end).float().mean()) < 1e-4
+        assert float(inside.mean()) == pytest.approx((lo + hi) / 2, abs=0.002)  # uniform over [lo, hi]
+        hist = torch.histc(inside, bins=10, min=lo, max=hi) / len(u)
+        assert torch.allclose(hist, torch.full_like(hist, 0.1), atol=0.01)
+    mid = torch.full_like(u, 0.4)  # away from both ends the two are the same draws
+    assert torch.allclose(band_draws(mid, u, band, top, "clamp"), band_draws(mid, u, band, top, "inside"), atol=1e-6)
+
+
+def test_band_edges_reach_the_probes_draws(tmp_path, distilled, medium_corpus, monkeypatch):
+    """A run started at the floor (lambda near top): with ``clamp`` a share of the probe's lambdas
+    sit exactly on top, with ``inside`` none do."""
+    import ofactl.adapt as adapt_mod
+
+    drawn: dict[str, list[torch.Tensor]] = {"clamp": [], "inside": []}
+    real = adapt_mod.band_draws
+
+    def spy(lam, u, band, top, edges):
+        out = real(lam, u, band, top, edges)
+        drawn[edges].append(out / top)
+        return out
+
+    monkeypatch.setattr(adapt_mod, "band_draws", spy)
+    for edges in ("clamp", "inside"):
+        cfg = load_config(AdaptConfig, "adapt", None, ["task=sid", "epochs=1", "batch_size=8", "final_probe=joint",
+                                                        "init_rate=0.25", f"band_edges={edges}"])
+        run_adapt(cfg, distilled, medium_corpus, tmp_path / edges)
+    at_top = {k: float((torch.cat(v) > 1 - 1e-6).float().mean()) for k, v in drawn.items()}
+    assert at_top["clamp"] > 0.3 and at_top["inside"] == 0.0
 
 
 @pytest.mark.parametrize("task, pool", [("pr", 4), ("pr", 1), ("sid", 4)])
@@ -421,6 +464,7 @@ def test_a_grid_search_on_dev_can_pick_a_rate_the_test_curve_rules_out(tmp_path)
     ("refine", "0.8", "lambda_warmup + refine below 1"),
     ("probe_band", "2", "probe_band in [0, 1]"),
     ("cost_form", "log", "expected 'log2' | 'linear', got str 'log'"),
+    ("band_edges", "reflect", "expected 'clamp' | 'inside', got str 'reflect'"),
     ("lambda_batch_size", "-1", "lambda_batch_size must be >= 0"),
     ("restarts", "[0.1]", "restarts must be rates from min_rate (0.25) to 1, got 0.1"),
 ])
