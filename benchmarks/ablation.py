@@ -267,14 +267,26 @@ def adapt_student(ckpt: Path, task: str, grad: str, seed: int, args: argparse.Na
         Flag("device", "--device", args.device)])
     cfg.probe = replace(cfg.probe, ctc_head=args.pr_head, sort_pool=ABLATION_SORT_POOL)
     if done:  # reused only when it ran with these settings (a default may have changed since)
-        # a setting added since the run was kept reads as its default there
-        saved, asked = {**to_dict(AdaptConfig()), **kept_settings(out, "adapt")}, to_dict(cfg)
-        differ = sorted(k for k in saved.keys() | asked.keys() if saved.get(k) != asked.get(k))
+        differ = adapt_differences(out, cfg)
         if differ:
             sys.exit(f"ablation: {out} ran with other adapt settings ({', '.join(differ)}); move it away or "
                      "name the settings it ran with in --adapt-set")
         return json.loads((out / "summary.json").read_text())
     return run_adapt(cfg, ckpt, corpus_of_task, out, sweep if sweep.is_dir() else None).to_json()
+
+
+# adapt settings added after runs had been kept, with the value those runs ran with (which a
+# later default need not keep)
+ADAPT_SETTINGS_BEFORE: dict[str, Any] = {"band_edges": "clamp"}
+
+
+def adapt_differences(run: Path, cfg: AdaptConfig) -> list[str]:
+    """The settings in which the kept adapt ``run`` differs from ``cfg``. A setting added since
+    the run was kept reads as the value runs had before it (``ADAPT_SETTINGS_BEFORE``), else as
+    its default."""
+    saved = {**to_dict(AdaptConfig()), **ADAPT_SETTINGS_BEFORE, **kept_settings(run, "adapt")}
+    asked = to_dict(cfg)
+    return sorted(k for k in saved.keys() | asked.keys() if saved.get(k) != asked.get(k))
 
 
 def adapt_dir(task: str, grad: str, seed: int, args: argparse.Namespace) -> Path:

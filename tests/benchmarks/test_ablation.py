@@ -39,6 +39,21 @@ def test_a_kept_student_of_another_recipe_is_refused_naming_the_setting(ablation
         ablation.same_recipe(tmp_path, replace(cfg, alignment="upsample"))
 
 
+def test_a_kept_adapt_run_from_before_a_setting_reads_as_the_value_it_ran_with(ablation, tmp_path):
+    """A run kept from before ``band_edges`` existed drew its probe's lambdas with ``clamp``: it
+    is reused for ``clamp`` and not for ``inside``, whatever the default is."""
+    from ofactl.adapt import AdaptConfig
+
+    cfg = load_config(AdaptConfig, "adapt", None, ["task=sid", "seed=3"])
+    save_resolved(cfg, "adapt", tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "band_edges: clamp" in text
+    (tmp_path / "config.yaml").write_text(text.replace("  band_edges: clamp\n", ""))  # as such runs recorded it
+    assert ablation.adapt_differences(tmp_path, replace(cfg, band_edges="clamp")) == []
+    assert ablation.adapt_differences(tmp_path, replace(cfg, band_edges="inside")) == ["band_edges"]
+    assert ablation.adapt_differences(tmp_path, replace(cfg, band_edges="clamp", seed=4)) == ["seed"]
+
+
 def test_a_damaged_record_is_one_clear_exit(ablation, tmp_path):
     cfg = load_config(DistillConfig, "distill", "distill-tiny-fbank")
     (tmp_path / "config.yaml").write_text("distill: [unclosed\n")
