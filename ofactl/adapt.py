@@ -23,7 +23,8 @@ pathwise slope was measured to disagree in sign with the loss curve. The default
 slope, which covers the weights and the count; the cost term is always differentiated through
 the CIF weights. The probe trains at per-utterance lambdas within ``probe_band`` of the current
 one, so its error does not favour the exact rate it sits at (a probe trained at one rate is
-worst just below it, which pulls lambda back towards less compression). The last ``refine``
+worst just below it, which pulls lambda back towards less compression); near an end of lambda's
+range the draws stay uniform over the band's part inside it (``band_edges``). The last ``refine``
 share of the epochs freezes lambda and trains the probe at the learned rate. The reported test
 metric comes from a fresh probe trained as ``sweep`` trains one, on the exact-length features at
 the learned rate that ``rate.yaml`` extracts (``final_probe: fresh``), or from the joint probe.
@@ -90,9 +91,10 @@ class AdaptConfig:
     difference_step: float = 0.1  # lambda half-step of the central difference (0.1 ~ 0.09 of rate)
     probe_band: float = 0.3  # the probe trains at per-utterance lambdas within +-band of the current one,
     # so its loss does not favour the rate it happens to sit at
-    band_edges: BandEdges = "clamp"  # near an end of lambda's range [0, top]: clamp, draws past it land on it
-    # (a point mass there, which the probe comes to favour); inside, draws are uniform over the part of
-    # the band inside the range (docs/ablation.md, "The probe's band at the ends of lambda's range")
+    band_edges: BandEdges = "inside"  # near an end of lambda's range [0, top]: inside, draws are uniform over
+    # the part of the band inside the range; clamp (every run before the ablation chose inside), draws past
+    # an end land on it, a point mass there that the probe comes to favour (docs/ablation.md, "The probe's
+    # band at the ends of lambda's range")
     refine: float = 0.2  # share of the epochs at the end: lambda frozen, the probe trains at the learned rate
     min_rate: float = 0.25  # lowest rate lambda may reach (80 ms; OFA students are distilled on 20-90 ms,
     # and the edge of that range is the least trained)

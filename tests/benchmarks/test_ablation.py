@@ -44,7 +44,7 @@ def test_a_kept_adapt_run_from_before_a_setting_reads_as_the_value_it_ran_with(a
     is reused for ``clamp`` and not for ``inside``, whatever the default is."""
     from ofactl.adapt import AdaptConfig
 
-    cfg = load_config(AdaptConfig, "adapt", None, ["task=sid", "seed=3"])
+    cfg = load_config(AdaptConfig, "adapt", None, ["task=sid", "seed=3", "band_edges=clamp"])
     save_resolved(cfg, "adapt", tmp_path / "config.yaml")
     text = (tmp_path / "config.yaml").read_text()
     assert "band_edges: clamp" in text
