@@ -35,7 +35,10 @@ LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)  # fractions of lam
 
 def dev_curve(job: Any, fractions: tuple[float, ...] = LAMBDAS) -> list[dict[str, float]]:
     """The joint probe (eval mode) on the whole dev split at ``fractions`` of lambda's top: the
-    rate it gives, the expected error and the error (1 - accuracy, or the error rate)."""
+    rate it gives, the expected error and the error (1 - accuracy, or the error rate), in one pass
+    of the student per batch. Both errors are means over batches weighted by their utterances: for
+    accuracy that is the split's figure, for a CTC task's error rate not quite the corpus-level one
+    a sweep reports (``adapt._evaluate`` scores that, at a second pass of the student)."""
     task, dev = job.task, job.task.splits["dev"]
     was = job.probe.training
     job.probe.eval()
