@@ -68,7 +68,7 @@ class AdaptConfig:
     init_rate: float = 0.5  # rate lambda starts from
     restarts: tuple[float, ...] = ()  # more rates to start from: adapt runs once from init_rate and once from
     # each, and keeps the run whose fresh probe has the lowest dev objective (dev error plus the cost at its
-    # learned rate). adapt follows a local slope, and on a flat curve it stays near its start
+    # learned rate). adapt follows a local slope, and on a flat curve it can stay near its start
     # (docs/method.md, "Where adapt starts matters on a flat curve"); empty: one run
     cost: float = 0.05  # gamma: expected error (a fraction: 0.05 = 5 points of accuracy or error rate)
     # accepted for all of the compute after the CNN (cost_form linear) or per halving of it (log2)
