@@ -212,6 +212,7 @@ class AdaptResult:
     final_probe_seconds: float  # features and training of the fresh probe (0 for joint)
     starts: list[dict[str, Any]] = field(default_factory=list)  # with restarts: each run's start, learned rate,
     # fresh probe dev metric and dev objective; the kept one is marked
+    dev_resolution: dict[str, Any] | None = None  # the dev split's size and noise against the cost (dev_resolution)
 
     def to_json(self) -> dict[str, Any]:
         """The result as JSON-safe data (``summary.json``, ``--json``)."""
@@ -462,12 +463,23 @@ def _finish_adapt(job: _AdaptJob, out: _Outcome, out_dir: Path, compare: tuple[P
         f"extract:\n  rates: [{out.learned_rate}]\n" + ("" if job.level_db is None else f"  level_db: {job.level_db}\n"))
     comparison = compare_with_sweep(compare[0], task, out.learned_rate, test_metric[task.metric],
                                     time.perf_counter() - t0, cfg.rate_cost, ckpt_sha=compare[1]) if compare else None
+    resolution = dev_resolution(task, _dev_metric(job, out), cfg.rate_cost) if task.splits["dev"] else None
     res = AdaptResult(out_dir, task.task, task.metric, round(test_metric[task.metric], 5), round(out.final_lam, 5),
                       out.learned_rate, round(20.0 / out.learned_rate, 2), cfg.init_rate, cfg.cost, cfg.cost_form,
                       time.perf_counter() - t0, comparison, cfg.final_probe,
-                      round(out.joint[task.metric], 5), round(out.probe_seconds, 2), starts or [])
+                      round(out.joint[task.metric], 5), round(out.probe_seconds, 2), starts or [], resolution)
     write_text(out_dir / "summary.json", json.dumps(res.to_json(), indent=2))
     return res
+
+
+def _dev_metric(job: _AdaptJob, out: _Outcome) -> float:
+    """The dev metric at the learned rate of the probe ``test`` comes from: the fresh probe's, or
+    the joint probe's at the learned lambda."""
+    if out.fresh is not None:
+        return out.dev_metric
+    dev, _ = _evaluate(job.student, job.probe, job.task, job.task.splits["dev"], job.cache, out.final_lam,
+                       job.device, job.cfg)
+    return dev[job.task.metric]
 
 
 def _fresh_probe(job: _AdaptJob, rate: float) -> ProbeResult:
@@ -584,6 +596,40 @@ def sweep_rows_for(path: Path, ckpt_sha: str | None = None, *, task: str) -> lis
     return mine
 
 
+def split_count(task: TaskData, split: str) -> int:
+    """What a split's metric counts: its utterances (accuracy) or its reference tokens (error rates)."""
+    ids = task.splits[split]
+    return len(ids) if task.kind == "cls" else sum(len(task.labels[u]) for u in ids)
+
+
+def binomial_se(p: float, n: int) -> float:
+    """The binomial standard error of a proportion ``p`` measured on ``n`` items (accuracy or error rate)."""
+    return float(np.sqrt(max(p * (1 - p), 0.0) / max(n, 1)))
+
+
+def dev_resolution(task: TaskData, dev_metric: float, cost: RateCost) -> dict[str, Any] | None:
+    """How finely the dev split adapt reads its rate from resolves the cost: its size (utterances or
+    reference tokens), the dev metric at the learned rate and its binomial standard error
+    (Agresti-Coull), whether two of those stay within the cost (gamma), and a note when they do
+    not: then a flat stretch of the curve is level within the split's noise and the learned rate
+    can follow it (docs/method.md, "How finely the dev split resolves the cost"). None without a
+    dev split or with a target rate."""
+    n = split_count(task, "dev")
+    if n == 0 or cost.target_rate > 0:
+        return None
+    # Agresti-Coull (two more right and two more wrong): a small split scored all right or all wrong
+    # has no error of zero
+    se = binomial_se((dev_metric * n + 2) / (n + 4), n + 4)
+    unit = "utterances" if task.kind == "cls" else "reference tokens"
+    resolves = bool(2 * se <= cost.gamma)
+    note = None if resolves else (
+        f"adapt --task {task.task} read its rate from {n} dev {unit}: two standard errors of the dev "
+        f"{task.metric} there ({200 * se:.1f} points) exceed the cost ({100 * cost.gamma:g} points), so where "
+        "the curve is flat the learned rate can follow the split's noise (docs/method.md)")
+    return {"dev_count": n, "unit": unit, "dev_metric": round(dev_metric, 5), "standard_error": round(se, 5),
+            "cost": cost.gamma, "resolves_cost": resolves, "note": note}
+
+
 def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, adapt_s: float,
                        cost: RateCost | None = None, ckpt_sha: str | None = None) -> dict[str, Any]:
     """Where the learned rate falls on a sweep of the same task, and what each cost.
@@ -605,9 +651,7 @@ def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, a
     xs = [r.achieved_rate for r in rows]
     ys = [r.test for r in rows]
     best = max(ys) if task.higher_better else min(ys)
-    test_ids = task.splits["test"]
-    n = len(test_ids) if task.kind == "cls" else sum(len(task.labels[u]) for u in test_ids)
-    tol = max(0.02, 2.0 * float(np.sqrt(max(best * (1 - best), 0.0) / max(n, 1))))
+    tol = max(0.02, 2.0 * binomial_se(best, split_count(task, "test")))
 
     def near(y: float) -> bool:
         return (best - y if task.higher_better else y - best) <= tol + 1e-12

@@ -343,6 +343,8 @@ def _show_quickstart(console: Console, doc: dict[str, Any]) -> None:
                  else f"test {a['metric']} {a['test']:.3f} ({a.get('final_probe', 'joint')} probe)")
         console.print(f"adapt --task {a['task']}: learned rate {a['learned_rate']:.3f} ({a['frame_period_ms']:.1f} ms), "
                       f"{there}", markup=False, highlight=False)
+        if note := (a.get("dev_resolution") or {}).get("note"):  # runs from before the field have none
+            console.print(f"  [yellow]note:[/yellow] {escape(note)}", highlight=False)
     for k, v in doc["paths"].items():
         console.print(f"  {k}: {v}", markup=False, highlight=False)
     console.print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in doc["stage_seconds"].items()), highlight=False)
@@ -660,6 +662,8 @@ def adapt(
                               f"{c['sweep_probe_trainings']} sweep probe trainings", markup=False, highlight=False)
             err_console.print(f"a grid search on the sweep's dev split picks rate {c['dev_choice_rate']:.3f} "
                               f"(test {c['dev_choice_test']:.4f})", markup=False, highlight=False)
+        if note := (res.dev_resolution or {}).get("note"):
+            err_console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
         err_console.print(f"extract at this rate: ofactl extract -c {res.out_dir / 'rate.yaml'} ...", markup=False, highlight=False)
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import sweep_row
 from typer.testing import CliRunner
 
-from ofactl.adapt import AdaptConfig, LearnableLambda, RateCost, band_draws, run_adapt
+from ofactl.adapt import AdaptConfig, LearnableLambda, RateCost, band_draws, dev_resolution, run_adapt
 from ofactl.audio import read_corpus
 from ofactl.cli import app
 from ofactl.config import load_config
@@ -220,6 +220,11 @@ def test_cli_outputs_and_rate_config_loads(tmp_path, distilled, synth_corpus):
     cfg = load_config(ExtractConfig, "extract", out / "rate.yaml")
     assert cfg.rates == (doc["learned_rate"],)
     assert cfg.level_db is None  # as recorded, as adapt heard them
+    # the test corpus's few dev utterances cannot resolve a 5-point cost: said in summary.json and on the terminal
+    assert doc["dev_resolution"]["resolves_cost"] is False and doc["dev_resolution"]["dev_count"] < 50
+    shown = CliRunner().invoke(app, ["adapt", "--ckpt", str(distilled), "--corpus", str(synth_corpus), "--task", "sid",
+                                     "--out", str(tmp_path / "ad2"), "--set", "epochs=1"])
+    assert shown.exit_code == 0 and "note: adapt --task sid read its rate from" in " ".join(shown.stderr.split())
     r = CliRunner().invoke(app, ["adapt", "--ckpt", str(distilled), "--corpus", str(synth_corpus), "--task", "sid",
                                  "--cost", "-1", "--out", str(out)])
     assert r.exit_code == 1 and "cost (gamma) must be >= 0" in r.stderr
@@ -277,8 +282,12 @@ def test_fresh_final_probe_reports_what_a_sweep_probe_scores_at_the_learned_rate
             hidden, _ = student.encode(x, n, rate=fresh.learned_rate, exact=True)
         feats[u] = hidden.states[0].numpy()
         assert len(feats[u]) == max(1, round(fresh.learned_rate * len(cache[u])))
-    ref = train_probe(task, feats, cfg.probe, {u: len(cache[u]) for u in task.ids}).test["accuracy"]
-    assert fresh.test == pytest.approx(ref, abs=1e-4)
+    ref = train_probe(task, feats, cfg.probe, {u: len(cache[u]) for u in task.ids})
+    assert fresh.test == pytest.approx(ref.test["accuracy"], abs=1e-4)
+    # the dev split's resolution is read on the probe test comes from: the fresh one's dev metric ...
+    assert fresh.dev_resolution["dev_metric"] == pytest.approx(ref.dev["accuracy"], abs=1e-4)
+    assert fresh.dev_resolution["dev_count"] == joint.dev_resolution["dev_count"] == len(task.splits["dev"])
+    assert 0 <= joint.dev_resolution["dev_metric"] <= 1  # ... or the joint probe's at the learned lambda
     assert json.loads((tmp_path / "fresh" / "summary.json").read_text())["final_probe"] == "fresh"
 
 
@@ -436,6 +445,31 @@ def test_compare_with_sweep_uses_the_interpolated_curve_and_test_set_noise(tmp_p
     lin = compare_with_sweep(tmp_path, task, 0.45, 0.3, 5.0, cost=RateCost(0.05, "linear"))
     assert lin["best_objective_rate"] == 1.0 and lin["best_objective"] == pytest.approx(0.60, abs=1e-9)
     assert lin["objective_gap"] == pytest.approx(0.672 + 0.05 * (0.45 - 1) - 0.60, abs=1e-3)
+
+
+def test_dev_resolution_weighs_two_standard_errors_of_the_dev_split_against_the_cost():
+    from ofactl.probe.tasks import TaskData
+
+    def task(kind, n_dev, tokens=1):
+        ids = [f"u{i}" for i in range(n_dev)]
+        metric = "accuracy" if kind == "cls" else "per"
+        return TaskData("sid" if kind == "cls" else "pr", kind, metric, kind == "cls",
+                        {"train": [], "dev": ids, "test": []}, {u: [0] * tokens for u in ids}, ["a"])
+
+    small = dev_resolution(task("cls", 120), 0.75, RateCost(0.05, "linear"))
+    p = (0.75 * 120 + 2) / 124  # Agresti-Coull: two more right and two more wrong
+    assert small["standard_error"] == pytest.approx((p * (1 - p) / 124) ** 0.5, abs=1e-5)  # 0.0393
+    assert (small["dev_count"], small["unit"], small["resolves_cost"]) == (120, "utterances", False)
+    assert small["note"].startswith("adapt --task sid read its rate from 120 dev utterances")
+    assert "(7.9 points) exceed the cost (5 points)" in small["note"]
+    large = dev_resolution(task("cls", 552), 0.75, RateCost(0.05, "linear"))
+    assert large["resolves_cost"] and large["note"] is None  # 2 x 1.8 points
+    assert not dev_resolution(task("cls", 6), 1.0, RateCost(0.05, "linear"))["resolves_cost"]  # all right, yet 6
+    assert not dev_resolution(task("cls", 552), 0.75, RateCost(0.02, "linear"))["resolves_cost"]  # a finer cost
+    ctc = dev_resolution(task("ctc", 120, tokens=20), 0.1, RateCost(0.05, "linear"))  # error rates count tokens
+    assert (ctc["dev_count"], ctc["unit"], ctc["resolves_cost"]) == (2400, "reference tokens", True)
+    assert dev_resolution(task("cls", 0), 0.75, RateCost(0.05, "linear")) is None  # no dev split
+    assert dev_resolution(task("cls", 120), 0.75, RateCost(0.05, "linear", target_rate=0.5)) is None
 
 
 def test_a_grid_search_on_dev_can_pick_a_rate_the_test_curve_rules_out(tmp_path):

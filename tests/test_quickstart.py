@@ -51,6 +51,7 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path):
     assert set(json.loads(r2.stdout)["reused"]) == {"distill", "extract", "sweep-ks", "sweep-sid", "adapt-sid"}
     table = CliRunner().invoke(app, args[:-1])  # the summary table: each utterance task's mean and SD
     assert table.exit_code == 0 and table.stderr.count(" ± ") == 4, table.output
+    assert "note: adapt --task sid read its rate from" in " ".join(table.stderr.split())  # a few dev utterances
     # another adapt setting: adapt runs again, everything before it is reused
     r3 = CliRunner().invoke(app, args + ["--set", "adapt_epochs=2"])
     assert r3.exit_code == 0, r3.output
