@@ -625,7 +625,8 @@ def dev_resolution(task: TaskData, dev_metric: float, cost: RateCost) -> dict[st
     note = None if resolves else (
         f"adapt --task {task.task} read its rate from {n} dev {unit}: two standard errors of the dev "
         f"{task.metric} there ({200 * se:.1f} points) exceed the cost ({100 * cost.gamma:g} points), so where "
-        "the curve is flat the learned rate can follow the split's noise (docs/method.md)")
+        "the curve is flat the learned rate can follow the split's noise; a split column in the manifest can give dev "
+        "more (docs/method.md)")
     return {"dev_count": n, "unit": unit, "dev_metric": round(dev_metric, 5), "standard_error": round(se, 5),
             "cost": cost.gamma, "resolves_cost": resolves, "note": note}
 
