@@ -463,7 +463,8 @@ def _finish_adapt(job: _AdaptJob, out: _Outcome, out_dir: Path, compare: tuple[P
         f"extract:\n  rates: [{out.learned_rate}]\n" + ("" if job.level_db is None else f"  level_db: {job.level_db}\n"))
     comparison = compare_with_sweep(compare[0], task, out.learned_rate, test_metric[task.metric],
                                     time.perf_counter() - t0, cfg.rate_cost, ckpt_sha=compare[1]) if compare else None
-    resolution = dev_resolution(task, _dev_metric(job, out), cfg.rate_cost) if task.splits["dev"] else None
+    # lambda read dev batches (lambda_data: dev, the default); read on train batches, the dev split set nothing
+    resolution = dev_resolution(task, _dev_metric(job, out), cfg.rate_cost) if job.dev else None
     res = AdaptResult(out_dir, task.task, task.metric, round(test_metric[task.metric], 5), round(out.final_lam, 5),
                       out.learned_rate, round(20.0 / out.learned_rate, 2), cfg.init_rate, cfg.cost, cfg.cost_form,
                       time.perf_counter() - t0, comparison, cfg.final_probe,

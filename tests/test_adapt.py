@@ -472,6 +472,14 @@ def test_dev_resolution_weighs_two_standard_errors_of_the_dev_split_against_the_
     assert dev_resolution(task("cls", 120), 0.75, RateCost(0.05, "linear", target_rate=0.5)) is None
 
 
+def test_lambda_read_on_train_batches_leaves_the_dev_split_out_of_it(tmp_path, distilled, medium_corpus):
+    # (with lambda_data dev, the default, test_fresh_final_probe_... reads it for both final probes)
+    cfg = AdaptConfig(task="sid", epochs=1, batch_size=8, final_probe="joint", lambda_data="train")
+    train = run_adapt(cfg, distilled, medium_corpus, tmp_path / "train")
+    assert train.dev_resolution is None  # lambda never read the dev split, so its size says nothing of the rate
+    assert json.loads((tmp_path / "train" / "summary.json").read_text())["dev_resolution"] is None
+
+
 def test_a_grid_search_on_dev_can_pick_a_rate_the_test_curve_rules_out(tmp_path):
     from dataclasses import replace
 
