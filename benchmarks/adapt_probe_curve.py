@@ -68,14 +68,14 @@ def watching(every: int, fractions: tuple[float, ...] = LAMBDAS) -> Iterator[dic
     real_step, real_objective, real_outcome = adapt_mod._AdaptJob.step, adapt_mod._lambda_objective, adapt_mod._outcome
     state: dict[str, Any] = {"phase": None, "joint_steps": 0}
 
-    def step(job: Any, ids: list[str], phase: str) -> dict[str, Any]:
+    def step(job: Any, batches: list[list[str]], phase: str) -> dict[str, Any]:
         if phase != state["phase"] or (phase == "joint" and state["joint_steps"] and state["joint_steps"] % every == 0):
             seen["curves"].append({"at": f"start of {phase}" if phase != state["phase"] else
                                    f"joint step {state['joint_steps']}",
                                    "lambda": round(float(job.lam().detach()), 4), "rows": dev_curve(job, fractions)})
             state["phase"] = phase
         state["joint_steps"] += phase == "joint"
-        return real_step(job, ids, phase)
+        return real_step(job, batches, phase)
 
     def objective(cfg: AdaptConfig, student: Any, probe: Any, task: Any, ids: list[str], *rest: Any) -> Any:
         out = real_objective(cfg, student, probe, task, ids, *rest)

@@ -36,7 +36,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -81,8 +81,12 @@ class AdaptConfig:
     lambda_warmup: float = 0.3  # share of the steps training the probe alone: a random probe's
     # loss says nothing about the rate, so lambda starts learning once the probe does
 
-    # dev: lambda follows the dev-split loss (first-order DARTS); train: the same loss as the probe
+    # dev: lambda follows the dev-split loss (first-order DARTS); train: the same loss as the probe;
+    # crossfit: train and dev pooled and cut into `folds`, one probe per fold trained on the others, and
+    # lambda follows each probe's loss on its own held-out fold, so every pooled utterance is held out once
+    # (for a dev split too small to resolve the cost; each step costs `folds` probe steps)
     lambda_data: LambdaData = "dev"
+    folds: int = 5  # folds of lambda_data crossfit (unused otherwise)
     lambda_batch_size: int = 0  # dev utterances behind each lambda step (0: batch_size; at most the dev split)
     lambda_grad: LambdaGrad = "difference"  # difference: central difference of the task loss over +-difference_step
     # (sees the frame count change); pathwise: autograd through the CIF weights only
@@ -135,6 +139,8 @@ class AdaptConfig:
             raise ValueError("epochs, batch_size and lambda_lr must be positive")
         if self.lambda_batch_size < 0:
             raise ValueError("lambda_batch_size must be >= 0 (0: batch_size)")
+        if self.folds < 2:
+            raise ValueError("folds must be at least 2 (lambda_data crossfit holds out one fold of them)")
         if self.lambda_loss == "metric" and self.lambda_grad != "difference":
             raise ValueError("lambda_loss metric has no gradient: it needs lambda_grad difference")
         check_level(self.level_db)
@@ -286,8 +292,8 @@ def _restart(job: _AdaptJob, init_rate: float) -> _AdaptJob:
     assert job.rng is not None  # set by _setup_adapt
     set_rng_state(job.rng)
     cfg = replace(job.cfg, init_rate=init_rate)
-    lam, probe = _lambda_and_probe(cfg, job.student, job.task, job.device)
-    return _AdaptJob(cfg, job.student, job.task, job.cache, job.device, probe, lam, job.level_db, rng=job.rng)
+    lam, probes = _lambda_and_probes(cfg, job.student, job.task, job.device)
+    return _AdaptJob(cfg, job.student, job.task, job.cache, job.device, probes, lam, job.level_db, rng=job.rng)
 
 
 def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, device: torch.device,
@@ -312,112 +318,190 @@ def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, devi
     cache = _cnn_cache(student, utts, device, level)
     progress.finish()
     rng = rng_state()  # restarts draw their probe from here, so each is the run its init_rate alone gives
-    lam, probe = _lambda_and_probe(cfg, student, task, device)
-    return _AdaptJob(cfg, student, task, cache, device, probe, lam, level, rng=rng)
+    lam, probes = _lambda_and_probes(cfg, student, task, device)
+    return _AdaptJob(cfg, student, task, cache, device, probes, lam, level, rng=rng)
 
 
-def _lambda_and_probe(cfg: AdaptConfig, student: Any, task: TaskData,
-                      device: torch.device) -> tuple[LearnableLambda, Probe]:
-    """lambda at ``cfg.init_rate`` (bounded by ``cfg.min_rate``) and a new probe for ``task``."""
+def _lambda_and_probes(cfg: AdaptConfig, student: Any, task: TaskData,
+                       device: torch.device) -> tuple[LearnableLambda, list[Probe]]:
+    """lambda at ``cfg.init_rate`` (bounded by ``cfg.min_rate``) and a new probe for ``task`` per
+    fold of :func:`fold_ids` (one unless lambda_data is crossfit)."""
     alpha_mean = student.alpha_mean
     lam = LearnableLambda(float(rate_to_lambda(cfg.init_rate, alpha_mean)),
                           float(rate_to_lambda(cfg.min_rate, alpha_mean))).to(device)
-    probe = Probe(student.num_hidden, student.cfg.arch.embed_dim, task.n_outputs, task.kind, cfg.probe).to(device)
-    return lam, probe
+    count = cfg.folds if cfg.lambda_data == "crossfit" else 1
+    probes = [Probe(student.num_hidden, student.cfg.arch.embed_dim, task.n_outputs, task.kind, cfg.probe).to(device)
+              for _ in range(count)]
+    return lam, probes
+
+
+def fold_ids(cfg: AdaptConfig, task: TaskData) -> list[tuple[list[str], list[str]]]:
+    """The utterances each probe of the joint phase trains on and those lambda reads through it.
+
+    lambda_data dev: one probe, (train, dev); train, or no dev split: (train, []), lambda reads
+    the probe's own batch. crossfit: train and dev pooled, shuffled (seeded) and dealt into
+    ``cfg.folds`` folds, by label for utterance tasks so every class spreads over all of them;
+    probe k trains on the other folds and lambda reads fold k through it."""
+    train, dev = task.splits["train"], task.splits["dev"]
+    if cfg.lambda_data != "crossfit":
+        return [(train, dev if cfg.lambda_data == "dev" else [])]
+    pool = train + dev
+    if len(pool) < 2 * cfg.folds:
+        raise ConfigError(f"adapt --task {task.task}: lambda_data crossfit needs at least two train and dev "
+                          f"utterances per fold ({cfg.folds} folds), the corpus has {len(pool)}")
+    order = [pool[i] for i in np.random.default_rng(cfg.seed).permutation(len(pool))]
+    if task.kind == "cls":
+        order.sort(key=lambda u: task.labels[u])  # stable: shuffled within each label
+    held = [order[k :: cfg.folds] for k in range(cfg.folds)]
+    return [([u for j, h in enumerate(held) if j != k for u in h], held[k]) for k in range(cfg.folds)]
+
+
+@dataclass
+class _Fold:
+    """One probe of the joint phase: what it trains on, what lambda reads through it (empty: the
+    probe's own batch), its optimiser and the next held-out utterance."""
+
+    train: list[str]
+    held: list[str]
+    probe: Probe
+    opt: torch.optim.Optimizer
+    pos: int = 0
 
 
 @dataclass
 class _AdaptJob:
-    """The adapt loop's state: probe and lambda with their optimisers, data order, trajectory."""
+    """The adapt loop's state: the probes (one per fold) and lambda with their optimisers, data
+    order, trajectory."""
 
     cfg: AdaptConfig
     student: Any
     task: TaskData
     cache: dict[str, Tensor]
     device: torch.device
-    probe: Probe
+    probes: list[Probe]
     lam: LearnableLambda
     level_db: float | None = None  # the level every recording was scaled to (dBFS); none: as recorded
     traj: list[dict[str, Any]] = field(default_factory=list)
-    dev_pos: int = 0
     rng: dict[str, Any] | None = None  # torch's generator states just before the probe was drawn (restarts start from them)
 
     def __post_init__(self) -> None:
         cfg, kind = self.cfg, self.task.kind
-        self.opt = torch.optim.Adam(self.probe.parameters(), lr=cfg.probe.ctc_lr if kind == "ctc" else cfg.probe.lr)
+        lr = cfg.probe.ctc_lr if kind == "ctc" else cfg.probe.lr
+        self.folds = [_Fold(train, held, p, torch.optim.Adam(p.parameters(), lr=lr))
+                      for (train, held), p in zip(fold_ids(cfg, self.task), self.probes, strict=True)]
         self.opt_lam = torch.optim.Adam(self.lam.parameters(), lr=cfg.lambda_lr)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.dev = self.task.splits["dev"] if (cfg.lambda_data == "dev" and self.task.splits["dev"]) else []
+
+    @property
+    def probe(self) -> Probe:
+        """The probe the joint test metric comes from (with crossfit, the first fold's)."""
+        return self.folds[0].probe
+
+    @property
+    def held_out(self) -> list[str]:
+        """Every utterance lambda reads through a probe that did not train on it (none: lambda
+        reads the probe's own batches)."""
+        return [u for f in self.folds for u in f.held]
 
     def train(self, progress: Progress) -> None:
         """Warm-up (probe only), joint (probe and lambda), refine (probe at the final lambda)."""
-        cfg, train = self.cfg, self.task.splits["train"]
-        steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+        cfg = self.cfg
+        steps_per_epoch = min((len(f.train) + cfg.batch_size - 1) // cfg.batch_size for f in self.folds)
         warm = int(cfg.lambda_warmup * cfg.epochs * steps_per_epoch)
         refine_from = cfg.epochs - int(round(cfg.refine * cfg.epochs))
         progress.start("adapting the rate", cfg.epochs * steps_per_epoch)
         # CTC batches of like lengths, as a sweep's probe trains (pool 1: plain random batches);
         # utterance heads keep plain ones, as train_probe does
         pool = cfg.probe.sort_pool if self.task.kind == "ctc" else 1
-        frames = {u: len(self.cache[u]) for u in train}
+        frames = {u: len(self.cache[u]) for f in self.folds for u in f.train}
         step = 0
         for epoch in range(cfg.epochs):
             refining = epoch >= refine_from
-            for ids in bucketed_batches(train, frames, cfg.batch_size, pool, self.gen):
+            per_fold = [bucketed_batches(f.train, frames, cfg.batch_size, pool, self.gen) for f in self.folds]
+            for batches in zip(*per_fold):  # folds a batch apart in size: the shortest sets the epoch
                 phase = "refine" if refining else ("joint" if step >= warm else "warmup")
-                rec = self.step(ids, phase)
+                rec = self.step(list(batches), phase)
                 step += 1
                 self.traj.append({"step": step, "epoch": epoch + 1, **rec})
                 progress.advance(1, lam=rec["lambda"], rate=rec["achieved_rate"], loss=rec["task_loss"])
         progress.finish()
 
-    def step(self, ids: list[str], phase: str) -> dict[str, Any]:
-        """One probe step on ``ids`` and, in the joint phase, one lambda step; the log record."""
+    def step(self, batches: list[list[str]], phase: str) -> dict[str, Any]:
+        """One step of each fold's probe on its batch and, in the joint phase, one lambda step on
+        the mean of the folds' objectives; the log record."""
         cfg, lam = self.cfg, self.lam
-        x, n = _batch(ids, self.cache, self.device)
         learn_lam, refining = phase == "joint", phase == "refine"
         lm = lam()
-        joint = learn_lam and not self.dev and cfg.lambda_grad == "pathwise"  # one loss trains both
+        joint = learn_lam and not self.held_out and cfg.lambda_grad == "pathwise"  # one loss trains both
+        self.opt_lam.zero_grad()
+        done = [self._probe_step(f, ids, lm, joint, refining) for f, ids in zip(self.folds, batches, strict=True)]
+        mean_ratio, cost = _mean([d.mean_ratio for d in done]), _mean([d.cost for d in done])
+        extra: dict[str, float] = {}
+        if learn_lam and not joint:
+            parts = [self._lambda_loss(f, d.ids, d.x, d.n, lm) for f, d in zip(self.folds, done, strict=True)]
+            lam_loss, mean_ratio, cost = (_mean([p[i] for p in parts]) for i in range(3))
+            self.opt_lam.zero_grad()
+            (lam_loss + cost).backward()
+            extra["lambda_loss"] = round(float(lam_loss.detach()), 5)
+        if learn_lam:
+            self.opt_lam.step()
+        achieved = float(sum(d.out_frames for d in done) / sum(d.n.sum() for d in done))  # (a tensor quotient)
+        return {"lambda": round(float(lm.detach()), 5), "expected_ratio": round(float(mean_ratio.detach()), 5),
+                "achieved_rate": round(achieved, 5), "frame_period_ms": round(20.0 / max(achieved, 1e-6), 2),
+                "task_loss": round(sum(d.loss for d in done) / len(done), 5), "cost": round(float(cost.detach()), 5),
+                "phase": phase, **extra}
+
+    def _probe_step(self, fold: _Fold, ids: list[str], lm: Tensor, joint: bool, refining: bool) -> _ProbeStep:
+        """One step of ``fold``'s probe on ``ids`` at lambdas drawn within the band around ``lm``
+        (at ``lm`` while refining); with ``joint`` the cost joins its loss and reaches lambda."""
+        cfg = self.cfg
+        x, n = _batch(ids, self.cache, self.device)
         lam_b = (lm if joint else lm.detach()).expand(len(ids))
         if cfg.probe_band > 0 and not refining:
             lam_b = band_draws(lam_b, torch.rand(len(ids), generator=self.gen).to(self.device), cfg.probe_band,
-                               lam.top, cfg.band_edges)
+                               self.lam.top, cfg.band_edges)
         hidden, comp = self.student.encode(x, n, rate=None, lam=lam_b, exact=False)
-        loss = task_loss(self.probe, self.task, ids, hidden.states, hidden.lengths, charge_infeasible=True)
-        self.opt.zero_grad()
-        self.opt_lam.zero_grad()
-        extra: dict[str, float] = {}
+        loss = task_loss(fold.probe, self.task, ids, hidden.states, hidden.lengths, charge_infeasible=True)
+        fold.opt.zero_grad()
         if joint:
             mean_ratio, cost = _cost(cfg, comp.alpha_pred, lam_b, n)
             (loss + cost).backward()
         else:
             loss.backward()
-        self.opt.step()
-        if learn_lam and not joint:
-            lam_loss, mean_ratio, cost = self._lambda_loss(ids, x, n, lm)
-            self.opt_lam.zero_grad()
-            (lam_loss + cost).backward()
-            extra["lambda_loss"] = round(float(lam_loss.detach()), 5)
-        elif not joint:
             with torch.no_grad():  # for the log: the cost at the current lambda, not the probe's band
                 mean_ratio, cost = _cost(cfg, comp.alpha_pred, lm.detach().expand(len(ids)), n)
-        if learn_lam:
-            self.opt_lam.step()
-        achieved = float(hidden.lengths.sum() / n.sum())
-        return {"lambda": round(float(lm.detach()), 5), "expected_ratio": round(float(mean_ratio.detach()), 5),
-                "achieved_rate": round(achieved, 5), "frame_period_ms": round(20.0 / max(achieved, 1e-6), 2),
-                "task_loss": round(float(loss.detach()), 5), "cost": round(float(cost.detach()), 5),
-                "phase": phase, **extra}
+        fold.opt.step()
+        return _ProbeStep(ids, x, n, float(loss.detach()), hidden.lengths.sum(), mean_ratio, cost)
 
-    def _lambda_loss(self, ids: list[str], x: Tensor, n: Tensor, lm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The objective lambda follows: on the next dev batch (lambda_data: dev) or on ``ids``."""
+    def _lambda_loss(self, fold: _Fold, ids: list[str], x: Tensor, n: Tensor,
+                     lm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The objective lambda follows through ``fold``'s probe: on its next held-out batch, or on
+        ``ids`` (its own batch) when it holds none out."""
         cfg = self.cfg
-        if self.dev:
-            size = min(cfg.lambda_batch_size or cfg.batch_size, len(self.dev))
-            ids = [self.dev[(self.dev_pos + i) % len(self.dev)] for i in range(size)]
-            self.dev_pos += size
+        if fold.held:
+            size = min(cfg.lambda_batch_size or cfg.batch_size, len(fold.held))
+            ids = [fold.held[(fold.pos + i) % len(fold.held)] for i in range(size)]
+            fold.pos += size
             x, n = _batch(ids, self.cache, self.device)
-        return _lambda_objective(cfg, self.student, self.probe, self.task, ids, x, n, lm, self.lam.top)
+        return _lambda_objective(cfg, self.student, fold.probe, self.task, ids, x, n, lm, self.lam.top)
+
+
+def _mean(values: list[Tensor]) -> Tensor:
+    """The mean of scalar tensors, differentiable (one value: itself, to the last bit)."""
+    return torch.stack(values).mean()
+
+
+class _ProbeStep(NamedTuple):
+    """What one probe step saw: its batch, the task loss, output frames, and the expected frame
+    ratio and cost (at the current lambda; at the band's draws when they train lambda too)."""
+
+    ids: list[str]
+    x: Tensor
+    n: Tensor
+    loss: float
+    out_frames: Tensor  # () integer count
+    mean_ratio: Tensor
+    cost: Tensor
 
 
 @dataclass
@@ -463,8 +547,9 @@ def _finish_adapt(job: _AdaptJob, out: _Outcome, out_dir: Path, compare: tuple[P
         f"extract:\n  rates: [{out.learned_rate}]\n" + ("" if job.level_db is None else f"  level_db: {job.level_db}\n"))
     comparison = compare_with_sweep(compare[0], task, out.learned_rate, test_metric[task.metric],
                                     time.perf_counter() - t0, cfg.rate_cost, ckpt_sha=compare[1]) if compare else None
-    # lambda read dev batches (lambda_data: dev, the default); read on train batches, the dev split set nothing
-    resolution = dev_resolution(task, _dev_metric(job, out), cfg.rate_cost) if job.dev else None
+    # lambda read held-out batches (dev, or crossfit's folds); read on train batches, no split set the rate
+    resolution = (dev_resolution(task, _held_out_metric(job, out), cfg.rate_cost, job.held_out, cfg.lambda_data)
+                  if job.held_out else None)
     res = AdaptResult(out_dir, task.task, task.metric, round(test_metric[task.metric], 5), round(out.final_lam, 5),
                       out.learned_rate, round(20.0 / out.learned_rate, 2), cfg.init_rate, cfg.cost, cfg.cost_form,
                       time.perf_counter() - t0, comparison, cfg.final_probe,
@@ -473,14 +558,16 @@ def _finish_adapt(job: _AdaptJob, out: _Outcome, out_dir: Path, compare: tuple[P
     return res
 
 
-def _dev_metric(job: _AdaptJob, out: _Outcome) -> float:
-    """The dev metric at the learned rate of the probe ``test`` comes from: the fresh probe's, or
-    the joint probe's at the learned lambda."""
-    if out.fresh is not None:
+def _held_out_metric(job: _AdaptJob, out: _Outcome) -> float:
+    """The metric at the learned rate on the utterances lambda read: with lambda_data dev, the dev
+    metric of the probe ``test`` comes from (the fresh probe's, or the joint probe's at the learned
+    lambda); with crossfit, each fold's probe on its own held-out fold, scored as one set."""
+    if out.fresh is not None and job.cfg.lambda_data == "dev":
         return out.dev_metric
-    dev, _ = _evaluate(job.student, job.probe, job.task, job.task.splits["dev"], job.cache, out.final_lam,
-                       job.device, job.cfg)
-    return dev[job.task.metric]
+    preds: list[Any] = []
+    for f in job.folds:
+        preds += _predict(job.student, f.probe, job.task, f.held, job.cache, out.final_lam, job.device, job.cfg)[0]
+    return score(job.task, job.held_out, preds)[job.task.metric]
 
 
 def _fresh_probe(job: _AdaptJob, rate: float) -> ProbeResult:
@@ -556,9 +643,18 @@ def _cost(cfg: AdaptConfig, alpha_pred: Tensor, lam: Tensor, n: Tensor) -> tuple
     return mean_ratio, cfg.rate_cost(mean_ratio)
 
 
-@torch.no_grad()
 def _evaluate(student: Any, probe: Probe, task: TaskData, ids: list[str], cache: dict[str, Tensor], lam: float,
               device: torch.device, cfg: AdaptConfig) -> tuple[dict[str, float], float]:
+    """``probe``'s metrics on ``ids`` at ``lam`` (content-adaptive lengths) and the rate achieved there."""
+    preds, rate = _predict(student, probe, task, ids, cache, lam, device, cfg)
+    return score(task, ids, preds), rate
+
+
+@torch.no_grad()
+def _predict(student: Any, probe: Probe, task: TaskData, ids: list[str], cache: dict[str, Tensor], lam: float,
+             device: torch.device, cfg: AdaptConfig) -> tuple[list[Any], float]:
+    """``probe``'s decoded outputs for ``ids`` at ``lam`` and the rate achieved there (output
+    frames per input frame)."""
     probe.eval()
     preds: list[Any] = []
     frames = inputs = 0
@@ -571,7 +667,7 @@ def _evaluate(student: Any, probe: Probe, task: TaskData, ids: list[str], cache:
         inputs += int(n.sum())
         preds += decode(task, out, hidden.lengths)
     probe.train()
-    return score(task, ids, preds), frames / inputs
+    return preds, frames / max(inputs, 1)
 
 
 def sweep_rows_for(path: Path, ckpt_sha: str | None = None, *, task: str) -> list[SweepRow]:
@@ -599,7 +695,11 @@ def sweep_rows_for(path: Path, ckpt_sha: str | None = None, *, task: str) -> lis
 
 def split_count(task: TaskData, split: str) -> int:
     """What a split's metric counts: its utterances (accuracy) or its reference tokens (error rates)."""
-    ids = task.splits[split]
+    return item_count(task, task.splits[split])
+
+
+def item_count(task: TaskData, ids: list[str]) -> int:
+    """What the metric on ``ids`` counts: utterances (accuracy) or reference tokens (error rates)."""
     return len(ids) if task.kind == "cls" else sum(len(task.labels[u]) for u in ids)
 
 
@@ -608,14 +708,16 @@ def binomial_se(p: float, n: int) -> float:
     return float(np.sqrt(max(p * (1 - p), 0.0) / max(n, 1)))
 
 
-def dev_resolution(task: TaskData, dev_metric: float, cost: RateCost) -> dict[str, Any] | None:
-    """How finely the dev split adapt reads its rate from resolves the cost: its size (utterances or
-    reference tokens), the dev metric at the learned rate and its binomial standard error
-    (Agresti-Coull), whether two of those stay within the cost (gamma), and a note when they do
-    not: then a flat stretch of the curve is level within the split's noise and the learned rate
-    can follow it (docs/method.md, "How finely the dev split resolves the cost"). None without a
-    dev split or with a target rate."""
-    n = split_count(task, "dev")
+def dev_resolution(task: TaskData, dev_metric: float, cost: RateCost, held: list[str] | None = None,
+                   source: LambdaData = "dev") -> dict[str, Any] | None:
+    """How finely the held-out utterances adapt reads its rate from resolve the cost: their count
+    (utterances or reference tokens), the metric there at the learned rate and its binomial
+    standard error (Agresti-Coull), whether two of those stay within the cost (gamma), and a note
+    when they do not: then a flat stretch of the curve is level within the split's noise and the
+    learned rate can follow it (docs/method.md, "How finely the dev split resolves the cost").
+    ``held``: the dev split (None) or, with ``source`` crossfit, every fold's held-out utterances.
+    None without any or with a target rate."""
+    n = item_count(task, task.splits["dev"] if held is None else held)
     if n == 0 or cost.target_rate > 0:
         return None
     # Agresti-Coull (two more right and two more wrong): a small split scored all right or all wrong
@@ -623,13 +725,16 @@ def dev_resolution(task: TaskData, dev_metric: float, cost: RateCost) -> dict[st
     se = binomial_se((dev_metric * n + 2) / (n + 4), n + 4)
     unit = "utterances" if task.kind == "cls" else "reference tokens"
     resolves = bool(2 * se <= cost.gamma)
+    where = "held-out (crossfit)" if source == "crossfit" else "dev"
+    remedy = ("more labelled utterances would" if source == "crossfit" else
+              "a split column in the manifest can give dev more, or --set lambda_data=crossfit holds out every "
+              "train and dev utterance once, which can")
     note = None if resolves else (
-        f"adapt --task {task.task} read its rate from {n} dev {unit}: two standard errors of the dev "
+        f"adapt --task {task.task} read its rate from {n} {where} {unit}: two standard errors of the {where} "
         f"{task.metric} there ({200 * se:.1f} points) exceed the cost ({100 * cost.gamma:g} points), so where "
-        "the curve is flat the learned rate can follow the split's noise; a split column in the manifest can give dev "
-        "more (docs/method.md)")
-    return {"dev_count": n, "unit": unit, "dev_metric": round(dev_metric, 5), "standard_error": round(se, 5),
-            "cost": cost.gamma, "resolves_cost": resolves, "note": note}
+        f"the curve is flat the learned rate can follow the split's noise; {remedy} resolve it (docs/method.md)")
+    return {"dev_count": n, "unit": unit, "held_out": source, "dev_metric": round(dev_metric, 5),
+            "standard_error": round(se, 5), "cost": cost.gamma, "resolves_cost": resolves, "note": note}
 
 
 def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, adapt_s: float,

@@ -9,7 +9,7 @@ import torch
 from conftest import sweep_row
 from typer.testing import CliRunner
 
-from ofactl.adapt import AdaptConfig, LearnableLambda, RateCost, band_draws, dev_resolution, run_adapt
+from ofactl.adapt import AdaptConfig, LearnableLambda, RateCost, band_draws, dev_resolution, fold_ids, run_adapt
 from ofactl.audio import read_corpus
 from ofactl.cli import app
 from ofactl.config import load_config
@@ -173,9 +173,10 @@ def test_joint_batches_follow_probe_sort_pool_for_ctc_heads(tmp_path, distilled,
     seen: list[list[str]] = []
     real = adapt_mod._AdaptJob.step
 
-    def spy(job, ids, phase):
+    def spy(job, batches, phase):
+        (ids,) = batches  # one probe without crossfit
         seen.append(list(ids))
-        return real(job, ids, phase)
+        return real(job, batches, phase)
 
     monkeypatch.setattr(adapt_mod._AdaptJob, "step", spy)
     cfg = load_config(AdaptConfig, "adapt", None, [f"task={task}", "epochs=1", "batch_size=4", "final_probe=joint",
@@ -470,6 +471,72 @@ def test_dev_resolution_weighs_two_standard_errors_of_the_dev_split_against_the_
     assert (ctc["dev_count"], ctc["unit"], ctc["resolves_cost"]) == (2400, "reference tokens", True)
     assert dev_resolution(task("cls", 0), 0.75, RateCost(0.05, "linear")) is None  # no dev split
     assert dev_resolution(task("cls", 120), 0.75, RateCost(0.05, "linear", target_rate=0.5)) is None
+    assert "--set lambda_data=crossfit holds out every train and dev utterance once" in small["note"]
+    pooled = task("cls", 1080)  # crossfit: every train and dev utterance, each read through a probe that did not train on it
+    folds = dev_resolution(pooled, 0.75, RateCost(0.05, "linear"), pooled.splits["dev"], "crossfit")
+    assert (folds["dev_count"], folds["held_out"], folds["resolves_cost"]) == (1080, "crossfit", True)
+    few = dev_resolution(pooled, 0.75, RateCost(0.05, "linear"), pooled.splits["dev"][:100], "crossfit")
+    assert few["note"].startswith("adapt --task sid read its rate from 100 held-out (crossfit) utterances")
+    assert "more labelled utterances would resolve it" in few["note"]
+
+
+def _labelled(n_train, n_dev, n_labels, kind="cls"):
+    from ofactl.probe.tasks import TaskData
+
+    splits = {s: [f"{s}{i}" for i in range(n)] for s, n in (("train", n_train), ("dev", n_dev), ("test", 10))}
+    labels = {u: [i % n_labels] for ids in splits.values() for i, u in enumerate(ids)}
+    return TaskData("sid" if kind == "cls" else "pr", kind, "accuracy" if kind == "cls" else "per", kind == "cls",
+                    splits, labels, [str(i) for i in range(n_labels)])
+
+
+def test_crossfit_folds_hold_out_every_train_and_dev_utterance_once():
+    task = _labelled(96, 12, 6)
+    folds = fold_ids(AdaptConfig(task="sid", lambda_data="crossfit", folds=4, seed=3), task)
+    pool = set(task.splits["train"]) | set(task.splits["dev"])
+    assert len(folds) == 4
+    held = [u for _, h in folds for u in h]
+    assert sorted(held) == sorted(pool)  # each pooled utterance held out once, no test utterance
+    for train, h in folds:
+        assert set(train) | set(h) == pool and not set(train) & set(h)  # a probe never reads what it trained on
+        assert {task.labels[u][0] for u in h} == set(range(6))  # every speaker in every fold (18 each, dealt by label)
+        assert len(h) == 27
+    assert folds == fold_ids(AdaptConfig(task="sid", lambda_data="crossfit", folds=4, seed=3), task)  # seeded
+    assert folds != fold_ids(AdaptConfig(task="sid", lambda_data="crossfit", folds=4, seed=4), task)
+    assert fold_ids(AdaptConfig(task="sid"), task) == [(task.splits["train"], task.splits["dev"])]
+    assert fold_ids(AdaptConfig(task="sid", lambda_data="train"), task) == [(task.splits["train"], [])]
+    with pytest.raises(ConfigError, match="crossfit needs at least two train and dev utterances per fold "
+                                          r"\(5 folds\), the corpus has 9"):
+        fold_ids(AdaptConfig(task="sid", lambda_data="crossfit"), _labelled(6, 3, 2))
+
+
+def test_crossfit_moves_lambda_through_probes_that_did_not_train_on_what_it_reads(tmp_path, distilled, medium_corpus,
+                                                                                 monkeypatch):
+    import ofactl.adapt as adapt_mod
+
+    trained: dict[int, set[str]] = {}
+    read: dict[int, set[str]] = {}
+    real_step, real_objective = adapt_mod._AdaptJob._probe_step, adapt_mod._lambda_objective
+
+    def probe_step(job, fold, ids, *rest):
+        trained.setdefault(id(fold.probe), set()).update(ids)
+        return real_step(job, fold, ids, *rest)
+
+    def objective(cfg, student, probe, task, ids, *rest):
+        read.setdefault(id(probe), set()).update(ids)
+        return real_objective(cfg, student, probe, task, ids, *rest)
+
+    monkeypatch.setattr(adapt_mod._AdaptJob, "_probe_step", probe_step)
+    monkeypatch.setattr(adapt_mod, "_lambda_objective", objective)
+    cfg = AdaptConfig(task="sid", epochs=1, batch_size=8, lambda_warmup=0.0, refine=0.0, final_probe="joint",
+                      lambda_data="crossfit", folds=3)
+    res = run_adapt(cfg, distilled, medium_corpus, tmp_path / "a")
+    task = build_task("sid", read_corpus(medium_corpus), None, 0)
+    pool = set(task.splits["train"]) | set(task.splits["dev"])
+    assert len(trained) == 3 and set(read) == set(trained)  # three probes, lambda read through each
+    for probe, ids in read.items():
+        assert ids and ids <= pool and not ids & trained[probe]  # held out from the probe lambda read it through
+    assert res.dev_resolution["dev_count"] == len(pool) and res.dev_resolution["held_out"] == "crossfit"
+    assert 0 <= res.dev_resolution["dev_metric"] <= 1 and 0 < res.learned_rate <= 1
 
 
 def test_lambda_read_on_train_batches_leaves_the_dev_split_out_of_it(tmp_path, distilled, medium_corpus):
@@ -509,6 +576,8 @@ def test_a_grid_search_on_dev_can_pick_a_rate_the_test_curve_rules_out(tmp_path)
     ("band_edges", "reflect", "expected 'clamp' | 'inside', got str 'reflect'"),
     ("lambda_batch_size", "-1", "lambda_batch_size must be >= 0"),
     ("restarts", "[0.1]", "restarts must be rates from min_rate (0.25) to 1, got 0.1"),
+    ("folds", "1", "folds must be at least 2"),
+    ("lambda_data", "cv", "expected 'dev' | 'train' | 'crossfit', got str 'cv'"),
 ])
 def test_bad_adapt_settings_name_the_key(tmp_path, synth_corpus, key, value, message):
     r = CliRunner().invoke(app, ["adapt", "--ckpt", str(tmp_path / "missing.pt"), "--corpus", str(synth_corpus),
