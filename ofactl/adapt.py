@@ -726,9 +726,11 @@ def dev_resolution(task: TaskData, dev_metric: float, cost: RateCost, held: list
     unit = "utterances" if task.kind == "cls" else "reference tokens"
     resolves = bool(2 * se <= cost.gamma)
     where = "held-out (crossfit)" if source == "crossfit" else "dev"
+    crossfit = "--set lambda_data=crossfit holds out every train and dev utterance once, which can"
     remedy = ("more labelled utterances would" if source == "crossfit" else
-              "a split column in the manifest can give dev more, or --set lambda_data=crossfit holds out every "
-              "train and dev utterance once, which can")
+              # sid splits each speaker's utterances 80/10/10 whatever the manifest's split column says
+              f"speaker ID keeps a tenth of each speaker's utterances for dev, and {crossfit}" if task.task == "sid"
+              else f"a split column in the manifest can give dev more, or {crossfit}")
     note = None if resolves else (
         f"adapt --task {task.task} read its rate from {n} {where} {unit}: two standard errors of the {where} "
         f"{task.metric} there ({200 * se:.1f} points) exceed the cost ({100 * cost.gamma:g} points), so where "

@@ -471,7 +471,11 @@ def test_dev_resolution_weighs_two_standard_errors_of_the_dev_split_against_the_
     assert (ctc["dev_count"], ctc["unit"], ctc["resolves_cost"]) == (2400, "reference tokens", True)
     assert dev_resolution(task("cls", 0), 0.75, RateCost(0.05, "linear")) is None  # no dev split
     assert dev_resolution(task("cls", 120), 0.75, RateCost(0.05, "linear", target_rate=0.5)) is None
-    assert "--set lambda_data=crossfit holds out every train and dev utterance once" in small["note"]
+    assert small["note"].endswith("speaker ID keeps a tenth of each speaker's utterances for dev, and --set "
+                                  "lambda_data=crossfit holds out every train and dev utterance once, which can "
+                                  "resolve it (docs/method.md)")  # sid ignores a manifest's split column
+    ks = dev_resolution(replace(task("cls", 120), task="ks"), 0.75, RateCost(0.05, "linear"))
+    assert "a split column in the manifest can give dev more, or --set lambda_data=crossfit" in ks["note"]
     pooled = task("cls", 1080)  # crossfit: every train and dev utterance, each read through a probe that did not train on it
     folds = dev_resolution(pooled, 0.75, RateCost(0.05, "linear"), pooled.splits["dev"], "crossfit")
     assert (folds["dev_count"], folds["held_out"], folds["resolves_cost"]) == (1080, "crossfit", True)
