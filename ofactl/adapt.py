@@ -214,7 +214,7 @@ class AdaptResult:
     wall_seconds: float
     comparison: dict[str, Any] | None
     final_probe: str  # which probe ``test`` comes from (AdaptConfig.final_probe)
-    joint_test: float  # the metric of the probe trained beside lambda, at the learned lambda
+    joint_test: float  # the metric of the probe trained beside lambda (crossfit: the first fold's), at the learned lambda
     final_probe_seconds: float  # features and training of the fresh probe (0 for joint)
     starts: list[dict[str, Any]] = field(default_factory=list)  # with restarts: each run's start, learned rate,
     # fresh probe dev metric and dev objective; the kept one is marked
