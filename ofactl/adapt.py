@@ -314,6 +314,7 @@ def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, devi
     if task.note():
         progress.log(str(task.note()))
     utts = [u for u in cps if u.id in set(task.ids)]
+    fold_ids(cfg, task)  # crossfit folds the corpus cannot fill fail before the features are computed
     progress.start("front-end features (computed once)", None)
     cache = _cnn_cache(student, utts, device, level)
     progress.finish()

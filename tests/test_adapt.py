@@ -513,6 +513,16 @@ def test_crossfit_folds_hold_out_every_train_and_dev_utterance_once():
         fold_ids(AdaptConfig(task="sid", lambda_data="crossfit"), _labelled(6, 3, 2))
 
 
+def test_crossfit_folds_the_corpus_cannot_fill_fail_before_the_features(tmp_path, distilled, medium_corpus,
+                                                                         monkeypatch):
+    import ofactl.adapt as adapt_mod
+
+    monkeypatch.setattr(adapt_mod, "_cnn_cache", lambda *a, **k: pytest.fail("features computed"))
+    with pytest.raises(ConfigError, match=r"crossfit needs at least two train and dev utterances per fold \(100 folds\)"):
+        run_adapt(AdaptConfig(task="sid", lambda_data="crossfit", folds=100), distilled, medium_corpus, tmp_path / "a")
+    assert not (tmp_path / "a" / "trajectory.jsonl").exists()
+
+
 def test_crossfit_moves_lambda_through_probes_that_did_not_train_on_what_it_reads(tmp_path, distilled, medium_corpus,
                                                                                  monkeypatch):
     import ofactl.adapt as adapt_mod
