@@ -292,8 +292,9 @@ def _restart(job: _AdaptJob, init_rate: float) -> _AdaptJob:
     assert job.rng is not None  # set by _setup_adapt
     set_rng_state(job.rng)
     cfg = replace(job.cfg, init_rate=init_rate)
-    lam, probes = _lambda_and_probes(cfg, job.student, job.task, job.device)
-    return _AdaptJob(cfg, job.student, job.task, job.cache, job.device, probes, lam, job.level_db, rng=job.rng)
+    lam, probes = _lambda_and_probes(cfg, job.student, job.task, job.device, len(job.splits))
+    return _AdaptJob(cfg, job.student, job.task, job.cache, job.device, probes, lam, job.splits, job.level_db,
+                     rng=job.rng)
 
 
 def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, device: torch.device,
@@ -314,23 +315,22 @@ def _setup_adapt(cfg: AdaptConfig, ckpt: Path, corpus: str | Path | Corpus, devi
     if task.note():
         progress.log(str(task.note()))
     utts = [u for u in cps if u.id in set(task.ids)]
-    fold_ids(cfg, task)  # crossfit folds the corpus cannot fill fail before the features are computed
+    splits = fold_ids(cfg, task)  # crossfit folds the corpus cannot fill fail before the features are computed
     progress.start("front-end features (computed once)", None)
     cache = _cnn_cache(student, utts, device, level)
     progress.finish()
     rng = rng_state()  # restarts draw their probe from here, so each is the run its init_rate alone gives
-    lam, probes = _lambda_and_probes(cfg, student, task, device)
-    return _AdaptJob(cfg, student, task, cache, device, probes, lam, level, rng=rng)
+    lam, probes = _lambda_and_probes(cfg, student, task, device, len(splits))
+    return _AdaptJob(cfg, student, task, cache, device, probes, lam, splits, level, rng=rng)
 
 
-def _lambda_and_probes(cfg: AdaptConfig, student: Any, task: TaskData,
-                       device: torch.device) -> tuple[LearnableLambda, list[Probe]]:
-    """lambda at ``cfg.init_rate`` (bounded by ``cfg.min_rate``) and a new probe for ``task`` per
-    fold of :func:`fold_ids` (one unless lambda_data is crossfit)."""
+def _lambda_and_probes(cfg: AdaptConfig, student: Any, task: TaskData, device: torch.device,
+                       count: int) -> tuple[LearnableLambda, list[Probe]]:
+    """lambda at ``cfg.init_rate`` (bounded by ``cfg.min_rate``) and ``count`` new probes for
+    ``task``, one per fold of :func:`fold_ids`."""
     alpha_mean = student.alpha_mean
     lam = LearnableLambda(float(rate_to_lambda(cfg.init_rate, alpha_mean)),
                           float(rate_to_lambda(cfg.min_rate, alpha_mean))).to(device)
-    count = cfg.folds if cfg.lambda_data == "crossfit" else 1
     probes = [Probe(student.num_hidden, student.cfg.arch.embed_dim, task.n_outputs, task.kind, cfg.probe).to(device)
               for _ in range(count)]
     return lam, probes
@@ -381,6 +381,7 @@ class _AdaptJob:
     device: torch.device
     probes: list[Probe]
     lam: LearnableLambda
+    splits: list[tuple[list[str], list[str]]]  # fold_ids: what each probe trains on and what lambda reads through it
     level_db: float | None = None  # the level every recording was scaled to (dBFS); none: as recorded
     traj: list[dict[str, Any]] = field(default_factory=list)
     rng: dict[str, Any] | None = None  # torch's generator states just before the probe was drawn (restarts start from them)
@@ -389,7 +390,7 @@ class _AdaptJob:
         cfg, kind = self.cfg, self.task.kind
         lr = cfg.probe.ctc_lr if kind == "ctc" else cfg.probe.lr
         self.folds = [_Fold(train, held, p, torch.optim.Adam(p.parameters(), lr=lr))
-                      for (train, held), p in zip(fold_ids(cfg, self.task), self.probes, strict=True)]
+                      for (train, held), p in zip(self.splits, self.probes, strict=True)]
         self.opt_lam = torch.optim.Adam(self.lam.parameters(), lr=cfg.lambda_lr)
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -694,11 +695,6 @@ def sweep_rows_for(path: Path, ckpt_sha: str | None = None, *, task: str) -> lis
     return mine
 
 
-def split_count(task: TaskData, split: str) -> int:
-    """What a split's metric counts: its utterances (accuracy) or its reference tokens (error rates)."""
-    return item_count(task, task.splits[split])
-
-
 def item_count(task: TaskData, ids: list[str]) -> int:
     """What the metric on ``ids`` counts: utterances (accuracy) or reference tokens (error rates)."""
     return len(ids) if task.kind == "cls" else sum(len(task.labels[u]) for u in ids)
@@ -761,7 +757,7 @@ def compare_with_sweep(path: Path, task: TaskData, rate: float, metric: float, a
     xs = [r.achieved_rate for r in rows]
     ys = [r.test for r in rows]
     best = max(ys) if task.higher_better else min(ys)
-    tol = max(0.02, 2.0 * binomial_se(best, split_count(task, "test")))
+    tol = max(0.02, 2.0 * binomial_se(best, item_count(task, task.splits["test"])))
 
     def near(y: float) -> bool:
         return (best - y if task.higher_better else y - best) <= tol + 1e-12
