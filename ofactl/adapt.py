@@ -341,8 +341,10 @@ def fold_ids(cfg: AdaptConfig, task: TaskData) -> list[tuple[list[str], list[str
 
     lambda_data dev: one probe, (train, dev); train, or no dev split: (train, []), lambda reads
     the probe's own batch. crossfit: train and dev pooled, shuffled (seeded) and dealt into
-    ``cfg.folds`` folds, by label for utterance tasks so every class spreads over all of them;
-    probe k trains on the other folds and lambda reads fold k through it."""
+    ``cfg.folds`` folds; probe k trains on the other folds and lambda reads fold k through it.
+    The folds keep the dev split's kind of independence: where dev holds only speakers train
+    lacks (``pr``, keywords), whole speakers are dealt; otherwise utterances, by label for
+    utterance tasks so every class spreads over all of the folds."""
     train, dev = task.splits["train"], task.splits["dev"]
     if cfg.lambda_data != "crossfit":
         return [(train, dev if cfg.lambda_data == "dev" else [])]
@@ -351,10 +353,31 @@ def fold_ids(cfg: AdaptConfig, task: TaskData) -> list[tuple[list[str], list[str
         raise ConfigError(f"adapt --task {task.task}: lambda_data crossfit needs at least two train and dev "
                           f"utterances per fold ({cfg.folds} folds), the corpus has {len(pool)}")
     order = [pool[i] for i in np.random.default_rng(cfg.seed).permutation(len(pool))]
-    if task.kind == "cls":
-        order.sort(key=lambda u: task.labels[u])  # stable: shuffled within each label
-    held = [order[k :: cfg.folds] for k in range(cfg.folds)]
+    if task.dev_speakers_unseen:
+        held = _deal_speakers(order, task, cfg.folds)
+    else:
+        if task.kind == "cls":
+            order.sort(key=lambda u: task.labels[u])  # stable: shuffled within each label
+        held = [order[k :: cfg.folds] for k in range(cfg.folds)]
     return [([u for j, h in enumerate(held) if j != k for u in h], held[k]) for k in range(cfg.folds)]
+
+
+def _deal_speakers(order: list[str], task: TaskData, folds: int) -> list[list[str]]:
+    """``order`` (shuffled utterance ids) cut into ``folds`` folds of whole speakers, each speaker
+    (the largest first, ties in shuffled order) to the fold with the fewest utterances so far;
+    each fold keeps the shuffled order, so lambda's batches mix its speakers."""
+    by_speaker: dict[str, list[str]] = {}
+    for u in order:
+        by_speaker.setdefault(task.speakers[u], []).append(u)
+    if len(by_speaker) < folds:
+        raise ConfigError(f"adapt --task {task.task}: its dev split holds speakers that train lacks, so lambda_data "
+                          f"crossfit deals whole speakers into folds and needs at least {folds} speakers in train "
+                          f"and dev; the corpus has {len(by_speaker)}: set folds to {len(by_speaker)} or fewer")
+    held: list[list[str]] = [[] for _ in range(folds)]
+    for utts in sorted(by_speaker.values(), key=len, reverse=True):  # stable: shuffled order among equals
+        min(held, key=len).extend(utts)
+    rank = {u: i for i, u in enumerate(order)}
+    return [sorted(h, key=rank.__getitem__) for h in held]
 
 
 @dataclass

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -511,6 +512,29 @@ def test_crossfit_folds_hold_out_every_train_and_dev_utterance_once():
     with pytest.raises(ConfigError, match="crossfit needs at least two train and dev utterances per fold "
                                           r"\(5 folds\), the corpus has 9"):
         fold_ids(AdaptConfig(task="sid", lambda_data="crossfit"), _labelled(6, 3, 2))
+
+
+def test_crossfit_deals_whole_speakers_where_dev_holds_speakers_train_lacks():
+    task = _labelled(96, 24, 4, kind="ctc")  # pr-like: train speakers t0-t7, dev speakers d0-d1, 12 utterances each
+    task.speakers = {u: f"{s[0]}{i % (8 if s == 'train' else 2)}" for s, ids in task.splits.items() for i, u in enumerate(ids)}
+    assert task.dev_speakers_unseen
+    folds = fold_ids(AdaptConfig(task="pr", lambda_data="crossfit", folds=4, seed=3), task)
+    pool = task.splits["train"] + task.splits["dev"]
+    assert sorted(u for _, h in folds for u in h) == sorted(pool)  # each pooled utterance held out once
+    for train, h in folds:
+        assert set(train) | set(h) == set(pool)
+        assert not {task.speakers[u] for u in train} & {task.speakers[u] for u in h}  # no held-out voice was trained on
+        assert sum(task.speakers[a] != task.speakers[b] for a, b in itertools.pairwise(h)) > len({task.speakers[u] for u in h})
+    assert sorted(len(h) for _, h in folds) == [24, 24, 36, 36]  # ten speakers of 12: the lightest fold gets the next
+    assert folds == fold_ids(AdaptConfig(task="pr", lambda_data="crossfit", folds=4, seed=3), task)  # seeded
+    with pytest.raises(ConfigError, match="deals whole speakers into folds and needs at least 12 speakers in train and "
+                                          "dev; the corpus has 10: set folds to 10 or fewer"):
+        fold_ids(AdaptConfig(task="pr", lambda_data="crossfit", folds=12), task)
+    shared = _labelled(96, 24, 4)  # speaker ID: dev's voices are train's, so utterances are dealt (by label)
+    shared.speakers = {u: f"s{i % 4}" for ids in shared.splits.values() for i, u in enumerate(ids)}
+    assert not shared.dev_speakers_unseen
+    for _, h in fold_ids(AdaptConfig(task="sid", lambda_data="crossfit", folds=4), shared):
+        assert len(h) == 30 and {shared.speakers[u] for u in h} == {"s0", "s1", "s2", "s3"}
 
 
 def test_crossfit_folds_the_corpus_cannot_fill_fail_before_the_features(tmp_path, distilled, medium_corpus,

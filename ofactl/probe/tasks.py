@@ -38,6 +38,7 @@ class TaskData:
     vocab: list[str]
     extra: dict[str, str] = field(default_factory=dict)
     unlabelled: int = 0  # utterances left out for an empty label in the task's column
+    speakers: dict[str, str] = field(default_factory=dict)  # utterance id -> speaker ("" unknown)
 
     def note(self) -> str | None:
         """What a run should say about utterances the task left out; None when it kept them all."""
@@ -50,6 +51,14 @@ class TaskData:
     def n_outputs(self) -> int:
         """Classes (cls tasks) or tokens plus the CTC blank (ctc tasks)."""
         return len(self.vocab) + (1 if self.kind == "ctc" else 0)
+
+    @property
+    def dev_speakers_unseen(self) -> bool:
+        """Whether the dev split holds only speakers train lacks (every speaker known): a
+        speaker-independent task, whose held-out error is on voices the probe never heard."""
+        train, dev = self.splits["train"], self.splits["dev"]
+        known = bool(dev) and all(self.speakers.get(u) for u in train + dev)
+        return known and not {self.speakers[u] for u in dev} & {self.speakers[u] for u in train}
 
     @property
     def ids(self) -> list[str]:
@@ -97,7 +106,8 @@ def build_task(task: str, corpus: Corpus, label_column: str | None = None, seed:
         metric, higher = "accuracy", True
     splits = _splits(task, utts, seed)
     _check_splits(task, splits, utts, corpus.source)
-    return TaskData(task, kind, metric, higher, splits, labels, vocab, {"label_column": col}, unlabelled)
+    speakers = {u.id: u.labels.get("speaker", "") for u in utts}
+    return TaskData(task, kind, metric, higher, splits, labels, vocab, {"label_column": col}, unlabelled, speakers)
 
 
 def task_kind(task: str) -> str:

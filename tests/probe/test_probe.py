@@ -153,8 +153,10 @@ def test_splits_keep_speakers_apart_except_sid(tmp_path):
         sets = {s: {spk[u] for u in ids} for s, ids in t.splits.items()}
         assert not sets["train"] & sets["test"] and not sets["train"] & sets["dev"] and not sets["dev"] & sets["test"]
         assert sum(len(v) for v in t.splits.values()) == 60
+        assert t.speakers == spk and t.dev_speakers_unseen
     sid = build_task("sid", _corpus(tmp_path, with_split=True))
     assert {spk[u] for u in sid.splits["test"]} == {spk[u] for u in sid.splits["train"]} == {f"s{i}" for i in range(10)}
+    assert not sid.dev_speakers_unseen  # the same voices in train and dev
     given = build_task("ks", _corpus(tmp_path, with_split=True))
     assert len(given.splits["train"]) == 36 and len(given.splits["test"]) == 12
     asr = build_task("asr", c)
