@@ -2,7 +2,8 @@
 
 For each checkpoint and rate: extract the group if the store lacks it (cached groups are
 reused), train and evaluate the probe, and measure compute. Rows are cached in
-``OUT/rows/`` so a rerun reuses finished rows; outputs are ``sweep.csv``, ``sweep.json`` and
+``OUT/rows/`` (and, where that folder is gone, read from ``OUT/sweep.json``) so a rerun reuses
+finished rows; outputs are ``sweep.csv``, ``sweep.json`` and
 ``tradeoff.png``.
 """
 
@@ -299,6 +300,7 @@ class _Sweep:
     flags: CallerFlags = SWEEP_FLAGS  # --store, not --out, names the store the user gave
     pending: list[tuple[_RatePrep, _ProbeJob]] = field(default_factory=list)  # each prepared rate, its probe to train
     done: dict[tuple[str, float], SweepRow] = field(default_factory=dict)  # (label, rate) -> finished row
+    sweep_json_rows: dict[str, SweepRow] | None = None  # written_rows, read once
 
     def __post_init__(self) -> None:
         self.task_ids = set(self.task.ids)
@@ -365,13 +367,18 @@ class _Sweep:
         return self.out_dir / "rows" / f"{label}__{rate_key(r)}__{self.cfg.task}.json"
 
     def cached_row(self, label: str, r: float, sha: str) -> SweepRow | None:
-        """The finished row of this checkpoint, seed and probe settings, unless --overwrite."""
+        """The finished row of this checkpoint, seed and probe settings, unless --overwrite: its
+        file in ``rows/``, or else its row in the folder's ``sweep.json`` (a sweep folder carried
+        with its result files alone)."""
         cache = self.row_file(label, r)
-        if self.overwrite or not cache.is_file():
+        if self.overwrite:
             return None
-        row = read_row(cache)
-        if row is None:
+        if not cache.is_file():
+            row = self.written_rows().get(cache.name)
+        elif (row := read_row(cache)) is None:
             self.progress.log(f"{label} rate={r:.3f}: {cache} is unreadable; measuring the row again")
+            return None
+        if row is None:
             return None
         if (row.checkpoint_sha256, row.seed, row.probe_config_sha, row.task_sha) != (
                 sha, self.cfg.seed, self.probe_sha, self.task_sha):
@@ -379,6 +386,17 @@ class _Sweep:
         self.reused += 1
         self.progress.log(f"{label} rate={r:.3f}: reusing the finished row")
         return row
+
+    def written_rows(self) -> dict[str, SweepRow]:
+        """The rows of the folder's ``sweep.json`` by the name of their file in ``rows/``; none when
+        it is absent or unreadable (it then vouches for nothing)."""
+        if self.sweep_json_rows is None:
+            try:
+                rows = load_rows(self.out_dir / "sweep.json")
+            except (OSError, ValueError, KeyError, TypeError, ConfigError):
+                rows = []
+            self.sweep_json_rows = {self.row_file(x.label, x.requested_rate).name: x for x in rows}
+        return self.sweep_json_rows
 
     def prepare_rate(self, label: str, ckpt: Path, student: Any, sha: str, st_path: Path, r: float) -> _RatePrep:
         """Extract the rate if the store lacks it and time the student there: all of a row but

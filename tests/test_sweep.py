@@ -74,6 +74,18 @@ def test_sweep_outputs_and_resume(tmp_path, synth_corpus):
     r6 = CliRunner().invoke(app, levelled + ["--overwrite"])
     assert r6.exit_code == 0 and "(0 row(s) reused)" in r6.stderr, r6.output
     assert CliRunner().invoke(app, levelled).stderr.count("reusing the finished row") == 2
+    # a folder carried with its result files alone (no rows/): sweep.json's rows are reused
+    import shutil
+
+    before = json.loads((out / "sweep.json").read_text())["rows"]
+    shutil.rmtree(out / "rows")
+    r7 = CliRunner().invoke(app, levelled + ["--json"])
+    assert r7.exit_code == 0 and r7.stderr.count("reusing the finished row") == 2, r7.output
+    assert json.loads(r7.stdout)["rows"] == before and json.loads(r7.stdout)["reused"] == 2
+    # ... unless that file is cut short: then it vouches for nothing and the rows are measured again
+    (out / "sweep.json").write_text((out / "sweep.json").read_text()[:100])
+    r8 = CliRunner().invoke(app, levelled)
+    assert r8.exit_code == 0 and "(0 row(s) reused)" in r8.stderr, r8.output
 
 
 @pytest.mark.slow
