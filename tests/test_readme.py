@@ -8,6 +8,7 @@ import importlib.util
 import itertools
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -145,7 +146,7 @@ def test_every_documented_python_example_runs(tmp_path, synth_corpus, student_ck
     run_extract(cfg, tmp_path / "student.pt", synth_corpus, tmp_path / "feats.h5")
     prelude = ("import torch\nwav, lengths = torch.randn(2, 32000), torch.tensor([32000, 20000])\n"  # the reader's audio
                "wav1, wav2 = wav[0], wav[1, :20000]\n")
-    ran, absent = 0, set()
+    examples, absent = [], set()
     for doc in ("README.md", "docs/models.md", "docs/store-format.md"):
         for paragraphs in python_examples((ROOT / doc).read_text()):
             kept = []
@@ -153,8 +154,13 @@ def test_every_documented_python_example_runs(tmp_path, synth_corpus, student_ck
                 missing = {m for m in _imports(par) if importlib.util.find_spec(m) is None}
                 absent |= missing
                 kept += [] if missing else [par]
-            code = "\n".join(kept)
-            r = subprocess.run([sys.executable, "-c", prelude + code], cwd=tmp_path, capture_output=True, text=True)
-            assert r.returncode == 0, f"{doc}: this example fails:\n{code}\n{r.stderr[-2000:]}"
-            ran += 1
-    assert ran >= 7 and absent <= {"dask"}, (ran, absent)  # 7 when this was written
+            examples.append((doc, "\n".join(kept)))
+
+    def run(code: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", prelude + code], cwd=tmp_path, capture_output=True, text=True)
+
+    with ThreadPoolExecutor(2) as pool:  # each example its own interpreter; two at a time (most of it is imports)
+        results = list(pool.map(run, [code for _, code in examples]))
+    for (doc, code), r in zip(examples, results, strict=True):
+        assert r.returncode == 0, f"{doc}: this example fails:\n{code}\n{r.stderr[-2000:]}"
+    assert len(examples) >= 7 and absent <= {"dask"}, (len(examples), absent)  # 7 when this was written
