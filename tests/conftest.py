@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,13 @@ def pytest_configure(config: pytest.Config) -> None:
                          (signal.SIGTERM, signal.SIG_DFL)):
         if signal.getsignal(sig) is signal.SIG_IGN:
             signal.signal(sig, default)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # the suite runs one worker per core (pyproject's addopts): a second torch thread per worker
+        # would only contend for the cores; the commands the tests start inherit the setting
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
