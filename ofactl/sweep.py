@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -300,7 +301,6 @@ class _Sweep:
     flags: CallerFlags = SWEEP_FLAGS  # --store, not --out, names the store the user gave
     pending: list[tuple[_RatePrep, _ProbeJob]] = field(default_factory=list)  # each prepared rate, its probe to train
     done: dict[tuple[str, float], SweepRow] = field(default_factory=dict)  # (label, rate) -> finished row
-    sweep_json_rows: dict[str, SweepRow] | None = None  # written_rows, read once
 
     def __post_init__(self) -> None:
         self.task_ids = set(self.task.ids)
@@ -373,12 +373,11 @@ class _Sweep:
         cache = self.row_file(label, r)
         if self.overwrite:
             return None
-        if not cache.is_file():
-            row = self.written_rows().get(cache.name)
-        elif (row := read_row(cache)) is None:
-            self.progress.log(f"{label} rate={r:.3f}: {cache} is unreadable; measuring the row again")
-            return None
-        if row is None:
+        if cache.is_file():
+            if (row := read_row(cache)) is None:
+                self.progress.log(f"{label} rate={r:.3f}: {cache} is unreadable; measuring the row again")
+                return None
+        elif (row := self.written_rows.get(cache.name)) is None:
             return None
         if (row.checkpoint_sha256, row.seed, row.probe_config_sha, row.task_sha) != (
                 sha, self.cfg.seed, self.probe_sha, self.task_sha):
@@ -387,16 +386,15 @@ class _Sweep:
         self.progress.log(f"{label} rate={r:.3f}: reusing the finished row")
         return row
 
+    @cached_property
     def written_rows(self) -> dict[str, SweepRow]:
         """The rows of the folder's ``sweep.json`` by the name of their file in ``rows/``; none when
         it is absent or unreadable (it then vouches for nothing)."""
-        if self.sweep_json_rows is None:
-            try:
-                rows = load_rows(self.out_dir / "sweep.json")
-            except (OSError, ValueError, KeyError, TypeError, ConfigError):
-                rows = []
-            self.sweep_json_rows = {self.row_file(x.label, x.requested_rate).name: x for x in rows}
-        return self.sweep_json_rows
+        try:
+            rows = load_rows(self.out_dir / "sweep.json")
+        except (OSError, ValueError, KeyError, TypeError, ConfigError):
+            rows = []
+        return {self.row_file(x.label, x.requested_rate).name: x for x in rows}
 
     def prepare_rate(self, label: str, ckpt: Path, student: Any, sha: str, st_path: Path, r: float) -> _RatePrep:
         """Extract the rate if the store lacks it and time the student there: all of a row but
