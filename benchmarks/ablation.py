@@ -52,7 +52,7 @@ from ofactl.atomic import write_text
 from ofactl.choices import CtcHead, Task
 from ofactl.config import Flag, load_config, parse_numbers, to_dict
 from ofactl.distill import DistillConfig, run_distill, teacher_derived, with_fixed_rate
-from ofactl.errors import CheckpointError
+from ofactl.errors import CheckpointError, FolderBusy
 from ofactl.probe import ProbeConfig
 from ofactl.sweep import SweepConfig, SweepRow, load_rows, plot_tradeoff, run_sweep
 from ofactl.training import changed_settings, saved_settings
@@ -180,13 +180,27 @@ def sid_large_manifest(args: argparse.Namespace) -> Path:
     return synth_manifest(Path(args.out) / "synth-sid-large", SID_LARGE)
 
 
+# How often a run waits on a corpus that another ablation run is making or checking (seconds)
+BUSY_POLL_S = 5.0
+
+
 @functools.cache
 def synth_manifest(folder: Path, overrides: tuple[str, ...] = ()) -> Path:
     """The manifest of synth-tiny (with ``overrides``) in ``folder``: made if absent, and checked
-    by ``run_synth`` once per run (its reuse reads every recording's header), not per student."""
+    by ``run_synth`` once per run (its reuse reads every recording's header), not per student.
+    Runs side by side share the folder: one that finds it locked by another waits its turn."""
     from ofactl.synth import SynthConfig, run_synth
 
-    return run_synth(load_config(SynthConfig, "synth", "synth-tiny", list(overrides)), folder).manifest
+    cfg = load_config(SynthConfig, "synth", "synth-tiny", list(overrides))
+    said = False
+    while True:
+        try:
+            return run_synth(cfg, folder).manifest
+        except FolderBusy as e:
+            if not said:
+                print(f"waiting: {e}", file=sys.stderr)
+                said = True
+            time.sleep(BUSY_POLL_S)
 
 
 def fsdd_manifest(args: argparse.Namespace, task: str = "ks-fsdd") -> Path:

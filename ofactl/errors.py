@@ -33,6 +33,10 @@ class ModelError(OfactlError):
     """Invalid model input or configuration (shapes, rates, layers)."""
 
 
+class FolderBusy(OfactlError):
+    """A run folder another live ofactl command is writing (its lock names that command)."""
+
+
 class WriteError(OfactlError):
     """An output file cannot be written (a full disk, no permission); what was there is kept."""
 

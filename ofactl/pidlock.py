@@ -154,7 +154,7 @@ def run_folder_lock(run_dir: Path, command: str, progress: Progress) -> Iterator
         yield
         return
     from ofactl.atomic import make_dir
-    from ofactl.errors import OfactlError
+    from ofactl.errors import FolderBusy
 
     run_dir = Path(run_dir).resolve()
     made = [d for d in (run_dir.parent, *run_dir.parent.parents) if not d.exists()]  # deepest first
@@ -163,7 +163,7 @@ def run_folder_lock(run_dir: Path, command: str, progress: Progress) -> Iterator
     try:
         holder = lock.acquire()
         if holder is not None:
-            raise OfactlError(f"{run_dir} is being written by {holder.get('what') or 'another ofactl command'} "
+            raise FolderBusy(f"{run_dir} is being written by {holder.get('what') or 'another ofactl command'} "
                               f"(process {holder.get('pid')} on {holder.get('host')}; lock {lock.path}): wait for it "
                               "to finish or choose another --out; remove the lock if that process is gone")
         yield

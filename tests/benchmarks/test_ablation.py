@@ -119,6 +119,37 @@ def test_sid_large_is_speaker_id_on_synth_tinys_voices_with_more_sentences(ablat
     assert ablation.task_corpus("sid", args, tmp_path / "synth-tiny") == ("sid", tmp_path / "synth-tiny")
 
 
+def test_runs_side_by_side_wait_for_the_corpus_another_one_is_checking(ablation, tmp_path, monkeypatch, capsys):
+    import threading
+    from types import SimpleNamespace
+
+    import ofactl.synth
+    from ofactl.pidlock import run_folder_lock
+    from ofactl.progress import NullProgress
+
+    def locking_synth(cfg, out_dir, **_):  # as run_synth: the folder's lock held while it is checked
+        with run_folder_lock(out_dir, "synth", NullProgress()):
+            return SimpleNamespace(manifest=out_dir / "manifest.tsv")
+
+    monkeypatch.setattr(ofactl.synth, "run_synth", locking_synth)
+    monkeypatch.setattr(ablation, "BUSY_POLL_S", 0.05)
+    folder, held, release = tmp_path / "synth-sid-large", threading.Event(), threading.Event()
+
+    def other_run() -> None:  # another ablation run checking the same corpus
+        with run_folder_lock(folder, "synth", NullProgress()):
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    held.wait(5)
+    threading.Timer(0.3, release.set).start()
+    assert ablation.synth_manifest(folder, ("n_sentences=9",)) == folder / "manifest.tsv"
+    t.join()
+    assert release.is_set()  # it returned only after the other run let go
+    assert capsys.readouterr().err.count("waiting: ") == 1  # said once, not at every poll
+
+
 def test_sid_fsdd_is_speaker_id_on_fsdds_speakers_split_by_the_probes_seed(ablation, tmp_path):
     import argparse
 
