@@ -214,7 +214,7 @@ class AdaptResult:
     wall_seconds: float
     comparison: dict[str, Any] | None
     final_probe: str  # which probe ``test`` comes from (AdaptConfig.final_probe)
-    joint_test: float  # the metric of the probe trained beside lambda (crossfit: the first fold's), at the learned lambda
+    joint_test: float  # the metric of the probe trained beside lambda (crossfit: the folds' mean), at the learned lambda
     final_probe_seconds: float  # features and training of the fresh probe (0 for joint)
     starts: list[dict[str, Any]] = field(default_factory=list)  # with restarts: each run's start, learned rate,
     # fresh probe dev metric and dev objective; the kept one is marked
@@ -418,11 +418,6 @@ class _AdaptJob:
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
     @property
-    def probe(self) -> Probe:
-        """The probe the joint test metric comes from (with crossfit, the first fold's)."""
-        return self.folds[0].probe
-
-    @property
     def held_out(self) -> list[str]:
         """Every utterance lambda reads through a probe that did not train on it (none: lambda
         reads the probe's own batches)."""
@@ -547,8 +542,7 @@ def _outcome(job: _AdaptJob) -> _Outcome:
     """Evaluate ``job`` at its learned lambda, with a fresh probe when the settings ask for one."""
     cfg, task = job.cfg, job.task
     final_lam = float(job.lam().detach())
-    joint, test_rate = _evaluate(job.student, job.probe, task, task.splits["test"], job.cache, final_lam,
-                                 job.device, cfg)
+    joint, test_rate = _joint_test(job, final_lam)
     learned_rate = round(test_rate, 4)
     if cfg.final_probe != "fresh":
         return _Outcome(final_lam, learned_rate, joint, None, 0.0)
@@ -593,6 +587,16 @@ def _held_out_metric(job: _AdaptJob, out: _Outcome) -> float:
     for f in job.folds:
         preds += _predict(job.student, f.probe, job.task, f.held, job.cache, out.final_lam, job.device, job.cfg)[0]
     return score(job.task, job.held_out, preds)[job.task.metric]
+
+
+def _joint_test(job: _AdaptJob, lam: float) -> tuple[dict[str, float], float]:
+    """The test metrics of the probes trained beside lambda, at ``lam`` (crossfit: the mean over
+    the folds' probes, each trained on all but one fold), and the rate achieved there (lambda
+    alone sets the frames, so every probe sees the same rate)."""
+    evals = [_evaluate(job.student, f.probe, job.task, job.task.splits["test"], job.cache, lam, job.device, job.cfg)
+             for f in job.folds]
+    metrics = {k: float(np.mean([m[k] for m, _ in evals])) for k in evals[0][0]}
+    return metrics, evals[0][1]
 
 
 def _fresh_probe(job: _AdaptJob, rate: float) -> ProbeResult:

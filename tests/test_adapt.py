@@ -563,8 +563,17 @@ def test_crossfit_moves_lambda_through_probes_that_did_not_train_on_what_it_read
         read.setdefault(id(probe), set()).update(ids)
         return real_objective(cfg, student, probe, task, ids, *rest)
 
+    tested: dict[int, float] = {}
+    real_evaluate = adapt_mod._evaluate
+
+    def evaluate(student, probe, task, ids, *rest):
+        metrics, rate = real_evaluate(student, probe, task, ids, *rest)
+        tested[id(probe)] = metrics["accuracy"]
+        return metrics, rate
+
     monkeypatch.setattr(adapt_mod._AdaptJob, "_probe_step", probe_step)
     monkeypatch.setattr(adapt_mod, "_lambda_objective", objective)
+    monkeypatch.setattr(adapt_mod, "_evaluate", evaluate)
     cfg = AdaptConfig(task="sid", epochs=1, batch_size=8, lambda_warmup=0.0, refine=0.0, final_probe="joint",
                       lambda_data="crossfit", folds=3)
     res = run_adapt(cfg, distilled, medium_corpus, tmp_path / "a")
@@ -575,6 +584,9 @@ def test_crossfit_moves_lambda_through_probes_that_did_not_train_on_what_it_read
         assert ids and ids <= pool and not ids & trained[probe]  # held out from the probe lambda read it through
     assert res.dev_resolution["dev_count"] == len(pool) and res.dev_resolution["held_out"] == "crossfit"
     assert 0 <= res.dev_resolution["dev_metric"] <= 1 and 0 < res.learned_rate <= 1
+    # the joint test figure is every fold's probe on the test split, averaged, not one fold's
+    assert set(tested) == set(trained)
+    assert res.joint_test == res.test == pytest.approx(sum(tested.values()) / 3, abs=1e-5)
 
 
 def test_lambda_read_on_train_batches_leaves_the_dev_split_out_of_it(tmp_path, distilled, medium_corpus):
