@@ -40,8 +40,10 @@ def dev_curve(job: Any, fractions: tuple[float, ...] = LAMBDAS) -> list[dict[str
     accuracy that is the split's figure, for a CTC task's error rate not quite the corpus-level one
     a sweep reports (``adapt._evaluate`` scores that, at a second pass of the student)."""
     task, dev = job.task, job.task.splits["dev"]
-    was = job.probe.training
-    job.probe.eval()
+    (fold,) = job.folds  # lambda_data dev or train: the one probe beside lambda (main refuses crossfit)
+    probe = fold.probe
+    was = probe.training
+    probe.eval()
     rows = []
     with torch.no_grad():
         for f in fractions:
@@ -51,13 +53,13 @@ def dev_curve(job: Any, fractions: tuple[float, ...] = LAMBDAS) -> list[dict[str
                 ids = dev[k : k + job.cfg.batch_size]
                 x, n = adapt_mod._batch(ids, job.cache, job.device)
                 hidden, _ = job.student.encode(x, n, rate=None, lam=torch.tensor(lam).expand(len(ids)), exact=False)
-                soft += float(adapt_mod.task_loss(job.probe, task, ids, hidden.states, hidden.lengths,
+                soft += float(adapt_mod.task_loss(probe, task, ids, hidden.states, hidden.lengths,
                                                   charge_infeasible=True, soft_error=True)) * len(ids)
-                hard += float(adapt_mod._metric_error(job.probe, task, ids, hidden)) * len(ids)
+                hard += float(adapt_mod._metric_error(probe, task, ids, hidden)) * len(ids)
                 frames, total = frames + float(hidden.lengths.sum()), total + float(n.sum())
             rows.append({"lambda": round(lam, 4), "rate": round(frames / total, 4),
                          "expected_error": round(soft / len(dev), 4), "error": round(hard / len(dev), 4)})
-    job.probe.train(was)
+    probe.train(was)
     return rows
 
 
@@ -115,6 +117,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="adapt's run folder (default: a temporary one)")
     args = ap.parse_args()
     cfg = load_config(AdaptConfig, "adapt", None, [*args.set_, f"task={args.task}"])
+    if cfg.lambda_data == "crossfit":  # one probe per fold, none of them the probe beside lambda on dev
+        sys.exit("adapt_probe_curve: --set lambda_data=crossfit has no single joint probe to read on dev; "
+                 "use dev (the default) or train")
     fractions = tuple(float(f) for f in args.fractions.split(","))
     with tempfile.TemporaryDirectory() as tmp, watching(args.every, fractions) as seen:
         res = run_adapt(cfg, args.ckpt, args.corpus, args.out or Path(tmp) / "adapt")

@@ -29,3 +29,14 @@ def test_curves_are_read_at_each_phase_and_the_run_is_the_plain_one(load_benchma
     plain = run_adapt(load_config(AdaptConfig, "adapt", None, [*settings, "task=sid"]), student_ckpt[0], synth_corpus,
                       tmp_path / "plain")
     assert plain.learned_rate == doc["learned_rate"] and plain.test == doc["test"]
+
+
+def test_crossfit_has_no_single_joint_probe_and_is_refused_before_the_run(load_benchmark, monkeypatch, tmp_path):
+    import pytest
+
+    bench = load_benchmark("adapt_probe_curve")
+    monkeypatch.setattr(bench, "run_adapt", lambda *a, **k: pytest.fail("adapt ran"))
+    monkeypatch.setattr(sys, "argv", ["adapt_probe_curve.py", "--ckpt", str(tmp_path / "s.pt"), "--corpus",
+                                      str(tmp_path), "--set", "lambda_data=crossfit"])
+    with pytest.raises(SystemExit, match="lambda_data=crossfit has no single joint probe to read on dev"):
+        bench.main()
