@@ -164,8 +164,8 @@ def run_folder_lock(run_dir: Path, command: str, progress: Progress) -> Iterator
         holder = lock.acquire()
         if holder is not None:
             raise FolderBusy(f"{run_dir} is being written by {holder.get('what') or 'another ofactl command'} "
-                              f"(process {holder.get('pid')} on {holder.get('host')}; lock {lock.path}): wait for it "
-                              "to finish or choose another --out; remove the lock if that process is gone")
+                             f"(process {holder.get('pid')} on {holder.get('host')}; lock {lock.path}): wait for it "
+                             "to finish or choose another --out; remove the lock if that process is gone")
         yield
     finally:
         lock.release()
