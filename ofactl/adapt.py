@@ -585,7 +585,7 @@ def _held_out_metric(job: _AdaptJob, out: _Outcome) -> float:
         return out.dev_metric
     preds: list[Any] = []
     for f in job.folds:
-        preds += _predict(job.student, f.probe, job.task, f.held, job.cache, out.final_lam, job.device, job.cfg)[0]
+        preds += _predict(job.student, [f.probe], job.task, f.held, job.cache, out.final_lam, job.device, job.cfg)[0][0]
     return score(job.task, job.held_out, preds)[job.task.metric]
 
 
@@ -593,10 +593,9 @@ def _joint_test(job: _AdaptJob, lam: float) -> tuple[dict[str, float], float]:
     """The test metrics of the probes trained beside lambda, at ``lam`` (crossfit: the mean over
     the folds' probes, each trained on all but one fold), and the rate achieved there (lambda
     alone sets the frames, so every probe sees the same rate)."""
-    evals = [_evaluate(job.student, f.probe, job.task, job.task.splits["test"], job.cache, lam, job.device, job.cfg)
-             for f in job.folds]
-    metrics = {k: float(np.mean([m[k] for m, _ in evals])) for k in evals[0][0]}
-    return metrics, evals[0][1]
+    each, rate = _evaluate(job.student, [f.probe for f in job.folds], job.task, job.task.splits["test"], job.cache,
+                           lam, job.device, job.cfg)
+    return {k: float(np.mean([m[k] for m in each])) for k in each[0]}, rate
 
 
 def _fresh_probe(job: _AdaptJob, rate: float) -> ProbeResult:
@@ -672,30 +671,33 @@ def _cost(cfg: AdaptConfig, alpha_pred: Tensor, lam: Tensor, n: Tensor) -> tuple
     return mean_ratio, cfg.rate_cost(mean_ratio)
 
 
-def _evaluate(student: Any, probe: Probe, task: TaskData, ids: list[str], cache: dict[str, Tensor], lam: float,
-              device: torch.device, cfg: AdaptConfig) -> tuple[dict[str, float], float]:
-    """``probe``'s metrics on ``ids`` at ``lam`` (content-adaptive lengths) and the rate achieved there."""
-    preds, rate = _predict(student, probe, task, ids, cache, lam, device, cfg)
-    return score(task, ids, preds), rate
+def _evaluate(student: Any, probes: list[Probe], task: TaskData, ids: list[str], cache: dict[str, Tensor], lam: float,
+              device: torch.device, cfg: AdaptConfig) -> tuple[list[dict[str, float]], float]:
+    """Each of ``probes``' metrics on ``ids`` at ``lam`` (content-adaptive lengths) and the rate
+    achieved there."""
+    preds, rate = _predict(student, probes, task, ids, cache, lam, device, cfg)
+    return [score(task, ids, p) for p in preds], rate
 
 
 @torch.no_grad()
-def _predict(student: Any, probe: Probe, task: TaskData, ids: list[str], cache: dict[str, Tensor], lam: float,
-             device: torch.device, cfg: AdaptConfig) -> tuple[list[Any], float]:
-    """``probe``'s decoded outputs for ``ids`` at ``lam`` and the rate achieved there (output
-    frames per input frame)."""
-    probe.eval()
-    preds: list[Any] = []
+def _predict(student: Any, probes: list[Probe], task: TaskData, ids: list[str], cache: dict[str, Tensor], lam: float,
+             device: torch.device, cfg: AdaptConfig) -> tuple[list[list[Any]], float]:
+    """Each of ``probes``' decoded outputs for ``ids`` at ``lam`` (the student runs once per batch
+    for all of them) and the rate achieved there (output frames per input frame)."""
+    for probe in probes:
+        probe.eval()
+    preds: list[list[Any]] = [[] for _ in probes]
     frames = inputs = 0
     for k in range(0, len(ids), cfg.batch_size):
         b = ids[k : k + cfg.batch_size]
         x, n = _batch(b, cache, device)
         hidden, _ = student.encode(x, n, rate=None, lam=torch.full((len(b),), lam, device=device), exact=False)
-        out = probe(hidden.states, hidden.lengths)
         frames += int(hidden.lengths.sum())
         inputs += int(n.sum())
-        preds += decode(task, out, hidden.lengths)
-    probe.train()
+        for probe, out in zip(probes, preds, strict=True):
+            out += decode(task, probe(hidden.states, hidden.lengths), hidden.lengths)
+    for probe in probes:
+        probe.train()
     return preds, frames / max(inputs, 1)
 
 

@@ -566,10 +566,10 @@ def test_crossfit_moves_lambda_through_probes_that_did_not_train_on_what_it_read
     tested: dict[int, float] = {}
     real_evaluate = adapt_mod._evaluate
 
-    def evaluate(student, probe, task, ids, *rest):
-        metrics, rate = real_evaluate(student, probe, task, ids, *rest)
-        tested[id(probe)] = metrics["accuracy"]
-        return metrics, rate
+    def evaluate(student, probes, task, ids, *rest):
+        each, rate = real_evaluate(student, probes, task, ids, *rest)
+        tested.update({id(p): m["accuracy"] for p, m in zip(probes, each, strict=True)})
+        return each, rate
 
     monkeypatch.setattr(adapt_mod._AdaptJob, "_probe_step", probe_step)
     monkeypatch.setattr(adapt_mod, "_lambda_objective", objective)
